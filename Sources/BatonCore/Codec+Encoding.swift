@@ -1,0 +1,156 @@
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
+
+extension ProtocolCodec {
+    /// Encodes a request the way a frontend publishes it.
+    public static func encode(_ request: Request) -> [UInt8] {
+        var wire = WireRequest(v: ProtocolV1.version, op: request.operation.rawValue, requestID: request.requestID)
+        switch request.command {
+        case .claim(let buffer, let holder, let lease):
+            wire.buffer = buffer
+            wire.user = holder.user
+            wire.connection = holder.connection
+            wire.leaseMS = lease
+        case .renew(let buffer, let connection, let token, let lease):
+            wire.buffer = buffer
+            wire.connection = connection
+            wire.token = token
+            wire.leaseMS = lease
+        case .release(let buffer, let connection, let token):
+            wire.buffer = buffer
+            wire.connection = connection
+            wire.token = token
+        case .inspect(let buffer):
+            wire.buffer = buffer
+        case .releaseConnection(let connection):
+            wire.connection = connection
+        }
+        return encodeJSON(wire)
+    }
+
+    /// Encodes a reply body.
+    public static func encode(_ reply: Reply) -> [UInt8] {
+        encodeJSON(WireReply(reply))
+    }
+
+    /// Decodes a reply body (what a client receives).
+    public static func decodeReply(_ body: some Collection<UInt8>) throws -> Reply {
+        try JSONDecoder().decode(WireReply.self, from: Data(body)).reply()
+    }
+
+    /// Encodes the event body of an ownership change, published to `baton.events` with routing key `<p>.<kind>`.
+    public static func encodeEvent(_ change: OwnershipChange) -> [UInt8] {
+        encodeJSON(WireEvent(
+            v: ProtocolV1.version, kind: change.kind, buffer: change.buffer,
+            holder: WireHolder(change.holder), token: change.token, at: change.at.rfc3339
+        ))
+    }
+
+    private static func encodeJSON(_ value: some Encodable) -> [UInt8] {
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.withoutEscapingSlashes]
+        // Our wire types contain only strings, integers, booleans and nulls: encoding cannot fail.
+        return Array(try! encoder.encode(value))
+    }
+}
+
+private struct WireRequest: Encodable {
+    var v: Int
+    var op: String
+    var requestID: String
+    var buffer: String?
+    var user: String?
+    var connection: String?
+    var leaseMS: Int64?
+    var token: Int64?
+
+    enum CodingKeys: String, CodingKey {
+        case v, op, requestID = "request_id", buffer, user, connection, leaseMS = "lease_ms", token
+    }
+}
+
+private struct WireHolder: Codable {
+    var user: String
+    var connection: String
+
+    init(_ holder: Holder) {
+        user = holder.user
+        connection = holder.connection
+    }
+}
+
+private struct WireEvent: Encodable {
+    var v: Int
+    var kind: ChangeKind
+    var buffer: String
+    var holder: WireHolder
+    var token: Int64
+    var at: String
+}
+
+/// The reply as it travels: every field present, absent values as `null`.
+private struct WireReply: Codable {
+    var v: Int
+    var requestID: String?
+    var status: ReplyStatus
+    var buffer: String?
+    var holder: WireHolder?
+    var token: Int64?
+    var expiresAt: String?
+    var at: String?
+    var partition: Int?
+    var buffers: [String]?
+    var error: ReplyError?
+
+    enum CodingKeys: String, CodingKey {
+        case v, requestID = "request_id", status, buffer, holder, token, expiresAt = "expires_at", at, partition, buffers, error
+    }
+
+    init(_ reply: Reply) {
+        v = ProtocolV1.version
+        requestID = reply.requestID
+        status = reply.status
+        buffer = reply.buffer
+        holder = reply.holder.map(WireHolder.init)
+        token = reply.token
+        expiresAt = reply.expiresAt?.rfc3339
+        at = reply.at?.rfc3339
+        partition = reply.partition
+        buffers = reply.buffers
+        error = reply.error
+    }
+
+    func encode(to encoder: any Encoder) throws {
+        var container = encoder.container(keyedBy: CodingKeys.self)
+        try container.encode(v, forKey: .v)
+        try container.encode(requestID, forKey: .requestID)
+        try container.encode(status, forKey: .status)
+        try container.encode(buffer, forKey: .buffer)
+        try container.encode(holder, forKey: .holder)
+        try container.encode(token, forKey: .token)
+        try container.encode(expiresAt, forKey: .expiresAt)
+        try container.encode(at, forKey: .at)
+        try container.encode(partition, forKey: .partition)
+        if status == .releasedConnection { try container.encode(buffers ?? [], forKey: .buffers) }
+        if status == .error { try container.encodeIfPresent(error, forKey: .error) }
+    }
+
+    func reply() throws -> Reply {
+        func timestamp(_ text: String?, _ key: CodingKeys) throws -> Timestamp? {
+            guard let text else { return nil }
+            guard let value = Timestamp(rfc3339: text) else {
+                throw DecodingError.dataCorrupted(.init(codingPath: [key], debugDescription: "'\(text)' is not a timestamp like 2026-11-28T00:15:44.123Z"))
+            }
+            return value
+        }
+        return Reply(
+            requestID: requestID, status: status, buffer: buffer,
+            holder: holder.map { Holder(user: $0.user, connection: $0.connection) },
+            token: token, expiresAt: try timestamp(expiresAt, .expiresAt), at: try timestamp(at, .at),
+            partition: partition, buffers: buffers, error: error
+        )
+    }
+}

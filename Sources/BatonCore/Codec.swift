@@ -1,0 +1,193 @@
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
+
+/// The JSON codec of protocol v1: validates requests exactly as DESIGN.md says and encodes replies and events.
+///
+/// Every rejection is a ``ProtocolError`` whose message names the field, the value
+/// and what is allowed.
+public enum ProtocolCodec {
+    private static let commonFields: Set<String> = ["v", "op", "request_id"]
+    private static let opFields: [Operation: Set<String>] = [
+        .claim: ["buffer", "user", "connection", "lease_ms"],
+        .renew: ["buffer", "connection", "lease_ms", "token"],
+        .release: ["buffer", "connection", "token"],
+        .inspect: ["buffer"],
+        .releaseConnection: ["connection"],
+    ]
+
+    /// Decodes and validates one request body.
+    public static func decodeRequest(_ body: some Collection<UInt8>) throws(ProtocolError) -> Request {
+        guard body.count <= ProtocolV1.maxBodyBytes else {
+            throw ProtocolError(
+                code: .payloadTooLarge,
+                message: "request body is \(body.count) bytes; the limit is \(ProtocolV1.maxBodyBytes) bytes"
+            )
+        }
+        let bytes = Array(body)
+        guard String(validating: bytes, as: UTF8.self) != nil else {
+            throw ProtocolError(code: .invalidRequest, message: "request body is not valid UTF-8: it must be one UTF-8 JSON object")
+        }
+        let value: JSONValue
+        do {
+            value = try JSONDecoder().decode(JSONValue.self, from: Data(bytes))
+        } catch {
+            throw ProtocolError(code: .invalidRequest, message: "request body is not JSON (\(bytes.count) bytes): it must be one JSON object")
+        }
+        guard case .object(let fields) = value else {
+            throw ProtocolError(code: .invalidRequest, message: "request body is \(value.kindDescription), not a JSON object")
+        }
+        return try decodeRequest(fields: fields)
+    }
+
+    private static func decodeRequest(fields: [String: JSONValue]) throws(ProtocolError) -> Request {
+        // Read what can identify the request first, so that every later error can carry it.
+        var reader = FieldReader(fields: fields)
+        if case .string(let id)? = fields["request_id"], validateName(id, scalars: ProtocolV1.requestIDLength) == nil {
+            reader.requestID = id
+        }
+        if case .string(let buffer)? = fields["buffer"], validateBuffer(buffer) == nil {
+            reader.buffer = buffer
+        }
+
+        switch fields["v"] {
+        case nil:
+            throw reader.error(.invalidRequest, "field 'v' is missing: it must be 1")
+        case .integer(let version)?:
+            guard version == Int64(ProtocolV1.version) else {
+                throw reader.error(.unsupportedVersion, "protocol version \(version) is not supported: this service speaks v=\(ProtocolV1.version)")
+            }
+        case let other?:
+            throw reader.error(.invalidRequest, "field 'v' must be the integer 1, got \(other.excerpt)")
+        }
+
+        let opName = try reader.string("op")
+        guard let op = Operation(rawValue: opName) else {
+            let known = Operation.allCases.map(\.rawValue).joined(separator: ", ")
+            throw reader.error(.unknownOp, "op '\(opName.replacingControlCharacters())' is unknown: use one of \(known)")
+        }
+
+        let allowed = commonFields.union(opFields[op]!)
+        if let extra = fields.keys.sorted().first(where: { !allowed.contains($0) }) {
+            throw reader.error(
+                .invalidRequest,
+                "field '\(extra.replacingControlCharacters())' is not allowed for op '\(op)': allowed fields are \(allowed.sorted().joined(separator: ", "))"
+            )
+        }
+
+        let requestID = try reader.name("request_id", scalars: ProtocolV1.requestIDLength)
+        let command: Command
+        switch op {
+        case .claim:
+            let buffer = try reader.buffer("buffer")
+            let user = try reader.name("user", scalars: ProtocolV1.nameLength)
+            let connection = try reader.name("connection", scalars: ProtocolV1.nameLength)
+            let lease = try reader.lease()
+            command = .claim(buffer: buffer, holder: Holder(user: user, connection: connection), leaseMilliseconds: lease)
+        case .renew:
+            let buffer = try reader.buffer("buffer")
+            let connection = try reader.name("connection", scalars: ProtocolV1.nameLength)
+            let token = try reader.token()
+            let lease = try reader.lease()
+            command = .renew(buffer: buffer, connection: connection, token: token, leaseMilliseconds: lease)
+        case .release:
+            let buffer = try reader.buffer("buffer")
+            let connection = try reader.name("connection", scalars: ProtocolV1.nameLength)
+            let token = try reader.token()
+            command = .release(buffer: buffer, connection: connection, token: token)
+        case .inspect:
+            command = .inspect(buffer: try reader.buffer("buffer"))
+        case .releaseConnection:
+            command = .releaseConnection(connection: try reader.name("connection", scalars: ProtocolV1.nameLength))
+        }
+        return Request(requestID: requestID, command: command)
+    }
+
+    /// Why `value` is not a valid `user`, `connection` or `request_id`, or nil when it is.
+    static func validateName(_ value: String, scalars range: ClosedRange<Int>) -> String? {
+        let count = value.unicodeScalars.count
+        if !range.contains(count) {
+            return "must be a string of \(range.lowerBound) to \(range.upperBound) characters"
+        }
+        if value.unicodeScalars.contains("\u{0}") {
+            return "must not contain U+0000"
+        }
+        return nil
+    }
+
+    /// Why `value` is not a valid `buffer`, or nil when it is.
+    static func validateBuffer(_ value: String) -> String? {
+        if !ProtocolV1.bufferBytes.contains(value.utf8.count) {
+            return "must be a string of \(ProtocolV1.bufferBytes.lowerBound) to \(ProtocolV1.bufferBytes.upperBound) UTF-8 bytes"
+        }
+        if value.unicodeScalars.contains("\u{0}") {
+            return "must not contain U+0000"
+        }
+        return nil
+    }
+
+    /// Reads and validates the fields of one request object.
+    private struct FieldReader {
+        let fields: [String: JSONValue]
+        var requestID: String?
+        var buffer: String?
+
+        init(fields: [String: JSONValue]) {
+            self.fields = fields
+        }
+
+        func error(_ code: ErrorCode, _ message: String) -> ProtocolError {
+            ProtocolError(code: code, message: message, requestID: requestID, buffer: buffer)
+        }
+
+        func string(_ name: String) throws(ProtocolError) -> String {
+            switch fields[name] {
+            case nil: throw error(.invalidRequest, "field '\(name)' is missing: it must be a string")
+            case .string(let value)?: return value
+            case let other?: throw error(.invalidRequest, "field '\(name)' must be a string, got \(other.excerpt)")
+            }
+        }
+
+        func name(_ name: String, scalars range: ClosedRange<Int>) throws(ProtocolError) -> String {
+            let value = try string(name)
+            if let problem = ProtocolCodec.validateName(value, scalars: range) {
+                throw error(.invalidRequest, "field '\(name)' \(problem), got \(JSONValue.string(value).excerpt)")
+            }
+            return value
+        }
+
+        func buffer(_ name: String) throws(ProtocolError) -> String {
+            let value = try string(name)
+            if let problem = ProtocolCodec.validateBuffer(value) {
+                throw error(.invalidRequest, "field '\(name)' \(problem), got \(JSONValue.string(value).excerpt)")
+            }
+            return value
+        }
+
+        func integer(_ name: String, in range: ClosedRange<Int64>, allowed: String) throws(ProtocolError) -> Int64? {
+            switch fields[name] {
+            case nil: return nil
+            case .integer(let value)? where range.contains(value): return value
+            case let other?: throw error(.invalidRequest, "field '\(name)' must be \(allowed), got \(other.excerpt)")
+            }
+        }
+
+        func lease() throws(ProtocolError) -> Int64 {
+            let range = ProtocolV1.leaseRange
+            return try integer(
+                "lease_ms", in: range,
+                allowed: "an integer from \(range.lowerBound) to \(range.upperBound) (omit it for \(ProtocolV1.defaultLeaseMilliseconds))"
+            ) ?? ProtocolV1.defaultLeaseMilliseconds
+        }
+
+        func token() throws(ProtocolError) -> Int64 {
+            let allowed = "an integer from 1 to \(Int64.max), the token of the grant"
+            guard let token = try integer("token", in: 1...Int64.max, allowed: allowed) else {
+                throw error(.invalidRequest, "field 'token' is missing: it must be \(allowed)")
+            }
+            return token
+        }
+    }
+}

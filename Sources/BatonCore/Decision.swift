@@ -1,0 +1,153 @@
+/// The outcome of one decision on one buffer.
+public struct Decision: Sendable, Hashable {
+    /// The buffer's state after the decision (equal to the old one when nothing changed).
+    public var state: BufferState
+    /// The reply to send.
+    public var reply: Reply
+    /// The ownership changes, in order: an `expired` for a lease that a new grant replaces, a `granted`, a `released`.
+    public var changes: [OwnershipChange]
+}
+
+/// The ownership decision: a pure function of (buffer state, command, database time).
+///
+/// The rules are DESIGN.md's "Semantics"; a lease whose `expires_at` equals `now`
+/// has expired; a re-claim by the current holder keeps the token; tokens only grow.
+public enum OwnershipRules {
+    /// Decides a buffer-scoped command (everything but `release_connection`) against `state` at `now`.
+    ///
+    /// - Precondition: `request.command` is not `.releaseConnection`.
+    public static func decide(_ request: Request, state: BufferState, now: Timestamp, partition: Int) -> Decision {
+        let live = state.liveHolder(at: now)
+        var next = state
+        var changes: [OwnershipChange] = []
+        let status: ReplyStatus
+        let buffer = request.buffer ?? ""
+
+        switch request.command {
+        case .claim(_, let holder, let lease):
+            if live == holder {
+                next.expiresAt = now.adding(milliseconds: lease)
+                status = .granted
+            } else if live == nil {
+                if let previous = state.holder, let expiresAt = state.expiresAt {
+                    // The previous lease ran out but was never swept: close it before the new grant.
+                    changes.append(OwnershipChange(kind: .expired, buffer: buffer, holder: previous, token: state.token, at: now, expiresAt: expiresAt))
+                }
+                next = BufferState(holder: holder, token: state.token + 1, expiresAt: now.adding(milliseconds: lease))
+                changes.append(OwnershipChange(kind: .granted, buffer: buffer, holder: holder, token: next.token, at: now, expiresAt: next.expiresAt!))
+                status = .granted
+            } else {
+                status = .denied
+            }
+
+        case .renew(_, let connection, let token, let lease):
+            if let live, live.connection == connection, token == state.token {
+                next.expiresAt = now.adding(milliseconds: lease)
+                status = .renewed
+            } else {
+                status = .notOwner
+            }
+
+        case .release(_, let connection, let token):
+            if let holder = state.holder, let expiresAt = state.expiresAt, holder.connection == connection, token == state.token {
+                next = BufferState(holder: nil, token: state.token, expiresAt: nil)
+                changes.append(OwnershipChange(kind: .released, buffer: buffer, holder: holder, token: token, at: now, expiresAt: expiresAt))
+                let reply = Reply(requestID: request.requestID, status: .released, buffer: buffer, holder: nil, token: token, expiresAt: nil, at: now, partition: partition)
+                return Decision(state: next, reply: reply, changes: changes)
+            }
+            status = .notOwner
+
+        case .inspect:
+            status = .state
+
+        case .releaseConnection:
+            preconditionFailure("release_connection is decided by PartitionState, not per buffer")
+        }
+
+        let holder = next.liveHolder(at: now)
+        let reply = Reply(
+            requestID: request.requestID, status: status, buffer: buffer, holder: holder,
+            token: next.token, expiresAt: holder == nil ? nil : next.expiresAt, at: now, partition: partition
+        )
+        return Decision(state: next, reply: reply, changes: changes)
+    }
+
+    /// Expires `state` if its lease has run out at `now`; nil when there is nothing to expire.
+    public static func expire(buffer: String, state: BufferState, now: Timestamp) -> (state: BufferState, change: OwnershipChange)? {
+        guard let holder = state.holder, let expiresAt = state.expiresAt, expiresAt <= now else { return nil }
+        let change = OwnershipChange(kind: .expired, buffer: buffer, holder: holder, token: state.token, at: now, expiresAt: expiresAt)
+        return (BufferState(holder: nil, token: state.token, expiresAt: nil), change)
+    }
+}
+
+/// The buffers of one partition and the decisions on them, in queue order.
+///
+/// The store seeds it with the rows a batch touches, applies the batch, and
+/// writes back what changed; tests use it as the reference model.
+public struct PartitionState: Sendable {
+    /// The partition this state belongs to.
+    public let partition: Int
+    /// The partitioner of the deployment, used to detect misrouted requests.
+    public let partitioner: Partitioner
+    /// The buffers known to this state; a buffer not present has never been claimed.
+    public private(set) var buffers: [String: BufferState]
+
+    /// Creates a partition state seeded with known buffers.
+    public init(partition: Int, partitioner: Partitioner, buffers: [String: BufferState] = [:]) {
+        self.partition = partition
+        self.partitioner = partitioner
+        self.buffers = buffers
+    }
+
+    /// The state of `buffer` (fresh when never seen).
+    public func state(of buffer: String) -> BufferState {
+        buffers[buffer] ?? .fresh
+    }
+
+    /// Applies one request at database time `now`, returning the reply and the ownership changes.
+    public mutating func apply(_ request: Request, at now: Timestamp) -> (reply: Reply, changes: [OwnershipChange]) {
+        if case .releaseConnection(let connection) = request.command {
+            return releaseConnection(connection, requestID: request.requestID, at: now)
+        }
+        let buffer = request.buffer ?? ""
+        let home = partitioner.partition(of: buffer)
+        guard home == partition else {
+            let error = ProtocolError(
+                code: .misrouted,
+                message: "buffer '\(buffer)' belongs to partition \(home) of \(partitioner.count), not \(partition): publish it with routing key '\(home)'",
+                requestID: request.requestID, buffer: buffer
+            )
+            return (Reply.rejection(error, partition: partition, at: now), [])
+        }
+        let decision = OwnershipRules.decide(request, state: state(of: buffer), now: now, partition: partition)
+        if decision.state != state(of: buffer) { buffers[buffer] = decision.state }
+        return (decision.reply, decision.changes)
+    }
+
+    /// Expires every lease that has run out at `now`, in buffer order.
+    public mutating func sweep(at now: Timestamp) -> [OwnershipChange] {
+        var changes: [OwnershipChange] = []
+        for buffer in buffers.keys.sorted() {
+            if let (next, change) = OwnershipRules.expire(buffer: buffer, state: buffers[buffer]!, now: now) {
+                buffers[buffer] = next
+                changes.append(change)
+            }
+        }
+        return changes
+    }
+
+    private mutating func releaseConnection(_ connection: String, requestID: String, at now: Timestamp) -> (reply: Reply, changes: [OwnershipChange]) {
+        var changes: [OwnershipChange] = []
+        for buffer in buffers.keys.sorted() {
+            let state = buffers[buffer]!
+            guard let holder = state.holder, let expiresAt = state.expiresAt, holder.connection == connection else { continue }
+            buffers[buffer] = BufferState(holder: nil, token: state.token, expiresAt: nil)
+            changes.append(OwnershipChange(kind: .released, buffer: buffer, holder: holder, token: state.token, at: now, expiresAt: expiresAt))
+        }
+        let reply = Reply(
+            requestID: requestID, status: .releasedConnection, at: now, partition: partition,
+            buffers: changes.map(\.buffer)
+        )
+        return (reply, changes)
+    }
+}

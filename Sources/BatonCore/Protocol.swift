@@ -1,0 +1,270 @@
+/// Wire protocol version 1 (DESIGN.md, "Wire protocol, version 1").
+public enum ProtocolV1 {
+    /// The only version this implementation speaks.
+    public static let version = 1
+    /// The largest request body, in bytes; a larger one is answered `payload_too_large` before parsing.
+    public static let maxBodyBytes = 64 * 1024
+    /// Allowed `lease_ms`.
+    public static let leaseRange: ClosedRange<Int64> = 1000...3_600_000
+    /// `lease_ms` when a request does not give one.
+    public static let defaultLeaseMilliseconds: Int64 = 30_000
+    /// Allowed length of `request_id`, in Unicode scalars.
+    public static let requestIDLength: ClosedRange<Int> = 1...128
+    /// Allowed length of `buffer`, in UTF-8 bytes.
+    public static let bufferBytes: ClosedRange<Int> = 1...1024
+    /// Allowed length of `user` and `connection`, in Unicode scalars.
+    public static let nameLength: ClosedRange<Int> = 1...256
+}
+
+/// The operation a request asks for.
+public enum Operation: String, Sendable, Hashable, CaseIterable, CustomStringConvertible {
+    case claim
+    case renew
+    case release
+    case inspect
+    case releaseConnection = "release_connection"
+
+    public var description: String { rawValue }
+}
+
+/// Who holds a buffer: a user on one live editor connection.
+public struct Holder: Sendable, Hashable, CustomStringConvertible {
+    /// The user, as the frontend names it.
+    public var user: String
+    /// The editor connection, unique per live connection.
+    public var connection: String
+
+    /// Creates a holder.
+    public init(user: String, connection: String) {
+        self.user = user
+        self.connection = connection
+    }
+
+    public var description: String { "\(user)@\(connection)" }
+}
+
+/// A validated request, as decoded from the wire.
+public struct Request: Sendable, Hashable {
+    /// The idempotency key; a retry reuses it.
+    public var requestID: String
+    /// What to do.
+    public var command: Command
+
+    /// Creates a request.
+    public init(requestID: String, command: Command) {
+        self.requestID = requestID
+        self.command = command
+    }
+
+    /// The operation of ``command``.
+    public var operation: Operation { command.operation }
+    /// The buffer the request is about, or nil for `release_connection`.
+    public var buffer: String? { command.buffer }
+}
+
+/// One of the five operations with its arguments.
+public enum Command: Sendable, Hashable {
+    /// Take a buffer, or extend one already held by the same user and connection.
+    case claim(buffer: String, holder: Holder, leaseMilliseconds: Int64)
+    /// Extend a live lease held by `connection` with `token`.
+    case renew(buffer: String, connection: String, token: Int64, leaseMilliseconds: Int64)
+    /// Give up a lease held by `connection` with `token`, expired or not.
+    case release(buffer: String, connection: String, token: Int64)
+    /// Read the state of a buffer.
+    case inspect(buffer: String)
+    /// Release every buffer of one partition held by `connection`.
+    case releaseConnection(connection: String)
+
+    /// The operation.
+    public var operation: Operation {
+        switch self {
+        case .claim: .claim
+        case .renew: .renew
+        case .release: .release
+        case .inspect: .inspect
+        case .releaseConnection: .releaseConnection
+        }
+    }
+
+    /// The buffer, or nil for `release_connection`.
+    public var buffer: String? {
+        switch self {
+        case .claim(let buffer, _, _), .renew(let buffer, _, _, _), .release(let buffer, _, _), .inspect(let buffer):
+            buffer
+        case .releaseConnection:
+            nil
+        }
+    }
+}
+
+/// The `status` of a reply.
+public enum ReplyStatus: String, Sendable, Hashable, CaseIterable, Codable, CustomStringConvertible {
+    case granted
+    case denied
+    case renewed
+    case released
+    case notOwner = "not_owner"
+    case state
+    case releasedConnection = "released_connection"
+    case error
+
+    public var description: String { rawValue }
+}
+
+/// The `error.code` of an `error` reply.
+public enum ErrorCode: String, Sendable, Hashable, CaseIterable, Codable, CustomStringConvertible {
+    case invalidRequest = "invalid_request"
+    case unsupportedVersion = "unsupported_version"
+    case unknownOp = "unknown_op"
+    case payloadTooLarge = "payload_too_large"
+    case misrouted
+
+    public var description: String { rawValue }
+}
+
+/// A rejected request: the protocol error code and a message naming the field, the value and what is allowed.
+public struct ProtocolError: Error, Sendable, Hashable, CustomStringConvertible {
+    /// The protocol error code.
+    public var code: ErrorCode
+    /// A message for a person.
+    public var message: String
+    /// The `request_id`, when one could be read before the error was found.
+    public var requestID: String?
+    /// The `buffer`, when one could be read before the error was found.
+    public var buffer: String?
+
+    /// Creates a protocol error.
+    public init(code: ErrorCode, message: String, requestID: String? = nil, buffer: String? = nil) {
+        self.code = code
+        self.message = message
+        self.requestID = requestID
+        self.buffer = buffer
+    }
+
+    public var description: String { "\(code): \(message)" }
+}
+
+/// The `error` object of an error reply.
+public struct ReplyError: Sendable, Hashable, Codable {
+    /// The protocol error code.
+    public var code: ErrorCode
+    /// A message for a person.
+    public var message: String
+
+    /// Creates an error object.
+    public init(code: ErrorCode, message: String) {
+        self.code = code
+        self.message = message
+    }
+}
+
+/// A reply, as sent to `reply_to`.
+public struct Reply: Sendable, Hashable {
+    /// The request's `request_id`, or nil if it could not be read.
+    public var requestID: String?
+    /// The outcome.
+    public var status: ReplyStatus
+    /// The buffer, or nil (for `release_connection` and unreadable requests).
+    public var buffer: String?
+    /// The live holder after the decision (for `denied`: the one holding it).
+    public var holder: Holder?
+    /// The fencing token: granted, renewed, released, or the buffer's current one.
+    public var token: Int64?
+    /// When the live lease ends, or nil when nobody holds the buffer.
+    public var expiresAt: Timestamp?
+    /// The database time of the decision.
+    public var at: Timestamp?
+    /// The partition that decided.
+    public var partition: Int?
+    /// For `released_connection`: the buffers released, sorted.
+    public var buffers: [String]?
+    /// For `error`: the code and message.
+    public var error: ReplyError?
+
+    /// Creates a reply.
+    public init(
+        requestID: String?, status: ReplyStatus, buffer: String? = nil, holder: Holder? = nil,
+        token: Int64? = nil, expiresAt: Timestamp? = nil, at: Timestamp? = nil, partition: Int? = nil,
+        buffers: [String]? = nil, error: ReplyError? = nil
+    ) {
+        self.requestID = requestID
+        self.status = status
+        self.buffer = buffer
+        self.holder = holder
+        self.token = token
+        self.expiresAt = expiresAt
+        self.at = at
+        self.partition = partition
+        self.buffers = buffers
+        self.error = error
+    }
+
+    /// The error reply for a rejected request.
+    public static func rejection(_ error: ProtocolError, partition: Int?, at: Timestamp?) -> Reply {
+        Reply(
+            requestID: error.requestID, status: .error, buffer: error.buffer, at: at, partition: partition,
+            error: ReplyError(code: error.code, message: error.message)
+        )
+    }
+}
+
+/// The state of one buffer, as stored.
+public struct BufferState: Sendable, Hashable {
+    /// The holder, or nil when released (a holder whose lease has expired stays until swept or replaced).
+    public var holder: Holder?
+    /// The last token issued for this buffer, 0 if never.
+    public var token: Int64
+    /// When the holder's lease ends; nil when there is no holder.
+    public var expiresAt: Timestamp?
+
+    /// A buffer nobody ever claimed.
+    public static let fresh = BufferState(holder: nil, token: 0, expiresAt: nil)
+
+    /// Creates a state.
+    public init(holder: Holder?, token: Int64, expiresAt: Timestamp?) {
+        self.holder = holder
+        self.token = token
+        self.expiresAt = expiresAt
+    }
+
+    /// The holder if their lease has not expired at `now` (`expires_at == now` counts as expired).
+    public func liveHolder(at now: Timestamp) -> Holder? {
+        guard let holder, let expiresAt, expiresAt > now else { return nil }
+        return holder
+    }
+}
+
+/// The kind of an ownership change, as in an event's routing key `<p>.<kind>`.
+public enum ChangeKind: String, Sendable, Hashable, CaseIterable, Codable, CustomStringConvertible {
+    case granted
+    case released
+    case expired
+
+    public var description: String { rawValue }
+}
+
+/// One change of ownership: written to the outbox/audit table and published as an event.
+public struct OwnershipChange: Sendable, Hashable {
+    /// What happened.
+    public var kind: ChangeKind
+    /// The buffer.
+    public var buffer: String
+    /// The holder granted, released or expired.
+    public var holder: Holder
+    /// That holder's token.
+    public var token: Int64
+    /// The database time of the decision.
+    public var at: Timestamp
+    /// The lease's end: for `granted` the new lease's, for `released` and `expired` the one that ended.
+    public var expiresAt: Timestamp
+
+    /// Creates a change.
+    public init(kind: ChangeKind, buffer: String, holder: Holder, token: Int64, at: Timestamp, expiresAt: Timestamp) {
+        self.kind = kind
+        self.buffer = buffer
+        self.holder = holder
+        self.token = token
+        self.at = at
+        self.expiresAt = expiresAt
+    }
+}

@@ -1,0 +1,190 @@
+import BatonCore
+import Testing
+
+private let ann = Holder(user: "ann", connection: "c-ann")
+private let bob = Holder(user: "bob", connection: "c-bob")
+private let t0 = Timestamp(milliseconds: 1_000_000)
+
+private func request(_ command: Command, id: String = "r") -> Request { Request(requestID: id, command: command) }
+
+@Suite struct RulesTests {
+    let partitioner = try! Partitioner(count: 1)
+
+    @Test func claimOnAFreshBufferGrantsTokenOne() {
+        var state = PartitionState(partition: 0, partitioner: partitioner)
+        let (reply, changes) = state.apply(request(.claim(buffer: "b", holder: ann, leaseMilliseconds: 5000)), at: t0)
+        #expect(reply.status == .granted)
+        #expect(reply.token == 1)
+        #expect(reply.holder == ann)
+        #expect(reply.expiresAt == t0.adding(milliseconds: 5000))
+        #expect(reply.at == t0)
+        #expect(changes.map(\.kind) == [.granted])
+        #expect(state.state(of: "b") == BufferState(holder: ann, token: 1, expiresAt: t0.adding(milliseconds: 5000)))
+    }
+
+    @Test func secondClaimIsDeniedWithTheHolder() {
+        var state = PartitionState(partition: 0, partitioner: partitioner)
+        _ = state.apply(request(.claim(buffer: "b", holder: ann, leaseMilliseconds: 5000)), at: t0)
+        let (reply, changes) = state.apply(request(.claim(buffer: "b", holder: bob, leaseMilliseconds: 5000)), at: t0.adding(milliseconds: 10))
+        #expect(reply.status == .denied)
+        #expect(reply.holder == ann)
+        #expect(reply.token == 1)
+        #expect(reply.expiresAt == t0.adding(milliseconds: 5000))
+        #expect(changes.isEmpty)
+    }
+
+    @Test func sameUserOnAnotherConnectionIsDenied() {
+        var state = PartitionState(partition: 0, partitioner: partitioner)
+        _ = state.apply(request(.claim(buffer: "b", holder: ann, leaseMilliseconds: 5000)), at: t0)
+        let other = Holder(user: "ann", connection: "c-ann-2")
+        #expect(state.apply(request(.claim(buffer: "b", holder: other, leaseMilliseconds: 5000)), at: t0).reply.status == .denied)
+    }
+
+    @Test func reclaimByTheHolderKeepsTheTokenAndExtends() {
+        var state = PartitionState(partition: 0, partitioner: partitioner)
+        _ = state.apply(request(.claim(buffer: "b", holder: ann, leaseMilliseconds: 5000)), at: t0)
+        let (reply, changes) = state.apply(request(.claim(buffer: "b", holder: ann, leaseMilliseconds: 8000)), at: t0.adding(milliseconds: 4000))
+        #expect(reply.status == .granted)
+        #expect(reply.token == 1)
+        #expect(reply.expiresAt == t0.adding(milliseconds: 12_000))
+        #expect(changes.isEmpty, "extending a lease is not an ownership change")
+    }
+
+    @Test func expiresAtEqualToNowCountsAsExpired() {
+        var state = PartitionState(partition: 0, partitioner: partitioner)
+        _ = state.apply(request(.claim(buffer: "b", holder: ann, leaseMilliseconds: 5000)), at: t0)
+        let end = t0.adding(milliseconds: 5000)
+        #expect(state.apply(request(.claim(buffer: "b", holder: bob, leaseMilliseconds: 5000)), at: end.adding(milliseconds: -1)).reply.status == .denied)
+        #expect(state.apply(request(.renew(buffer: "b", connection: ann.connection, token: 1, leaseMilliseconds: 5000)), at: end).reply.status == .notOwner)
+        #expect(state.apply(request(.inspect(buffer: "b")), at: end).reply.holder == nil)
+        let (reply, changes) = state.apply(request(.claim(buffer: "b", holder: bob, leaseMilliseconds: 5000)), at: end)
+        #expect(reply.status == .granted)
+        #expect(reply.token == 2)
+        #expect(changes.map(\.kind) == [.expired, .granted], "the expired lease is closed before the new grant")
+        #expect(changes[0].holder == ann && changes[0].token == 1 && changes[0].expiresAt == end)
+    }
+
+    @Test func expiredHolderReclaimingGetsANewToken() {
+        var state = PartitionState(partition: 0, partitioner: partitioner)
+        _ = state.apply(request(.claim(buffer: "b", holder: ann, leaseMilliseconds: 1000)), at: t0)
+        let reply = state.apply(request(.claim(buffer: "b", holder: ann, leaseMilliseconds: 1000)), at: t0.adding(milliseconds: 1000)).reply
+        #expect(reply.status == .granted)
+        #expect(reply.token == 2)
+    }
+
+    @Test func renew() {
+        var state = PartitionState(partition: 0, partitioner: partitioner)
+        _ = state.apply(request(.claim(buffer: "b", holder: ann, leaseMilliseconds: 5000)), at: t0)
+        let later = t0.adding(milliseconds: 3000)
+        #expect(state.apply(request(.renew(buffer: "b", connection: bob.connection, token: 1, leaseMilliseconds: 5000)), at: later).reply.status == .notOwner)
+        #expect(state.apply(request(.renew(buffer: "b", connection: ann.connection, token: 2, leaseMilliseconds: 5000)), at: later).reply.status == .notOwner)
+        #expect(state.apply(request(.renew(buffer: "nobody", connection: ann.connection, token: 1, leaseMilliseconds: 5000)), at: later).reply.status == .notOwner)
+        let (reply, changes) = state.apply(request(.renew(buffer: "b", connection: ann.connection, token: 1, leaseMilliseconds: 1000)), at: later)
+        #expect(reply.status == .renewed)
+        #expect(reply.expiresAt == later.adding(milliseconds: 1000))
+        #expect(reply.token == 1)
+        #expect(changes.isEmpty)
+    }
+
+    @Test func releaseWorksExpiredOrNotAndKeepsTheToken() {
+        var state = PartitionState(partition: 0, partitioner: partitioner)
+        _ = state.apply(request(.claim(buffer: "b", holder: ann, leaseMilliseconds: 1000)), at: t0)
+        #expect(state.apply(request(.release(buffer: "b", connection: ann.connection, token: 7)), at: t0).reply.status == .notOwner)
+        #expect(state.apply(request(.release(buffer: "b", connection: bob.connection, token: 1)), at: t0).reply.status == .notOwner)
+        let (reply, changes) = state.apply(request(.release(buffer: "b", connection: ann.connection, token: 1)), at: t0.adding(milliseconds: 5000))
+        #expect(reply.status == .released)
+        #expect(reply.token == 1 && reply.holder == nil && reply.expiresAt == nil)
+        #expect(changes.map(\.kind) == [.released])
+        #expect(state.state(of: "b") == BufferState(holder: nil, token: 1, expiresAt: nil))
+        #expect(state.apply(request(.release(buffer: "b", connection: ann.connection, token: 1)), at: t0).reply.status == .notOwner, "a second release is not_owner")
+        #expect(state.apply(request(.claim(buffer: "b", holder: bob, leaseMilliseconds: 1000)), at: t0.adding(milliseconds: 6000)).reply.token == 2)
+    }
+
+    @Test func inspect() {
+        var state = PartitionState(partition: 0, partitioner: partitioner)
+        let never = state.apply(request(.inspect(buffer: "b")), at: t0).reply
+        #expect(never.status == .state && never.token == 0 && never.holder == nil && never.expiresAt == nil)
+        _ = state.apply(request(.claim(buffer: "b", holder: ann, leaseMilliseconds: 1000)), at: t0)
+        let held = state.apply(request(.inspect(buffer: "b")), at: t0).reply
+        #expect(held.holder == ann && held.token == 1 && held.expiresAt == t0.adding(milliseconds: 1000))
+    }
+
+    @Test func releaseConnectionReleasesOnlyThatConnection() {
+        var state = PartitionState(partition: 0, partitioner: partitioner)
+        _ = state.apply(request(.claim(buffer: "b1", holder: ann, leaseMilliseconds: 1000)), at: t0)
+        _ = state.apply(request(.claim(buffer: "b2", holder: ann, leaseMilliseconds: 1000)), at: t0)
+        _ = state.apply(request(.claim(buffer: "b3", holder: bob, leaseMilliseconds: 1000)), at: t0)
+        let (reply, changes) = state.apply(request(.releaseConnection(connection: ann.connection)), at: t0)
+        #expect(reply.status == .releasedConnection)
+        #expect(reply.buffers == ["b1", "b2"])
+        #expect(changes.map(\.kind) == [.released, .released])
+        #expect(state.state(of: "b3").holder == bob)
+        #expect(state.apply(request(.releaseConnection(connection: ann.connection)), at: t0).reply.buffers == [])
+    }
+
+    @Test func sweepExpiresOnceAtOrAfterTheEnd() {
+        var state = PartitionState(partition: 0, partitioner: partitioner)
+        _ = state.apply(request(.claim(buffer: "b", holder: ann, leaseMilliseconds: 1000)), at: t0)
+        #expect(state.sweep(at: t0.adding(milliseconds: 999)).isEmpty)
+        let changes = state.sweep(at: t0.adding(milliseconds: 1000))
+        #expect(changes.map(\.kind) == [.expired])
+        #expect(state.sweep(at: t0.adding(milliseconds: 5000)).isEmpty)
+        #expect(state.state(of: "b").token == 1)
+    }
+
+    @Test func misroutedRequestsChangeNothing() throws {
+        let sixteen = try Partitioner(count: 16)
+        var state = PartitionState(partition: 0, partitioner: sixteen)
+        let (reply, changes) = state.apply(request(.claim(buffer: "a", holder: ann, leaseMilliseconds: 1000)), at: t0)
+        #expect(reply.status == .error)
+        #expect(reply.error?.code == .misrouted)
+        #expect(reply.error?.message.contains("partition 12") == true)
+        #expect(changes.isEmpty)
+        #expect(state.buffers.isEmpty)
+    }
+}
+
+@Suite struct HistoryCheckerTests {
+    private func change(_ kind: ChangeKind, _ holder: Holder, token: Int64, at: Int64, expires: Int64 = 10_000) -> OwnershipChange {
+        OwnershipChange(kind: kind, buffer: "b", holder: holder, token: token, at: Timestamp(milliseconds: at), expiresAt: Timestamp(milliseconds: expires))
+    }
+
+    @Test func cleanHistoryPasses() {
+        let report = HistoryChecker.check([
+            change(.granted, ann, token: 1, at: 0), change(.released, ann, token: 1, at: 5),
+            change(.granted, bob, token: 2, at: 5, expires: 100), change(.expired, bob, token: 2, at: 100, expires: 100),
+            change(.granted, ann, token: 3, at: 100),
+        ], finalTokens: ["b": 3])
+        #expect(report.passed, "\(report.violations)")
+        #expect(report.grants == 3 && report.closes == 2 && report.doubleGrants == 0)
+    }
+
+    @Test func grantWhileHeldIsADoubleGrant() {
+        let report = HistoryChecker.check([change(.granted, ann, token: 1, at: 0), change(.granted, bob, token: 2, at: 5)])
+        #expect(report.doubleGrants == 1)
+        #expect(report.violations.map(\.kind) == [.overlappingGrant])
+    }
+
+    @Test func sameTokenTwiceIsADoubleGrant() {
+        let report = HistoryChecker.check([change(.granted, ann, token: 1, at: 0), change(.granted, bob, token: 1, at: 0)])
+        #expect(report.doubleGrants == 1)
+        #expect(report.violations.contains { $0.kind == .tokenReused })
+    }
+
+    @Test func grantBeforeThePreviousReleaseIsADoubleGrant() {
+        let report = HistoryChecker.check([
+            change(.granted, ann, token: 1, at: 0), change(.released, ann, token: 1, at: 50), change(.granted, bob, token: 2, at: 40),
+        ])
+        #expect(report.doubleGrants == 1)
+    }
+
+    @Test func earlyExpiryIsAViolation() {
+        let report = HistoryChecker.check([change(.granted, ann, token: 1, at: 0), change(.expired, ann, token: 1, at: 50, expires: 60)])
+        #expect(!report.passed)
+    }
+
+    @Test func databaseTokenBelowAGrantIsAViolation() {
+        let report = HistoryChecker.check([change(.granted, ann, token: 4, at: 0)], finalTokens: ["b": 3])
+        #expect(report.violations.map(\.kind) == [.tokenRegressed])
+    }
+}
