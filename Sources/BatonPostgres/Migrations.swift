@@ -1,0 +1,184 @@
+import BatonCore
+import Logging
+
+/// One versioned schema change.
+public struct Migration: Sendable {
+    /// The version, recorded in `baton_schema_migrations` once applied.
+    public let version: Int
+    /// A short name.
+    public let name: String
+    /// The SQL, run in its own transaction.
+    public let sql: String
+}
+
+/// Errors about the schema and the deployment's partition count.
+public struct SchemaError: Error, Sendable, Hashable, CustomStringConvertible {
+    /// What went wrong, for a person.
+    public let message: String
+
+    public var description: String { message }
+
+    static func partitionCountMismatch(database: Int, requested: Int) -> SchemaError {
+        SchemaError(message: """
+            the database was set up for \(database) partitions but this run asked for \(requested): \
+            N is fixed per deployment, so pass --partition-count \(database) (or BATON_PARTITION_COUNT=\(database)), \
+            or follow the drain procedure in docs/operations.md to change it
+            """)
+    }
+}
+
+/// Applies Baton's migrations: each in its own transaction, recorded in
+/// `baton_schema_migrations`, serialized across processes by an advisory lock.
+public enum Migrator {
+    /// The advisory lock key that serializes migrations (an arbitrary constant: "baton" in ASCII).
+    static let lockKey = "435491328110"
+
+    /// Every migration, in order.
+    public static let migrations: [Migration] = [
+        Migration(version: 1, name: "ownership store", sql: """
+            -- The deployment: its partition count N, fixed for its lifetime.
+            CREATE TABLE baton_meta (
+                singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+                partition_count integer NOT NULL CHECK (partition_count BETWEEN 1 AND 1024),
+                created_at timestamptz NOT NULL DEFAULT now()
+            );
+
+            -- One row per partition: the fencing epoch (Temporal's range_id). Every batch
+            -- locks its partition's row FOR SHARE and checks the epoch; taking the
+            -- partition bumps it (UPDATE, which waits for in-flight batches).
+            CREATE TABLE baton_partitions (
+                partition integer PRIMARY KEY,
+                epoch bigint NOT NULL DEFAULT 0,
+                owner text,
+                taken_at timestamptz
+            );
+
+            -- One row per buffer ever claimed. token = the last token issued; the holder
+            -- columns are all NULL when released or expired-and-swept. version grows on
+            -- every write and, with token, is the compare-and-set guard.
+            -- Hot queries and their indexes:
+            --   batch read and CAS write by (partition, buffer)    -> primary key
+            --   release_connection: (partition, holder_connection) -> baton_buffers_connection
+            --   lease sweep: (partition, expires_at) of live rows  -> baton_buffers_expiry
+            CREATE TABLE baton_buffers (
+                partition integer NOT NULL,
+                buffer text NOT NULL,
+                holder_user text,
+                holder_connection text,
+                token bigint NOT NULL CHECK (token >= 0),
+                expires_at timestamptz,
+                version bigint NOT NULL CHECK (version >= 1),
+                updated_at timestamptz NOT NULL,
+                PRIMARY KEY (partition, buffer),
+                CHECK ((holder_user IS NULL) = (holder_connection IS NULL)
+                       AND (holder_connection IS NULL) = (expires_at IS NULL))
+            );
+            CREATE INDEX baton_buffers_connection ON baton_buffers (partition, holder_connection)
+                WHERE holder_connection IS NOT NULL;
+            CREATE INDEX baton_buffers_expiry ON baton_buffers (partition, expires_at)
+                WHERE holder_connection IS NOT NULL;
+
+            -- Idempotency: the reply to every request id, per partition (release_connection
+            -- reuses one id on every partition). Lookups by primary key; pruning by
+            -- baton_requests_created.
+            CREATE TABLE baton_requests (
+                partition integer NOT NULL,
+                request_id text NOT NULL,
+                reply text NOT NULL,
+                created_at timestamptz NOT NULL DEFAULT now(),
+                PRIMARY KEY (partition, request_id)
+            );
+            CREATE INDEX baton_requests_created ON baton_requests (created_at);
+
+            -- Transactional outbox and audit trail: one row per ownership change, written
+            -- in the batch's transaction. Publishing reads undelivered rows by
+            -- baton_outbox_pending; pruning finds delivered rows by baton_outbox_delivered.
+            CREATE TABLE baton_outbox (
+                id bigserial PRIMARY KEY,
+                partition integer NOT NULL,
+                kind text NOT NULL CHECK (kind IN ('granted', 'released', 'expired')),
+                buffer text NOT NULL,
+                holder_user text NOT NULL,
+                holder_connection text NOT NULL,
+                token bigint NOT NULL,
+                at timestamptz NOT NULL,
+                expires_at timestamptz NOT NULL,
+                request_id text,
+                delivered_at timestamptz
+            );
+            CREATE INDEX baton_outbox_pending ON baton_outbox (partition, id) WHERE delivered_at IS NULL;
+            CREATE INDEX baton_outbox_delivered ON baton_outbox (delivered_at) WHERE delivered_at IS NOT NULL;
+            """),
+    ]
+
+    /// The newest schema version this code knows.
+    public static var latestVersion: Int { migrations.last!.version }
+
+    /// Applies the missing migrations and checks the deployment's partition count.
+    ///
+    /// Safe to run twice and from several processes at once. The first run records
+    /// `partitionCount`; a later run with another count fails with ``SchemaError``
+    /// naming both, and changes nothing.
+    ///
+    /// - Returns: the versions applied by this call.
+    @discardableResult
+    public static func migrate(_ connection: PostgresConnection, partitionCount: Int, logger: Logger) async throws -> [Int] {
+        try await connection.withSession { session in
+            try session.query("SELECT pg_advisory_lock(\(lockKey))")
+            defer { _ = try? session.query("SELECT pg_advisory_unlock(\(lockKey))") }
+            try session.execute(script: """
+                SET client_min_messages = warning;
+                CREATE TABLE IF NOT EXISTS baton_schema_migrations (
+                    version integer PRIMARY KEY,
+                    name text NOT NULL,
+                    applied_at timestamptz NOT NULL DEFAULT now()
+                );
+                RESET client_min_messages;
+                """)
+            let done = Set(try session.query("SELECT version FROM baton_schema_migrations").rows.compactMap { $0[0].flatMap(Int.init) })
+            if let recorded = try recordedPartitionCount(session), recorded != partitionCount {
+                throw SchemaError.partitionCountMismatch(database: recorded, requested: partitionCount)
+            }
+            var applied: [Int] = []
+            for migration in migrations where !done.contains(migration.version) {
+                try session.transaction {
+                    try session.execute(script: migration.sql)
+                    if migration.version == 1 {
+                        try session.query("INSERT INTO baton_meta (partition_count) VALUES ($1)", [String(partitionCount)])
+                        try session.query(
+                            "INSERT INTO baton_partitions (partition) SELECT generate_series(0, $1::int - 1)",
+                            [String(partitionCount)]
+                        )
+                    }
+                    try session.query(
+                        "INSERT INTO baton_schema_migrations (version, name) VALUES ($1, $2)",
+                        [String(migration.version), migration.name]
+                    )
+                }
+                logger.info("applied migration", metadata: ["baton.migration": "\(migration.version) \(migration.name)"])
+                applied.append(migration.version)
+            }
+            return applied
+        }
+    }
+
+    /// Checks that the schema is current and was set up for `partitionCount` partitions.
+    public static func verify(_ session: PostgresSession, partitionCount: Int) throws {
+        let exists = try session.query("SELECT to_regclass('baton_schema_migrations') IS NOT NULL").first() == "t"
+        let version = exists ? Int(try session.query("SELECT max(version) FROM baton_schema_migrations").first() ?? "") : nil
+        guard let version, version >= latestVersion else {
+            throw SchemaError(message: "the database schema is at version \(version.map(String.init) ?? "none"), this build needs \(latestVersion): run 'baton migrate' first")
+        }
+        guard let recorded = try recordedPartitionCount(session) else {
+            throw SchemaError(message: "the database has no partition count recorded: run 'baton migrate' first")
+        }
+        guard recorded == partitionCount else {
+            throw SchemaError.partitionCountMismatch(database: recorded, requested: partitionCount)
+        }
+    }
+
+    private static func recordedPartitionCount(_ session: PostgresSession) throws -> Int? {
+        guard try session.query("SELECT to_regclass('baton_meta') IS NOT NULL").first() == "t" else { return nil }
+        return try session.query("SELECT partition_count FROM baton_meta").first().flatMap(Int.init)
+    }
+}

@@ -1,0 +1,483 @@
+import BatonCore
+import Logging
+
+/// Errors of the ownership store.
+public struct StoreError: Error, Sendable, Hashable, CustomStringConvertible {
+    /// What kind of failure this is; extensible.
+    public struct Code: Hashable, Sendable, CustomStringConvertible {
+        private let name: String
+        private init(_ name: String) { self.name = name }
+
+        /// Another worker took the partition (its epoch is newer): stop consuming it. Nothing was written.
+        public static let partitionOwnershipLost = Code("partition ownership lost")
+        /// The partition does not exist in this deployment.
+        public static let unknownPartition = Code("unknown partition")
+        /// Concurrent writers kept changing the batch's buffers; nothing was written.
+        public static let contention = Code("contention")
+        /// A retention shorter than the minimum.
+        public static let invalidArgument = Code("invalid argument")
+
+        public var description: String { name }
+    }
+
+    /// What kind of failure this is.
+    public let code: Code
+    /// The partition concerned.
+    public let partition: Int
+    /// A message for a person.
+    public let message: String
+
+    public var description: String { "\(code) (partition \(partition)): \(message)" }
+}
+
+/// An ownership change as stored in the outbox, with its row id.
+public struct OutboxEntry: Sendable, Hashable {
+    /// The outbox row id (ascending in commit order within a partition).
+    public let id: Int64
+    /// The partition.
+    public let partition: Int
+    /// The change.
+    public let change: OwnershipChange
+}
+
+/// What applying one batch produced.
+public struct BatchResult: Sendable {
+    /// One reply per request, in the batch's order. A request id seen before gets its stored reply.
+    public let replies: [Reply]
+    /// The ownership changes written to the outbox, in decision order.
+    public let changes: [OutboxEntry]
+    /// How many requests were answered from idempotency records instead of being decided.
+    public let replayed: Int
+    /// Transaction attempts used (more than 1 after compare-and-set misses).
+    public let attempts: Int
+}
+
+/// The PostgreSQL backstop: fenced, batched, idempotent ownership decisions, one partition at a time.
+///
+/// Decisions are BatonCore's ``PartitionState``; this type reads the rows a batch
+/// touches, runs the decisions in queue order at database time, and writes the
+/// result in one transaction guarded by the partition epoch and a per-buffer
+/// compare-and-set on (token, version).
+public final class OwnershipStore: Sendable {
+    /// The connection the store uses; one store per connection.
+    public let connection: PostgresConnection
+    /// The deployment's partitioner (N).
+    public let partitioner: Partitioner
+    /// How many times a batch is retried after compare-and-set misses before failing with ``StoreError/Code/contention``.
+    public let maxAttempts: Int
+    private let logger: Logger
+
+    /// The shortest idempotency retention allowed: a retry within this window must see its original reply.
+    public static let minimumRetention: Duration = .seconds(600)
+
+    /// Creates a store over an open connection after checking the schema and N.
+    public static func open(
+        connection: PostgresConnection, partitioner: Partitioner, maxAttempts: Int = 8, logger: Logger = Logger(label: "baton.store")
+    ) async throws -> OwnershipStore {
+        let count = partitioner.count
+        try await connection.withSession { session in try Migrator.verify(session, partitionCount: count) }
+        return OwnershipStore(connection: connection, partitioner: partitioner, maxAttempts: maxAttempts, logger: logger)
+    }
+
+    private init(connection: PostgresConnection, partitioner: Partitioner, maxAttempts: Int, logger: Logger) {
+        self.connection = connection
+        self.partitioner = partitioner
+        self.maxAttempts = maxAttempts
+        self.logger = logger
+    }
+
+    // MARK: - Partition fencing
+
+    /// Takes `partition` by bumping its epoch (steal) and returns the new epoch.
+    ///
+    /// Waits for batches of the previous owner that are in flight; after it
+    /// returns, every batch fenced with an older epoch fails with
+    /// ``StoreError/Code/partitionOwnershipLost``.
+    public func takePartition(_ partition: Int, owner: String) async throws -> Int64 {
+        let count = partitioner.count
+        return try await connection.withSession { session in
+            let rows = try session.query(SQL.takePartition, [String(partition), owner])
+            guard let epoch = rows.first().flatMap(Int64.init) else {
+                throw StoreError(code: .unknownPartition, partition: partition, message: "partition \(partition) does not exist: this deployment has partitions 0-\(count - 1)")
+            }
+            return epoch
+        }
+    }
+
+    // MARK: - Batches
+
+    /// Applies `requests` (in queue order) for `partition` as owner of `epoch`, all or nothing.
+    ///
+    /// - Throws: ``StoreError`` with ``StoreError/Code/partitionOwnershipLost`` when the epoch is
+    ///   stale (nothing written), ``StoreError/Code/contention`` after repeated compare-and-set
+    ///   misses, or a ``PostgresError``.
+    public func apply(_ requests: [Request], partition: Int, epoch: Int64) async throws -> BatchResult {
+        let partitioner = self.partitioner
+        let maxAttempts = self.maxAttempts
+        let logger = self.logger
+        return try await connection.withSession { session in
+            for attempt in 1...maxAttempts {
+                do {
+                    return try session.transaction {
+                        try Self.applyOnce(session, requests, partition: partition, epoch: epoch, partitioner: partitioner, attempt: attempt)
+                    }
+                } catch let miss as CompareAndSetMiss {
+                    logger.debug("compare-and-set missed; retrying the batch", metadata: [
+                        "baton.partition": "\(partition)", "baton.attempt": "\(attempt)", "baton.missed": "\(miss.missed)",
+                    ])
+                }
+            }
+            throw StoreError(code: .contention, partition: partition, message: "the batch of \(requests.count) requests lost \(maxAttempts) compare-and-set races in a row; nothing was written")
+        }
+    }
+
+    private static func applyOnce(
+        _ session: PostgresSession, _ requests: [Request], partition: Int, epoch: Int64, partitioner: Partitioner, attempt: Int
+    ) throws -> BatchResult {
+        try fence(session, partition: partition, epoch: epoch)
+
+        // Replies already given to these request ids (a redelivery or a client retry).
+        let ids = Set(requests.map(\.requestID))
+        var stored: [String: Reply] = [:]
+        for row in try session.query(SQL.storedReplies, [String(partition), PostgresArray.text(ids.map { $0 })]).rows {
+            if let id = row[0], let body = row[1], let reply = try? ProtocolCodec.decodeReply(Array(body.utf8)) {
+                stored[id] = reply
+            }
+        }
+
+        // The rows the batch touches, and database time read after their snapshot.
+        let fresh = requests.filter { stored[$0.requestID] == nil }
+        let buffers = Set(fresh.compactMap(\.buffer))
+        let connections = Set(fresh.compactMap { request -> String? in
+            if case .releaseConnection(let connection) = request.command { return connection }
+            return nil
+        })
+        let (now, initial, versions) = try readBuffers(session, partition: partition, buffers: buffers, connections: connections)
+
+        // Decide in queue order.
+        var state = PartitionState(partition: partition, partitioner: partitioner, buffers: initial)
+        var replies: [Reply] = []
+        var changes: [(OwnershipChange, String?)] = []
+        var newRecords: [(String, Reply)] = []
+        var replayed = 0
+        replies.reserveCapacity(requests.count)
+        for request in requests {
+            if let reply = stored[request.requestID] {
+                replies.append(reply)
+                replayed += 1
+                continue
+            }
+            let (reply, made) = state.apply(request, at: now)
+            stored[request.requestID] = reply
+            newRecords.append((request.requestID, reply))
+            replies.append(reply)
+            changes += made.map { ($0, request.requestID) }
+        }
+
+        let writes = state.buffers.filter { initial[$0.key] != $0.value }
+        let outboxIDs = try write(
+            session, partition: partition, now: now, writes: writes, initial: initial, versions: versions,
+            records: newRecords, changes: changes
+        )
+        let entries = zip(outboxIDs, changes).map { OutboxEntry(id: $0, partition: partition, change: $1.0) }
+        return BatchResult(replies: replies, changes: entries, replayed: replayed, attempts: attempt)
+    }
+
+    // MARK: - Lease sweep
+
+    /// Expires up to `limit` leases of `partition` that have run out on the database clock, fenced by `epoch`.
+    ///
+    /// Each expiry produces one `expired` change, once: the row is cleared in the same transaction.
+    public func sweep(partition: Int, epoch: Int64, limit: Int = 1000) async throws -> [OutboxEntry] {
+        let partitioner = self.partitioner
+        let maxAttempts = self.maxAttempts
+        return try await connection.withSession { session in
+            for _ in 1...maxAttempts {
+                do {
+                    return try session.transaction {
+                        try Self.fence(session, partition: partition, epoch: epoch)
+                        let rows = try session.query(SQL.expiredBuffers, [String(partition), String(limit)])
+                        guard let now = rows.rows.first?[0].flatMap(Int64.init).map(Timestamp.init(milliseconds:)) else {
+                            throw PostgresError(code: .unexpectedResult, message: "the sweep query returned no clock row")
+                        }
+                        var initial: [String: BufferState] = [:]
+                        var versions: [String: Int64] = [:]
+                        for row in rows.rows where row[1] != nil {
+                            let (buffer, state, version) = try Self.decodeBuffer(row)
+                            initial[buffer] = state
+                            versions[buffer] = version
+                        }
+                        var state = PartitionState(partition: partition, partitioner: partitioner, buffers: initial)
+                        let changes = state.sweep(at: now)
+                        let writes = state.buffers.filter { initial[$0.key] != $0.value }
+                        let ids = try Self.write(
+                            session, partition: partition, now: now, writes: writes, initial: initial, versions: versions,
+                            records: [], changes: changes.map { ($0, nil) }
+                        )
+                        return zip(ids, changes).map { OutboxEntry(id: $0, partition: partition, change: $1) }
+                    }
+                } catch is CompareAndSetMiss {
+                    continue
+                }
+            }
+            throw StoreError(code: .contention, partition: partition, message: "the sweep lost \(maxAttempts) compare-and-set races in a row")
+        }
+    }
+
+    // MARK: - Outbox and retention
+
+    /// Up to `limit` changes of `partition` not yet marked delivered, oldest first.
+    public func undelivered(partition: Int, limit: Int = 1000) async throws -> [OutboxEntry] {
+        try await connection.withSession { session in
+            try session.query(SQL.undelivered, [String(partition), String(limit)]).rows.map { row in
+                guard let id = row[0].flatMap(Int64.init), let kindText = row[1], let kind = ChangeKind(rawValue: kindText),
+                      let buffer = row[2], let user = row[3], let holderConnection = row[4],
+                      let token = row[5].flatMap(Int64.init), let at = row[6].flatMap(Int64.init), let expires = row[7].flatMap(Int64.init)
+                else { throw PostgresError(code: .unexpectedResult, message: "malformed outbox row") }
+                let change = OwnershipChange(
+                    kind: kind, buffer: buffer, holder: Holder(user: user, connection: holderConnection), token: token,
+                    at: Timestamp(milliseconds: at), expiresAt: Timestamp(milliseconds: expires)
+                )
+                return OutboxEntry(id: id, partition: partition, change: change)
+            }
+        }
+    }
+
+    /// Marks outbox rows delivered (their events were published).
+    public func markDelivered(_ ids: [Int64]) async throws {
+        guard !ids.isEmpty else { return }
+        _ = try await connection.withSession { session in
+            try session.query(SQL.markDelivered, [PostgresArray.integers(ids.map { Optional($0) })])
+        }
+    }
+
+    /// Deletes idempotency records older than `retention` and delivered outbox rows delivered longer than `retention` ago.
+    ///
+    /// - Returns: how many requests and outbox rows were deleted.
+    @discardableResult
+    public func prune(retention: Duration, chunk: Int = 10_000) async throws -> (requests: Int, outbox: Int) {
+        guard retention >= Self.minimumRetention else {
+            throw StoreError(code: .invalidArgument, partition: -1, message: "retention \(retention) is too short: it must be at least \(Self.minimumRetention) so that retries see their original reply")
+        }
+        let milliseconds = String(ConnectionHandle.milliseconds(retention))
+        return try await connection.withSession { session in
+            var requests = 0
+            var outbox = 0
+            while true {
+                let deleted = try session.query(SQL.pruneRequests, [milliseconds, String(chunk)]).affectedRows
+                requests += deleted
+                if deleted < chunk { break }
+            }
+            while true {
+                let deleted = try session.query(SQL.pruneOutbox, [milliseconds, String(chunk)]).affectedRows
+                outbox += deleted
+                if deleted < chunk { break }
+            }
+            return (requests, outbox)
+        }
+    }
+
+    // MARK: - Shared steps
+
+    /// Locks the partition row FOR SHARE (so an epoch bump waits for us) and checks the epoch.
+    private static func fence(_ session: PostgresSession, partition: Int, epoch: Int64) throws {
+        let current = try session.query(SQL.fence, [String(partition)]).first().flatMap(Int64.init)
+        guard let current else {
+            throw StoreError(code: .unknownPartition, partition: partition, message: "partition \(partition) does not exist in this deployment")
+        }
+        guard current == epoch else {
+            throw StoreError(code: .partitionOwnershipLost, partition: partition, message: "this worker holds epoch \(epoch) but the partition is at epoch \(current): another worker took it; nothing was written")
+        }
+    }
+
+    private static func readBuffers(
+        _ session: PostgresSession, partition: Int, buffers: Set<String>, connections: Set<String>
+    ) throws -> (Timestamp, [String: BufferState], [String: Int64]) {
+        let rows = try session.query(SQL.readBuffers, [
+            String(partition), PostgresArray.text(buffers.map { $0 }), PostgresArray.text(connections.map { $0 }),
+        ])
+        guard let now = rows.rows.first?[0].flatMap(Int64.init) else {
+            throw PostgresError(code: .unexpectedResult, message: "the read query returned no clock row")
+        }
+        var states: [String: BufferState] = [:]
+        var versions: [String: Int64] = [:]
+        for row in rows.rows where row[1] != nil {
+            let (buffer, state, version) = try decodeBuffer(row)
+            states[buffer] = state
+            versions[buffer] = version
+        }
+        return (Timestamp(milliseconds: now), states, versions)
+    }
+
+    /// Decodes `now, buffer, holder_user, holder_connection, token, expires_ms, version`.
+    private static func decodeBuffer(_ row: [String?]) throws -> (String, BufferState, Int64) {
+        guard let buffer = row[1], let token = row[4].flatMap(Int64.init), let version = row[6].flatMap(Int64.init) else {
+            throw PostgresError(code: .unexpectedResult, message: "malformed buffer row")
+        }
+        let holder: Holder? = if let user = row[2], let connection = row[3] { Holder(user: user, connection: connection) } else { nil }
+        let expires = row[5].flatMap(Int64.init).map(Timestamp.init(milliseconds:))
+        return (buffer, BufferState(holder: holder, token: token, expiresAt: expires), version)
+    }
+
+    /// Writes changed buffers (compare-and-set), idempotency records and outbox rows in one statement.
+    ///
+    /// - Returns: the outbox ids, in the order of `changes`.
+    /// - Throws: ``CompareAndSetMiss`` when another writer changed a buffer or recorded a request id first.
+    private static func write(
+        _ session: PostgresSession, partition: Int, now: Timestamp, writes: [String: BufferState],
+        initial: [String: BufferState], versions: [String: Int64], records: [(String, Reply)], changes: [(OwnershipChange, String?)]
+    ) throws -> [Int64] {
+        guard !writes.isEmpty || !records.isEmpty || !changes.isEmpty else { return [] }
+        let buffers = writes.keys.sorted()  // a fixed order keeps concurrent writers from deadlocking
+        let states = buffers.map { writes[$0]! }
+        let changeList = changes.map(\.0)
+        let row = try session.query(SQL.write, [
+            String(partition), String(now.milliseconds),
+            PostgresArray.text(buffers),
+            PostgresArray.text(states.map { $0.holder?.user }),
+            PostgresArray.text(states.map { $0.holder?.connection }),
+            PostgresArray.integers(states.map { Optional($0.token) }),
+            PostgresArray.integers(states.map { $0.expiresAt?.milliseconds }),
+            PostgresArray.integers(buffers.map { Optional(initial[$0]?.token ?? 0) }),
+            PostgresArray.integers(buffers.map { Optional(versions[$0] ?? 0) }),
+            PostgresArray.text(records.map(\.0)),
+            PostgresArray.text(records.map { String(decoding: ProtocolCodec.encode($0.1), as: UTF8.self) }),
+            PostgresArray.text(changeList.map(\.kind.rawValue)),
+            PostgresArray.text(changeList.map(\.buffer)),
+            PostgresArray.text(changeList.map(\.holder.user)),
+            PostgresArray.text(changeList.map(\.holder.connection)),
+            PostgresArray.integers(changeList.map { Optional($0.token) }),
+            PostgresArray.integers(changeList.map { Optional($0.at.milliseconds) }),
+            PostgresArray.integers(changeList.map { Optional($0.expiresAt.milliseconds) }),
+            PostgresArray.text(changes.map(\.1)),
+        ]).rows.first ?? []
+        let written = row.first.flatMap { $0.flatMap(Int.init) } ?? -1
+        let recorded = row.count > 1 ? row[1].flatMap(Int.init) ?? -1 : -1
+        guard written == buffers.count, recorded == records.count else {
+            throw CompareAndSetMiss(missed: buffers.count - written + records.count - recorded)
+        }
+        return PostgresArray.parseIntegers(row.count > 2 ? row[2] : nil)
+    }
+}
+
+/// Another writer changed a buffer (or recorded a request id) after this batch read it; the transaction rolls back and retries.
+struct CompareAndSetMiss: Error {
+    let missed: Int
+}
+
+/// The store's SQL, prepared once per connection.
+enum SQL {
+    static let takePartition = PreparedStatement(name: "baton_take_partition", sql: """
+        UPDATE baton_partitions SET epoch = epoch + 1, owner = $2, taken_at = clock_timestamp()
+        WHERE partition = $1 RETURNING epoch
+        """)
+
+    // Row lock FOR SHARE: many batches of the current owner proceed together; an epoch bump waits for them.
+    static let fence = PreparedStatement(name: "baton_fence", sql: """
+        SELECT epoch FROM baton_partitions WHERE partition = $1 FOR SHARE
+        """)
+
+    static let storedReplies = PreparedStatement(name: "baton_stored_replies", sql: """
+        SELECT request_id, reply FROM baton_requests WHERE partition = $1 AND request_id = ANY($2::text[])
+        """)
+
+    // The clock is read in the same statement as the rows, after its snapshot: a decision's time is
+    // never earlier than the commit of any change it saw. Uses the primary key and baton_buffers_connection.
+    static let readBuffers = PreparedStatement(name: "baton_read_buffers", sql: """
+        WITH clock AS (SELECT floor(extract(epoch FROM clock_timestamp()) * 1000)::int8 AS now_ms)
+        SELECT c.now_ms, b.buffer, b.holder_user, b.holder_connection, b.token,
+               (extract(epoch FROM b.expires_at) * 1000)::int8, b.version
+        FROM clock c
+        LEFT JOIN baton_buffers b ON b.partition = $1
+            AND (b.buffer = ANY($2::text[]) OR (b.holder_connection IS NOT NULL AND b.holder_connection = ANY($3::text[])))
+        """)
+
+    // Uses baton_buffers_expiry.
+    static let expiredBuffers = PreparedStatement(name: "baton_expired_buffers", sql: """
+        WITH clock AS (SELECT floor(extract(epoch FROM clock_timestamp()) * 1000)::int8 AS now_ms)
+        SELECT c.now_ms, b.buffer, b.holder_user, b.holder_connection, b.token,
+               (extract(epoch FROM b.expires_at) * 1000)::int8, b.version
+        FROM clock c
+        LEFT JOIN LATERAL (
+            SELECT * FROM baton_buffers
+            WHERE partition = $1 AND holder_connection IS NOT NULL
+              AND expires_at <= timestamptz 'epoch' + c.now_ms * interval '1 millisecond'
+            ORDER BY expires_at
+            LIMIT $2
+        ) b ON true
+        """)
+
+    // One statement for every write of a batch. Updates and inserts are compare-and-set: an update
+    // needs the token and version the decision read, an insert needs the buffer to be still absent.
+    // The caller compares the counts with what it expected and retries on a miss.
+    static let write = PreparedStatement(name: "baton_write", sql: """
+        WITH input AS (
+            SELECT * FROM unnest($3::text[], $4::text[], $5::text[], $6::int8[], $7::int8[], $8::int8[], $9::int8[])
+                AS i(buffer, holder_user, holder_connection, token, expires_ms, expected_token, expected_version)
+        ),
+        updated AS (
+            UPDATE baton_buffers b
+            SET holder_user = i.holder_user, holder_connection = i.holder_connection, token = i.token,
+                expires_at = timestamptz 'epoch' + i.expires_ms * interval '1 millisecond',
+                version = b.version + 1,
+                updated_at = timestamptz 'epoch' + $2::int8 * interval '1 millisecond'
+            FROM input i
+            WHERE i.expected_version > 0 AND b.partition = $1 AND b.buffer = i.buffer
+              AND b.version = i.expected_version AND b.token = i.expected_token
+            RETURNING 1
+        ),
+        inserted AS (
+            INSERT INTO baton_buffers (partition, buffer, holder_user, holder_connection, token, expires_at, version, updated_at)
+            SELECT $1, i.buffer, i.holder_user, i.holder_connection, i.token,
+                   timestamptz 'epoch' + i.expires_ms * interval '1 millisecond', 1,
+                   timestamptz 'epoch' + $2::int8 * interval '1 millisecond'
+            FROM input i WHERE i.expected_version = 0
+            ON CONFLICT (partition, buffer) DO NOTHING
+            RETURNING 1
+        ),
+        recorded AS (
+            INSERT INTO baton_requests (partition, request_id, reply)
+            SELECT $1, r.request_id, r.reply FROM unnest($10::text[], $11::text[]) AS r(request_id, reply)
+            ON CONFLICT (partition, request_id) DO NOTHING
+            RETURNING 1
+        ),
+        outbox AS (
+            INSERT INTO baton_outbox (partition, kind, buffer, holder_user, holder_connection, token, at, expires_at, request_id)
+            SELECT $1, o.kind, o.buffer, o.holder_user, o.holder_connection, o.token,
+                   timestamptz 'epoch' + o.at_ms * interval '1 millisecond',
+                   timestamptz 'epoch' + o.expires_ms * interval '1 millisecond', o.request_id
+            FROM unnest($12::text[], $13::text[], $14::text[], $15::text[], $16::int8[], $17::int8[], $18::int8[], $19::text[])
+                WITH ORDINALITY AS o(kind, buffer, holder_user, holder_connection, token, at_ms, expires_ms, request_id, n)
+            ORDER BY o.n
+            RETURNING id
+        )
+        SELECT (SELECT count(*) FROM updated) + (SELECT count(*) FROM inserted),
+               (SELECT count(*) FROM recorded),
+               (SELECT array_agg(id ORDER BY id) FROM outbox)
+        """)
+
+    // Uses baton_outbox_pending.
+    static let undelivered = PreparedStatement(name: "baton_undelivered", sql: """
+        SELECT id, kind, buffer, holder_user, holder_connection, token,
+               (extract(epoch FROM at) * 1000)::int8, (extract(epoch FROM expires_at) * 1000)::int8
+        FROM baton_outbox WHERE partition = $1 AND delivered_at IS NULL ORDER BY id LIMIT $2
+        """)
+
+    static let markDelivered = PreparedStatement(name: "baton_mark_delivered", sql: """
+        UPDATE baton_outbox SET delivered_at = clock_timestamp() WHERE id = ANY($1::int8[]) AND delivered_at IS NULL
+        """)
+
+    // Uses baton_requests_created.
+    static let pruneRequests = PreparedStatement(name: "baton_prune_requests", sql: """
+        DELETE FROM baton_requests WHERE ctid = ANY(ARRAY(
+            SELECT ctid FROM baton_requests
+            WHERE created_at < clock_timestamp() - $1::int8 * interval '1 millisecond' LIMIT $2))
+        """)
+
+    // Uses baton_outbox_delivered.
+    static let pruneOutbox = PreparedStatement(name: "baton_prune_outbox", sql: """
+        DELETE FROM baton_outbox WHERE ctid = ANY(ARRAY(
+            SELECT ctid FROM baton_outbox
+            WHERE delivered_at IS NOT NULL AND delivered_at < clock_timestamp() - $1::int8 * interval '1 millisecond' LIMIT $2))
+        """)
+}

@@ -1,0 +1,70 @@
+/// An error from PostgreSQL or libpq.
+///
+/// Server errors expose their SQLSTATE, message and detail. No description
+/// ever contains a password or a bound parameter value.
+public struct PostgresError: Error, Sendable, CustomStringConvertible {
+    /// What kind of failure this is; extensible.
+    public struct Code: Hashable, Sendable, CustomStringConvertible {
+        private enum Base: String, Hashable, Sendable {
+            case invalidURL = "invalid URL"
+            case connectionFailed = "connection failed"
+            case connectionLost = "connection lost"
+            case server = "server error"
+            case unexpectedResult = "unexpected result"
+            case closed = "connection closed"
+        }
+
+        private let base: Base
+        private init(_ base: Base) { self.base = base }
+
+        /// The database URL cannot be used.
+        public static let invalidURL = Code(.invalidURL)
+        /// Connecting (or reconnecting) failed.
+        public static let connectionFailed = Code(.connectionFailed)
+        /// The connection broke during a statement; its outcome is unknown.
+        public static let connectionLost = Code(.connectionLost)
+        /// The server rejected a statement; see ``PostgresError/sqlState``.
+        public static let server = Code(.server)
+        /// A statement returned something this code does not expect.
+        public static let unexpectedResult = Code(.unexpectedResult)
+        /// The connection was closed by its owner.
+        public static let closed = Code(.closed)
+
+        public var description: String { base.rawValue }
+    }
+
+    /// What kind of failure this is.
+    public var code: Code
+    /// The SQLSTATE for server errors (`40001` serialization failure, `40P01` deadlock, `23505` unique violation, `57014` statement timeout).
+    public var sqlState: String?
+    /// The primary message.
+    public var message: String
+    /// The server's detail, if any.
+    public var detail: String?
+    /// The server's hint, if any.
+    public var hint: String?
+
+    /// Creates an error.
+    public init(code: Code, sqlState: String? = nil, message: String, detail: String? = nil, hint: String? = nil) {
+        self.code = code
+        self.sqlState = sqlState
+        self.message = message
+        self.detail = detail
+        self.hint = hint
+    }
+
+    /// True for failures that a retry of the whole transaction may fix: serialization failures,
+    /// deadlocks, and a connection lost mid-statement.
+    public var isTransient: Bool {
+        code == .connectionLost || code == .connectionFailed || sqlState == "40001" || sqlState == "40P01"
+    }
+
+    public var description: String {
+        var text = "PostgreSQL \(code)"
+        if let sqlState { text += " \(sqlState)" }
+        text += ": \(message)"
+        if let detail { text += " (\(detail))" }
+        if let hint { text += " Hint: \(hint)" }
+        return text
+    }
+}

@@ -1,0 +1,69 @@
+import BatonPostgres
+import Testing
+
+@Suite struct PostgresURLTests {
+    @Test func parsesEveryPart() throws {
+        let url = try PostgresURL("postgres://baton:s3cr%40t@db.example:6543/ownership?sslmode=require&application_name=w1")
+        #expect(url.host == "db.example")
+        #expect(url.port == 6543)
+        #expect(url.user == "baton")
+        #expect(url.password == "s3cr@t")
+        #expect(url.database == "ownership")
+        #expect(url.parameters == ["sslmode": "require", "application_name": "w1"])
+    }
+
+    @Test func defaultsAndIPv6() throws {
+        let url = try PostgresURL("postgresql://u@[::1]/d")
+        #expect(url.host == "::1")
+        #expect(url.port == 5432)
+        #expect(url.password == nil)
+    }
+
+    @Test func descriptionRedactsThePassword() throws {
+        let url = try PostgresURL("postgres://baton:hunter2-very-secret@127.0.0.1:55432/baton?sslmode=disable")
+        #expect(url.description == "postgres://baton:********@127.0.0.1:55432/baton?sslmode=disable")
+        #expect(!"\(url)".contains("hunter2"))
+        #expect(!String(reflecting: url.description).contains("hunter2"))
+    }
+
+    @Test(arguments: [
+        ("mysql://u:hunter2-secret@h/d", "scheme"),
+        ("postgres://u:hunter2-secret@h/", "database name"),
+        ("postgres://:hunter2-secret@h/d", "user"),
+        ("postgres://u:hunter2-secret@h/d?sslmode=maybe", "sslmode 'maybe'"),
+        ("postgres://u:hunter2-secret@h/d?pool=5", "parameter 'pool'"),
+        ("postgres://u:hunter2-secret@h/d?connect_timeout=soon", "connect_timeout 'soon'"),
+        ("postgres://u:hunter2-secret@h:99999999/d", "port 99999999"),
+    ])
+    func invalidURLsSayWhyWithoutThePassword(text: String, fragment: String) {
+        do {
+            _ = try PostgresURL(text)
+            Issue.record("accepted \(text)")
+        } catch {
+            #expect(error.code == .invalidURL)
+            #expect(error.description.contains(fragment), "\(error)")
+            #expect(!error.description.contains("hunter2"), "\(error)")
+        }
+    }
+
+    @Test func redactWorksOnUnparseableText() {
+        #expect(PostgresURL.redact("postgres://u:p@ss:w0rd@h:1/d") == "postgres://u:********@h:1/d")
+        #expect(PostgresURL.redact("amqp://guest:guest@localhost:5672/%2F") == "amqp://guest:********@localhost:5672/%2F")
+        #expect(PostgresURL.redact("postgres://u@h/d") == "postgres://u@h/d")
+        #expect(PostgresURL.redact("not a url") == "not a url")
+    }
+}
+
+@Suite struct PostgresArrayTests {
+    @Test func textLiteralsEscapeQuotesAndBackslashes() {
+        #expect(PostgresArray.text(["a", "b\"c", "d\\e", nil, "", "ü,{x}"]) == #"{"a","b\"c","d\\e",NULL,"","ü,{x}"}"#)
+        #expect(PostgresArray.text([String]()) == "{}")
+    }
+
+    @Test func integerLiterals() {
+        #expect(PostgresArray.integers([Int64(1), nil, -3]) == "{1,NULL,-3}")
+        #expect(PostgresArray.parseIntegers("{1,2,30}") == [1, 2, 30])
+        #expect(PostgresArray.parseIntegers(nil) == [])
+        #expect(PostgresArray.parseIntegers("{}") == [])
+    }
+}

@@ -1,0 +1,188 @@
+import BatonCore
+import BatonPostgres
+import Foundation
+import Testing
+
+/// A buffer name that hashes to `partition`.
+func buffer(in partition: Int, count: Int = 16, prefix: String = "buf") -> String {
+    let partitioner = try! Partitioner(count: count)
+    var index = 0
+    while true {
+        let name = "\(prefix)-\(index)"
+        if partitioner.partition(of: name) == partition { return name }
+        index += 1
+    }
+}
+
+@Suite struct OwnershipStoreTests {
+    @Test func claimDenyReleaseAndTokenPlusOneInOneBatch() async throws {
+        let url = try await TestDatabase.migrated()
+        let store = try await TestDatabase.store(url)
+        let epoch = try await store.takePartition(3, owner: "test")
+        let b = buffer(in: 3)
+        let result = try await store.apply([
+            .claim(b, user: "ann", connection: "c1"),
+            .claim(b, user: "bob", connection: "c2"),
+            .release(b, connection: "c1", token: 1),
+            .claim(b, user: "bob", connection: "c2"),
+        ], partition: 3, epoch: epoch)
+        #expect(result.replies.map(\.status) == [.granted, .denied, .released, .granted])
+        #expect(result.replies.map(\.token) == [1, 1, 1, 2])
+        #expect(result.replies[1].holder == Holder(user: "ann", connection: "c1"))
+        #expect(result.changes.map(\.change.kind) == [.granted, .released, .granted])
+        #expect(result.changes.map(\.id) == result.changes.map(\.id).sorted())
+
+        // The next batch sees the committed state.
+        let inspect = try await store.apply([Request(requestID: "i", command: .inspect(buffer: b))], partition: 3, epoch: epoch)
+        #expect(inspect.replies[0].holder == Holder(user: "bob", connection: "c2"))
+        #expect(inspect.replies[0].token == 2)
+        #expect(inspect.replies[0].partition == 3)
+    }
+
+    @Test func staleEpochLosesThePartitionAndWritesNothing() async throws {
+        let url = try await TestDatabase.migrated()
+        let old = try await TestDatabase.store(url)
+        let new = try await TestDatabase.store(url)
+        let oldEpoch = try await old.takePartition(5, owner: "worker-a")
+        let b = buffer(in: 5)
+        _ = try await old.apply([.claim(b, user: "ann", connection: "c1")], partition: 5, epoch: oldEpoch)
+
+        let newEpoch = try await new.takePartition(5, owner: "worker-b")
+        #expect(newEpoch == oldEpoch + 1)
+        let before = try await TestDatabase.audit(url)
+
+        let error = try await #require(throws: StoreError.self) {
+            try await old.apply([.release(b, connection: "c1", token: 1), .claim(buffer(in: 5, prefix: "other"), user: "x", connection: "y")], partition: 5, epoch: oldEpoch)
+        }
+        #expect(error.code == .partitionOwnershipLost)
+        #expect(error.message.contains("epoch \(oldEpoch)") && error.message.contains("epoch \(newEpoch)"))
+        let sweepError = try await #require(throws: StoreError.self) { try await old.sweep(partition: 5, epoch: oldEpoch) }
+        #expect(sweepError.code == .partitionOwnershipLost)
+
+        let after = try await TestDatabase.audit(url)
+        #expect(after.changes == before.changes, "the stale worker wrote no audit row")
+        #expect(after.finalTokens == before.finalTokens, "the stale worker changed no buffer")
+
+        // The new owner carries on from the committed state.
+        let result = try await new.apply([.release(b, connection: "c1", token: 1)], partition: 5, epoch: newEpoch)
+        #expect(result.replies[0].status == .released)
+    }
+
+    @Test func sameRequestIDTwiceGivesOneChangeAndTheSameReply() async throws {
+        let url = try await TestDatabase.migrated()
+        let store = try await TestDatabase.store(url)
+        let epoch = try await store.takePartition(1, owner: "test")
+        let b = buffer(in: 1)
+        let claim = Request.claim(b, user: "ann", connection: "c1", id: "same-id")
+        let first = try await store.apply([claim], partition: 1, epoch: epoch)
+        // Redelivered in a later batch, and duplicated inside one batch.
+        let second = try await store.apply([claim, .claim(b, user: "bob", connection: "c2", id: "other"), claim], partition: 1, epoch: epoch)
+        #expect(second.replies[0] == first.replies[0])
+        #expect(second.replies[2] == first.replies[0])
+        #expect(second.replayed == 2)
+        #expect(second.replies[1].status == .denied)
+
+        // A retry of a release after the buffer moved on still answers what it answered.
+        let release = Request.release(b, connection: "c1", token: 1, id: "release-once")
+        let released = try await store.apply([release], partition: 1, epoch: epoch)
+        _ = try await store.apply([.claim(b, user: "bob", connection: "c2")], partition: 1, epoch: epoch)
+        let again = try await store.apply([release], partition: 1, epoch: epoch)
+        #expect(again.replies == released.replies)
+        #expect(again.changes.isEmpty)
+
+        let audit = try await TestDatabase.audit(url)
+        #expect(audit.changes.map(\.kind) == [.granted, .released, .granted])
+        #expect(audit.changes.map(\.token) == [1, 1, 2])
+    }
+
+    @Test func expiryUsesDatabaseTimeAndTheSweepEmitsEachExpiryOnce() async throws {
+        let url = try await TestDatabase.migrated()
+        let store = try await TestDatabase.store(url)
+        let epoch = try await store.takePartition(7, owner: "test")
+        let (b1, b2) = (buffer(in: 7, prefix: "a"), buffer(in: 7, prefix: "b"))
+        let dbBefore = try await store.connection.withSession { s in Int64(try s.query("SELECT (extract(epoch FROM clock_timestamp())*1000)::int8").first()!)! }
+        let claimed = try await store.apply([
+            .claim(b1, user: "ann", connection: "c1", lease: 1000),
+            .claim(b2, user: "ann", connection: "c1", lease: 60_000),
+        ], partition: 7, epoch: epoch)
+        let dbAfter = try await store.connection.withSession { s in Int64(try s.query("SELECT (extract(epoch FROM clock_timestamp())*1000)::int8").first()!)! }
+        let at = try #require(claimed.replies[0].at).milliseconds
+        #expect(at >= dbBefore - 1 && at <= dbAfter + 1, "decisions are stamped with the database clock")
+        #expect(claimed.replies[0].expiresAt?.milliseconds == at + 1000)
+
+        #expect(try await store.sweep(partition: 7, epoch: epoch).isEmpty, "nothing has expired yet")
+        try await Task.sleep(for: .milliseconds(1200))
+        let swept = try await store.sweep(partition: 7, epoch: epoch)
+        #expect(swept.map(\.change.kind) == [.expired])
+        #expect(swept.first?.change.buffer == b1)
+        #expect(swept.first?.change.token == 1)
+        #expect(try await store.sweep(partition: 7, epoch: epoch).isEmpty, "an expiry is emitted once")
+
+        let next = try await store.apply([.claim(b1, user: "bob", connection: "c2")], partition: 7, epoch: epoch)
+        #expect(next.replies[0].token == 2)
+        #expect(next.changes.map(\.change.kind) == [.granted], "no second expired change after the sweep")
+
+        let audit = try await TestDatabase.audit(url)
+        #expect(HistoryChecker.check(audit.changes, finalTokens: audit.finalTokens).passed)
+    }
+
+    @Test func releaseConnectionSeesCommittedAndInBatchGrants() async throws {
+        let url = try await TestDatabase.migrated()
+        let store = try await TestDatabase.store(url)
+        let epoch = try await store.takePartition(2, owner: "test")
+        let names = (0..<3).map { buffer(in: 2, prefix: "rc\($0)") }
+        _ = try await store.apply([.claim(names[0], user: "ann", connection: "c1")], partition: 2, epoch: epoch)
+        let result = try await store.apply([
+            .claim(names[1], user: "ann", connection: "c1"),
+            .claim(names[2], user: "bob", connection: "c2"),
+            Request(requestID: "rc", command: .releaseConnection(connection: "c1")),
+        ], partition: 2, epoch: epoch)
+        #expect(result.replies[2].status == .releasedConnection)
+        #expect(result.replies[2].buffers == [names[0], names[1]].sorted())
+        let state = try await store.apply([Request(requestID: "i", command: .inspect(buffer: names[2]))], partition: 2, epoch: epoch)
+        #expect(state.replies[0].holder?.connection == "c2")
+    }
+
+    @Test func misroutedRequestsAreAnsweredAndChangeNothing() async throws {
+        let url = try await TestDatabase.migrated()
+        let store = try await TestDatabase.store(url)
+        let epoch = try await store.takePartition(0, owner: "test")
+        let result = try await store.apply([.claim(buffer(in: 9), user: "ann", connection: "c1")], partition: 0, epoch: epoch)
+        #expect(result.replies[0].status == .error)
+        #expect(result.replies[0].error?.code == .misrouted)
+        #expect(result.changes.isEmpty)
+        #expect(try await TestDatabase.audit(url).finalTokens.isEmpty)
+    }
+
+    @Test func unknownPartitionIsAClearError() async throws {
+        let url = try await TestDatabase.migrated(partitions: 4)
+        let store = try await TestDatabase.store(url, partitions: 4)
+        let error = try await #require(throws: StoreError.self) { try await store.takePartition(4, owner: "x") }
+        #expect(error.code == .unknownPartition)
+        #expect(error.message.contains("0-3"))
+    }
+
+    @Test func pruneKeepsRecentRecordsAndRemovesOldOnes() async throws {
+        let url = try await TestDatabase.migrated()
+        let store = try await TestDatabase.store(url)
+        await #expect(throws: StoreError.self) { try await store.prune(retention: .seconds(60)) }
+        let epoch = try await store.takePartition(4, owner: "test")
+        let result = try await store.apply(
+            (0..<5).map { .claim(buffer(in: 4, prefix: "p\($0)"), user: "u", connection: "c", id: "req-\($0)") },
+            partition: 4, epoch: epoch
+        )
+        #expect(try await store.undelivered(partition: 4).map(\.id) == result.changes.map(\.id))
+        try await store.markDelivered(Array(result.changes.map(\.id).prefix(3)))
+        #expect(try await store.undelivered(partition: 4).count == 2)
+
+        // Age two idempotency records and the delivered outbox rows past the retention.
+        _ = try await store.connection.withSession { s in
+            try s.query("UPDATE baton_requests SET created_at = created_at - interval '2 hours' WHERE request_id IN ('req-0', 'req-1')")
+            try s.query("UPDATE baton_outbox SET delivered_at = delivered_at - interval '2 hours' WHERE delivered_at IS NOT NULL")
+        }
+        let pruned = try await store.prune(retention: .seconds(3600), chunk: 1)
+        #expect(pruned.requests == 2)
+        #expect(pruned.outbox == 3)
+        #expect(try await store.undelivered(partition: 4).count == 2, "undelivered rows are never pruned")
+    }
+}

@@ -1,0 +1,85 @@
+import BatonCore
+import BatonPostgres
+import Foundation
+import Logging
+import Testing
+
+/// Fresh databases on the PostgreSQL that `scripts/services up` starts (or `BATON_DATABASE_URL`).
+///
+/// A missing server fails the test with a message saying how to start it; it never skips.
+enum TestDatabase {
+    static let serverURL: String = ProcessInfo.processInfo.environment["BATON_DATABASE_URL"]
+        ?? "postgres://baton:baton@127.0.0.1:55432/baton?sslmode=disable"
+
+    static let logger: Logger = {
+        var logger = Logger(label: "baton.tests")
+        logger.logLevel = .warning
+        return logger
+    }()
+
+    /// Creates an empty database for one test and returns its URL.
+    static func create() async throws -> PostgresURL {
+        let server = try PostgresURL(serverURL)
+        let admin: PostgresConnection
+        do {
+            admin = try await PostgresConnection.connect(to: server, logger: logger)
+        } catch {
+            Issue.record("PostgreSQL is not reachable at \(server): run scripts/services up (\(error))")
+            throw error
+        }
+        let name = "baton_test_\(UInt64.random(in: 0...UInt64.max) % 1_000_000_000_000)"
+        _ = try await admin.withSession { session in try session.query("CREATE DATABASE \(name)") }
+        await admin.close()
+        var url = server
+        url.database = name
+        return url
+    }
+
+    /// A fresh, migrated database with `partitions` partitions.
+    static func migrated(partitions: Int = 16) async throws -> PostgresURL {
+        let url = try await create()
+        let connection = try await PostgresConnection.connect(to: url, logger: logger)
+        try await Migrator.migrate(connection, partitionCount: partitions, logger: logger)
+        await connection.close()
+        return url
+    }
+
+    /// Opens a store on its own connection.
+    static func store(_ url: PostgresURL, partitions: Int = 16) async throws -> OwnershipStore {
+        let connection = try await PostgresConnection.connect(to: url, logger: logger)
+        return try await OwnershipStore.open(connection: connection, partitioner: try Partitioner(count: partitions), logger: logger)
+    }
+
+    /// Every ownership change in the audit table, and the final token of every buffer.
+    static func audit(_ url: PostgresURL) async throws -> (changes: [OwnershipChange], finalTokens: [String: Int64]) {
+        let connection = try await PostgresConnection.connect(to: url, logger: logger)
+        defer { Task { await connection.close() } }
+        return try await connection.withSession { session in
+            let changes = try session.query("""
+                SELECT kind, buffer, holder_user, holder_connection, token,
+                       (extract(epoch FROM at) * 1000)::int8, (extract(epoch FROM expires_at) * 1000)::int8
+                FROM baton_outbox ORDER BY id
+                """).rows.map { row in
+                OwnershipChange(
+                    kind: ChangeKind(rawValue: row[0]!)!, buffer: row[1]!, holder: Holder(user: row[2]!, connection: row[3]!),
+                    token: Int64(row[4]!)!, at: Timestamp(milliseconds: Int64(row[5]!)!), expiresAt: Timestamp(milliseconds: Int64(row[6]!)!)
+                )
+            }
+            var tokens: [String: Int64] = [:]
+            for row in try session.query("SELECT buffer, token FROM baton_buffers").rows {
+                tokens[row[0]!] = Int64(row[1]!)!
+            }
+            return (changes, tokens)
+        }
+    }
+}
+
+extension Request {
+    static func claim(_ buffer: String, user: String, connection: String, lease: Int64 = 30_000, id: String = UUID().uuidString) -> Request {
+        Request(requestID: id, command: .claim(buffer: buffer, holder: Holder(user: user, connection: connection), leaseMilliseconds: lease))
+    }
+
+    static func release(_ buffer: String, connection: String, token: Int64, id: String = UUID().uuidString) -> Request {
+        Request(requestID: id, command: .release(buffer: buffer, connection: connection, token: token))
+    }
+}
