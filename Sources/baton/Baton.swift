@@ -1,0 +1,104 @@
+import ArgumentParser
+import BatonCore
+import BatonPostgres
+import Foundation
+import Logging
+
+@main
+struct Baton: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "baton",
+        abstract: "Race-free ownership of shared editor buffers, decided per partition and fenced in PostgreSQL.",
+        subcommands: [Migrate.self, Status.self, BenchStore.self]
+    )
+}
+
+/// Settings every command that talks to PostgreSQL shares. Flag first, then environment, then default.
+struct DatabaseOptions: ParsableArguments {
+    static let defaultDatabaseURL = "postgres://baton:baton@127.0.0.1:55432/baton?sslmode=disable"
+
+    @Option(name: .customLong("database-url"), help: ArgumentHelp(
+        "PostgreSQL URL (env BATON_DATABASE_URL; default \(PostgresURL.redact(defaultDatabaseURL))).",
+        valueName: "url"
+    ))
+    var databaseURLFlag: String?
+
+    @Option(name: .customLong("partition-count"), help: ArgumentHelp(
+        "Partition count N of the deployment, 1-1024; fixed once migrated (env BATON_PARTITION_COUNT; default 16).",
+        valueName: "n"
+    ))
+    var partitionCountFlag: Int?
+
+    @Option(name: .customLong("log-level"), help: ArgumentHelp(
+        "trace, debug, info, notice, warning, error or critical (env BATON_LOG_LEVEL; default info).",
+        valueName: "level"
+    ))
+    var logLevelFlag: String?
+
+    var environment: [String: String] { ProcessInfo.processInfo.environment }
+
+    func databaseURL() throws -> PostgresURL {
+        let text = databaseURLFlag ?? environment["BATON_DATABASE_URL"] ?? Self.defaultDatabaseURL
+        do {
+            return try PostgresURL(text)
+        } catch {
+            throw ValidationError(error.message)
+        }
+    }
+
+    func partitioner() throws -> Partitioner {
+        let raw = partitionCountFlag.map(String.init) ?? environment["BATON_PARTITION_COUNT"] ?? String(Partitioner.defaultCount)
+        guard let count = Int(raw) else {
+            throw ValidationError("partition count '\(raw)' is not a number: it must be between 1 and 1024")
+        }
+        do {
+            return try Partitioner(count: count)
+        } catch {
+            throw ValidationError(error.description)
+        }
+    }
+
+    func logger(_ label: String) throws -> Logger {
+        let raw = logLevelFlag ?? environment["BATON_LOG_LEVEL"] ?? "info"
+        guard let level = Logger.Level(rawValue: raw.lowercased()) else {
+            throw ValidationError("log level '\(raw)' is not one of \(Logger.Level.allCases.map(\.rawValue).joined(separator: ", "))")
+        }
+        var logger = Logger(label: label)
+        logger.logLevel = level
+        return logger
+    }
+
+    func validate() throws {
+        _ = try databaseURL()
+        _ = try partitioner()
+        _ = try logger("baton")
+    }
+
+    func connect(_ logger: Logger, application: String) async throws -> PostgresConnection {
+        try await PostgresConnection.connect(
+            to: try databaseURL(), options: PostgresConnectionOptions(applicationName: application), logger: logger
+        )
+    }
+}
+
+struct Migrate: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Create or upgrade Baton's tables; the first run records the partition count N."
+    )
+
+    @OptionGroup var database: DatabaseOptions
+
+    func run() async throws {
+        let logger = try database.logger("baton.migrate")
+        let partitioner = try database.partitioner()
+        let connection = try await database.connect(logger, application: "baton migrate")
+        defer { Task { await connection.close() } }
+        let applied = try await Migrator.migrate(connection, partitionCount: partitioner.count, logger: logger)
+        let url = try database.databaseURL()
+        if applied.isEmpty {
+            print("schema is current (version \(Migrator.latestVersion), \(partitioner.count) partitions) at \(url)")
+        } else {
+            print("applied migrations \(applied.map(String.init).joined(separator: ", ")) (\(partitioner.count) partitions) at \(url)")
+        }
+    }
+}

@@ -1,0 +1,77 @@
+import ArgumentParser
+import BatonCore
+import BatonPostgres
+import Foundation
+
+struct Status: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Show each partition's epoch, owner, live holders and expired leases awaiting the sweep."
+    )
+
+    @OptionGroup var database: DatabaseOptions
+
+    @Flag(help: "Print JSON instead of a table.")
+    var json = false
+
+    struct Row: Codable {
+        var partition: Int
+        var epoch: Int64
+        var owner: String?
+        var liveHolders: Int
+        var expiredPending: Int
+        var undeliveredEvents: Int
+
+        enum CodingKeys: String, CodingKey {
+            case partition, epoch, owner
+            case liveHolders = "live_holders"
+            case expiredPending = "expired_pending"
+            case undeliveredEvents = "undelivered_events"
+        }
+    }
+
+    func run() async throws {
+        let logger = try database.logger("baton.status")
+        let partitioner = try database.partitioner()
+        let connection = try await database.connect(logger, application: "baton status")
+        defer { Task { await connection.close() } }
+        let count = partitioner.count
+        let rows = try await connection.withSession { session in
+            try Migrator.verify(session, partitionCount: count)
+            return try session.query("""
+                SELECT p.partition, p.epoch, p.owner,
+                       (SELECT count(*) FROM baton_buffers b WHERE b.partition = p.partition
+                            AND b.holder_connection IS NOT NULL AND b.expires_at > clock_timestamp()),
+                       (SELECT count(*) FROM baton_buffers b WHERE b.partition = p.partition
+                            AND b.holder_connection IS NOT NULL AND b.expires_at <= clock_timestamp()),
+                       (SELECT count(*) FROM baton_outbox o WHERE o.partition = p.partition AND o.delivered_at IS NULL)
+                FROM baton_partitions p ORDER BY p.partition
+                """).rows.map { row in
+                Row(partition: Int(row[0]!)!, epoch: Int64(row[1]!)!, owner: row[2],
+                    liveHolders: Int(row[3]!)!, expiredPending: Int(row[4]!)!, undeliveredEvents: Int(row[5]!)!)
+            }
+        }
+        if json {
+            let encoder = JSONEncoder()
+            encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+            print(String(decoding: try encoder.encode(["partitions": rows]), as: UTF8.self))
+            return
+        }
+        print("Baton at \(try database.databaseURL()): \(count) partitions, schema version \(Migrator.latestVersion)")
+        print("partition  epoch  owner                 live  expired  undelivered")
+        for row in rows {
+            print([
+                pad(row.partition, 9), pad(row.epoch, 5), (row.owner ?? "-").padding(toLength: 20, withPad: " ", startingAt: 0),
+                pad(row.liveHolders, 4), pad(row.expiredPending, 7), pad(row.undeliveredEvents, 11),
+            ].joined(separator: "  "))
+        }
+        let live = rows.reduce(0) { $0 + $1.liveHolders }
+        let pending = rows.reduce(0) { $0 + $1.expiredPending }
+        print("total: \(live) live holders, \(pending) expired leases awaiting the sweep")
+    }
+}
+
+/// `value` right-aligned in `width` columns.
+func pad(_ value: some CustomStringConvertible, _ width: Int) -> String {
+    let text = value.description
+    return String(repeating: " ", count: max(0, width - text.count)) + text
+}
