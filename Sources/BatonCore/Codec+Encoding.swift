@@ -31,9 +31,27 @@ extension ProtocolCodec {
         return encodeJSON(wire)
     }
 
-    /// Encodes a reply body.
+    /// Encodes a reply body: every field present, absent values as `null`.
     public static func encode(_ reply: Reply) -> [UInt8] {
-        encodeJSON(WireReply(reply))
+        var json = JSONWriter()
+        json.integer("v", ProtocolV1.version)
+        json.string("request_id", reply.requestID)
+        json.string("status", reply.status.rawValue)
+        json.string("buffer", reply.buffer)
+        if let holder = reply.holder {
+            json.object("holder") { $0.string("user", holder.user); $0.string("connection", holder.connection) }
+        } else {
+            json.null("holder")
+        }
+        json.integer("token", reply.token)
+        json.string("expires_at", reply.expiresAt?.rfc3339)
+        json.string("at", reply.at?.rfc3339)
+        json.integer("partition", reply.partition)
+        if reply.status == .releasedConnection { json.strings("buffers", reply.buffers ?? []) }
+        if reply.status == .error, let error = reply.error {
+            json.object("error") { $0.string("code", error.code.rawValue); $0.string("message", error.message) }
+        }
+        return json.finish()
     }
 
     /// Decodes a reply body (what a client receives).
@@ -43,10 +61,14 @@ extension ProtocolCodec {
 
     /// Encodes the event body of an ownership change, published to `baton.events` with routing key `<p>.<kind>`.
     public static func encodeEvent(_ change: OwnershipChange) -> [UInt8] {
-        encodeJSON(WireEvent(
-            v: ProtocolV1.version, kind: change.kind, buffer: change.buffer,
-            holder: WireHolder(change.holder), token: change.token, at: change.at.rfc3339
-        ))
+        var json = JSONWriter(capacity: 160)
+        json.integer("v", ProtocolV1.version)
+        json.string("kind", change.kind.rawValue)
+        json.string("buffer", change.buffer)
+        json.object("holder") { $0.string("user", change.holder.user); $0.string("connection", change.holder.connection) }
+        json.integer("token", change.token)
+        json.string("at", change.at.rfc3339)
+        return json.finish()
     }
 
     private static func encodeJSON(_ value: some Encodable) -> [UInt8] {
@@ -72,27 +94,13 @@ private struct WireRequest: Encodable {
     }
 }
 
-private struct WireHolder: Codable {
+private struct WireHolder: Decodable {
     var user: String
     var connection: String
-
-    init(_ holder: Holder) {
-        user = holder.user
-        connection = holder.connection
-    }
 }
 
-private struct WireEvent: Encodable {
-    var v: Int
-    var kind: ChangeKind
-    var buffer: String
-    var holder: WireHolder
-    var token: Int64
-    var at: String
-}
-
-/// The reply as it travels: every field present, absent values as `null`.
-private struct WireReply: Codable {
+/// The reply as it travels, for decoding.
+private struct WireReply: Decodable {
     var v: Int
     var requestID: String?
     var status: ReplyStatus
@@ -107,35 +115,6 @@ private struct WireReply: Codable {
 
     enum CodingKeys: String, CodingKey {
         case v, requestID = "request_id", status, buffer, holder, token, expiresAt = "expires_at", at, partition, buffers, error
-    }
-
-    init(_ reply: Reply) {
-        v = ProtocolV1.version
-        requestID = reply.requestID
-        status = reply.status
-        buffer = reply.buffer
-        holder = reply.holder.map(WireHolder.init)
-        token = reply.token
-        expiresAt = reply.expiresAt?.rfc3339
-        at = reply.at?.rfc3339
-        partition = reply.partition
-        buffers = reply.buffers
-        error = reply.error
-    }
-
-    func encode(to encoder: any Encoder) throws {
-        var container = encoder.container(keyedBy: CodingKeys.self)
-        try container.encode(v, forKey: .v)
-        try container.encode(requestID, forKey: .requestID)
-        try container.encode(status, forKey: .status)
-        try container.encode(buffer, forKey: .buffer)
-        try container.encode(holder, forKey: .holder)
-        try container.encode(token, forKey: .token)
-        try container.encode(expiresAt, forKey: .expiresAt)
-        try container.encode(at, forKey: .at)
-        try container.encode(partition, forKey: .partition)
-        if status == .releasedConnection { try container.encode(buffers ?? [], forKey: .buffers) }
-        if status == .error { try container.encodeIfPresent(error, forKey: .error) }
     }
 
     func reply() throws -> Reply {

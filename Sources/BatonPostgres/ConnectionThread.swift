@@ -30,13 +30,17 @@ final class ConnectionThread: @unchecked Sendable {
     }
 
     /// Runs `last` on the thread after every queued job, then ends the thread.
-    func stop(after last: @escaping @Sendable () -> Void) {
+    ///
+    /// - Returns: false, without running `last`, when the thread was already stopping.
+    @discardableResult
+    func stop(after last: @escaping @Sendable () -> Void) -> Bool {
         condition.lock()
         defer { condition.unlock() }
-        guard !stopping else { return }
+        guard !stopping else { return false }
         jobs.append(last)
         stopping = true
         condition.signal()
+        return true
     }
 
     private func enqueue(_ job: @escaping () -> Void) -> Bool {

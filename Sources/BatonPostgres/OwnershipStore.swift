@@ -140,9 +140,11 @@ public final class OwnershipStore: Sendable {
         let ids = Set(requests.map(\.requestID))
         var stored: [String: Reply] = [:]
         for row in try session.query(SQL.storedReplies, [String(partition), PostgresArray.text(ids.map { $0 })]).rows {
-            if let id = row[0], let body = row[1], let reply = try? ProtocolCodec.decodeReply(Array(body.utf8)) {
-                stored[id] = reply
+            guard let id = row[0], let body = row[1], let reply = try? ProtocolCodec.decodeReply(Array(body.utf8)) else {
+                // Deciding again could apply a request twice: refuse instead.
+                throw PostgresError(code: .unexpectedResult, message: "a stored reply in baton_requests for partition \(partition) cannot be decoded")
             }
+            stored[id] = reply
         }
 
         // The rows the batch touches, and database time read after their snapshot.

@@ -69,10 +69,11 @@ public final class PostgresConnection: Sendable {
     public func close() async {
         let handle = self.handle
         await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
-            thread.stop {
+            let stopping = thread.stop {
                 handle.finish()
                 continuation.resume()
             }
+            if !stopping { continuation.resume() }  // already closed or closing
         }
     }
 

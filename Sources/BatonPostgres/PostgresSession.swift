@@ -147,23 +147,25 @@ private func withCStrings<T>(_ values: [String?], _ body: ([UnsafePointer<CChar>
 public enum PostgresArray {
     /// A `text[]` literal.
     public static func text(_ values: some Sequence<String?>) -> String {
-        var literal = "{"
+        var literal: [UInt8] = [UInt8(ascii: "{")]
+        literal.reserveCapacity(values.underestimatedCount * 16 + 2)
         var first = true
         for value in values {
-            if !first { literal += "," }
+            if !first { literal.append(UInt8(ascii: ",")) }
             first = false
             guard let value else {
-                literal += "NULL"
+                literal += "NULL".utf8
                 continue
             }
-            literal += "\""
-            for character in value.unicodeScalars {
-                if character == "\"" || character == "\\" { literal += "\\" }
-                literal.unicodeScalars.append(character)
+            literal.append(UInt8(ascii: "\""))
+            for byte in value.utf8 {
+                if byte == UInt8(ascii: "\"") || byte == UInt8(ascii: "\\") { literal.append(UInt8(ascii: "\\")) }
+                literal.append(byte)
             }
-            literal += "\""
+            literal.append(UInt8(ascii: "\""))
         }
-        return literal + "}"
+        literal.append(UInt8(ascii: "}"))
+        return String(decoding: literal, as: UTF8.self)
     }
 
     /// A `bigint[]` or `int[]` literal.

@@ -63,6 +63,17 @@ private func rejection(_ json: String) -> ProtocolError? { rejection(Array(json.
         #expect(try ProtocolCodec.decodeReply(Array(releasedBody.utf8)) == released)
     }
 
+    @Test(arguments: ["plain", "quote\"back\\slash", "tab\tnew\nline\r", "nul\u{0}bell\u{7}esc\u{1b}del\u{7f}", "ünï/буфер/😀", "</script>"])
+    func repliesWithAwkwardStringsDecodeToThemselves(text: String) throws {
+        let reply = Reply(
+            requestID: text, status: .error, buffer: text, holder: Holder(user: text, connection: text), token: nil,
+            at: Timestamp(milliseconds: 5), partition: 0, error: ReplyError(code: .invalidRequest, message: text)
+        )
+        #expect(try ProtocolCodec.decodeReply(ProtocolCodec.encode(reply)) == reply)
+        let connection = Reply(requestID: "r", status: .releasedConnection, at: Timestamp(milliseconds: 5), partition: 1, buffers: [text, "b"])
+        #expect(try ProtocolCodec.decodeReply(ProtocolCodec.encode(connection)) == connection)
+    }
+
     @Test func errorRepliesCarryCodeAndMessage() throws {
         let error = ProtocolError(code: .unknownOp, message: "op 'x' is unknown", requestID: "r")
         let body = String(decoding: ProtocolCodec.encode(Reply.rejection(error, partition: 1, at: nil)), as: UTF8.self)

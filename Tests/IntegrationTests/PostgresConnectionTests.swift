@@ -124,3 +124,27 @@ import Testing
         #expect(error.code == .closed)
     }
 }
+
+@Suite struct PostgresConnectionLifecycleTests {
+    @Test func closingTwiceReturns() async throws {
+        let url = try await TestDatabase.create()
+        let connection = try await PostgresConnection.connect(to: url, logger: TestDatabase.logger)
+        await connection.close()
+        await connection.close()
+    }
+
+    @Test func blockingWorkDoesNotBlockOtherConnections() async throws {
+        // Each connection has its own thread: a slow statement on one leaves the others free.
+        let url = try await TestDatabase.create()
+        let slow = try await PostgresConnection.connect(to: url, logger: TestDatabase.logger)
+        let fast = try await PostgresConnection.connect(to: url, logger: TestDatabase.logger)
+        async let sleeping: Void = { _ = try await slow.withSession { s in try s.query("SELECT pg_sleep(1.5)") } }()
+        try await Task.sleep(for: .milliseconds(100))
+        let start = ContinuousClock.now
+        for _ in 0..<20 { _ = try await fast.withSession { s in try s.query("SELECT 1") } }
+        #expect(ContinuousClock.now - start < .milliseconds(1000))
+        try await sleeping
+        await slow.close()
+        await fast.close()
+    }
+}
