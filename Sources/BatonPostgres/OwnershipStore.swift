@@ -125,6 +125,12 @@ public final class OwnershipStore: Sendable {
                     logger.debug("compare-and-set missed; retrying the batch", metadata: [
                         "baton.partition": "\(partition)", "baton.attempt": "\(attempt)", "baton.missed": "\(miss.missed)",
                     ])
+                } catch let error as PostgresError where error.code == .server && error.isTransient {
+                    // A deadlock or serialization failure between concurrent writers: the transaction
+                    // rolled back, so deciding again from a fresh read is safe.
+                    logger.debug("transaction aborted by the server; retrying the batch", metadata: [
+                        "baton.partition": "\(partition)", "baton.attempt": "\(attempt)", "baton.sqlstate": "\(error.sqlState ?? "")",
+                    ])
                 }
             }
             throw StoreError(code: .contention, partition: partition, message: "the batch of \(requests.count) requests lost \(maxAttempts) compare-and-set races in a row; nothing was written")
@@ -219,6 +225,8 @@ public final class OwnershipStore: Sendable {
                         return zip(ids, changes).map { OutboxEntry(id: $0, partition: partition, change: $1) }
                     }
                 } catch is CompareAndSetMiss {
+                    continue
+                } catch let error as PostgresError where error.code == .server && error.isTransient {
                     continue
                 }
             }

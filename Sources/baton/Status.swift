@@ -27,6 +27,16 @@ struct Status: AsyncParsableCommand {
             case expiredPending = "expired_pending"
             case undeliveredEvents = "undelivered_events"
         }
+
+        func encode(to encoder: any Encoder) throws {
+            var container = encoder.container(keyedBy: CodingKeys.self)
+            try container.encode(partition, forKey: .partition)
+            try container.encode(epoch, forKey: .epoch)
+            try container.encode(owner, forKey: .owner)  // null when never taken
+            try container.encode(liveHolders, forKey: .liveHolders)
+            try container.encode(expiredPending, forKey: .expiredPending)
+            try container.encode(undeliveredEvents, forKey: .undeliveredEvents)
+        }
     }
 
     func run() async throws {
