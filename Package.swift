@@ -7,12 +7,16 @@ let package = Package(
     products: [
         .library(name: "BatonCore", targets: ["BatonCore"]),
         .library(name: "BatonPostgres", targets: ["BatonPostgres"]),
+        .library(name: "BatonAMQP", targets: ["BatonAMQP"]),
+        .library(name: "BatonWorker", targets: ["BatonWorker"]),
+        .library(name: "BatonClient", targets: ["BatonClient"]),
         .executable(name: "baton", targets: ["baton"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.8.2"),
         .package(url: "https://github.com/apple/swift-log.git", from: "1.16.2"),
         .package(url: "https://github.com/x-sheep/swift-property-based.git", from: "2.0.1"),
+        .package(url: "https://github.com/swift-server/swift-service-lifecycle.git", from: "2.13.0"),
     ],
     targets: [
         // System library over libpq (Debian: libpq-dev, Homebrew: libpq).
@@ -20,6 +24,12 @@ let package = Package(
             name: "CLibPQ",
             pkgConfig: "libpq",
             providers: [.apt(["libpq-dev"]), .brew(["libpq"])]
+        ),
+        // System library over rabbitmq-c (Debian: librabbitmq-dev, Homebrew: rabbitmq-c).
+        .systemLibrary(
+            name: "CRabbitMQ",
+            pkgConfig: "librabbitmq",
+            providers: [.apt(["librabbitmq-dev"]), .brew(["rabbitmq-c"])]
         ),
         // Pure Swift: protocol, codec, partitioner, decision state machine. No I/O, no C.
         .target(name: "BatonCore"),
@@ -32,11 +42,43 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
+        // rabbitmq-c wrapper: one I/O thread per connection, channels, confirms, consume, reconnect helpers.
+        .target(
+            name: "BatonAMQP",
+            dependencies: [
+                "CRabbitMQ",
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        // The partition worker: consume in batches, decide through the store, reply, publish events, ack.
+        .target(
+            name: "BatonWorker",
+            dependencies: [
+                "BatonCore",
+                "BatonPostgres",
+                "BatonAMQP",
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            ]
+        ),
+        // What a frontend links: typed claim/renew/release/inspect/releaseConnection over AMQP RPC.
+        .target(
+            name: "BatonClient",
+            dependencies: [
+                "BatonCore",
+                "BatonAMQP",
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
         .executableTarget(
             name: "baton",
             dependencies: [
                 "BatonCore",
                 "BatonPostgres",
+                "BatonAMQP",
+                "BatonWorker",
+                "BatonClient",
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]
@@ -52,12 +94,20 @@ let package = Package(
             name: "BatonPostgresTests",
             dependencies: ["BatonPostgres"]
         ),
+        .testTarget(
+            name: "BatonAMQPTests",
+            dependencies: ["BatonAMQP"]
+        ),
         // Needs a real PostgreSQL (scripts/services up). With CI set, a missing service fails.
         .testTarget(
             name: "IntegrationTests",
             dependencies: [
                 "BatonCore",
                 "BatonPostgres",
+                "BatonAMQP",
+                "BatonWorker",
+                "BatonClient",
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),

@@ -1,0 +1,258 @@
+import CRabbitMQ
+import Foundation
+import Logging
+
+/// A message to publish.
+public struct OutgoingMessage: Sendable {
+    /// The exchange (`""` is the default exchange).
+    public var exchange: String
+    /// The routing key (for the default exchange: the queue name).
+    public var routingKey: String
+    /// The body.
+    public var body: [UInt8]
+    /// The properties.
+    public var properties: AMQPProperties
+    /// Ask the broker to return the message (basic.return) when no queue takes it.
+    public var mandatory: Bool
+
+    /// Creates a message.
+    public init(exchange: String, routingKey: String, body: [UInt8], properties: AMQPProperties = AMQPProperties(), mandatory: Bool = false) {
+        self.exchange = exchange
+        self.routingKey = routingKey
+        self.body = body
+        self.properties = properties
+        self.mandatory = mandatory
+    }
+}
+
+/// One step of ``AMQPChannel/perform(_:)``: several publishes, acks and rejects in one hop to the I/O thread.
+public enum ChannelAction: Sendable {
+    case publish(OutgoingMessage)
+    case ack(deliveryTag: UInt64, multiple: Bool)
+    case reject(deliveryTag: UInt64, requeue: Bool)
+}
+
+/// A connection to RabbitMQ, owned by one dedicated I/O thread.
+///
+/// rabbitmq-c is not thread-safe and services heartbeats only inside its calls, so
+/// every call on a connection happens on its thread, which also polls the socket
+/// whenever it is idle. Channels, publishes, acks and consumers are requests to
+/// that thread. When the connection breaks, everything on it fails with
+/// ``AMQPError/Code/connectionClosed`` and ``closed()`` returns; reconnecting is the
+/// owner's job (see ``Backoff``).
+public final class AMQPConnection: Sendable {
+    /// The URL (prints without its password).
+    public let url: AMQPURL
+    let io: IOThread
+
+    private init(url: AMQPURL, io: IOThread) {
+        self.url = url
+        self.io = io
+    }
+
+    /// Connects and logs in, advertising `consumer_cancel_notify` and `connection.blocked`.
+    ///
+    /// - Parameter name: the connection name the broker shows (`connection_name`).
+    public static func connect(to url: AMQPURL, name: String, logger: Logger = Logger(label: "baton.amqp")) async throws -> AMQPConnection {
+        let io = IOThread(url: url, name: name, logger: logger)
+        do {
+            try await io.run { io throws(AMQPError) in try io.open() }
+        } catch {
+            io.stop()
+            throw error
+        }
+        return AMQPConnection(url: url, io: io)
+    }
+
+    /// Opens a new channel.
+    public func openChannel() async throws -> AMQPChannel {
+        let number = try await io.run { io throws(AMQPError) in try io.openChannel() }
+        return AMQPChannel(number: number, io: io)
+    }
+
+    /// Closes the connection (connection.close), failing what is still pending.
+    public func close() async {
+        _ = try? await io.run { io throws(AMQPError) in io.closeConnection() }
+        io.stop()
+    }
+
+    /// Waits until the connection ends; returns why (nil when closed by ``close()``).
+    public func closed() async -> AMQPError? {
+        await io.waitUntilClosed()
+    }
+
+    /// True until the connection ends.
+    public var isOpen: Bool { io.isOpen }
+
+    deinit {
+        io.stop()
+    }
+}
+
+/// A channel on an ``AMQPConnection``.
+public final class AMQPChannel: Sendable {
+    /// The channel number.
+    public let number: UInt16
+    let io: IOThread
+
+    init(number: UInt16, io: IOThread) {
+        self.number = number
+        self.io = io
+    }
+
+    /// Declares an exchange (idempotent when the arguments match).
+    public func declareExchange(_ name: String, type: String, durable: Bool = true) async throws {
+        let channel = number
+        try await io.run { io throws(AMQPError) in
+            let arena = CArena()
+            amqp_exchange_declare(io.conn, channel, arena.bytes(name), arena.bytes(type), 0, durable ? 1 : 0, 0, 0, amqp_empty_table)
+            try io.check(amqp_get_rpc_reply(io.conn), channel: channel, doing: "declare exchange '\(name)'")
+        }
+    }
+
+    /// Declares a queue (idempotent when the arguments match; a mismatch closes the channel with 406).
+    @discardableResult
+    public func declareQueue(_ name: String, durable: Bool = true, arguments: [String: AMQPValue] = [:]) async throws -> (messages: Int, consumers: Int) {
+        try await queueDeclare(name, passive: false, durable: durable, arguments: arguments)
+    }
+
+    /// Checks that a queue exists and returns its ready messages and consumers (passive declare).
+    public func inspectQueue(_ name: String) async throws -> (messages: Int, consumers: Int) {
+        try await queueDeclare(name, passive: true, durable: true, arguments: [:])
+    }
+
+    private func queueDeclare(_ name: String, passive: Bool, durable: Bool, arguments: [String: AMQPValue]) async throws -> (messages: Int, consumers: Int) {
+        let channel = number
+        return try await io.run { io throws(AMQPError) in
+            let arena = CArena()
+            let ok = amqp_queue_declare(io.conn, channel, arena.bytes(name), passive ? 1 : 0, durable ? 1 : 0, 0, 0, arena.table(arguments))
+            try io.check(amqp_get_rpc_reply(io.conn), channel: channel, doing: "declare queue '\(name)'")
+            guard let ok else { return (0, 0) }
+            return (Int(ok.pointee.message_count), Int(ok.pointee.consumer_count))
+        }
+    }
+
+    /// Deletes a queue.
+    public func deleteQueue(_ name: String) async throws {
+        let channel = number
+        try await io.run { io throws(AMQPError) in
+            let arena = CArena()
+            amqp_queue_delete(io.conn, channel, arena.bytes(name), 0, 0)
+            try io.check(amqp_get_rpc_reply(io.conn), channel: channel, doing: "delete queue '\(name)'")
+        }
+    }
+
+    /// Binds a queue to an exchange.
+    public func bindQueue(_ queue: String, exchange: String, routingKey: String) async throws {
+        let channel = number
+        try await io.run { io throws(AMQPError) in
+            let arena = CArena()
+            amqp_queue_bind(io.conn, channel, arena.bytes(queue), arena.bytes(exchange), arena.bytes(routingKey), amqp_empty_table)
+            try io.check(amqp_get_rpc_reply(io.conn), channel: channel, doing: "bind queue '\(queue)' to '\(exchange)'")
+        }
+    }
+
+    /// Limits unacknowledged deliveries on this channel.
+    public func qos(prefetch: UInt16) async throws {
+        let channel = number
+        try await io.run { io throws(AMQPError) in
+            amqp_basic_qos(io.conn, channel, 0, prefetch, 0)
+            try io.check(amqp_get_rpc_reply(io.conn), channel: channel, doing: "set prefetch \(prefetch)")
+        }
+    }
+
+    /// Puts the channel in publisher-confirm mode (``publishConfirmed(_:)``).
+    public func enableConfirms() async throws {
+        let channel = number
+        try await io.run { io throws(AMQPError) in
+            amqp_confirm_select(io.conn, channel)
+            try io.check(amqp_get_rpc_reply(io.conn), channel: channel, doing: "enable publisher confirms")
+            io.channels[channel]?.confirmMode = true
+        }
+    }
+
+    /// Starts a consumer; its deliveries arrive in the returned queue.
+    public func consume(queue: String, noAck: Bool = false, exclusive: Bool = false, arguments: [String: AMQPValue] = [:]) async throws -> (consumerTag: String, deliveries: DeliveryQueue) {
+        let channel = number
+        return try await io.run { io throws(AMQPError) in
+            let arena = CArena()
+            let ok = amqp_basic_consume(io.conn, channel, arena.bytes(queue), amqp_empty_bytes, 0, noAck ? 1 : 0, exclusive ? 1 : 0, arena.table(arguments))
+            try io.check(amqp_get_rpc_reply(io.conn), channel: channel, doing: "consume from '\(queue)'")
+            guard let tag = ok?.pointee.consumer_tag.string, let state = io.channels[channel] else {
+                throw AMQPError(code: .channelClosed, message: "channel \(channel) closed while consuming from '\(queue)'")
+            }
+            let deliveries = DeliveryQueue()
+            state.consumers[tag] = deliveries
+            return (tag, deliveries)
+        }
+    }
+
+    /// Cancels a consumer; its queue ends after what was delivered.
+    public func cancel(consumerTag: String) async throws {
+        let channel = number
+        try await io.run { io throws(AMQPError) in
+            let arena = CArena()
+            amqp_basic_cancel(io.conn, channel, arena.bytes(consumerTag))
+            try io.check(amqp_get_rpc_reply(io.conn), channel: channel, doing: "cancel consumer")
+            io.channels[channel]?.consumers.removeValue(forKey: consumerTag)?.finish(nil)
+        }
+    }
+
+    /// Publishes, acks and rejects in order, in one hop to the I/O thread (no confirms awaited).
+    public func perform(_ actions: [ChannelAction]) async throws {
+        guard !actions.isEmpty else { return }
+        let channel = number
+        try await io.run { io throws(AMQPError) in
+            for action in actions {
+                switch action {
+                case .publish(let message): _ = try io.publish(message, channel: channel)
+                case .ack(let tag, let multiple): try io.status(amqp_basic_ack(io.conn, channel, tag, multiple ? 1 : 0), doing: "ack")
+                case .reject(let tag, let requeue): try io.status(amqp_basic_reject(io.conn, channel, tag, requeue ? 1 : 0), doing: "reject")
+                }
+            }
+        }
+    }
+
+    /// Publishes one message without waiting for a confirm.
+    public func publish(_ message: OutgoingMessage) async throws {
+        try await perform([.publish(message)])
+    }
+
+    /// Publishes messages on a confirm-mode channel and waits for all their confirms (a window, not one by one).
+    public func publishConfirmed(_ messages: [OutgoingMessage], timeout: Duration = .seconds(10)) async throws -> [PublishOutcome] {
+        guard !messages.isEmpty else { return [] }
+        let channel = number
+        let io = self.io
+        let waits = try await io.run { io throws(AMQPError) -> [ConfirmWait] in
+            guard io.channels[channel]?.confirmMode == true else {
+                throw AMQPError(code: .channelClosed, message: "channel \(channel) is not in confirm mode")
+            }
+            return try messages.map { message throws(AMQPError) in
+                let tag = try io.publish(message, channel: channel)
+                let wait = ConfirmWait()
+                io.channels[channel]?.confirmWaits[tag] = wait
+                if let id = message.properties.messageID { io.channels[channel]?.tagsByMessageID[id] = tag }
+                return wait
+            }
+        }
+        var outcomes: [PublishOutcome] = []
+        for wait in waits {
+            outcomes.append(try await wait.value(timeout: timeout))
+        }
+        return outcomes
+    }
+
+    /// Calls `handler(messageID, replyCode, replyText)` for mandatory messages the broker returns on this channel.
+    public func onReturn(_ handler: @escaping @Sendable (String?, Int, String) -> Void) async throws {
+        let channel = number
+        try await io.run { io throws(AMQPError) in
+            io.channels[channel]?.returnHandler = handler
+        }
+    }
+
+    /// Closes the channel; its unacknowledged deliveries go back to their queues.
+    public func close() async {
+        let channel = number
+        _ = try? await io.run { io throws(AMQPError) in io.closeChannel(channel) }
+    }
+}

@@ -1,0 +1,81 @@
+/// Properties of a published or delivered message (the ones Baton uses).
+public struct AMQPProperties: Sendable, Hashable {
+    /// `content_type`, e.g. `application/json`.
+    public var contentType: String?
+    /// `correlation_id`, copied from request to reply.
+    public var correlationID: String?
+    /// `reply_to`: a queue name or `amq.rabbitmq.reply-to`.
+    public var replyTo: String?
+    /// `message_id`; Baton matches `basic.return`s to publishes by it.
+    public var messageID: String?
+    /// `expiration`: per-message TTL in milliseconds, as text.
+    public var expiration: String?
+    /// `delivery_mode`: 2 is persistent.
+    public var deliveryMode: UInt8?
+    /// String headers to send.
+    public var headers: [String: String]
+
+    /// Creates properties.
+    public init(
+        contentType: String? = nil, correlationID: String? = nil, replyTo: String? = nil, messageID: String? = nil,
+        expiration: String? = nil, deliveryMode: UInt8? = nil, headers: [String: String] = [:]
+    ) {
+        self.contentType = contentType
+        self.correlationID = correlationID
+        self.replyTo = replyTo
+        self.messageID = messageID
+        self.expiration = expiration
+        self.deliveryMode = deliveryMode
+        self.headers = headers
+    }
+}
+
+/// A message delivered to a consumer, copied out of rabbitmq-c's buffers.
+public struct AMQPMessage: Sendable {
+    /// The body.
+    public var body: [UInt8]
+    /// The properties.
+    public var properties: AMQPProperties
+    /// The delivery tag, for ack and reject on the channel it arrived on.
+    public var deliveryTag: UInt64
+    /// True when the broker delivered it before (to this or another consumer).
+    public var redelivered: Bool
+    /// The exchange it was published to.
+    public var exchange: String
+    /// Its routing key.
+    public var routingKey: String
+    /// `x-delivery-count` (quorum queues count returns), when present.
+    public var deliveryCount: Int64?
+
+    /// Creates a message (tests build them by hand).
+    public init(
+        body: [UInt8], properties: AMQPProperties = AMQPProperties(), deliveryTag: UInt64 = 0, redelivered: Bool = false,
+        exchange: String = "", routingKey: String = "", deliveryCount: Int64? = nil
+    ) {
+        self.body = body
+        self.properties = properties
+        self.deliveryTag = deliveryTag
+        self.redelivered = redelivered
+        self.exchange = exchange
+        self.routingKey = routingKey
+        self.deliveryCount = deliveryCount
+    }
+}
+
+/// A value in an AMQP argument table.
+public enum AMQPValue: Sendable, Hashable {
+    case string(String)
+    case bool(Bool)
+    case int(Int64)
+    case table([String: AMQPValue])
+}
+
+/// What became of a message published on a channel in confirm mode.
+public enum PublishOutcome: Sendable, Hashable {
+    /// The broker took responsibility for it (basic.ack).
+    case confirmed
+    /// The broker could not route a mandatory message (basic.return, then basic.ack).
+    case returned(replyCode: Int, replyText: String)
+    /// The broker refused it (basic.nack).
+    case nacked
+}

@@ -1,0 +1,124 @@
+import BatonAMQP
+import Foundation
+import Testing
+
+enum TestBroker {
+    static let urlText = ProcessInfo.processInfo.environment["BATON_AMQP_URL"] ?? "amqp://baton:baton@127.0.0.1:55672/%2F"
+
+    static func connect(_ name: String = "test") async throws -> AMQPConnection {
+        let url = try AMQPURL(urlText)
+        do {
+            return try await AMQPConnection.connect(to: url, name: name, logger: TestDatabase.logger)
+        } catch {
+            Issue.record("RabbitMQ is not reachable at \(url): run scripts/services up (\(error))")
+            throw error
+        }
+    }
+}
+
+@Suite struct AMQPTests {
+    @Test func publishConfirmConsumeAck() async throws {
+        let connection = try await TestBroker.connect()
+        let channel = try await connection.openChannel()
+        let queue = "baton.test.\(UUID().uuidString)"
+        try await channel.declareQueue(queue, durable: false, arguments: ["x-expires": .int(60_000)])
+        try await channel.enableConfirms()
+        let outcomes = try await channel.publishConfirmed((0..<300).map { index in
+            OutgoingMessage(exchange: "", routingKey: queue, body: Array("m\(index)".utf8),
+                            properties: AMQPProperties(contentType: "text/plain", correlationID: "c\(index)", messageID: "id\(index)"))
+        })
+        #expect(outcomes.count == 300 && outcomes.allSatisfy { $0 == .confirmed })
+        #expect(try await channel.inspectQueue(queue).messages == 300)
+
+        let consumer = try await connection.openChannel()
+        try await consumer.qos(prefetch: 100)
+        let (_, deliveries) = try await consumer.consume(queue: queue)
+        var received: [AMQPMessage] = []
+        while received.count < 300 {
+            let batch = try await deliveries.next(max: 64, timeout: .seconds(5))
+            #expect(!batch.isEmpty, "deliveries stalled at \(received.count)")
+            if batch.isEmpty { break }
+            received += batch
+            try await consumer.perform([.ack(deliveryTag: batch.last!.deliveryTag, multiple: true)])
+        }
+        #expect(received.map { String(decoding: $0.body, as: UTF8.self) } == (0..<300).map { "m\($0)" }, "in order")
+        #expect(received.first?.properties.correlationID == "c0")
+        #expect(received.first?.properties.contentType == "text/plain")
+        try await channel.deleteQueue(queue)
+        await connection.close()
+        #expect(await connection.closed() == nil)
+    }
+
+    @Test func unroutableMandatoryMessagesAreReturned() async throws {
+        let connection = try await TestBroker.connect()
+        let channel = try await connection.openChannel()
+        try await channel.enableConfirms()
+        let outcome = try await channel.publishConfirmed([
+            OutgoingMessage(exchange: "", routingKey: "baton.test.no-such-queue", body: [1], properties: AMQPProperties(messageID: "lost"), mandatory: true),
+        ])
+        guard case .returned(let code, _) = outcome.first else {
+            Issue.record("expected a return, got \(outcome)")
+            return
+        }
+        #expect(code == 312)
+        await connection.close()
+    }
+
+    @Test func brokerErrorsCloseTheChannelNotTheConnection() async throws {
+        let connection = try await TestBroker.connect()
+        let channel = try await connection.openChannel()
+        let error = try await #require(throws: AMQPError.self) { try await channel.inspectQueue("baton.test.missing.\(UUID().uuidString)") }
+        #expect(error.code == .channelClosed)
+        #expect(error.replyCode == 404)
+        // The connection is still usable.
+        let other = try await connection.openChannel()
+        try await other.declareExchange("baton.test.exchange", type: "fanout", durable: false)
+        await connection.close()
+    }
+
+    @Test func wrongPasswordFailsClearlyWithoutEchoingIt() async throws {
+        var url = try AMQPURL(TestBroker.urlText)
+        url.password = "definitely-wrong-pw"
+        let error = try await #require(throws: AMQPError.self) { try await AMQPConnection.connect(to: url, name: "bad") }
+        #expect(error.code == .connectionFailed)
+        #expect(!error.description.contains("definitely-wrong-pw"))
+        #expect(error.description.contains("********"))
+    }
+
+    @Test func handshakeTimeoutIsBounded() async throws {
+        // A listener that accepts TCP connections (in the kernel's backlog) but never speaks AMQP.
+        let listener = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        defer { close(listener) }
+        var address = sockaddr_in()
+        address.sin_family = sa_family_t(AF_INET)
+        address.sin_addr.s_addr = inet_addr("127.0.0.1")
+        address.sin_port = 0
+        var length = socklen_t(MemoryLayout<sockaddr_in>.size)
+        let bound = withUnsafePointer(to: &address) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(listener, $0, length) } }
+        #expect(bound == 0)
+        #expect(listen(listener, 8) == 0)
+        _ = withUnsafeMutablePointer(to: &address) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(listener, $0, &length) } }
+        let port = Int(UInt16(bigEndian: address.sin_port))
+
+        let url = try AMQPURL("amqp://u:p@127.0.0.1:\(port)/?connection_timeout=500")
+        let start = ContinuousClock.now
+        let error = try await #require(throws: AMQPError.self) { try await AMQPConnection.connect(to: url, name: "timeout") }
+        #expect(error.code == .connectionFailed)
+        #expect(ContinuousClock.now - start < .seconds(3))
+    }
+
+    @Test func consumersEndWhenTheBrokerDropsTheConnection() async throws {
+        let connection = try await TestBroker.connect("to-be-killed")
+        let channel = try await connection.openChannel()
+        let queue = "baton.test.\(UUID().uuidString)"
+        try await channel.declareQueue(queue, durable: false, arguments: ["x-expires": .int(60_000)])
+        let (_, deliveries) = try await channel.consume(queue: queue)
+        // Ask the broker to close our connection, as an operator or a failover would.
+        let admin = try await TestBroker.connect("admin")
+        _ = admin
+        try await channel.deleteQueue(queue)  // the broker cancels our consumer: basic.cancel
+        await #expect(throws: AMQPError.self) { _ = try await deliveries.next(max: 1, timeout: .seconds(5)) }
+        await admin.close()
+        await connection.close()
+    }
+}
