@@ -41,7 +41,7 @@ public enum OwnershipRules {
             }
 
         case .renew(_, let connection, let token, let lease):
-            if let live, live.connection == connection, token == state.token {
+            if let live, live.connection.exactlyEquals(connection), token == state.token {
                 next.expiresAt = now.adding(milliseconds: lease)
                 status = .renewed
             } else {
@@ -49,7 +49,7 @@ public enum OwnershipRules {
             }
 
         case .release(_, let connection, let token):
-            if let holder = state.holder, let expiresAt = state.expiresAt, holder.connection == connection, token == state.token {
+            if let holder = state.holder, let expiresAt = state.expiresAt, holder.connection.exactlyEquals(connection), token == state.token {
                 next = BufferState(holder: nil, token: state.token, expiresAt: nil)
                 changes.append(OwnershipChange(kind: .released, buffer: buffer, holder: holder, token: token, at: now, expiresAt: expiresAt))
                 let reply = Reply(requestID: request.requestID, status: .released, buffer: buffer, holder: nil, token: token, expiresAt: nil, at: now, partition: partition)
@@ -89,11 +89,11 @@ public struct PartitionState: Sendable {
     public let partition: Int
     /// The partitioner of the deployment, used to detect misrouted requests.
     public let partitioner: Partitioner
-    /// The buffers known to this state; a buffer not present has never been claimed.
-    public private(set) var buffers: [String: BufferState]
+    /// The buffers known to this state, by exact name; a buffer not present has never been claimed.
+    public private(set) var buffers: [ExactString: BufferState]
 
     /// Creates a partition state seeded with known buffers.
-    public init(partition: Int, partitioner: Partitioner, buffers: [String: BufferState] = [:]) {
+    public init(partition: Int, partitioner: Partitioner, buffers: [ExactString: BufferState] = [:]) {
         self.partition = partition
         self.partitioner = partitioner
         self.buffers = buffers
@@ -101,7 +101,7 @@ public struct PartitionState: Sendable {
 
     /// The state of `buffer` (fresh when never seen).
     public func state(of buffer: String) -> BufferState {
-        buffers[buffer] ?? .fresh
+        buffers[ExactString(buffer)] ?? .fresh
     }
 
     /// Applies one request at database time `now`, returning the reply and the ownership changes.
@@ -120,7 +120,7 @@ public struct PartitionState: Sendable {
             return (Reply.rejection(error, partition: partition, at: now), [])
         }
         let decision = OwnershipRules.decide(request, state: state(of: buffer), now: now, partition: partition)
-        if decision.state != state(of: buffer) { buffers[buffer] = decision.state }
+        if decision.state != state(of: buffer) { buffers[ExactString(buffer)] = decision.state }
         return (decision.reply, decision.changes)
     }
 
@@ -128,7 +128,7 @@ public struct PartitionState: Sendable {
     public mutating func sweep(at now: Timestamp) -> [OwnershipChange] {
         var changes: [OwnershipChange] = []
         for buffer in buffers.keys.sorted() {
-            if let (next, change) = OwnershipRules.expire(buffer: buffer, state: buffers[buffer]!, now: now) {
+            if let (next, change) = OwnershipRules.expire(buffer: buffer.string, state: buffers[buffer]!, now: now) {
                 buffers[buffer] = next
                 changes.append(change)
             }
@@ -140,9 +140,9 @@ public struct PartitionState: Sendable {
         var changes: [OwnershipChange] = []
         for buffer in buffers.keys.sorted() {
             let state = buffers[buffer]!
-            guard let holder = state.holder, let expiresAt = state.expiresAt, holder.connection == connection else { continue }
+            guard let holder = state.holder, let expiresAt = state.expiresAt, holder.connection.exactlyEquals(connection) else { continue }
             buffers[buffer] = BufferState(holder: nil, token: state.token, expiresAt: nil)
-            changes.append(OwnershipChange(kind: .released, buffer: buffer, holder: holder, token: state.token, at: now, expiresAt: expiresAt))
+            changes.append(OwnershipChange(kind: .released, buffer: buffer.string, holder: holder, token: state.token, at: now, expiresAt: expiresAt))
         }
         let reply = Reply(
             requestID: requestID, status: .releasedConnection, at: now, partition: partition,

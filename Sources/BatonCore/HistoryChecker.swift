@@ -43,11 +43,12 @@ public enum HistoryChecker {
     }
 
     /// Checks `changes` (in any order) and, when given, the final token the database shows per buffer.
-    public static func check(_ changes: [OwnershipChange], finalTokens: [String: Int64]? = nil) -> Report {
+    public static func check(_ changes: [OwnershipChange], finalTokens: [ExactString: Int64]? = nil) -> Report {
         var report = Report()
-        let byBuffer = Dictionary(grouping: changes, by: \.buffer)
-        for buffer in byBuffer.keys.sorted() {
-            let history = byBuffer[buffer]!.sorted { lhs, rhs in
+        let byBuffer = Dictionary(grouping: changes) { ExactString($0.buffer) }
+        for key in byBuffer.keys.sorted() {
+            let buffer = key.string
+            let history = byBuffer[key]!.sorted { lhs, rhs in
                 // Grants of a token come before the release or expiry of that token.
                 (lhs.token, lhs.kind == .granted ? 0 : 1, lhs.at) < (rhs.token, rhs.kind == .granted ? 0 : 1, rhs.at)
             }
@@ -102,7 +103,7 @@ public enum HistoryChecker {
                     lastClose = change
                 }
             }
-            if let finalTokens, let lastGrant, let final = finalTokens[buffer], final < lastGrant.token {
+            if let finalTokens, let lastGrant, let final = finalTokens[key], final < lastGrant.token {
                 report.violations.append(Violation(
                     kind: .tokenRegressed, buffer: buffer,
                     detail: "the database shows token \(final) after token \(lastGrant.token) was granted"

@@ -41,6 +41,16 @@ public struct Holder: Sendable, Hashable, CustomStringConvertible {
     }
 
     public var description: String { "\(user)@\(connection)" }
+
+    /// Holders are the same only when user and connection have the same bytes.
+    public static func == (lhs: Holder, rhs: Holder) -> Bool {
+        lhs.user.exactlyEquals(rhs.user) && lhs.connection.exactlyEquals(rhs.connection)
+    }
+
+    public func hash(into hasher: inout Hasher) {
+        hasher.combine(ExactString(user))
+        hasher.combine(ExactString(connection))
+    }
 }
 
 /// A validated request, as decoded from the wire.

@@ -143,21 +143,21 @@ public final class OwnershipStore: Sendable {
         try fence(session, partition: partition, epoch: epoch)
 
         // Replies already given to these request ids (a redelivery or a client retry).
-        let ids = Set(requests.map(\.requestID))
-        var stored: [String: Reply] = [:]
-        for row in try session.query(SQL.storedReplies, [String(partition), PostgresArray.text(ids.map { $0 })]).rows {
+        let ids = Set(requests.map { ExactString($0.requestID) })
+        var stored: [ExactString: Reply] = [:]
+        for row in try session.query(SQL.storedReplies, [String(partition), PostgresArray.text(ids.map(\.string))]).rows {
             guard let id = row[0], let body = row[1], let reply = try? ProtocolCodec.decodeReply(Array(body.utf8)) else {
                 // Deciding again could apply a request twice: refuse instead.
                 throw PostgresError(code: .unexpectedResult, message: "a stored reply in baton_requests for partition \(partition) cannot be decoded")
             }
-            stored[id] = reply
+            stored[ExactString(id)] = reply
         }
 
         // The rows the batch touches, and database time read after their snapshot.
-        let fresh = requests.filter { stored[$0.requestID] == nil }
-        let buffers = Set(fresh.compactMap(\.buffer))
-        let connections = Set(fresh.compactMap { request -> String? in
-            if case .releaseConnection(let connection) = request.command { return connection }
+        let fresh = requests.filter { stored[ExactString($0.requestID)] == nil }
+        let buffers = Set(fresh.compactMap { request in request.buffer.map { ExactString($0) } })
+        let connections = Set(fresh.compactMap { request -> ExactString? in
+            if case .releaseConnection(let connection) = request.command { return ExactString(connection) }
             return nil
         })
         let (now, initial, versions) = try readBuffers(session, partition: partition, buffers: buffers, connections: connections)
@@ -170,13 +170,13 @@ public final class OwnershipStore: Sendable {
         var replayed = 0
         replies.reserveCapacity(requests.count)
         for request in requests {
-            if let reply = stored[request.requestID] {
+            if let reply = stored[ExactString(request.requestID)] {
                 replies.append(reply)
                 replayed += 1
                 continue
             }
             let (reply, made) = state.apply(request, at: now)
-            stored[request.requestID] = reply
+            stored[ExactString(request.requestID)] = reply
             newRecords.append((request.requestID, reply))
             replies.append(reply)
             changes += made.map { ($0, request.requestID) }
@@ -208,8 +208,8 @@ public final class OwnershipStore: Sendable {
                         guard let now = rows.rows.first?[0].flatMap(Int64.init).map(Timestamp.init(milliseconds:)) else {
                             throw PostgresError(code: .unexpectedResult, message: "the sweep query returned no clock row")
                         }
-                        var initial: [String: BufferState] = [:]
-                        var versions: [String: Int64] = [:]
+                        var initial: [ExactString: BufferState] = [:]
+                        var versions: [ExactString: Int64] = [:]
                         for row in rows.rows where row[1] != nil {
                             let (buffer, state, version) = try Self.decodeBuffer(row)
                             initial[buffer] = state
@@ -301,16 +301,16 @@ public final class OwnershipStore: Sendable {
     }
 
     private static func readBuffers(
-        _ session: PostgresSession, partition: Int, buffers: Set<String>, connections: Set<String>
-    ) throws -> (Timestamp, [String: BufferState], [String: Int64]) {
+        _ session: PostgresSession, partition: Int, buffers: Set<ExactString>, connections: Set<ExactString>
+    ) throws -> (Timestamp, [ExactString: BufferState], [ExactString: Int64]) {
         let rows = try session.query(SQL.readBuffers, [
-            String(partition), PostgresArray.text(buffers.map { $0 }), PostgresArray.text(connections.map { $0 }),
+            String(partition), PostgresArray.text(buffers.map(\.string)), PostgresArray.text(connections.map(\.string)),
         ])
         guard let now = rows.rows.first?[0].flatMap(Int64.init) else {
             throw PostgresError(code: .unexpectedResult, message: "the read query returned no clock row")
         }
-        var states: [String: BufferState] = [:]
-        var versions: [String: Int64] = [:]
+        var states: [ExactString: BufferState] = [:]
+        var versions: [ExactString: Int64] = [:]
         for row in rows.rows where row[1] != nil {
             let (buffer, state, version) = try decodeBuffer(row)
             states[buffer] = state
@@ -320,13 +320,13 @@ public final class OwnershipStore: Sendable {
     }
 
     /// Decodes `now, buffer, holder_user, holder_connection, token, expires_ms, version`.
-    private static func decodeBuffer(_ row: [String?]) throws -> (String, BufferState, Int64) {
+    private static func decodeBuffer(_ row: [String?]) throws -> (ExactString, BufferState, Int64) {
         guard let buffer = row[1], let token = row[4].flatMap(Int64.init), let version = row[6].flatMap(Int64.init) else {
             throw PostgresError(code: .unexpectedResult, message: "malformed buffer row")
         }
         let holder: Holder? = if let user = row[2], let connection = row[3] { Holder(user: user, connection: connection) } else { nil }
         let expires = row[5].flatMap(Int64.init).map(Timestamp.init(milliseconds:))
-        return (buffer, BufferState(holder: holder, token: token, expiresAt: expires), version)
+        return (ExactString(buffer), BufferState(holder: holder, token: token, expiresAt: expires), version)
     }
 
     /// Writes changed buffers (compare-and-set), idempotency records and outbox rows in one statement.
@@ -334,8 +334,8 @@ public final class OwnershipStore: Sendable {
     /// - Returns: the outbox ids, in the order of `changes`.
     /// - Throws: ``CompareAndSetMiss`` when another writer changed a buffer or recorded a request id first.
     private static func write(
-        _ session: PostgresSession, partition: Int, now: Timestamp, writes: [String: BufferState],
-        initial: [String: BufferState], versions: [String: Int64], records: [(String, Reply)], changes: [(OwnershipChange, String?)]
+        _ session: PostgresSession, partition: Int, now: Timestamp, writes: [ExactString: BufferState],
+        initial: [ExactString: BufferState], versions: [ExactString: Int64], records: [(String, Reply)], changes: [(OwnershipChange, String?)]
     ) throws -> [Int64] {
         guard !writes.isEmpty || !records.isEmpty || !changes.isEmpty else { return [] }
         let buffers = writes.keys.sorted()  // a fixed order keeps concurrent writers from deadlocking
@@ -343,7 +343,7 @@ public final class OwnershipStore: Sendable {
         let changeList = changes.map(\.0)
         let row = try session.query(SQL.write, [
             String(partition), String(now.milliseconds),
-            PostgresArray.text(buffers),
+            PostgresArray.text(buffers.map(\.string)),
             PostgresArray.text(states.map { $0.holder?.user }),
             PostgresArray.text(states.map { $0.holder?.connection }),
             PostgresArray.integers(states.map { Optional($0.token) }),

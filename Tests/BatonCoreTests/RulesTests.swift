@@ -1,3 +1,4 @@
+import Foundation
 import BatonCore
 import Testing
 
@@ -132,6 +133,20 @@ private func request(_ command: Command, id: String = "r") -> Request { Request(
         #expect(state.state(of: "b").token == 1)
     }
 
+    @Test func canonicallyEquivalentNamesAreDifferentBuffersAndConnections() {
+        // "é" (U+00E9) and "e" + U+0301 are equal as Swift Strings but are different bytes on the wire.
+        var state = PartitionState(partition: 0, partitioner: partitioner)
+        let composed = "caf\u{E9}.rs", decomposed = "cafe\u{301}.rs"
+        #expect(composed == decomposed && !composed.exactlyEquals(decomposed))
+        #expect(state.apply(request(.claim(buffer: composed, holder: ann, leaseMilliseconds: 5000)), at: t0).reply.status == .granted)
+        let second = state.apply(request(.claim(buffer: decomposed, holder: bob, leaseMilliseconds: 5000)), at: t0).reply
+        #expect(second.status == .granted, "a different buffer")
+        #expect(state.buffers.count == 2)
+
+        #expect(Holder(user: "ann", connection: "c-\u{E1}nn") != Holder(user: "ann", connection: "c-\u{E1}nn".decomposedTwin))
+        #expect(state.apply(request(.release(buffer: composed, connection: "c-\u{E1}nn", token: 1)), at: t0).reply.status == .notOwner)
+    }
+
     @Test func misroutedRequestsChangeNothing() throws {
         let sixteen = try Partitioner(count: 16)
         var state = PartitionState(partition: 0, partitioner: sixteen)
@@ -187,4 +202,9 @@ private func request(_ command: Command, id: String = "r") -> Request { Request(
         let report = HistoryChecker.check([change(.granted, ann, token: 4, at: 0)], finalTokens: ["b": 3])
         #expect(report.violations.map(\.kind) == [.tokenRegressed])
     }
+}
+
+extension String {
+    /// The same text with U+00E1 written as "a" + U+0301 (canonically equivalent, different bytes).
+    var decomposedTwin: String { replacingOccurrences(of: "\u{E1}", with: "a\u{301}") }
 }

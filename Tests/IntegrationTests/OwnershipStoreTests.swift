@@ -143,6 +143,18 @@ func buffer(in partition: Int, count: Int = 16, prefix: String = "buf") -> Strin
         #expect(state.replies[0].holder?.connection == "c2")
     }
 
+    @Test func canonicallyEquivalentBufferNamesAreStoredApart() async throws {
+        let url = try await TestDatabase.migrated(partitions: 1)
+        let store = try await TestDatabase.store(url, partitions: 1)
+        let epoch = try await store.takePartition(0, owner: "test")
+        let result = try await store.apply([
+            .claim("caf\u{E9}.rs", user: "ann", connection: "c1"),
+            .claim("cafe\u{301}.rs", user: "bob", connection: "c2"),
+        ], partition: 0, epoch: epoch)
+        #expect(result.replies.map(\.status) == [.granted, .granted])
+        #expect(try await TestDatabase.audit(url).finalTokens.count == 2)
+    }
+
     @Test func misroutedRequestsAreAnsweredAndChangeNothing() async throws {
         let url = try await TestDatabase.migrated()
         let store = try await TestDatabase.store(url)

@@ -51,7 +51,7 @@ enum TestDatabase {
     }
 
     /// Every ownership change in the audit table, and the final token of every buffer.
-    static func audit(_ url: PostgresURL) async throws -> (changes: [OwnershipChange], finalTokens: [String: Int64]) {
+    static func audit(_ url: PostgresURL) async throws -> (changes: [OwnershipChange], finalTokens: [ExactString: Int64]) {
         let connection = try await PostgresConnection.connect(to: url, logger: logger)
         defer { Task { await connection.close() } }
         return try await connection.withSession { session in
@@ -65,9 +65,9 @@ enum TestDatabase {
                     token: Int64(row[4]!)!, at: Timestamp(milliseconds: Int64(row[5]!)!), expiresAt: Timestamp(milliseconds: Int64(row[6]!)!)
                 )
             }
-            var tokens: [String: Int64] = [:]
+            var tokens: [ExactString: Int64] = [:]
             for row in try session.query("SELECT buffer, token FROM baton_buffers").rows {
-                tokens[row[0]!] = Int64(row[1]!)!
+                tokens[ExactString(row[0]!)] = Int64(row[1]!)!
             }
             return (changes, tokens)
         }
