@@ -14,6 +14,25 @@ public enum ProtocolV1 {
     public static let bufferBytes: ClosedRange<Int> = 1...1024
     /// Allowed length of `user` and `connection`, in Unicode scalars.
     public static let nameLength: ClosedRange<Int> = 1...256
+
+    /// The direct exchange requests are published to, with routing key `<p>`.
+    public static let requestsExchange = "baton.requests"
+    /// The fanout exchange every rejected request is dead-lettered to.
+    public static let deadLetterExchange = "baton.dead-letter"
+    /// The quorum queue bound to ``deadLetterExchange``.
+    public static let deadLetterQueue = "baton.dead-letter"
+    /// The topic exchange events are published to, with routing key `<p>.<kind>`.
+    public static let eventsExchange = "baton.events"
+    /// The queue name used by RabbitMQ's direct reply-to.
+    public static let directReplyTo = "amq.rabbitmq.reply-to"
+    /// The content type of requests, replies and events.
+    public static let contentType = "application/json"
+
+    /// The request queue of partition `p`: `baton.requests.<p>`.
+    public static func requestQueue(_ partition: Int) -> String { "baton.requests.\(partition)" }
+
+    /// The routing key of an event: `<p>.<kind>`.
+    public static func eventRoutingKey(partition: Int, kind: ChangeKind) -> String { "\(partition).\(kind.rawValue)" }
 }
 
 /// The operation a request asks for.

@@ -1,1 +1,380 @@
-// The partition worker.
+import BatonAMQP
+import BatonCore
+import BatonPostgres
+import Foundation
+import Logging
+import ServiceLifecycle
+import Synchronization
+
+/// How a worker runs.
+public struct WorkerConfiguration: Sendable {
+    /// The broker.
+    public var amqpURL: AMQPURL
+    /// The database.
+    public var databaseURL: PostgresURL
+    /// The deployment's partitioner (N).
+    public var partitioner: Partitioner
+    /// The partitions this worker serves (active or standby, as the broker decides).
+    public var partitions: [Int]
+    /// Unacknowledged deliveries per partition.
+    public var prefetch: UInt16 = 256
+    /// Requests per batch (one transaction).
+    public var batchSize: Int = 256
+    /// How long to wait for more requests after the first of a batch.
+    public var linger: Duration = .milliseconds(1)
+    /// How often each partition expires leases and republishes undelivered events.
+    public var sweepInterval: Duration = .seconds(1)
+    /// How long to wait before consuming a partition again after losing it.
+    public var rejoinDelay: Duration = .seconds(2)
+    /// This worker's name in `baton_partitions.owner` and in the broker's connection list.
+    public var workerID: String
+
+    /// Creates a configuration.
+    public init(amqpURL: AMQPURL, databaseURL: PostgresURL, partitioner: Partitioner, partitions: [Int], workerID: String = Worker.defaultID()) {
+        self.amqpURL = amqpURL
+        self.databaseURL = databaseURL
+        self.partitioner = partitioner
+        self.partitions = partitions
+        self.workerID = workerID
+    }
+}
+
+/// The partition worker: for each partition it serves, it consumes requests in
+/// batches, decides them through the fenced store in one transaction, replies,
+/// acks, and publishes the committed ownership changes as events.
+///
+/// Run it in a `ServiceGroup`: on graceful shutdown it finishes the batch in hand,
+/// closes its channels (unacked messages return to their queues, in order) and returns.
+public final class Worker: Service, Sendable {
+    /// The configuration.
+    public let configuration: WorkerConfiguration
+    private let logger: Logger
+    private let stopping = Atomic<Bool>(false)
+    private let statistics = Mutex(WorkerStatistics())
+
+    /// Creates a worker.
+    public init(configuration: WorkerConfiguration, logger: Logger) {
+        self.configuration = configuration
+        var logger = logger
+        logger[metadataKey: "baton.worker"] = "\(configuration.workerID)"
+        self.logger = logger
+    }
+
+    /// A name unique to this process: host, pid and a random suffix.
+    public static func defaultID() -> String {
+        "\(ProcessInfo.processInfo.hostName)-\(ProcessInfo.processInfo.processIdentifier)-\(UInt16.random(in: 0...UInt16.max))"
+    }
+
+    /// Counters since start (for tests and logs).
+    public var stats: WorkerStatistics { statistics.withLock { $0 } }
+
+    public func run() async throws {
+        try await withGracefulShutdownHandler {
+            try await serve()
+        } onGracefulShutdown: {
+            self.stopping.store(true, ordering: .relaxed)
+        }
+    }
+
+    /// Asks the worker to stop as on SIGTERM (for embedding without a ServiceGroup).
+    public func requestStop() {
+        stopping.store(true, ordering: .relaxed)
+    }
+
+    private var isStopping: Bool { stopping.load(ordering: .relaxed) }
+
+    private func serve() async throws {
+        let stores = try await openStores()
+        defer { Task { for store in stores.values { await store.connection.close() } } }
+        var backoff = Backoff()
+        while !isStopping {
+            let connection: AMQPConnection
+            do {
+                connection = try await AMQPConnection.connect(to: configuration.amqpURL, name: "baton worker \(configuration.workerID)", logger: logger)
+                try await Topology.declare(on: connection, partitionCount: configuration.partitioner.count)
+            } catch {
+                let delay = backoff.next()
+                logger.warning("cannot reach RabbitMQ; retrying", metadata: ["baton.error": "\(error)", "baton.retry_in": "\(delay)"])
+                await sleep(delay)
+                continue
+            }
+            backoff.reset()
+            statistics.withLock { $0.connections += 1 }
+            logger.info("worker connected", metadata: [
+                "baton.amqp": "\(configuration.amqpURL)", "baton.partitions": "\(PartitionSetDescription(configuration.partitions))",
+            ])
+            await withTaskGroup(of: Void.self) { group in
+                for partition in configuration.partitions {
+                    group.addTask { await self.runPartition(partition, store: stores[partition]!, connection: connection) }
+                }
+                // Stop every runner promptly on shutdown: they finish their batch in hand and close their channel.
+                group.addTask {
+                    while !self.isStopping, connection.isOpen { await self.sleep(.milliseconds(50)) }
+                }
+                await group.next()
+                if !isStopping, connection.isOpen { await group.waitForAll() }
+                await group.waitForAll()
+            }
+            await connection.close()
+        }
+        logger.info("worker stopped")
+    }
+
+    /// One store (one PostgreSQL connection) per partition, so partitions commit in parallel.
+    private func openStores() async throws -> [Int: OwnershipStore] {
+        var stores: [Int: OwnershipStore] = [:]
+        var backoff = Backoff()
+        for partition in configuration.partitions {
+            while stores[partition] == nil {
+                do {
+                    let connection = try await PostgresConnection.connect(
+                        to: configuration.databaseURL,
+                        options: PostgresConnectionOptions(applicationName: "baton worker p\(partition)"), logger: logger
+                    )
+                    stores[partition] = try await OwnershipStore.open(connection: connection, partitioner: configuration.partitioner, logger: logger)
+                } catch let error as SchemaError {
+                    throw error
+                } catch {
+                    if isStopping { throw error }
+                    let delay = backoff.next()
+                    logger.warning("cannot reach PostgreSQL; retrying", metadata: ["baton.error": "\(error)", "baton.retry_in": "\(delay)"])
+                    await sleep(delay)
+                }
+            }
+        }
+        return stores
+    }
+
+    // MARK: - One partition
+
+    private enum RunnerExit: Error {
+        case ownershipLost
+        case connectionLost
+    }
+
+    private func runPartition(_ partition: Int, store: OwnershipStore, connection: AMQPConnection) async {
+        var logger = self.logger
+        logger[metadataKey: "baton.partition"] = "\(partition)"
+        while !isStopping, connection.isOpen {
+            let runner = PartitionRunner(partition: partition, store: store, configuration: configuration, logger: logger, worker: self)
+            do {
+                try await runner.run(on: connection)
+            } catch RunnerExit.ownershipLost {
+                statistics.withLock { $0.fenceLosses += 1 }
+                logger.warning("partition ownership lost: stopped consuming; will rejoin as a standby", metadata: ["baton.rejoin_in": "\(configuration.rejoinDelay)"])
+                await sleep(configuration.rejoinDelay)
+            } catch {
+                if connection.isOpen, !isStopping {
+                    logger.warning("partition runner failed; restarting it", metadata: ["baton.error": "\(error)"])
+                    await sleep(.milliseconds(500))
+                }
+            }
+        }
+    }
+
+    /// Sleeps, returning early when the worker stops.
+    func sleep(_ duration: Duration) async {
+        let deadline = ContinuousClock.now + duration
+        while !isStopping, ContinuousClock.now < deadline {
+            try? await Task.sleep(for: min(.milliseconds(50), deadline - ContinuousClock.now))
+        }
+    }
+
+    /// Consumes one partition until the worker stops, the channel dies, or the partition is taken by another worker.
+    private struct PartitionRunner {
+        let partition: Int
+        let store: OwnershipStore
+        let configuration: WorkerConfiguration
+        var logger: Logger
+        let worker: Worker
+
+        func run(on connection: AMQPConnection) async throws {
+            let channel = try await connection.openChannel()
+            do {
+                try await channel.enableConfirms()
+                try await channel.qos(prefetch: configuration.prefetch)
+                let (_, deliveries) = try await channel.consume(queue: ProtocolV1.requestQueue(partition))
+                try await loop(channel: channel, deliveries: deliveries)
+            } catch {
+                await channel.close()
+                throw error
+            }
+            await channel.close()
+        }
+
+        private func loop(channel: AMQPChannel, deliveries: DeliveryQueue) async throws {
+            var epoch: Int64?
+            var logger = self.logger
+            var nextSweep = ContinuousClock.now + configuration.sweepInterval
+            while !worker.isStopping {
+                let wait = max(.milliseconds(1), min(nextSweep - ContinuousClock.now, .milliseconds(100)))
+                var batch = try await deliveries.next(max: configuration.batchSize, timeout: wait)
+                if !batch.isEmpty {
+                    if batch.count < configuration.batchSize {
+                        try? await Task.sleep(for: configuration.linger)
+                        batch += deliveries.takeAvailable(max: configuration.batchSize - batch.count)
+                    }
+                    if epoch == nil {
+                        // We are the active consumer: take the partition, fencing out any previous owner.
+                        let taken = try await retryingDatabase { try await store.takePartition(partition, owner: configuration.workerID) }
+                        guard let taken else { return }
+                        epoch = taken
+                        logger[metadataKey: "baton.epoch"] = "\(taken)"
+                        logger.info("took partition")
+                    }
+                    guard try await process(batch, epoch: epoch!, channel: channel, logger: logger) else { return }
+                }
+                if let epoch, ContinuousClock.now >= nextSweep {
+                    nextSweep = ContinuousClock.now + configuration.sweepInterval
+                    try await sweep(epoch: epoch, channel: channel, logger: logger)
+                }
+            }
+        }
+
+        /// Runs a database call, retrying with backoff while PostgreSQL is unavailable.
+        /// Returns nil when the worker stops first; rethrows a lost fence.
+        private func retryingDatabase<T: Sendable>(_ call: () async throws -> T) async throws -> T? {
+            var backoff = Backoff(initial: .milliseconds(100), maximum: .seconds(3))
+            while true {
+                do {
+                    return try await call()
+                } catch let error as StoreError where error.code == .partitionOwnershipLost {
+                    throw RunnerExit.ownershipLost
+                } catch let error as SchemaError {
+                    throw error
+                } catch {
+                    if worker.isStopping { return nil }
+                    let delay = backoff.next()
+                    logger.warning("database call failed; holding the batch unacked and retrying", metadata: [
+                        "baton.error": "\(error)", "baton.retry_in": "\(delay)",
+                    ])
+                    worker.statistics.withLock { $0.databaseRetries += 1 }
+                    await worker.sleep(delay)
+                }
+            }
+        }
+
+        /// Decides one batch and answers it. Returns false when the worker stopped before the batch committed.
+        private func process(_ batch: [AMQPMessage], epoch: Int64, channel: AMQPChannel, logger: Logger) async throws -> Bool {
+            var requests: [Request] = []
+            var requestMessages: [AMQPMessage] = []
+            var actions: [ChannelAction] = []
+            var rejected = 0
+            for message in batch {
+                do {
+                    requests.append(try ProtocolCodec.decodeRequest(message.body))
+                    requestMessages.append(message)
+                } catch {
+                    // Malformed: answer if we can, then dead-letter it. It never reaches the database.
+                    logger.notice("rejected a malformed request", metadata: [
+                        "baton.error_code": "\(error.code)", "baton.request_id": "\(error.requestID ?? "-")", "baton.reason": "\(error.message)",
+                    ])
+                    if let reply = replyMessage(Reply.rejection(error, partition: partition, at: nil), to: message) { actions.append(.publish(reply)) }
+                    actions.append(.reject(deliveryTag: message.deliveryTag, requeue: false))
+                    rejected += 1
+                }
+            }
+            var result: BatchResult?
+            if !requests.isEmpty {
+                result = try await retryingDatabase { try await store.apply(requests, partition: partition, epoch: epoch) }
+                guard result != nil else { return false }
+            }
+            var lastAck: UInt64?
+            for (message, reply) in zip(requestMessages, result?.replies ?? []) {
+                if let answer = replyMessage(reply, to: message) { actions.append(.publish(answer)) }
+                if reply.status == .error {
+                    logger.notice("rejected a request", metadata: ["baton.request_id": "\(reply.requestID ?? "-")", "baton.reason": "\(reply.error?.message ?? "")"])
+                    actions.append(.reject(deliveryTag: message.deliveryTag, requeue: false))
+                    rejected += 1
+                } else {
+                    lastAck = max(lastAck ?? 0, message.deliveryTag)
+                }
+            }
+            // Rejections go first: the closing multiple-ack then covers exactly the accepted ones.
+            if let lastAck { actions.append(.ack(deliveryTag: lastAck, multiple: true)) }
+            try await channel.perform(actions)
+            worker.statistics.withLock {
+                $0.requests += requests.count
+                $0.rejected += rejected
+                $0.batches += 1
+            }
+            if let changes = result?.changes, !changes.isEmpty {
+                await publishEvents(changes, channel: channel, logger: logger)
+            }
+            return true
+        }
+
+        private func replyMessage(_ reply: Reply, to message: AMQPMessage) -> OutgoingMessage? {
+            guard let replyTo = message.properties.replyTo, !replyTo.isEmpty else { return nil }
+            return OutgoingMessage(
+                exchange: "", routingKey: replyTo, body: ProtocolCodec.encode(reply),
+                properties: AMQPProperties(contentType: ProtocolV1.contentType, correlationID: message.properties.correlationID),
+                mandatory: false
+            )
+        }
+
+        /// Publishes committed changes with confirms and marks them delivered; failures leave them for the next sweep.
+        private func publishEvents(_ entries: [OutboxEntry], channel: AMQPChannel, logger: Logger) async {
+            let messages = entries.map { entry in
+                OutgoingMessage(
+                    exchange: ProtocolV1.eventsExchange,
+                    routingKey: ProtocolV1.eventRoutingKey(partition: partition, kind: entry.change.kind),
+                    body: ProtocolCodec.encodeEvent(entry.change),
+                    properties: AMQPProperties(contentType: ProtocolV1.contentType, messageID: String(entry.id), deliveryMode: 2)
+                )
+            }
+            do {
+                let outcomes = try await channel.publishConfirmed(messages)
+                let delivered = zip(entries, outcomes).filter { $0.1 != .nacked }.map(\.0.id)
+                try await store.markDelivered(delivered)
+                worker.statistics.withLock { $0.events += delivered.count }
+            } catch {
+                logger.warning("publishing events failed; they stay in the outbox for the next sweep", metadata: ["baton.error": "\(error)"])
+            }
+        }
+
+        private func sweep(epoch: Int64, channel: AMQPChannel, logger: Logger) async throws {
+            do {
+                let expired = try await store.sweep(partition: partition, epoch: epoch)
+                let backlog = try await store.undelivered(partition: partition, limit: 1000)
+                if !backlog.isEmpty { await publishEvents(backlog, channel: channel, logger: logger) }
+                if !expired.isEmpty {
+                    worker.statistics.withLock { $0.expired += expired.count }
+                    logger.debug("expired leases", metadata: ["baton.count": "\(expired.count)"])
+                }
+            } catch let error as StoreError where error.code == .partitionOwnershipLost {
+                throw RunnerExit.ownershipLost
+            } catch {
+                logger.warning("lease sweep failed; will retry", metadata: ["baton.error": "\(error)"])
+            }
+        }
+    }
+}
+
+/// Counters a worker keeps.
+public struct WorkerStatistics: Sendable {
+    /// Requests decided (valid ones).
+    public var requests = 0
+    /// Requests rejected (malformed or misrouted) and dead-lettered.
+    public var rejected = 0
+    /// Batches committed.
+    public var batches = 0
+    /// Events published and marked delivered.
+    public var events = 0
+    /// Leases expired by sweeps.
+    public var expired = 0
+    /// Times a partition's fence was lost.
+    public var fenceLosses = 0
+    /// Database calls retried.
+    public var databaseRetries = 0
+    /// AMQP connections made.
+    public var connections = 0
+}
+
+struct PartitionSetDescription: CustomStringConvertible {
+    let partitions: [Int]
+    init(_ partitions: [Int]) { self.partitions = partitions }
+    var description: String {
+        (try? PartitionSet(parsing: partitions.map(String.init).joined(separator: ","), count: (partitions.max() ?? 0) + 1).description) ?? "\(partitions)"
+    }
+}

@@ -1,0 +1,418 @@
+import BatonAMQP
+import BatonCore
+import Foundation
+import Logging
+import Synchronization
+
+/// How a client talks to Baton.
+public struct BatonClientConfiguration: Sendable {
+    /// The broker.
+    public var amqpURL: AMQPURL
+    /// The deployment's partitioner (N): requests are routed with it, and release_connection goes to all N.
+    public var partitioner: Partitioner
+    /// How long one call may take in all, retries included (default 5 s).
+    public var timeout: Duration = .seconds(5)
+    /// How long to wait for a reply before publishing the request again with the same `request_id` (default 1.5 s).
+    public var resendAfter: Duration = .milliseconds(1500)
+    /// A name for the connection in the broker's list.
+    public var name: String = "baton client"
+
+    /// Creates a configuration.
+    public init(amqpURL: AMQPURL, partitioner: Partitioner) {
+        self.amqpURL = amqpURL
+        self.partitioner = partitioner
+    }
+}
+
+/// A failed call.
+public struct BatonClientError: Error, Sendable, CustomStringConvertible {
+    /// What kind of failure; extensible.
+    public struct Code: Hashable, Sendable, CustomStringConvertible {
+        private let name: String
+        private init(_ name: String) { self.name = name }
+        /// No reply within the timeout (the worker side may be down); retrying with the same request id is safe.
+        public static let timeout = Code("timeout")
+        /// The broker could not route the request: the partition's queue does not exist (run `baton topology` or start a worker).
+        public static let unroutable = Code("unroutable")
+        /// The worker rejected the request (see ``BatonClientError/errorCode``).
+        public static let rejected = Code("rejected")
+        /// The reply could not be read.
+        public static let badReply = Code("bad reply")
+        /// The client was closed.
+        public static let closed = Code("closed")
+        public var description: String { name }
+    }
+
+    /// What kind of failure.
+    public var code: Code
+    /// A message for a person.
+    public var message: String
+    /// The request id, to retry with.
+    public var requestID: String?
+    /// For ``Code/rejected``: the protocol error code.
+    public var errorCode: ErrorCode?
+
+    public var description: String { "\(code): \(message)" }
+}
+
+/// A lease you hold.
+public struct Lease: Sendable, Hashable {
+    /// The buffer.
+    public var buffer: String
+    /// The fencing token: store it with the buffer and reject writes carrying an older one.
+    public var token: Int64
+    /// When the lease ends unless renewed (database time).
+    public var expiresAt: Timestamp
+    /// When it was decided (database time).
+    public var at: Timestamp
+    /// The partition that decided.
+    public var partition: Int
+}
+
+/// Someone else's live lease, as a denial reports it.
+public struct Holding: Sendable, Hashable {
+    /// Who holds it.
+    public var holder: Holder
+    /// Their token.
+    public var token: Int64
+    /// When their lease ends.
+    public var expiresAt: Timestamp?
+}
+
+/// The answer to a claim.
+public enum ClaimResult: Sendable, Hashable {
+    /// You hold the buffer (newly, or your existing lease was extended with the same token).
+    case granted(Lease)
+    /// Someone else holds it.
+    case denied(Holding)
+}
+
+/// The answer to a renew.
+public enum RenewResult: Sendable, Hashable {
+    /// Your lease was extended.
+    case renewed(Lease)
+    /// Your lease is gone (expired, released, or the token is not the current one); `current` is the live holder if any.
+    case notOwner(current: Holding?)
+}
+
+/// The answer to a release.
+public enum ReleaseResult: Sendable, Hashable {
+    /// The buffer is free; `token` was the released lease's.
+    case released(token: Int64)
+    /// Connection and token did not match the holder's.
+    case notOwner(current: Holding?)
+}
+
+/// The state of a buffer.
+public struct BufferStatus: Sendable, Hashable {
+    /// The live holder, or nil.
+    public var holder: Holding?
+    /// The last token issued (0 if never claimed).
+    public var lastToken: Int64
+    /// The database time of the answer.
+    public var at: Timestamp
+}
+
+/// What a collab frontend links: typed calls over RabbitMQ RPC (direct reply-to).
+///
+/// Many calls may be in flight on one connection. Each call has a timeout
+/// (``BatonClientConfiguration/timeout``); while it waits, the request is published
+/// again with the same `request_id` (the worker answers a repeat from its idempotency
+/// record), and a lost connection is re-established with backoff.
+public final class BatonClient: Sendable {
+    /// The configuration.
+    public let configuration: BatonClientConfiguration
+    private let logger: Logger
+    private let state = Mutex(ClientState())
+
+    private struct ClientState {
+        var link: Link?
+        var connecting: Task<Link, any Error>?
+        var pending: [String: PendingCall] = [:]
+        var closed = false
+    }
+
+    /// One connection with its RPC channel.
+    private struct Link: Sendable {
+        let connection: AMQPConnection
+        let channel: AMQPChannel
+    }
+
+    /// One published request waiting for its reply (or a timeout).
+    private final class PendingCall: Sendable {
+        private struct State {
+            var result: Result<Reply, BatonClientError>?
+            var waiter: CheckedContinuation<Result<Reply, BatonClientError>?, Never>?
+        }
+
+        private let state = Mutex(State())
+
+        func resolve(_ value: Result<Reply, BatonClientError>) {
+            let waiter = state.withLock { state -> CheckedContinuation<Result<Reply, BatonClientError>?, Never>? in
+                guard state.result == nil else { return nil }
+                state.result = value
+                defer { state.waiter = nil }
+                return state.waiter
+            }
+            waiter?.resume(returning: value)
+        }
+
+        /// The result, or nil if none arrived by `deadline`.
+        func wait(until deadline: ContinuousClock.Instant) async -> Result<Reply, BatonClientError>? {
+            let timer = Task { [weak self] in
+                try? await Task.sleep(until: deadline)
+                self?.expire()
+            }
+            defer { timer.cancel() }
+            return await withCheckedContinuation { continuation in
+                let ready = state.withLock { state -> Result<Reply, BatonClientError>?? in
+                    if let value = state.result { return .some(value) }
+                    state.waiter = continuation
+                    return .none
+                }
+                if let ready { continuation.resume(returning: ready) }
+            }
+        }
+
+        private func expire() {
+            let waiter = state.withLock { state -> CheckedContinuation<Result<Reply, BatonClientError>?, Never>? in
+                defer { state.waiter = nil }
+                return state.waiter
+            }
+            waiter?.resume(returning: nil)
+        }
+    }
+
+    /// Creates a client; it connects on first use.
+    public init(configuration: BatonClientConfiguration, logger: Logger = Logger(label: "baton.client")) {
+        self.configuration = configuration
+        self.logger = logger
+    }
+
+    // MARK: - Typed calls
+
+    /// Claims `buffer` for `user` on `connection` for `lease` (1 s to 1 h).
+    public func claim(_ buffer: String, user: String, connection: String, lease: Duration = .seconds(30), requestID: String = UUID().uuidString) async throws -> ClaimResult {
+        let reply = try await call(Request(requestID: requestID, command: .claim(buffer: buffer, holder: Holder(user: user, connection: connection), leaseMilliseconds: Self.milliseconds(lease))))
+        switch reply.status {
+        case .granted: return .granted(try makeLease(from: reply))
+        case .denied: return .denied(try holding(from: reply) ?? { throw bad(reply) }())
+        default: throw bad(reply)
+        }
+    }
+
+    /// Extends your lease on `buffer` (connection and token must match the live holder's).
+    public func renew(_ buffer: String, connection: String, token: Int64, lease: Duration = .seconds(30), requestID: String = UUID().uuidString) async throws -> RenewResult {
+        let reply = try await call(Request(requestID: requestID, command: .renew(buffer: buffer, connection: connection, token: token, leaseMilliseconds: Self.milliseconds(lease))))
+        switch reply.status {
+        case .renewed: return .renewed(try makeLease(from: reply))
+        case .notOwner: return .notOwner(current: try holding(from: reply))
+        default: throw bad(reply)
+        }
+    }
+
+    /// Releases your lease on `buffer` (expired or not).
+    public func release(_ buffer: String, connection: String, token: Int64, requestID: String = UUID().uuidString) async throws -> ReleaseResult {
+        let reply = try await call(Request(requestID: requestID, command: .release(buffer: buffer, connection: connection, token: token)))
+        switch reply.status {
+        case .released: return .released(token: reply.token ?? token)
+        case .notOwner: return .notOwner(current: try holding(from: reply))
+        default: throw bad(reply)
+        }
+    }
+
+    /// Reads the state of `buffer`.
+    public func inspect(_ buffer: String, requestID: String = UUID().uuidString) async throws -> BufferStatus {
+        let reply = try await call(Request(requestID: requestID, command: .inspect(buffer: buffer)))
+        guard reply.status == .state, let at = reply.at else { throw bad(reply) }
+        return BufferStatus(holder: try holding(from: reply), lastToken: reply.token ?? 0, at: at)
+    }
+
+    /// Releases every buffer held by `connection`: broadcast to all N partitions with one request id, answers merged.
+    ///
+    /// - Returns: the released buffers, sorted.
+    public func releaseConnection(_ connection: String, requestID: String = UUID().uuidString) async throws -> [String] {
+        let request = Request(requestID: requestID, command: .releaseConnection(connection: connection))
+        return try await withThrowingTaskGroup(of: [String].self) { group in
+            for partition in 0..<configuration.partitioner.count {
+                group.addTask {
+                    let reply = try await self.call(request, partition: partition)
+                    guard reply.status == .releasedConnection else { throw self.bad(reply) }
+                    return reply.buffers ?? []
+                }
+            }
+            return try await group.reduce(into: []) { $0 += $1 }.sorted { ExactString($0) < ExactString($1) }
+        }
+    }
+
+    /// Sends a request and returns the raw reply (status `error` becomes ``BatonClientError/Code/rejected``).
+    public func call(_ request: Request, partition explicit: Int? = nil) async throws -> Reply {
+        let partition = explicit ?? configuration.partitioner.partition(of: request.buffer ?? "")
+        let body = ProtocolCodec.encode(request)
+        let deadline = ContinuousClock.now + configuration.timeout
+        var backoff = Backoff(initial: .milliseconds(50), maximum: .seconds(1))
+        var attempts = 0
+        while ContinuousClock.now < deadline {
+            attempts += 1
+            let correlationID = UUID().uuidString
+            let pending = PendingCall()
+            let registered = state.withLock { state -> Bool in
+                guard !state.closed else { return false }
+                state.pending[correlationID] = pending
+                return true
+            }
+            guard registered else { throw BatonClientError(code: .closed, message: "the client is closed", requestID: request.requestID) }
+            defer { _ = state.withLock { $0.pending.removeValue(forKey: correlationID) } }
+            do {
+                let link = try await currentLink()
+                try await link.channel.publish(OutgoingMessage(
+                    exchange: ProtocolV1.requestsExchange, routingKey: String(partition), body: body,
+                    properties: AMQPProperties(
+                        contentType: ProtocolV1.contentType, correlationID: correlationID, replyTo: ProtocolV1.directReplyTo,
+                        messageID: correlationID, deliveryMode: 2
+                    ),
+                    mandatory: true
+                ))
+            } catch let error as BatonClientError {
+                throw error
+            } catch {
+                logger.debug("publishing failed; reconnecting", metadata: ["baton.error": "\(error)"])
+                dropLink()
+                try? await Task.sleep(for: min(backoff.next(), deadline - ContinuousClock.now))
+                continue
+            }
+            let waitUntil = min(deadline, ContinuousClock.now + configuration.resendAfter)
+            switch await pending.wait(until: waitUntil) {
+            case .success(let reply)?:
+                if reply.status == .error {
+                    throw BatonClientError(code: .rejected, message: reply.error?.message ?? "rejected", requestID: request.requestID, errorCode: reply.error?.code)
+                }
+                return reply
+            case .failure(let error)?:
+                throw BatonClientError(code: error.code, message: error.message, requestID: request.requestID, errorCode: error.errorCode)
+            case nil:
+                continue  // no reply yet: publish again with the same request id
+            }
+        }
+        throw BatonClientError(
+            code: .timeout,
+            message: "no reply to \(request.operation) '\(request.buffer ?? "")' (request_id \(request.requestID)) within \(configuration.timeout) after \(attempts) attempts: is a worker serving partition \(partition)? Retrying with the same request_id is safe",
+            requestID: request.requestID
+        )
+    }
+
+    /// Closes the connection; calls in flight fail with ``BatonClientError/Code/closed``.
+    public func close() async {
+        let (link, pending) = state.withLock { state -> (Link?, [PendingCall]) in
+            state.closed = true
+            defer { state.link = nil; state.pending.removeAll() }
+            return (state.link, Array(state.pending.values))
+        }
+        for call in pending { call.resolve(.failure(BatonClientError(code: .closed, message: "the client was closed"))) }
+        await link?.connection.close()
+    }
+
+    // MARK: - Connection
+
+    private func currentLink() async throws -> Link {
+        let task = state.withLock { state -> Task<Link, any Error>? in
+            if state.link != nil { return nil }
+            if let connecting = state.connecting { return connecting }
+            let task = Task { try await self.connect() }
+            state.connecting = task
+            return task
+        }
+        if let link = state.withLock({ $0.link }), task == nil { return link }
+        guard let task else { return try await currentLink() }
+        do {
+            let link = try await task.value
+            state.withLock { state in
+                state.link = link
+                state.connecting = nil
+            }
+            return link
+        } catch {
+            state.withLock { $0.connecting = nil }
+            throw error
+        }
+    }
+
+    private func dropLink() {
+        let link = state.withLock { state -> Link? in
+            defer { state.link = nil }
+            return state.link
+        }
+        if let link { Task { await link.connection.close() } }
+    }
+
+    private func connect() async throws -> Link {
+        let connection = try await AMQPConnection.connect(to: configuration.amqpURL, name: configuration.name, logger: logger)
+        let channel = try await connection.openChannel()
+        let (_, replies) = try await channel.consume(queue: ProtocolV1.directReplyTo, noAck: true)
+        try await channel.onReturn { [weak self] messageID, code, text in
+            guard let self, let messageID else { return }
+            let call = self.state.withLock { $0.pending[messageID] }
+            call?.resolve(.failure(BatonClientError(
+                code: .unroutable,
+                message: "the broker could not route the request (\(code) \(text)): the partition's queue does not exist; run 'baton topology' or start a worker"
+            )))
+        }
+        let link = Link(connection: connection, channel: channel)
+        Task { await self.dispatchReplies(replies, link: link) }
+        logger.debug("client connected", metadata: ["baton.amqp": "\(configuration.amqpURL)"])
+        return link
+    }
+
+    private func dispatchReplies(_ replies: DeliveryQueue, link: Link) async {
+        while true {
+            let batch: [AMQPMessage]
+            do {
+                batch = try await replies.next(max: 256, timeout: .seconds(3600))
+            } catch {
+                // The connection ended: the next call reconnects.
+                state.withLock { state in
+                    if state.link?.connection === link.connection { state.link = nil }
+                }
+                return
+            }
+            if batch.isEmpty {
+                if !link.connection.isOpen { return }
+                continue
+            }
+            for message in batch {
+                guard let correlationID = message.properties.correlationID,
+                      let call = state.withLock({ $0.pending[correlationID] })
+                else { continue }  // a late answer to a call that already returned
+                do {
+                    call.resolve(.success(try ProtocolCodec.decodeReply(message.body)))
+                } catch {
+                    call.resolve(.failure(BatonClientError(code: .badReply, message: "the reply could not be decoded: \(error)")))
+                }
+            }
+        }
+    }
+
+    // MARK: - Helpers
+
+    private static func milliseconds(_ duration: Duration) -> Int64 {
+        let (seconds, attoseconds) = duration.components
+        return seconds * 1000 + attoseconds / 1_000_000_000_000_000
+    }
+
+    private func makeLease(from reply: Reply) throws -> Lease {
+        guard let buffer = reply.buffer, let token = reply.token, let expiresAt = reply.expiresAt, let at = reply.at, let partition = reply.partition else {
+            throw bad(reply)
+        }
+        return Lease(buffer: buffer, token: token, expiresAt: expiresAt, at: at, partition: partition)
+    }
+
+    private func holding(from reply: Reply) throws -> Holding? {
+        guard let holder = reply.holder else { return nil }
+        guard let token = reply.token else { throw bad(reply) }
+        return Holding(holder: holder, token: token, expiresAt: reply.expiresAt)
+    }
+
+    private func bad(_ reply: Reply) -> BatonClientError {
+        BatonClientError(code: .badReply, message: "unexpected reply status '\(reply.status)' for request \(reply.requestID ?? "-")", requestID: reply.requestID)
+    }
+}
