@@ -1,6 +1,7 @@
 import ArgumentParser
 import BatonCore
 import BatonPostgres
+import BatonAMQP
 import Foundation
 import Logging
 
@@ -9,7 +10,10 @@ struct Baton: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "baton",
         abstract: "Race-free ownership of shared editor buffers, decided per partition and fenced in PostgreSQL.",
-        subcommands: [Migrate.self, Status.self, BenchStore.self]
+        subcommands: [
+            WorkerCommand.self, Migrate.self, Topology.self, Claim.self, Renew.self, Release.self, Inspect.self,
+            ReleaseConnection.self, Demo.self, Status.self, BenchStore.self,
+        ]
     )
 }
 
@@ -100,5 +104,29 @@ struct Migrate: AsyncParsableCommand {
         } else {
             print("applied migrations \(applied.map(String.init).joined(separator: ", ")) (\(partitioner.count) partitions) at \(url)")
         }
+    }
+}
+
+/// Settings of commands that talk to RabbitMQ.
+struct BrokerOptions: ParsableArguments {
+    static let defaultAMQPURL = "amqp://baton:baton@127.0.0.1:55672/%2F"
+
+    @Option(name: .customLong("amqp-url"), help: ArgumentHelp(
+        "RabbitMQ URL, amqp:// or amqps:// (env BATON_AMQP_URL; default \(AMQPURL.redact(defaultAMQPURL))).",
+        valueName: "url"
+    ))
+    var amqpURLFlag: String?
+
+    func amqpURL() throws -> AMQPURL {
+        let text = amqpURLFlag ?? ProcessInfo.processInfo.environment["BATON_AMQP_URL"] ?? Self.defaultAMQPURL
+        do {
+            return try AMQPURL(text)
+        } catch {
+            throw ValidationError(error.message)
+        }
+    }
+
+    func validate() throws {
+        _ = try amqpURL()
     }
 }

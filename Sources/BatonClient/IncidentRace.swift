@@ -1,0 +1,104 @@
+import BatonCore
+import Foundation
+
+/// The incident as a repeatable race: in each round two users open the same new
+/// buffer within `spread` of each other. Used by `baton demo` and the tests.
+public struct IncidentRace: Sendable {
+    /// The outcome of a run.
+    public struct Result: Sendable, CustomStringConvertible {
+        /// Rounds run.
+        public var rounds = 0
+        /// Claims granted (exactly one per round when nothing is wrong).
+        public var grants = 0
+        /// Rounds in which both users were granted.
+        public var doubleGrants = 0
+        /// Rounds in which nobody was granted (an error or timeout).
+        public var emptyRounds = 0
+        /// Claims that failed with an error.
+        public var errors = 0
+        /// Every claim's latency.
+        public var latencies: [Duration] = []
+
+        /// The latency at quantile `q` (0...1), in milliseconds.
+        public func percentile(_ q: Double) -> Double {
+            guard !latencies.isEmpty else { return 0 }
+            let sorted = latencies.sorted()
+            let index = min(sorted.count - 1, Int((Double(sorted.count) * q).rounded(.up)) - 1)
+            let (seconds, attoseconds) = sorted[max(0, index)].components
+            return Double(seconds) * 1000 + Double(attoseconds) / 1e15
+        }
+
+        /// The machine-readable summary line.
+        public var description: String {
+            "rounds=\(rounds) grants=\(grants) double_grants=\(doubleGrants) p50_ms=\(String(format: "%.2f", percentile(0.5))) p99_ms=\(String(format: "%.2f", percentile(0.99)))"
+        }
+    }
+
+    /// Rounds to run.
+    public var rounds: Int
+    /// The largest gap between the two users' claims.
+    public var spread: Duration
+    /// Rounds in flight at once.
+    public var concurrency: Int
+
+    /// Creates a race.
+    public init(rounds: Int = 1000, spread: Duration = .milliseconds(100), concurrency: Int = 32) {
+        self.rounds = rounds
+        self.spread = spread
+        self.concurrency = concurrency
+    }
+
+    /// Runs the race. `claim(user, buffer)` returns true when that user was granted the buffer.
+    public func run(
+        buffer: @escaping @Sendable (Int) -> String,
+        claim: @escaping @Sendable (_ user: Int, _ buffer: String) async throws -> Bool,
+        progress: (@Sendable (Int) -> Void)? = nil
+    ) async -> Result {
+        var result = Result()
+        let spreadMicroseconds = max(1, Int(spread.components.seconds * 1_000_000 + spread.components.attoseconds / 1_000_000_000_000))
+        await withTaskGroup(of: (granted: Int, errors: Int, latencies: [Duration]).self) { group in
+            var next = 0
+            func startRound() {
+                let round = next
+                next += 1
+                let name = buffer(round)
+                let delay = Duration.microseconds(Int.random(in: 0...spreadMicroseconds))
+                let first = Int.random(in: 0...1)
+                group.addTask {
+                    await withTaskGroup(of: (Bool?, Duration).self) { pair in
+                        for user in 0...1 {
+                            pair.addTask {
+                                if user != first { try? await Task.sleep(for: delay) }
+                                let start = ContinuousClock.now
+                                let granted = try? await claim(user, name)
+                                return (granted, ContinuousClock.now - start)
+                            }
+                        }
+                        var outcome = (granted: 0, errors: 0, latencies: [Duration]())
+                        for await (granted, latency) in pair {
+                            outcome.latencies.append(latency)
+                            switch granted {
+                            case true?: outcome.granted += 1
+                            case false?: break
+                            case nil: outcome.errors += 1
+                            }
+                        }
+                        return outcome
+                    }
+                }
+            }
+            for _ in 0..<min(concurrency, rounds) { startRound() }
+            for await round in group {
+                result.rounds += 1
+                result.grants += round.granted
+                result.errors += round.errors
+                result.latencies += round.latencies
+                if round.granted > 1 { result.doubleGrants += 1 }
+                if round.granted == 0 { result.emptyRounds += 1 }
+                progress?(result.rounds)
+                if next < rounds { startRound() }
+            }
+        }
+        return result
+    }
+}

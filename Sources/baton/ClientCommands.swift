@@ -1,0 +1,160 @@
+import ArgumentParser
+import BatonAMQP
+import BatonClient
+import BatonCore
+import Foundation
+import Logging
+
+/// Options of the commands that send one request.
+struct ClientOptions: ParsableArguments {
+    @OptionGroup var database: DatabaseOptions
+    @OptionGroup var broker: BrokerOptions
+
+    @Flag(help: "Print the reply as JSON (the protocol's reply body).")
+    var json = false
+
+    @Option(name: .customLong("timeout-ms"), help: "How long to wait for the reply, retries included, 100-600000 (default 5000).")
+    var timeoutMilliseconds = 5000
+
+    @Option(name: .customLong("request-id"), help: "The request id (default: a new UUID). Reuse one to retry safely.")
+    var requestID: String?
+
+    func validate() throws {
+        guard (100...600_000).contains(timeoutMilliseconds) else {
+            throw ValidationError("--timeout-ms \(timeoutMilliseconds) is not allowed: use 100 to 600000")
+        }
+    }
+
+    func client() throws -> BatonClient {
+        var configuration = BatonClientConfiguration(amqpURL: try broker.amqpURL(), partitioner: try database.partitioner())
+        configuration.timeout = .milliseconds(timeoutMilliseconds)
+        configuration.name = "baton cli"
+        return BatonClient(configuration: configuration, logger: try database.logger("baton.client"))
+    }
+
+    /// Sends `command`, prints the reply, and exits 0 (success), 1 (denied / not owner) or 2 (error).
+    func send(_ command: Command) async throws {
+        let client = try client()
+        let request = Request(requestID: requestID ?? UUID().uuidString, command: command)
+        do {
+            let reply: Reply
+            if case .releaseConnection(let connection) = command {
+                let buffers = try await client.releaseConnection(connection, requestID: request.requestID)
+                reply = Reply(requestID: request.requestID, status: .releasedConnection, buffers: buffers)
+            } else {
+                reply = try await client.call(request)
+            }
+            await client.close()
+            print(json ? String(decoding: ProtocolCodec.encode(reply), as: UTF8.self) : Self.describe(reply))
+            switch reply.status {
+            case .denied, .notOwner: throw ExitCode(1)
+            default: return
+            }
+        } catch let error as BatonClientError {
+            await client.close()
+            if json {
+                let reply = Reply(requestID: request.requestID, status: .error, error: ReplyError(code: error.errorCode ?? .invalidRequest, message: error.message))
+                print(String(decoding: ProtocolCodec.encode(reply), as: UTF8.self))
+            } else {
+                FileHandle.standardError.write(Data("error: \(error.message)\n".utf8))
+            }
+            throw ExitCode(2)
+        }
+    }
+
+    static func describe(_ reply: Reply) -> String {
+        let buffer = reply.buffer.map { "'\($0)'" } ?? ""
+        let token = reply.token.map(String.init) ?? "-"
+        let until = reply.expiresAt.map { " until \($0)" } ?? ""
+        let partition = reply.partition.map { " (partition \($0))" } ?? ""
+        switch reply.status {
+        case .granted: return "granted \(buffer) to \(reply.holder.map(String.init(describing:)) ?? "?"): token \(token)\(until)\(partition)"
+        case .denied: return "denied \(buffer): held by \(reply.holder.map(String.init(describing:)) ?? "?") with token \(token)\(until)\(partition)"
+        case .renewed: return "renewed \(buffer): token \(token)\(until)\(partition)"
+        case .released: return "released \(buffer): token \(token)\(partition)"
+        case .notOwner:
+            let current = reply.holder.map { "; held by \($0) with token \(token)\(until)" } ?? "; nobody holds it"
+            return "not owner of \(buffer)\(current)\(partition)"
+        case .state:
+            let holder = reply.holder.map { "held by \($0) with token \(token)\(until)" } ?? "free (last token \(token))"
+            return "\(buffer) is \(holder)\(partition)"
+        case .releasedConnection:
+            let buffers = reply.buffers ?? []
+            return buffers.isEmpty ? "released nothing" : "released \(buffers.count) buffer(s): \(buffers.joined(separator: ", "))"
+        case .error:
+            return "error \(reply.error?.code.rawValue ?? ""): \(reply.error?.message ?? "")"
+        }
+    }
+}
+
+func leaseMilliseconds(_ value: Int) throws -> Int64 {
+    guard ProtocolV1.leaseRange.contains(Int64(value)) else {
+        throw ValidationError("--lease-ms \(value) is not allowed: use \(ProtocolV1.leaseRange.lowerBound) to \(ProtocolV1.leaseRange.upperBound)")
+    }
+    return Int64(value)
+}
+
+struct Claim: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Claim a buffer. Exit 0 granted, 1 denied, 2 error.")
+    @OptionGroup var options: ClientOptions
+    @Argument(help: "The buffer.") var buffer: String
+    @Option(help: "The user claiming.") var user: String
+    @Option(help: "The editor connection claiming (unique per live connection).") var connection: String
+    @Option(name: .customLong("lease-ms"), help: "Lease length, 1000-3600000 ms.") var lease = 30_000
+
+    func validate() throws { _ = try leaseMilliseconds(lease) }
+
+    func run() async throws {
+        try await options.send(.claim(buffer: buffer, holder: Holder(user: user, connection: connection), leaseMilliseconds: try leaseMilliseconds(lease)))
+    }
+}
+
+struct Renew: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Extend a lease you hold. Exit 0 renewed, 1 not owner, 2 error.")
+    @OptionGroup var options: ClientOptions
+    @Argument(help: "The buffer.") var buffer: String
+    @Option(help: "Your editor connection.") var connection: String
+    @Option(help: "Your token.") var token: Int64
+    @Option(name: .customLong("lease-ms"), help: "New lease length from now, 1000-3600000 ms.") var lease = 30_000
+
+    func validate() throws { _ = try leaseMilliseconds(lease) }
+
+    func run() async throws {
+        try await options.send(.renew(buffer: buffer, connection: connection, token: token, leaseMilliseconds: try leaseMilliseconds(lease)))
+    }
+}
+
+struct Release: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Release a lease you hold. Exit 0 released, 1 not owner, 2 error.")
+    @OptionGroup var options: ClientOptions
+    @Argument(help: "The buffer.") var buffer: String
+    @Option(help: "Your editor connection.") var connection: String
+    @Option(help: "Your token.") var token: Int64
+
+    func run() async throws {
+        try await options.send(.release(buffer: buffer, connection: connection, token: token))
+    }
+}
+
+struct Inspect: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Show who holds a buffer. Exit 0, or 2 on error.")
+    @OptionGroup var options: ClientOptions
+    @Argument(help: "The buffer.") var buffer: String
+
+    func run() async throws {
+        try await options.send(.inspect(buffer: buffer))
+    }
+}
+
+struct ReleaseConnection: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "release-connection",
+        abstract: "Release every buffer an editor connection holds (sent to all N partitions)."
+    )
+    @OptionGroup var options: ClientOptions
+    @Argument(help: "The editor connection.") var connection: String
+
+    func run() async throws {
+        try await options.send(.releaseConnection(connection: connection))
+    }
+}

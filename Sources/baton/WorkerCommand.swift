@@ -1,0 +1,105 @@
+import ArgumentParser
+import BatonAMQP
+import BatonCore
+import BatonPostgres
+import BatonWorker
+import Foundation
+import Logging
+import ServiceLifecycle
+
+struct WorkerCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "worker",
+        abstract: "Serve partitions: consume claims, decide them in PostgreSQL, reply, publish events."
+    )
+
+    @OptionGroup var database: DatabaseOptions
+    @OptionGroup var broker: BrokerOptions
+
+    @Option(name: .customLong("partitions"), help: ArgumentHelp(
+        "Partitions to serve: all, 0-15, or 0,3,5-7 (env BATON_PARTITIONS; default all). Workers listing the same partition are hot standbys.",
+        valueName: "set"
+    ))
+    var partitionsFlag: String?
+
+    @Option(name: .customLong("batch-size"), help: "Requests per transaction, 1-10000 (env BATON_BATCH_SIZE; default 256).")
+    var batchSizeFlag: Int?
+
+    @Option(name: .customLong("prefetch"), help: "Unacknowledged deliveries per partition, 1-65535 (env BATON_PREFETCH; default 256).")
+    var prefetchFlag: Int?
+
+    @Option(name: .customLong("sweep-interval-ms"), help: "How often each partition expires leases, 100-60000 ms (env BATON_SWEEP_INTERVAL_MS; default 1000).")
+    var sweepFlag: Int?
+
+    @Option(name: .customLong("worker-id"), help: "This worker's name in the database and the broker (env BATON_WORKER_ID; default host-pid-random).")
+    var workerIDFlag: String?
+
+    func integer(_ flag: Int?, env: String, default value: Int, range: ClosedRange<Int>, name: String) throws -> Int {
+        let raw = flag.map(String.init) ?? ProcessInfo.processInfo.environment[env] ?? String(value)
+        guard let number = Int(raw), range.contains(number) else {
+            throw ValidationError("\(name) '\(raw)' is not allowed: use \(range.lowerBound) to \(range.upperBound)")
+        }
+        return number
+    }
+
+    func workerConfiguration() throws -> WorkerConfiguration {
+        let partitioner = try database.partitioner()
+        let text = partitionsFlag ?? ProcessInfo.processInfo.environment["BATON_PARTITIONS"] ?? "all"
+        let partitions: PartitionSet
+        do {
+            partitions = try PartitionSet(parsing: text, count: partitioner.count)
+        } catch {
+            throw ValidationError(error.description)
+        }
+        var configuration = WorkerConfiguration(
+            amqpURL: try broker.amqpURL(), databaseURL: try database.databaseURL(), partitioner: partitioner,
+            partitions: partitions.partitions,
+            workerID: workerIDFlag ?? ProcessInfo.processInfo.environment["BATON_WORKER_ID"] ?? Worker.defaultID()
+        )
+        configuration.batchSize = try integer(batchSizeFlag, env: "BATON_BATCH_SIZE", default: 256, range: 1...10_000, name: "batch size")
+        configuration.prefetch = UInt16(try integer(prefetchFlag, env: "BATON_PREFETCH", default: 256, range: 1...65_535, name: "prefetch"))
+        configuration.sweepInterval = .milliseconds(try integer(sweepFlag, env: "BATON_SWEEP_INTERVAL_MS", default: 1000, range: 100...60_000, name: "sweep interval"))
+        return configuration
+    }
+
+    func validate() throws {
+        _ = try workerConfiguration()
+    }
+
+    func run() async throws {
+        let logger = try database.logger("baton.worker")
+        LoggingSystem.bootstrap { label in
+            var handler = StreamLogHandler.standardError(label: label)
+            handler.logLevel = logger.logLevel
+            return handler
+        }
+        let worker = Worker(configuration: try workerConfiguration(), logger: logger)
+        let group = ServiceGroup(
+            configuration: ServiceGroupConfiguration(
+                services: [.init(service: worker)],
+                gracefulShutdownSignals: [.sigterm, .sigint],
+                logger: logger
+            )
+        )
+        try await group.run()
+    }
+}
+
+struct Topology: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Declare the exchanges and the N partition queues (idempotent; workers do it too)."
+    )
+
+    @OptionGroup var database: DatabaseOptions
+    @OptionGroup var broker: BrokerOptions
+
+    func run() async throws {
+        let logger = try database.logger("baton.topology")
+        let partitioner = try database.partitioner()
+        let url = try broker.amqpURL()
+        let connection = try await AMQPConnection.connect(to: url, name: "baton topology", logger: logger)
+        try await BatonWorker.Topology.declare(on: connection, partitionCount: partitioner.count)
+        await connection.close()
+        print("declared \(ProtocolV1.requestsExchange), \(ProtocolV1.eventsExchange), \(ProtocolV1.deadLetterExchange) and \(partitioner.count) partition queues on \(url)")
+    }
+}
