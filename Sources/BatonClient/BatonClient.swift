@@ -67,6 +67,15 @@ public struct Lease: Sendable, Hashable {
     public var at: Timestamp
     /// The partition that decided.
     public var partition: Int
+
+    /// Creates a lease.
+    public init(buffer: String, token: Int64, expiresAt: Timestamp, at: Timestamp, partition: Int) {
+        self.buffer = buffer
+        self.token = token
+        self.expiresAt = expiresAt
+        self.at = at
+        self.partition = partition
+    }
 }
 
 /// Someone else's live lease, as a denial reports it.
@@ -77,6 +86,13 @@ public struct Holding: Sendable, Hashable {
     public var token: Int64
     /// When their lease ends.
     public var expiresAt: Timestamp?
+
+    /// Creates a holding.
+    public init(holder: Holder, token: Int64, expiresAt: Timestamp?) {
+        self.holder = holder
+        self.token = token
+        self.expiresAt = expiresAt
+    }
 }
 
 /// The answer to a claim.

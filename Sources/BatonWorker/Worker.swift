@@ -28,6 +28,10 @@ public struct WorkerConfiguration: Sendable {
     public var rejoinDelay: Duration = .seconds(2)
     /// This worker's name in `baton_partitions.owner` and in the broker's connection list.
     public var workerID: String
+    /// The queue consumed for a partition (`baton.requests.<p>`); tests point it elsewhere to run duplicate consumers.
+    public var queueName: @Sendable (Int) -> String = { ProtocolV1.requestQueue($0) }
+    /// Fault injection for tests: called after a batch commits and before its replies and acks are sent.
+    public var afterCommit: (@Sendable (_ partition: Int, _ connection: AMQPConnection) async -> Void)?
 
     /// Creates a configuration.
     public init(amqpURL: AMQPURL, databaseURL: PostgresURL, partitioner: Partitioner, partitions: [Int], workerID: String = Worker.defaultID()) {
@@ -111,8 +115,6 @@ public final class Worker: Service, Sendable {
                 group.addTask {
                     while !self.isStopping, connection.isOpen { await self.sleep(.milliseconds(50)) }
                 }
-                await group.next()
-                if !isStopping, connection.isOpen { await group.waitForAll() }
                 await group.waitForAll()
             }
             await connection.close()
@@ -156,7 +158,7 @@ public final class Worker: Service, Sendable {
         var logger = self.logger
         logger[metadataKey: "baton.partition"] = "\(partition)"
         while !isStopping, connection.isOpen {
-            let runner = PartitionRunner(partition: partition, store: store, configuration: configuration, logger: logger, worker: self)
+            let runner = PartitionRunner(partition: partition, store: store, configuration: configuration, logger: logger, worker: self, connection: connection)
             do {
                 try await runner.run(on: connection)
             } catch RunnerExit.ownershipLost {
@@ -187,13 +189,14 @@ public final class Worker: Service, Sendable {
         let configuration: WorkerConfiguration
         var logger: Logger
         let worker: Worker
+        let connection: AMQPConnection
 
         func run(on connection: AMQPConnection) async throws {
             let channel = try await connection.openChannel()
             do {
                 try await channel.enableConfirms()
                 try await channel.qos(prefetch: configuration.prefetch)
-                let (_, deliveries) = try await channel.consume(queue: ProtocolV1.requestQueue(partition))
+                let (_, deliveries) = try await channel.consume(queue: configuration.queueName(partition))
                 try await loop(channel: channel, deliveries: deliveries)
             } catch {
                 await channel.close()
@@ -278,6 +281,7 @@ public final class Worker: Service, Sendable {
             if !requests.isEmpty {
                 result = try await retryingDatabase { try await store.apply(requests, partition: partition, epoch: epoch) }
                 guard result != nil else { return false }
+                if let afterCommit = configuration.afterCommit { await afterCommit(partition, connection) }
             }
             var lastAck: UInt64?
             for (message, reply) in zip(requestMessages, result?.replies ?? []) {
@@ -295,6 +299,7 @@ public final class Worker: Service, Sendable {
             try await channel.perform(actions)
             worker.statistics.withLock {
                 $0.requests += requests.count
+                $0.replayed += result?.replayed ?? 0
                 $0.rejected += rejected
                 $0.batches += 1
             }
@@ -355,6 +360,8 @@ public final class Worker: Service, Sendable {
 public struct WorkerStatistics: Sendable {
     /// Requests decided (valid ones).
     public var requests = 0
+    /// Requests answered from their idempotency record (redeliveries and client retries).
+    public var replayed = 0
     /// Requests rejected (malformed or misrouted) and dead-lettered.
     public var rejected = 0
     /// Batches committed.

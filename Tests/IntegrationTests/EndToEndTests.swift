@@ -1,0 +1,350 @@
+import BatonAMQP
+import BatonClient
+import BatonCore
+import BatonPostgres
+import BatonWorker
+import Foundation
+import Synchronization
+import Testing
+
+/// Claims end to end: client → RabbitMQ → worker → PostgreSQL → reply. Serialized: one broker topology.
+@Suite(.serialized, .timeLimit(.minutes(3))) struct EndToEndTests {
+    @Test func everyOperationThroughTheBroker() async throws {
+        let deployment = try await Deployment.make(partitions: 4)
+        let worker = deployment.startWorker()
+        let client = deployment.client()
+        let b = "project:42/src/main.rs"
+
+        guard case .granted(let lease) = try await client.claim(b, user: "ann", connection: "c-ann", lease: .seconds(30)) else {
+            Issue.record("first claim not granted")
+            return
+        }
+        #expect(lease.token == 1)
+        #expect(lease.partition == deployment.partitioner.partition(of: b))
+        guard case .denied(let holding) = try await client.claim(b, user: "bob", connection: "c-bob") else {
+            Issue.record("second claim not denied")
+            return
+        }
+        #expect(holding.holder == Holder(user: "ann", connection: "c-ann") && holding.token == 1)
+
+        guard case .renewed(let renewed) = try await client.renew(b, connection: "c-ann", token: 1, lease: .seconds(60)) else {
+            Issue.record("renew failed")
+            return
+        }
+        #expect(renewed.token == 1 && renewed.expiresAt > lease.expiresAt)
+        #expect(try await client.renew(b, connection: "c-bob", token: 1) == .notOwner(current: Holding(holder: Holder(user: "ann", connection: "c-ann"), token: 1, expiresAt: renewed.expiresAt)))
+
+        let status = try await client.inspect(b)
+        #expect(status.holder?.holder.user == "ann" && status.lastToken == 1)
+
+        #expect(try await client.release(b, connection: "c-bob", token: 1) != .released(token: 1))
+        #expect(try await client.release(b, connection: "c-ann", token: 1) == .released(token: 1))
+        guard case .granted(let second) = try await client.claim(b, user: "bob", connection: "c-bob") else {
+            Issue.record("claim after release not granted")
+            return
+        }
+        #expect(second.token == 2, "another user's grant gets token + 1")
+
+        // release_connection across partitions: bob holds buffers on several partitions.
+        let names = (0..<12).map { "rc/\($0).txt" }
+        #expect(Set(names.map { deployment.partitioner.partition(of: $0) }).count > 1)
+        for name in names { _ = try await client.claim(name, user: "bob", connection: "c-bob") }
+        let released = try await client.releaseConnection("c-bob")
+        #expect(released == (names + [b]).sorted { ExactString($0) < ExactString($1) })
+        #expect(try await client.inspect(names[0]).holder == nil)
+
+        let audit = try await deployment.audit()
+        #expect(HistoryChecker.check(audit.changes, finalTokens: audit.finalTokens).passed)
+        await client.close()
+        await worker.stop()
+    }
+
+    @Test func incidentReplayThroughTheBroker() async throws {
+        let deployment = try await Deployment.make(partitions: 4)
+        let worker = deployment.startWorker()
+        let clients = [deployment.client(), deployment.client()]
+        let result = await IncidentRace(rounds: 500, spread: .milliseconds(100), concurrency: 32).run(buffer: { "incident/\($0)" }) { user, buffer in
+            if case .granted = try await clients[user].claim(buffer, user: "user-\(user)", connection: "conn-\(user)") { return true }
+            return false
+        }
+        print("incident replay through the broker: \(result)")
+        #expect(result.rounds == 500)
+        #expect(result.errors == 0)
+        #expect(result.grants == 500, "exactly one grant per round")
+        #expect(result.doubleGrants == 0)
+        let audit = try await deployment.audit()
+        let report = HistoryChecker.check(audit.changes, finalTokens: audit.finalTokens)
+        #expect(report.passed, "\(report.violations.prefix(3))")
+        #expect(report.grants == 500)
+        for client in clients { await client.close() }
+        await worker.stop()
+    }
+
+    @Test func badInputIsAnsweredDeadLetteredAndHarmless() async throws {
+        let deployment = try await Deployment.make(partitions: 4)
+        let worker = deployment.startWorker()
+        let client = deployment.client()
+
+        // A correct load runs the whole time.
+        let stop = Shared(false)
+        let served = Shared(0)
+        let load = Task {
+            while !stop.value {
+                if case .granted = try await client.claim("good/\(served.value)", user: "u", connection: "c") { served.update { $0 += 1 } }
+            }
+        }
+        #expect(await Deployment.eventually { served.value > 0 })
+        let servedBefore = served.value
+
+        let connection = try await TestBroker.connect("bad input")
+        let channel = try await connection.openChannel()
+        let (_, replies) = try await channel.consume(queue: ProtocolV1.directReplyTo, noAck: true)
+        let longString = String(repeating: "x", count: 1025)
+        let misrouted = (0..<100).map { "m\($0)" }.first { deployment.partitioner.partition(of: $0) != 0 }!
+        let cases: [(String, [UInt8], ErrorCode)] = [
+            ("not-json", Array("claim please".utf8), .invalidRequest),
+            ("not-object", Array("[1,2,3]".utf8), .invalidRequest),
+            ("missing", Array(#"{"v":1,"op":"claim","request_id":"r1","buffer":"b"}"#.utf8), .invalidRequest),
+            ("extra", Array(#"{"v":1,"op":"inspect","request_id":"r2","buffer":"b","x":1}"#.utf8), .invalidRequest),
+            ("mistyped", Array(#"{"v":1,"op":"inspect","request_id":"r3","buffer":7}"#.utf8), .invalidRequest),
+            ("lease", Array(#"{"v":1,"op":"claim","request_id":"r4","buffer":"b","user":"u","connection":"c","lease_ms":5}"#.utf8), .invalidRequest),
+            ("long", Array(#"{"v":1,"op":"inspect","request_id":"r5","buffer":"\#(longString)"}"#.utf8), .invalidRequest),
+            ("utf8", Array(#"{"v":1,"op":"inspect","request_id":"r6","buffer":""#.utf8) + [0xFF, 0xFE] + Array(#""}"#.utf8), .invalidRequest),
+            ("oversize", [UInt8](repeating: 0x20, count: 70_000), .payloadTooLarge),
+            ("unknown-op", Array(#"{"v":1,"op":"steal","request_id":"r7","buffer":"b"}"#.utf8), .unknownOp),
+            ("version", Array(#"{"v":2,"op":"inspect","request_id":"r8","buffer":"b"}"#.utf8), .unsupportedVersion),
+            ("misrouted", Array(#"{"v":1,"op":"inspect","request_id":"r9","buffer":"\#(misrouted)"}"#.utf8), .misrouted),
+        ]
+        for (name, body, _) in cases {
+            try await channel.publish(OutgoingMessage(
+                exchange: ProtocolV1.requestsExchange, routingKey: "0", body: body,
+                properties: AMQPProperties(contentType: "application/json", correlationID: name, replyTo: ProtocolV1.directReplyTo, deliveryMode: 2),
+                mandatory: true
+            ))
+        }
+        // No reply_to: nobody to answer, but it is still dead-lettered.
+        try await channel.publish(OutgoingMessage(exchange: ProtocolV1.requestsExchange, routingKey: "0", body: Array("garbage".utf8), mandatory: true))
+
+        var answers: [String: Reply] = [:]
+        let deadline = ContinuousClock.now + .seconds(10)
+        while answers.count < cases.count, ContinuousClock.now < deadline {
+            for message in try await replies.next(max: 64, timeout: .seconds(1)) {
+                answers[message.properties.correlationID ?? "?"] = try ProtocolCodec.decodeReply(message.body)
+            }
+        }
+        for (name, _, code) in cases {
+            let reply = try #require(answers[name], "no reply for \(name)")
+            #expect(reply.status == .error, "\(name)")
+            #expect(reply.error?.code == code, "\(name): \(String(describing: reply.error))")
+            #expect(reply.partition == 0)
+        }
+        #expect(answers["extra"]?.requestID == "r2", "errors carry the request id when it could be read")
+
+        let dead = try await connection.openChannel()
+        #expect(await Deployment.eventually { (try? await dead.inspectQueue(ProtocolV1.deadLetterQueue).messages) == cases.count + 1 },
+                "every rejected request is dead-lettered")
+
+        #expect(await Deployment.eventually { served.value >= servedBefore + 10 }, "the correct load is still served after the bad input")
+        stop.update { $0 = true }
+        try await load.value
+        #expect(worker.worker.stats.rejected == cases.count + 1)
+        await connection.close()
+        await client.close()
+        await worker.stop()
+    }
+
+    @Test func redeliveryAfterCommitGivesTheSameReplyAndNoSecondChange() async throws {
+        let deployment = try await Deployment.make(partitions: 4)
+        let crashed = Shared(false)
+        // The first batch commits, then the worker's broker connection dies before replies and acks.
+        let worker = deployment.startWorker { configuration in
+            configuration.afterCommit = { _, connection in
+                if !crashed.update({ old in defer { old = true }; return old }) { await connection.close() }
+            }
+        }
+        let client = deployment.client(timeout: .seconds(15))
+        let reply = try await client.claim("redelivered.txt", user: "ann", connection: "c1", requestID: "redelivery-1")
+        guard case .granted(let lease) = reply else {
+            Issue.record("not granted: \(reply)")
+            return
+        }
+        #expect(lease.token == 1)
+        #expect(crashed.value)
+        #expect(worker.worker.stats.replayed >= 1, "the redelivered request was answered from its idempotency record")
+        #expect(worker.worker.stats.connections >= 2, "the worker reconnected")
+        // The same request id again (a client retry) still gets the original answer.
+        #expect(try await client.claim("redelivered.txt", user: "ann", connection: "c1", requestID: "redelivery-1") == reply)
+        let audit = try await deployment.audit()
+        #expect(audit.changes.filter { $0.kind == .granted }.count == 1, "one change, not two")
+        await client.close()
+        await worker.stop()
+    }
+
+    @Test func duplicateConsumersNeverDoubleGrant() async throws {
+        let deployment = try await Deployment.make(partitions: 2)
+        // A test-only queue without single active consumer, bound with the same keys: every request
+        // reaches two workers at once, as a broken or misconfigured broker could make happen.
+        let setup = try await TestBroker.connect("duplicates")
+        let channel = try await setup.openChannel()
+        for partition in 0..<2 {
+            let queue = "baton.test.duplicate.\(partition)"
+            try await channel.deleteQueue(queue)
+            try await channel.declareQueue(queue, arguments: ["x-queue-type": .string("quorum")])
+            try await channel.bindQueue(queue, exchange: ProtocolV1.requestsExchange, routingKey: String(partition))
+        }
+        let first = deployment.startWorker(id: "first")
+        let second = deployment.startWorker(id: "second") { $0.queueName = { "baton.test.duplicate.\($0)" } }
+        let clients = [deployment.client(), deployment.client()]
+        let result = await IncidentRace(rounds: 400, spread: .milliseconds(20), concurrency: 16).run(buffer: { "dup/\($0)" }) { user, buffer in
+            if case .granted = try await clients[user].claim(buffer, user: "user-\(user)", connection: "conn-\(user)") { return true }
+            return false
+        }
+        print("duplicate consumers: \(result) fence_losses=\(first.worker.stats.fenceLosses + second.worker.stats.fenceLosses)")
+        #expect(result.doubleGrants == 0)
+        #expect(result.grants == 400)
+        #expect(first.worker.stats.requests > 0 && second.worker.stats.requests > 0, "both workers decided requests")
+        let audit = try await deployment.audit()
+        let report = HistoryChecker.check(audit.changes, finalTokens: audit.finalTokens)
+        #expect(report.doubleGrants == 0)
+        #expect(report.passed, "\(report.violations.prefix(3))")
+        for client in clients { await client.close() }
+        await first.stop()
+        await second.stop()
+        for partition in 0..<2 { try await channel.deleteQueue("baton.test.duplicate.\(partition)") }
+        await setup.close()
+    }
+
+    @Test func failoverAfterKillingTheActiveWorker() async throws {
+        let deployment = try await Deployment.make(partitions: 4)
+        let active = try deployment.spawnWorker(id: "active")
+        let client = deployment.client(timeout: .seconds(20))
+        #expect(await Deployment.eventually(.seconds(20)) { (try? await client.inspect("warm-up")) != nil })
+        let standby = try deployment.spawnWorker(id: "standby")
+        // The standby is connected and consuming (the broker keeps it waiting: single active consumer).
+        let standbyLog = FileManager.default.temporaryDirectory.appendingPathComponent("baton-test-worker-standby.log")
+        #expect(await Deployment.eventually(.seconds(20)) {
+            ((try? String(contentsOf: standbyLog, encoding: .utf8)) ?? "").contains("worker connected")
+        }, "the standby connected")
+        try await Task.sleep(for: .milliseconds(500))
+
+        struct Call: Sendable { let started: ContinuousClock.Instant; let finished: ContinuousClock.Instant; let buffer: String; let token: Int64? }
+        let calls = Shared<[Call]>([])
+        let errors = Shared(0)
+        let stop = Shared(false)
+        let load = (0..<6).map { lane in
+            Task {
+                var index = 0
+                while !stop.value {
+                    let buffer = "failover/\(lane)/\(index)"
+                    index += 1
+                    let started = ContinuousClock.now
+                    do {
+                        if case .granted(let lease) = try await client.claim(buffer, user: "u\(lane)", connection: "c\(lane)") {
+                            calls.update { $0.append(Call(started: started, finished: .now, buffer: buffer, token: lease.token)) }
+                        } else {
+                            errors.update { $0 += 1 }
+                        }
+                    } catch {
+                        errors.update { $0 += 1 }
+                    }
+                }
+            }
+        }
+        try await Task.sleep(for: .seconds(1.5))
+        let killedAt = ContinuousClock.now
+        kill(active.processIdentifier, SIGKILL)
+        try await Task.sleep(for: .seconds(4))
+        stop.update { $0 = true }
+        for lane in load { await lane.value }
+
+        let all = calls.value
+        let afterKill = all.filter { $0.started > killedAt }
+        let failover = afterKill.map(\.finished).min().map { $0 - killedAt }
+        let slowest = all.filter { $0.finished > killedAt }.map { $0.finished - $0.started }.max()
+        print("failover: killed the active worker; first answer to a request sent after the kill came \(failover.map { "\($0)" } ?? "never") later; slowest call across the kill \(slowest.map { "\($0)" } ?? "-"); calls=\(all.count) errors=\(errors.value)")
+        #expect(errors.value == 0, "every request got its answer (possibly after a client retry)")
+        #expect(!afterKill.isEmpty, "the standby served requests after the kill")
+        if let failover { #expect(failover < .seconds(10)) }
+
+        // No granted claim is lost: every grant a client saw is in the audit trail and the database.
+        let audit = try await deployment.audit()
+        let audited = Set(audit.changes.filter { $0.kind == .granted }.map { "\($0.buffer)#\($0.token)" })
+        for call in all { #expect(audited.contains("\(call.buffer)#\(call.token!)"), "lost grant \(call.buffer)") }
+        let report = HistoryChecker.check(audit.changes, finalTokens: audit.finalTokens)
+        #expect(report.passed, "\(report.violations.prefix(3))")
+
+        // The standby took every partition the active worker had: the epochs moved on.
+        let owners = try await PostgresConnection.connect(to: deployment.databaseURL, logger: TestDatabase.logger)
+        let partitions = try await owners.withSession { session in
+            try session.query("SELECT owner, epoch FROM baton_partitions ORDER BY partition").rows
+        }
+        await owners.close()
+        for row in partitions {
+            #expect(row[0] == "standby" && (Int(row[1] ?? "") ?? 0) >= 2, "\(row)")
+        }
+
+        standby.terminate()  // SIGTERM: graceful
+        standby.waitUntilExit()
+        #expect(standby.terminationStatus == 0)
+        active.waitUntilExit()
+        await client.close()
+    }
+
+    @Test func brokerStoppedAndStartedUnderLoad() async throws {
+        let deployment = try await Deployment.make(partitions: 4)
+        let worker = deployment.startWorker()
+        let client = deployment.client(timeout: .seconds(30))
+        _ = try await client.inspect("warm-up")
+        let grants = Shared<[(String, Int64)]>([])
+        let errors = Shared(0)
+        let stop = Shared(false)
+        let load = (0..<4).map { lane in
+            Task {
+                var index = 0
+                while !stop.value {
+                    let buffer = "restart/\(lane)/\(index)"
+                    index += 1
+                    do {
+                        if case .granted(let lease) = try await client.claim(buffer, user: "u", connection: "c\(lane)") {
+                            grants.update { $0.append((buffer, lease.token)) }
+                        }
+                    } catch {
+                        errors.update { $0 += 1 }
+                    }
+                }
+            }
+        }
+        try await Task.sleep(for: .seconds(1))
+        try Deployment.services("broker-stop")
+        let before = grants.value.count
+        try await Task.sleep(for: .seconds(3))
+        try Deployment.services("broker-start")
+        #expect(await Deployment.eventually(.seconds(30)) { grants.value.count > before + 20 }, "claims flow again after the broker is back")
+        stop.update { $0 = true }
+        for lane in load { await lane.value }
+
+        print("broker restart: grants=\(grants.value.count) errors=\(errors.value) worker_connections=\(worker.worker.stats.connections)")
+        #expect(errors.value == 0)
+        #expect(worker.worker.stats.connections >= 2, "the worker reconnected")
+        let audit = try await deployment.audit()
+        let audited = Set(audit.changes.filter { $0.kind == .granted }.map { "\($0.buffer)#\($0.token)" })
+        for (buffer, token) in grants.value { #expect(audited.contains("\(buffer)#\(token)"), "lost grant \(buffer)") }
+        #expect(HistoryChecker.check(audit.changes, finalTokens: audit.finalTokens).passed)
+        await client.close()
+        await worker.stop()
+    }
+
+    @Test func sigtermStopsAWorkerCleanlyWithinFiveSeconds() async throws {
+        let deployment = try await Deployment.make(partitions: 4)
+        let process = try deployment.spawnWorker(id: "sigterm")
+        let client = deployment.client(timeout: .seconds(20))
+        _ = try await client.claim("sigterm.txt", user: "u", connection: "c")
+        let start = ContinuousClock.now
+        process.terminate()
+        process.waitUntilExit()
+        #expect(process.terminationStatus == 0)
+        #expect(process.terminationReason == .exit)
+        #expect(ContinuousClock.now - start < .seconds(5))
+        await client.close()
+    }
+}
