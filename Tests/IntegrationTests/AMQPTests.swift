@@ -49,6 +49,19 @@ enum TestBroker {
         #expect(await connection.closed() == nil)
     }
 
+    @Test func heartbeatsKeepAnIdleConnectionAlive() async throws {
+        // With a 1 s heartbeat the broker drops a peer that stays silent for 2 s; the I/O thread must
+        // service heartbeats while the application does nothing.
+        var url = try AMQPURL(TestBroker.urlText)
+        url.heartbeatSeconds = 1
+        let connection = try await AMQPConnection.connect(to: url, name: "idle", logger: TestDatabase.logger)
+        try await Task.sleep(for: .seconds(4))
+        #expect(connection.isOpen)
+        let channel = try await connection.openChannel()
+        try await channel.declareExchange("baton.test.heartbeat", type: "fanout", durable: false)
+        await connection.close()
+    }
+
     @Test func unroutableMandatoryMessagesAreReturned() async throws {
         let connection = try await TestBroker.connect()
         let channel = try await connection.openChannel()
