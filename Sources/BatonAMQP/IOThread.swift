@@ -236,13 +236,6 @@ final class IOThread: @unchecked Sendable {
         }
         close(wakePipe[0])
         close(wakePipe[1])
-        let waiters = lock.withLock { () -> [CheckedContinuation<AMQPError?, Never>] in
-            ended = true
-            if endError == nil, error.code != .closed { endError = error }
-            defer { closeWaiters.removeAll() }
-            return closeWaiters
-        }
-        for waiter in waiters { waiter.resume(returning: endError) }
         // Jobs submitted after `stopping` are refused by `submit`; none can be left.
     }
 
@@ -257,13 +250,16 @@ final class IOThread: @unchecked Sendable {
         for channel in channels.values { channel.fail(error) }
         channels.removeAll()
         flushDeliveries()
-        let waiters = lock.withLock { () -> [CheckedContinuation<AMQPError?, Never>] in
-            ended = true
-            endError = error.code == .closed ? nil : error
+        let (waiters, reason) = lock.withLock { () -> ([CheckedContinuation<AMQPError?, Never>], AMQPError?) in
+            if !ended {
+                // The first failure is the reason the connection ended; a later close does not replace it.
+                ended = true
+                endError = error.code == .closed ? nil : error
+            }
             defer { closeWaiters.removeAll() }
-            return closeWaiters
+            return (closeWaiters, endError)
         }
-        for waiter in waiters { waiter.resume(returning: error.code == .closed ? nil : error) }
+        for waiter in waiters { waiter.resume(returning: reason) }
     }
 
     // MARK: - Reading

@@ -89,7 +89,6 @@ public final class Worker: Service, Sendable {
 
     private func serve() async throws {
         let stores = try await openStores()
-        defer { Task { for store in stores.values { await store.connection.close() } } }
         var backoff = Backoff()
         while !isStopping {
             let connection: AMQPConnection
@@ -119,6 +118,7 @@ public final class Worker: Service, Sendable {
             }
             await connection.close()
         }
+        for store in stores.values { await store.connection.close() }
         logger.info("worker stopped")
     }
 
