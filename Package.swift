@@ -47,6 +47,7 @@ let package = Package(
             name: "BatonAMQP",
             dependencies: [
                 "CRabbitMQ",
+                "BatonCore",
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),

@@ -1,3 +1,4 @@
+import BatonCore
 import Foundation
 
 /// Where and how to connect to RabbitMQ, parsed from an `amqp://` or `amqps://` URL.
@@ -96,11 +97,6 @@ public struct AMQPURL: Sendable, Hashable, CustomStringConvertible {
 
     /// `text` with the password of any URL in it replaced by `********`; safe on unparseable text.
     public static func redact(_ text: String) -> String {
-        guard let schemeEnd = text.range(of: "://") else { return text }
-        let start = schemeEnd.upperBound
-        let end = text[start...].firstIndex(where: { $0 == "/" || $0 == "?" || $0 == "#" }) ?? text.endIndex
-        let authority = text[start..<end]
-        guard let at = authority.lastIndex(of: "@"), let colon = authority[..<at].firstIndex(of: ":") else { return text }
-        return String(text[..<text.index(after: colon)]) + "********" + String(text[at...])
+        Redaction.url(text)
     }
 }

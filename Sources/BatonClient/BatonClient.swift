@@ -209,7 +209,7 @@ public final class BatonClient: Sendable {
 
     /// Claims `buffer` for `user` on `connection` for `lease` (1 s to 1 h).
     public func claim(_ buffer: String, user: String, connection: String, lease: Duration = .seconds(30), requestID: String = UUID().uuidString) async throws -> ClaimResult {
-        let reply = try await call(Request(requestID: requestID, command: .claim(buffer: buffer, holder: Holder(user: user, connection: connection), leaseMilliseconds: Self.milliseconds(lease))))
+        let reply = try await call(Request(requestID: requestID, command: .claim(buffer: buffer, holder: Holder(user: user, connection: connection), leaseMilliseconds: lease.wholeMilliseconds)))
         switch reply.status {
         case .granted: return .granted(try makeLease(from: reply))
         case .denied: return .denied(try holding(from: reply) ?? { throw bad(reply) }())
@@ -219,7 +219,7 @@ public final class BatonClient: Sendable {
 
     /// Extends your lease on `buffer` (connection and token must match the live holder's).
     public func renew(_ buffer: String, connection: String, token: Int64, lease: Duration = .seconds(30), requestID: String = UUID().uuidString) async throws -> RenewResult {
-        let reply = try await call(Request(requestID: requestID, command: .renew(buffer: buffer, connection: connection, token: token, leaseMilliseconds: Self.milliseconds(lease))))
+        let reply = try await call(Request(requestID: requestID, command: .renew(buffer: buffer, connection: connection, token: token, leaseMilliseconds: lease.wholeMilliseconds)))
         switch reply.status {
         case .renewed: return .renewed(try makeLease(from: reply))
         case .notOwner: return .notOwner(current: try holding(from: reply))
@@ -409,11 +409,6 @@ public final class BatonClient: Sendable {
     }
 
     // MARK: - Helpers
-
-    private static func milliseconds(_ duration: Duration) -> Int64 {
-        let (seconds, attoseconds) = duration.components
-        return seconds * 1000 + attoseconds / 1_000_000_000_000_000
-    }
 
     private func makeLease(from reply: Reply) throws -> Lease {
         guard let buffer = reply.buffer, let token = reply.token, let expiresAt = reply.expiresAt, let at = reply.at, let partition = reply.partition else {

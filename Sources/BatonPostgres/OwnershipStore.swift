@@ -113,27 +113,33 @@ public final class OwnershipStore: Sendable {
     ///   misses, or a ``PostgresError``.
     public func apply(_ requests: [Request], partition: Int, epoch: Int64) async throws -> BatchResult {
         let partitioner = self.partitioner
+        return try await retryingTransaction(partition: partition, what: "the batch of \(requests.count) requests") { session, attempt in
+            try Self.applyOnce(session, requests, partition: partition, epoch: epoch, partitioner: partitioner, attempt: attempt)
+        }
+    }
+
+    /// Runs `body` in a transaction on the store's connection, retrying from a fresh read after a
+    /// compare-and-set miss, a deadlock or a serialization failure (each rolled everything back).
+    private func retryingTransaction<T: Sendable>(
+        partition: Int, what: String, _ body: @escaping @Sendable (PostgresSession, _ attempt: Int) throws -> T
+    ) async throws -> T {
         let maxAttempts = self.maxAttempts
         let logger = self.logger
         return try await connection.withSession { session in
             for attempt in 1...maxAttempts {
                 do {
-                    return try session.transaction {
-                        try Self.applyOnce(session, requests, partition: partition, epoch: epoch, partitioner: partitioner, attempt: attempt)
-                    }
+                    return try session.transaction { try body(session, attempt) }
                 } catch let miss as CompareAndSetMiss {
-                    logger.debug("compare-and-set missed; retrying the batch", metadata: [
+                    logger.debug("compare-and-set missed; retrying", metadata: [
                         "baton.partition": "\(partition)", "baton.attempt": "\(attempt)", "baton.missed": "\(miss.missed)",
                     ])
                 } catch let error as PostgresError where error.code == .server && error.isTransient {
-                    // A deadlock or serialization failure between concurrent writers: the transaction
-                    // rolled back, so deciding again from a fresh read is safe.
-                    logger.debug("transaction aborted by the server; retrying the batch", metadata: [
+                    logger.debug("transaction aborted by the server; retrying", metadata: [
                         "baton.partition": "\(partition)", "baton.attempt": "\(attempt)", "baton.sqlstate": "\(error.sqlState ?? "")",
                     ])
                 }
             }
-            throw StoreError(code: .contention, partition: partition, message: "the batch of \(requests.count) requests lost \(maxAttempts) compare-and-set races in a row; nothing was written")
+            throw StoreError(code: .contention, partition: partition, message: "\(what) lost \(maxAttempts) compare-and-set races in a row; nothing was written")
         }
     }
 
@@ -198,39 +204,17 @@ public final class OwnershipStore: Sendable {
     /// Each expiry produces one `expired` change, once: the row is cleared in the same transaction.
     public func sweep(partition: Int, epoch: Int64, limit: Int = 1000) async throws -> [OutboxEntry] {
         let partitioner = self.partitioner
-        let maxAttempts = self.maxAttempts
-        return try await connection.withSession { session in
-            for _ in 1...maxAttempts {
-                do {
-                    return try session.transaction {
-                        try Self.fence(session, partition: partition, epoch: epoch)
-                        let rows = try session.query(SQL.expiredBuffers, [String(partition), String(limit)])
-                        guard let now = rows.rows.first?[0].flatMap(Int64.init).map(Timestamp.init(milliseconds:)) else {
-                            throw PostgresError(code: .unexpectedResult, message: "the sweep query returned no clock row")
-                        }
-                        var initial: [ExactString: BufferState] = [:]
-                        var versions: [ExactString: Int64] = [:]
-                        for row in rows.rows where row[1] != nil {
-                            let (buffer, state, version) = try Self.decodeBuffer(row)
-                            initial[buffer] = state
-                            versions[buffer] = version
-                        }
-                        var state = PartitionState(partition: partition, partitioner: partitioner, buffers: initial)
-                        let changes = state.sweep(at: now)
-                        let writes = state.buffers.filter { initial[$0.key] != $0.value }
-                        let ids = try Self.write(
-                            session, partition: partition, now: now, writes: writes, initial: initial, versions: versions,
-                            records: [], changes: changes.map { ($0, nil) }
-                        )
-                        return zip(ids, changes).map { OutboxEntry(id: $0, partition: partition, change: $1) }
-                    }
-                } catch is CompareAndSetMiss {
-                    continue
-                } catch let error as PostgresError where error.code == .server && error.isTransient {
-                    continue
-                }
-            }
-            throw StoreError(code: .contention, partition: partition, message: "the sweep lost \(maxAttempts) compare-and-set races in a row")
+        return try await retryingTransaction(partition: partition, what: "the sweep") { session, _ in
+            try Self.fence(session, partition: partition, epoch: epoch)
+            let (now, initial, versions) = try Self.decodeBuffers(session.query(SQL.expiredBuffers, [String(partition), String(limit)]))
+            var state = PartitionState(partition: partition, partitioner: partitioner, buffers: initial)
+            let changes = state.sweep(at: now)
+            let writes = state.buffers.filter { initial[$0.key] != $0.value }
+            let ids = try Self.write(
+                session, partition: partition, now: now, writes: writes, initial: initial, versions: versions,
+                records: [], changes: changes.map { ($0, nil) }
+            )
+            return zip(ids, changes).map { OutboxEntry(id: $0, partition: partition, change: $1) }
         }
     }
 
@@ -269,7 +253,7 @@ public final class OwnershipStore: Sendable {
         guard retention >= Self.minimumRetention else {
             throw StoreError(code: .invalidArgument, partition: -1, message: "retention \(retention) is too short: it must be at least \(Self.minimumRetention) so that retries see their original reply")
         }
-        let milliseconds = String(ConnectionHandle.milliseconds(retention))
+        let milliseconds = String(retention.wholeMilliseconds)
         return try await connection.withSession { session in
             var requests = 0
             var outbox = 0
@@ -303,11 +287,15 @@ public final class OwnershipStore: Sendable {
     private static func readBuffers(
         _ session: PostgresSession, partition: Int, buffers: Set<ExactString>, connections: Set<ExactString>
     ) throws -> (Timestamp, [ExactString: BufferState], [ExactString: Int64]) {
-        let rows = try session.query(SQL.readBuffers, [
+        try decodeBuffers(session.query(SQL.readBuffers, [
             String(partition), PostgresArray.text(buffers.map(\.string)), PostgresArray.text(connections.map(\.string)),
-        ])
+        ]))
+    }
+
+    /// Decodes rows of `now, buffer, ...` (the first row always carries the clock; `buffer` is NULL when no buffer matched).
+    private static func decodeBuffers(_ rows: PostgresRows) throws -> (Timestamp, [ExactString: BufferState], [ExactString: Int64]) {
         guard let now = rows.rows.first?[0].flatMap(Int64.init) else {
-            throw PostgresError(code: .unexpectedResult, message: "the read query returned no clock row")
+            throw PostgresError(code: .unexpectedResult, message: "a buffer query returned no clock row")
         }
         var states: [ExactString: BufferState] = [:]
         var versions: [ExactString: Int64] = [:]

@@ -1,3 +1,4 @@
+import BatonCore
 import CLibPQ
 import Foundation
 import Logging
@@ -106,7 +107,7 @@ final class ConnectionHandle: @unchecked Sendable {
             ("host", url.host), ("port", String(url.port)), ("user", url.user), ("dbname", url.database),
             ("connect_timeout", String(options.connectTimeoutSeconds)),
             ("application_name", options.applicationName),
-            ("options", "-c statement_timeout=\(Self.milliseconds(options.statementTimeout))"),
+            ("options", "-c statement_timeout=\(options.statementTimeout.wholeMilliseconds)"),
             ("keepalives", "1"), ("keepalives_idle", "5"), ("keepalives_interval", "2"), ("keepalives_count", "3"),
             ("tcp_user_timeout", "10000"),
         ]
@@ -155,10 +156,5 @@ final class ConnectionHandle: @unchecked Sendable {
             text = text.replacingOccurrences(of: password, with: "********")
         }
         return text
-    }
-
-    static func milliseconds(_ duration: Duration) -> Int64 {
-        let (seconds, attoseconds) = duration.components
-        return seconds * 1000 + attoseconds / 1_000_000_000_000_000
     }
 }

@@ -1,3 +1,4 @@
+import BatonCore
 import Foundation
 
 /// Where and how to connect to PostgreSQL, parsed from
@@ -92,12 +93,6 @@ public struct PostgresURL: Sendable, Hashable, CustomStringConvertible {
 
     /// `text` with the password of any URL in it replaced by `********`; safe to print even when unparseable.
     public static func redact(_ text: String) -> String {
-        // scheme://user:PASSWORD@host: hide what lies between the first ':' after '//' and the last '@' before the path.
-        guard let schemeEnd = text.range(of: "://") else { return text }
-        let authorityStart = schemeEnd.upperBound
-        let authorityEnd = text[authorityStart...].firstIndex(where: { $0 == "/" || $0 == "?" || $0 == "#" }) ?? text.endIndex
-        let authority = text[authorityStart..<authorityEnd]
-        guard let at = authority.lastIndex(of: "@"), let colon = authority[..<at].firstIndex(of: ":") else { return text }
-        return String(text[..<text.index(after: colon)]) + "********" + String(text[at...])
+        Redaction.url(text)
     }
 }
