@@ -95,6 +95,24 @@ public struct AMQPURL: Sendable, Hashable, CustomStringConvertible {
         return components.string ?? "\(tls ? "amqps" : "amqp")://\(user):********@\(host):\(port)"
     }
 
+    /// The URL with its password, to hand to a child process. Never log it.
+    public var connectionString: String {
+        var components = URLComponents()
+        components.scheme = tls ? "amqps" : "amqp"
+        components.user = user
+        components.password = password
+        components.host = host
+        components.port = port
+        components.percentEncodedPath = "/" + (virtualHost.addingPercentEncoding(withAllowedCharacters: .alphanumerics) ?? virtualHost)
+        var items = [URLQueryItem(name: "heartbeat", value: String(heartbeatSeconds)), URLQueryItem(name: "connection_timeout", value: String(connectionTimeoutMilliseconds))]
+        if let caCertificateFile { items.append(URLQueryItem(name: "cacertfile", value: caCertificateFile)) }
+        if let certificateFile { items.append(URLQueryItem(name: "certfile", value: certificateFile)) }
+        if let keyFile { items.append(URLQueryItem(name: "keyfile", value: keyFile)) }
+        if tls && !verifyPeer { items.append(URLQueryItem(name: "verify", value: "verify_none")) }
+        components.queryItems = items
+        return components.string ?? ""
+    }
+
     /// `text` with the password of any URL in it replaced by `********`; safe on unparseable text.
     public static func redact(_ text: String) -> String {
         Redaction.url(text)

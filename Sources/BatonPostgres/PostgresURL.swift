@@ -91,6 +91,21 @@ public struct PostgresURL: Sendable, Hashable, CustomStringConvertible {
         return components.string ?? "postgres://\(user)@\(host):\(port)/\(database)"
     }
 
+    /// The URL with its password, to hand to a child process or a libpq tool. Never log it.
+    public var connectionString: String {
+        var components = URLComponents()
+        components.scheme = "postgres"
+        components.user = user
+        components.password = password
+        components.host = host.hasPrefix("/") ? nil : host
+        components.port = port
+        components.path = "/" + database
+        var items = parameters.sorted { $0.key < $1.key }.map { URLQueryItem(name: $0.key, value: $0.value) }
+        if host.hasPrefix("/") { items.append(URLQueryItem(name: "host", value: host)) }
+        components.queryItems = items.isEmpty ? nil : items
+        return components.string ?? ""
+    }
+
     /// `text` with the password of any URL in it replaced by `********`; safe to print even when unparseable.
     public static func redact(_ text: String) -> String {
         Redaction.url(text)

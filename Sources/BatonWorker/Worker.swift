@@ -30,6 +30,9 @@ public struct WorkerConfiguration: Sendable {
     public var workerID: String
     /// The queue consumed for a partition (`baton.requests.<p>`); tests point it elsewhere to run duplicate consumers.
     public var queueName: @Sendable (Int) -> String = { ProtocolV1.requestQueue($0) }
+    /// Benchmark ceiling: answer every valid request at once, as granted, without PostgreSQL
+    /// (`baton bench`'s "broker echo"). Never use it to serve real claims.
+    public var echo = false
     /// Fault injection for tests: called after a batch commits and before its replies and acks are sent.
     public var afterCommit: (@Sendable (_ partition: Int, _ connection: AMQPConnection) async -> Void)?
 
@@ -88,7 +91,7 @@ public final class Worker: Service, Sendable {
     private var isStopping: Bool { stopping.load(ordering: .relaxed) }
 
     private func serve() async throws {
-        let stores = try await openStores()
+        let stores = configuration.echo ? [:] : try await openStores()
         var backoff = Backoff()
         while !isStopping {
             let connection: AMQPConnection
@@ -108,7 +111,7 @@ public final class Worker: Service, Sendable {
             ])
             await withTaskGroup(of: Void.self) { group in
                 for partition in configuration.partitions {
-                    group.addTask { await self.runPartition(partition, store: stores[partition]!, connection: connection) }
+                    group.addTask { await self.runPartition(partition, store: stores[partition], connection: connection) }
                 }
                 // Stop every runner promptly on shutdown: they finish their batch in hand and close their channel.
                 group.addTask {
@@ -154,7 +157,7 @@ public final class Worker: Service, Sendable {
         case connectionLost
     }
 
-    private func runPartition(_ partition: Int, store: OwnershipStore, connection: AMQPConnection) async {
+    private func runPartition(_ partition: Int, store: OwnershipStore?, connection: AMQPConnection) async {
         var logger = self.logger
         logger[metadataKey: "baton.partition"] = "\(partition)"
         while !isStopping, connection.isOpen {
@@ -185,7 +188,7 @@ public final class Worker: Service, Sendable {
     /// Consumes one partition until the worker stops, the channel dies, or the partition is taken by another worker.
     private struct PartitionRunner {
         let partition: Int
-        let store: OwnershipStore
+        let store: OwnershipStore?
         let configuration: WorkerConfiguration
         var logger: Logger
         let worker: Worker
@@ -217,6 +220,10 @@ public final class Worker: Service, Sendable {
                         try? await Task.sleep(for: configuration.linger)
                         batch += deliveries.takeAvailable(max: configuration.batchSize - batch.count)
                     }
+                    guard let store else {
+                        try await echo(batch, channel: channel)
+                        continue
+                    }
                     if epoch == nil {
                         // We are the active consumer: take the partition, fencing out any previous owner.
                         let taken = try await retryingDatabase { try await store.takePartition(partition, owner: configuration.workerID) }
@@ -225,11 +232,11 @@ public final class Worker: Service, Sendable {
                         logger[metadataKey: "baton.epoch"] = "\(taken)"
                         logger.info("took partition")
                     }
-                    guard try await process(batch, epoch: epoch!, channel: channel, logger: logger) else { return }
+                    guard try await process(batch, epoch: epoch!, store: store, channel: channel, logger: logger) else { return }
                 }
-                if let epoch, ContinuousClock.now >= nextSweep {
+                if let epoch, let store, ContinuousClock.now >= nextSweep {
                     nextSweep = ContinuousClock.now + configuration.sweepInterval
-                    try await sweep(epoch: epoch, channel: channel, logger: logger)
+                    try await sweep(epoch: epoch, store: store, channel: channel, logger: logger)
                 }
             }
         }
@@ -258,7 +265,7 @@ public final class Worker: Service, Sendable {
         }
 
         /// Decides one batch and answers it. Returns false when the worker stopped before the batch committed.
-        private func process(_ batch: [AMQPMessage], epoch: Int64, channel: AMQPChannel, logger: Logger) async throws -> Bool {
+        private func process(_ batch: [AMQPMessage], epoch: Int64, store: OwnershipStore, channel: AMQPChannel, logger: Logger) async throws -> Bool {
             var requests: [Request] = []
             var requestMessages: [AMQPMessage] = []
             var actions: [ChannelAction] = []
@@ -304,9 +311,41 @@ public final class Worker: Service, Sendable {
                 $0.batches += 1
             }
             if let changes = result?.changes, !changes.isEmpty {
-                await publishEvents(changes, channel: channel, logger: logger)
+                await publishEvents(changes, store: store, channel: channel, logger: logger)
             }
             return true
+        }
+
+        /// The benchmark's broker ceiling: the same consume, reply and ack path, with no database.
+        private func echo(_ batch: [AMQPMessage], channel: AMQPChannel) async throws {
+            let now = Timestamp(milliseconds: Int64(Date().timeIntervalSince1970 * 1000))
+            var actions: [ChannelAction] = []
+            for message in batch {
+                let reply: Reply
+                do {
+                    let request = try ProtocolCodec.decodeRequest(message.body)
+                    let status: ReplyStatus = switch request.operation {
+                    case .claim: .granted
+                    case .renew: .renewed
+                    case .release: .released
+                    case .inspect: .state
+                    case .releaseConnection: .releasedConnection
+                    }
+                    reply = Reply(
+                        requestID: request.requestID, status: status, buffer: request.buffer, holder: nil, token: 1,
+                        expiresAt: now.adding(milliseconds: 30_000), at: now, partition: partition, buffers: status == .releasedConnection ? [] : nil
+                    )
+                } catch {
+                    reply = Reply.rejection(error, partition: partition, at: nil)
+                }
+                if let answer = replyMessage(reply, to: message) { actions.append(.publish(answer)) }
+            }
+            if let last = batch.last { actions.append(.ack(deliveryTag: last.deliveryTag, multiple: true)) }
+            try await channel.perform(actions)
+            worker.statistics.withLock {
+                $0.requests += batch.count
+                $0.batches += 1
+            }
         }
 
         private func replyMessage(_ reply: Reply, to message: AMQPMessage) -> OutgoingMessage? {
@@ -319,7 +358,7 @@ public final class Worker: Service, Sendable {
         }
 
         /// Publishes committed changes with confirms and marks them delivered; failures leave them for the next sweep.
-        private func publishEvents(_ entries: [OutboxEntry], channel: AMQPChannel, logger: Logger) async {
+        private func publishEvents(_ entries: [OutboxEntry], store: OwnershipStore, channel: AMQPChannel, logger: Logger) async {
             let messages = entries.map { entry in
                 OutgoingMessage(
                     exchange: ProtocolV1.eventsExchange,
@@ -338,11 +377,11 @@ public final class Worker: Service, Sendable {
             }
         }
 
-        private func sweep(epoch: Int64, channel: AMQPChannel, logger: Logger) async throws {
+        private func sweep(epoch: Int64, store: OwnershipStore, channel: AMQPChannel, logger: Logger) async throws {
             do {
                 let expired = try await store.sweep(partition: partition, epoch: epoch)
                 let backlog = try await store.undelivered(partition: partition, limit: 1000)
-                if !backlog.isEmpty { await publishEvents(backlog, channel: channel, logger: logger) }
+                if !backlog.isEmpty { await publishEvents(backlog, store: store, channel: channel, logger: logger) }
                 if !expired.isEmpty {
                     worker.statistics.withLock { $0.expired += expired.count }
                     logger.debug("expired leases", metadata: ["baton.count": "\(expired.count)"])

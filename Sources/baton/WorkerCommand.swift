@@ -31,6 +31,9 @@ struct WorkerCommand: AsyncParsableCommand {
     @Option(name: .customLong("sweep-interval-ms"), help: "How often each partition expires leases, 100-60000 ms (env BATON_SWEEP_INTERVAL_MS; default 1000).")
     var sweepFlag: Int?
 
+    @Flag(help: .hidden)
+    var echo = false
+
     @Option(name: .customLong("worker-id"), help: "This worker's name in the database and the broker (env BATON_WORKER_ID; default host-pid-random).")
     var workerIDFlag: String?
 
@@ -58,6 +61,7 @@ struct WorkerCommand: AsyncParsableCommand {
         )
         configuration.batchSize = try integer(batchSizeFlag, env: "BATON_BATCH_SIZE", default: 256, range: 1...10_000, name: "batch size")
         configuration.prefetch = UInt16(try integer(prefetchFlag, env: "BATON_PREFETCH", default: 256, range: 1...65_535, name: "prefetch"))
+        configuration.echo = echo
         configuration.sweepInterval = .milliseconds(try integer(sweepFlag, env: "BATON_SWEEP_INTERVAL_MS", default: 1000, range: 100...60_000, name: "sweep interval"))
         return configuration
     }

@@ -67,3 +67,11 @@ import Testing
         #expect(PostgresArray.parseIntegers("{}") == [])
     }
 }
+
+@Suite struct ConnectionStringTests {
+    @Test func roundTripsWithThePassword() throws {
+        let url = try PostgresURL("postgres://baton:p%40ss@127.0.0.1:55432/baton?sslmode=disable")
+        #expect(try PostgresURL(url.connectionString) == url)
+        #expect(url.connectionString.contains("p%40ss"))
+    }
+}

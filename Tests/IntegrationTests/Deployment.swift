@@ -93,7 +93,7 @@ struct Deployment {
             "--sweep-interval-ms", "200", "--log-level", "info",
         ]
         var environment = ProcessInfo.processInfo.environment
-        environment["BATON_DATABASE_URL"] = Self.urlText(databaseURL)
+        environment["BATON_DATABASE_URL"] = databaseURL.connectionString
         environment["BATON_AMQP_URL"] = TestBroker.urlText
         process.environment = environment
         let log = FileManager.default.temporaryDirectory.appendingPathComponent("baton-test-worker-\(id).log")
@@ -103,19 +103,6 @@ struct Deployment {
         process.standardError = handle
         try process.run()
         return process
-    }
-
-    /// The database URL as text, with its password (for a child process's environment only).
-    static func urlText(_ url: PostgresURL) -> String {
-        var components = URLComponents()
-        components.scheme = "postgres"
-        components.user = url.user
-        components.password = url.password
-        components.host = url.host
-        components.port = url.port
-        components.path = "/" + url.database
-        components.queryItems = url.parameters.map { URLQueryItem(name: $0.key, value: $0.value) }
-        return components.string!
     }
 
     /// Runs `scripts/services ARGUMENT` (broker-stop, broker-start).

@@ -1,0 +1,247 @@
+import ArgumentParser
+import BatonAMQP
+import BatonClient
+import BatonCore
+import BatonPostgres
+import BatonWorker
+import Foundation
+import Logging
+
+/// `baton bench`: the same workloads against Baton, direct PostgreSQL, naive SQL and the broker echo.
+struct Bench: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Benchmark Baton end to end against direct PostgreSQL, naive check-then-act SQL and the broker's own ceiling.",
+        discussion: """
+            Runs in a scratch database (<database>_bench) with a worker it starts itself; stop other workers first. \
+            Writes DIR/results.json, DIR/results.svg and prints a table per workload. Build with -c release for real numbers.
+            """
+    )
+
+    static let systems = ["baton", "postgres", "naive", "echo"]
+
+    @OptionGroup var database: DatabaseOptions
+    @OptionGroup var broker: BrokerOptions
+
+    @Option(name: .customLong("workload"), help: "open-storm, hot or renew-heavy; repeat for several (default: all).")
+    var workloadNames: [String] = []
+
+    @Option(name: .customLong("system"), help: "baton, postgres, naive or echo; repeat for several (default: all).")
+    var systemNames: [String] = []
+
+    @Option(help: "Seconds each system runs each workload, 1-3600.")
+    var duration: Double = 10
+
+    @Option(help: "Concurrent clients (closed loop), 1-4096.")
+    var clients = 64
+
+    @Option(help: "Distinct buffers (default: open-storm 100000, hot 8; renew-heavy uses one per client).")
+    var buffers: Int?
+
+    @Option(help: "Partitions of the scratch deployment, 1-1024.")
+    var partitions = 16
+
+    @Option(name: .customLong("batch-size"), help: "The worker's batch size, 1-10000.")
+    var batchSize = 256
+
+    @Option(help: "AMQP connections the Baton clients share, 1-64.")
+    var connections = 4
+
+    @Option(name: .customLong("pool-size"), help: "PostgreSQL connections of the direct and naive systems, 1-256.")
+    var poolSize = 16
+
+    @Option(help: "Folder for results.json and results.svg.")
+    var output = "bench-results"
+
+    @Flag(name: .customLong("no-half-peak"), help: "Skip the fixed-rate run at half of Baton's peak.")
+    var noHalfPeak = false
+
+    func validate() throws {
+        for name in workloadNames where Workload(rawValue: name) == nil {
+            throw ValidationError("workload '\(name)' is unknown: use \(Workload.allCases.map(\.rawValue).joined(separator: ", "))")
+        }
+        for name in systemNames where !Self.systems.contains(name) {
+            throw ValidationError("system '\(name)' is unknown: use \(Self.systems.joined(separator: ", "))")
+        }
+        guard (1...3600).contains(duration) else { throw ValidationError("--duration \(duration) is not allowed: use 1 to 3600 seconds") }
+        guard (1...4096).contains(clients) else { throw ValidationError("--clients \(clients) is not allowed: use 1 to 4096") }
+        guard (1...1024).contains(partitions) else { throw ValidationError("--partitions \(partitions) is not allowed: use 1 to 1024") }
+        guard (1...10_000).contains(batchSize) else { throw ValidationError("--batch-size \(batchSize) is not allowed: use 1 to 10000") }
+        guard (1...64).contains(connections) else { throw ValidationError("--connections \(connections) is not allowed: use 1 to 64") }
+        guard (1...256).contains(poolSize) else { throw ValidationError("--pool-size \(poolSize) is not allowed: use 1 to 256") }
+        if let buffers, buffers < 1 { throw ValidationError("--buffers \(buffers) is not allowed: use 1 or more") }
+    }
+
+    func run() async throws {
+        var logger = try database.logger("baton.bench")
+        logger.logLevel = max(logger.logLevel, .warning)
+        let workloads = workloadNames.isEmpty ? Workload.allCases : workloadNames.compactMap(Workload.init(rawValue:))
+        let systems = systemNames.isEmpty ? Self.systems : Self.systems.filter(systemNames.contains)
+        let serverURL = try database.databaseURL()
+        let amqpURL = try broker.amqpURL()
+        let partitioner = try Partitioner(count: partitions)
+        var scratch = serverURL
+        scratch.database = serverURL.database + "_bench"
+        let runID = String(UUID().uuidString.prefix(8)).lowercased()
+        let command = CommandLine.arguments.map { $0.contains(" ") ? "'\($0)'" : $0 }.joined(separator: " ")
+        var report = BenchReport(command: command, machine: try await BenchReport.machine(serverURL: serverURL, logger: logger))
+        print("baton bench: \(workloads.map(\.rawValue).joined(separator: ", ")) × \(systems.joined(separator: ", ")); \(Int(duration)) s each, \(clients) clients, \(partitions) partitions, batch \(batchSize)")
+
+        try await checkNoOtherWorker(amqpURL: amqpURL, logger: logger)
+        for workload in workloads {
+            let buffers = self.buffers ?? workload.defaultBuffers
+            print("\n\(workload.rawValue): \(workload == .renewHeavy ? "\(clients) holders renewing" : "\(buffers) buffers")")
+            try await resetScratch(serverURL: serverURL, scratch: scratch, partitioner: partitioner, amqpURL: amqpURL, logger: logger)
+            var results: [String: SystemResult] = [:]
+            for system in systems {
+                results[system] = try await measure(
+                    system: system, workload: workload, buffers: buffers, scratch: scratch, amqpURL: amqpURL,
+                    partitioner: partitioner, runID: runID, logger: logger
+                )
+                FileHandle.standardError.write(Data("\r\u{1B}[K".utf8))
+                print("  \(system.padding(toLength: 9, withPad: " ", startingAt: 0)) \(results[system]!.summary)")
+            }
+            report.workloads[workload.rawValue] = WorkloadResult(systems: results)
+        }
+        let folder = URL(fileURLWithPath: output)
+        try FileManager.default.createDirectory(at: folder, withIntermediateDirectories: true)
+        try report.json().write(to: folder.appendingPathComponent("results.json"))
+        try Data(report.svg().utf8).write(to: folder.appendingPathComponent("results.svg"))
+        print("")
+        print(report.table())
+        print("wrote \(folder.appendingPathComponent("results.json").path) and \(folder.appendingPathComponent("results.svg").path)")
+    }
+
+    private func measure(
+        system: String, workload: Workload, buffers: Int, scratch: PostgresURL, amqpURL: AMQPURL,
+        partitioner: Partitioner, runID: String, logger: Logger
+    ) async throws -> SystemResult {
+        let label = "\(workload.rawValue)/\(system)"
+        switch system {
+        case "postgres", "naive":
+            let sql = try await SQLSystem.make(style: system == "postgres" ? .conditional : .naive, url: scratch, poolSize: poolSize, logger: logger)
+            defer { Task { await sql.close() } }
+            let runner = BenchRunner(workload: workload, system: sql, clients: clients, buffers: buffers, label: label, runID: runID)
+            var measurement = await runner.closedLoop(duration: .seconds(duration), tokens: try await runner.prepare())
+            measurement.doubleGrants = try await sql.doubleGrants()
+            return SystemResult(measurement: measurement)
+        default:
+            let echo = system == "echo"
+            let worker = try BenchWorker.start(echo: echo, scratch: scratch, amqpURL: amqpURL, partitioner: partitioner, batchSize: batchSize)
+            defer { worker.stop() }
+            var configuration = BatonClientConfiguration(amqpURL: amqpURL, partitioner: partitioner)
+            configuration.timeout = .seconds(10)
+            configuration.name = "baton bench"
+            let batonClients = (0..<connections).map { _ in BatonClient(configuration: configuration, logger: logger) }
+            let baton = BatonSystem(clients: batonClients, databaseURL: echo ? nil : scratch, logger: logger)
+            defer { Task { await baton.close() } }
+            try await worker.waitUntilServing(batonClients[0])
+            for client in batonClients { _ = try await client.inspect("bench/warm-up") }
+            let runner = BenchRunner(workload: workload, system: baton, clients: clients, buffers: buffers, label: label, runID: runID)
+            let tokens = try await runner.prepare()
+            let sampler = worker.sampleMemory()
+            var measurement = await runner.closedLoop(duration: .seconds(duration), tokens: tokens)
+            var result = SystemResult(measurement: measurement)
+            if !echo && !noHalfPeak && measurement.perSecond > 0 {
+                let rate = measurement.perSecond / 2
+                let half = await BenchRunner(workload: workload, system: baton, clients: clients, buffers: buffers, label: "\(label) at half peak", runID: runID + "h")
+                    .openLoop(rate: rate, duration: .seconds(max(1, duration / 2)), tokens: tokens)
+                result.halfPeak = HalfPeak(rate: rate, measurement: half)
+            }
+            sampler.cancel()
+            result.workerMemory = await sampler.value
+            measurement.doubleGrants = try await baton.doubleGrants()
+            result.measurement.doubleGrants = measurement.doubleGrants
+            return result
+        }
+    }
+
+    /// Refuses to run while another worker consumes the request queues: it would answer from another database.
+    private func checkNoOtherWorker(amqpURL: AMQPURL, logger: Logger) async throws {
+        let connection = try await AMQPConnection.connect(to: amqpURL, name: "baton bench check", logger: logger)
+        defer { Task { await connection.close() } }
+        let channel = try await connection.openChannel()
+        if let consumers = try? await channel.inspectQueue(ProtocolV1.requestQueue(0)).consumers, consumers > 0 {
+            throw ValidationError("a worker is consuming \(ProtocolV1.requestQueue(0)) on \(amqpURL): stop it (scripts/run) before benchmarking; the bench starts its own")
+        }
+    }
+
+    private func resetScratch(serverURL: PostgresURL, scratch: PostgresURL, partitioner: Partitioner, amqpURL: AMQPURL, logger: Logger) async throws {
+        let admin = try await PostgresConnection.connect(to: serverURL, logger: logger)
+        let name = scratch.database
+        do {
+            _ = try await admin.withSession { session in
+                try session.query("DROP DATABASE IF EXISTS \(name) WITH (FORCE)")
+                try session.query("CREATE DATABASE \(name)")
+            }
+        } catch {
+            await admin.close()
+            throw ValidationError("cannot create the scratch database '\(name)' on \(serverURL): \(error); use a --database-url whose user may create databases")
+        }
+        await admin.close()
+        let connection = try await PostgresConnection.connect(to: scratch, logger: logger)
+        try await Migrator.migrate(connection, partitionCount: partitioner.count, logger: logger)
+        await connection.close()
+        let broker = try await AMQPConnection.connect(to: amqpURL, name: "baton bench topology", logger: logger)
+        try await BatonWorker.Topology.declare(on: broker, partitionCount: partitioner.count)
+        await broker.close()
+    }
+}
+
+/// A `baton worker` child process serving the scratch deployment.
+struct BenchWorker: Sendable {
+    let process: Process
+
+    static func start(echo: Bool, scratch: PostgresURL, amqpURL: AMQPURL, partitioner: Partitioner, batchSize: Int) throws -> BenchWorker {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: CommandLine.arguments[0]).resolvingSymlinksInPath()
+        process.arguments = ["worker", "--partitions", "all", "--partition-count", String(partitioner.count),
+                             "--batch-size", String(batchSize), "--worker-id", echo ? "bench-echo" : "bench", "--log-level", "warning"]
+            + (echo ? ["--echo"] : [])
+        var environment = ProcessInfo.processInfo.environment
+        environment["BATON_DATABASE_URL"] = scratch.connectionString
+        environment["BATON_AMQP_URL"] = amqpURL.connectionString
+        process.environment = environment
+        process.standardOutput = FileHandle.nullDevice
+        try process.run()
+        return BenchWorker(process: process)
+    }
+
+    func waitUntilServing(_ client: BatonClient) async throws {
+        let deadline = ContinuousClock.now + .seconds(30)
+        while ContinuousClock.now < deadline {
+            guard process.isRunning else { throw BenchError("the bench worker exited with status \(process.terminationStatus)") }
+            if (try? await client.inspect("bench/ready")) != nil { return }
+        }
+        throw BenchError("the bench worker did not answer within 30 s")
+    }
+
+    /// Samples the worker's resident memory every second until cancelled.
+    func sampleMemory() -> Task<WorkerMemory, Never> {
+        let pid = process.processIdentifier
+        return Task {
+            var memory = WorkerMemory()
+            while !Task.isCancelled {
+                if let rss = BenchWorker.residentMiB(pid: pid) {
+                    memory.samples.append(rss)
+                }
+                try? await Task.sleep(for: .seconds(1))
+            }
+            if let rss = BenchWorker.residentMiB(pid: pid) { memory.samples.append(rss) }
+            return memory
+        }
+    }
+
+    static func residentMiB(pid: Int32) -> Double? {
+        guard let status = try? String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8),
+              let line = status.split(separator: "\n").first(where: { $0.hasPrefix("VmRSS:") }),
+              let kilobytes = Double(line.split(separator: " ").dropFirst().first ?? "")
+        else { return nil }
+        return kilobytes / 1024
+    }
+
+    func stop() {
+        guard process.isRunning else { return }
+        process.terminate()
+        process.waitUntilExit()
+    }
+}

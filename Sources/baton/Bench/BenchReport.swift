@@ -1,0 +1,200 @@
+import BatonPostgres
+import Foundation
+import Logging
+
+/// The fixed-rate run at half of Baton's closed-loop peak.
+struct HalfPeak: Sendable {
+    var rate: Double
+    var measurement: Measurement
+}
+
+/// The bench worker's resident memory, sampled every second.
+struct WorkerMemory: Sendable {
+    var samples: [Double] = []
+}
+
+/// One system's numbers under one workload.
+struct SystemResult: Sendable {
+    var measurement: Measurement
+    var halfPeak: HalfPeak?
+    var workerMemory: WorkerMemory?
+
+    var summary: String {
+        var text = String(format: "%9.0f ops/s  p50 %6.2f ms  p99 %6.2f ms  p99.9 %7.2f ms  errors %d",
+                          measurement.perSecond, measurement.percentile(0.5), measurement.percentile(0.99), measurement.percentile(0.999), measurement.errors)
+        text += "  double grants \(measurement.doubleGrants.map(String.init) ?? "-")"
+        if let halfPeak {
+            text += String(format: "  | at %.0f/s: p50 %.2f ms p99 %.2f ms", halfPeak.rate, halfPeak.measurement.percentile(0.5), halfPeak.measurement.percentile(0.99))
+        }
+        if let memory = workerMemory, let max = memory.samples.max() {
+            text += String(format: "  | worker RSS %.0f→%.0f MiB (max %.0f)", memory.samples.first ?? 0, memory.samples.last ?? 0, max)
+        }
+        return text
+    }
+
+    func json() -> [String: Any] {
+        var object: [String: Any] = [
+            "claims_per_s": round1(measurement.perSecond),
+            "p50_ms": round3(measurement.percentile(0.5)),
+            "p99_ms": round3(measurement.percentile(0.99)),
+            "p999_ms": round3(measurement.percentile(0.999)),
+            "errors": measurement.errors,
+            "double_grants": measurement.doubleGrants.map { $0 as Any } ?? NSNull(),
+            "operations": measurement.operations,
+            "seconds": round3(measurement.seconds),
+            "latency_cdf": measurement.cdf().map { [round3($0.0), round3($0.1)] },
+        ]
+        if let halfPeak {
+            object["half_peak"] = [
+                "rate_per_s": round1(halfPeak.rate),
+                "achieved_per_s": round1(halfPeak.measurement.perSecond),
+                "p50_ms": round3(halfPeak.measurement.percentile(0.5)),
+                "p99_ms": round3(halfPeak.measurement.percentile(0.99)),
+                "p999_ms": round3(halfPeak.measurement.percentile(0.999)),
+                "errors": halfPeak.measurement.errors,
+            ]
+        }
+        if let memory = workerMemory, !memory.samples.isEmpty {
+            object["worker_rss_mib"] = ["first": round1(memory.samples.first!), "last": round1(memory.samples.last!), "max": round1(memory.samples.max()!)]
+        }
+        return object
+    }
+}
+
+/// All systems under one workload.
+struct WorkloadResult: Sendable {
+    var systems: [String: SystemResult]
+
+    func ratio(_ numerator: String, _ denominator: String) -> Double? {
+        guard let top = systems[numerator]?.measurement.perSecond, let bottom = systems[denominator]?.measurement.perSecond, bottom > 0 else { return nil }
+        return top / bottom
+    }
+}
+
+/// Everything `baton bench` measured, as a table, JSON and an SVG chart.
+struct BenchReport {
+    var command: String
+    var machine: [String: String]
+    var workloads: [String: WorkloadResult] = [:]
+
+    static let order = ["baton", "postgres", "naive", "echo"]
+    static let colors = ["baton": "#2b6cb0", "postgres": "#2f855a", "naive": "#c53030", "echo": "#805ad5"]
+
+    static func machine(serverURL: PostgresURL, logger: Logger) async throws -> [String: String] {
+        var info: [String: String] = [
+            "cores": String(ProcessInfo.processInfo.activeProcessorCount),
+            "memory_gib": String(format: "%.1f", Double(ProcessInfo.processInfo.physicalMemory) / 1_073_741_824),
+            "os": ProcessInfo.processInfo.operatingSystemVersionString,
+            "host": ProcessInfo.processInfo.hostName,
+        ]
+        if let cpu = try? String(contentsOfFile: "/proc/cpuinfo", encoding: .utf8),
+           let model = cpu.split(separator: "\n").first(where: { $0.hasPrefix("model name") })?.split(separator: ":").last {
+            info["cpu"] = model.trimmingCharacters(in: .whitespaces)
+        }
+        let connection = try await PostgresConnection.connect(to: serverURL, logger: logger)
+        info["postgresql"] = try await connection.withSession { session in try session.query("SHOW server_version").first() ?? "?" }
+        info["postgresql_fsync"] = try await connection.withSession { session in try session.query("SHOW fsync").first() ?? "?" }
+        await connection.close()
+        return info
+    }
+
+    func json() throws -> Data {
+        var workloadsObject: [String: Any] = [:]
+        for (name, result) in workloads {
+            var ratios: [String: Any] = [:]
+            ratios["baton_vs_postgres"] = result.ratio("baton", "postgres").map { round3($0) as Any } ?? NSNull()
+            ratios["baton_vs_echo"] = result.ratio("baton", "echo").map { round3($0) as Any } ?? NSNull()
+            workloadsObject[name] = ["systems": result.systems.mapValues { $0.json() }, "ratios": ratios]
+        }
+        let object: [String: Any] = ["workloads": workloadsObject, "machine": machine, "command": command]
+        return try JSONSerialization.data(withJSONObject: object, options: [.prettyPrinted, .sortedKeys])
+    }
+
+    func table() -> String {
+        var lines: [String] = []
+        for name in workloads.keys.sorted() {
+            let result = workloads[name]!
+            lines.append("\(name)")
+            lines.append("  system       claims/s   p50 ms   p99 ms  p99.9 ms  errors  double grants")
+            for system in Self.order {
+                guard let value = result.systems[system] else { continue }
+                let m = value.measurement
+                let numbers = String(format: "%11.0f %8.2f %8.2f %9.2f %7d", m.perSecond, m.percentile(0.5), m.percentile(0.99), m.percentile(0.999), m.errors)
+                lines.append("  \(system.padding(toLength: 9, withPad: " ", startingAt: 0))\(numbers)  \(m.doubleGrants.map(String.init) ?? "-")")
+            }
+            let ab = result.ratio("baton", "postgres").map { String(format: "%.2fx", $0) } ?? "-"
+            let ad = result.ratio("baton", "echo").map { String(format: "%.0f%%", $0 * 100) } ?? "-"
+            lines.append("  baton/postgres \(ab)   baton/echo \(ad)")
+            if let half = result.systems["baton"]?.halfPeak {
+                lines.append(String(format: "  baton at half peak (%.0f/s): p50 %.2f ms, p99 %.2f ms, p99.9 %.2f ms", half.rate, half.measurement.percentile(0.5), half.measurement.percentile(0.99), half.measurement.percentile(0.999)))
+            }
+            lines.append("")
+        }
+        return lines.joined(separator: "\n")
+    }
+
+    /// Throughput per system and workload (bars), and the claim-latency CDF per workload (lines, log scale).
+    func svg() -> String {
+        let names = workloads.keys.sorted()
+        let width = 960.0, barHeight = 300.0, cdfHeight = 260.0
+        let height = barHeight + Double(names.count) * (cdfHeight + 30) + 60
+        var out = ##"<svg xmlns="http://www.w3.org/2000/svg" width="\##(Int(width))" height="\##(Int(height))" font-family="sans-serif" font-size="12">"##
+        out += ##"<rect width="100%" height="100%" fill="white"/>"##
+        out += ##"<text x="20" y="24" font-size="16" font-weight="bold">Claims per second by system and workload</text>"##
+        // Bars.
+        let maxRate = workloads.values.flatMap { $0.systems.values.map(\.measurement.perSecond) }.max() ?? 1
+        let groupWidth = (width - 120) / Double(max(1, names.count))
+        let barWidth = groupWidth / Double(Self.order.count + 1)
+        let baseY = barHeight - 20
+        out += ##"<line x1="80" y1="\##(baseY)" x2="\##(width - 20)" y2="\##(baseY)" stroke="black"/>"##
+        for tick in 0...4 {
+            let value = maxRate * Double(tick) / 4
+            let y = baseY - (barHeight - 80) * Double(tick) / 4
+            out += ##"<text x="74" y="\##(y + 4)" text-anchor="end">\##(Int(value))</text><line x1="80" y1="\##(y)" x2="\##(width - 20)" y2="\##(y)" stroke="#ddd"/>"##
+        }
+        for (groupIndex, name) in names.enumerated() {
+            let x0 = 90 + Double(groupIndex) * groupWidth
+            for (index, system) in Self.order.enumerated() {
+                guard let rate = workloads[name]?.systems[system]?.measurement.perSecond else { continue }
+                let h = (barHeight - 80) * rate / maxRate
+                let x = x0 + Double(index) * barWidth
+                out += ##"<rect x="\##(x)" y="\##(baseY - h)" width="\##(barWidth - 4)" height="\##(h)" fill="\##(Self.colors[system]!)"/>"##
+                out += ##"<text x="\##(x + barWidth / 2 - 2)" y="\##(baseY - h - 4)" text-anchor="middle" font-size="10">\##(Int(rate))</text>"##
+            }
+            out += ##"<text x="\##(x0 + groupWidth / 2 - barWidth / 2)" y="\##(baseY + 16)" text-anchor="middle">\##(name)</text>"##
+        }
+        for (index, system) in Self.order.enumerated() {
+            out += ##"<rect x="\##(width - 420 + Double(index) * 100)" y="12" width="12" height="12" fill="\##(Self.colors[system]!)"/><text x="\##(width - 404 + Double(index) * 100)" y="22">\##(system)</text>"##
+        }
+        // CDFs.
+        for (panel, name) in names.enumerated() {
+            let top = barHeight + 30 + Double(panel) * (cdfHeight + 30)
+            let left = 80.0, right = width - 20, bottom = top + cdfHeight - 30
+            out += ##"<text x="20" y="\##(top)" font-size="14" font-weight="bold">\##(name): claim latency CDF (ms, log scale)</text>"##
+            out += ##"<rect x="\##(left)" y="\##(top + 10)" width="\##(right - left)" height="\##(bottom - top - 10)" fill="none" stroke="black"/>"##
+            let all = workloads[name]!.systems.values.flatMap(\.measurement.latencies)
+            let lo = max(0.05, all.min() ?? 0.1), hi = max(lo * 10, all.max() ?? 1)
+            func x(_ ms: Double) -> Double { left + (right - left) * (log10(max(ms, lo)) - log10(lo)) / (log10(hi) - log10(lo)) }
+            func y(_ q: Double) -> Double { bottom - (bottom - top - 10) * q }
+            var decade = pow(10, floor(log10(lo)))
+            while decade <= hi {
+                if decade >= lo {
+                    out += ##"<line x1="\##(x(decade))" y1="\##(top + 10)" x2="\##(x(decade))" y2="\##(bottom)" stroke="#ddd"/><text x="\##(x(decade))" y="\##(bottom + 14)" text-anchor="middle">\##(decade < 1 ? String(decade) : String(Int(decade)))</text>"##
+                }
+                decade *= 10
+            }
+            for q in [0.5, 0.99] {
+                out += ##"<line x1="\##(left)" y1="\##(y(q))" x2="\##(right)" y2="\##(y(q))" stroke="#eee"/><text x="\##(left - 6)" y="\##(y(q) + 4)" text-anchor="end">p\##(Int(q * 100))</text>"##
+            }
+            for system in Self.order {
+                guard let points = workloads[name]?.systems[system]?.measurement.cdf(points: 200), !points.isEmpty else { continue }
+                let path = points.map { "\(x($0.0)),\(y($0.1))" }.joined(separator: " ")
+                out += ##"<polyline fill="none" stroke="\##(Self.colors[system]!)" stroke-width="2" points="\##(path)"/>"##
+            }
+        }
+        return out + "</svg>\n"
+    }
+}
+
+private func round1(_ value: Double) -> Double { (value * 10).rounded() / 10 }
+private func round3(_ value: Double) -> Double { (value * 1000).rounded() / 1000 }

@@ -1,0 +1,187 @@
+import BatonCore
+import Foundation
+import Synchronization
+
+/// The workloads `baton bench` runs.
+enum Workload: String, CaseIterable, Sendable {
+    /// Claims on many cold buffers.
+    case openStorm = "open-storm"
+    /// Many clients contending for a few buffers: claim, hold about 1 ms, release.
+    case hot
+    /// Holders renewing their leases.
+    case renewHeavy = "renew-heavy"
+
+    var defaultBuffers: Int {
+        switch self {
+        case .openStorm: 100_000
+        case .hot: 8
+        case .renewHeavy: 0  // one buffer per client
+        }
+    }
+}
+
+/// What one system did under one workload.
+struct Measurement: Sendable {
+    var operations = 0
+    var errors = 0
+    var seconds = 0.0
+    var latencies: [Double] = []  // milliseconds, sorted
+    var doubleGrants: Int?
+
+    var perSecond: Double { seconds > 0 ? Double(operations) / seconds : 0 }
+
+    func percentile(_ q: Double) -> Double {
+        guard !latencies.isEmpty else { return 0 }
+        let index = min(latencies.count - 1, max(0, Int((Double(latencies.count) * q).rounded(.up)) - 1))
+        return latencies[index]
+    }
+
+    /// The latency CDF as (milliseconds, fraction) points, at most `points` of them.
+    func cdf(points: Int = 60) -> [(Double, Double)] {
+        guard !latencies.isEmpty else { return [] }
+        return (1...points).map { step in
+            let q = Double(step) / Double(points)
+            return (percentile(q), q)
+        }
+    }
+}
+
+/// Drives one workload against one system, closed loop (as fast as answers come) or open loop (fixed rate).
+struct BenchRunner: Sendable {
+    let workload: Workload
+    let system: any BenchSystem
+    let clients: Int
+    let buffers: Int
+    let label: String
+    let runID: String
+
+    private final class Counters: Sendable {
+        let next = Atomic<Int>(0)
+        let operations = Atomic<Int>(0)
+        let errors = Atomic<Int>(0)
+        let latencies = Mutex<[Double]>([])
+    }
+
+    /// Claims each client's own buffer before a renew-heavy run; returns the tokens.
+    func prepare() async throws -> [Int64] {
+        guard workload == .renewHeavy else { return [] }
+        var tokens: [Int64] = []
+        for client in 0..<clients {
+            guard let token = try await system.claim(client: client, buffer: "renew/\(runID)/\(client)") else {
+                throw BenchError("\(label): could not claim the buffer of client \(client) before renewing")
+            }
+            tokens.append(token)
+        }
+        return tokens
+    }
+
+    /// One operation of the workload for `client`; returns its latency in ms (the claim's, or the renew's).
+    private func operation(client: Int, tokens: [Int64], counters: Counters) async throws -> Double {
+        let start = ContinuousClock.now
+        func elapsed() -> Double { (ContinuousClock.now - start).milliseconds }
+        switch workload {
+        case .openStorm:
+            let index = counters.next.add(1, ordering: .relaxed).newValue
+            _ = try await system.claim(client: client, buffer: "storm/\(runID)/\(index % max(1, buffers))")
+            return elapsed()
+        case .hot:
+            let buffer = "hot/\(runID)/\(Int.random(in: 0..<max(1, buffers)))"
+            let token = try await system.claim(client: client, buffer: buffer)
+            let latency = elapsed()
+            if let token {
+                try await Task.sleep(for: .milliseconds(1))
+                try await system.release(client: client, buffer: buffer, token: token)
+            }
+            return latency
+        case .renewHeavy:
+            _ = try await system.renew(client: client, buffer: "renew/\(runID)/\(client)", token: tokens[client])
+            return elapsed()
+        }
+    }
+
+    /// Runs `clients` loops for `duration`, printing a live line.
+    func closedLoop(duration: Duration, tokens: [Int64]) async -> Measurement {
+        let counters = Counters()
+        let start = ContinuousClock.now
+        let deadline = start + duration
+        let live = liveLine(counters: counters, start: start, duration: duration)
+        await withTaskGroup(of: [Double].self) { group in
+            for client in 0..<clients {
+                group.addTask {
+                    var latencies: [Double] = []
+                    while ContinuousClock.now < deadline {
+                        do {
+                            latencies.append(try await operation(client: client, tokens: tokens, counters: counters))
+                            counters.operations.add(1, ordering: .relaxed)
+                        } catch {
+                            counters.errors.add(1, ordering: .relaxed)
+                        }
+                    }
+                    return latencies
+                }
+            }
+            for await latencies in group { counters.latencies.withLock { $0 += latencies } }
+        }
+        live.cancel()
+        return measurement(counters, seconds: (ContinuousClock.now - start).seconds)
+    }
+
+    /// Starts operations at `rate` per second for `duration` regardless of answers (latency under a fixed load).
+    func openLoop(rate: Double, duration: Duration, tokens: [Int64]) async -> Measurement {
+        let counters = Counters()
+        let start = ContinuousClock.now
+        let interval = Duration.seconds(1.0 / max(rate, 1))
+        let total = Int(rate * duration.seconds)
+        let live = liveLine(counters: counters, start: start, duration: duration)
+        await withTaskGroup(of: Void.self) { group in
+            for index in 0..<total {
+                let due = start + interval * Double(index)
+                if due > ContinuousClock.now { try? await Task.sleep(until: due) }
+                group.addTask {
+                    do {
+                        let latency = try await operation(client: index % clients, tokens: tokens, counters: counters)
+                        counters.operations.add(1, ordering: .relaxed)
+                        counters.latencies.withLock { $0.append(latency) }
+                    } catch {
+                        counters.errors.add(1, ordering: .relaxed)
+                    }
+                }
+            }
+        }
+        live.cancel()
+        return measurement(counters, seconds: (ContinuousClock.now - start).seconds)
+    }
+
+    private func measurement(_ counters: Counters, seconds: Double) -> Measurement {
+        var result = Measurement()
+        result.operations = counters.operations.load(ordering: .relaxed)
+        result.errors = counters.errors.load(ordering: .relaxed)
+        result.seconds = seconds
+        result.latencies = counters.latencies.withLock { $0 }.sorted()
+        return result
+    }
+
+    private func liveLine(counters: Counters, start: ContinuousClock.Instant, duration: Duration) -> Task<Void, Never> {
+        let label = self.label
+        return Task {
+            while !Task.isCancelled {
+                try? await Task.sleep(for: .seconds(1))
+                let elapsed = (ContinuousClock.now - start).seconds
+                let operations = counters.operations.load(ordering: .relaxed)
+                let rate = elapsed > 0 ? Int(Double(operations) / elapsed) : 0
+                let line = "\r  \(label) \(Int(elapsed))/\(Int(duration.seconds)) s  \(rate) ops/s  errors \(counters.errors.load(ordering: .relaxed))   "
+                FileHandle.standardError.write(Data(line.utf8))
+            }
+        }
+    }
+}
+
+struct BenchError: Error, CustomStringConvertible {
+    let description: String
+    init(_ description: String) { self.description = description }
+}
+
+extension Duration {
+    var seconds: Double { Double(components.seconds) + Double(components.attoseconds) / 1e18 }
+    var milliseconds: Double { seconds * 1000 }
+}

@@ -1,0 +1,206 @@
+import BatonClient
+import BatonCore
+import BatonPostgres
+import Foundation
+import Logging
+
+/// One system under test: the operations a workload needs.
+protocol BenchSystem: Sendable {
+    /// Claims `buffer` for client `client`; returns the token when granted, nil when denied.
+    func claim(client: Int, buffer: String) async throws -> Int64?
+    /// Releases a lease.
+    func release(client: Int, buffer: String, token: Int64) async throws
+    /// Renews a lease; false when no longer the owner.
+    func renew(client: Int, buffer: String, token: Int64) async throws -> Bool
+    /// Double grants in this system's audit trail, judged by `HistoryChecker` (nil when the system keeps none).
+    func doubleGrants() async throws -> Int?
+    func close() async
+}
+
+let benchLease: Duration = .seconds(30)
+
+/// Baton end to end (or the broker echo): BatonClient connections shared by the load's clients.
+struct BatonSystem: BenchSystem {
+    let clients: [BatonClient]
+    let databaseURL: PostgresURL?
+    let logger: Logger
+
+    func client(_ index: Int) -> BatonClient { clients[index % clients.count] }
+
+    func claim(client index: Int, buffer: String) async throws -> Int64? {
+        switch try await client(index).claim(buffer, user: "bench", connection: "bench-\(index)", lease: benchLease) {
+        case .granted(let lease): lease.token
+        case .denied: nil
+        }
+    }
+
+    func release(client index: Int, buffer: String, token: Int64) async throws {
+        _ = try await client(index).release(buffer, connection: "bench-\(index)", token: token)
+    }
+
+    func renew(client index: Int, buffer: String, token: Int64) async throws -> Bool {
+        if case .renewed = try await client(index).renew(buffer, connection: "bench-\(index)", token: token, lease: benchLease) { return true }
+        return false
+    }
+
+    func doubleGrants() async throws -> Int? {
+        guard let databaseURL else { return nil }
+        let connection = try await PostgresConnection.connect(to: databaseURL, logger: logger)
+        let changes = try await connection.withSession { session in
+            try session.query("""
+                SELECT kind, buffer, holder_user, holder_connection, token,
+                       (extract(epoch FROM at) * 1000)::int8, (extract(epoch FROM expires_at) * 1000)::int8
+                FROM baton_outbox ORDER BY id
+                """).rows.map(auditChange)
+        }
+        await connection.close()
+        return HistoryChecker.check(changes).doubleGrants
+    }
+
+    func close() async {
+        for client in clients { await client.close() }
+    }
+}
+
+/// Maps `kind, buffer, user, connection, token, at_ms, expires_ms` to a change.
+func auditChange(_ row: [String?]) -> OwnershipChange {
+    OwnershipChange(
+        kind: ChangeKind(rawValue: row[0] ?? "") ?? .granted, buffer: row[1] ?? "",
+        holder: Holder(user: row[2] ?? "", connection: row[3] ?? ""), token: Int64(row[4] ?? "") ?? 0,
+        at: Timestamp(milliseconds: Int64(row[5] ?? "") ?? 0), expiresAt: Timestamp(milliseconds: Int64(row[6] ?? "") ?? 0)
+    )
+}
+
+/// PostgreSQL without Baton: the usual fix (conditional upsert) or the incident's check-then-act.
+struct SQLSystem: BenchSystem {
+    enum Style { case conditional, naive }
+
+    let style: Style
+    let pool: [PostgresConnection]
+    let table: String
+
+    static func make(style: Style, url: PostgresURL, poolSize: Int, logger: Logger) async throws -> SQLSystem {
+        let table = style == .conditional ? "bench_direct" : "bench_naive"
+        var pool: [PostgresConnection] = []
+        for index in 0..<poolSize {
+            pool.append(try await PostgresConnection.connect(
+                to: url, options: PostgresConnectionOptions(applicationName: "baton bench \(table) \(index)"), logger: logger
+            ))
+        }
+        try await pool[0].withSession { session in
+            try session.execute(script: """
+                SET client_min_messages = warning;
+                DROP TABLE IF EXISTS \(table), \(table)_audit;
+                CREATE TABLE \(table) (buffer text PRIMARY KEY, owner text, token bigint NOT NULL DEFAULT 0, expires_at timestamptz);
+                CREATE TABLE \(table)_audit (id bigserial PRIMARY KEY, kind text NOT NULL, buffer text NOT NULL, owner text NOT NULL,
+                    token bigint NOT NULL, at_ms bigint NOT NULL, expires_ms bigint NOT NULL);
+                """)
+        }
+        return SQLSystem(style: style, pool: pool, table: table)
+    }
+
+    private var now: String { "floor(extract(epoch FROM clock_timestamp()) * 1000)::int8" }
+    private var leaseMS: String { String(benchLease.wholeMilliseconds) }
+
+    // The usual fix: one conditional upsert decides and records the grant atomically.
+    private var conditionalClaim: PreparedStatement {
+        grant(name: "bench_conditional_claim", condition: "WHERE b.owner IS NULL OR b.expires_at <= clock_timestamp()")
+    }
+
+    // The incident: "is it free?" ...
+    private var naiveCheck: PreparedStatement {
+        PreparedStatement(name: "bench_naive_check", sql: """
+            SELECT owner IS NULL OR expires_at <= clock_timestamp() FROM \(table) WHERE buffer = $1
+            """)
+    }
+
+    // ... then "make me the owner", unconditionally.
+    private var naiveAct: PreparedStatement {
+        grant(name: "bench_naive_act", condition: "")
+    }
+
+    /// An upsert that grants `$1` to `$2`, and audits the grant (closing a lease it replaced as expired).
+    private func grant(name: String, condition: String) -> PreparedStatement {
+        PreparedStatement(name: name, sql: """
+            WITH old AS (
+                SELECT owner, token, (extract(epoch FROM expires_at) * 1000)::int8 AS expires_ms FROM \(table) WHERE buffer = $1
+            ),
+            g AS (
+                INSERT INTO \(table) AS b (buffer, owner, token, expires_at)
+                VALUES ($1, $2, 1, clock_timestamp() + \(leaseMS) * interval '1 millisecond')
+                ON CONFLICT (buffer) DO UPDATE SET owner = EXCLUDED.owner, token = b.token + 1, expires_at = EXCLUDED.expires_at
+                    \(condition)
+                RETURNING token, (extract(epoch FROM expires_at) * 1000)::int8 AS expires_ms
+            ),
+            closed AS (
+                INSERT INTO \(table)_audit (kind, buffer, owner, token, at_ms, expires_ms)
+                SELECT 'expired', $1, old.owner, old.token, \(now), old.expires_ms FROM old, g
+                WHERE old.owner IS NOT NULL AND g.token = old.token + 1 AND old.expires_ms <= \(now)
+            )
+            INSERT INTO \(table)_audit (kind, buffer, owner, token, at_ms, expires_ms)
+            SELECT 'granted', $1, $2, token, \(now), expires_ms FROM g RETURNING token
+            """)
+    }
+
+    private var releaseStatement: PreparedStatement {
+        PreparedStatement(name: "bench_release_\(table)", sql: """
+            WITH r AS (
+                UPDATE \(table) SET owner = NULL, expires_at = NULL WHERE buffer = $1 AND owner = $2 AND token = $3 RETURNING token
+            )
+            INSERT INTO \(table)_audit (kind, buffer, owner, token, at_ms, expires_ms) SELECT 'released', $1, $2, token, \(now), \(now) FROM r
+            """)
+    }
+
+    private var renewStatement: PreparedStatement {
+        PreparedStatement(name: "bench_renew_\(table)", sql: """
+            UPDATE \(table) SET expires_at = clock_timestamp() + \(leaseMS) * interval '1 millisecond'
+            WHERE buffer = $1 AND owner = $2 AND token = $3 AND expires_at > clock_timestamp()
+            """)
+    }
+
+    func connection(_ client: Int) -> PostgresConnection { pool[client % pool.count] }
+
+    func claim(client: Int, buffer: String) async throws -> Int64? {
+        let owner = "bench-\(client)"
+        switch style {
+        case .conditional:
+            let statement = conditionalClaim
+            return try await connection(client).withSession { session in
+                try session.query(statement, [buffer, owner]).first().flatMap(Int64.init)
+            }
+        case .naive:
+            let (check, act) = (naiveCheck, naiveAct)
+            let free = try await connection(client).withSession { session in
+                try session.query(check, [buffer]).first().map { $0 == "t" } ?? true
+            }
+            guard free else { return nil }
+            return try await connection(client).withSession { session in
+                try session.query(act, [buffer, owner]).first().flatMap(Int64.init)
+            }
+        }
+    }
+
+    func release(client: Int, buffer: String, token: Int64) async throws {
+        let statement = releaseStatement
+        _ = try await connection(client).withSession { session in try session.query(statement, [buffer, "bench-\(client)", String(token)]) }
+    }
+
+    func renew(client: Int, buffer: String, token: Int64) async throws -> Bool {
+        let statement = renewStatement
+        return try await connection(client).withSession { session in
+            try session.query(statement, [buffer, "bench-\(client)", String(token)]).affectedRows == 1
+        }
+    }
+
+    func doubleGrants() async throws -> Int? {
+        let table = self.table
+        let changes = try await pool[0].withSession { session in
+            try session.query("SELECT kind, buffer, owner, owner, token, at_ms, expires_ms FROM \(table)_audit ORDER BY id").rows.map(auditChange)
+        }
+        return HistoryChecker.check(changes).doubleGrants
+    }
+
+    func close() async {
+        for connection in pool { await connection.close() }
+    }
+}
