@@ -154,33 +154,34 @@ public final class BatonClient: Sendable {
         let channel: AMQPChannel
     }
 
-    /// One published request waiting for its reply (or a timeout).
+    /// One published request waiting for its reply, or for its resend deadline (enforced by the reaper).
     private final class PendingCall: Sendable {
         private struct State {
-            var result: Result<Reply, BatonClientError>?
+            var result: Result<Reply, BatonClientError>??
             var waiter: CheckedContinuation<Result<Reply, BatonClientError>?, Never>?
         }
 
+        let deadline: ContinuousClock.Instant
         private let state = Mutex(State())
 
-        func resolve(_ value: Result<Reply, BatonClientError>) {
+        init(deadline: ContinuousClock.Instant) {
+            self.deadline = deadline
+        }
+
+        /// Delivers the reply or failure (or nil: the deadline passed without one).
+        func resolve(_ value: Result<Reply, BatonClientError>?) {
             let waiter = state.withLock { state -> CheckedContinuation<Result<Reply, BatonClientError>?, Never>? in
                 guard state.result == nil else { return nil }
-                state.result = value
+                state.result = .some(value)
                 defer { state.waiter = nil }
                 return state.waiter
             }
             waiter?.resume(returning: value)
         }
 
-        /// The result, or nil if none arrived by `deadline`.
-        func wait(until deadline: ContinuousClock.Instant) async -> Result<Reply, BatonClientError>? {
-            let timer = Task { [weak self] in
-                try? await Task.sleep(until: deadline)
-                self?.expire()
-            }
-            defer { timer.cancel() }
-            return await withCheckedContinuation { continuation in
+        /// The result, or nil if none arrived by the deadline.
+        func wait() async -> Result<Reply, BatonClientError>? {
+            await withCheckedContinuation { continuation in
                 let ready = state.withLock { state -> Result<Reply, BatonClientError>?? in
                     if let value = state.result { return .some(value) }
                     state.waiter = continuation
@@ -189,20 +190,29 @@ public final class BatonClient: Sendable {
                 if let ready { continuation.resume(returning: ready) }
             }
         }
+    }
 
-        private func expire() {
-            let waiter = state.withLock { state -> CheckedContinuation<Result<Reply, BatonClientError>?, Never>? in
-                defer { state.waiter = nil }
-                return state.waiter
-            }
-            waiter?.resume(returning: nil)
+    /// Ends waits whose deadline passed; returns false once the client is closed.
+    private func reapOverdue() -> Bool {
+        let now = ContinuousClock.now
+        let (closed, overdue) = state.withLock { state in
+            (state.closed, state.pending.values.filter { $0.deadline <= now })
         }
+        for call in overdue { call.resolve(nil) }
+        return !closed
     }
 
     /// Creates a client; it connects on first use.
     public init(configuration: BatonClientConfiguration, logger: Logger = Logger(label: "baton.client")) {
         self.configuration = configuration
         self.logger = logger
+        // One reaper per client instead of a timer per call; it ends with the client.
+        Task { [weak self] in
+            while true {
+                try? await Task.sleep(for: .milliseconds(20))
+                guard let self, self.reapOverdue() else { return }
+            }
+        }
     }
 
     // MARK: - Typed calls
@@ -271,7 +281,7 @@ public final class BatonClient: Sendable {
         while ContinuousClock.now < deadline {
             attempts += 1
             let correlationID = UUID().uuidString
-            let pending = PendingCall()
+            let pending = PendingCall(deadline: min(deadline, ContinuousClock.now + configuration.resendAfter))
             let registered = state.withLock { state -> Bool in
                 guard !state.closed else { return false }
                 state.pending[correlationID] = pending
@@ -297,8 +307,7 @@ public final class BatonClient: Sendable {
                 try? await Task.sleep(for: min(backoff.next(), deadline - ContinuousClock.now))
                 continue
             }
-            let waitUntil = min(deadline, ContinuousClock.now + configuration.resendAfter)
-            switch await pending.wait(until: waitUntil) {
+            switch await pending.wait() {
             case .success(let reply)?:
                 if reply.status == .error {
                     throw BatonClientError(code: .rejected, message: reply.error?.message ?? "rejected", requestID: request.requestID, errorCode: reply.error?.code)

@@ -5,30 +5,33 @@ import Foundation
 #endif
 
 extension ProtocolCodec {
-    /// Encodes a request the way a frontend publishes it.
+    /// Encodes a request the way a frontend publishes it (only the fields of its op).
     public static func encode(_ request: Request) -> [UInt8] {
-        var wire = WireRequest(v: ProtocolV1.version, op: request.operation.rawValue, requestID: request.requestID)
+        var json = JSONWriter(capacity: 192)
+        json.integer("v", ProtocolV1.version)
+        json.string("op", request.operation.rawValue)
+        json.string("request_id", request.requestID)
         switch request.command {
         case .claim(let buffer, let holder, let lease):
-            wire.buffer = buffer
-            wire.user = holder.user
-            wire.connection = holder.connection
-            wire.leaseMS = lease
+            json.string("buffer", buffer)
+            json.string("user", holder.user)
+            json.string("connection", holder.connection)
+            json.integer("lease_ms", lease)
         case .renew(let buffer, let connection, let token, let lease):
-            wire.buffer = buffer
-            wire.connection = connection
-            wire.token = token
-            wire.leaseMS = lease
+            json.string("buffer", buffer)
+            json.string("connection", connection)
+            json.integer("token", token)
+            json.integer("lease_ms", lease)
         case .release(let buffer, let connection, let token):
-            wire.buffer = buffer
-            wire.connection = connection
-            wire.token = token
+            json.string("buffer", buffer)
+            json.string("connection", connection)
+            json.integer("token", token)
         case .inspect(let buffer):
-            wire.buffer = buffer
+            json.string("buffer", buffer)
         case .releaseConnection(let connection):
-            wire.connection = connection
+            json.string("connection", connection)
         }
-        return encodeJSON(wire)
+        return json.finish()
     }
 
     /// Encodes a reply body: every field present, absent values as `null`.
@@ -71,27 +74,6 @@ extension ProtocolCodec {
         return json.finish()
     }
 
-    private static func encodeJSON(_ value: some Encodable) -> [UInt8] {
-        let encoder = JSONEncoder()
-        encoder.outputFormatting = [.withoutEscapingSlashes]
-        // Our wire types contain only strings, integers, booleans and nulls: encoding cannot fail.
-        return Array(try! encoder.encode(value))
-    }
-}
-
-private struct WireRequest: Encodable {
-    var v: Int
-    var op: String
-    var requestID: String
-    var buffer: String?
-    var user: String?
-    var connection: String?
-    var leaseMS: Int64?
-    var token: Int64?
-
-    enum CodingKeys: String, CodingKey {
-        case v, op, requestID = "request_id", buffer, user, connection, leaseMS = "lease_ms", token
-    }
 }
 
 private struct WireHolder: Decodable {

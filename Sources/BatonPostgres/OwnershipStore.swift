@@ -220,10 +220,10 @@ public final class OwnershipStore: Sendable {
 
     // MARK: - Outbox and retention
 
-    /// Up to `limit` changes of `partition` not yet marked delivered, oldest first.
-    public func undelivered(partition: Int, limit: Int = 1000) async throws -> [OutboxEntry] {
+    /// Up to `limit` changes of `partition` decided at least `olderThan` ago and not yet marked delivered, oldest first.
+    public func undelivered(partition: Int, olderThan: Duration = .zero, limit: Int = 1000) async throws -> [OutboxEntry] {
         try await connection.withSession { session in
-            try session.query(SQL.undelivered, [String(partition), String(limit)]).rows.map { row in
+            try session.query(SQL.undelivered, [String(partition), String(limit), String(olderThan.wholeMilliseconds)]).rows.map { row in
                 guard let id = row[0].flatMap(Int64.init), let kindText = row[1], let kind = ChangeKind(rawValue: kindText),
                       let buffer = row[2], let user = row[3], let holderConnection = row[4],
                       let token = row[5].flatMap(Int64.init), let at = row[6].flatMap(Int64.init), let expires = row[7].flatMap(Int64.init)
@@ -458,7 +458,9 @@ enum SQL {
     static let undelivered = PreparedStatement(name: "baton_undelivered", sql: """
         SELECT id, kind, buffer, holder_user, holder_connection, token,
                (extract(epoch FROM at) * 1000)::int8, (extract(epoch FROM expires_at) * 1000)::int8
-        FROM baton_outbox WHERE partition = $1 AND delivered_at IS NULL ORDER BY id LIMIT $2
+        FROM baton_outbox
+        WHERE partition = $1 AND delivered_at IS NULL AND at <= clock_timestamp() - $3::int8 * interval '1 millisecond'
+        ORDER BY id LIMIT $2
         """)
 
     static let markDelivered = PreparedStatement(name: "baton_mark_delivered", sql: """

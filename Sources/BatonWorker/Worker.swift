@@ -200,7 +200,18 @@ public final class Worker: Service, Sendable {
                 try await channel.enableConfirms()
                 try await channel.qos(prefetch: configuration.prefetch)
                 let (_, deliveries) = try await channel.consume(queue: configuration.queueName(partition))
-                try await loop(channel: channel, deliveries: deliveries)
+                let pump = store.map { store in
+                    EventPump(partition: partition, store: store, channel: channel, logger: logger) { count in
+                        worker.statistics.withLock { $0.events += count }
+                    }
+                }
+                do {
+                    try await loop(channel: channel, deliveries: deliveries, pump: pump)
+                } catch {
+                    await pump?.finish()
+                    throw error
+                }
+                await pump?.finish()
             } catch {
                 await channel.close()
                 throw error
@@ -208,7 +219,7 @@ public final class Worker: Service, Sendable {
             await channel.close()
         }
 
-        private func loop(channel: AMQPChannel, deliveries: DeliveryQueue) async throws {
+        private func loop(channel: AMQPChannel, deliveries: DeliveryQueue, pump: EventPump?) async throws {
             var epoch: Int64?
             var logger = self.logger
             var nextSweep = ContinuousClock.now + configuration.sweepInterval
@@ -232,7 +243,7 @@ public final class Worker: Service, Sendable {
                         logger[metadataKey: "baton.epoch"] = "\(taken)"
                         logger.info("took partition")
                     }
-                    guard try await process(batch, epoch: epoch!, store: store, channel: channel, logger: logger) else { return }
+                    guard try await process(batch, epoch: epoch!, store: store, channel: channel, pump: pump, logger: logger) else { return }
                 }
                 if let epoch, let store, ContinuousClock.now >= nextSweep {
                     nextSweep = ContinuousClock.now + configuration.sweepInterval
@@ -265,7 +276,7 @@ public final class Worker: Service, Sendable {
         }
 
         /// Decides one batch and answers it. Returns false when the worker stopped before the batch committed.
-        private func process(_ batch: [AMQPMessage], epoch: Int64, store: OwnershipStore, channel: AMQPChannel, logger: Logger) async throws -> Bool {
+        private func process(_ batch: [AMQPMessage], epoch: Int64, store: OwnershipStore, channel: AMQPChannel, pump: EventPump?, logger: Logger) async throws -> Bool {
             var requests: [Request] = []
             var requestMessages: [AMQPMessage] = []
             var actions: [ChannelAction] = []
@@ -310,9 +321,7 @@ public final class Worker: Service, Sendable {
                 $0.rejected += rejected
                 $0.batches += 1
             }
-            if let changes = result?.changes, !changes.isEmpty {
-                await publishEvents(changes, store: store, channel: channel, logger: logger)
-            }
+            if let changes = result?.changes { pump?.send(changes) }
             return true
         }
 
@@ -357,31 +366,17 @@ public final class Worker: Service, Sendable {
             )
         }
 
-        /// Publishes committed changes with confirms and marks them delivered; failures leave them for the next sweep.
-        private func publishEvents(_ entries: [OutboxEntry], store: OwnershipStore, channel: AMQPChannel, logger: Logger) async {
-            let messages = entries.map { entry in
-                OutgoingMessage(
-                    exchange: ProtocolV1.eventsExchange,
-                    routingKey: ProtocolV1.eventRoutingKey(partition: partition, kind: entry.change.kind),
-                    body: ProtocolCodec.encodeEvent(entry.change),
-                    properties: AMQPProperties(contentType: ProtocolV1.contentType, messageID: String(entry.id), deliveryMode: 2)
-                )
-            }
-            do {
-                let outcomes = try await channel.publishConfirmed(messages)
-                let delivered = zip(entries, outcomes).filter { $0.1 != .nacked }.map(\.0.id)
-                try await store.markDelivered(delivered)
-                worker.statistics.withLock { $0.events += delivered.count }
-            } catch {
-                logger.warning("publishing events failed; they stay in the outbox for the next sweep", metadata: ["baton.error": "\(error)"])
-            }
-        }
-
         private func sweep(epoch: Int64, store: OwnershipStore, channel: AMQPChannel, logger: Logger) async throws {
             do {
                 let expired = try await store.sweep(partition: partition, epoch: epoch)
-                let backlog = try await store.undelivered(partition: partition, limit: 1000)
-                if !backlog.isEmpty { await publishEvents(backlog, store: store, channel: channel, logger: logger) }
+                // Expiries, and any event the pump could not get confirmed (rows older than a few seconds).
+                var events = expired
+                events += try await store.undelivered(partition: partition, olderThan: .seconds(5), limit: 1000)
+                if !events.isEmpty {
+                    let confirmed = await EventPump.publish(events, partition: partition, channel: channel, logger: logger)
+                    try await store.markDelivered(confirmed)
+                    worker.statistics.withLock { $0.events += confirmed.count }
+                }
                 if !expired.isEmpty {
                     worker.statistics.withLock { $0.expired += expired.count }
                     logger.debug("expired leases", metadata: ["baton.count": "\(expired.count)"])

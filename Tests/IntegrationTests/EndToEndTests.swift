@@ -59,6 +59,46 @@ import Testing
         await worker.stop()
     }
 
+    @Test func ownershipChangesArePublishedAsEventsAndMarkedDelivered() async throws {
+        let deployment = try await Deployment.make(partitions: 4)
+        let subscriber = try await TestBroker.connect("events")
+        let channel = try await subscriber.openChannel()
+        let queue = "baton.test.events.\(UUID().uuidString)"
+        try await channel.declareQueue(queue, durable: false, arguments: ["x-expires": .int(60_000)])
+        try await channel.bindQueue(queue, exchange: ProtocolV1.eventsExchange, routingKey: "#")
+        let (_, events) = try await channel.consume(queue: queue, noAck: true)
+
+        let worker = deployment.startWorker()
+        let client = deployment.client()
+        let b = "events.txt"
+        let p = deployment.partitioner.partition(of: b)
+        guard case .granted(let lease) = try await client.claim(b, user: "ann", connection: "c1", lease: .seconds(1)) else {
+            Issue.record("not granted")
+            return
+        }
+        _ = try await client.release(b, connection: "c1", token: lease.token)
+        _ = try await client.claim(b, user: "bob", connection: "c2", lease: .seconds(1))  // expires in 1 s; the sweep emits it
+
+        var received: [AMQPMessage] = []
+        let deadline = ContinuousClock.now + .seconds(10)
+        while received.count < 4, ContinuousClock.now < deadline {
+            received += try await events.next(max: 16, timeout: .milliseconds(500))
+        }
+        #expect(received.map(\.routingKey) == ["\(p).granted", "\(p).released", "\(p).granted", "\(p).expired"])
+        let bodies = received.map { String(decoding: $0.body, as: UTF8.self) }
+        #expect(bodies.first?.contains(#""holder":{"user":"ann","connection":"c1"}"#) == true)
+        #expect(bodies.last?.contains(#""kind":"expired""#) == true && bodies.last?.contains(#""token":2"#) == true)
+        #expect(received.allSatisfy { $0.properties.contentType == "application/json" && $0.properties.messageID != nil })
+
+        // Every change is marked delivered once confirmed.
+        let store = try await TestDatabase.store(deployment.databaseURL, partitions: 4)
+        #expect(await Deployment.eventually { (try? await store.undelivered(partition: p).isEmpty) == true })
+        await store.connection.close()
+        await client.close()
+        await worker.stop()
+        await subscriber.close()
+    }
+
     @Test func incidentReplayThroughTheBroker() async throws {
         let deployment = try await Deployment.make(partitions: 4)
         let worker = deployment.startWorker()
