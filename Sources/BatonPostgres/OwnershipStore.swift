@@ -146,27 +146,38 @@ public final class OwnershipStore: Sendable {
     private static func applyOnce(
         _ session: PostgresSession, _ requests: [Request], partition: Int, epoch: Int64, partitioner: Partitioner, attempt: Int
     ) throws -> BatchResult {
-        try fence(session, partition: partition, epoch: epoch)
-
-        // Replies already given to these request ids (a redelivery or a client retry).
-        let ids = Set(requests.map { ExactString($0.requestID) })
-        var stored: [ExactString: Reply] = [:]
-        for row in try session.query(SQL.storedReplies, [String(partition), PostgresArray.text(ids.map(\.string))]).rows {
-            guard let id = row[0], let body = row[1], let reply = try? ProtocolCodec.decodeReply(Array(body.utf8)) else {
-                // Deciding again could apply a request twice: refuse instead.
-                throw PostgresError(code: .unexpectedResult, message: "a stored reply in baton_requests for partition \(partition) cannot be decoded")
-            }
-            stored[ExactString(id)] = reply
-        }
-
-        // The rows the batch touches, and database time read after their snapshot.
-        let fresh = requests.filter { stored[ExactString($0.requestID)] == nil }
-        let buffers = Set(fresh.compactMap { request in request.buffer.map { ExactString($0) } })
-        let connections = Set(fresh.compactMap { request -> ExactString? in
+        // One statement: lock the partition row FOR SHARE and read its epoch, the replies already given
+        // to these request ids (redeliveries, client retries), the rows the batch touches, and the clock.
+        let buffers = Set(requests.compactMap { request in request.buffer.map { ExactString($0) } })
+        let connections = Set(requests.compactMap { request -> ExactString? in
             if case .releaseConnection(let connection) = request.command { return ExactString(connection) }
             return nil
         })
-        let (now, initial, versions) = try readBuffers(session, partition: partition, buffers: buffers, connections: connections)
+        let rows = try session.query(SQL.readBatch, [
+            String(partition), PostgresArray.text(Set(requests.map { ExactString($0.requestID) }).map(\.string)),
+            PostgresArray.text(buffers.map(\.string)), PostgresArray.text(connections.map(\.string)),
+        ]).rows
+        guard let header = rows.first(where: { $0[0] == "f" }), let clock = header[2].flatMap(Int64.init) else {
+            throw PostgresError(code: .unexpectedResult, message: "the batch read returned no header row")
+        }
+        try checkEpoch(header[1].flatMap(Int64.init), partition: partition, epoch: epoch)
+        let now = Timestamp(milliseconds: clock)
+        var stored: [ExactString: Reply] = [:]
+        var initial: [ExactString: BufferState] = [:]
+        var versions: [ExactString: Int64] = [:]
+        for row in rows where row[0] != "f" {
+            if row[0] == "r" {
+                guard let id = row[1], let body = row[2], let reply = try? ProtocolCodec.decodeReply(Array(body.utf8)) else {
+                    // Deciding again could apply a request twice: refuse instead.
+                    throw PostgresError(code: .unexpectedResult, message: "a stored reply in baton_requests for partition \(partition) cannot be decoded")
+                }
+                stored[ExactString(id)] = reply
+            } else {
+                let (buffer, state, version) = try decodeBuffer(row)
+                initial[buffer] = state
+                versions[buffer] = version
+            }
+        }
 
         // Decide in queue order.
         var state = PartitionState(partition: partition, partitioner: partitioner, buffers: initial)
@@ -275,21 +286,16 @@ public final class OwnershipStore: Sendable {
 
     /// Locks the partition row FOR SHARE (so an epoch bump waits for us) and checks the epoch.
     private static func fence(_ session: PostgresSession, partition: Int, epoch: Int64) throws {
-        let current = try session.query(SQL.fence, [String(partition)]).first().flatMap(Int64.init)
+        try checkEpoch(session.query(SQL.fence, [String(partition)]).first().flatMap(Int64.init), partition: partition, epoch: epoch)
+    }
+
+    private static func checkEpoch(_ current: Int64?, partition: Int, epoch: Int64) throws {
         guard let current else {
             throw StoreError(code: .unknownPartition, partition: partition, message: "partition \(partition) does not exist in this deployment")
         }
         guard current == epoch else {
             throw StoreError(code: .partitionOwnershipLost, partition: partition, message: "this worker holds epoch \(epoch) but the partition is at epoch \(current): another worker took it; nothing was written")
         }
-    }
-
-    private static func readBuffers(
-        _ session: PostgresSession, partition: Int, buffers: Set<ExactString>, connections: Set<ExactString>
-    ) throws -> (Timestamp, [ExactString: BufferState], [ExactString: Int64]) {
-        try decodeBuffers(session.query(SQL.readBuffers, [
-            String(partition), PostgresArray.text(buffers.map(\.string)), PostgresArray.text(connections.map(\.string)),
-        ]))
     }
 
     /// Decodes rows of `now, buffer, ...` (the first row always carries the clock; `buffer` is NULL when no buffer matched).
@@ -375,19 +381,40 @@ enum SQL {
         SELECT epoch FROM baton_partitions WHERE partition = $1 FOR SHARE
         """)
 
-    static let storedReplies = PreparedStatement(name: "baton_stored_replies", sql: """
-        SELECT request_id, reply FROM baton_requests WHERE partition = $1 AND request_id = ANY($2::text[])
-        """)
-
-    // The clock is read in the same statement as the rows, after its snapshot: a decision's time is
-    // never earlier than the commit of any change it saw. Uses the primary key and baton_buffers_connection.
-    static let readBuffers = PreparedStatement(name: "baton_read_buffers", sql: """
-        WITH clock AS (SELECT floor(extract(epoch FROM clock_timestamp()) * 1000)::int8 AS now_ms)
-        SELECT c.now_ms, b.buffer, b.holder_user, b.holder_connection, b.token,
-               (extract(epoch FROM b.expires_at) * 1000)::int8, b.version
-        FROM clock c
-        LEFT JOIN baton_buffers b ON b.partition = $1
-            AND (b.buffer = ANY($2::text[]) OR (b.holder_connection IS NOT NULL AND b.holder_connection = ANY($3::text[])))
+    // Everything a batch reads, in one statement (one round trip, one execution):
+    // - `f`: the partition's epoch, locked FOR SHARE (an epoch bump waits for us; under READ COMMITTED
+    //   a bump that committed meanwhile is seen), and the clock, read after the statement's snapshot,
+    //   so a decision's time is never earlier than the commit of any change it saw;
+    // - `r`: replies already given to the batch's request ids (baton_requests primary key);
+    // - `b`: the rows of the batch's buffers (baton_buffers primary key) and of the buffers held by
+    //   release_connection's connections (baton_buffers_connection).
+    // Lookups are unnest + LATERAL probes: an `= ANY($n)` filter let the planner scan the whole
+    // partition when statistics lagged behind a young, fast-growing table (seen in the benchmark).
+    static let readBatch = PreparedStatement(name: "baton_read_batch", sql: """
+        WITH fence AS (SELECT epoch FROM baton_partitions WHERE partition = $1 FOR SHARE),
+        stored AS (
+            SELECT r.request_id, r.reply FROM unnest($2::text[]) AS wanted(request_id)
+            CROSS JOIN LATERAL (
+                SELECT request_id, reply FROM baton_requests WHERE partition = $1 AND request_id = wanted.request_id
+            ) r
+        ),
+        found AS (
+            SELECT b.* FROM unnest($3::text[]) AS wanted(buffer)
+            CROSS JOIN LATERAL (SELECT * FROM baton_buffers WHERE partition = $1 AND buffer = wanted.buffer) b
+            UNION
+            SELECT b.* FROM unnest($4::text[]) AS wanted(connection)
+            CROSS JOIN LATERAL (
+                SELECT * FROM baton_buffers WHERE partition = $1 AND holder_connection IS NOT NULL AND holder_connection = wanted.connection
+            ) b
+        )
+        SELECT 'f', (SELECT epoch FROM fence)::text, floor(extract(epoch FROM clock_timestamp()) * 1000)::int8::text,
+               NULL, NULL, NULL, NULL
+        UNION ALL
+        SELECT 'r', request_id, reply, NULL, NULL, NULL, NULL FROM stored
+        UNION ALL
+        SELECT 'b', buffer, holder_user, holder_connection, token::text,
+               ((extract(epoch FROM expires_at) * 1000)::int8)::text, version::text
+        FROM found
         """)
 
     // Uses baton_buffers_expiry.

@@ -11,12 +11,21 @@ public struct PostgresConnectionOptions: Sendable {
     public var statementTimeout: Duration
     /// The `application_name` the server shows in `pg_stat_activity`.
     public var applicationName: String
+    /// For connections that run only the ownership store's key lookups: plan each prepared
+    /// statement once (`plan_cache_mode = force_generic_plan`) and never choose a sequential scan
+    /// (`enable_seqscan = off`). On a young, fast-growing table the statistics lag behind and the
+    /// planner picked whole-partition scans (measured: 5.8 ms instead of 0.2 ms per batch read).
+    public var planForKeyLookups: Bool = false
 
     /// Creates options; the defaults suit the worker.
-    public init(connectTimeoutSeconds: Int = 5, statementTimeout: Duration = .seconds(10), applicationName: String = "baton") {
+    public init(
+        connectTimeoutSeconds: Int = 5, statementTimeout: Duration = .seconds(10), applicationName: String = "baton",
+        planForKeyLookups: Bool = false
+    ) {
         self.connectTimeoutSeconds = connectTimeoutSeconds
         self.statementTimeout = statementTimeout
         self.applicationName = applicationName
+        self.planForKeyLookups = planForKeyLookups
     }
 }
 
@@ -107,7 +116,7 @@ final class ConnectionHandle: @unchecked Sendable {
             ("host", url.host), ("port", String(url.port)), ("user", url.user), ("dbname", url.database),
             ("connect_timeout", String(options.connectTimeoutSeconds)),
             ("application_name", options.applicationName),
-            ("options", "-c statement_timeout=\(options.statementTimeout.wholeMilliseconds)"),
+            ("options", "-c statement_timeout=\(options.statementTimeout.wholeMilliseconds)" + (options.planForKeyLookups ? " -c plan_cache_mode=force_generic_plan -c enable_seqscan=off" : "")),
             ("keepalives", "1"), ("keepalives_idle", "5"), ("keepalives_interval", "2"), ("keepalives_count", "3"),
             ("tcp_user_timeout", "10000"),
         ]

@@ -134,7 +134,7 @@ public final class Worker: Service, Sendable {
                 do {
                     let connection = try await PostgresConnection.connect(
                         to: configuration.databaseURL,
-                        options: PostgresConnectionOptions(applicationName: "baton worker p\(partition)"), logger: logger
+                        options: PostgresConnectionOptions(applicationName: "baton worker p\(partition)", planForKeyLookups: true), logger: logger
                     )
                     stores[partition] = try await OwnershipStore.open(connection: connection, partitioner: configuration.partitioner, logger: logger)
                 } catch let error as SchemaError {
@@ -227,7 +227,7 @@ public final class Worker: Service, Sendable {
                 let wait = max(.milliseconds(1), min(nextSweep - ContinuousClock.now, .milliseconds(100)))
                 var batch = try await deliveries.next(max: configuration.batchSize, timeout: wait)
                 if !batch.isEmpty {
-                    if batch.count < configuration.batchSize {
+                    if batch.count < configuration.batchSize, configuration.linger > Duration.zero {
                         try? await Task.sleep(for: configuration.linger)
                         batch += deliveries.takeAvailable(max: configuration.batchSize - batch.count)
                     }

@@ -46,7 +46,9 @@ struct BenchStore: AsyncParsableCommand {
             await admin.close()
             throw ValidationError("cannot create the scratch database '\(name)' on \(serverURL): \(error); use a --database-url whose user may create databases")
         }
-        let connection = try await PostgresConnection.connect(to: scratch, logger: logger)
+        let connection = try await PostgresConnection.connect(
+            to: scratch, options: PostgresConnectionOptions(applicationName: "baton bench-store", planForKeyLookups: true), logger: logger
+        )
         try await Migrator.migrate(connection, partitionCount: partitioner.count, logger: logger)
         let store = try await OwnershipStore.open(connection: connection, partitioner: partitioner, logger: logger)
         var epochs: [Int: Int64] = [:]

@@ -31,6 +31,9 @@ struct WorkerCommand: AsyncParsableCommand {
     @Option(name: .customLong("sweep-interval-ms"), help: "How often each partition expires leases, 100-60000 ms (env BATON_SWEEP_INTERVAL_MS; default 1000).")
     var sweepFlag: Int?
 
+    @Option(name: .customLong("linger-us"), help: "How long a partition waits for more requests after the first of a batch, 0-100000 µs (env BATON_LINGER_US; default 1000).")
+    var lingerFlag: Int?
+
     @Flag(help: .hidden)
     var echo = false
 
@@ -62,6 +65,7 @@ struct WorkerCommand: AsyncParsableCommand {
         configuration.batchSize = try integer(batchSizeFlag, env: "BATON_BATCH_SIZE", default: 256, range: 1...10_000, name: "batch size")
         configuration.prefetch = UInt16(try integer(prefetchFlag, env: "BATON_PREFETCH", default: 256, range: 1...65_535, name: "prefetch"))
         configuration.echo = echo
+        configuration.linger = .microseconds(try integer(lingerFlag, env: "BATON_LINGER_US", default: 1000, range: 0...100_000, name: "linger"))
         configuration.sweepInterval = .milliseconds(try integer(sweepFlag, env: "BATON_SWEEP_INTERVAL_MS", default: 1000, range: 100...60_000, name: "sweep interval"))
         return configuration
     }
