@@ -109,6 +109,16 @@ public enum Migrator {
             CREATE INDEX baton_outbox_pending ON baton_outbox (partition, id) WHERE delivered_at IS NULL;
             CREATE INDEX baton_outbox_delivered ON baton_outbox (delivered_at) WHERE delivered_at IS NOT NULL;
             """),
+        Migration(version: 2, name: "abort a batch write on a compare-and-set miss", sql: """
+            -- A batch's write is one statement outside any explicit transaction. When one of its
+            -- compare-and-set conditions misses, the statement calls this to fail as a whole, so
+            -- nothing of it is written (SQLSTATE BT001), and the worker decides again.
+            CREATE FUNCTION baton_abort_batch(reason text) RETURNS bigint LANGUAGE plpgsql AS $$
+            BEGIN
+                RAISE EXCEPTION USING ERRCODE = 'BT001', MESSAGE = reason;
+            END
+            $$;
+            """),
     ]
 
     /// The newest schema version this code knows.

@@ -113,22 +113,24 @@ public final class OwnershipStore: Sendable {
     ///   misses, or a ``PostgresError``.
     public func apply(_ requests: [Request], partition: Int, epoch: Int64) async throws -> BatchResult {
         let partitioner = self.partitioner
-        return try await retryingTransaction(partition: partition, what: "the batch of \(requests.count) requests") { session, attempt in
+        // No BEGIN/COMMIT: the batch is one read and one atomic, fenced, compare-and-set write
+        // (optimistic concurrency; see SQL.write). Two round trips instead of six.
+        return try await retrying(partition: partition, what: "the batch of \(requests.count) requests", inTransaction: false) { session, attempt in
             try Self.applyOnce(session, requests, partition: partition, epoch: epoch, partitioner: partitioner, attempt: attempt)
         }
     }
 
-    /// Runs `body` in a transaction on the store's connection, retrying from a fresh read after a
-    /// compare-and-set miss, a deadlock or a serialization failure (each rolled everything back).
-    private func retryingTransaction<T: Sendable>(
-        partition: Int, what: String, _ body: @escaping @Sendable (PostgresSession, _ attempt: Int) throws -> T
+    /// Runs `body` (in a transaction if asked) on the store's connection, retrying from a fresh read
+    /// after a compare-and-set miss, a deadlock or a serialization failure (each wrote nothing).
+    private func retrying<T: Sendable>(
+        partition: Int, what: String, inTransaction: Bool, _ body: @escaping @Sendable (PostgresSession, _ attempt: Int) throws -> T
     ) async throws -> T {
         let maxAttempts = self.maxAttempts
         let logger = self.logger
         return try await connection.withSession { session in
             for attempt in 1...maxAttempts {
                 do {
-                    return try session.transaction { try body(session, attempt) }
+                    return try inTransaction ? session.transaction { try body(session, attempt) } : body(session, attempt)
                 } catch let miss as CompareAndSetMiss {
                     logger.debug("compare-and-set missed; retrying", metadata: [
                         "baton.partition": "\(partition)", "baton.attempt": "\(attempt)", "baton.missed": "\(miss.missed)",
@@ -201,7 +203,7 @@ public final class OwnershipStore: Sendable {
 
         let writes = state.buffers.filter { initial[$0.key] != $0.value }
         let outboxIDs = try write(
-            session, partition: partition, now: now, writes: writes, initial: initial, versions: versions,
+            session, partition: partition, epoch: epoch, now: now, writes: writes, initial: initial, versions: versions,
             records: newRecords, changes: changes
         )
         let entries = zip(outboxIDs, changes).map { OutboxEntry(id: $0, partition: partition, change: $1.0) }
@@ -215,14 +217,14 @@ public final class OwnershipStore: Sendable {
     /// Each expiry produces one `expired` change, once: the row is cleared in the same transaction.
     public func sweep(partition: Int, epoch: Int64, limit: Int = 1000) async throws -> [OutboxEntry] {
         let partitioner = self.partitioner
-        return try await retryingTransaction(partition: partition, what: "the sweep") { session, _ in
+        return try await retrying(partition: partition, what: "the sweep", inTransaction: true) { session, _ in
             try Self.fence(session, partition: partition, epoch: epoch)
             let (now, initial, versions) = try Self.decodeBuffers(session.query(SQL.expiredBuffers, [String(partition), String(limit)]))
             var state = PartitionState(partition: partition, partitioner: partitioner, buffers: initial)
             let changes = state.sweep(at: now)
             let writes = state.buffers.filter { initial[$0.key] != $0.value }
             let ids = try Self.write(
-                session, partition: partition, now: now, writes: writes, initial: initial, versions: versions,
+                session, partition: partition, epoch: epoch, now: now, writes: writes, initial: initial, versions: versions,
                 records: [], changes: changes.map { ($0, nil) }
             )
             return zip(ids, changes).map { OutboxEntry(id: $0, partition: partition, change: $1) }
@@ -326,16 +328,19 @@ public final class OwnershipStore: Sendable {
     /// Writes changed buffers (compare-and-set), idempotency records and outbox rows in one statement.
     ///
     /// - Returns: the outbox ids, in the order of `changes`.
-    /// - Throws: ``CompareAndSetMiss`` when another writer changed a buffer or recorded a request id first.
+    /// - Throws: ``CompareAndSetMiss`` when another writer changed a buffer or recorded a request id first
+    ///   (the statement then aborts itself, SQLSTATE BT001, and writes nothing).
     private static func write(
-        _ session: PostgresSession, partition: Int, now: Timestamp, writes: [ExactString: BufferState],
+        _ session: PostgresSession, partition: Int, epoch: Int64, now: Timestamp, writes: [ExactString: BufferState],
         initial: [ExactString: BufferState], versions: [ExactString: Int64], records: [(String, Reply)], changes: [(OwnershipChange, String?)]
     ) throws -> [Int64] {
         guard !writes.isEmpty || !records.isEmpty || !changes.isEmpty else { return [] }
         let buffers = writes.keys.sorted()  // a fixed order keeps concurrent writers from deadlocking
         let states = buffers.map { writes[$0]! }
         let changeList = changes.map(\.0)
-        let row = try session.query(SQL.write, [
+        let row: [String?]
+        do {
+            row = try session.query(SQL.write, [
             String(partition), String(now.milliseconds),
             PostgresArray.text(buffers.map(\.string)),
             PostgresArray.text(states.map { $0.holder?.user }),
@@ -354,7 +359,12 @@ public final class OwnershipStore: Sendable {
             PostgresArray.integers(changeList.map { Optional($0.at.milliseconds) }),
             PostgresArray.integers(changeList.map { Optional($0.expiresAt.milliseconds) }),
             PostgresArray.text(changes.map(\.1)),
-        ]).rows.first ?? []
+            String(epoch), String(buffers.count), String(records.count),
+            ]).rows.first ?? []
+        } catch let error as PostgresError where error.sqlState == "BT001" {
+            throw CompareAndSetMiss(missed: 1)
+        }
+        try checkEpoch(row.count > 3 ? row[3].flatMap(Int64.init) : nil, partition: partition, epoch: epoch)
         let written = row.first.flatMap { $0.flatMap(Int.init) } ?? -1
         let recorded = row.count > 1 ? row[1].flatMap(Int.init) ?? -1 : -1
         guard written == buffers.count, recorded == records.count else {
@@ -382,16 +392,16 @@ enum SQL {
         """)
 
     // Everything a batch reads, in one statement (one round trip, one execution):
-    // - `f`: the partition's epoch, locked FOR SHARE (an epoch bump waits for us; under READ COMMITTED
-    //   a bump that committed meanwhile is seen), and the clock, read after the statement's snapshot,
-    //   so a decision's time is never earlier than the commit of any change it saw;
+    // - `f`: the partition's epoch (to stop early when it was taken; the write re-checks it under a
+    //   FOR SHARE lock), and the clock, read after the statement's snapshot, so a decision's time is
+    //   never earlier than the commit of any change it saw;
     // - `r`: replies already given to the batch's request ids (baton_requests primary key);
     // - `b`: the rows of the batch's buffers (baton_buffers primary key) and of the buffers held by
     //   release_connection's connections (baton_buffers_connection).
     // Lookups are unnest + LATERAL probes: an `= ANY($n)` filter let the planner scan the whole
     // partition when statistics lagged behind a young, fast-growing table (seen in the benchmark).
     static let readBatch = PreparedStatement(name: "baton_read_batch", sql: """
-        WITH fence AS (SELECT epoch FROM baton_partitions WHERE partition = $1 FOR SHARE),
+        WITH fence AS (SELECT epoch FROM baton_partitions WHERE partition = $1),
         stored AS (
             SELECT r.request_id, r.reply FROM unnest($2::text[]) AS wanted(request_id)
             CROSS JOIN LATERAL (
@@ -432,13 +442,20 @@ enum SQL {
         ) b ON true
         """)
 
-    // One statement for every write of a batch. Updates and inserts are compare-and-set: an update
-    // needs the token and version the decision read, an insert needs the buffer to be still absent.
-    // The caller compares the counts with what it expected and retries on a miss.
+    // One statement for every write of a batch, atomic on its own. It is fenced: it locks the
+    // partition row FOR SHARE (an epoch bump waits for it; under READ COMMITTED a bump committed
+    // meanwhile is seen) and writes nothing unless the epoch is still $20. Updates and inserts are
+    // compare-and-set: an update needs the token and version the decision read, an insert needs the
+    // buffer to be still absent, an idempotency record needs its request id to be still free. The
+    // caller compares the counts with what it expected and decides again from a fresh read on a miss.
     static let write = PreparedStatement(name: "baton_write", sql: """
-        WITH input AS (
+        WITH fence AS (
+            SELECT epoch FROM baton_partitions WHERE partition = $1 FOR SHARE
+        ),
+        input AS (
             SELECT * FROM unnest($3::text[], $4::text[], $5::text[], $6::int8[], $7::int8[], $8::int8[], $9::int8[])
                 AS i(buffer, holder_user, holder_connection, token, expires_ms, expected_token, expected_version)
+            WHERE (SELECT epoch FROM fence) = $20
         ),
         updated AS (
             UPDATE baton_buffers b
@@ -463,6 +480,7 @@ enum SQL {
         recorded AS (
             INSERT INTO baton_requests (partition, request_id, reply)
             SELECT $1, r.request_id, r.reply FROM unnest($10::text[], $11::text[]) AS r(request_id, reply)
+            WHERE (SELECT epoch FROM fence) = $20
             ON CONFLICT (partition, request_id) DO NOTHING
             RETURNING 1
         ),
@@ -473,12 +491,19 @@ enum SQL {
                    timestamptz 'epoch' + o.expires_ms * interval '1 millisecond', o.request_id
             FROM unnest($12::text[], $13::text[], $14::text[], $15::text[], $16::int8[], $17::int8[], $18::int8[], $19::text[])
                 WITH ORDINALITY AS o(kind, buffer, holder_user, holder_connection, token, at_ms, expires_ms, request_id, n)
+            WHERE (SELECT epoch FROM fence) = $20
             ORDER BY o.n
             RETURNING id
         )
         SELECT (SELECT count(*) FROM updated) + (SELECT count(*) FROM inserted),
                (SELECT count(*) FROM recorded),
-               (SELECT array_agg(id ORDER BY id) FROM outbox)
+               (SELECT array_agg(id ORDER BY id) FROM outbox),
+               (SELECT epoch FROM fence),
+               CASE WHEN (SELECT epoch FROM fence) = $20
+                     AND ((SELECT count(*) FROM updated) + (SELECT count(*) FROM inserted) <> $21
+                          OR (SELECT count(*) FROM recorded) <> $22)
+                    THEN baton_abort_batch('compare-and-set miss: another writer changed a buffer or recorded a request id first')
+               END
         """)
 
     // Uses baton_outbox_pending.

@@ -122,7 +122,13 @@ public final class Worker: Service, Sendable {
             await connection.close()
         }
         for store in stores.values { await store.connection.close() }
-        logger.info("worker stopped")
+        let stats = self.stats
+        logger.info("worker stopped", metadata: [
+            "baton.requests": "\(stats.requests)", "baton.batches": "\(stats.batches)", "baton.replayed": "\(stats.replayed)",
+            "baton.rejected": "\(stats.rejected)", "baton.events": "\(stats.events)", "baton.fence_losses": "\(stats.fenceLosses)",
+            "baton.mean_batch": "\(stats.batches > 0 ? Double(stats.requests) / Double(stats.batches) : 0)",
+            "baton.mean_commit_ms": "\(stats.batches > 0 ? Double(stats.commitTime.components.attoseconds / 1_000_000_000_000 + stats.commitTime.components.seconds * 1_000_000) / 1000 / Double(stats.batches) : 0)",
+        ])
     }
 
     /// One store (one PostgreSQL connection) per partition, so partitions commit in parallel.
@@ -297,7 +303,10 @@ public final class Worker: Service, Sendable {
             }
             var result: BatchResult?
             if !requests.isEmpty {
+                let started = ContinuousClock.now
                 result = try await retryingDatabase { try await store.apply(requests, partition: partition, epoch: epoch) }
+                let took = ContinuousClock.now - started
+                worker.statistics.withLock { $0.commitTime += took }
                 guard result != nil else { return false }
                 if let afterCommit = configuration.afterCommit { await afterCommit(partition, connection) }
             }
@@ -410,6 +419,8 @@ public struct WorkerStatistics: Sendable {
     public var databaseRetries = 0
     /// AMQP connections made.
     public var connections = 0
+    /// Time spent in the store's batch transactions.
+    public var commitTime: Duration = .zero
 }
 
 struct PartitionSetDescription: CustomStringConvertible {

@@ -141,7 +141,7 @@ struct Bench: AsyncParsableCommand {
             let sampler = worker.sampleMemory()
             var measurement = await runner.closedLoop(duration: .seconds(duration), tokens: tokens)
             var result = SystemResult(measurement: measurement)
-            if !echo && !noHalfPeak && measurement.perSecond > 0 {
+            if !noHalfPeak && measurement.perSecond > 0 {
                 let rate = measurement.perSecond / 2
                 let half = await BenchRunner(workload: workload, system: baton, clients: clients, buffers: buffers, label: "\(label) at half peak", runID: runID + "h")
                     .openLoop(rate: rate, duration: .seconds(max(1, duration / 2)), tokens: tokens)
