@@ -374,6 +374,41 @@ import Testing
         await worker.stop()
     }
 
+    @Test func benchSmokeRunCompletesWithoutDoubleGrants() async throws {
+        _ = try await Deployment.make(partitions: 4)
+        let output = FileManager.default.temporaryDirectory.appendingPathComponent("baton-bench-smoke-\(UUID().uuidString)")
+        let process = Process()
+        process.executableURL = Deployment.batonExecutable
+        process.arguments = [
+            "bench", "--duration", "2", "--workload", "hot", "--clients", "8", "--partitions", "4",
+            "--no-half-peak", "--output", output.path,
+        ]
+        var environment = ProcessInfo.processInfo.environment
+        environment["BATON_DATABASE_URL"] = try PostgresURL(TestDatabase.serverURL).connectionString
+        environment["BATON_AMQP_URL"] = TestBroker.urlText
+        process.environment = environment
+        let log = output.appendingPathExtension("log")
+        _ = FileManager.default.createFile(atPath: log.path, contents: nil)
+        let handle = try FileHandle(forWritingTo: log)
+        process.standardOutput = handle
+        process.standardError = handle
+        try process.run()
+        process.waitUntilExit()
+        #expect(process.terminationStatus == 0, "baton bench failed: \((try? String(contentsOf: log, encoding: .utf8)) ?? "")")
+
+        let data = try Data(contentsOf: output.appendingPathComponent("results.json"))
+        let json = try #require(try JSONSerialization.jsonObject(with: data) as? [String: Any])
+        let hot = try #require((json["workloads"] as? [String: Any])?["hot"] as? [String: Any])
+        let systems = try #require(hot["systems"] as? [String: [String: Any]])
+        #expect(Set(systems.keys) == ["baton", "postgres", "naive", "echo"])
+        #expect(systems["baton"]?["double_grants"] as? Int == 0)
+        #expect(systems["baton"]?["errors"] as? Int == 0)
+        #expect((systems["baton"]?["claims_per_s"] as? Double ?? 0) > 0)
+        #expect(systems["postgres"]?["double_grants"] as? Int == 0)
+        #expect(hot["ratios"] is [String: Any])
+        #expect(FileManager.default.fileExists(atPath: output.appendingPathComponent("results.svg").path))
+    }
+
     @Test func sigtermStopsAWorkerCleanlyWithinFiveSeconds() async throws {
         let deployment = try await Deployment.make(partitions: 4)
         let process = try deployment.spawnWorker(id: "sigterm")

@@ -55,7 +55,10 @@ struct SystemResult: Sendable {
             ]
         }
         if let memory = workerMemory, !memory.samples.isEmpty {
-            object["worker_rss_mib"] = ["first": round1(memory.samples.first!), "last": round1(memory.samples.last!), "max": round1(memory.samples.max()!)]
+            object["worker_rss_mib"] = [
+                "first": round1(memory.samples.first!), "last": round1(memory.samples.last!), "max": round1(memory.samples.max()!),
+                "samples": memory.samples.map(round1),
+            ]
         }
         return object
     }
