@@ -58,6 +58,7 @@ public final class Worker: Service, Sendable {
     private let logger: Logger
     private let stopping = Atomic<Bool>(false)
     private let statistics = Mutex(WorkerStatistics())
+    private let health = Mutex(WorkerReadiness())
 
     /// Creates a worker.
     public init(configuration: WorkerConfiguration, logger: Logger) {
@@ -74,6 +75,13 @@ public final class Worker: Service, Sendable {
 
     /// Counters since start (for tests and logs).
     public var stats: WorkerStatistics { statistics.withLock { $0 } }
+
+    /// Whether the worker is connected to both services and consuming every partition it serves.
+    public var readiness: WorkerReadiness {
+        var readiness = health.withLock { $0 }
+        readiness.partitions = configuration.partitions
+        return readiness
+    }
 
     public func run() async throws {
         try await withGracefulShutdownHandler {
@@ -92,6 +100,7 @@ public final class Worker: Service, Sendable {
 
     private func serve() async throws {
         let stores = configuration.echo ? [:] : try await openStores()
+        health.withLock { $0.databaseConnected = true }
         var backoff = Backoff()
         while !isStopping {
             let connection: AMQPConnection
@@ -105,7 +114,12 @@ public final class Worker: Service, Sendable {
                 continue
             }
             backoff.reset()
-            statistics.withLock { $0.connections += 1 }
+            let reconnect = statistics.withLock { state -> Bool in
+                state.connections += 1
+                return state.connections > 1
+            }
+            if reconnect { WorkerMetrics.reconnects.increment() }
+            health.withLock { $0.brokerConnected = true }
             logger.info("worker connected", metadata: [
                 "baton.amqp": "\(configuration.amqpURL)", "baton.partitions": "\(PartitionSetDescription(configuration.partitions))",
             ])
@@ -118,6 +132,10 @@ public final class Worker: Service, Sendable {
                     while !self.isStopping, connection.isOpen { await self.sleep(.milliseconds(50)) }
                 }
                 await group.waitForAll()
+            }
+            health.withLock {
+                $0.brokerConnected = false
+                $0.consuming.removeAll()
             }
             await connection.close()
         }
@@ -166,12 +184,19 @@ public final class Worker: Service, Sendable {
     private func runPartition(_ partition: Int, store: OwnershipStore?, connection: AMQPConnection) async {
         var logger = self.logger
         logger[metadataKey: "baton.partition"] = "\(partition)"
+        let metrics = PartitionMetrics(partition: partition)
         while !isStopping, connection.isOpen {
-            let runner = PartitionRunner(partition: partition, store: store, configuration: configuration, logger: logger, worker: self, connection: connection)
+            let runner = PartitionRunner(partition: partition, store: store, configuration: configuration, logger: logger, worker: self, connection: connection, metrics: metrics)
+            defer {
+                metrics.active.record(0)
+                metrics.epoch.record(0)
+                _ = health.withLock { $0.consuming.remove(partition) }
+            }
             do {
                 try await runner.run(on: connection)
             } catch RunnerExit.ownershipLost {
                 statistics.withLock { $0.fenceLosses += 1 }
+                metrics.fenceLosses.increment()
                 logger.warning("partition ownership lost: stopped consuming; will rejoin as a standby", metadata: ["baton.rejoin_in": "\(configuration.rejoinDelay)"])
                 await sleep(configuration.rejoinDelay)
             } catch {
@@ -199,6 +224,7 @@ public final class Worker: Service, Sendable {
         var logger: Logger
         let worker: Worker
         let connection: AMQPConnection
+        let metrics: PartitionMetrics
 
         func run(on connection: AMQPConnection) async throws {
             let channel = try await connection.openChannel()
@@ -206,9 +232,12 @@ public final class Worker: Service, Sendable {
                 try await channel.enableConfirms()
                 try await channel.qos(prefetch: configuration.prefetch)
                 let (_, deliveries) = try await channel.consume(queue: configuration.queueName(partition))
+                _ = worker.health.withLock { $0.consuming.insert(partition) }
+                let metrics = self.metrics
                 let pump = store.map { store in
                     EventPump(partition: partition, store: store, channel: channel, logger: logger) { count in
                         worker.statistics.withLock { $0.events += count }
+                        metrics.events.increment(by: count)
                     }
                 }
                 do {
@@ -247,6 +276,8 @@ public final class Worker: Service, Sendable {
                         guard let taken else { return }
                         epoch = taken
                         logger[metadataKey: "baton.epoch"] = "\(taken)"
+                        metrics.epoch.record(taken)
+                        metrics.active.record(1)
                         logger.info("took partition")
                     }
                     guard try await process(batch, epoch: epoch!, store: store, channel: channel, pump: pump, logger: logger) else { return }
@@ -276,6 +307,7 @@ public final class Worker: Service, Sendable {
                         "baton.error": "\(error)", "baton.retry_in": "\(delay)",
                     ])
                     worker.statistics.withLock { $0.databaseRetries += 1 }
+                    WorkerMetrics.databaseRetries.increment()
                     await worker.sleep(delay)
                 }
             }
@@ -283,6 +315,9 @@ public final class Worker: Service, Sendable {
 
         /// Decides one batch and answers it. Returns false when the worker stopped before the batch committed.
         private func process(_ batch: [AMQPMessage], epoch: Int64, store: OwnershipStore, channel: AMQPChannel, pump: EventPump?, logger: Logger) async throws -> Bool {
+            let batchStarted = ContinuousClock.now
+            metrics.batchSize.record(batch.count)
+            var replies = 0
             var requests: [Request] = []
             var requestMessages: [AMQPMessage] = []
             var actions: [ChannelAction] = []
@@ -296,8 +331,12 @@ public final class Worker: Service, Sendable {
                     logger.notice("rejected a malformed request", metadata: [
                         "baton.error_code": "\(error.code)", "baton.request_id": "\(error.requestID ?? "-")", "baton.reason": "\(error.message)",
                     ])
-                    if let reply = replyMessage(Reply.rejection(error, partition: partition, at: nil), to: message) { actions.append(.publish(reply)) }
+                    if let reply = replyMessage(Reply.rejection(error, partition: partition, at: nil), to: message) {
+                        actions.append(.publish(reply))
+                        replies += 1
+                    }
                     actions.append(.reject(deliveryTag: message.deliveryTag, requeue: false))
+                    metrics.deadLetter(error.code.rawValue)
                     rejected += 1
                 }
             }
@@ -307,13 +346,20 @@ public final class Worker: Service, Sendable {
                 result = try await retryingDatabase { try await store.apply(requests, partition: partition, epoch: epoch) }
                 let took = ContinuousClock.now - started
                 worker.statistics.withLock { $0.commitTime += took }
+                metrics.commitDuration.recordNanoseconds(took.nanoseconds)
                 guard result != nil else { return false }
                 if let afterCommit = configuration.afterCommit { await afterCommit(partition, connection) }
             }
             var lastAck: UInt64?
-            for (message, reply) in zip(requestMessages, result?.replies ?? []) {
-                if let answer = replyMessage(reply, to: message) { actions.append(.publish(answer)) }
+            var counts: [String: Int] = [:]
+            for (request, (message, reply)) in zip(requests, zip(requestMessages, result?.replies ?? [])) {
+                counts["\(request.operation.rawValue)|\(reply.status.rawValue)", default: 0] += 1
+                if let answer = replyMessage(reply, to: message) {
+                    actions.append(.publish(answer))
+                    replies += 1
+                }
                 if reply.status == .error {
+                    metrics.deadLetter(reply.error?.code.rawValue ?? "error")
                     logger.notice("rejected a request", metadata: ["baton.request_id": "\(reply.requestID ?? "-")", "baton.reason": "\(reply.error?.message ?? "")"])
                     actions.append(.reject(deliveryTag: message.deliveryTag, requeue: false))
                     rejected += 1
@@ -324,6 +370,9 @@ public final class Worker: Service, Sendable {
             // Rejections go first: the closing multiple-ack then covers exactly the accepted ones.
             if let lastAck { actions.append(.ack(deliveryTag: lastAck, multiple: true)) }
             try await channel.perform(actions)
+            metrics.requests(counts)
+            metrics.replies.increment(by: replies)
+            metrics.batchDuration.recordNanoseconds((ContinuousClock.now - batchStarted).nanoseconds)
             worker.statistics.withLock {
                 $0.requests += requests.count
                 $0.replayed += result?.replayed ?? 0
@@ -386,7 +435,11 @@ public final class Worker: Service, Sendable {
                     try await store.markDelivered(confirmed)
                     worker.statistics.withLock { $0.events += confirmed.count }
                 }
+                if let ready = try? await channel.inspectQueue(configuration.queueName(partition)).messages {
+                    metrics.queueReady.record(ready)
+                }
                 if !expired.isEmpty {
+                    metrics.expired.increment(by: expired.count)
                     worker.statistics.withLock { $0.expired += expired.count }
                     logger.debug("expired leases", metadata: ["baton.count": "\(expired.count)"])
                 }
@@ -428,5 +481,27 @@ struct PartitionSetDescription: CustomStringConvertible {
     init(_ partitions: [Int]) { self.partitions = partitions }
     var description: String {
         (try? PartitionSet(parsing: partitions.map(String.init).joined(separator: ","), count: (partitions.max() ?? 0) + 1).description) ?? "\(partitions)"
+    }
+}
+
+/// What `/health/ready` reports.
+public struct WorkerReadiness: Sendable, Hashable {
+    /// Connected to RabbitMQ.
+    public var brokerConnected = false
+    /// Connected to PostgreSQL (one connection per served partition).
+    public var databaseConnected = false
+    /// Partitions with a live consumer (active or standby).
+    public var consuming: Set<Int> = []
+    /// Partitions served.
+    public var partitions: [Int] = []
+
+    /// Ready: both services connected and every served partition consumed.
+    public var isReady: Bool { brokerConnected && databaseConnected && Set(partitions).isSubset(of: consuming) }
+}
+
+extension Duration {
+    var nanoseconds: Int64 {
+        let (seconds, attoseconds) = components
+        return seconds * 1_000_000_000 + attoseconds / 1_000_000_000
     }
 }

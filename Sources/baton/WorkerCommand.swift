@@ -2,6 +2,7 @@ import ArgumentParser
 import BatonAMQP
 import BatonCore
 import BatonPostgres
+import BatonOperations
 import BatonWorker
 import Foundation
 import Logging
@@ -30,6 +31,12 @@ struct WorkerCommand: AsyncParsableCommand {
 
     @Option(name: .customLong("sweep-interval-ms"), help: "How often each partition expires leases, 100-60000 ms (env BATON_SWEEP_INTERVAL_MS; default 1000).")
     var sweepFlag: Int?
+
+    @Option(name: .customLong("metrics-port"), help: "Port of /metrics, /health/live and /health/ready; 0 turns them off (env BATON_METRICS_PORT; default 9464).")
+    var metricsPortFlag: Int?
+
+    @Option(name: .customLong("metrics-host"), help: "Address the metrics endpoint listens on (env BATON_METRICS_HOST; default 0.0.0.0).")
+    var metricsHostFlag: String?
 
     @Option(name: .customLong("linger-us"), help: "How long a partition waits for more requests after the first of a batch, 0-100000 µs (env BATON_LINGER_US; default 1000).")
     var lingerFlag: Int?
@@ -70,8 +77,13 @@ struct WorkerCommand: AsyncParsableCommand {
         return configuration
     }
 
+    func metricsPort() throws -> Int {
+        try integer(metricsPortFlag, env: "BATON_METRICS_PORT", default: 9464, range: 0...65_535, name: "metrics port")
+    }
+
     func validate() throws {
         _ = try workerConfiguration()
+        _ = try metricsPort()
     }
 
     func run() async throws {
@@ -82,9 +94,18 @@ struct WorkerCommand: AsyncParsableCommand {
             return handler
         }
         let worker = Worker(configuration: try workerConfiguration(), logger: logger)
+        var services: [ServiceGroupConfiguration.ServiceConfiguration] = [.init(service: worker)]
+        let port = try metricsPort()
+        if port > 0 {
+            let registry = OperationsServer.bootstrapMetrics()
+            let host = metricsHostFlag ?? ProcessInfo.processInfo.environment["BATON_METRICS_HOST"] ?? "0.0.0.0"
+            services.append(.init(service: OperationsServer.application(
+                host: host, port: port, registry: registry, readiness: { worker.readiness }, logger: logger
+            )))
+        }
         let group = ServiceGroup(
             configuration: ServiceGroupConfiguration(
-                services: [.init(service: worker)],
+                services: services,
                 gracefulShutdownSignals: [.sigterm, .sigint],
                 logger: logger
             )

@@ -85,13 +85,13 @@ struct Deployment {
     }
 
     /// Starts `baton worker` as a child process for this deployment.
-    func spawnWorker(id: String) throws -> Process {
+    func spawnWorker(id: String, metricsPort: Int = 0, extra: [String] = []) throws -> Process {
         let process = Process()
         process.executableURL = Self.batonExecutable
         process.arguments = [
             "worker", "--partitions", "all", "--partition-count", String(partitioner.count), "--worker-id", id,
-            "--sweep-interval-ms", "200", "--log-level", "info",
-        ]
+            "--sweep-interval-ms", "200", "--log-level", "info", "--metrics-port", String(metricsPort),
+        ] + extra
         var environment = ProcessInfo.processInfo.environment
         environment["BATON_DATABASE_URL"] = databaseURL.connectionString
         environment["BATON_AMQP_URL"] = TestBroker.urlText

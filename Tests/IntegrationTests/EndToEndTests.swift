@@ -4,6 +4,9 @@ import BatonCore
 import BatonPostgres
 import BatonWorker
 import Foundation
+#if canImport(FoundationNetworking)
+import FoundationNetworking
+#endif
 import Synchronization
 import Testing
 
@@ -407,6 +410,37 @@ import Testing
         #expect(systems["postgres"]?["double_grants"] as? Int == 0)
         #expect(hot["ratios"] is [String: Any])
         #expect(FileManager.default.fileExists(atPath: output.appendingPathComponent("results.svg").path))
+    }
+
+    @Test func metricsAndHealthEndpoints() async throws {
+        let deployment = try await Deployment.make(partitions: 4)
+        let port = Int.random(in: 20_000...40_000)
+        let process = try deployment.spawnWorker(id: "metrics", metricsPort: port)
+        defer { process.terminate(); process.waitUntilExit() }
+        let client = deployment.client(timeout: .seconds(20))
+        _ = try await client.claim("metrics.txt", user: "u", connection: "c")
+        _ = try await client.claim("metrics.txt", user: "v", connection: "d")
+
+        func get(_ path: String) async throws -> (Int, String) {
+            let (data, response) = try await URLSession.shared.data(from: URL(string: "http://127.0.0.1:\(port)\(path)")!)
+            return ((response as? HTTPURLResponse)?.statusCode ?? 0, String(decoding: data, as: UTF8.self))
+        }
+        let (liveStatus, _) = try await get("/health/live")
+        #expect(liveStatus == 200)
+        #expect(await Deployment.eventually { (try? await get("/health/ready").0) == 200 })
+        let (metricsStatus, metrics) = try await get("/metrics")
+        #expect(metricsStatus == 200)
+        let p = deployment.partitioner.partition(of: "metrics.txt")
+        for expected in [
+            #"baton_requests_total{partition="\#(p)",op="claim",status="granted"} 1"#,
+            #"baton_requests_total{partition="\#(p)",op="claim",status="denied"} 1"#,
+            #"baton_partition_active{partition="\#(p)"} 1"#,
+            "baton_batch_size_bucket", "baton_commit_duration_seconds_bucket", "baton_batch_duration_seconds_bucket",
+            "baton_replies_total", "baton_partition_epoch",
+        ] {
+            #expect(metrics.contains(expected), "missing \(expected)")
+        }
+        await client.close()
     }
 
     @Test func sigtermStopsAWorkerCleanlyWithinFiveSeconds() async throws {

@@ -195,7 +195,8 @@ struct BenchWorker: Sendable {
         let process = Process()
         process.executableURL = URL(fileURLWithPath: CommandLine.arguments[0]).resolvingSymlinksInPath()
         process.arguments = ["worker", "--partitions", "all", "--partition-count", String(partitioner.count),
-                             "--batch-size", String(batchSize), "--worker-id", echo ? "bench-echo" : "bench", "--log-level", "warning"]
+                             "--batch-size", String(batchSize), "--worker-id", echo ? "bench-echo" : "bench", "--log-level", "warning",
+                             "--metrics-port", "0"]
             + (echo ? ["--echo"] : [])
         var environment = ProcessInfo.processInfo.environment
         environment["BATON_DATABASE_URL"] = scratch.connectionString
