@@ -258,7 +258,17 @@ public final class Worker: Service, Sendable {
             var epoch: Int64?
             var logger = self.logger
             var nextSweep = ContinuousClock.now + configuration.sweepInterval
+            var lastTick = ContinuousClock.now - .seconds(3600)
             while !worker.isStopping {
+                if epoch == nil, store != nil, ContinuousClock.now - lastTick >= max(.seconds(1), configuration.sweepInterval * 3) {
+                    // Not (yet) the active consumer, or the queue is idle: a tick through the queue reaches
+                    // whichever worker is active, which then takes the partition and sweeps its leases.
+                    lastTick = ContinuousClock.now
+                    try await channel.publish(OutgoingMessage(
+                        exchange: "", routingKey: configuration.queueName(partition), body: [],
+                        properties: AMQPProperties(messageID: Self.tickPrefix + configuration.workerID)
+                    ))
+                }
                 let wait = max(.milliseconds(1), min(nextSweep - ContinuousClock.now, .milliseconds(100)))
                 var batch = try await deliveries.next(max: configuration.batchSize, timeout: wait)
                 if !batch.isEmpty {
@@ -313,6 +323,14 @@ public final class Worker: Service, Sendable {
             }
         }
 
+        /// The message id of a tick: an empty message a worker sends through its partition's queue so that
+        /// the active consumer takes the partition and sweeps it even when no request arrives.
+        static let tickPrefix = "baton-tick:"
+
+        static func isTick(_ message: AMQPMessage) -> Bool {
+            message.body.isEmpty && message.properties.messageID?.hasPrefix(tickPrefix) == true
+        }
+
         /// Decides one batch and answers it. Returns false when the worker stopped before the batch committed.
         private func process(_ batch: [AMQPMessage], epoch: Int64, store: OwnershipStore, channel: AMQPChannel, pump: EventPump?, logger: Logger) async throws -> Bool {
             let batchStarted = ContinuousClock.now
@@ -322,7 +340,8 @@ public final class Worker: Service, Sendable {
             var requestMessages: [AMQPMessage] = []
             var actions: [ChannelAction] = []
             var rejected = 0
-            for message in batch {
+            let ticks = batch.filter(Self.isTick)
+            for message in batch where !Self.isTick(message) {
                 do {
                     requests.append(try ProtocolCodec.decodeRequest(message.body))
                     requestMessages.append(message)
@@ -350,7 +369,7 @@ public final class Worker: Service, Sendable {
                 guard result != nil else { return false }
                 if let afterCommit = configuration.afterCommit { await afterCommit(partition, connection) }
             }
-            var lastAck: UInt64?
+            var lastAck: UInt64? = ticks.map(\.deliveryTag).max()
             var counts: [String: Int] = [:]
             for (request, (message, reply)) in zip(requests, zip(requestMessages, result?.replies ?? [])) {
                 counts["\(request.operation.rawValue)|\(reply.status.rawValue)", default: 0] += 1

@@ -1,14 +1,16 @@
 import ArgumentParser
+import BatonAMQP
 import BatonCore
 import BatonPostgres
 import Foundation
 
 struct Status: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Show each partition's epoch, owner, live holders and expired leases awaiting the sweep."
+        abstract: "One row per partition: queue backlog and consumers (broker), owner, epoch, live holders, expired leases, undelivered events (database)."
     )
 
     @OptionGroup var database: DatabaseOptions
+    @OptionGroup var broker: BrokerOptions
 
     @Flag(help: "Print JSON instead of a table.")
     var json = false
@@ -20,12 +22,16 @@ struct Status: AsyncParsableCommand {
         var liveHolders: Int
         var expiredPending: Int
         var undeliveredEvents: Int
+        var messagesReady: Int?
+        var consumers: Int?
 
         enum CodingKeys: String, CodingKey {
             case partition, epoch, owner
             case liveHolders = "live_holders"
             case expiredPending = "expired_pending"
             case undeliveredEvents = "undelivered_events"
+            case messagesReady = "messages_ready"
+            case consumers
         }
 
         func encode(to encoder: any Encoder) throws {
@@ -36,6 +42,8 @@ struct Status: AsyncParsableCommand {
             try container.encode(liveHolders, forKey: .liveHolders)
             try container.encode(expiredPending, forKey: .expiredPending)
             try container.encode(undeliveredEvents, forKey: .undeliveredEvents)
+            try container.encode(messagesReady, forKey: .messagesReady)
+            try container.encode(consumers, forKey: .consumers)
         }
     }
 
@@ -45,7 +53,7 @@ struct Status: AsyncParsableCommand {
         let connection = try await database.connect(logger, application: "baton status")
         defer { Task { await connection.close() } }
         let count = partitioner.count
-        let rows = try await connection.withSession { session in
+        var rows = try await connection.withSession { session in
             try Migrator.verify(session, partitionCount: count)
             return try session.query("""
                 SELECT p.partition, p.epoch, p.owner,
@@ -57,8 +65,27 @@ struct Status: AsyncParsableCommand {
                 FROM baton_partitions p ORDER BY p.partition
                 """).rows.map { row in
                 Row(partition: Int(row[0]!)!, epoch: Int64(row[1]!)!, owner: row[2],
-                    liveHolders: Int(row[3]!)!, expiredPending: Int(row[4]!)!, undeliveredEvents: Int(row[5]!)!)
+                    liveHolders: Int(row[3]!)!, expiredPending: Int(row[4]!)!, undeliveredEvents: Int(row[5]!)!,
+                    messagesReady: nil, consumers: nil)
             }
+        }
+        // The broker's view: a passive declare per partition queue (ready messages, consumers).
+        var brokerError: String?
+        do {
+            let amqp = try await AMQPConnection.connect(to: try broker.amqpURL(), name: "baton status", logger: logger)
+            var channel = try await amqp.openChannel()
+            for index in rows.indices {
+                do {
+                    let queue = try await channel.inspectQueue(ProtocolV1.requestQueue(rows[index].partition))
+                    rows[index].messagesReady = queue.messages
+                    rows[index].consumers = queue.consumers
+                } catch let error as AMQPError where error.code == .channelClosed {
+                    channel = try await amqp.openChannel()  // 404: the queue is missing (run baton topology)
+                }
+            }
+            await amqp.close()
+        } catch {
+            brokerError = "\(error)"
         }
         if json {
             let encoder = JSONEncoder()
@@ -67,11 +94,13 @@ struct Status: AsyncParsableCommand {
             return
         }
         print("Baton at \(try database.databaseURL()): \(count) partitions, schema version \(Migrator.latestVersion)")
-        print("partition  epoch  owner                 live  expired  undelivered")
+        if let brokerError { print("broker unreachable (queue columns empty): \(brokerError)") }
+        print("partition  epoch  owner                 live  expired  undelivered  ready  consumers")
         for row in rows {
             print([
                 pad(row.partition, 9), pad(row.epoch, 5), (row.owner ?? "-").padding(toLength: 20, withPad: " ", startingAt: 0),
                 pad(row.liveHolders, 4), pad(row.expiredPending, 7), pad(row.undeliveredEvents, 11),
+                pad(row.messagesReady.map(String.init) ?? "-", 5), pad(row.consumers.map(String.init) ?? "-", 9),
             ].joined(separator: "  "))
         }
         let live = rows.reduce(0) { $0 + $1.liveHolders }

@@ -102,6 +102,21 @@ import Testing
         await subscriber.close()
     }
 
+    @Test func idlePartitionsAreTakenAndSweptAfterARestart() async throws {
+        let deployment = try await Deployment.make(partitions: 4)
+        let first = deployment.startWorker(id: "first")
+        let client = deployment.client()
+        _ = try await client.claim("idle.txt", user: "ann", connection: "c1", lease: .seconds(1))
+        await first.stop()
+        // A new worker with no traffic at all: its tick through the queue makes it take the partition and sweep.
+        let second = deployment.startWorker(id: "second")
+        #expect(await Deployment.eventually(.seconds(15)) {
+            ((try? await deployment.audit().changes) ?? []).contains { $0.kind == .expired && $0.buffer == "idle.txt" }
+        }, "the expired lease was swept without any request to its partition")
+        await client.close()
+        await second.stop()
+    }
+
     @Test func incidentReplayThroughTheBroker() async throws {
         let deployment = try await Deployment.make(partitions: 4)
         let worker = deployment.startWorker()
