@@ -271,6 +271,19 @@ public final class BatonClient: Sendable {
         }
     }
 
+    /// Releases `buffer` whoever holds it: an operator's action, published to `baton.admin` (the broker
+    /// refuses it unless this client's user may write to that exchange).
+    ///
+    /// - Returns: the released token, or nil when nobody held the buffer.
+    public func forceRelease(_ buffer: String, reason: String? = nil, requestID: String = UUID().uuidString) async throws -> Int64? {
+        let reply = try await call(Request(requestID: requestID, command: .forceRelease(buffer: buffer, reason: reason)))
+        switch reply.status {
+        case .released: return reply.token
+        case .notOwner: return nil
+        default: throw bad(reply)
+        }
+    }
+
     /// Sends a request and returns the raw reply (status `error` becomes ``BatonClientError/Code/rejected``).
     public func call(_ request: Request, partition explicit: Int? = nil) async throws -> Reply {
         let partition = explicit ?? configuration.partitioner.partition(of: request.buffer ?? "")
@@ -292,7 +305,8 @@ public final class BatonClient: Sendable {
             do {
                 let link = try await currentLink()
                 try await link.channel.publish(OutgoingMessage(
-                    exchange: ProtocolV1.requestsExchange, routingKey: String(partition), body: body,
+                    exchange: request.operation == .forceRelease ? ProtocolV1.adminExchange : ProtocolV1.requestsExchange,
+                    routingKey: String(partition), body: body,
                     properties: AMQPProperties(
                         contentType: ProtocolV1.contentType, correlationID: correlationID, replyTo: ProtocolV1.directReplyTo,
                         messageID: correlationID, deliveryMode: 2

@@ -30,6 +30,9 @@ extension ProtocolCodec {
             json.string("buffer", buffer)
         case .releaseConnection(let connection):
             json.string("connection", connection)
+        case .forceRelease(let buffer, let reason):
+            json.string("buffer", buffer)
+            if let reason { json.string("reason", reason) }
         }
         return json.finish()
     }
@@ -71,6 +74,7 @@ extension ProtocolCodec {
         json.object("holder") { $0.string("user", change.holder.user); $0.string("connection", change.holder.connection) }
         json.integer("token", change.token)
         json.string("at", change.at.rfc3339)
+        if change.forced { json.bool("forced", true) }
         return json.finish()
     }
 

@@ -16,6 +16,7 @@ public enum ProtocolCodec {
         .release: ["buffer", "connection", "token"],
         .inspect: ["buffer"],
         .releaseConnection: ["connection"],
+        .forceRelease: ["buffer", "reason"],
     ]
 
     /// Decodes and validates one request body.
@@ -101,6 +102,10 @@ public enum ProtocolCodec {
             command = .inspect(buffer: try reader.buffer("buffer"))
         case .releaseConnection:
             command = .releaseConnection(connection: try reader.name("connection", scalars: ProtocolV1.nameLength))
+        case .forceRelease:
+            let buffer = try reader.buffer("buffer")
+            let reason = fields["reason"] == nil ? nil : try reader.name("reason", scalars: ProtocolV1.nameLength)
+            command = .forceRelease(buffer: buffer, reason: reason)
         }
         return Request(requestID: requestID, command: command)
     }

@@ -60,6 +60,15 @@ public enum OwnershipRules {
         case .inspect:
             status = .state
 
+        case .forceRelease:
+            if let holder = state.holder, let expiresAt = state.expiresAt {
+                next = BufferState(holder: nil, token: state.token, expiresAt: nil)
+                changes.append(OwnershipChange(kind: .released, buffer: buffer, holder: holder, token: state.token, at: now, expiresAt: expiresAt, forced: true))
+                let reply = Reply(requestID: request.requestID, status: .released, buffer: buffer, holder: nil, token: state.token, expiresAt: nil, at: now, partition: partition)
+                return Decision(state: next, reply: reply, changes: changes)
+            }
+            status = .notOwner
+
         case .releaseConnection:
             preconditionFailure("release_connection is decided by PartitionState, not per buffer")
         }

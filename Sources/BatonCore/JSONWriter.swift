@@ -43,6 +43,11 @@ struct JSONWriter {
         bytes += String(value).utf8
     }
 
+    mutating func bool(_ name: StaticString, _ value: Bool) {
+        key(name)
+        bytes += (value ? "true" : "false").utf8
+    }
+
     mutating func strings(_ name: StaticString, _ values: [String]) {
         key(name)
         bytes.append(UInt8(ascii: "["))

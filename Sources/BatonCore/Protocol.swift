@@ -21,6 +21,9 @@ public enum ProtocolV1 {
     public static let deadLetterExchange = "baton.dead-letter"
     /// The quorum queue bound to ``deadLetterExchange``.
     public static let deadLetterQueue = "baton.dead-letter"
+    /// The direct exchange administrative requests (`force_release`) must be published to, with routing
+    /// key `<p>`; broker permissions decide who may write to it.
+    public static let adminExchange = "baton.admin"
     /// The topic exchange events are published to, with routing key `<p>.<kind>`.
     public static let eventsExchange = "baton.events"
     /// The queue name used by RabbitMQ's direct reply-to.
@@ -42,6 +45,8 @@ public enum Operation: String, Sendable, Hashable, CaseIterable, CustomStringCon
     case release
     case inspect
     case releaseConnection = "release_connection"
+    /// An operator's release of whoever holds a buffer; accepted only through ``ProtocolV1/adminExchange``.
+    case forceRelease = "force_release"
 
     public var description: String { rawValue }
 }
@@ -103,6 +108,8 @@ public enum Command: Sendable, Hashable {
     case inspect(buffer: String)
     /// Release every buffer of one partition held by `connection`.
     case releaseConnection(connection: String)
+    /// Release `buffer` whoever holds it (an operator's action; `reason` goes to the log).
+    case forceRelease(buffer: String, reason: String?)
 
     /// The operation.
     public var operation: Operation {
@@ -112,13 +119,15 @@ public enum Command: Sendable, Hashable {
         case .release: .release
         case .inspect: .inspect
         case .releaseConnection: .releaseConnection
+        case .forceRelease: .forceRelease
         }
     }
 
     /// The buffer, or nil for `release_connection`.
     public var buffer: String? {
         switch self {
-        case .claim(let buffer, _, _), .renew(let buffer, _, _, _), .release(let buffer, _, _), .inspect(let buffer):
+        case .claim(let buffer, _, _), .renew(let buffer, _, _, _), .release(let buffer, _, _), .inspect(let buffer),
+             .forceRelease(let buffer, _):
             buffer
         case .releaseConnection:
             nil
@@ -286,14 +295,17 @@ public struct OwnershipChange: Sendable, Hashable {
     public var at: Timestamp
     /// The lease's end: for `granted` the new lease's, for `released` and `expired` the one that ended.
     public var expiresAt: Timestamp
+    /// True for a `released` forced by an operator (`force_release`).
+    public var forced: Bool
 
     /// Creates a change.
-    public init(kind: ChangeKind, buffer: String, holder: Holder, token: Int64, at: Timestamp, expiresAt: Timestamp) {
+    public init(kind: ChangeKind, buffer: String, holder: Holder, token: Int64, at: Timestamp, expiresAt: Timestamp, forced: Bool = false) {
         self.kind = kind
         self.buffer = buffer
         self.holder = holder
         self.token = token
         self.at = at
         self.expiresAt = expiresAt
+        self.forced = forced
     }
 }

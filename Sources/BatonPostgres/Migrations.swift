@@ -119,6 +119,10 @@ public enum Migrator {
             END
             $$;
             """),
+        Migration(version: 3, name: "forced releases", sql: """
+            -- A release forced by an operator (force_release) is marked in the audit trail and its event.
+            ALTER TABLE baton_outbox ADD COLUMN forced boolean NOT NULL DEFAULT false;
+            """),
     ]
 
     /// The newest schema version this code knows.

@@ -243,7 +243,7 @@ public final class OwnershipStore: Sendable {
                 else { throw PostgresError(code: .unexpectedResult, message: "malformed outbox row") }
                 let change = OwnershipChange(
                     kind: kind, buffer: buffer, holder: Holder(user: user, connection: holderConnection), token: token,
-                    at: Timestamp(milliseconds: at), expiresAt: Timestamp(milliseconds: expires)
+                    at: Timestamp(milliseconds: at), expiresAt: Timestamp(milliseconds: expires), forced: row[8] == "t"
                 )
                 return OutboxEntry(id: id, partition: partition, change: change)
             }
@@ -360,6 +360,7 @@ public final class OwnershipStore: Sendable {
             PostgresArray.integers(changeList.map { Optional($0.expiresAt.milliseconds) }),
             PostgresArray.text(changes.map(\.1)),
             String(epoch), String(buffers.count), String(records.count),
+            "{" + changeList.map { $0.forced ? "t" : "f" }.joined(separator: ",") + "}",
             ]).rows.first ?? []
         } catch let error as PostgresError where error.sqlState == "BT001" {
             throw CompareAndSetMiss(missed: 1)
@@ -485,12 +486,12 @@ enum SQL {
             RETURNING 1
         ),
         outbox AS (
-            INSERT INTO baton_outbox (partition, kind, buffer, holder_user, holder_connection, token, at, expires_at, request_id)
+            INSERT INTO baton_outbox (partition, kind, buffer, holder_user, holder_connection, token, at, expires_at, request_id, forced)
             SELECT $1, o.kind, o.buffer, o.holder_user, o.holder_connection, o.token,
                    timestamptz 'epoch' + o.at_ms * interval '1 millisecond',
-                   timestamptz 'epoch' + o.expires_ms * interval '1 millisecond', o.request_id
-            FROM unnest($12::text[], $13::text[], $14::text[], $15::text[], $16::int8[], $17::int8[], $18::int8[], $19::text[])
-                WITH ORDINALITY AS o(kind, buffer, holder_user, holder_connection, token, at_ms, expires_ms, request_id, n)
+                   timestamptz 'epoch' + o.expires_ms * interval '1 millisecond', o.request_id, o.forced
+            FROM unnest($12::text[], $13::text[], $14::text[], $15::text[], $16::int8[], $17::int8[], $18::int8[], $19::text[], $23::bool[])
+                WITH ORDINALITY AS o(kind, buffer, holder_user, holder_connection, token, at_ms, expires_ms, request_id, forced, n)
             WHERE (SELECT epoch FROM fence) = $20
             ORDER BY o.n
             RETURNING id
@@ -509,7 +510,7 @@ enum SQL {
     // Uses baton_outbox_pending.
     static let undelivered = PreparedStatement(name: "baton_undelivered", sql: """
         SELECT id, kind, buffer, holder_user, holder_connection, token,
-               (extract(epoch FROM at) * 1000)::int8, (extract(epoch FROM expires_at) * 1000)::int8
+               (extract(epoch FROM at) * 1000)::int8, (extract(epoch FROM expires_at) * 1000)::int8, forced
         FROM baton_outbox
         WHERE partition = $1 AND delivered_at IS NULL AND at <= clock_timestamp() - $3::int8 * interval '1 millisecond'
         ORDER BY id LIMIT $2

@@ -20,12 +20,14 @@ public enum Topology {
         try await channel.declareExchange(ProtocolV1.requestsExchange, type: "direct")
         try await channel.declareExchange(ProtocolV1.deadLetterExchange, type: "fanout")
         try await channel.declareExchange(ProtocolV1.eventsExchange, type: "topic")
+        try await channel.declareExchange(ProtocolV1.adminExchange, type: "direct")
         try await channel.declareQueue(ProtocolV1.deadLetterQueue, arguments: ["x-queue-type": .string("quorum")])
         try await channel.bindQueue(ProtocolV1.deadLetterQueue, exchange: ProtocolV1.deadLetterExchange, routingKey: "")
         for partition in 0..<partitionCount {
             let queue = ProtocolV1.requestQueue(partition)
             try await channel.declareQueue(queue, arguments: requestQueueArguments)
             try await channel.bindQueue(queue, exchange: ProtocolV1.requestsExchange, routingKey: String(partition))
+            try await channel.bindQueue(queue, exchange: ProtocolV1.adminExchange, routingKey: String(partition))
         }
         await channel.close()
     }

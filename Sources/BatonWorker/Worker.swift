@@ -342,8 +342,19 @@ public final class Worker: Service, Sendable {
             var rejected = 0
             let ticks = batch.filter(Self.isTick)
             for message in batch where !Self.isTick(message) {
-                do {
-                    requests.append(try ProtocolCodec.decodeRequest(message.body))
+                do throws(ProtocolError) {
+                    let request = try ProtocolCodec.decodeRequest(message.body)
+                    if request.operation == .forceRelease, message.exchange != ProtocolV1.adminExchange {
+                        throw ProtocolError(
+                            code: .invalidRequest,
+                            message: "op 'force_release' is accepted only through the \(ProtocolV1.adminExchange) exchange (got '\(message.exchange)'); operators publish it there",
+                            requestID: request.requestID, buffer: request.buffer
+                        )
+                    }
+                    if case .forceRelease(let buffer, let reason) = request.command {
+                        logger.notice("force release", metadata: ["baton.buffer": "\(buffer)", "baton.reason": "\(reason ?? "-")", "baton.request_id": "\(request.requestID)"])
+                    }
+                    requests.append(request)
                     requestMessages.append(message)
                 } catch {
                     // Malformed: answer if we can, then dead-letter it. It never reaches the database.
@@ -408,7 +419,7 @@ public final class Worker: Service, Sendable {
             var actions: [ChannelAction] = []
             for message in batch {
                 let reply: Reply
-                do {
+                do throws(ProtocolError) {
                     let request = try ProtocolCodec.decodeRequest(message.body)
                     let status: ReplyStatus = switch request.operation {
                     case .claim: .granted
@@ -416,6 +427,7 @@ public final class Worker: Service, Sendable {
                     case .release: .released
                     case .inspect: .state
                     case .releaseConnection: .releasedConnection
+                    case .forceRelease: .released
                     }
                     reply = Reply(
                         requestID: request.requestID, status: status, buffer: request.buffer, holder: nil, token: 1,

@@ -146,6 +146,21 @@ struct Inspect: AsyncParsableCommand {
     }
 }
 
+struct ForceRelease: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "force-release",
+        abstract: "Release a buffer whoever holds it (operators only: published to baton.admin; see docs/operations.md).",
+        discussion: "The release is serialized through the buffer's partition queue like every decision, and its event is marked forced."
+    )
+    @OptionGroup var options: ClientOptions
+    @Argument(help: "The buffer.") var buffer: String
+    @Option(help: "Why, for the worker's log (1-256 characters).") var reason: String?
+
+    func run() async throws {
+        try await options.send(.forceRelease(buffer: buffer, reason: reason))
+    }
+}
+
 struct ReleaseConnection: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "release-connection",

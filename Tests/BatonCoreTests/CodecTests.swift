@@ -30,6 +30,9 @@ private func rejection(_ json: String) -> ProtocolError? { rejection(Array(json.
         #expect(try decode(#"{"v":1,"op":"inspect","request_id":"r","buffer":"b"}"#).command == .inspect(buffer: "b"))
         #expect(try decode(#"{"v":1,"op":"release_connection","request_id":"r","connection":"c"}"#).command
             == .releaseConnection(connection: "c"))
+        #expect(try decode(#"{"v":1,"op":"force_release","request_id":"r","buffer":"b","reason":"stuck"}"#).command
+            == .forceRelease(buffer: "b", reason: "stuck"))
+        #expect(try decode(#"{"v":1,"op":"force_release","request_id":"r","buffer":"b"}"#).command == .forceRelease(buffer: "b", reason: nil))
     }
 
     @Test func encodedRequestsDecodeToThemselves() throws {

@@ -123,6 +123,18 @@ private func request(_ command: Command, id: String = "r") -> Request { Request(
         #expect(state.apply(request(.releaseConnection(connection: ann.connection)), at: t0).reply.buffers == [])
     }
 
+    @Test func forceReleaseReleasesWhoeverHoldsAndIsMarkedForced() {
+        var state = PartitionState(partition: 0, partitioner: partitioner)
+        #expect(state.apply(request(.forceRelease(buffer: "b", reason: nil)), at: t0).reply.status == .notOwner, "nothing to release")
+        _ = state.apply(request(.claim(buffer: "b", holder: ann, leaseMilliseconds: 1000)), at: t0)
+        let (reply, changes) = state.apply(request(.forceRelease(buffer: "b", reason: "stuck editor")), at: t0.adding(milliseconds: 10))
+        #expect(reply.status == .released && reply.token == 1)
+        #expect(changes.count == 1 && changes[0].kind == .released && changes[0].forced && changes[0].holder == ann)
+        #expect(state.apply(request(.claim(buffer: "b", holder: bob, leaseMilliseconds: 1000)), at: t0.adding(milliseconds: 20)).reply.token == 2)
+        let event = String(decoding: ProtocolCodec.encodeEvent(changes[0]), as: UTF8.self)
+        #expect(event.contains(#""forced":true"#))
+    }
+
     @Test func sweepExpiresOnceAtOrAfterTheEnd() {
         var state = PartitionState(partition: 0, partitioner: partitioner)
         _ = state.apply(request(.claim(buffer: "b", holder: ann, leaseMilliseconds: 1000)), at: t0)

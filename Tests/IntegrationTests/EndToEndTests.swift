@@ -117,6 +117,48 @@ import Testing
         await second.stop()
     }
 
+    @Test func forceReleaseOnlyThroughTheAdminExchange() async throws {
+        let deployment = try await Deployment.make(partitions: 4)
+        let worker = deployment.startWorker()
+        let client = deployment.client()
+        guard case .granted(let lease) = try await client.claim("stuck.txt", user: "ann", connection: "gone") else {
+            Issue.record("not granted")
+            return
+        }
+        #expect(try await client.forceRelease("stuck.txt", reason: "editor crashed") == lease.token)
+        #expect(try await client.forceRelease("stuck.txt") == nil, "nothing left to release")
+        guard case .granted(let next) = try await client.claim("stuck.txt", user: "bob", connection: "c2") else {
+            Issue.record("not granted after the forced release")
+            return
+        }
+        #expect(next.token == lease.token + 1)
+        let audit = try await deployment.audit()
+        #expect(audit.changes.map(\.kind) == [.granted, .released, .granted])
+        #expect(HistoryChecker.check(audit.changes, finalTokens: audit.finalTokens).passed)
+
+        // The same op published to baton.requests (where every frontend may write) is refused and dead-lettered.
+        let smuggled = Request(requestID: "smuggled", command: .forceRelease(buffer: "stuck.txt", reason: nil))
+        let connection = try await TestBroker.connect("smuggler")
+        let channel = try await connection.openChannel()
+        let (_, replies) = try await channel.consume(queue: ProtocolV1.directReplyTo, noAck: true)
+        try await channel.publish(OutgoingMessage(
+            exchange: ProtocolV1.requestsExchange, routingKey: String(deployment.partitioner.partition(of: "stuck.txt")),
+            body: ProtocolCodec.encode(smuggled), properties: AMQPProperties(correlationID: "x", replyTo: ProtocolV1.directReplyTo), mandatory: true
+        ))
+        let answer = try #require(try await replies.next(max: 1, timeout: .seconds(10)).first)
+        let reply = try ProtocolCodec.decodeReply(answer.body)
+        #expect(reply.status == .error && reply.error?.code == .invalidRequest)
+        #expect(reply.error?.message.contains("baton.admin") == true)
+        guard case .state = try await client.call(Request(requestID: UUID().uuidString, command: .inspect(buffer: "stuck.txt"))).status else {
+            Issue.record("inspect failed")
+            return
+        }
+        #expect(try await client.inspect("stuck.txt").holder?.holder.user == "bob", "the smuggled release changed nothing")
+        await connection.close()
+        await client.close()
+        await worker.stop()
+    }
+
     @Test func incidentReplayThroughTheBroker() async throws {
         let deployment = try await Deployment.make(partitions: 4)
         let worker = deployment.startWorker()
