@@ -292,9 +292,12 @@ public final class Worker: Service, Sendable {
                     }
                     guard try await process(batch, epoch: epoch!, store: store, channel: channel, pump: pump, logger: logger) else { return }
                 }
-                if let epoch, let store, ContinuousClock.now >= nextSweep {
+                if ContinuousClock.now >= nextSweep {
+                    // Advance even while standing by: the wait above is bounded by it.
                     nextSweep = ContinuousClock.now + configuration.sweepInterval
-                    try await sweep(epoch: epoch, store: store, channel: channel, logger: logger)
+                    if let epoch, let store {
+                        try await sweep(epoch: epoch, store: store, channel: channel, logger: logger)
+                    }
                 }
             }
         }

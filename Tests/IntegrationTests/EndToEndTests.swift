@@ -500,6 +500,32 @@ import Testing
         await client.close()
     }
 
+    @Test(.timeLimit(.minutes(3))) func shortChaosRunPasses() async throws {
+        _ = try await Deployment.make(partitions: 4)
+        let process = Process()
+        process.executableURL = Deployment.batonExecutable
+        process.arguments = ["chaos", "--settle-seconds", "3", "--pause-seconds", "7", "--clients", "6"]
+        process.currentDirectoryURL = Deployment.repositoryRoot
+        var environment = ProcessInfo.processInfo.environment
+        environment["BATON_DATABASE_URL"] = try PostgresURL(TestDatabase.serverURL).connectionString
+        environment["BATON_AMQP_URL"] = TestBroker.urlText
+        process.environment = environment
+        let log = FileManager.default.temporaryDirectory.appendingPathComponent("baton-chaos-test-\(UUID().uuidString).log")
+        _ = FileManager.default.createFile(atPath: log.path, contents: nil)
+        let handle = try FileHandle(forWritingTo: log)
+        process.standardOutput = handle
+        process.standardError = handle
+        try process.run()
+        process.waitUntilExit()
+        let output = (try? String(contentsOf: log, encoding: .utf8)) ?? ""
+        print(output.split(separator: "\n").filter { !$0.contains(" warning ") && !$0.contains(" info ") }.joined(separator: "\n"))
+        #expect(process.terminationStatus == 0, "chaos failed:\n\(output.suffix(3000))")
+        let verdict = try #require(output.split(separator: "\n").last(where: { $0.hasPrefix("verdict=") }))
+        #expect(verdict.hasPrefix("verdict=PASS"))
+        #expect(verdict.contains("faults=5"))
+        #expect(verdict.contains("double_grants=0 lost_grants=0 unanswered=0"))
+    }
+
     @Test func sigtermStopsAWorkerCleanlyWithinFiveSeconds() async throws {
         let deployment = try await Deployment.make(partitions: 4)
         let process = try deployment.spawnWorker(id: "sigterm")
