@@ -12,7 +12,7 @@ struct Baton: AsyncParsableCommand {
         abstract: "Race-free ownership of shared editor buffers, decided per partition and fenced in PostgreSQL.",
         subcommands: [
             WorkerCommand.self, Migrate.self, Topology.self, Claim.self, Renew.self, Release.self, Inspect.self,
-            ReleaseConnection.self, ForceRelease.self, Demo.self, Bench.self, Chaos.self, Status.self, BenchStore.self,
+            ReleaseConnection.self, ForceRelease.self, Demo.self, Bench.self, Chaos.self, Status.self, Prune.self, BenchStore.self,
         ]
     )
 }
