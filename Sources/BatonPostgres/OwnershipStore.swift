@@ -250,6 +250,31 @@ public final class OwnershipStore: Sendable {
         }
     }
 
+    /// Every ownership change in the audit trail (oldest first) and the token each buffer shows now:
+    /// the input of `HistoryChecker` and `ChaosChecker`. Reads the whole table: for tests, benchmarks
+    /// and audits, not for the hot path.
+    public func auditTrail() async throws -> (changes: [OwnershipChange], finalTokens: [ExactString: Int64]) {
+        try await connection.withSession { session in
+            let changes = try session.query("""
+                SELECT kind, buffer, holder_user, holder_connection, token,
+                       (extract(epoch FROM at) * 1000)::int8, (extract(epoch FROM expires_at) * 1000)::int8, forced
+                FROM baton_outbox ORDER BY id
+                """).rows.map { row in
+                OwnershipChange(
+                    kind: ChangeKind(rawValue: row[0] ?? "") ?? .granted, buffer: row[1] ?? "",
+                    holder: Holder(user: row[2] ?? "", connection: row[3] ?? ""), token: Int64(row[4] ?? "") ?? 0,
+                    at: Timestamp(milliseconds: Int64(row[5] ?? "") ?? 0), expiresAt: Timestamp(milliseconds: Int64(row[6] ?? "") ?? 0),
+                    forced: row[7] == "t"
+                )
+            }
+            var tokens: [ExactString: Int64] = [:]
+            for row in try session.query("SELECT buffer, token FROM baton_buffers").rows {
+                tokens[ExactString(row[0] ?? "")] = Int64(row[1] ?? "") ?? 0
+            }
+            return (changes, tokens)
+        }
+    }
+
     /// Marks outbox rows delivered (their events were published).
     public func markDelivered(_ ids: [Int64]) async throws {
         guard !ids.isEmpty else { return }

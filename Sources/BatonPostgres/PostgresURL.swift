@@ -78,21 +78,15 @@ public struct PostgresURL: Sendable, Hashable, CustomStringConvertible {
 
     /// The URL with the password shown as `********`.
     public var description: String {
-        var components = URLComponents()
-        components.scheme = "postgres"
-        components.user = user
-        components.password = password == nil ? nil : "********"
-        components.host = host.hasPrefix("/") ? nil : host
-        components.port = port
-        components.path = "/" + database
-        var items = parameters.sorted { $0.key < $1.key }.map { URLQueryItem(name: $0.key, value: $0.value) }
-        if host.hasPrefix("/") { items.append(URLQueryItem(name: "host", value: host)) }
-        components.queryItems = items.isEmpty ? nil : items
-        return components.string ?? "postgres://\(user)@\(host):\(port)/\(database)"
+        render(password: password == nil ? nil : "********")
     }
 
     /// The URL with its password, to hand to a child process or a libpq tool. Never log it.
     public var connectionString: String {
+        render(password: password)
+    }
+
+    private func render(password: String?) -> String {
         var components = URLComponents()
         components.scheme = "postgres"
         components.user = user
@@ -103,7 +97,7 @@ public struct PostgresURL: Sendable, Hashable, CustomStringConvertible {
         var items = parameters.sorted { $0.key < $1.key }.map { URLQueryItem(name: $0.key, value: $0.value) }
         if host.hasPrefix("/") { items.append(URLQueryItem(name: "host", value: host)) }
         components.queryItems = items.isEmpty ? nil : items
-        return components.string ?? ""
+        return components.string ?? "postgres://\(user)@\(host):\(port)/\(database)"
     }
 
     /// `text` with the password of any URL in it replaced by `********`; safe to print even when unparseable.

@@ -135,7 +135,7 @@ struct Chaos: AsyncParsableCommand {
 
         // Judge.
         let calls = recorder.calls.withLock { $0 }
-        let audit = try await Self.audit(scratch, logger: logger)
+        let audit = try await Self.audit(scratch, partitioner: partitioner, logger: logger)
         let verdict = ChaosChecker.judge(.init(
             changes: audit.changes, finalTokens: audit.finalTokens, observedGrants: calls.compactMap(\.granted),
             operations: calls.count, unanswered: calls.filter { $0.failed != nil }.count, faults: injected.count,
@@ -248,21 +248,10 @@ struct Chaos: AsyncParsableCommand {
         return expected - answered.count
     }
 
-    static func audit(_ url: PostgresURL, logger: Logger) async throws -> (changes: [OwnershipChange], finalTokens: [ExactString: Int64]) {
+    static func audit(_ url: PostgresURL, partitioner: Partitioner, logger: Logger) async throws -> (changes: [OwnershipChange], finalTokens: [ExactString: Int64]) {
         let connection = try await PostgresConnection.connect(to: url, logger: logger)
         defer { Task { await connection.close() } }
-        return try await connection.withSession { session in
-            let changes = try session.query("""
-                SELECT kind, buffer, holder_user, holder_connection, token,
-                       (extract(epoch FROM at) * 1000)::int8, (extract(epoch FROM expires_at) * 1000)::int8
-                FROM baton_outbox ORDER BY id
-                """).rows.map(auditChange)
-            var tokens: [ExactString: Int64] = [:]
-            for row in try session.query("SELECT buffer, token FROM baton_buffers").rows {
-                tokens[ExactString(row[0] ?? "")] = Int64(row[1] ?? "") ?? 0
-            }
-            return (changes, tokens)
-        }
+        return try await OwnershipStore.open(connection: connection, partitioner: partitioner, logger: logger).auditTrail()
     }
 
     static func run(_ script: String, _ argument: String) async throws {

@@ -52,25 +52,15 @@ enum TestDatabase {
 
     /// Every ownership change in the audit table, and the final token of every buffer.
     static func audit(_ url: PostgresURL) async throws -> (changes: [OwnershipChange], finalTokens: [ExactString: Int64]) {
+        let store = try await Self.store(url, partitions: try await partitionCount(url))
+        defer { Task { await store.connection.close() } }
+        return try await store.auditTrail()
+    }
+
+    private static func partitionCount(_ url: PostgresURL) async throws -> Int {
         let connection = try await PostgresConnection.connect(to: url, logger: logger)
         defer { Task { await connection.close() } }
-        return try await connection.withSession { session in
-            let changes = try session.query("""
-                SELECT kind, buffer, holder_user, holder_connection, token,
-                       (extract(epoch FROM at) * 1000)::int8, (extract(epoch FROM expires_at) * 1000)::int8
-                FROM baton_outbox ORDER BY id
-                """).rows.map { row in
-                OwnershipChange(
-                    kind: ChangeKind(rawValue: row[0]!)!, buffer: row[1]!, holder: Holder(user: row[2]!, connection: row[3]!),
-                    token: Int64(row[4]!)!, at: Timestamp(milliseconds: Int64(row[5]!)!), expiresAt: Timestamp(milliseconds: Int64(row[6]!)!)
-                )
-            }
-            var tokens: [ExactString: Int64] = [:]
-            for row in try session.query("SELECT buffer, token FROM baton_buffers").rows {
-                tokens[ExactString(row[0]!)] = Int64(row[1]!)!
-            }
-            return (changes, tokens)
-        }
+        return try await connection.withSession { session in Int(try session.query("SELECT partition_count FROM baton_meta").first() ?? "") ?? 16 }
     }
 }
 

@@ -46,15 +46,9 @@ struct BatonSystem: BenchSystem {
     func doubleGrants() async throws -> Int? {
         guard let databaseURL else { return nil }
         let connection = try await PostgresConnection.connect(to: databaseURL, logger: logger)
-        let changes = try await connection.withSession { session in
-            try session.query("""
-                SELECT kind, buffer, holder_user, holder_connection, token,
-                       (extract(epoch FROM at) * 1000)::int8, (extract(epoch FROM expires_at) * 1000)::int8
-                FROM baton_outbox ORDER BY id
-                """).rows.map(auditChange)
-        }
-        await connection.close()
-        return HistoryChecker.check(changes).doubleGrants
+        defer { Task { await connection.close() } }
+        let store = try await OwnershipStore.open(connection: connection, partitioner: clients[0].configuration.partitioner, logger: logger)
+        return HistoryChecker.check(try await store.auditTrail().changes).doubleGrants
     }
 
     func close() async {
