@@ -86,17 +86,26 @@ struct Deployment {
 
     /// Starts `baton worker` as a child process for this deployment.
     func spawnWorker(id: String, metricsPort: Int = 0, extra: [String] = []) throws -> Process {
+        try Self.launchBaton(
+            [
+                "worker", "--partitions", "all", "--partition-count", String(partitioner.count), "--worker-id", id,
+                "--sweep-interval-ms", "200", "--log-level", "info", "--metrics-port", String(metricsPort),
+            ] + extra,
+            databaseURL: databaseURL,
+            log: FileManager.default.temporaryDirectory.appendingPathComponent("baton-test-worker-\(id).log")
+        )
+    }
+
+    /// Starts the `baton` executable with `arguments`, the test services' URLs, and its output in `log`.
+    static func launchBaton(_ arguments: [String], databaseURL: PostgresURL, log: URL, in directory: URL? = nil) throws -> Process {
         let process = Process()
-        process.executableURL = Self.batonExecutable
-        process.arguments = [
-            "worker", "--partitions", "all", "--partition-count", String(partitioner.count), "--worker-id", id,
-            "--sweep-interval-ms", "200", "--log-level", "info", "--metrics-port", String(metricsPort),
-        ] + extra
+        process.executableURL = batonExecutable
+        process.arguments = arguments
+        if let directory { process.currentDirectoryURL = directory }
         var environment = ProcessInfo.processInfo.environment
         environment["BATON_DATABASE_URL"] = databaseURL.connectionString
         environment["BATON_AMQP_URL"] = TestBroker.urlText
         process.environment = environment
-        let log = FileManager.default.temporaryDirectory.appendingPathComponent("baton-test-worker-\(id).log")
         _ = FileManager.default.createFile(atPath: log.path, contents: nil)
         let handle = try FileHandle(forWritingTo: log)
         process.standardOutput = handle

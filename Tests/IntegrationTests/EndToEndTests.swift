@@ -437,22 +437,11 @@ import Testing
     @Test func benchSmokeRunCompletesWithoutDoubleGrants() async throws {
         _ = try await Deployment.make(partitions: 4)
         let output = FileManager.default.temporaryDirectory.appendingPathComponent("baton-bench-smoke-\(UUID().uuidString)")
-        let process = Process()
-        process.executableURL = Deployment.batonExecutable
-        process.arguments = [
-            "bench", "--duration", "2", "--workload", "hot", "--clients", "8", "--partitions", "4",
-            "--no-half-peak", "--output", output.path,
-        ]
-        var environment = ProcessInfo.processInfo.environment
-        environment["BATON_DATABASE_URL"] = try PostgresURL(TestDatabase.serverURL).connectionString
-        environment["BATON_AMQP_URL"] = TestBroker.urlText
-        process.environment = environment
         let log = output.appendingPathExtension("log")
-        _ = FileManager.default.createFile(atPath: log.path, contents: nil)
-        let handle = try FileHandle(forWritingTo: log)
-        process.standardOutput = handle
-        process.standardError = handle
-        try process.run()
+        let process = try Deployment.launchBaton(
+            ["bench", "--duration", "2", "--workload", "hot", "--clients", "8", "--partitions", "4", "--no-half-peak", "--output", output.path],
+            databaseURL: try PostgresURL(TestDatabase.serverURL), log: log
+        )
         process.waitUntilExit()
         #expect(process.terminationStatus == 0, "baton bench failed: \((try? String(contentsOf: log, encoding: .utf8)) ?? "")")
 
@@ -502,20 +491,11 @@ import Testing
 
     @Test(.timeLimit(.minutes(3))) func shortChaosRunPasses() async throws {
         _ = try await Deployment.make(partitions: 4)
-        let process = Process()
-        process.executableURL = Deployment.batonExecutable
-        process.arguments = ["chaos", "--settle-seconds", "3", "--pause-seconds", "7", "--clients", "6"]
-        process.currentDirectoryURL = Deployment.repositoryRoot
-        var environment = ProcessInfo.processInfo.environment
-        environment["BATON_DATABASE_URL"] = try PostgresURL(TestDatabase.serverURL).connectionString
-        environment["BATON_AMQP_URL"] = TestBroker.urlText
-        process.environment = environment
         let log = FileManager.default.temporaryDirectory.appendingPathComponent("baton-chaos-test-\(UUID().uuidString).log")
-        _ = FileManager.default.createFile(atPath: log.path, contents: nil)
-        let handle = try FileHandle(forWritingTo: log)
-        process.standardOutput = handle
-        process.standardError = handle
-        try process.run()
+        let process = try Deployment.launchBaton(
+            ["chaos", "--settle-seconds", "3", "--pause-seconds", "7", "--clients", "6"],
+            databaseURL: try PostgresURL(TestDatabase.serverURL), log: log, in: Deployment.repositoryRoot
+        )
         process.waitUntilExit()
         let output = (try? String(contentsOf: log, encoding: .utf8)) ?? ""
         print(output.split(separator: "\n").filter { !$0.contains(" warning ") && !$0.contains(" info ") }.joined(separator: "\n"))
