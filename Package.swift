@@ -10,6 +10,7 @@ let package = Package(
         .library(name: "BatonAMQP", targets: ["BatonAMQP"]),
         .library(name: "BatonWorker", targets: ["BatonWorker"]),
         .library(name: "BatonClient", targets: ["BatonClient"]),
+        .library(name: "BatonTesting", targets: ["BatonTesting"]),
         .executable(name: "baton", targets: ["baton"]),
     ],
     dependencies: [
@@ -86,9 +87,16 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
+        // Scratch namespaces (a virtual host of their own, through the management API) and child
+        // processes that die with their parent: for tests, bench, chaos and demo.
+        .target(
+            name: "BatonTesting",
+            dependencies: ["BatonCore", "BatonAMQP"]
+        ),
         .executableTarget(
             name: "baton",
             dependencies: [
+                "BatonTesting",
                 "BatonCore",
                 "BatonPostgres",
                 "BatonAMQP",
@@ -121,6 +129,7 @@ let package = Package(
         .testTarget(
             name: "IntegrationTests",
             dependencies: [
+                "BatonTesting",
                 "BatonCore",
                 "BatonPostgres",
                 "BatonAMQP",

@@ -53,8 +53,12 @@ public final class AMQPConnection: Sendable {
     /// Connects and logs in, advertising `consumer_cancel_notify` and `connection.blocked`.
     ///
     /// - Parameter name: the connection name the broker shows (`connection_name`).
-    public static func connect(to url: AMQPURL, name: String, logger: Logger = Logger(label: "baton.amqp")) async throws -> AMQPConnection {
-        let io = IOThread(url: url, name: name, logger: logger)
+    /// - Parameter maxBodyBytes: deliveries with a larger body arrive with an empty `body` and their
+    ///   announced ``AMQPMessage/bodySize``, so a consumer never keeps an oversize body in memory.
+    public static func connect(
+        to url: AMQPURL, name: String, maxBodyBytes: Int = .max, logger: Logger = Logger(label: "baton.amqp")
+    ) async throws -> AMQPConnection {
+        let io = IOThread(url: url, name: name, logger: logger, maxBodyBytes: maxBodyBytes)
         do {
             try await io.run { io throws(AMQPError) in try io.open() }
         } catch {
@@ -83,6 +87,18 @@ public final class AMQPConnection: Sendable {
 
     /// True until the connection ends.
     public var isOpen: Bool { io.isOpen }
+
+    /// While the broker blocks publishing on this connection (a memory or disk alarm; `connection.blocked`),
+    /// its reason; nil otherwise. Messages published meanwhile wait in the socket, unread by the broker.
+    public var blockedReason: String? { io.blocked }
+
+    /// The bodies larger than this are dropped on delivery (see ``connect(to:name:maxBodyBytes:logger:)``).
+    public var maxBodyBytes: Int { io.maxBodyBytes }
+
+    /// Closes the connection without waiting (for `deinit`s); everything on it fails.
+    public func closeSoon() {
+        io.stop()
+    }
 
     deinit {
         io.stop()

@@ -12,14 +12,18 @@ public struct AMQPProperties: Sendable, Hashable {
     public var expiration: String?
     /// `delivery_mode`: 2 is persistent.
     public var deliveryMode: UInt8?
+    /// `user_id`: RabbitMQ refuses a publish whose `user_id` is not the connection's login user, so a
+    /// consumer can trust it as the publisher's identity (unless the publisher is tagged `impersonator`).
+    public var userID: String?
     /// String headers to send.
     public var headers: [String: String]
 
     /// Creates properties.
     public init(
         contentType: String? = nil, correlationID: String? = nil, replyTo: String? = nil, messageID: String? = nil,
-        expiration: String? = nil, deliveryMode: UInt8? = nil, headers: [String: String] = [:]
+        expiration: String? = nil, deliveryMode: UInt8? = nil, userID: String? = nil, headers: [String: String] = [:]
     ) {
+        self.userID = userID
         self.contentType = contentType
         self.correlationID = correlationID
         self.replyTo = replyTo
@@ -46,12 +50,16 @@ public struct AMQPMessage: Sendable {
     public var routingKey: String
     /// `x-delivery-count` (quorum queues count returns), when present.
     public var deliveryCount: Int64?
+    /// The body size the broker announced. Larger than `body.count` when the body exceeded the
+    /// connection's ``AMQPConnection/maxBodyBytes`` and was dropped instead of kept in memory.
+    public var bodySize: Int
 
     /// Creates a message (tests build them by hand).
     public init(
         body: [UInt8], properties: AMQPProperties = AMQPProperties(), deliveryTag: UInt64 = 0, redelivered: Bool = false,
-        exchange: String = "", routingKey: String = "", deliveryCount: Int64? = nil
+        exchange: String = "", routingKey: String = "", deliveryCount: Int64? = nil, bodySize: Int? = nil
     ) {
+        self.bodySize = bodySize ?? body.count
         self.body = body
         self.properties = properties
         self.deliveryTag = deliveryTag

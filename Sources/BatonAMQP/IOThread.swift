@@ -87,6 +87,8 @@ final class IOThread: @unchecked Sendable {
     private var ended = false
     private var endError: AMQPError?
     private var closeWaiters: [CheckedContinuation<AMQPError?, Never>] = []
+    /// Why the broker blocked publishing on this connection (connection.blocked), until connection.unblocked.
+    private var blockedReason: String?
     /// A pipe that wakes the thread from poll() when a job arrives: [read end, write end].
     private let wakePipe: [Int32]
 
@@ -97,10 +99,14 @@ final class IOThread: @unchecked Sendable {
     private var nextChannel: UInt16 = 1
     private var pendingDeliveries: [ObjectIdentifier: (DeliveryQueue, [AMQPMessage])] = [:]
 
-    init(url: AMQPURL, name: String, logger: Logger) {
+    /// Bodies larger than this are not copied out of rabbitmq-c (see ``AMQPMessage/bodySize``).
+    let maxBodyBytes: Int
+
+    init(url: AMQPURL, name: String, logger: Logger, maxBodyBytes: Int = .max) {
         self.url = url
         self.name = name
         self.logger = logger
+        self.maxBodyBytes = maxBodyBytes
         var fds: [Int32] = [-1, -1]
         if pipe(&fds) != 0 { fatalError("pipe() failed: errno \(errno)") }
         for fd in fds { _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK) }
@@ -112,6 +118,11 @@ final class IOThread: @unchecked Sendable {
 
     var isOpen: Bool {
         lock.withLock { !ended && !stopping }
+    }
+
+    /// The broker's reason while it blocks publishing on this connection (memory or disk alarm), else nil.
+    var blocked: String? {
+        lock.withLock { blockedReason }
     }
 
     // MARK: - Jobs
@@ -310,6 +321,7 @@ final class IOThread: @unchecked Sendable {
         if has(AMQP_BASIC_MESSAGE_ID_FLAG) { properties.messageID = raw.message_id.string }
         if has(AMQP_BASIC_EXPIRATION_FLAG) { properties.expiration = raw.expiration.string }
         if has(AMQP_BASIC_DELIVERY_MODE_FLAG) { properties.deliveryMode = raw.delivery_mode }
+        if has(AMQP_BASIC_USER_ID_FLAG) { properties.userID = raw.user_id.string }
         var deliveryCount: Int64?
         if has(AMQP_BASIC_HEADERS_FLAG), let entries = raw.headers.entries {
             for index in 0..<Int(raw.headers.num_entries) where entries[index].key.string == "x-delivery-count" {
@@ -319,10 +331,13 @@ final class IOThread: @unchecked Sendable {
                 if ok != 0 { deliveryCount = count }
             }
         }
+        // rabbitmq-c has already read the body into its own buffer (freed right after this call); an
+        // oversize body is not copied, so consumers never hold more than maxBodyBytes per message.
+        let size = envelope.message.body.len
         let message = AMQPMessage(
-            body: envelope.message.body.array, properties: properties, deliveryTag: envelope.delivery_tag,
+            body: size > maxBodyBytes ? [] : envelope.message.body.array, properties: properties, deliveryTag: envelope.delivery_tag,
             redelivered: envelope.redelivered != 0, exchange: envelope.exchange.string, routingKey: envelope.routing_key.string,
-            deliveryCount: deliveryCount
+            deliveryCount: deliveryCount, bodySize: size
         )
         let key = ObjectIdentifier(queue)
         pendingDeliveries[key, default: (queue, [])].1.append(message)
@@ -382,8 +397,12 @@ final class IOThread: @unchecked Sendable {
             amqp_send_method(conn, 0, AMQP_CONNECTION_CLOSE_OK_METHOD, &ok)
             fail(AMQPError(code: .connectionClosed, message: "the broker closed the connection: \(close.reply_text.string)", replyCode: Int(close.reply_code)))
         case AMQP_CONNECTION_BLOCKED_METHOD:
-            logger.warning("the broker blocked publishing on this connection (resource alarm)", metadata: ["baton.amqp": "\(url)"])
+            let blocked = method.decoded.assumingMemoryBound(to: amqp_connection_blocked_t.self).pointee
+            let reason = blocked.reason.string
+            lock.withLock { blockedReason = reason.isEmpty ? "resource alarm" : reason }
+            logger.warning("the broker blocked publishing on this connection", metadata: ["baton.amqp": "\(url)", "baton.reason": "\(reason)"])
         case AMQP_CONNECTION_UNBLOCKED_METHOD:
+            lock.withLock { blockedReason = nil }
             logger.info("the broker unblocked publishing on this connection", metadata: ["baton.amqp": "\(url)"])
         default:
             logger.debug("ignored an AMQP method", metadata: ["baton.method": "\(method.id)", "baton.channel": "\(channelNumber)"])
@@ -507,6 +526,7 @@ final class IOThread: @unchecked Sendable {
         if let value = p.messageID { raw.message_id = arena.bytes(value); flags |= AMQP_BASIC_MESSAGE_ID_FLAG }
         if let value = p.expiration { raw.expiration = arena.bytes(value); flags |= AMQP_BASIC_EXPIRATION_FLAG }
         if let value = p.deliveryMode { raw.delivery_mode = value; flags |= AMQP_BASIC_DELIVERY_MODE_FLAG }
+        if let value = p.userID { raw.user_id = arena.bytes(value); flags |= AMQP_BASIC_USER_ID_FLAG }
         if !p.headers.isEmpty { raw.headers = arena.table(p.headers.mapValues { .string($0) }); flags |= AMQP_BASIC_HEADERS_FLAG }
         raw._flags = amqp_flags_t(UInt32(bitPattern: flags))
         let status = amqp_basic_publish(

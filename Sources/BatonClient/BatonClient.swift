@@ -40,6 +40,12 @@ public struct BatonClientError: Error, Sendable, CustomStringConvertible {
         public static let badReply = Code("bad reply")
         /// The client was closed.
         public static let closed = Code("closed")
+        /// The broker refused the publish for lack of permission (403 ACCESS_REFUSED), e.g. `force_release`
+        /// with a user that may not write to `baton.admin`.
+        public static let forbidden = Code("forbidden")
+        /// The broker blocked publishing on this client's connection (a memory or disk alarm) for the whole
+        /// timeout, so the request was never sent; retrying later with the same request id is safe.
+        public static let blocked = Code("blocked")
         public var description: String { name }
     }
 
@@ -119,6 +125,24 @@ public enum ReleaseResult: Sendable, Hashable {
     case notOwner(current: Holding?)
 }
 
+/// What `release_connection` released.
+public struct ReleasedBuffers: Sendable, Hashable {
+    /// How many buffers were released in all.
+    public var count: Int
+    /// Their names, sorted; each partition lists at most 16 KiB of names, so for a connection holding very
+    /// many buffers this is a prefix (``isComplete`` is false).
+    public var buffers: [String]
+
+    /// Creates a result.
+    public init(count: Int, buffers: [String]) {
+        self.count = count
+        self.buffers = buffers
+    }
+
+    /// True when ``buffers`` names every released buffer.
+    public var isComplete: Bool { buffers.count == count }
+}
+
 /// The state of a buffer.
 public struct BufferStatus: Sendable, Hashable {
     /// The live holder, or nil.
@@ -154,37 +178,47 @@ public final class BatonClient: Sendable {
         let channel: AMQPChannel
     }
 
-    /// One published request waiting for its reply, or for its resend deadline (enforced by the reaper).
+    /// One call waiting for the reply to any of its attempts (they share one correlation id), or for its
+    /// next resend time (the reaper wakes it then).
     private final class PendingCall: Sendable {
         private struct State {
-            var result: Result<Reply, BatonClientError>??
+            var result: Result<Reply, BatonClientError>?
             var waiter: CheckedContinuation<Result<Reply, BatonClientError>?, Never>?
+            var wakeAt: ContinuousClock.Instant?
         }
 
-        let deadline: ContinuousClock.Instant
         private let state = Mutex(State())
 
-        init(deadline: ContinuousClock.Instant) {
-            self.deadline = deadline
-        }
-
-        /// Delivers the reply or failure (or nil: the deadline passed without one).
-        func resolve(_ value: Result<Reply, BatonClientError>?) {
+        /// Delivers the reply or failure (the first one wins).
+        func resolve(_ value: Result<Reply, BatonClientError>) {
             let waiter = state.withLock { state -> CheckedContinuation<Result<Reply, BatonClientError>?, Never>? in
                 guard state.result == nil else { return nil }
-                state.result = .some(value)
+                state.result = value
                 defer { state.waiter = nil }
                 return state.waiter
             }
             waiter?.resume(returning: value)
         }
 
-        /// The result, or nil if none arrived by the deadline.
-        func wait() async -> Result<Reply, BatonClientError>? {
+        /// Wakes a waiter whose time has come, without a result.
+        func wakeIfDue(_ now: ContinuousClock.Instant) {
+            let waiter = state.withLock { state -> CheckedContinuation<Result<Reply, BatonClientError>?, Never>? in
+                guard let wakeAt = state.wakeAt, wakeAt <= now else { return nil }
+                state.wakeAt = nil
+                defer { state.waiter = nil }
+                return state.waiter
+            }
+            waiter?.resume(returning: nil)
+        }
+
+        /// The result, or nil if none arrived by `time`.
+        func wait(until time: ContinuousClock.Instant) async -> Result<Reply, BatonClientError>? {
             await withCheckedContinuation { continuation in
                 let ready = state.withLock { state -> Result<Reply, BatonClientError>?? in
                     if let value = state.result { return .some(value) }
+                    if time <= .now { return .some(nil) }
                     state.waiter = continuation
+                    state.wakeAt = time
                     return .none
                 }
                 if let ready { continuation.resume(returning: ready) }
@@ -192,13 +226,11 @@ public final class BatonClient: Sendable {
         }
     }
 
-    /// Ends waits whose deadline passed; returns false once the client is closed.
+    /// Wakes waits whose time passed; returns false once the client is closed.
     private func reapOverdue() -> Bool {
         let now = ContinuousClock.now
-        let (closed, overdue) = state.withLock { state in
-            (state.closed, state.pending.values.filter { $0.deadline <= now })
-        }
-        for call in overdue { call.resolve(nil) }
+        let (closed, pending) = state.withLock { state in (state.closed, Array(state.pending.values)) }
+        for call in pending { call.wakeIfDue(now) }
         return !closed
     }
 
@@ -214,6 +246,19 @@ public final class BatonClient: Sendable {
             }
         }
     }
+
+    /// A client dropped without ``close()`` closes its connection (its I/O thread ends) and its reaper
+    /// and reply dispatcher end with it.
+    deinit {
+        let link = state.withLock { state -> Link? in
+            state.closed = true
+            return state.link
+        }
+        link?.connection.closeSoon()
+    }
+
+    /// The connection in use, if any (for tests).
+    var currentConnection: AMQPConnection? { state.withLock { $0.link?.connection } }
 
     // MARK: - Typed calls
 
@@ -254,20 +299,24 @@ public final class BatonClient: Sendable {
         return BufferStatus(holder: try holding(from: reply), lastToken: reply.token ?? 0, at: at)
     }
 
-    /// Releases every buffer held by `connection`: broadcast to all N partitions with one request id, answers merged.
-    ///
-    /// - Returns: the released buffers, sorted.
-    public func releaseConnection(_ connection: String, requestID: String = UUID().uuidString) async throws -> [String] {
+    /// Releases every buffer held by `connection` (and claimed by this client's broker user): broadcast to
+    /// all N partitions with one request id, answers merged.
+    public func releaseConnection(_ connection: String, requestID: String = UUID().uuidString) async throws -> ReleasedBuffers {
         let request = Request(requestID: requestID, command: .releaseConnection(connection: connection))
-        return try await withThrowingTaskGroup(of: [String].self) { group in
+        return try await withThrowingTaskGroup(of: ReleasedBuffers.self) { group in
             for partition in 0..<configuration.partitioner.count {
                 group.addTask {
                     let reply = try await self.call(request, partition: partition)
                     guard reply.status == .releasedConnection else { throw self.bad(reply) }
-                    return reply.buffers ?? []
+                    let listed = reply.buffers ?? []
+                    return ReleasedBuffers(count: reply.releasedCount ?? listed.count, buffers: listed)
                 }
             }
-            return try await group.reduce(into: []) { $0 += $1 }.sorted { ExactString($0) < ExactString($1) }
+            let merged = try await group.reduce(into: ReleasedBuffers(count: 0, buffers: [])) {
+                $0.count += $1.count
+                $0.buffers += $1.buffers
+            }
+            return ReleasedBuffers(count: merged.count, buffers: merged.buffers.sorted { ExactString($0) < ExactString($1) })
         }
     }
 
@@ -285,43 +334,68 @@ public final class BatonClient: Sendable {
     }
 
     /// Sends a request and returns the raw reply (status `error` becomes ``BatonClientError/Code/rejected``).
+    ///
+    /// The request carries a `deadline` (now + the timeout, at most the protocol's request lifetime) in its
+    /// body and as the message's `expiration`, so a worker never decides it after this call gave up. While
+    /// no reply has come, it is published again every ``BatonClientConfiguration/resendAfter`` with the same
+    /// `request_id` and correlation id, and the reply to any attempt answers the call.
     public func call(_ request: Request, partition explicit: Int? = nil) async throws -> Reply {
         let partition = explicit ?? configuration.partitioner.partition(of: request.buffer ?? "")
-        let body = ProtocolCodec.encode(request)
         let deadline = ContinuousClock.now + configuration.timeout
+        var request = request
+        if request.deadline == nil {
+            let lifetime = min(configuration.timeout.wholeMilliseconds, ProtocolV1.maxRequestLifetimeMilliseconds)
+            request.deadline = Timestamp.wallClock().adding(milliseconds: lifetime)
+        }
+        let body = ProtocolCodec.encode(request)
+        if request.operation == .forceRelease {
+            return try await adminCall(request, body: body, partition: partition, deadline: deadline)
+        }
+        let correlationID = UUID().uuidString
+        let pending = PendingCall()
+        let registered = state.withLock { state -> Bool in
+            guard !state.closed else { return false }
+            state.pending[correlationID] = pending
+            return true
+        }
+        guard registered else { throw BatonClientError(code: .closed, message: "the client is closed", requestID: request.requestID) }
+        defer { _ = state.withLock { $0.pending.removeValue(forKey: correlationID) } }
+
         var backoff = Backoff(initial: .milliseconds(50), maximum: .seconds(1))
         var attempts = 0
+        var blocked: String?
         while ContinuousClock.now < deadline {
-            attempts += 1
-            let correlationID = UUID().uuidString
-            let pending = PendingCall(deadline: min(deadline, ContinuousClock.now + configuration.resendAfter))
-            let registered = state.withLock { state -> Bool in
-                guard !state.closed else { return false }
-                state.pending[correlationID] = pending
-                return true
-            }
-            guard registered else { throw BatonClientError(code: .closed, message: "the client is closed", requestID: request.requestID) }
-            defer { _ = state.withLock { $0.pending.removeValue(forKey: correlationID) } }
             do {
-                let link = try await currentLink()
-                try await link.channel.publish(OutgoingMessage(
-                    exchange: request.operation == .forceRelease ? ProtocolV1.adminExchange : ProtocolV1.requestsExchange,
-                    routingKey: String(partition), body: body,
+                let link = try await Self.before(deadline) { try await self.currentLink() }
+                if let reason = link.connection.blockedReason {
+                    // Publishing now would only queue the request in a socket the broker does not read.
+                    blocked = reason
+                    _ = await pending.wait(until: min(deadline, .now + .milliseconds(50)))
+                    continue
+                }
+                blocked = nil
+                attempts += 1
+                let remaining = max(1, (deadline - .now).wholeMilliseconds)
+                let message = OutgoingMessage(
+                    exchange: ProtocolV1.requestsExchange, routingKey: String(partition), body: body,
                     properties: AMQPProperties(
                         contentType: ProtocolV1.contentType, correlationID: correlationID, replyTo: ProtocolV1.directReplyTo,
-                        messageID: correlationID, deliveryMode: 2
+                        messageID: correlationID, expiration: String(remaining), deliveryMode: 2, userID: configuration.amqpURL.user
                     ),
                     mandatory: true
-                ))
+                )
+                try await Self.before(deadline) { try await link.channel.publish(message) }
+            } catch is DeadlinePassed {
+                break
             } catch let error as BatonClientError {
                 throw error
             } catch {
                 logger.debug("publishing failed; reconnecting", metadata: ["baton.error": "\(error)"])
                 dropLink()
-                try? await Task.sleep(for: min(backoff.next(), deadline - ContinuousClock.now))
+                _ = await pending.wait(until: min(deadline, .now + backoff.next()))
                 continue
             }
-            switch await pending.wait() {
+            switch await pending.wait(until: min(deadline, .now + configuration.resendAfter)) {
             case .success(let reply)?:
                 if reply.status == .error {
                     throw BatonClientError(code: .rejected, message: reply.error?.message ?? "rejected", requestID: request.requestID, errorCode: reply.error?.code)
@@ -333,11 +407,92 @@ public final class BatonClient: Sendable {
                 continue  // no reply yet: publish again with the same request id
             }
         }
+        if let blocked, attempts == 0 {
+            throw BatonClientError(
+                code: .blocked,
+                message: "the broker blocked publishing for the whole \(configuration.timeout) (\(blocked)): \(request.operation) '\(request.buffer ?? "")' (request_id \(request.requestID)) was not sent; retry later with the same request_id",
+                requestID: request.requestID
+            )
+        }
         throw BatonClientError(
             code: .timeout,
-            message: "no reply to \(request.operation) '\(request.buffer ?? "")' (request_id \(request.requestID)) within \(configuration.timeout) after \(attempts) attempts: is a worker serving partition \(partition)? Retrying with the same request_id is safe",
+            message: "no reply to \(request.operation) '\(request.buffer ?? "")' (request_id \(request.requestID)) within \(configuration.timeout) after \(attempts) attempts\(blocked.map { " (the broker then blocked publishing: \($0))" } ?? ""): is a worker serving partition \(partition)? Retrying with the same request_id is safe",
             requestID: request.requestID
         )
+    }
+
+    /// An operator's request, on a channel of its own: the broker refuses a publish to `baton.admin` without
+    /// permission by closing the channel it came on (403), which must not disturb other calls.
+    private func adminCall(_ request: Request, body: [UInt8], partition: Int, deadline: ContinuousClock.Instant) async throws -> Reply {
+        let link = try await currentLink()
+        let channel = try await link.connection.openChannel()
+        let returned = Mutex<String?>(nil)
+        do {
+            let (_, replies) = try await channel.consume(queue: ProtocolV1.directReplyTo, noAck: true)
+            try await channel.onReturn { _, code, text in returned.withLock { $0 = "\(code) \(text)" } }
+            let correlationID = UUID().uuidString
+            try await channel.publish(OutgoingMessage(
+                exchange: ProtocolV1.adminExchange, routingKey: String(partition), body: body,
+                properties: AMQPProperties(
+                    contentType: ProtocolV1.contentType, correlationID: correlationID, replyTo: ProtocolV1.directReplyTo,
+                    messageID: correlationID, expiration: String(max(1, (deadline - .now).wholeMilliseconds)), deliveryMode: 2,
+                    userID: configuration.amqpURL.user
+                ),
+                mandatory: true
+            ))
+            while ContinuousClock.now < deadline {
+                let batch = try await replies.next(max: 16, timeout: min(.milliseconds(100), deadline - .now))
+                if let text = returned.withLock({ $0 }) {
+                    throw BatonClientError(code: .unroutable, message: "the broker could not route the request (\(text)): run 'baton topology' or start a worker", requestID: request.requestID)
+                }
+                for message in batch where message.properties.correlationID == correlationID {
+                    await channel.close()
+                    let reply: Reply
+                    do {
+                        reply = try ProtocolCodec.decodeReply(message.body)
+                    } catch {
+                        throw BatonClientError(code: .badReply, message: "the reply could not be decoded: \(error)", requestID: request.requestID)
+                    }
+                    if reply.status == .error {
+                        throw BatonClientError(code: .rejected, message: reply.error?.message ?? "rejected", requestID: request.requestID, errorCode: reply.error?.code)
+                    }
+                    return reply
+                }
+            }
+        } catch let error as AMQPError where error.replyCode == 403 {
+            throw BatonClientError(
+                code: .forbidden,
+                message: "the broker refused \(request.operation) for user '\(configuration.amqpURL.user)': \(error.message); operators publish it with a user allowed to write to \(ProtocolV1.adminExchange)",
+                requestID: request.requestID
+            )
+        } catch {
+            await channel.close()
+            throw error
+        }
+        await channel.close()
+        throw BatonClientError(
+            code: .timeout,
+            message: "no reply to \(request.operation) '\(request.buffer ?? "")' (request_id \(request.requestID)) within \(configuration.timeout): is a worker serving partition \(partition)? Retrying with the same request_id is safe",
+            requestID: request.requestID
+        )
+    }
+
+    /// Thrown by ``before(_:_:)`` when the deadline comes first.
+    private struct DeadlinePassed: Error {}
+
+    /// Runs `body`, but returns (throwing ``DeadlinePassed``) at `deadline` even if `body` is stuck in a
+    /// call the broker does not answer (it finishes in the background).
+    private static func before<T: Sendable>(_ deadline: ContinuousClock.Instant, _ body: @escaping @Sendable () async throws -> T) async throws -> T {
+        let outcome = Race<T>()
+        let work = Task { outcome.finish(await Result(catching: body)) }
+        let timer = Task {
+            try? await Task.sleep(until: deadline)
+            outcome.finish(.failure(DeadlinePassed()))
+        }
+        let result = await outcome.value()
+        work.cancel()
+        timer.cancel()
+        return try result.get()
     }
 
     /// Closes the connection; calls in flight fail with ``BatonClientError/Code/closed``.
@@ -397,27 +552,32 @@ public final class BatonClient: Sendable {
             )))
         }
         let link = Link(connection: connection, channel: channel)
-        Task { await self.dispatchReplies(replies, link: link) }
+        // The dispatcher holds the client weakly: a client dropped without close() still goes away.
+        Task { [weak self] in
+            while true {
+                let batch: [AMQPMessage]
+                do {
+                    batch = try await replies.next(max: 256, timeout: .seconds(1))
+                } catch {
+                    // The connection ended: the next call reconnects.
+                    self?.state.withLock { state in
+                        if state.link?.connection === link.connection { state.link = nil }
+                    }
+                    return
+                }
+                guard let self else { return }
+                if batch.isEmpty {
+                    if !link.connection.isOpen { return }
+                    continue
+                }
+                self.dispatch(batch)
+            }
+        }
         logger.debug("client connected", metadata: ["baton.amqp": "\(configuration.amqpURL)"])
         return link
     }
 
-    private func dispatchReplies(_ replies: DeliveryQueue, link: Link) async {
-        while true {
-            let batch: [AMQPMessage]
-            do {
-                batch = try await replies.next(max: 256, timeout: .seconds(3600))
-            } catch {
-                // The connection ended: the next call reconnects.
-                state.withLock { state in
-                    if state.link?.connection === link.connection { state.link = nil }
-                }
-                return
-            }
-            if batch.isEmpty {
-                if !link.connection.isOpen { return }
-                continue
-            }
+    private func dispatch(_ batch: [AMQPMessage]) {
             for message in batch {
                 guard let correlationID = message.properties.correlationID,
                       let call = state.withLock({ $0.pending[correlationID] })
@@ -428,7 +588,6 @@ public final class BatonClient: Sendable {
                     call.resolve(.failure(BatonClientError(code: .badReply, message: "the reply could not be decoded: \(error)")))
                 }
             }
-        }
     }
 
     // MARK: - Helpers
@@ -448,5 +607,53 @@ public final class BatonClient: Sendable {
 
     private func bad(_ reply: Reply) -> BatonClientError {
         BatonClientError(code: .badReply, message: "unexpected reply status '\(reply.status)' for request \(reply.requestID ?? "-")", requestID: reply.requestID)
+    }
+}
+
+/// The first of several outcomes, awaited once.
+private final class Race<T: Sendable>: Sendable {
+    private struct State {
+        var result: Result<T, any Error>?
+        var waiter: CheckedContinuation<Result<T, any Error>, Never>?
+    }
+
+    private let state = Mutex(State())
+
+    func finish(_ result: Result<T, any Error>) {
+        let waiter = state.withLock { state -> CheckedContinuation<Result<T, any Error>, Never>? in
+            guard state.result == nil else { return nil }
+            state.result = result
+            defer { state.waiter = nil }
+            return state.waiter
+        }
+        waiter?.resume(returning: result)
+    }
+
+    func value() async -> Result<T, any Error> {
+        await withCheckedContinuation { continuation in
+            let ready = state.withLock { state -> Result<T, any Error>? in
+                if let result = state.result { return result }
+                state.waiter = continuation
+                return nil
+            }
+            if let ready { continuation.resume(returning: ready) }
+        }
+    }
+}
+
+extension Result where Failure == any Error {
+    init(catching body: () async throws -> Success) async {
+        do {
+            self = .success(try await body())
+        } catch {
+            self = .failure(error)
+        }
+    }
+}
+
+extension Timestamp {
+    /// This machine's wall clock (requests' deadlines are set on the caller's clock).
+    static func wallClock() -> Timestamp {
+        Timestamp(milliseconds: Int64((Date().timeIntervalSince1970 * 1000).rounded(.down)))
     }
 }

@@ -5,12 +5,26 @@ import Foundation
 #endif
 
 extension ProtocolCodec {
-    /// Encodes a request the way a frontend publishes it (only the fields of its op).
+    /// Encodes a request the way a frontend publishes it (only the fields of its op; `deadline` when set).
+    /// The principal is not part of the body: it travels as the AMQP `user_id` property.
     public static func encode(_ request: Request) -> [UInt8] {
+        encode(request, deadline: true, principal: false)
+    }
+
+    /// What a request asked, for idempotency: every field of the body but `deadline` (a retry may carry a
+    /// later one), plus the principal that sent it. A `request_id` seen before is answered from its stored
+    /// reply only when this matches byte for byte.
+    public static func fingerprint(_ request: Request) -> String {
+        String(decoding: encode(request, deadline: false, principal: true), as: UTF8.self)
+    }
+
+    private static func encode(_ request: Request, deadline: Bool, principal: Bool) -> [UInt8] {
         var json = JSONWriter(capacity: 192)
         json.integer("v", ProtocolV1.version)
         json.string("op", request.operation.rawValue)
         json.string("request_id", request.requestID)
+        if deadline, let value = request.deadline { json.string("deadline", value.rfc3339) }
+        if principal { json.string("principal", request.principal) }
         switch request.command {
         case .claim(let buffer, let holder, let lease):
             json.string("buffer", buffer)
@@ -53,7 +67,10 @@ extension ProtocolCodec {
         json.string("expires_at", reply.expiresAt?.rfc3339)
         json.string("at", reply.at?.rfc3339)
         json.integer("partition", reply.partition)
-        if reply.status == .releasedConnection { json.strings("buffers", reply.buffers ?? []) }
+        if reply.status == .releasedConnection {
+            json.strings("buffers", reply.buffers ?? [])
+            json.integer("released_count", reply.releasedCount ?? reply.buffers?.count ?? 0)
+        }
         if reply.status == .error, let error = reply.error {
             json.object("error") { $0.string("code", error.code.rawValue); $0.string("message", error.message) }
         }
@@ -97,10 +114,12 @@ private struct WireReply: Decodable {
     var at: String?
     var partition: Int?
     var buffers: [String]?
+    var releasedCount: Int?
     var error: ReplyError?
 
     enum CodingKeys: String, CodingKey {
-        case v, requestID = "request_id", status, buffer, holder, token, expiresAt = "expires_at", at, partition, buffers, error
+        case v, requestID = "request_id", status, buffer, holder, token, expiresAt = "expires_at", at, partition, buffers
+        case releasedCount = "released_count", error
     }
 
     func reply() throws -> Reply {
@@ -115,7 +134,7 @@ private struct WireReply: Decodable {
             requestID: requestID, status: status, buffer: buffer,
             holder: holder.map { Holder(user: $0.user, connection: $0.connection) },
             token: token, expiresAt: try timestamp(expiresAt, .expiresAt), at: try timestamp(at, .at),
-            partition: partition, buffers: buffers, error: error
+            partition: partition, buffers: buffers, releasedCount: releasedCount, error: error
         )
     }
 }

@@ -9,7 +9,7 @@ import Foundation
 /// Every rejection is a ``ProtocolError`` whose message names the field, the value
 /// and what is allowed.
 public enum ProtocolCodec {
-    private static let commonFields: Set<String> = ["v", "op", "request_id"]
+    private static let commonFields: Set<String> = ["v", "op", "request_id", "deadline"]
     private static let opFields: [Operation: Set<String>] = [
         .claim: ["buffer", "user", "connection", "lease_ms"],
         .renew: ["buffer", "connection", "lease_ms", "token"],
@@ -107,7 +107,7 @@ public enum ProtocolCodec {
             let reason = fields["reason"] == nil ? nil : try reader.name("reason", scalars: ProtocolV1.nameLength)
             command = .forceRelease(buffer: buffer, reason: reason)
         }
-        return Request(requestID: requestID, command: command)
+        return Request(requestID: requestID, command: command, deadline: try reader.deadline())
     }
 
     /// Why `value` is not a valid `user`, `connection` or `request_id`, or nil when it is.
@@ -185,6 +185,12 @@ public enum ProtocolCodec {
                 "lease_ms", in: range,
                 allowed: "an integer from \(range.lowerBound) to \(range.upperBound) (omit it for \(ProtocolV1.defaultLeaseMilliseconds))"
             ) ?? ProtocolV1.defaultLeaseMilliseconds
+        }
+
+        func deadline() throws(ProtocolError) -> Timestamp? {
+            guard let value = fields["deadline"] else { return nil }
+            if case .string(let text) = value, let deadline = Timestamp(rfc3339: text) { return deadline }
+            throw error(.invalidRequest, "field 'deadline' must be a UTC time like 2026-11-28T00:15:44.123Z, got \(value.excerpt)")
         }
 
         func token() throws(ProtocolError) -> Int64 {

@@ -25,7 +25,7 @@ public enum OwnershipRules {
 
         switch request.command {
         case .claim(_, let holder, let lease):
-            if live == holder {
+            if live == holder, samePrincipal(state.principal, request.principal) {
                 next.expiresAt = now.adding(milliseconds: lease)
                 status = .granted
             } else if live == nil {
@@ -33,15 +33,17 @@ public enum OwnershipRules {
                     // The previous lease ran out but was never swept: close it before the new grant.
                     changes.append(OwnershipChange(kind: .expired, buffer: buffer, holder: previous, token: state.token, at: now, expiresAt: expiresAt))
                 }
-                next = BufferState(holder: holder, token: state.token + 1, expiresAt: now.adding(milliseconds: lease))
-                changes.append(OwnershipChange(kind: .granted, buffer: buffer, holder: holder, token: next.token, at: now, expiresAt: next.expiresAt!))
+                next = BufferState(holder: holder, token: state.token + 1, expiresAt: now.adding(milliseconds: lease), principal: request.principal)
+                changes.append(OwnershipChange(
+                    kind: .granted, buffer: buffer, holder: holder, token: next.token, at: now, expiresAt: next.expiresAt!, principal: request.principal
+                ))
                 status = .granted
             } else {
                 status = .denied
             }
 
         case .renew(_, let connection, let token, let lease):
-            if let live, live.connection.exactlyEquals(connection), token == state.token {
+            if let live, live.connection.exactlyEquals(connection), token == state.token, samePrincipal(state.principal, request.principal) {
                 next.expiresAt = now.adding(milliseconds: lease)
                 status = .renewed
             } else {
@@ -49,9 +51,12 @@ public enum OwnershipRules {
             }
 
         case .release(_, let connection, let token):
-            if let holder = state.holder, let expiresAt = state.expiresAt, holder.connection.exactlyEquals(connection), token == state.token {
+            if let holder = state.holder, let expiresAt = state.expiresAt, holder.connection.exactlyEquals(connection), token == state.token,
+               samePrincipal(state.principal, request.principal) {
                 next = BufferState(holder: nil, token: state.token, expiresAt: nil)
-                changes.append(OwnershipChange(kind: .released, buffer: buffer, holder: holder, token: token, at: now, expiresAt: expiresAt))
+                changes.append(OwnershipChange(
+                    kind: .released, buffer: buffer, holder: holder, token: token, at: now, expiresAt: expiresAt, principal: request.principal
+                ))
                 let reply = Reply(requestID: request.requestID, status: .released, buffer: buffer, holder: nil, token: token, expiresAt: nil, at: now, partition: partition)
                 return Decision(state: next, reply: reply, changes: changes)
             }
@@ -63,7 +68,10 @@ public enum OwnershipRules {
         case .forceRelease:
             if let holder = state.holder, let expiresAt = state.expiresAt {
                 next = BufferState(holder: nil, token: state.token, expiresAt: nil)
-                changes.append(OwnershipChange(kind: .released, buffer: buffer, holder: holder, token: state.token, at: now, expiresAt: expiresAt, forced: true))
+                changes.append(OwnershipChange(
+                    kind: .released, buffer: buffer, holder: holder, token: state.token, at: now, expiresAt: expiresAt, forced: true,
+                    principal: request.principal
+                ))
                 let reply = Reply(requestID: request.requestID, status: .released, buffer: buffer, holder: nil, token: state.token, expiresAt: nil, at: now, partition: partition)
                 return Decision(state: next, reply: reply, changes: changes)
             }
@@ -79,6 +87,17 @@ public enum OwnershipRules {
             token: next.token, expiresAt: holder == nil ? nil : next.expiresAt, at: now, partition: partition
         )
         return Decision(state: next, reply: reply, changes: changes)
+    }
+
+    /// Whether a request's principal is the one a lease was claimed by (exact bytes). A lease recorded
+    /// without a principal matches only requests without one (the store's own tests); the worker gives
+    /// every ownership request a principal, so such a lease can only expire or be force-released.
+    public static func samePrincipal(_ recorded: String?, _ requester: String?) -> Bool {
+        switch (recorded, requester) {
+        case (nil, nil): true
+        case (let recorded?, let requester?): recorded.exactlyEquals(requester)
+        default: false
+        }
     }
 
     /// Expires `state` if its lease has run out at `now`; nil when there is nothing to expire.
@@ -115,8 +134,27 @@ public struct PartitionState: Sendable {
 
     /// Applies one request at database time `now`, returning the reply and the ownership changes.
     public mutating func apply(_ request: Request, at now: Timestamp) -> (reply: Reply, changes: [OwnershipChange]) {
+        if let deadline = request.deadline {
+            if deadline <= now {
+                let error = ProtocolError(
+                    code: .deadlineExceeded,
+                    message: "the request's deadline \(deadline.rfc3339) passed before it was decided (database time \(now.rfc3339)); nothing changed",
+                    requestID: request.requestID, buffer: request.buffer
+                )
+                return (Reply.rejection(error, partition: partition, at: now), [])
+            }
+            let limit = ProtocolV1.maxRequestLifetimeMilliseconds
+            if deadline > now.adding(milliseconds: limit) {
+                let error = ProtocolError(
+                    code: .invalidRequest,
+                    message: "field 'deadline' \(deadline.rfc3339) is more than \(limit / 1000) s after the database time \(now.rfc3339): a request may live at most \(limit / 1000) s (check the sender's clock)",
+                    requestID: request.requestID, buffer: request.buffer
+                )
+                return (Reply.rejection(error, partition: partition, at: now), [])
+            }
+        }
         if case .releaseConnection(let connection) = request.command {
-            return releaseConnection(connection, requestID: request.requestID, at: now)
+            return releaseConnection(connection, request: request, at: now)
         }
         let buffer = request.buffer ?? ""
         let home = partitioner.partition(of: buffer)
@@ -145,17 +183,30 @@ public struct PartitionState: Sendable {
         return changes
     }
 
-    private mutating func releaseConnection(_ connection: String, requestID: String, at now: Timestamp) -> (reply: Reply, changes: [OwnershipChange]) {
+    private mutating func releaseConnection(_ connection: String, request: Request, at now: Timestamp) -> (reply: Reply, changes: [OwnershipChange]) {
         var changes: [OwnershipChange] = []
         for buffer in buffers.keys.sorted() {
             let state = buffers[buffer]!
-            guard let holder = state.holder, let expiresAt = state.expiresAt, holder.connection.exactlyEquals(connection) else { continue }
+            guard let holder = state.holder, let expiresAt = state.expiresAt, holder.connection.exactlyEquals(connection),
+                  OwnershipRules.samePrincipal(state.principal, request.principal)
+            else { continue }
             buffers[buffer] = BufferState(holder: nil, token: state.token, expiresAt: nil)
-            changes.append(OwnershipChange(kind: .released, buffer: buffer.string, holder: holder, token: state.token, at: now, expiresAt: expiresAt))
+            changes.append(OwnershipChange(
+                kind: .released, buffer: buffer.string, holder: holder, token: state.token, at: now, expiresAt: expiresAt, principal: request.principal
+            ))
+        }
+        // List names up to a byte budget (the count is always complete), so the reply stays far below
+        // the broker's message size limit however many buffers the connection held.
+        var listed: [String] = []
+        var bytes = 0
+        for change in changes {
+            bytes += change.buffer.utf8.count + 8
+            if bytes > ProtocolV1.maxReleasedListBytes { break }
+            listed.append(change.buffer)
         }
         let reply = Reply(
-            requestID: requestID, status: .releasedConnection, at: now, partition: partition,
-            buffers: changes.map(\.buffer)
+            requestID: request.requestID, status: .releasedConnection, at: now, partition: partition,
+            buffers: listed, releasedCount: changes.count
         )
         return (reply, changes)
     }

@@ -68,14 +68,42 @@ enum JSONValue: Decodable, Sendable, Hashable {
 extension String {
     /// The string with control characters shown as `\u{..}`, safe to put in a message or a log line.
     func replacingControlCharacters() -> String {
+        LogValue.escape(self)
+    }
+}
+
+/// Makes values that come from requests safe to write into log lines and messages.
+public enum LogValue {
+    /// `text` with every control, format (bidirectional overrides, zero-width) and line/paragraph
+    /// separator character shown as `\u{..}`, and backslashes doubled, so a value cannot start a
+    /// new log line, move a terminal's cursor, or pass for an escape it does not contain.
+    public static func escape(_ text: String) -> String {
+        var clean = true
+        for scalar in text.unicodeScalars where needsEscape(scalar) {
+            clean = false
+            break
+        }
+        if clean { return text }
         var result = ""
-        for scalar in unicodeScalars {
-            if scalar.properties.generalCategory == .control {
+        result.unicodeScalars.reserveCapacity(text.unicodeScalars.count + 8)
+        for scalar in text.unicodeScalars {
+            if scalar == "\\" {
+                result += "\\\\"
+            } else if needsEscape(scalar) {
                 result += "\\u{\(String(scalar.value, radix: 16))}"
             } else {
                 result.unicodeScalars.append(scalar)
             }
         }
         return result
+    }
+
+    private static func needsEscape(_ scalar: Unicode.Scalar) -> Bool {
+        if scalar == "\\" { return true }
+        if scalar.value >= 0x20 && scalar.value < 0x7F { return false }
+        switch scalar.properties.generalCategory {
+        case .control, .format, .lineSeparator, .paragraphSeparator, .surrogate, .privateUse, .unassigned: return true
+        default: return false
+        }
     }
 }

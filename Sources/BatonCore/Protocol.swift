@@ -14,6 +14,22 @@ public enum ProtocolV1 {
     public static let bufferBytes: ClosedRange<Int> = 1...1024
     /// Allowed length of `user` and `connection`, in Unicode scalars.
     public static let nameLength: ClosedRange<Int> = 1...256
+    /// How far ahead of the database clock a request's `deadline` may lie. Requests live at most this
+    /// long (the request queues' message TTL is the same), and the store keeps idempotency records for
+    /// at least twice as long, so a request can never outlive the record that answers its repeats.
+    public static let maxRequestLifetimeMilliseconds: Int64 = 300_000
+    /// The largest total of buffer-name bytes a `released_connection` reply lists; `released_count` always
+    /// gives the full number. Even with every byte JSON-escaped (6 bytes each) a reply stays under 100 KiB,
+    /// below the broker's message size limit.
+    public static let maxReleasedListBytes = 16 * 1024
+    /// Reply destinations a worker answers: RabbitMQ's direct reply-to pseudo-queues and server-named
+    /// queues, which only the connection that asked for them can consume. Anything else is refused.
+    public static let replyToPrefixes = ["amq.rabbitmq.reply-to.", "amq.gen-"]
+
+    /// Whether a worker may publish a reply to `replyTo` (see ``replyToPrefixes``).
+    public static func isAcceptedReplyTo(_ replyTo: String) -> Bool {
+        replyToPrefixes.contains { replyTo.hasPrefix($0) && replyTo.utf8.count > $0.utf8.count } && replyTo.utf8.count <= 255
+    }
 
     /// The direct exchange requests are published to, with routing key `<p>`.
     public static let requestsExchange = "baton.requests"
@@ -83,11 +99,20 @@ public struct Request: Sendable, Hashable {
     public var requestID: String
     /// What to do.
     public var command: Command
+    /// Who sent it: the broker user that published it, from the AMQP `user_id` property, which
+    /// RabbitMQ checks against the publishing connection's login. Not part of the JSON body. A lease
+    /// records the principal that claimed it, and only that principal may extend, renew or release it.
+    public var principal: String?
+    /// The request's `deadline` (optional body field): past it, the worker refuses to decide the
+    /// request (`deadline_exceeded`), because its caller has given up.
+    public var deadline: Timestamp?
 
     /// Creates a request.
-    public init(requestID: String, command: Command) {
+    public init(requestID: String, command: Command, principal: String? = nil, deadline: Timestamp? = nil) {
         self.requestID = requestID
         self.command = command
+        self.principal = principal
+        self.deadline = deadline
     }
 
     /// The operation of ``command``.
@@ -156,6 +181,16 @@ public enum ErrorCode: String, Sendable, Hashable, CaseIterable, Codable, Custom
     case unknownOp = "unknown_op"
     case payloadTooLarge = "payload_too_large"
     case misrouted
+    /// The `request_id` was used before for a different request (another op, buffer, argument or
+    /// principal); the stored answer belongs to that one and is not shown.
+    case requestIDReused = "request_id_reused"
+    /// The request's `deadline` passed before a worker could decide it; nothing changed.
+    case deadlineExceeded = "deadline_exceeded"
+    /// The database refused to record this request's decision (for example a constraint an operator
+    /// added); nothing changed, and the request was dead-lettered so its partition goes on.
+    case internalError = "internal_error"
+    /// The message is missing a property the worker needs (`user_id`), or carries one it must refuse.
+    case unauthenticated
 
     public var description: String { rawValue }
 }
@@ -214,8 +249,11 @@ public struct Reply: Sendable, Hashable {
     public var at: Timestamp?
     /// The partition that decided.
     public var partition: Int?
-    /// For `released_connection`: the buffers released, sorted.
+    /// For `released_connection`: the buffers released, sorted; at most
+    /// ``ProtocolV1/maxReleasedListBytes`` of names (``releasedCount`` gives the full number).
     public var buffers: [String]?
+    /// For `released_connection`: how many buffers were released in all.
+    public var releasedCount: Int?
     /// For `error`: the code and message.
     public var error: ReplyError?
 
@@ -223,7 +261,7 @@ public struct Reply: Sendable, Hashable {
     public init(
         requestID: String?, status: ReplyStatus, buffer: String? = nil, holder: Holder? = nil,
         token: Int64? = nil, expiresAt: Timestamp? = nil, at: Timestamp? = nil, partition: Int? = nil,
-        buffers: [String]? = nil, error: ReplyError? = nil
+        buffers: [String]? = nil, releasedCount: Int? = nil, error: ReplyError? = nil
     ) {
         self.requestID = requestID
         self.status = status
@@ -234,6 +272,7 @@ public struct Reply: Sendable, Hashable {
         self.at = at
         self.partition = partition
         self.buffers = buffers
+        self.releasedCount = releasedCount ?? buffers?.count
         self.error = error
     }
 
@@ -250,6 +289,9 @@ public struct Reply: Sendable, Hashable {
 public struct BufferState: Sendable, Hashable {
     /// The holder, or nil when released (a holder whose lease has expired stays until swept or replaced).
     public var holder: Holder?
+    /// The principal (broker user) that claimed the holder's lease; nil when nobody holds the buffer,
+    /// or for a lease recorded before principals were (such a lease can only expire or be force-released).
+    public var principal: String?
     /// The last token issued for this buffer, 0 if never.
     public var token: Int64
     /// When the holder's lease ends; nil when there is no holder.
@@ -259,10 +301,11 @@ public struct BufferState: Sendable, Hashable {
     public static let fresh = BufferState(holder: nil, token: 0, expiresAt: nil)
 
     /// Creates a state.
-    public init(holder: Holder?, token: Int64, expiresAt: Timestamp?) {
+    public init(holder: Holder?, token: Int64, expiresAt: Timestamp?, principal: String? = nil) {
         self.holder = holder
         self.token = token
         self.expiresAt = expiresAt
+        self.principal = holder == nil ? nil : principal
     }
 
     /// The holder if their lease has not expired at `now` (`expires_at == now` counts as expired).
@@ -297,9 +340,12 @@ public struct OwnershipChange: Sendable, Hashable {
     public var expiresAt: Timestamp
     /// True for a `released` forced by an operator (`force_release`).
     public var forced: Bool
+    /// The principal of the request that made the change (nil for expiries); kept in the audit trail, not
+    /// published in events.
+    public var principal: String?
 
     /// Creates a change.
-    public init(kind: ChangeKind, buffer: String, holder: Holder, token: Int64, at: Timestamp, expiresAt: Timestamp, forced: Bool = false) {
+    public init(kind: ChangeKind, buffer: String, holder: Holder, token: Int64, at: Timestamp, expiresAt: Timestamp, forced: Bool = false, principal: String? = nil) {
         self.kind = kind
         self.buffer = buffer
         self.holder = holder
@@ -307,5 +353,6 @@ public struct OwnershipChange: Sendable, Hashable {
         self.at = at
         self.expiresAt = expiresAt
         self.forced = forced
+        self.principal = principal
     }
 }

@@ -123,6 +123,18 @@ public enum Migrator {
             -- A release forced by an operator (force_release) is marked in the audit trail and its event.
             ALTER TABLE baton_outbox ADD COLUMN forced boolean NOT NULL DEFAULT false;
             """),
+        Migration(version: 4, name: "principals and request fingerprints", sql: """
+            -- The broker user (AMQP user_id, checked by RabbitMQ) that claimed a lease: only it may extend,
+            -- renew or release the lease. NULL for leases recorded before this migration (they can only
+            -- expire or be force-released).
+            ALTER TABLE baton_buffers ADD COLUMN holder_principal text;
+            -- What a request id was used for (its body without deadline, plus its principal): a repeat is
+            -- answered from the stored reply only when it asks the same thing. NULL for older records,
+            -- which are answered as before.
+            ALTER TABLE baton_requests ADD COLUMN fingerprint text;
+            -- Who made each ownership change (NULL for expiries and older rows), for audits.
+            ALTER TABLE baton_outbox ADD COLUMN principal text;
+            """),
     ]
 
     /// The newest schema version this code knows.

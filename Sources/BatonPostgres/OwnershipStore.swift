@@ -67,8 +67,10 @@ public final class OwnershipStore: Sendable {
     public let maxAttempts: Int
     private let logger: Logger
 
-    /// The shortest idempotency retention allowed: a retry within this window must see its original reply.
-    public static let minimumRetention: Duration = .seconds(600)
+    /// The shortest idempotency retention allowed: twice the longest a request can live
+    /// (``ProtocolV1/maxRequestLifetimeMilliseconds``, enforced by its deadline and the queues' message
+    /// TTL), so a repeat of any request still finds its original reply.
+    public static let minimumRetention: Duration = .milliseconds(2 * ProtocolV1.maxRequestLifetimeMilliseconds)
 
     /// Creates a store over an open connection after checking the schema and N.
     public static func open(
@@ -90,8 +92,9 @@ public final class OwnershipStore: Sendable {
 
     /// Takes `partition` by bumping its epoch (steal) and returns the new epoch.
     ///
-    /// Waits for batches of the previous owner that are in flight; after it
-    /// returns, every batch fenced with an older epoch fails with
+    /// Waits for batches of the previous owner that are in flight (each is one statement, so it never
+    /// waits on the previous owner's process; worker connections bound the wait with `lock_timeout`);
+    /// after it returns, every batch fenced with an older epoch fails with
     /// ``StoreError/Code/partitionOwnershipLost``.
     public func takePartition(_ partition: Int, owner: String) async throws -> Int64 {
         let count = partitioner.count
@@ -115,22 +118,22 @@ public final class OwnershipStore: Sendable {
         let partitioner = self.partitioner
         // No BEGIN/COMMIT: the batch is one read and one atomic, fenced, compare-and-set write
         // (optimistic concurrency; see SQL.write). Two round trips instead of six.
-        return try await retrying(partition: partition, what: "the batch of \(requests.count) requests", inTransaction: false) { session, attempt in
+        return try await retrying(partition: partition, what: "the batch of \(requests.count) requests") { session, attempt in
             try Self.applyOnce(session, requests, partition: partition, epoch: epoch, partitioner: partitioner, attempt: attempt)
         }
     }
 
-    /// Runs `body` (in a transaction if asked) on the store's connection, retrying from a fresh read
+    /// Runs `body` on the store's connection, retrying from a fresh read
     /// after a compare-and-set miss, a deadlock or a serialization failure (each wrote nothing).
     private func retrying<T: Sendable>(
-        partition: Int, what: String, inTransaction: Bool, _ body: @escaping @Sendable (PostgresSession, _ attempt: Int) throws -> T
+        partition: Int, what: String, _ body: @escaping @Sendable (PostgresSession, _ attempt: Int) throws -> T
     ) async throws -> T {
         let maxAttempts = self.maxAttempts
         let logger = self.logger
         return try await connection.withSession { session in
             for attempt in 1...maxAttempts {
                 do {
-                    return try inTransaction ? session.transaction { try body(session, attempt) } : body(session, attempt)
+                    return try body(session, attempt)
                 } catch let miss as CompareAndSetMiss {
                     logger.debug("compare-and-set missed; retrying", metadata: [
                         "baton.partition": "\(partition)", "baton.attempt": "\(attempt)", "baton.missed": "\(miss.missed)",
@@ -164,7 +167,7 @@ public final class OwnershipStore: Sendable {
         }
         try checkEpoch(header[1].flatMap(Int64.init), partition: partition, epoch: epoch)
         let now = Timestamp(milliseconds: clock)
-        var stored: [ExactString: Reply] = [:]
+        var stored: [ExactString: (reply: Reply, fingerprint: String?)] = [:]
         var initial: [ExactString: BufferState] = [:]
         var versions: [ExactString: Int64] = [:]
         for row in rows where row[0] != "f" {
@@ -173,7 +176,7 @@ public final class OwnershipStore: Sendable {
                     // Deciding again could apply a request twice: refuse instead.
                     throw PostgresError(code: .unexpectedResult, message: "a stored reply in baton_requests for partition \(partition) cannot be decoded")
                 }
-                stored[ExactString(id)] = reply
+                stored[ExactString(id)] = (reply, row[3])
             } else {
                 let (buffer, state, version) = try decodeBuffer(row)
                 initial[buffer] = state
@@ -185,18 +188,34 @@ public final class OwnershipStore: Sendable {
         var state = PartitionState(partition: partition, partitioner: partitioner, buffers: initial)
         var replies: [Reply] = []
         var changes: [(OwnershipChange, String?)] = []
-        var newRecords: [(String, Reply)] = []
+        var newRecords: [(id: String, reply: Reply, fingerprint: String)] = []
         var replayed = 0
         replies.reserveCapacity(requests.count)
         for request in requests {
-            if let reply = stored[ExactString(request.requestID)] {
-                replies.append(reply)
-                replayed += 1
+            let fingerprint = ProtocolCodec.fingerprint(request)
+            if let (reply, recorded) = stored[ExactString(request.requestID)] {
+                // A repeat is answered from its record only when it asks the same thing (records written
+                // before fingerprints existed have none and are answered as before).
+                if let recorded, recorded != fingerprint {
+                    replies.append(Reply.rejection(ProtocolError(
+                        code: .requestIDReused,
+                        message: "request_id '\(LogValue.escape(request.requestID))' was already used for a different request (another op, buffer, argument or sender): use a new request_id for a new request; a retry must repeat the original exactly",
+                        requestID: request.requestID, buffer: request.buffer
+                    ), partition: partition, at: now))
+                } else {
+                    replies.append(reply)
+                    replayed += 1
+                }
                 continue
             }
             let (reply, made) = state.apply(request, at: now)
-            stored[ExactString(request.requestID)] = reply
-            newRecords.append((request.requestID, reply))
+            if reply.status == .error, reply.error?.code == .deadlineExceeded {
+                // Not recorded: nothing was decided, and a retry with a later deadline may still be decided.
+                replies.append(reply)
+                continue
+            }
+            stored[ExactString(request.requestID)] = (reply, fingerprint)
+            newRecords.append((request.requestID, reply, fingerprint))
             replies.append(reply)
             changes += made.map { ($0, request.requestID) }
         }
@@ -214,12 +233,18 @@ public final class OwnershipStore: Sendable {
 
     /// Expires up to `limit` leases of `partition` that have run out on the database clock, fenced by `epoch`.
     ///
-    /// Each expiry produces one `expired` change, once: the row is cleared in the same transaction.
+    /// Each expiry produces one `expired` change, once: the row is cleared in the same atomic statement.
     public func sweep(partition: Int, epoch: Int64, limit: Int = 1000) async throws -> [OutboxEntry] {
         let partitioner = self.partitioner
-        return try await retrying(partition: partition, what: "the sweep", inTransaction: true) { session, _ in
-            try Self.fence(session, partition: partition, epoch: epoch)
-            let (now, initial, versions) = try Self.decodeBuffers(session.query(SQL.expiredBuffers, [String(partition), String(limit)]))
+        // No explicit transaction: a read, then the fenced, self-aborting compare-and-set write (one
+        // statement). Nothing holds the partition row's lock while waiting on this process, so a worker
+        // frozen here cannot stall the next owner's takePartition.
+        return try await retrying(partition: partition, what: "the sweep") { session, _ in
+            let rows = try session.query(SQL.expiredBuffers, [String(partition), String(limit)])
+            // An early check, without a lock (the write below is the fence): a worker that lost the
+            // partition learns it even when nothing has expired.
+            try Self.checkEpoch(rows.rows.first.flatMap { $0.count > 8 ? $0[8] : nil }.flatMap(Int64.init), partition: partition, epoch: epoch)
+            let (now, initial, versions) = try Self.decodeBuffers(rows)
             var state = PartitionState(partition: partition, partitioner: partitioner, buffers: initial)
             let changes = state.sweep(at: now)
             let writes = state.buffers.filter { initial[$0.key] != $0.value }
@@ -257,14 +282,14 @@ public final class OwnershipStore: Sendable {
         try await connection.withSession { session in
             let changes = try session.query("""
                 SELECT kind, buffer, holder_user, holder_connection, token,
-                       (extract(epoch FROM at) * 1000)::int8, (extract(epoch FROM expires_at) * 1000)::int8, forced
+                       (extract(epoch FROM at) * 1000)::int8, (extract(epoch FROM expires_at) * 1000)::int8, forced, principal
                 FROM baton_outbox ORDER BY id
                 """).rows.map { row in
                 OwnershipChange(
                     kind: ChangeKind(rawValue: row[0] ?? "") ?? .granted, buffer: row[1] ?? "",
                     holder: Holder(user: row[2] ?? "", connection: row[3] ?? ""), token: Int64(row[4] ?? "") ?? 0,
                     at: Timestamp(milliseconds: Int64(row[5] ?? "") ?? 0), expiresAt: Timestamp(milliseconds: Int64(row[6] ?? "") ?? 0),
-                    forced: row[7] == "t"
+                    forced: row[7] == "t", principal: row[8]
                 )
             }
             var tokens: [ExactString: Int64] = [:]
@@ -311,11 +336,6 @@ public final class OwnershipStore: Sendable {
 
     // MARK: - Shared steps
 
-    /// Locks the partition row FOR SHARE (so an epoch bump waits for us) and checks the epoch.
-    private static func fence(_ session: PostgresSession, partition: Int, epoch: Int64) throws {
-        try checkEpoch(session.query(SQL.fence, [String(partition)]).first().flatMap(Int64.init), partition: partition, epoch: epoch)
-    }
-
     private static func checkEpoch(_ current: Int64?, partition: Int, epoch: Int64) throws {
         guard let current else {
             throw StoreError(code: .unknownPartition, partition: partition, message: "partition \(partition) does not exist in this deployment")
@@ -340,14 +360,14 @@ public final class OwnershipStore: Sendable {
         return (Timestamp(milliseconds: now), states, versions)
     }
 
-    /// Decodes `now, buffer, holder_user, holder_connection, token, expires_ms, version`.
+    /// Decodes `now, buffer, holder_user, holder_connection, token, expires_ms, version, holder_principal`.
     private static func decodeBuffer(_ row: [String?]) throws -> (ExactString, BufferState, Int64) {
-        guard let buffer = row[1], let token = row[4].flatMap(Int64.init), let version = row[6].flatMap(Int64.init) else {
+        guard row.count >= 8, let buffer = row[1], let token = row[4].flatMap(Int64.init), let version = row[6].flatMap(Int64.init) else {
             throw PostgresError(code: .unexpectedResult, message: "malformed buffer row")
         }
         let holder: Holder? = if let user = row[2], let connection = row[3] { Holder(user: user, connection: connection) } else { nil }
         let expires = row[5].flatMap(Int64.init).map(Timestamp.init(milliseconds:))
-        return (ExactString(buffer), BufferState(holder: holder, token: token, expiresAt: expires), version)
+        return (ExactString(buffer), BufferState(holder: holder, token: token, expiresAt: expires, principal: row[7]), version)
     }
 
     /// Writes changed buffers (compare-and-set), idempotency records and outbox rows in one statement.
@@ -357,7 +377,8 @@ public final class OwnershipStore: Sendable {
     ///   (the statement then aborts itself, SQLSTATE BT001, and writes nothing).
     private static func write(
         _ session: PostgresSession, partition: Int, epoch: Int64, now: Timestamp, writes: [ExactString: BufferState],
-        initial: [ExactString: BufferState], versions: [ExactString: Int64], records: [(String, Reply)], changes: [(OwnershipChange, String?)]
+        initial: [ExactString: BufferState], versions: [ExactString: Int64], records: [(id: String, reply: Reply, fingerprint: String)],
+        changes: [(OwnershipChange, String?)]
     ) throws -> [Int64] {
         guard !writes.isEmpty || !records.isEmpty || !changes.isEmpty else { return [] }
         let buffers = writes.keys.sorted()  // a fixed order keeps concurrent writers from deadlocking
@@ -374,8 +395,8 @@ public final class OwnershipStore: Sendable {
             PostgresArray.integers(states.map { $0.expiresAt?.milliseconds }),
             PostgresArray.integers(buffers.map { Optional(initial[$0]?.token ?? 0) }),
             PostgresArray.integers(buffers.map { Optional(versions[$0] ?? 0) }),
-            PostgresArray.text(records.map(\.0)),
-            PostgresArray.text(records.map { String(decoding: ProtocolCodec.encode($0.1), as: UTF8.self) }),
+            PostgresArray.text(records.map(\.id)),
+            PostgresArray.text(records.map { String(decoding: ProtocolCodec.encode($0.reply), as: UTF8.self) }),
             PostgresArray.text(changeList.map(\.kind.rawValue)),
             PostgresArray.text(changeList.map(\.buffer)),
             PostgresArray.text(changeList.map(\.holder.user)),
@@ -386,6 +407,9 @@ public final class OwnershipStore: Sendable {
             PostgresArray.text(changes.map(\.1)),
             String(epoch), String(buffers.count), String(records.count),
             "{" + changeList.map { $0.forced ? "t" : "f" }.joined(separator: ",") + "}",
+            PostgresArray.text(states.map(\.principal)),
+            PostgresArray.text(records.map(\.fingerprint)),
+            PostgresArray.text(changeList.map(\.principal)),
             ]).rows.first ?? []
         } catch let error as PostgresError where error.sqlState == "BT001" {
             throw CompareAndSetMiss(missed: 1)
@@ -412,11 +436,6 @@ enum SQL {
         WHERE partition = $1 RETURNING epoch
         """)
 
-    // Row lock FOR SHARE: many batches of the current owner proceed together; an epoch bump waits for them.
-    static let fence = PreparedStatement(name: "baton_fence", sql: """
-        SELECT epoch FROM baton_partitions WHERE partition = $1 FOR SHARE
-        """)
-
     // Everything a batch reads, in one statement (one round trip, one execution):
     // - `f`: the partition's epoch (to stop early when it was taken; the write re-checks it under a
     //   FOR SHARE lock), and the clock, read after the statement's snapshot, so a decision's time is
@@ -429,9 +448,9 @@ enum SQL {
     static let readBatch = PreparedStatement(name: "baton_read_batch", sql: """
         WITH fence AS (SELECT epoch FROM baton_partitions WHERE partition = $1),
         stored AS (
-            SELECT r.request_id, r.reply FROM unnest($2::text[]) AS wanted(request_id)
+            SELECT r.request_id, r.reply, r.fingerprint FROM unnest($2::text[]) AS wanted(request_id)
             CROSS JOIN LATERAL (
-                SELECT request_id, reply FROM baton_requests WHERE partition = $1 AND request_id = wanted.request_id
+                SELECT request_id, reply, fingerprint FROM baton_requests WHERE partition = $1 AND request_id = wanted.request_id
             ) r
         ),
         found AS (
@@ -444,20 +463,23 @@ enum SQL {
             ) b
         )
         SELECT 'f', (SELECT epoch FROM fence)::text, floor(extract(epoch FROM clock_timestamp()) * 1000)::int8::text,
-               NULL, NULL, NULL, NULL
+               NULL, NULL, NULL, NULL, NULL
         UNION ALL
-        SELECT 'r', request_id, reply, NULL, NULL, NULL, NULL FROM stored
+        SELECT 'r', request_id, reply, fingerprint, NULL, NULL, NULL, NULL FROM stored
         UNION ALL
         SELECT 'b', buffer, holder_user, holder_connection, token::text,
-               ((extract(epoch FROM expires_at) * 1000)::int8)::text, version::text
+               ((extract(epoch FROM expires_at) * 1000)::int8)::text, version::text, holder_principal
         FROM found
         """)
 
     // Uses baton_buffers_expiry.
     static let expiredBuffers = PreparedStatement(name: "baton_expired_buffers", sql: """
-        WITH clock AS (SELECT floor(extract(epoch FROM clock_timestamp()) * 1000)::int8 AS now_ms)
+        WITH clock AS (
+            SELECT floor(extract(epoch FROM clock_timestamp()) * 1000)::int8 AS now_ms,
+                   (SELECT epoch FROM baton_partitions WHERE partition = $1) AS epoch
+        )
         SELECT c.now_ms, b.buffer, b.holder_user, b.holder_connection, b.token,
-               (extract(epoch FROM b.expires_at) * 1000)::int8, b.version
+               (extract(epoch FROM b.expires_at) * 1000)::int8, b.version, b.holder_principal, c.epoch
         FROM clock c
         LEFT JOIN LATERAL (
             SELECT * FROM baton_buffers
@@ -479,13 +501,14 @@ enum SQL {
             SELECT epoch FROM baton_partitions WHERE partition = $1 FOR SHARE
         ),
         input AS (
-            SELECT * FROM unnest($3::text[], $4::text[], $5::text[], $6::int8[], $7::int8[], $8::int8[], $9::int8[])
-                AS i(buffer, holder_user, holder_connection, token, expires_ms, expected_token, expected_version)
+            SELECT * FROM unnest($3::text[], $4::text[], $5::text[], $6::int8[], $7::int8[], $8::int8[], $9::int8[], $24::text[])
+                AS i(buffer, holder_user, holder_connection, token, expires_ms, expected_token, expected_version, holder_principal)
             WHERE (SELECT epoch FROM fence) = $20
         ),
         updated AS (
             UPDATE baton_buffers b
             SET holder_user = i.holder_user, holder_connection = i.holder_connection, token = i.token,
+                holder_principal = i.holder_principal,
                 expires_at = timestamptz 'epoch' + i.expires_ms * interval '1 millisecond',
                 version = b.version + 1,
                 updated_at = timestamptz 'epoch' + $2::int8 * interval '1 millisecond'
@@ -495,28 +518,28 @@ enum SQL {
             RETURNING 1
         ),
         inserted AS (
-            INSERT INTO baton_buffers (partition, buffer, holder_user, holder_connection, token, expires_at, version, updated_at)
+            INSERT INTO baton_buffers (partition, buffer, holder_user, holder_connection, token, expires_at, version, updated_at, holder_principal)
             SELECT $1, i.buffer, i.holder_user, i.holder_connection, i.token,
                    timestamptz 'epoch' + i.expires_ms * interval '1 millisecond', 1,
-                   timestamptz 'epoch' + $2::int8 * interval '1 millisecond'
+                   timestamptz 'epoch' + $2::int8 * interval '1 millisecond', i.holder_principal
             FROM input i WHERE i.expected_version = 0
             ON CONFLICT (partition, buffer) DO NOTHING
             RETURNING 1
         ),
         recorded AS (
-            INSERT INTO baton_requests (partition, request_id, reply)
-            SELECT $1, r.request_id, r.reply FROM unnest($10::text[], $11::text[]) AS r(request_id, reply)
+            INSERT INTO baton_requests (partition, request_id, reply, fingerprint)
+            SELECT $1, r.request_id, r.reply, r.fingerprint FROM unnest($10::text[], $11::text[], $25::text[]) AS r(request_id, reply, fingerprint)
             WHERE (SELECT epoch FROM fence) = $20
             ON CONFLICT (partition, request_id) DO NOTHING
             RETURNING 1
         ),
         outbox AS (
-            INSERT INTO baton_outbox (partition, kind, buffer, holder_user, holder_connection, token, at, expires_at, request_id, forced)
+            INSERT INTO baton_outbox (partition, kind, buffer, holder_user, holder_connection, token, at, expires_at, request_id, forced, principal)
             SELECT $1, o.kind, o.buffer, o.holder_user, o.holder_connection, o.token,
                    timestamptz 'epoch' + o.at_ms * interval '1 millisecond',
-                   timestamptz 'epoch' + o.expires_ms * interval '1 millisecond', o.request_id, o.forced
-            FROM unnest($12::text[], $13::text[], $14::text[], $15::text[], $16::int8[], $17::int8[], $18::int8[], $19::text[], $23::bool[])
-                WITH ORDINALITY AS o(kind, buffer, holder_user, holder_connection, token, at_ms, expires_ms, request_id, forced, n)
+                   timestamptz 'epoch' + o.expires_ms * interval '1 millisecond', o.request_id, o.forced, o.principal
+            FROM unnest($12::text[], $13::text[], $14::text[], $15::text[], $16::int8[], $17::int8[], $18::int8[], $19::text[], $23::bool[], $26::text[])
+                WITH ORDINALITY AS o(kind, buffer, holder_user, holder_connection, token, at_ms, expires_ms, request_id, forced, principal, n)
             WHERE (SELECT epoch FROM fence) = $20
             ORDER BY o.n
             RETURNING id

@@ -16,16 +16,45 @@ public struct PostgresConnectionOptions: Sendable {
     /// (`enable_seqscan = off`). On a young, fast-growing table the statistics lag behind and the
     /// planner picked whole-partition scans (measured: 5.8 ms instead of 0.2 ms per batch read).
     public var planForKeyLookups: Bool = false
+    /// How long a lock may be waited for (`lock_timeout`); nil leaves the server's setting.
+    public var lockTimeout: Duration?
+    /// How long this session may sit idle inside a transaction before the server ends it
+    /// (`idle_in_transaction_session_timeout`), releasing its locks; nil leaves the server's setting.
+    /// A client frozen mid-transaction (SIGSTOP, a frozen VM) then cannot hold a lock for longer.
+    public var idleInTransactionTimeout: Duration?
 
     /// Creates options; the defaults suit the worker.
     public init(
         connectTimeoutSeconds: Int = 5, statementTimeout: Duration = .seconds(10), applicationName: String = "baton",
-        planForKeyLookups: Bool = false
+        planForKeyLookups: Bool = false, lockTimeout: Duration? = nil, idleInTransactionTimeout: Duration? = nil
     ) {
         self.connectTimeoutSeconds = connectTimeoutSeconds
         self.statementTimeout = statementTimeout
         self.applicationName = applicationName
         self.planForKeyLookups = planForKeyLookups
+        self.lockTimeout = lockTimeout
+        self.idleInTransactionTimeout = idleInTransactionTimeout
+    }
+
+    /// The settings of a worker's connections: key-lookup plans, and every wait bounded — statements
+    /// (10 s), lock waits (5 s), idle transactions (5 s), and the server's TCP keepalives so that a dead
+    /// client's session (and its locks) go within about 15 s.
+    public static func worker(applicationName: String) -> PostgresConnectionOptions {
+        PostgresConnectionOptions(
+            applicationName: applicationName, planForKeyLookups: true, lockTimeout: .seconds(5), idleInTransactionTimeout: .seconds(5)
+        )
+    }
+
+    /// The server settings these options ask for, as libpq's `options` string.
+    var serverSettings: String {
+        var settings = ["statement_timeout=\(statementTimeout.wholeMilliseconds)"]
+        if planForKeyLookups { settings += ["plan_cache_mode=force_generic_plan", "enable_seqscan=off"] }
+        if let lockTimeout { settings.append("lock_timeout=\(lockTimeout.wholeMilliseconds)") }
+        if let idleInTransactionTimeout {
+            settings.append("idle_in_transaction_session_timeout=\(idleInTransactionTimeout.wholeMilliseconds)")
+            settings += ["tcp_keepalives_idle=5", "tcp_keepalives_interval=2", "tcp_keepalives_count=3"]
+        }
+        return settings.map { "-c " + $0 }.joined(separator: " ")
     }
 }
 
@@ -116,7 +145,7 @@ final class ConnectionHandle: @unchecked Sendable {
             ("host", url.host), ("port", String(url.port)), ("user", url.user), ("dbname", url.database),
             ("connect_timeout", String(options.connectTimeoutSeconds)),
             ("application_name", options.applicationName),
-            ("options", "-c statement_timeout=\(options.statementTimeout.wholeMilliseconds)" + (options.planForKeyLookups ? " -c plan_cache_mode=force_generic_plan -c enable_seqscan=off" : "")),
+            ("options", options.serverSettings),
             ("keepalives", "1"), ("keepalives_idle", "5"), ("keepalives_interval", "2"), ("keepalives_count", "3"),
             ("tcp_user_timeout", "10000"),
         ]

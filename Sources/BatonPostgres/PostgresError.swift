@@ -59,6 +59,15 @@ public struct PostgresError: Error, Sendable, CustomStringConvertible {
         code == .connectionLost || code == .connectionFailed || sqlState == "40001" || sqlState == "40P01"
     }
 
+    /// True for server errors caused by the data a statement writes rather than by the server or the
+    /// connection: data exceptions (class 22), integrity constraint violations (23) and program limits
+    /// (54, e.g. an index row too large). Retrying the same write cannot succeed; the worker isolates the
+    /// request that causes it and answers it with an error instead of retrying its whole batch forever.
+    public var isCausedByData: Bool {
+        guard code == .server, let sqlState, sqlState.count == 5 else { return false }
+        return ["22", "23", "54"].contains(String(sqlState.prefix(2)))
+    }
+
     public var description: String {
         var text = "PostgreSQL \(code)"
         if let sqlState { text += " \(sqlState)" }

@@ -33,7 +33,8 @@ public struct WorkerConfiguration: Sendable {
     /// Benchmark ceiling: answer every valid request at once, as granted, without PostgreSQL
     /// (`baton bench`'s "broker echo"). Never use it to serve real claims.
     public var echo = false
-    /// Fault injection for tests: called after a batch commits and before its replies and acks are sent.
+    /// Fault injection for tests: called after a batch commits and before its replies and acks are sent,
+    /// with the connection replies are published on.
     public var afterCommit: (@Sendable (_ partition: Int, _ connection: AMQPConnection) async -> Void)?
 
     /// Creates a configuration.
@@ -103,10 +104,9 @@ public final class Worker: Service, Sendable {
         health.withLock { $0.databaseConnected = true }
         var backoff = Backoff()
         while !isStopping {
-            let connection: AMQPConnection
+            let connections: BrokerConnections
             do {
-                connection = try await AMQPConnection.connect(to: configuration.amqpURL, name: "baton worker \(configuration.workerID)", logger: logger)
-                try await Topology.declare(on: connection, partitionCount: configuration.partitioner.count)
+                connections = try await BrokerConnections.open(configuration: configuration, logger: logger)
             } catch {
                 let delay = backoff.next()
                 logger.warning("cannot reach RabbitMQ; retrying", metadata: ["baton.error": "\(error)", "baton.retry_in": "\(delay)"])
@@ -125,19 +125,27 @@ public final class Worker: Service, Sendable {
             ])
             await withTaskGroup(of: Void.self) { group in
                 for partition in configuration.partitions {
-                    group.addTask { await self.runPartition(partition, store: stores[partition], connection: connection) }
+                    group.addTask { await self.runPartition(partition, store: stores[partition], connections: connections) }
                 }
                 // Stop every runner promptly on shutdown: they finish their batch in hand and close their channel.
                 group.addTask {
-                    while !self.isStopping, connection.isOpen { await self.sleep(.milliseconds(50)) }
+                    while !self.isStopping, connections.isOpen {
+                        let blocked = connections.publisher.blockedReason
+                        self.health.withLock { $0.publishingBlocked = blocked }
+                        await self.sleep(.milliseconds(50))
+                    }
+                    // One of the two connections died: end the other too, so that every runner stops
+                    // (their unacked deliveries go back to the queues) and the worker reconnects both.
+                    if !self.isStopping { await connections.close() }
                 }
                 await group.waitForAll()
             }
             health.withLock {
                 $0.brokerConnected = false
+                $0.publishingBlocked = nil
                 $0.consuming.removeAll()
             }
-            await connection.close()
+            await connections.close()
         }
         for store in stores.values { await store.connection.close() }
         let stats = self.stats
@@ -157,8 +165,7 @@ public final class Worker: Service, Sendable {
             while stores[partition] == nil {
                 do {
                     let connection = try await PostgresConnection.connect(
-                        to: configuration.databaseURL,
-                        options: PostgresConnectionOptions(applicationName: "baton worker p\(partition)", planForKeyLookups: true), logger: logger
+                        to: configuration.databaseURL, options: .worker(applicationName: "baton worker p\(partition)"), logger: logger
                     )
                     stores[partition] = try await OwnershipStore.open(connection: connection, partitioner: configuration.partitioner, logger: logger)
                 } catch let error as SchemaError {
@@ -181,26 +188,26 @@ public final class Worker: Service, Sendable {
         case connectionLost
     }
 
-    private func runPartition(_ partition: Int, store: OwnershipStore?, connection: AMQPConnection) async {
+    private func runPartition(_ partition: Int, store: OwnershipStore?, connections: BrokerConnections) async {
         var logger = self.logger
         logger[metadataKey: "baton.partition"] = "\(partition)"
         let metrics = PartitionMetrics(partition: partition)
-        while !isStopping, connection.isOpen {
-            let runner = PartitionRunner(partition: partition, store: store, configuration: configuration, logger: logger, worker: self, connection: connection, metrics: metrics)
+        while !isStopping, connections.isOpen {
+            let runner = PartitionRunner(partition: partition, store: store, configuration: configuration, logger: logger, worker: self, connections: connections, metrics: metrics)
             defer {
                 metrics.active.record(0)
                 metrics.epoch.record(0)
                 _ = health.withLock { $0.consuming.remove(partition) }
             }
             do {
-                try await runner.run(on: connection)
+                try await runner.run()
             } catch RunnerExit.ownershipLost {
                 statistics.withLock { $0.fenceLosses += 1 }
                 metrics.fenceLosses.increment()
                 logger.warning("partition ownership lost: stopped consuming; will rejoin as a standby", metadata: ["baton.rejoin_in": "\(configuration.rejoinDelay)"])
                 await sleep(configuration.rejoinDelay)
             } catch {
-                if connection.isOpen, !isStopping {
+                if connections.isOpen, !isStopping {
                     logger.warning("partition runner failed; restarting it", metadata: ["baton.error": "\(error)"])
                     await sleep(.milliseconds(500))
                 }
@@ -223,38 +230,55 @@ public final class Worker: Service, Sendable {
         let configuration: WorkerConfiguration
         var logger: Logger
         let worker: Worker
-        let connection: AMQPConnection
+        let connections: BrokerConnections
         let metrics: PartitionMetrics
 
-        func run(on connection: AMQPConnection) async throws {
-            let channel = try await connection.openChannel()
+        /// The partition's two channels: one consuming (and acking) on the consumer connection, one
+        /// publishing replies, events and ticks in confirm mode on the publisher connection.
+        struct Channels {
+            let consume: AMQPChannel
+            let publish: AMQPChannel
+        }
+
+        func run() async throws {
+            let consume = try await connections.consumer.openChannel()
+            let publish: AMQPChannel
             do {
-                try await channel.enableConfirms()
-                try await channel.qos(prefetch: configuration.prefetch)
-                let (_, deliveries) = try await channel.consume(queue: configuration.queueName(partition))
+                publish = try await connections.publisher.openChannel()
+            } catch {
+                await consume.close()
+                throw error
+            }
+            let channels = Channels(consume: consume, publish: publish)
+            do {
+                try await publish.enableConfirms()
+                try await consume.qos(prefetch: configuration.prefetch)
+                let (_, deliveries) = try await consume.consume(queue: configuration.queueName(partition))
                 _ = worker.health.withLock { $0.consuming.insert(partition) }
                 let metrics = self.metrics
                 let pump = store.map { store in
-                    EventPump(partition: partition, store: store, channel: channel, logger: logger) { count in
+                    EventPump(partition: partition, store: store, channel: publish, logger: logger) { count in
                         worker.statistics.withLock { $0.events += count }
                         metrics.events.increment(by: count)
                     }
                 }
                 do {
-                    try await loop(channel: channel, deliveries: deliveries, pump: pump)
+                    try await loop(channels: channels, deliveries: deliveries, pump: pump)
                 } catch {
                     await pump?.finish()
                     throw error
                 }
                 await pump?.finish()
             } catch {
-                await channel.close()
+                await consume.close()
+                await publish.close()
                 throw error
             }
-            await channel.close()
+            await consume.close()
+            await publish.close()
         }
 
-        private func loop(channel: AMQPChannel, deliveries: DeliveryQueue, pump: EventPump?) async throws {
+        private func loop(channels: Channels, deliveries: DeliveryQueue, pump: EventPump?) async throws {
             var epoch: Int64?
             var logger = self.logger
             var nextSweep = ContinuousClock.now + configuration.sweepInterval
@@ -264,7 +288,7 @@ public final class Worker: Service, Sendable {
                     // Not (yet) the active consumer, or the queue is idle: a tick through the queue reaches
                     // whichever worker is active, which then takes the partition and sweeps its leases.
                     lastTick = ContinuousClock.now
-                    try await channel.publish(OutgoingMessage(
+                    try await channels.publish.publish(OutgoingMessage(
                         exchange: "", routingKey: configuration.queueName(partition), body: [],
                         properties: AMQPProperties(messageID: Self.tickPrefix + configuration.workerID)
                     ))
@@ -276,8 +300,12 @@ public final class Worker: Service, Sendable {
                         try? await Task.sleep(for: configuration.linger)
                         batch += deliveries.takeAvailable(max: configuration.batchSize - batch.count)
                     }
+                    // Replies cannot leave while the broker blocks our publisher (memory or disk alarm):
+                    // hold the batch unacked until it unblocks. The consumer connection never publishes,
+                    // so it is never blocked and keeps its heartbeats.
+                    try await waitWhilePublishingBlocked()
                     guard let store else {
-                        try await echo(batch, channel: channel)
+                        try await echo(batch, channels: channels)
                         continue
                     }
                     if epoch == nil {
@@ -290,13 +318,13 @@ public final class Worker: Service, Sendable {
                         metrics.active.record(1)
                         logger.info("took partition")
                     }
-                    guard try await process(batch, epoch: epoch!, store: store, channel: channel, pump: pump, logger: logger) else { return }
+                    guard try await process(batch, epoch: epoch!, store: store, channels: channels, pump: pump, logger: logger) else { return }
                 }
                 if ContinuousClock.now >= nextSweep {
                     // Advance even while standing by: the wait above is bounded by it.
                     nextSweep = ContinuousClock.now + configuration.sweepInterval
                     if let epoch, let store {
-                        try await sweep(epoch: epoch, store: store, channel: channel, logger: logger)
+                        try await sweep(epoch: epoch, store: store, channels: channels, logger: logger)
                     }
                 }
             }
@@ -306,6 +334,8 @@ public final class Worker: Service, Sendable {
         /// Returns nil when the worker stops first; rethrows a lost fence.
         private func retryingDatabase<T: Sendable>(_ call: () async throws -> T) async throws -> T? {
             var backoff = Backoff(initial: .milliseconds(100), maximum: .seconds(3))
+            var failing = false
+            defer { if failing { _ = worker.health.withLock { $0.stalled.removeValue(forKey: partition) } } }
             while true {
                 do {
                     return try await call()
@@ -313,12 +343,17 @@ public final class Worker: Service, Sendable {
                     throw RunnerExit.ownershipLost
                 } catch let error as SchemaError {
                     throw error
+                } catch let error as PostgresError where error.isCausedByData || error.code == .unexpectedResult {
+                    // Retrying the same write cannot help: let the caller find the request that causes it.
+                    throw DataFailure(error: error)
                 } catch {
                     if worker.isStopping { return nil }
                     let delay = backoff.next()
                     logger.warning("database call failed; holding the batch unacked and retrying", metadata: [
                         "baton.error": "\(error)", "baton.retry_in": "\(delay)",
                     ])
+                    failing = true
+                    worker.health.withLock { $0.stalled[partition] = "\(error)" }
                     worker.statistics.withLock { $0.databaseRetries += 1 }
                     WorkerMetrics.databaseRetries.increment()
                     await worker.sleep(delay)
@@ -334,96 +369,196 @@ public final class Worker: Service, Sendable {
             message.body.isEmpty && message.properties.messageID?.hasPrefix(tickPrefix) == true
         }
 
+        /// Waits while the broker blocks the publisher connection (memory or disk alarm).
+        private func waitWhilePublishingBlocked() async throws {
+            var warned = false
+            while let reason = connections.publisher.blockedReason, !worker.isStopping, connections.isOpen {
+                if !warned {
+                    logger.warning("the broker blocks publishing (resource alarm): holding the batch until it unblocks", metadata: ["baton.reason": "\(reason)"])
+                    warned = true
+                }
+                try? await Task.sleep(for: .milliseconds(50))
+            }
+        }
+
+        /// A request the worker refuses before deciding it: why, and whether it may be answered.
+        private enum Admission {
+            case accepted(Request)
+            case refused(ProtocolError)
+            /// `reply_to` names a destination the worker will not publish to: not answered at all.
+            case unanswerable(String)
+        }
+
+        /// Checks one delivery: its reply destination, size, body, exchange and principal.
+        private func admit(_ message: AMQPMessage) -> Admission {
+            if let replyTo = message.properties.replyTo, !replyTo.isEmpty, !ProtocolV1.isAcceptedReplyTo(replyTo) {
+                return .unanswerable(replyTo)
+            }
+            do throws(ProtocolError) {
+                guard message.bodySize <= ProtocolV1.maxBodyBytes else {
+                    throw ProtocolError(
+                        code: .payloadTooLarge,
+                        message: "request body is \(message.bodySize) bytes; the limit is \(ProtocolV1.maxBodyBytes) bytes"
+                    )
+                }
+                var request = try ProtocolCodec.decodeRequest(message.body)
+                if request.operation == .forceRelease, message.exchange != ProtocolV1.adminExchange {
+                    throw ProtocolError(
+                        code: .invalidRequest,
+                        message: "op 'force_release' is accepted only through the \(ProtocolV1.adminExchange) exchange (got '\(LogValue.escape(message.exchange))'); operators publish it there",
+                        requestID: request.requestID, buffer: request.buffer
+                    )
+                }
+                request.principal = message.properties.userID
+                if request.principal == nil, request.operation != .inspect, request.operation != .forceRelease {
+                    throw ProtocolError(
+                        code: .unauthenticated,
+                        message: "op '\(request.operation)' needs the AMQP property user_id set to the broker user you log in as (RabbitMQ checks it): a lease belongs to the user that claimed it, and only that user may renew or release it",
+                        requestID: request.requestID, buffer: request.buffer
+                    )
+                }
+                return .accepted(request)
+            } catch {
+                return .refused(error)
+            }
+        }
+
+        /// The outcome of deciding requests, aligned with them.
+        private struct Decided {
+            var replies: [Reply] = []
+            var changes: [OutboxEntry] = []
+            var replayed = 0
+            var failed = 0
+
+            static func + (lhs: Decided, rhs: Decided) -> Decided {
+                Decided(replies: lhs.replies + rhs.replies, changes: lhs.changes + rhs.changes, replayed: lhs.replayed + rhs.replayed, failed: lhs.failed + rhs.failed)
+            }
+        }
+
+        /// Decides `requests` through the store in queue order. When the database refuses a write because
+        /// of what it contains (a constraint, a data error), the batch is split in halves, decided in order,
+        /// until the request that causes it stands alone; that one is answered `internal_error` and the rest
+        /// go on. Returns nil when the worker stopped first.
+        private func decide(_ requests: ArraySlice<Request>, epoch: Int64, store: OwnershipStore) async throws -> Decided? {
+            do {
+                guard let result = try await retryingDatabase({ try await store.apply(Array(requests), partition: partition, epoch: epoch) }) else { return nil }
+                return Decided(replies: result.replies, changes: result.changes, replayed: result.replayed)
+            } catch let failure as DataFailure {
+                guard requests.count > 1 else {
+                    let request = requests[requests.startIndex]
+                    logger.error("the database refused a request; answering it with an error and dead-lettering it", metadata: [
+                        "baton.request_id": "\(LogValue.escape(request.requestID))", "baton.buffer": "\(LogValue.escape(request.buffer ?? "-"))",
+                        "baton.error": "\(failure.error)",
+                    ])
+                    let error = ProtocolError(
+                        code: .internalError,
+                        message: "the database refused to record this request (\(failure.error.sqlState.map { "SQLSTATE \($0): " } ?? "")\(failure.error.message)); nothing changed and the request was dead-lettered for an operator",
+                        requestID: request.requestID, buffer: request.buffer
+                    )
+                    return Decided(replies: [Reply.rejection(error, partition: partition, at: nil)], failed: 1)
+                }
+                let middle = requests.startIndex + requests.count / 2
+                guard let first = try await decide(requests[..<middle], epoch: epoch, store: store),
+                      let second = try await decide(requests[middle...], epoch: epoch, store: store)
+                else { return nil }
+                return first + second
+            }
+        }
+
         /// Decides one batch and answers it. Returns false when the worker stopped before the batch committed.
-        private func process(_ batch: [AMQPMessage], epoch: Int64, store: OwnershipStore, channel: AMQPChannel, pump: EventPump?, logger: Logger) async throws -> Bool {
+        private func process(_ batch: [AMQPMessage], epoch: Int64, store: OwnershipStore, channels: Channels, pump: EventPump?, logger: Logger) async throws -> Bool {
             let batchStarted = ContinuousClock.now
             metrics.batchSize.record(batch.count)
-            var replies = 0
             var requests: [Request] = []
             var requestMessages: [AMQPMessage] = []
-            var actions: [ChannelAction] = []
+            var publishes: [ChannelAction] = []
+            var settles: [ChannelAction] = []
             var rejected = 0
-            let ticks = batch.filter(Self.isTick)
+            var lastAck: UInt64? = batch.filter(Self.isTick).map(\.deliveryTag).max()
             for message in batch where !Self.isTick(message) {
-                do throws(ProtocolError) {
-                    let request = try ProtocolCodec.decodeRequest(message.body)
-                    if request.operation == .forceRelease, message.exchange != ProtocolV1.adminExchange {
-                        throw ProtocolError(
-                            code: .invalidRequest,
-                            message: "op 'force_release' is accepted only through the \(ProtocolV1.adminExchange) exchange (got '\(message.exchange)'); operators publish it there",
-                            requestID: request.requestID, buffer: request.buffer
-                        )
-                    }
+                switch admit(message) {
+                case .accepted(let request):
                     if case .forceRelease(let buffer, let reason) = request.command {
-                        logger.notice("force release", metadata: ["baton.buffer": "\(buffer)", "baton.reason": "\(reason ?? "-")", "baton.request_id": "\(request.requestID)"])
+                        logger.notice("force release", metadata: [
+                            "baton.buffer": "\(LogValue.escape(buffer))", "baton.reason": "\(LogValue.escape(reason ?? "-"))",
+                            "baton.request_id": "\(LogValue.escape(request.requestID))", "baton.principal": "\(LogValue.escape(request.principal ?? "-"))",
+                        ])
                     }
                     requests.append(request)
                     requestMessages.append(message)
-                } catch {
-                    // Malformed: answer if we can, then dead-letter it. It never reaches the database.
+                case .refused(let error):
+                    // Malformed or not allowed: answer if we can, then dead-letter it. It never reaches the database.
                     logger.notice("rejected a malformed request", metadata: [
-                        "baton.error_code": "\(error.code)", "baton.request_id": "\(error.requestID ?? "-")", "baton.reason": "\(error.message)",
+                        "baton.error_code": "\(error.code)", "baton.request_id": "\(LogValue.escape(error.requestID ?? "-"))",
+                        "baton.reason": "\(LogValue.escape(error.message))",
                     ])
-                    if let reply = replyMessage(Reply.rejection(error, partition: partition, at: nil), to: message) {
-                        actions.append(.publish(reply))
-                        replies += 1
-                    }
-                    actions.append(.reject(deliveryTag: message.deliveryTag, requeue: false))
+                    if let reply = replyMessage(Reply.rejection(error, partition: partition, at: nil), to: message) { publishes.append(.publish(reply)) }
+                    settles.append(.reject(deliveryTag: message.deliveryTag, requeue: false))
                     metrics.deadLetter(error.code.rawValue)
+                    rejected += 1
+                case .unanswerable(let replyTo):
+                    logger.warning("refused a request whose reply_to is not a reply queue of its sender; dead-lettered without an answer", metadata: [
+                        "baton.reply_to": "\(LogValue.escape(replyTo))", "baton.correlation_id": "\(LogValue.escape(message.properties.correlationID ?? "-"))",
+                        "baton.principal": "\(LogValue.escape(message.properties.userID ?? "-"))",
+                    ])
+                    settles.append(.reject(deliveryTag: message.deliveryTag, requeue: false))
+                    metrics.deadLetter("reply_to_refused")
                     rejected += 1
                 }
             }
-            var result: BatchResult?
+            var decided = Decided()
             if !requests.isEmpty {
                 let started = ContinuousClock.now
-                result = try await retryingDatabase { try await store.apply(requests, partition: partition, epoch: epoch) }
+                guard let result = try await decide(requests[...], epoch: epoch, store: store) else { return false }
+                decided = result
                 let took = ContinuousClock.now - started
                 worker.statistics.withLock { $0.commitTime += took }
                 metrics.commitDuration.recordNanoseconds(took.nanoseconds)
-                guard result != nil else { return false }
-                if let afterCommit = configuration.afterCommit { await afterCommit(partition, connection) }
+                if let afterCommit = configuration.afterCommit { await afterCommit(partition, connections.publisher) }
             }
-            var lastAck: UInt64? = ticks.map(\.deliveryTag).max()
             var counts: [String: Int] = [:]
-            for (request, (message, reply)) in zip(requests, zip(requestMessages, result?.replies ?? [])) {
-                counts["\(request.operation.rawValue)|\(reply.status.rawValue)", default: 0] += 1
-                if let answer = replyMessage(reply, to: message) {
-                    actions.append(.publish(answer))
-                    replies += 1
-                }
-                if reply.status == .error {
+            for (request, (message, reply)) in zip(requests, zip(requestMessages, decided.replies)) {
+                counts["\(request.operation.rawValue)|\(reply.error?.code.rawValue ?? reply.status.rawValue)", default: 0] += 1
+                if let answer = replyMessage(reply, to: message) { publishes.append(.publish(answer)) }
+                if reply.status == .error, reply.error?.code != .deadlineExceeded {
                     metrics.deadLetter(reply.error?.code.rawValue ?? "error")
-                    logger.notice("rejected a request", metadata: ["baton.request_id": "\(reply.requestID ?? "-")", "baton.reason": "\(reply.error?.message ?? "")"])
-                    actions.append(.reject(deliveryTag: message.deliveryTag, requeue: false))
+                    logger.notice("rejected a request", metadata: [
+                        "baton.request_id": "\(LogValue.escape(reply.requestID ?? "-"))", "baton.reason": "\(LogValue.escape(reply.error?.message ?? ""))",
+                    ])
+                    settles.append(.reject(deliveryTag: message.deliveryTag, requeue: false))
                     rejected += 1
                 } else {
+                    // Expired requests are acked, not dead-lettered: nothing is wrong with them, their caller gave up.
                     lastAck = max(lastAck ?? 0, message.deliveryTag)
                 }
             }
-            // Rejections go first: the closing multiple-ack then covers exactly the accepted ones.
-            if let lastAck { actions.append(.ack(deliveryTag: lastAck, multiple: true)) }
-            try await channel.perform(actions)
+            // Replies leave before the acks; rejections go first so that the closing multiple-ack covers
+            // exactly the accepted ones.
+            try await channels.publish.perform(publishes)
+            if let lastAck { settles.append(.ack(deliveryTag: lastAck, multiple: true)) }
+            try await channels.consume.perform(settles)
             metrics.requests(counts)
-            metrics.replies.increment(by: replies)
+            metrics.replies.increment(by: publishes.count)
             metrics.batchDuration.recordNanoseconds((ContinuousClock.now - batchStarted).nanoseconds)
             worker.statistics.withLock {
                 $0.requests += requests.count
-                $0.replayed += result?.replayed ?? 0
+                $0.replayed += decided.replayed
                 $0.rejected += rejected
+                $0.failed += decided.failed
                 $0.batches += 1
             }
-            if let changes = result?.changes { pump?.send(changes) }
+            if !decided.changes.isEmpty { pump?.send(decided.changes) }
             return true
         }
 
         /// The benchmark's broker ceiling: the same consume, reply and ack path, with no database.
-        private func echo(_ batch: [AMQPMessage], channel: AMQPChannel) async throws {
+        private func echo(_ batch: [AMQPMessage], channels: Channels) async throws {
             let now = Timestamp(milliseconds: Int64(Date().timeIntervalSince1970 * 1000))
-            var actions: [ChannelAction] = []
+            var publishes: [ChannelAction] = []
             for message in batch {
                 let reply: Reply
-                do throws(ProtocolError) {
-                    let request = try ProtocolCodec.decodeRequest(message.body)
+                switch admit(message) {
+                case .accepted(let request):
                     let status: ReplyStatus = switch request.operation {
                     case .claim: .granted
                     case .renew: .renewed
@@ -436,21 +571,24 @@ public final class Worker: Service, Sendable {
                         requestID: request.requestID, status: status, buffer: request.buffer, holder: nil, token: 1,
                         expiresAt: now.adding(milliseconds: 30_000), at: now, partition: partition, buffers: status == .releasedConnection ? [] : nil
                     )
-                } catch {
+                case .refused(let error):
                     reply = Reply.rejection(error, partition: partition, at: nil)
+                case .unanswerable:
+                    continue
                 }
-                if let answer = replyMessage(reply, to: message) { actions.append(.publish(answer)) }
+                if let answer = replyMessage(reply, to: message) { publishes.append(.publish(answer)) }
             }
-            if let last = batch.last { actions.append(.ack(deliveryTag: last.deliveryTag, multiple: true)) }
-            try await channel.perform(actions)
+            try await channels.publish.perform(publishes)
+            if let last = batch.last { try await channels.consume.perform([.ack(deliveryTag: last.deliveryTag, multiple: true)]) }
             worker.statistics.withLock {
                 $0.requests += batch.count
                 $0.batches += 1
             }
         }
 
+        /// The reply to `message`, or nil when it asked for none (or for one the worker refuses to send).
         private func replyMessage(_ reply: Reply, to message: AMQPMessage) -> OutgoingMessage? {
-            guard let replyTo = message.properties.replyTo, !replyTo.isEmpty else { return nil }
+            guard let replyTo = message.properties.replyTo, ProtocolV1.isAcceptedReplyTo(replyTo) else { return nil }
             return OutgoingMessage(
                 exchange: "", routingKey: replyTo, body: ProtocolCodec.encode(reply),
                 properties: AMQPProperties(contentType: ProtocolV1.contentType, correlationID: message.properties.correlationID),
@@ -458,18 +596,18 @@ public final class Worker: Service, Sendable {
             )
         }
 
-        private func sweep(epoch: Int64, store: OwnershipStore, channel: AMQPChannel, logger: Logger) async throws {
+        private func sweep(epoch: Int64, store: OwnershipStore, channels: Channels, logger: Logger) async throws {
             do {
                 let expired = try await store.sweep(partition: partition, epoch: epoch)
                 // Expiries, and any event the pump could not get confirmed (rows older than a few seconds).
                 var events = expired
                 events += try await store.undelivered(partition: partition, olderThan: .seconds(5), limit: 1000)
                 if !events.isEmpty {
-                    let confirmed = await EventPump.publish(events, partition: partition, channel: channel, logger: logger)
+                    let confirmed = await EventPump.publish(events, partition: partition, channel: channels.publish, logger: logger)
                     try await store.markDelivered(confirmed)
                     worker.statistics.withLock { $0.events += confirmed.count }
                 }
-                if let ready = try? await channel.inspectQueue(configuration.queueName(partition)).messages {
+                if let ready = try? await channels.consume.inspectQueue(configuration.queueName(partition)).messages {
                     metrics.queueReady.record(ready)
                 }
                 if !expired.isEmpty {
@@ -492,8 +630,10 @@ public struct WorkerStatistics: Sendable {
     public var requests = 0
     /// Requests answered from their idempotency record (redeliveries and client retries).
     public var replayed = 0
-    /// Requests rejected (malformed or misrouted) and dead-lettered.
+    /// Requests rejected (malformed, misrouted, refused) and dead-lettered.
     public var rejected = 0
+    /// Requests the database refused to record (answered `internal_error` and dead-lettered).
+    public var failed = 0
     /// Batches committed.
     public var batches = 0
     /// Events published and marked delivered.
@@ -528,14 +668,55 @@ public struct WorkerReadiness: Sendable, Hashable {
     public var consuming: Set<Int> = []
     /// Partitions served.
     public var partitions: [Int] = []
+    /// Partitions that cannot make progress: their database calls keep failing (the last error).
+    public var stalled: [Int: String] = [:]
+    /// The broker's reason while it blocks this worker's publishing (a resource alarm), else nil.
+    public var publishingBlocked: String?
 
-    /// Ready: both services connected and every served partition consumed.
-    public var isReady: Bool { brokerConnected && databaseConnected && Set(partitions).isSubset(of: consuming) }
+    /// Ready: both services connected, every served partition consumed and making progress, and the
+    /// broker not blocking replies.
+    public var isReady: Bool {
+        brokerConnected && databaseConnected && Set(partitions).isSubset(of: consuming) && stalled.isEmpty && publishingBlocked == nil
+    }
 }
 
 extension Duration {
     var nanoseconds: Int64 {
         let (seconds, attoseconds) = components
         return seconds * 1_000_000_000 + attoseconds / 1_000_000_000
+    }
+}
+
+/// A database failure caused by what a write contains; retrying the same write cannot succeed.
+struct DataFailure: Error {
+    let error: PostgresError
+}
+
+/// A worker's two broker connections, as RabbitMQ advises: one consumes and acks (and never
+/// publishes, so a resource alarm never blocks it and its heartbeats go on), the other publishes
+/// replies, events and ticks.
+struct BrokerConnections: Sendable {
+    let consumer: AMQPConnection
+    let publisher: AMQPConnection
+
+    static func open(configuration: WorkerConfiguration, logger: Logger) async throws -> BrokerConnections {
+        let consumer = try await AMQPConnection.connect(
+            to: configuration.amqpURL, name: "baton worker \(configuration.workerID) consume", maxBodyBytes: ProtocolV1.maxBodyBytes, logger: logger
+        )
+        do {
+            try await Topology.declare(on: consumer, partitionCount: configuration.partitioner.count, logger: logger)
+            let publisher = try await AMQPConnection.connect(to: configuration.amqpURL, name: "baton worker \(configuration.workerID) publish", logger: logger)
+            return BrokerConnections(consumer: consumer, publisher: publisher)
+        } catch {
+            await consumer.close()
+            throw error
+        }
+    }
+
+    var isOpen: Bool { consumer.isOpen && publisher.isOpen }
+
+    func close() async {
+        await consumer.close()
+        await publisher.close()
     }
 }

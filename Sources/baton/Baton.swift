@@ -3,6 +3,7 @@ import BatonCore
 import BatonPostgres
 import BatonAMQP
 import Foundation
+import BatonTesting
 import Logging
 
 @main
@@ -107,18 +108,74 @@ struct Migrate: AsyncParsableCommand {
     }
 }
 
-/// Settings of commands that talk to RabbitMQ.
-struct BrokerOptions: ParsableArguments {
-    static let defaultAMQPURL = "amqp://baton:baton@127.0.0.1:55672/%2F"
+/// Where scratch runs (bench, chaos) make their own virtual host: RabbitMQ's management API.
+struct ScratchOptions: ParsableArguments {
+    @Option(name: .customLong("broker-admin-url"), help: ArgumentHelp(
+        "RabbitMQ management API with an administrator's credentials, to create the run's own virtual host (env BATON_BROKER_ADMIN_URL; default the local services' \(Redaction.url(BrokerAdmin.defaultURL))).",
+        valueName: "url"
+    ))
+    var adminURLFlag: String?
 
+    func admin() throws -> BrokerAdmin {
+        do {
+            return try BrokerAdmin(url: adminURLFlag ?? ProcessInfo.processInfo.environment["BATON_BROKER_ADMIN_URL"] ?? BrokerAdmin.defaultURL)
+        } catch {
+            throw ValidationError("\(error)")
+        }
+    }
+
+    func validate() throws {
+        _ = try admin()
+    }
+}
+
+/// Which broker user a command acts as (docs/operations.md, "Broker permissions").
+enum BrokerRole {
+    /// Workers, topology and status: `BATON_AMQP_URL`.
+    case worker
+    /// Frontends (claim, renew, release, inspect, release-connection, demo): `BATON_FRONTEND_AMQP_URL`.
+    case frontend
+    /// Operators (force-release): `BATON_OPERATOR_AMQP_URL`.
+    case `operator`
+
+    var variable: String {
+        switch self {
+        case .worker: "BATON_AMQP_URL"
+        case .frontend: "BATON_FRONTEND_AMQP_URL"
+        case .operator: "BATON_OPERATOR_AMQP_URL"
+        }
+    }
+
+    /// The URL of the local services' user for this role (scripts/services, docker-compose.yml).
+    var defaultURL: String {
+        switch self {
+        case .worker: "amqp://baton-worker:baton-worker@127.0.0.1:55672/%2F"
+        case .frontend: "amqp://baton-frontend:baton-frontend@127.0.0.1:55672/%2F"
+        case .operator: "amqp://baton-operator:baton-operator@127.0.0.1:55672/%2F"
+        }
+    }
+}
+
+/// Settings of commands that talk to RabbitMQ. Flag first, then the role's environment variable, then
+/// the local services' default for that role.
+struct BrokerOptions: ParsableArguments {
     @Option(name: .customLong("amqp-url"), help: ArgumentHelp(
-        "RabbitMQ URL, amqp:// or amqps:// (env BATON_AMQP_URL; default \(AMQPURL.redact(defaultAMQPURL))).",
+        "RabbitMQ URL, amqp:// or amqps://, as the broker user of this command's role (env BATON_AMQP_URL for workers, BATON_FRONTEND_AMQP_URL for client commands, BATON_OPERATOR_AMQP_URL for force-release; defaults: the local services' users).",
         valueName: "url"
     ))
     var amqpURLFlag: String?
 
-    func amqpURL() throws -> AMQPURL {
-        let text = amqpURLFlag ?? ProcessInfo.processInfo.environment["BATON_AMQP_URL"] ?? Self.defaultAMQPURL
+    /// The URL for `role`.
+    func amqpURL(_ role: BrokerRole = .worker) throws -> AMQPURL {
+        try Self.url(amqpURLFlag ?? ProcessInfo.processInfo.environment[role.variable] ?? role.defaultURL)
+    }
+
+    /// The URL for `role` from the environment or the default, never the flag (runs that need several roles).
+    static func environmentURL(_ role: BrokerRole) throws -> AMQPURL {
+        try url(ProcessInfo.processInfo.environment[role.variable] ?? role.defaultURL)
+    }
+
+    private static func url(_ text: String) throws -> AMQPURL {
         do {
             return try AMQPURL(text)
         } catch {

@@ -44,7 +44,7 @@ struct BenchStore: AsyncParsableCommand {
             }
         } catch {
             await admin.close()
-            throw ValidationError("cannot create the scratch database '\(name)' on \(serverURL): \(error); use a --database-url whose user may create databases")
+            throw RuntimeFailure("cannot create the scratch database '\(name)' on \(serverURL): \(error); use a --database-url whose user may create databases")
         }
         let connection = try await PostgresConnection.connect(
             to: scratch, options: PostgresConnectionOptions(applicationName: "baton bench-store", planForKeyLookups: true), logger: logger
@@ -89,7 +89,7 @@ struct BenchStore: AsyncParsableCommand {
             }
         }
         guard granted == count else {
-            throw ValidationError("only \(granted) of \(count) cold claims were granted")
+            throw RuntimeFailure("only \(granted) of \(count) cold claims were granted")
         }
         let seconds = Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18
         let rate = Double(count) / seconds

@@ -5,6 +5,7 @@ import BatonCore
 import BatonPostgres
 import BatonWorker
 import Foundation
+import BatonTesting
 import Logging
 import Synchronization
 
@@ -14,8 +15,9 @@ struct Chaos: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Run a load while killing, pausing and restarting workers, RabbitMQ and PostgreSQL; then check every invariant.",
         discussion: """
-            Works in a scratch database (<database>_chaos) with two workers it starts itself (active and standby); stop \
-            other workers first. Broker and database faults use scripts/services (or BATON_SERVICES_SCRIPT). Ends with \
+            Works in a scratch database (<database>_chaos) and a virtual host of its own (made through the management API), \
+            with two workers it starts itself (active and standby) that die with it; a deployment's queues are never touched. \
+            Broker and database faults use scripts/services (or BATON_SERVICES_SCRIPT) and affect the whole broker and server. Ends with \
             one line: verdict=PASS|FAIL operations=N faults=F double_grants=D lost_grants=L unanswered=U (exit 1 on FAIL).
             """
     )
@@ -24,6 +26,7 @@ struct Chaos: AsyncParsableCommand {
 
     @OptionGroup var database: DatabaseOptions
     @OptionGroup var broker: BrokerOptions
+    @OptionGroup var scratchOptions: ScratchOptions
 
     @Option(help: "Faults to inject, in order (kill, pause, broker, database, garbage); repeat (default: all).")
     var fault: [String] = []
@@ -66,20 +69,40 @@ struct Chaos: AsyncParsableCommand {
         var scratch = serverURL
         scratch.database = serverURL.database + "_chaos"
         let partitioner = try Partitioner(count: partitions)
-        // A short heartbeat so that a paused worker is noticed by the broker within seconds.
-        var workerAMQP = try broker.amqpURL()
-        workerAMQP.heartbeatSeconds = 2
         let services = ProcessInfo.processInfo.environment["BATON_SERVICES_SCRIPT"] ?? "scripts/services"
         guard FileManager.default.isExecutableFile(atPath: services) else {
             throw ValidationError("cannot find \(services) (run from the repository or set BATON_SERVICES_SCRIPT): broker and database faults need it")
         }
+        let namespace = try await ScratchBroker.create(purpose: "chaos", admin: try scratchOptions.admin())
+        // A short heartbeat so that a paused worker is noticed by the broker within seconds.
+        var workerAMQP = namespace.url(try broker.amqpURL())
+        workerAMQP.heartbeatSeconds = 2
+        let workers = Workers(scratch: scratch, amqpURL: workerAMQP, partitioner: partitioner)
+        do {
+            try await run(
+                namespace: namespace, workers: workers, serverURL: serverURL, scratch: scratch, partitioner: partitioner,
+                faults: faults, services: services, logger: logger
+            )
+        } catch {
+            // However the run fails, its workers go with it (they would also stop on their own when this
+            // process ends: they watch their standard input).
+            _ = await workers.stopAll()
+            await namespace.delete()
+            throw error
+        }
+        await namespace.delete()
+    }
 
-        try await prepare(serverURL: serverURL, scratch: scratch, partitioner: partitioner, logger: logger)
-        var workers = Workers(scratch: scratch, amqpURL: workerAMQP, partitioner: partitioner)
-        try workers.spawn("worker-a")
-        try workers.spawn("worker-b")
+    private func run(
+        namespace: ScratchBroker, workers: Workers, serverURL: PostgresURL, scratch: PostgresURL, partitioner: Partitioner,
+        faults: [String], services: String, logger: Logger
+    ) async throws {
+        let clientURL = namespace.url(try BrokerOptions.environmentURL(.frontend))
+        try await prepare(serverURL: serverURL, scratch: scratch, partitioner: partitioner, amqpURL: workers.amqpURL, logger: logger)
+        try await workers.spawn("worker-a")
+        try await workers.spawn("worker-b")
 
-        var configuration = BatonClientConfiguration(amqpURL: try broker.amqpURL(), partitioner: partitioner)
+        var configuration = BatonClientConfiguration(amqpURL: clientURL, partitioner: partitioner)
         configuration.timeout = .seconds(60)
         configuration.name = "baton chaos"
         let clientPool = (0..<2).map { _ in BatonClient(configuration: configuration, logger: logger) }
@@ -102,7 +125,7 @@ struct Chaos: AsyncParsableCommand {
                 say("  fault kill: SIGKILL \(active) (the active worker), a new standby starts")
                 at = ContinuousClock.now
                 workers.kill(active, signal: SIGKILL)
-                try workers.spawn("worker-\(UUID().uuidString.prefix(4).lowercased())")
+                try await workers.spawn("worker-\(UUID().uuidString.prefix(4).lowercased())")
             case "pause":
                 let active = try await workers.active(in: scratch, logger: logger)
                 say("  fault pause: SIGSTOP \(active) for \(pause) s, then SIGCONT (its late writes must be fenced out)")
@@ -122,7 +145,7 @@ struct Chaos: AsyncParsableCommand {
                 try await Self.run(services, "db-restart")
             default:
                 say("  fault garbage: 200 malformed and oversize messages")
-                unansweredMalformed += try await Self.garbage(amqpURL: try broker.amqpURL(), partitions: partitions, logger: logger)
+                unansweredMalformed += try await Self.garbage(amqpURL: clientURL, partitions: partitions, logger: logger)
             }
             injected.append((name, at))
             try await Task.sleep(for: .seconds(settle))
@@ -131,7 +154,7 @@ struct Chaos: AsyncParsableCommand {
         recorder.stop.store(true, ordering: .relaxed)
         for task in load { await task.value }
         for client in clientPool { await client.close() }
-        let crashes = workers.stopAll()
+        let crashes = await workers.stopAll()
 
         // Judge.
         let calls = recorder.calls.withLock { $0 }
@@ -194,7 +217,7 @@ struct Chaos: AsyncParsableCommand {
         }
     }
 
-    private func prepare(serverURL: PostgresURL, scratch: PostgresURL, partitioner: Partitioner, logger: Logger) async throws {
+    private func prepare(serverURL: PostgresURL, scratch: PostgresURL, partitioner: Partitioner, amqpURL: AMQPURL, logger: Logger) async throws {
         let admin = try await PostgresConnection.connect(to: serverURL, logger: logger)
         let name = scratch.database
         _ = try await admin.withSession { session in
@@ -205,13 +228,8 @@ struct Chaos: AsyncParsableCommand {
         let connection = try await PostgresConnection.connect(to: scratch, logger: logger)
         try await Migrator.migrate(connection, partitionCount: partitioner.count, logger: logger)
         await connection.close()
-        let amqp = try await AMQPConnection.connect(to: try broker.amqpURL(), name: "baton chaos setup", logger: logger)
+        let amqp = try await AMQPConnection.connect(to: amqpURL, name: "baton chaos setup", logger: logger)
         try await BatonWorker.Topology.declare(on: amqp, partitionCount: partitioner.count)
-        let channel = try await amqp.openChannel()
-        if let consumers = try? await channel.inspectQueue(ProtocolV1.requestQueue(0)).consumers, consumers > 0 {
-            await amqp.close()
-            throw ValidationError("a worker is consuming \(ProtocolV1.requestQueue(0)): stop it before a chaos run; the run starts its own")
-        }
         await amqp.close()
     }
 
@@ -270,13 +288,13 @@ struct Chaos: AsyncParsableCommand {
             let reaped = waitpid(pid, &status, WNOHANG)
             if reaped == pid {
                 let code = (status >> 8) & 0xFF
-                guard code == 0 else { throw ValidationError("\(script) \(argument) exited with status \(code)") }
+                guard code == 0 else { throw RuntimeFailure("\(script) \(argument) exited with status \(code)") }
                 return
             }
             if reaped == -1 {
                 if process.isRunning { try await Task.sleep(for: .milliseconds(50)); continue }
                 guard process.terminationStatus == 0 else {
-                    throw ValidationError("\(script) \(argument) exited with status \(process.terminationStatus)")
+                    throw RuntimeFailure("\(script) \(argument) exited with status \(process.terminationStatus)")
                 }
                 return
             }
@@ -304,60 +322,81 @@ struct Chaos: AsyncParsableCommand {
     }
 }
 
-/// The chaos run's worker processes.
-struct Workers {
+/// The chaos run's worker processes; each dies with this process however it ends.
+final class Workers: Sendable {
     let scratch: PostgresURL
     let amqpURL: AMQPURL
     let partitioner: Partitioner
-    var processes: [String: Process] = [:]
-    var killed: Set<String> = []
-    var logs: [URL] = []
+    private struct State {
+        var processes: [String: ChildProcess] = [:]
+        var killed: Set<String> = []
+        var logs: [URL] = []
+    }
+    private let state = Mutex(State())
 
-    mutating func spawn(_ id: String) throws {
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: CommandLine.arguments[0]).resolvingSymlinksInPath()
-        process.arguments = ["worker", "--partitions", "all", "--partition-count", String(partitioner.count), "--worker-id", id,
-                             "--metrics-port", "0", "--sweep-interval-ms", "500", "--log-level", "info"]
+    init(scratch: PostgresURL, amqpURL: AMQPURL, partitioner: Partitioner) {
+        self.scratch = scratch
+        self.amqpURL = amqpURL
+        self.partitioner = partitioner
+    }
+
+    var logs: [URL] { state.withLock { $0.logs } }
+
+    func spawn(_ id: String) async throws {
         var environment = ProcessInfo.processInfo.environment
         environment["BATON_DATABASE_URL"] = scratch.connectionString
         environment["BATON_AMQP_URL"] = amqpURL.connectionString
-        process.environment = environment
         let log = FileManager.default.temporaryDirectory.appendingPathComponent("baton-chaos-\(id).log")
-        _ = FileManager.default.createFile(atPath: log.path, contents: nil)
-        let handle = try FileHandle(forWritingTo: log)
-        process.standardOutput = handle
-        process.standardError = handle
-        try process.run()
-        processes[id] = process
-        logs.append(log)
-        Thread.sleep(forTimeInterval: 1.0)  // register in order: the first is active, later ones stand by
+        try? FileManager.default.removeItem(at: log)
+        let process = try ChildProcess(
+            executable: URL(fileURLWithPath: CommandLine.arguments[0]).resolvingSymlinksInPath(),
+            arguments: ["worker", "--partitions", "all", "--partition-count", String(partitioner.count), "--worker-id", id,
+                        "--metrics-port", "0", "--sweep-interval-ms", "500", "--log-level", "info", "--exit-with-parent"],
+            environment: environment, log: log
+        )
+        state.withLock {
+            $0.processes[id] = process
+            $0.logs.append(log)
+        }
+        try await Task.sleep(for: .seconds(1))  // register in order: the first is active, later ones stand by
     }
 
     /// The worker that holds partition 0 now (the database records the owner of every epoch).
     func active(in scratch: PostgresURL, logger: Logger) async throws -> String {
         let connection = try await PostgresConnection.connect(to: scratch, logger: logger)
-        defer { Task { await connection.close() } }
-        let owner = try await connection.withSession { session in try session.query("SELECT owner FROM baton_partitions WHERE partition = 0").first() }
-        guard let owner, processes[owner] != nil, !killed.contains(owner) else {
-            throw ValidationError("no live worker holds partition 0 (owner: \(owner ?? "none"))")
+        let owner: String?
+        do {
+            owner = try await connection.withSession { session in try session.query("SELECT owner FROM baton_partitions WHERE partition = 0").first() }
+        } catch {
+            await connection.close()
+            throw error
+        }
+        await connection.close()
+        let live = state.withLock { state in owner.map { state.processes[$0] != nil && !state.killed.contains($0) } ?? false }
+        guard let owner, live else {
+            throw RuntimeFailure("no live worker holds partition 0 (owner: \(owner ?? "none"))")
         }
         return owner
     }
 
-    mutating func kill(_ id: String, signal: Int32) {
-        guard let process = processes[id] else { return }
-        if signal == SIGKILL { killed.insert(id) }
-        _ = Foundation.kill(process.processIdentifier, signal)
+    func kill(_ id: String, signal: Int32) {
+        let process = state.withLock { state -> ChildProcess? in
+            if signal == SIGKILL { state.killed.insert(id) }
+            return state.processes[id]
+        }
+        process?.signal(signal)
     }
 
-    /// Stops every worker with SIGTERM; returns how many had died without being killed on purpose.
-    func stopAll() -> Int {
+    /// Stops every worker with SIGTERM (SIGCONT first, in case one is paused); returns how many had died
+    /// without being killed on purpose, or exited with an error.
+    func stopAll() async -> Int {
+        let (processes, killed) = state.withLock { ($0.processes, $0.killed) }
         var crashes = 0
         for (id, process) in processes {
             if process.isRunning {
-                process.terminate()
-                process.waitUntilExit()
-                if process.terminationStatus != 0, process.terminationReason == .exit { crashes += 1 }
+                process.signal(SIGCONT)
+                let status = await process.stop()
+                if let status, status != 0, status < 128 { crashes += 1 }
             } else if !killed.contains(id) {
                 crashes += 1
             }

@@ -25,8 +25,8 @@ struct ClientOptions: ParsableArguments {
         }
     }
 
-    func client() throws -> BatonClient {
-        var configuration = BatonClientConfiguration(amqpURL: try broker.amqpURL(), partitioner: try database.partitioner())
+    func client(_ role: BrokerRole = .frontend) throws -> BatonClient {
+        var configuration = BatonClientConfiguration(amqpURL: try broker.amqpURL(role), partitioner: try database.partitioner())
         configuration.timeout = .milliseconds(timeoutMilliseconds)
         configuration.name = "baton cli"
         return BatonClient(configuration: configuration, logger: try database.logger("baton.client"))
@@ -34,13 +34,13 @@ struct ClientOptions: ParsableArguments {
 
     /// Sends `command`, prints the reply, and exits 0 (success), 1 (denied / not owner) or 2 (error).
     func send(_ command: Command) async throws {
-        let client = try client()
+        let client = try client(command.operation == .forceRelease ? .operator : .frontend)
         let request = Request(requestID: requestID ?? UUID().uuidString, command: command)
         do {
             let reply: Reply
             if case .releaseConnection(let connection) = command {
-                let buffers = try await client.releaseConnection(connection, requestID: request.requestID)
-                reply = Reply(requestID: request.requestID, status: .releasedConnection, buffers: buffers)
+                let released = try await client.releaseConnection(connection, requestID: request.requestID)
+                reply = Reply(requestID: request.requestID, status: .releasedConnection, buffers: released.buffers, releasedCount: released.count)
             } else {
                 reply = try await client.call(request)
             }
@@ -80,7 +80,9 @@ struct ClientOptions: ParsableArguments {
             return "\(buffer) is \(holder)\(partition)"
         case .releasedConnection:
             let buffers = reply.buffers ?? []
-            return buffers.isEmpty ? "released nothing" : "released \(buffers.count) buffer(s): \(buffers.joined(separator: ", "))"
+            let count = reply.releasedCount ?? buffers.count
+            let more = count > buffers.count ? " and \(count - buffers.count) more" : ""
+            return count == 0 ? "released nothing" : "released \(count) buffer(s): \(buffers.map(LogValue.escape).joined(separator: ", "))\(more)"
         case .error:
             return "error \(reply.error?.code.rawValue ?? ""): \(reply.error?.message ?? "")"
         }

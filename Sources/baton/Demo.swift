@@ -43,7 +43,7 @@ struct Demo: AsyncParsableCommand {
     }
 
     private func runBaton(_ race: IncidentRace, runID: String) async throws -> IncidentRace.Result {
-        var configuration = BatonClientConfiguration(amqpURL: try broker.amqpURL(), partitioner: try database.partitioner())
+        var configuration = BatonClientConfiguration(amqpURL: try broker.amqpURL(.frontend), partitioner: try database.partitioner())
         configuration.name = "baton demo"
         let logger = try database.logger("baton.demo")
         // Each user has their own connection, as two collab servers would.

@@ -64,15 +64,23 @@ struct Status: AsyncParsableCommand {
                        (SELECT count(*) FROM baton_outbox o WHERE o.partition = p.partition AND o.delivered_at IS NULL)
                 FROM baton_partitions p ORDER BY p.partition
                 """).rows.map { row in
-                Row(partition: Int(row[0]!)!, epoch: Int64(row[1]!)!, owner: row[2],
-                    liveHolders: Int(row[3]!)!, expiredPending: Int(row[4]!)!, undeliveredEvents: Int(row[5]!)!,
-                    messagesReady: nil, consumers: nil)
+                func number<T: LosslessStringConvertible>(_ index: Int, _ column: String) throws -> T {
+                    guard index < row.count, let text = row[index], let value = T(text) else {
+                        throw RuntimeFailure("baton_partitions returned an unreadable \(column) (\(index < row.count ? row[index] ?? "NULL" : "missing")): is this a Baton database at schema version \(Migrator.latestVersion)?")
+                    }
+                    return value
+                }
+                return Row(
+                    partition: try number(0, "partition"), epoch: try number(1, "epoch"), owner: row.count > 2 ? row[2] : nil,
+                    liveHolders: try number(3, "live holder count"), expiredPending: try number(4, "expired lease count"),
+                    undeliveredEvents: try number(5, "undelivered event count"), messagesReady: nil, consumers: nil
+                )
             }
         }
         // The broker's view: a passive declare per partition queue (ready messages, consumers).
         var brokerError: String?
         do {
-            let amqp = try await AMQPConnection.connect(to: try broker.amqpURL(), name: "baton status", logger: logger)
+            let amqp = try await AMQPConnection.connect(to: try broker.amqpURL(.worker), name: "baton status", logger: logger)
             var channel = try await amqp.openChannel()
             for index in rows.indices {
                 do {

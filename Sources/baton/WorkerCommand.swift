@@ -44,6 +44,11 @@ struct WorkerCommand: AsyncParsableCommand {
     @Flag(help: .hidden)
     var echo = false
 
+    /// Scratch runs (tests, bench, chaos) start workers with this: standard input is a pipe only the
+    /// parent writes to, and its end of file (the parent died, however) stops the worker.
+    @Flag(name: .customLong("exit-with-parent"), help: .hidden)
+    var exitWithParent = false
+
     @Option(name: .customLong("worker-id"), help: "This worker's name in the database and the broker (env BATON_WORKER_ID; default host-pid-random).")
     var workerIDFlag: String?
 
@@ -94,6 +99,7 @@ struct WorkerCommand: AsyncParsableCommand {
             return handler
         }
         let worker = Worker(configuration: try workerConfiguration(), logger: logger)
+        if exitWithParent { Self.watchParent(logger: logger) }
         var services: [ServiceGroupConfiguration.ServiceConfiguration] = [.init(service: worker)]
         let port = try metricsPort()
         if port > 0 {
@@ -111,6 +117,26 @@ struct WorkerCommand: AsyncParsableCommand {
             )
         )
         try await group.run()
+    }
+}
+
+extension WorkerCommand {
+    /// Stops the process gracefully (SIGTERM to itself) when standard input reaches end of file, and
+    /// for good 15 s later.
+    static func watchParent(logger: Logger) {
+        let thread = Thread {
+            var buffer = [UInt8](repeating: 0, count: 256)
+            while true {
+                let count = read(0, &buffer, buffer.count)
+                if count == 0 || (count < 0 && errno != EINTR) { break }
+            }
+            logger.warning("the parent process is gone (standard input closed): stopping")
+            kill(getpid(), SIGTERM)
+            sleep(15)
+            _exit(3)
+        }
+        thread.name = "baton.parent-watch"
+        thread.start()
     }
 }
 

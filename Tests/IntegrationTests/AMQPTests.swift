@@ -1,12 +1,44 @@
 import BatonAMQP
+import BatonTesting
 import Foundation
 import Testing
 
+/// The broker that `scripts/services up` starts (or the `BATON_*_AMQP_URL` / `BATON_BROKER_ADMIN_URL`
+/// it exports). Tests work in a virtual host of their own (one per test process, or per ``Deployment``),
+/// never in the deployment's.
 enum TestBroker {
-    static let urlText = ProcessInfo.processInfo.environment["BATON_AMQP_URL"] ?? "amqp://baton:baton@127.0.0.1:55672/%2F"
+    static let environment = ProcessInfo.processInfo.environment
+    /// The worker's user (configure, read and write on `baton.*`).
+    static let urlText = environment["BATON_AMQP_URL"] ?? "amqp://baton-worker:baton-worker@127.0.0.1:55672/%2F"
+    /// A frontend's user (publish requests, read replies and events).
+    static let frontendURLText = environment["BATON_FRONTEND_AMQP_URL"] ?? "amqp://baton-frontend:baton-frontend@127.0.0.1:55672/%2F"
+    /// An operator's user (also publish to `baton.admin`).
+    static let operatorURLText = environment["BATON_OPERATOR_AMQP_URL"] ?? "amqp://baton-operator:baton-operator@127.0.0.1:55672/%2F"
+    /// The management API.
+    static let adminURLText = environment["BATON_BROKER_ADMIN_URL"] ?? BrokerAdmin.defaultURL
 
-    static func connect(_ name: String = "test") async throws -> AMQPConnection {
-        let url = try AMQPURL(urlText)
+    static func admin() throws -> BrokerAdmin { try BrokerAdmin(url: adminURLText) }
+
+    /// A scratch virtual host for one test (or one deployment).
+    static func namespace(_ purpose: String = "test") async throws -> ScratchBroker {
+        do {
+            return try await ScratchBroker.create(purpose: purpose, admin: try admin())
+        } catch {
+            Issue.record("the RabbitMQ management API is not reachable (\(error)): run scripts/services up")
+            throw error
+        }
+    }
+
+    /// The shared scratch virtual host of this test process (for tests that need no deployment).
+    static let shared = Task { try await namespace("shared") }
+
+    /// `text` as a URL in the shared scratch virtual host.
+    static func url(_ text: String = urlText) async throws -> AMQPURL {
+        try await shared.value.url(try AMQPURL(text))
+    }
+
+    static func connect(_ name: String = "test", url text: String = urlText) async throws -> AMQPConnection {
+        let url = try await url(text)
         do {
             return try await AMQPConnection.connect(to: url, name: name, logger: TestDatabase.logger)
         } catch {
@@ -52,7 +84,7 @@ enum TestBroker {
     @Test func heartbeatsKeepAnIdleConnectionAlive() async throws {
         // With a 1 s heartbeat the broker drops a peer that stays silent for 2 s; the I/O thread must
         // service heartbeats while the application does nothing.
-        var url = try AMQPURL(TestBroker.urlText)
+        var url = try await TestBroker.url()
         url.heartbeatSeconds = 1
         let connection = try await AMQPConnection.connect(to: url, name: "idle", logger: TestDatabase.logger)
         try await Task.sleep(for: .seconds(4))
@@ -90,7 +122,7 @@ enum TestBroker {
     }
 
     @Test func wrongPasswordFailsClearlyWithoutEchoingIt() async throws {
-        var url = try AMQPURL(TestBroker.urlText)
+        var url = try await TestBroker.url()
         url.password = "definitely-wrong-pw"
         let error = try await #require(throws: AMQPError.self) { try await AMQPConnection.connect(to: url, name: "bad") }
         #expect(error.code == .connectionFailed)

@@ -2,34 +2,44 @@ import BatonAMQP
 import BatonClient
 import BatonCore
 import BatonPostgres
+import BatonTesting
 import BatonWorker
 import Foundation
 import Logging
 import Synchronization
 import Testing
 
-/// A fresh Baton deployment for one end-to-end test: its own database, a clean broker
-/// topology, in-process or child-process workers, and clients.
-///
-/// The broker's queue names are fixed by the protocol, so tests that use it run one at a time
-/// (``EndToEndTests`` is serialized).
+/// A fresh Baton deployment for one end-to-end test: its own database, its own virtual host on the
+/// test broker (so nothing touches a real deployment's queues), in-process or child-process workers,
+/// and clients. Child processes die with the test process.
 struct Deployment {
     let databaseURL: PostgresURL
+    /// The worker's user, in the deployment's virtual host.
     let amqpURL: AMQPURL
+    /// A frontend's user.
+    let frontendURL: AMQPURL
+    /// An operator's user.
+    let operatorURL: AMQPURL
     let partitioner: Partitioner
+    let namespace: ScratchBroker
 
-    static func make(partitions: Int = 4) async throws -> Deployment {
+    static func make(partitions: Int = 4, deadLetterLimit: Int = Topology.defaultDeadLetterLimit) async throws -> Deployment {
         let databaseURL = try await TestDatabase.migrated(partitions: partitions)
-        let amqpURL = try AMQPURL(TestBroker.urlText)
-        let connection = try await TestBroker.connect("test reset")
-        // Remove what earlier runs left (queues of any N up to 64, dead letters), then declare afresh.
-        let channel = try await connection.openChannel()
-        for partition in 0..<64 { try await channel.deleteQueue(ProtocolV1.requestQueue(partition)) }
-        try await channel.deleteQueue(ProtocolV1.deadLetterQueue)
-        await channel.close()
-        try await Topology.declare(on: connection, partitionCount: partitions)
+        let namespace = try await TestBroker.namespace()
+        let amqpURL = namespace.url(try AMQPURL(TestBroker.urlText))
+        let connection = try await AMQPConnection.connect(to: amqpURL, name: "test topology", logger: TestDatabase.logger)
+        try await Topology.declare(on: connection, partitionCount: partitions, deadLetterLimit: deadLetterLimit)
         await connection.close()
-        return Deployment(databaseURL: databaseURL, amqpURL: amqpURL, partitioner: try Partitioner(count: partitions))
+        return Deployment(
+            databaseURL: databaseURL, amqpURL: amqpURL, frontendURL: namespace.url(try AMQPURL(TestBroker.frontendURLText)),
+            operatorURL: namespace.url(try AMQPURL(TestBroker.operatorURLText)), partitioner: try Partitioner(count: partitions),
+            namespace: namespace
+        )
+    }
+
+    /// A raw AMQP connection to the deployment's virtual host (default: as the worker's user).
+    func connect(_ name: String, as url: AMQPURL? = nil) async throws -> AMQPConnection {
+        try await AMQPConnection.connect(to: url ?? amqpURL, name: name, logger: TestDatabase.logger)
     }
 
     func workerConfiguration(id: String) -> WorkerConfiguration {
@@ -43,16 +53,19 @@ struct Deployment {
     }
 
     /// Starts an in-process worker; stop it with ``RunningWorker/stop()``.
-    func startWorker(id: String = "w-\(UUID().uuidString.prefix(6))", configure: (inout WorkerConfiguration) -> Void = { _ in }) -> RunningWorker {
+    func startWorker(
+        id: String = "w-\(UUID().uuidString.prefix(6))", logger: Logger = TestDatabase.logger, configure: (inout WorkerConfiguration) -> Void = { _ in }
+    ) -> RunningWorker {
         var configuration = workerConfiguration(id: id)
         configure(&configuration)
-        let worker = Worker(configuration: configuration, logger: TestDatabase.logger)
+        let worker = Worker(configuration: configuration, logger: logger)
         let task = Task { try await worker.run() }
         return RunningWorker(worker: worker, task: task)
     }
 
-    func client(timeout: Duration = .seconds(10)) -> BatonClient {
-        var configuration = BatonClientConfiguration(amqpURL: amqpURL, partitioner: partitioner)
+    /// A client as a frontend (or as `url`'s user).
+    func client(timeout: Duration = .seconds(10), as url: AMQPURL? = nil) -> BatonClient {
+        var configuration = BatonClientConfiguration(amqpURL: url ?? frontendURL, partitioner: partitioner)
         configuration.timeout = timeout
         configuration.name = "test client"
         return BatonClient(configuration: configuration, logger: TestDatabase.logger)
@@ -84,45 +97,39 @@ struct Deployment {
         URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
     }
 
-    /// Starts `baton worker` as a child process for this deployment.
-    func spawnWorker(id: String, metricsPort: Int = 0, extra: [String] = []) throws -> Process {
-        try Self.launchBaton(
+    /// Starts `baton worker` as a child process for this deployment; it dies with the test process.
+    func spawnWorker(id: String, metricsPort: Int = 0, extra: [String] = []) throws -> ChildProcess {
+        try launchBaton(
             [
                 "worker", "--partitions", "all", "--partition-count", String(partitioner.count), "--worker-id", id,
-                "--sweep-interval-ms", "200", "--log-level", "info", "--metrics-port", String(metricsPort),
+                "--sweep-interval-ms", "200", "--log-level", "info", "--metrics-port", String(metricsPort), "--exit-with-parent",
             ] + extra,
-            databaseURL: databaseURL,
             log: FileManager.default.temporaryDirectory.appendingPathComponent("baton-test-worker-\(id).log")
         )
     }
 
-    /// Starts the `baton` executable with `arguments`, the test services' URLs, and its output in `log`.
-    static func launchBaton(_ arguments: [String], databaseURL: PostgresURL, log: URL, in directory: URL? = nil) throws -> Process {
-        let process = Process()
-        process.executableURL = batonExecutable
-        process.arguments = arguments
-        if let directory { process.currentDirectoryURL = directory }
-        var environment = ProcessInfo.processInfo.environment
+    /// Starts the `baton` executable with `arguments`, this deployment's database and broker users, and
+    /// its output in `log` (a fresh file).
+    func launchBaton(_ arguments: [String], log: URL, in directory: URL? = nil, environment base: [String: String]? = nil) throws -> ChildProcess {
+        var environment = base ?? ProcessInfo.processInfo.environment
         environment["BATON_DATABASE_URL"] = databaseURL.connectionString
-        environment["BATON_AMQP_URL"] = TestBroker.urlText
-        process.environment = environment
-        _ = FileManager.default.createFile(atPath: log.path, contents: nil)
-        let handle = try FileHandle(forWritingTo: log)
-        process.standardOutput = handle
-        process.standardError = handle
-        try process.run()
-        return process
+        environment["BATON_AMQP_URL"] = amqpURL.connectionString
+        environment["BATON_FRONTEND_AMQP_URL"] = frontendURL.connectionString
+        environment["BATON_OPERATOR_AMQP_URL"] = operatorURL.connectionString
+        environment["BATON_BROKER_ADMIN_URL"] = TestBroker.adminURLText
+        try? FileManager.default.removeItem(at: log)
+        return try ChildProcess(executable: Self.batonExecutable, arguments: arguments, environment: environment, log: log, directory: directory)
     }
 
-    /// Runs `scripts/services ARGUMENT` (broker-stop, broker-start).
-    static func services(_ argument: String) throws {
-        let process = Process()
-        process.executableURL = repositoryRoot.appendingPathComponent("scripts/services")
-        process.arguments = [argument]
-        try process.run()
-        process.waitUntilExit()
-        guard process.terminationStatus == 0 else {
-            throw TestFailure("scripts/services \(argument) exited with \(process.terminationStatus)")
+    /// Runs `scripts/services ARGUMENT` (broker-stop, broker-start, broker-alarm on|off) without blocking a thread.
+    static func services(_ arguments: String...) async throws {
+        let process = try ChildProcess(
+            executable: repositoryRoot.appendingPathComponent("scripts/services"), arguments: arguments,
+            environment: ProcessInfo.processInfo.environment
+        )
+        let status = await process.wait(timeout: .seconds(120))
+        guard status == 0 else {
+            throw TestFailure("scripts/services \(arguments.joined(separator: " ")) exited with \(status.map(String.init) ?? "no status after 120 s")")
         }
     }
 }

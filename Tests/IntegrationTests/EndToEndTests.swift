@@ -7,6 +7,7 @@ import Foundation
 #if canImport(FoundationNetworking)
 import FoundationNetworking
 #endif
+import BatonTesting
 import Synchronization
 import Testing
 
@@ -53,7 +54,7 @@ import Testing
         #expect(Set(names.map { deployment.partitioner.partition(of: $0) }).count > 1)
         for name in names { _ = try await client.claim(name, user: "bob", connection: "c-bob") }
         let released = try await client.releaseConnection("c-bob")
-        #expect(released == (names + [b]).sorted { ExactString($0) < ExactString($1) })
+        #expect(released.buffers == (names + [b]).sorted { ExactString($0) < ExactString($1) } && released.count == names.count + 1)
         #expect(try await client.inspect(names[0]).holder == nil)
 
         let audit = try await deployment.audit()
@@ -64,7 +65,7 @@ import Testing
 
     @Test func ownershipChangesArePublishedAsEventsAndMarkedDelivered() async throws {
         let deployment = try await Deployment.make(partitions: 4)
-        let subscriber = try await TestBroker.connect("events")
+        let subscriber = try await deployment.connect("events")
         let channel = try await subscriber.openChannel()
         let queue = "baton.test.events.\(UUID().uuidString)"
         try await channel.declareQueue(queue, durable: false, arguments: ["x-expires": .int(60_000)])
@@ -121,12 +122,14 @@ import Testing
         let deployment = try await Deployment.make(partitions: 4)
         let worker = deployment.startWorker()
         let client = deployment.client()
+        let operatorClient = deployment.client(as: deployment.operatorURL)
         guard case .granted(let lease) = try await client.claim("stuck.txt", user: "ann", connection: "gone") else {
             Issue.record("not granted")
             return
         }
-        #expect(try await client.forceRelease("stuck.txt", reason: "editor crashed") == lease.token)
-        #expect(try await client.forceRelease("stuck.txt") == nil, "nothing left to release")
+        #expect(try await operatorClient.forceRelease("stuck.txt", reason: "editor crashed") == lease.token)
+        #expect(try await operatorClient.forceRelease("stuck.txt") == nil, "nothing left to release")
+        await operatorClient.close()
         guard case .granted(let next) = try await client.claim("stuck.txt", user: "bob", connection: "c2") else {
             Issue.record("not granted after the forced release")
             return
@@ -138,7 +141,7 @@ import Testing
 
         // The same op published to baton.requests (where every frontend may write) is refused and dead-lettered.
         let smuggled = Request(requestID: "smuggled", command: .forceRelease(buffer: "stuck.txt", reason: nil))
-        let connection = try await TestBroker.connect("smuggler")
+        let connection = try await deployment.connect("smuggler", as: deployment.frontendURL)
         let channel = try await connection.openChannel()
         let (_, replies) = try await channel.consume(queue: ProtocolV1.directReplyTo, noAck: true)
         try await channel.publish(OutgoingMessage(
@@ -196,7 +199,7 @@ import Testing
         #expect(await Deployment.eventually { served.value > 0 })
         let servedBefore = served.value
 
-        let connection = try await TestBroker.connect("bad input")
+        let connection = try await deployment.connect("bad input", as: deployment.frontendURL)
         let channel = try await connection.openChannel()
         let (_, replies) = try await channel.consume(queue: ProtocolV1.directReplyTo, noAck: true)
         let longString = String(repeating: "x", count: 1025)
@@ -284,7 +287,7 @@ import Testing
         let deployment = try await Deployment.make(partitions: 2)
         // A test-only queue without single active consumer, bound with the same keys: every request
         // reaches two workers at once, as a broken or misconfigured broker could make happen.
-        let setup = try await TestBroker.connect("duplicates")
+        let setup = try await deployment.connect("duplicates")
         let channel = try await setup.openChannel()
         for partition in 0..<2 {
             let queue = "baton.test.duplicate.\(partition)"
@@ -352,7 +355,7 @@ import Testing
         }
         try await Task.sleep(for: .seconds(1.5))
         let killedAt = ContinuousClock.now
-        kill(active.processIdentifier, SIGKILL)
+        active.signal(SIGKILL)
         try await Task.sleep(for: .seconds(4))
         stop.update { $0 = true }
         for lane in load { await lane.value }
@@ -383,67 +386,21 @@ import Testing
             #expect(row[0] == "standby" && (Int(row[1] ?? "") ?? 0) >= 2, "\(row)")
         }
 
-        standby.terminate()  // SIGTERM: graceful
-        standby.waitUntilExit()
-        #expect(standby.terminationStatus == 0)
-        active.waitUntilExit()
+        #expect(await standby.stop() == 0, "SIGTERM: graceful")
+        await active.wait()
         await client.close()
-    }
-
-    @Test func brokerStoppedAndStartedUnderLoad() async throws {
-        let deployment = try await Deployment.make(partitions: 4)
-        let worker = deployment.startWorker()
-        let client = deployment.client(timeout: .seconds(30))
-        _ = try await client.inspect("warm-up")
-        let grants = Shared<[(String, Int64)]>([])
-        let errors = Shared(0)
-        let stop = Shared(false)
-        let load = (0..<4).map { lane in
-            Task {
-                var index = 0
-                while !stop.value {
-                    let buffer = "restart/\(lane)/\(index)"
-                    index += 1
-                    do {
-                        if case .granted(let lease) = try await client.claim(buffer, user: "u", connection: "c\(lane)") {
-                            grants.update { $0.append((buffer, lease.token)) }
-                        }
-                    } catch {
-                        errors.update { $0 += 1 }
-                    }
-                }
-            }
-        }
-        try await Task.sleep(for: .seconds(1))
-        try Deployment.services("broker-stop")
-        let before = grants.value.count
-        try await Task.sleep(for: .seconds(3))
-        try Deployment.services("broker-start")
-        #expect(await Deployment.eventually(.seconds(30)) { grants.value.count > before + 20 }, "claims flow again after the broker is back")
-        stop.update { $0 = true }
-        for lane in load { await lane.value }
-
-        print("broker restart: grants=\(grants.value.count) errors=\(errors.value) worker_connections=\(worker.worker.stats.connections)")
-        #expect(errors.value == 0)
-        #expect(worker.worker.stats.connections >= 2, "the worker reconnected")
-        let audit = try await deployment.audit()
-        let audited = Set(audit.changes.filter { $0.kind == .granted }.map { "\($0.buffer)#\($0.token)" })
-        for (buffer, token) in grants.value { #expect(audited.contains("\(buffer)#\(token)"), "lost grant \(buffer)") }
-        #expect(HistoryChecker.check(audit.changes, finalTokens: audit.finalTokens).passed)
-        await client.close()
-        await worker.stop()
     }
 
     @Test func benchSmokeRunCompletesWithoutDoubleGrants() async throws {
-        _ = try await Deployment.make(partitions: 4)
+        let deployment = try await Deployment.make(partitions: 4)
         let output = FileManager.default.temporaryDirectory.appendingPathComponent("baton-bench-smoke-\(UUID().uuidString)")
         let log = output.appendingPathExtension("log")
-        let process = try Deployment.launchBaton(
+        let process = try deployment.launchBaton(
             ["bench", "--duration", "2", "--workload", "hot", "--clients", "8", "--partitions", "4", "--no-half-peak", "--output", output.path],
-            databaseURL: try PostgresURL(TestDatabase.serverURL), log: log
+            log: log
         )
-        process.waitUntilExit()
-        #expect(process.terminationStatus == 0, "baton bench failed: \((try? String(contentsOf: log, encoding: .utf8)) ?? "")")
+        let status = await process.wait(timeout: .seconds(150))
+        #expect(status == 0, "baton bench failed: \((try? String(contentsOf: log, encoding: .utf8)) ?? "")")
 
         let data = try Data(contentsOf: output.appendingPathComponent("results.json"))
         let json = try #require(try JSONSerialization.jsonObject(with: data) as? [String: Any])
@@ -462,7 +419,6 @@ import Testing
         let deployment = try await Deployment.make(partitions: 4)
         let port = Int.random(in: 20_000...40_000)
         let process = try deployment.spawnWorker(id: "metrics", metricsPort: port)
-        defer { process.terminate(); process.waitUntilExit() }
         let client = deployment.client(timeout: .seconds(20))
         _ = try await client.claim("metrics.txt", user: "u", connection: "c")
         _ = try await client.claim("metrics.txt", user: "v", connection: "d")
@@ -487,23 +443,7 @@ import Testing
             #expect(metrics.contains(expected), "missing \(expected)")
         }
         await client.close()
-    }
-
-    @Test(.timeLimit(.minutes(3))) func shortChaosRunPasses() async throws {
-        _ = try await Deployment.make(partitions: 4)
-        let log = FileManager.default.temporaryDirectory.appendingPathComponent("baton-chaos-test-\(UUID().uuidString).log")
-        let process = try Deployment.launchBaton(
-            ["chaos", "--settle-seconds", "3", "--pause-seconds", "7", "--clients", "6"],
-            databaseURL: try PostgresURL(TestDatabase.serverURL), log: log, in: Deployment.repositoryRoot
-        )
-        process.waitUntilExit()
-        let output = (try? String(contentsOf: log, encoding: .utf8)) ?? ""
-        print(output.split(separator: "\n").filter { !$0.contains(" warning ") && !$0.contains(" info ") }.joined(separator: "\n"))
-        #expect(process.terminationStatus == 0, "chaos failed:\n\(output.suffix(3000))")
-        let verdict = try #require(output.split(separator: "\n").last(where: { $0.hasPrefix("verdict=") }))
-        #expect(verdict.hasPrefix("verdict=PASS"))
-        #expect(verdict.contains("faults=5"))
-        #expect(verdict.contains("double_grants=0 lost_grants=0 unanswered=0"))
+        await process.stop()
     }
 
     @Test func sigtermStopsAWorkerCleanlyWithinFiveSeconds() async throws {
@@ -512,10 +452,8 @@ import Testing
         let client = deployment.client(timeout: .seconds(20))
         _ = try await client.claim("sigterm.txt", user: "u", connection: "c")
         let start = ContinuousClock.now
-        process.terminate()
-        process.waitUntilExit()
-        #expect(process.terminationStatus == 0)
-        #expect(process.terminationReason == .exit)
+        process.signal(SIGTERM)
+        #expect(await process.wait(timeout: .seconds(10)) == 0, "exits with status 0 on SIGTERM")
         #expect(ContinuousClock.now - start < .seconds(5))
         await client.close()
     }

@@ -52,8 +52,8 @@ import Testing
         return Terminator(directory: directory, port: port, process: process)
     }
 
-    func url(_ terminator: Terminator, host: String = "localhost", ca: String = "ca.pem") throws -> AMQPURL {
-        let broker = try AMQPURL(TestBroker.urlText)
+    func url(_ terminator: Terminator, host: String = "localhost", ca: String = "ca.pem") async throws -> AMQPURL {
+        let broker = try await TestBroker.url()
         var url = try AMQPURL("amqps://\(host):\(terminator.port)/?cacertfile=\(terminator.directory.path)/\(ca)")
         url.user = broker.user
         url.password = broker.password
@@ -65,21 +65,21 @@ import Testing
         let terminator = try Self.startTerminator()
         defer { kill(terminator.process.processIdentifier, SIGKILL) }
         #expect(await Deployment.eventually(.seconds(5)) {
-            guard let probe = try? await AMQPConnection.connect(to: try url(terminator), name: "tls probe") else { return false }
+            guard let probe = try? await AMQPConnection.connect(to: try await url(terminator), name: "tls probe") else { return false }
             await probe.close()
             return true
         }, "amqps:// with the right CA and host name connects")
 
-        let connection = try await AMQPConnection.connect(to: try url(terminator), name: "tls")
+        let connection = try await AMQPConnection.connect(to: try await url(terminator), name: "tls")
         let channel = try await connection.openChannel()
         try await channel.declareExchange("baton.test.tls", type: "fanout", durable: false)
         await connection.close()
 
         // The certificate names localhost, not 127.0.0.1: host name verification must refuse it.
-        let wrongHost = try await #require(throws: AMQPError.self) { try await AMQPConnection.connect(to: try url(terminator, host: "127.0.0.1"), name: "tls") }
+        let wrongHost = try await #require(throws: AMQPError.self) { try await AMQPConnection.connect(to: try await url(terminator, host: "127.0.0.1"), name: "tls") }
         #expect(wrongHost.code == .connectionFailed)
         // A CA that did not sign the server's certificate: refused.
-        let wrongCA = try await #require(throws: AMQPError.self) { try await AMQPConnection.connect(to: try url(terminator, ca: "other.pem"), name: "tls") }
+        let wrongCA = try await #require(throws: AMQPError.self) { try await AMQPConnection.connect(to: try await url(terminator, ca: "other.pem"), name: "tls") }
         #expect(wrongCA.code == .connectionFailed)
         #expect(wrongCA.description.contains("verification failed"), "\(wrongCA)")
         #expect(wrongHost.description.contains("hostname verification failed"), "\(wrongHost)")

@@ -4,6 +4,7 @@ import BatonClient
 import BatonCore
 import BatonPostgres
 import BatonWorker
+import BatonTesting
 import Foundation
 import Logging
 
@@ -21,6 +22,7 @@ struct Bench: AsyncParsableCommand {
 
     @OptionGroup var database: DatabaseOptions
     @OptionGroup var broker: BrokerOptions
+    @OptionGroup var scratchOptions: ScratchOptions
 
     @Option(name: .customLong("workload"), help: "open-storm, hot or renew-heavy; repeat for several (default: all).")
     var workloadNames: [String] = []
@@ -77,7 +79,20 @@ struct Bench: AsyncParsableCommand {
         let workloads = workloadNames.isEmpty ? Workload.allCases : workloadNames.compactMap(Workload.init(rawValue:))
         let systems = systemNames.isEmpty ? Self.systems : Self.systems.filter(systemNames.contains)
         let serverURL = try database.databaseURL()
-        let amqpURL = try broker.amqpURL()
+        // A virtual host of its own: the bench's workers and clients never touch a deployment's queues.
+        let namespace = try await ScratchBroker.create(purpose: "bench", admin: try scratchOptions.admin())
+        do {
+            try await run(namespace: namespace, serverURL: serverURL, logger: logger, workloads: workloads, systems: systems)
+        } catch {
+            await namespace.delete()
+            throw error
+        }
+        await namespace.delete()
+    }
+
+    private func run(namespace: ScratchBroker, serverURL: PostgresURL, logger: Logger, workloads: [Workload], systems: [String]) async throws {
+        let amqpURL = namespace.url(try broker.amqpURL())
+        let clientURL = namespace.url(try BrokerOptions.environmentURL(.frontend))
         let partitioner = try Partitioner(count: partitions)
         var scratch = serverURL
         scratch.database = serverURL.database + "_bench"
@@ -86,7 +101,6 @@ struct Bench: AsyncParsableCommand {
         var report = BenchReport(command: command, machine: try await BenchReport.machine(serverURL: serverURL, logger: logger))
         print("baton bench: \(workloads.map(\.rawValue).joined(separator: ", ")) × \(systems.joined(separator: ", ")); \(Int(duration)) s each, \(clients) clients, \(partitions) partitions, batch \(batchSize)")
 
-        try await checkNoOtherWorker(amqpURL: amqpURL, logger: logger)
         for workload in workloads {
             let buffers = self.buffers ?? workload.defaultBuffers
             print("\n\(workload.rawValue): \(workload == .renewHeavy ? "\(clients) holders renewing" : "\(buffers) buffers")")
@@ -94,7 +108,7 @@ struct Bench: AsyncParsableCommand {
             var results: [String: SystemResult] = [:]
             for system in systems {
                 results[system] = try await measure(
-                    system: system, workload: workload, buffers: buffers, scratch: scratch, amqpURL: amqpURL,
+                    system: system, workload: workload, buffers: buffers, scratch: scratch, amqpURL: amqpURL, clientURL: clientURL,
                     partitioner: partitioner, runID: runID, logger: logger
                 )
                 FileHandle.standardError.write(Data("\r\u{1B}[K".utf8))
@@ -112,7 +126,7 @@ struct Bench: AsyncParsableCommand {
     }
 
     private func measure(
-        system: String, workload: Workload, buffers: Int, scratch: PostgresURL, amqpURL: AMQPURL,
+        system: String, workload: Workload, buffers: Int, scratch: PostgresURL, amqpURL: AMQPURL, clientURL: AMQPURL,
         partitioner: Partitioner, runID: String, logger: Logger
     ) async throws -> SystemResult {
         let label = "\(workload.rawValue)/\(system)"
@@ -127,8 +141,25 @@ struct Bench: AsyncParsableCommand {
         default:
             let echo = system == "echo"
             let worker = try BenchWorker.start(echo: echo, scratch: scratch, amqpURL: amqpURL, partitioner: partitioner, batchSize: batchSize)
-            defer { worker.stop() }
-            var configuration = BatonClientConfiguration(amqpURL: amqpURL, partitioner: partitioner)
+            do {
+                let result = try await measureBaton(
+                    worker: worker, echo: echo, workload: workload, buffers: buffers, scratch: scratch, clientURL: clientURL,
+                    partitioner: partitioner, label: label, runID: runID, logger: logger
+                )
+                await worker.stop()
+                return result
+            } catch {
+                await worker.stop()
+                throw error
+            }
+        }
+    }
+
+    private func measureBaton(
+        worker: BenchWorker, echo: Bool, workload: Workload, buffers: Int, scratch: PostgresURL, clientURL: AMQPURL,
+        partitioner: Partitioner, label: String, runID: String, logger: Logger
+    ) async throws -> SystemResult {
+            var configuration = BatonClientConfiguration(amqpURL: clientURL, partitioner: partitioner)
             configuration.timeout = .seconds(10)
             configuration.name = "baton bench"
             let batonClients = (0..<connections).map { _ in BatonClient(configuration: configuration, logger: logger) }
@@ -152,17 +183,6 @@ struct Bench: AsyncParsableCommand {
             measurement.doubleGrants = try await baton.doubleGrants()
             result.measurement.doubleGrants = measurement.doubleGrants
             return result
-        }
-    }
-
-    /// Refuses to run while another worker consumes the request queues: it would answer from another database.
-    private func checkNoOtherWorker(amqpURL: AMQPURL, logger: Logger) async throws {
-        let connection = try await AMQPConnection.connect(to: amqpURL, name: "baton bench check", logger: logger)
-        defer { Task { await connection.close() } }
-        let channel = try await connection.openChannel()
-        if let consumers = try? await channel.inspectQueue(ProtocolV1.requestQueue(0)).consumers, consumers > 0 {
-            throw ValidationError("a worker is consuming \(ProtocolV1.requestQueue(0)) on \(amqpURL): stop it (scripts/run) before benchmarking; the bench starts its own")
-        }
     }
 
     private func resetScratch(serverURL: PostgresURL, scratch: PostgresURL, partitioner: Partitioner, amqpURL: AMQPURL, logger: Logger) async throws {
@@ -175,7 +195,7 @@ struct Bench: AsyncParsableCommand {
             }
         } catch {
             await admin.close()
-            throw ValidationError("cannot create the scratch database '\(name)' on \(serverURL): \(error); use a --database-url whose user may create databases")
+            throw RuntimeFailure("cannot create the scratch database '\(name)' on \(serverURL): \(error); use a --database-url whose user may create databases")
         }
         await admin.close()
         let connection = try await PostgresConnection.connect(to: scratch, logger: logger)
@@ -187,38 +207,36 @@ struct Bench: AsyncParsableCommand {
     }
 }
 
-/// A `baton worker` child process serving the scratch deployment.
+/// A `baton worker` child process serving the scratch deployment; it dies with the bench.
 struct BenchWorker: Sendable {
-    let process: Process
+    let process: ChildProcess
 
     static func start(echo: Bool, scratch: PostgresURL, amqpURL: AMQPURL, partitioner: Partitioner, batchSize: Int) throws -> BenchWorker {
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: CommandLine.arguments[0]).resolvingSymlinksInPath()
-        process.arguments = ["worker", "--partitions", "all", "--partition-count", String(partitioner.count),
-                             "--batch-size", String(batchSize), "--worker-id", echo ? "bench-echo" : "bench", "--log-level", "warning",
-                             "--metrics-port", "0"]
-            + (echo ? ["--echo"] : [])
         var environment = ProcessInfo.processInfo.environment
         environment["BATON_DATABASE_URL"] = scratch.connectionString
         environment["BATON_AMQP_URL"] = amqpURL.connectionString
-        process.environment = environment
-        process.standardOutput = FileHandle.nullDevice
-        try process.run()
+        let process = try ChildProcess(
+            executable: URL(fileURLWithPath: CommandLine.arguments[0]).resolvingSymlinksInPath(),
+            arguments: ["worker", "--partitions", "all", "--partition-count", String(partitioner.count),
+                        "--batch-size", String(batchSize), "--worker-id", echo ? "bench-echo" : "bench", "--log-level", "warning",
+                        "--metrics-port", "0", "--exit-with-parent"] + (echo ? ["--echo"] : []),
+            environment: environment
+        )
         return BenchWorker(process: process)
     }
 
     func waitUntilServing(_ client: BatonClient) async throws {
         let deadline = ContinuousClock.now + .seconds(30)
         while ContinuousClock.now < deadline {
-            guard process.isRunning else { throw BenchError("the bench worker exited with status \(process.terminationStatus)") }
+            if let status = process.reap() { throw RuntimeFailure("the bench worker exited with status \(status)") }
             if (try? await client.inspect("bench/ready")) != nil { return }
         }
-        throw BenchError("the bench worker did not answer within 30 s")
+        throw RuntimeFailure("the bench worker did not answer within 30 s")
     }
 
     /// Samples the worker's resident memory every second until cancelled.
     func sampleMemory() -> Task<WorkerMemory, Never> {
-        let pid = process.processIdentifier
+        let pid = process.pid
         return Task {
             var memory = WorkerMemory()
             while !Task.isCancelled {
@@ -240,9 +258,7 @@ struct BenchWorker: Sendable {
         return kilobytes / 1024
     }
 
-    func stop() {
-        guard process.isRunning else { return }
-        process.terminate()
-        process.waitUntilExit()
+    func stop() async {
+        await process.stop()
     }
 }

@@ -68,7 +68,7 @@ struct BenchRunner: Sendable {
         var tokens: [Int64] = []
         for client in 0..<clients {
             guard let token = try await system.claim(client: client, buffer: "renew/\(runID)/\(client)") else {
-                throw BenchError("\(label): could not claim the buffer of client \(client) before renewing")
+                throw RuntimeFailure("\(label): could not claim the buffer of client \(client) before renewing")
             }
             tokens.append(token)
         }
@@ -176,7 +176,9 @@ struct BenchRunner: Sendable {
     }
 }
 
-struct BenchError: Error, CustomStringConvertible {
+/// A failure while a command runs (not a bad argument): printed as `Error: ...` with exit status 1,
+/// never with the usage text.
+struct RuntimeFailure: Error, CustomStringConvertible {
     let description: String
     init(_ description: String) { self.description = description }
 }

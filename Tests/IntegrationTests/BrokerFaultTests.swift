@@ -1,0 +1,113 @@
+import BatonAMQP
+import BatonClient
+import BatonCore
+import BatonPostgres
+import BatonTesting
+import BatonWorker
+import Foundation
+import Synchronization
+import Testing
+
+/// Faults that affect the whole broker or database server (stop, memory alarm, restarts). scripts/test
+/// runs this suite on its own, after every other test, so that no other test shares those faults.
+@Suite(.serialized, .timeLimit(.minutes(4))) struct BrokerFaultTests {
+    @Test func aMemoryAlarmTimesCallsOutAndTheWorkerKeepsItsConnections() async throws {
+        let deployment = try await Deployment.make(partitions: 2)
+        let worker = deployment.startWorker()
+        let client = deployment.client(timeout: .seconds(3))
+        _ = try await client.claim("alarm/warm-up", user: "u", connection: "c")
+        let connections = worker.worker.stats.connections
+        try await Deployment.services("broker-alarm", "on")
+        do {
+            #expect(await Deployment.eventually(.seconds(10)) { worker.worker.readiness.publishingBlocked != nil },
+                    "the worker reports that the broker blocks its publishing")
+            #expect(!worker.worker.readiness.isReady)
+            let started = ContinuousClock.now
+            do {
+                let result = try await client.claim("alarm/a", user: "u", connection: "c")
+                Issue.record("a claim was answered during a memory alarm: \(result)")
+            } catch let error as BatonClientError {
+                #expect(error.code == .blocked || error.code == .timeout, "\(error)")
+                #expect(error.code != .blocked || error.message.contains("blocked"))
+            }
+            let took = ContinuousClock.now - started
+            print("memory alarm: the call ended after \(took)")
+            #expect(took < .seconds(5), "the call honoured its 3 s timeout (took \(took))")
+        } catch {
+            try await Deployment.services("broker-alarm", "off")
+            throw error
+        }
+        try await Deployment.services("broker-alarm", "off")
+        let recovered = ContinuousClock.now
+        var answered = false
+        while !answered, ContinuousClock.now - recovered < .seconds(20) {
+            if case .granted? = try? await client.claim("alarm/b", user: "u", connection: "c") { answered = true }
+        }
+        #expect(answered, "claims are answered again once the alarm clears")
+        #expect(worker.worker.stats.connections == connections, "the worker kept its connections through the alarm")
+        await client.close()
+        await worker.stop()
+    }
+
+    @Test func brokerStoppedAndStartedUnderLoad() async throws {
+        let deployment = try await Deployment.make(partitions: 4)
+        let worker = deployment.startWorker()
+        let client = deployment.client(timeout: .seconds(30))
+        _ = try await client.inspect("warm-up")
+        let grants = Shared<[(String, Int64)]>([])
+        let errors = Shared(0)
+        let stop = Shared(false)
+        let load = (0..<4).map { lane in
+            Task {
+                var index = 0
+                while !stop.value {
+                    let buffer = "restart/\(lane)/\(index)"
+                    index += 1
+                    do {
+                        if case .granted(let lease) = try await client.claim(buffer, user: "u", connection: "c\(lane)") {
+                            grants.update { $0.append((buffer, lease.token)) }
+                        }
+                    } catch {
+                        errors.update { $0 += 1 }
+                    }
+                }
+            }
+        }
+        try await Task.sleep(for: .seconds(1))
+        try await Deployment.services("broker-stop")
+        let before = grants.value.count
+        try await Task.sleep(for: .seconds(3))
+        try await Deployment.services("broker-start")
+        #expect(await Deployment.eventually(.seconds(30)) { grants.value.count > before + 20 }, "claims flow again after the broker is back")
+        stop.update { $0 = true }
+        for lane in load { await lane.value }
+
+        print("broker restart: grants=\(grants.value.count) errors=\(errors.value) worker_connections=\(worker.worker.stats.connections)")
+        #expect(errors.value == 0)
+        #expect(worker.worker.stats.connections >= 2, "the worker reconnected")
+        let audit = try await deployment.audit()
+        let audited = Set(audit.changes.filter { $0.kind == .granted }.map { "\($0.buffer)#\($0.token)" })
+        for (buffer, token) in grants.value { #expect(audited.contains("\(buffer)#\(token)"), "lost grant \(buffer)") }
+        #expect(HistoryChecker.check(audit.changes, finalTokens: audit.finalTokens).passed)
+        await client.close()
+        await worker.stop()
+    }
+
+
+    @Test(.timeLimit(.minutes(3))) func shortChaosRunPasses() async throws {
+        let deployment = try await Deployment.make(partitions: 4)
+        let log = FileManager.default.temporaryDirectory.appendingPathComponent("baton-chaos-test-\(UUID().uuidString).log")
+        let process = try deployment.launchBaton(
+            ["chaos", "--settle-seconds", "3", "--pause-seconds", "7", "--clients", "6"], log: log, in: Deployment.repositoryRoot
+        )
+        let status = await process.wait(timeout: .seconds(170))
+        let output = (try? String(contentsOf: log, encoding: .utf8)) ?? ""
+        print(output.split(separator: "\n").filter { !$0.contains(" warning ") && !$0.contains(" info ") }.joined(separator: "\n"))
+        #expect(status == 0, "chaos failed:\n\(output.suffix(3000))")
+        let verdict = try #require(output.split(separator: "\n").last(where: { $0.hasPrefix("verdict=") }))
+        #expect(verdict.hasPrefix("verdict=PASS"))
+        #expect(verdict.contains("faults=5"))
+        #expect(verdict.contains("double_grants=0 lost_grants=0 unanswered=0"))
+    }
+
+}
