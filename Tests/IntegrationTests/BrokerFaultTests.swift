@@ -18,10 +18,13 @@ import Testing
         _ = try await client.claim("alarm/warm-up", user: "u", connection: "c")
         let connections = worker.worker.stats.connections
         try await Deployment.services("broker-alarm", "on")
+        // RabbitMQ blocks a connection when it publishes during the alarm: a standby that starts now
+        // publishes ticks, so its publisher connection gets blocked (and its consumer does not).
+        let standby = deployment.startWorker(id: "standby")
         do {
-            #expect(await Deployment.eventually(.seconds(10)) { worker.worker.readiness.publishingBlocked != nil },
+            #expect(await Deployment.eventually(.seconds(15)) { standby.worker.readiness.publishingBlocked != nil },
                     "the worker reports that the broker blocks its publishing")
-            #expect(!worker.worker.readiness.isReady)
+            #expect(!standby.worker.readiness.isReady)
             let started = ContinuousClock.now
             do {
                 let result = try await client.claim("alarm/a", user: "u", connection: "c")
@@ -45,7 +48,10 @@ import Testing
         }
         #expect(answered, "claims are answered again once the alarm clears")
         #expect(worker.worker.stats.connections == connections, "the worker kept its connections through the alarm")
+        #expect(standby.worker.stats.connections == 1, "so did the standby")
+        #expect(await Deployment.eventually(.seconds(15)) { standby.worker.readiness.publishingBlocked == nil })
         await client.close()
+        await standby.stop()
         await worker.stop()
     }
 
@@ -95,10 +101,12 @@ import Testing
 
 
     @Test(.timeLimit(.minutes(3))) func shortChaosRunPasses() async throws {
-        let deployment = try await Deployment.make(partitions: 4)
         let log = FileManager.default.temporaryDirectory.appendingPathComponent("baton-chaos-test-\(UUID().uuidString).log")
-        let process = try deployment.launchBaton(
-            ["chaos", "--settle-seconds", "3", "--pause-seconds", "7", "--clients", "6"], log: log, in: Deployment.repositoryRoot
+        // The services' own URLs, as scripts/chaos passes them: scripts/services controls only the local
+        // broker and server it started, and the run makes its own virtual host and database (<db>_chaos).
+        let process = try ChildProcess(
+            executable: Deployment.batonExecutable, arguments: ["chaos", "--settle-seconds", "3", "--pause-seconds", "7", "--clients", "6"],
+            environment: ProcessInfo.processInfo.environment, log: log, directory: Deployment.repositoryRoot
         )
         let status = await process.wait(timeout: .seconds(170))
         let output = (try? String(contentsOf: log, encoding: .utf8)) ?? ""
