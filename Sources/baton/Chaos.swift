@@ -116,6 +116,7 @@ struct Chaos: AsyncParsableCommand {
         try await Task.sleep(for: .seconds(settle))
 
         var injected: [(String, ContinuousClock.Instant)] = []
+        var faultEnds: [ContinuousClock.Instant] = []
         var unansweredMalformed = 0
         for name in faults {
             var at = ContinuousClock.now
@@ -148,6 +149,7 @@ struct Chaos: AsyncParsableCommand {
                 unansweredMalformed += try await Self.garbage(amqpURL: clientURL, partitions: partitions, logger: logger)
             }
             injected.append((name, at))
+            faultEnds.append(ContinuousClock.now)
             try await Task.sleep(for: .seconds(settle))
         }
 
@@ -165,9 +167,11 @@ struct Chaos: AsyncParsableCommand {
             crashes: crashes, unansweredMalformed: unansweredMalformed
         ))
         say("")
-        for (name, at) in injected {
+        for ((name, at), end) in zip(injected, faultEnds) {
             let after = calls.filter { $0.started > at && $0.failed == nil }.map(\.finished).min()
-            let slowest = calls.filter { $0.finished > at && $0.started < at + .seconds(settle) }.map { $0.finished - $0.started }.max()
+            // Calls that overlapped the fault: from its start until its action ended (a stopped broker
+            // comes back only after the 3 s and the restart).
+            let slowest = calls.filter { $0.finished > at && $0.started < end }.map { $0.finished - $0.started }.max()
             say("  \(name): first answer to a call made after the fault came \(after.map { Self.format($0 - at) } ?? "never"), slowest call around it \(slowest.map(Self.format) ?? "-")")
         }
         let fenced = workers.logs.reduce(0) { count, log in
