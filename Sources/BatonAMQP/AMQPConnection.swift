@@ -234,6 +234,25 @@ public final class AMQPChannel: Sendable {
         try await perform([.publish(message)])
     }
 
+    /// Publishes one message without waiting for a confirm and without suspending: `completion` runs on
+    /// the I/O thread once the message is written (nil) or failed. For callers that bound the wait
+    /// themselves (a broker that stops reading can block the write).
+    public func publish(_ message: OutgoingMessage, completion: @escaping @Sendable (AMQPError?) -> Void) {
+        let channel = number
+        io.submit(
+            { io in
+                do throws(AMQPError) {
+                    if let failure = io.failure { throw failure }
+                    _ = try io.publish(message, channel: channel)
+                    completion(nil)
+                } catch {
+                    completion(error)
+                }
+            },
+            refused: { completion(AMQPError(code: .closed, message: "the connection is closed")) }
+        )
+    }
+
     /// Publishes messages on a confirm-mode channel and waits for all their confirms (a window, not one by one).
     public func publishConfirmed(_ messages: [OutgoingMessage], timeout: Duration = .seconds(10)) async throws -> [PublishOutcome] {
         guard !messages.isEmpty else { return [] }

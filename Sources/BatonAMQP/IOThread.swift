@@ -148,6 +148,11 @@ final class IOThread: @unchecked Sendable {
         return try result.get()
     }
 
+    /// Queues `job` for the I/O thread; `refused` runs at once when the connection is closed.
+    func submit(_ job: @escaping @Sendable (IOThread) -> Void, refused: () -> Void) {
+        if !submit(job) { refused() }
+    }
+
     private func submit(_ job: @escaping (IOThread) -> Void) -> Bool {
         let accepted = lock.withLock { () -> Bool in
             guard !stopping else { return false }

@@ -169,6 +169,8 @@ public final class BatonClient: Sendable {
         var link: Link?
         var connecting: Task<Link, any Error>?
         var pending: [String: PendingCall] = [:]
+        /// Publishes handed to the I/O thread and not yet done, so the reaper can end their wait at the deadline.
+        var publishing: [ObjectIdentifier: Waiter<Result<Void, AMQPError>>] = [:]
         var closed = false
     }
 
@@ -180,57 +182,14 @@ public final class BatonClient: Sendable {
 
     /// One call waiting for the reply to any of its attempts (they share one correlation id), or for its
     /// next resend time (the reaper wakes it then).
-    private final class PendingCall: Sendable {
-        private struct State {
-            var result: Result<Reply, BatonClientError>?
-            var waiter: CheckedContinuation<Result<Reply, BatonClientError>?, Never>?
-            var wakeAt: ContinuousClock.Instant?
-        }
-
-        private let state = Mutex(State())
-
-        /// Delivers the reply or failure (the first one wins).
-        func resolve(_ value: Result<Reply, BatonClientError>) {
-            let waiter = state.withLock { state -> CheckedContinuation<Result<Reply, BatonClientError>?, Never>? in
-                guard state.result == nil else { return nil }
-                state.result = value
-                defer { state.waiter = nil }
-                return state.waiter
-            }
-            waiter?.resume(returning: value)
-        }
-
-        /// Wakes a waiter whose time has come, without a result.
-        func wakeIfDue(_ now: ContinuousClock.Instant) {
-            let waiter = state.withLock { state -> CheckedContinuation<Result<Reply, BatonClientError>?, Never>? in
-                guard let wakeAt = state.wakeAt, wakeAt <= now else { return nil }
-                state.wakeAt = nil
-                defer { state.waiter = nil }
-                return state.waiter
-            }
-            waiter?.resume(returning: nil)
-        }
-
-        /// The result, or nil if none arrived by `time`.
-        func wait(until time: ContinuousClock.Instant) async -> Result<Reply, BatonClientError>? {
-            await withCheckedContinuation { continuation in
-                let ready = state.withLock { state -> Result<Reply, BatonClientError>?? in
-                    if let value = state.result { return .some(value) }
-                    if time <= .now { return .some(nil) }
-                    state.waiter = continuation
-                    state.wakeAt = time
-                    return .none
-                }
-                if let ready { continuation.resume(returning: ready) }
-            }
-        }
-    }
+    private typealias PendingCall = Waiter<Result<Reply, BatonClientError>>
 
     /// Wakes waits whose time passed; returns false once the client is closed.
     private func reapOverdue() -> Bool {
         let now = ContinuousClock.now
-        let (closed, pending) = state.withLock { state in (state.closed, Array(state.pending.values)) }
+        let (closed, pending, publishing) = state.withLock { state in (state.closed, Array(state.pending.values), Array(state.publishing.values)) }
         for call in pending { call.wakeIfDue(now) }
+        for publish in publishing { publish.wakeIfDue(now) }
         return !closed
     }
 
@@ -366,7 +325,8 @@ public final class BatonClient: Sendable {
         var blocked: String?
         while ContinuousClock.now < deadline {
             do {
-                let link = try await Self.before(deadline) { try await self.currentLink() }
+                let existing = state.withLock { $0.link }
+                let link = if let existing { existing } else { try await Self.before(deadline) { try await self.currentLink() } }
                 if let reason = link.connection.blockedReason {
                     // Publishing now would only queue the request in a socket the broker does not read.
                     blocked = reason
@@ -384,7 +344,7 @@ public final class BatonClient: Sendable {
                     ),
                     mandatory: true
                 )
-                try await Self.before(deadline) { try await link.channel.publish(message) }
+                try await publish(message, on: link, before: deadline)
             } catch is DeadlinePassed {
                 break
             } catch let error as BatonClientError {
@@ -475,6 +435,19 @@ public final class BatonClient: Sendable {
             message: "no reply to \(request.operation) '\(request.buffer ?? "")' (request_id \(request.requestID)) within \(configuration.timeout): is a worker serving partition \(partition)? Retrying with the same request_id is safe",
             requestID: request.requestID
         )
+    }
+
+    /// Hands `message` to the connection's I/O thread and waits until it is written, or until `deadline`
+    /// (throwing ``DeadlinePassed``) if the broker does not read it: no task is spawned per publish, the
+    /// client's reaper ends the wait.
+    private func publish(_ message: OutgoingMessage, on link: Link, before deadline: ContinuousClock.Instant) async throws {
+        let written = Waiter<Result<Void, AMQPError>>()
+        let key = ObjectIdentifier(written)
+        state.withLock { $0.publishing[key] = written }
+        defer { _ = state.withLock { $0.publishing.removeValue(forKey: key) } }
+        link.channel.publish(message) { error in written.resolve(error.map { .failure($0) } ?? .success(())) }
+        guard let outcome = await written.wait(until: deadline) else { throw DeadlinePassed() }
+        try outcome.get()
     }
 
     /// Thrown by ``before(_:_:)`` when the deadline comes first.
@@ -607,6 +580,54 @@ public final class BatonClient: Sendable {
 
     private func bad(_ reply: Reply) -> BatonClientError {
         BatonClientError(code: .badReply, message: "unexpected reply status '\(reply.status)' for request \(reply.requestID ?? "-")", requestID: reply.requestID)
+    }
+}
+
+/// A value that arrives once, awaited by one task at a time, which may also be woken without it at a
+/// time it names (by the client's reaper, which calls ``wakeIfDue(_:)`` every 20 ms).
+private final class Waiter<Value: Sendable>: Sendable {
+    private struct State {
+        var value: Value?
+        var waiter: CheckedContinuation<Value?, Never>?
+        var wakeAt: ContinuousClock.Instant?
+    }
+
+    private let state = Mutex(State())
+
+    /// Delivers the value (the first one wins).
+    func resolve(_ value: Value) {
+        let waiter = state.withLock { state -> CheckedContinuation<Value?, Never>? in
+            guard state.value == nil else { return nil }
+            state.value = value
+            defer { state.waiter = nil }
+            return state.waiter
+        }
+        waiter?.resume(returning: value)
+    }
+
+    /// Wakes a waiter whose time has come, without the value.
+    func wakeIfDue(_ now: ContinuousClock.Instant) {
+        let waiter = state.withLock { state -> CheckedContinuation<Value?, Never>? in
+            guard let wakeAt = state.wakeAt, wakeAt <= now else { return nil }
+            state.wakeAt = nil
+            defer { state.waiter = nil }
+            return state.waiter
+        }
+        waiter?.resume(returning: nil)
+    }
+
+    /// The value, or nil if it did not arrive by `time`.
+    func wait(until time: ContinuousClock.Instant) async -> Value? {
+        await withCheckedContinuation { continuation in
+            let ready = state.withLock { state -> Value?? in
+                if let value = state.value { return .some(value) }
+                if time <= .now { return .some(nil) }
+                state.waiter = continuation
+                state.wakeAt = time
+                return .none
+            }
+            if let ready { continuation.resume(returning: ready) }
+        }
     }
 }
 

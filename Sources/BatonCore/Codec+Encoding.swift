@@ -82,6 +82,18 @@ extension ProtocolCodec {
         try JSONDecoder().decode(WireReply.self, from: Data(body)).reply()
     }
 
+    /// Decodes a reply message: one reply, or the replies to a batch in its order.
+    public static func decodeReplies(_ body: some Collection<UInt8>) throws -> [Reply] {
+        let wire = try JSONDecoder().decode(WireReply.self, from: Data(body))
+        if wire.status == "batch" {
+            guard let replies = wire.replies else {
+                throw DecodingError.dataCorrupted(.init(codingPath: [], debugDescription: "a batch reply without 'replies'"))
+            }
+            return try replies.map { try $0.reply() }
+        }
+        return [try wire.reply()]
+    }
+
     /// Encodes the event body of an ownership change, published to `baton.events` with routing key `<p>.<kind>`.
     public static func encodeEvent(_ change: OwnershipChange) -> [UInt8] {
         var json = JSONWriter(capacity: 160)
@@ -106,7 +118,7 @@ private struct WireHolder: Decodable {
 private struct WireReply: Decodable {
     var v: Int
     var requestID: String?
-    var status: ReplyStatus
+    var status: String
     var buffer: String?
     var holder: WireHolder?
     var token: Int64?
@@ -116,10 +128,11 @@ private struct WireReply: Decodable {
     var buffers: [String]?
     var releasedCount: Int?
     var error: ReplyError?
+    var replies: [WireReply]?
 
     enum CodingKeys: String, CodingKey {
         case v, requestID = "request_id", status, buffer, holder, token, expiresAt = "expires_at", at, partition, buffers
-        case releasedCount = "released_count", error
+        case releasedCount = "released_count", error, replies
     }
 
     func reply() throws -> Reply {
@@ -129,6 +142,9 @@ private struct WireReply: Decodable {
                 throw DecodingError.dataCorrupted(.init(codingPath: [key], debugDescription: "'\(text)' is not a timestamp like 2026-11-28T00:15:44.123Z"))
             }
             return value
+        }
+        guard let status = ReplyStatus(rawValue: status) else {
+            throw DecodingError.dataCorrupted(.init(codingPath: [CodingKeys.status], debugDescription: "unknown reply status '\(status)'"))
         }
         return Reply(
             requestID: requestID, status: status, buffer: buffer,

@@ -21,6 +21,11 @@ public enum ProtocolCodec {
 
     /// Decodes and validates one request body.
     public static func decodeRequest(_ body: some Collection<UInt8>) throws(ProtocolError) -> Request {
+        try decodeRequest(fields: try decodeObject(body))
+    }
+
+    /// Checks a body's size and encoding and parses it as one JSON object.
+    static func decodeObject(_ body: some Collection<UInt8>) throws(ProtocolError) -> [String: JSONValue] {
         guard body.count <= ProtocolV1.maxBodyBytes else {
             throw ProtocolError(
                 code: .payloadTooLarge,
@@ -40,10 +45,10 @@ public enum ProtocolCodec {
         guard case .object(let fields) = value else {
             throw ProtocolError(code: .invalidRequest, message: "request body is \(value.kindDescription), not a JSON object")
         }
-        return try decodeRequest(fields: fields)
+        return fields
     }
 
-    private static func decodeRequest(fields: [String: JSONValue]) throws(ProtocolError) -> Request {
+    static func decodeRequest(fields: [String: JSONValue]) throws(ProtocolError) -> Request {
         // Read what can identify the request first, so that every later error can carry it.
         var reader = FieldReader(fields: fields)
         if case .string(let id)? = fields["request_id"], validateName(id, scalars: ProtocolV1.requestIDLength) == nil {

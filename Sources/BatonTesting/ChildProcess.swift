@@ -13,10 +13,8 @@ public final class ChildProcess: Sendable {
     /// The process id.
     public let pid: Int32
     private let lifeline: Int32
-    /// Foundation reaps its children itself (so `waitpid` may find none); its view of the exit is used
-    /// then. Only `isRunning`, `terminationStatus` and `terminationReason` are read, which Foundation
-    /// guards with its own lock.
-    nonisolated(unsafe) private let process: Process
+    /// Foundation reaps its children itself (so `waitpid` may find none); its view of the exit is used then.
+    private let process: Process
     private let state = Mutex<Int32?>(nil)
 
     /// Starts `executable` with `arguments` and `environment`, its output appended to `log` (or discarded).

@@ -1,0 +1,82 @@
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
+
+/// What one request message carries: one request, as before, or a coalesced batch (`{"v":1,"batch":[...]}`),
+/// whose elements are validated, decided and answered one by one.
+public enum RequestMessage: Sendable {
+    /// A single request object.
+    case single(Request)
+    /// The elements of a batch in order, each a request or the reason it is refused.
+    case batch([Result<Request, ProtocolError>])
+}
+
+extension ProtocolV1 {
+    /// The most requests one batch message may carry.
+    public static let maxBatchCount = 256
+}
+
+extension ProtocolCodec {
+    /// Decodes a request message: a single request object, or `{"v": 1, "batch": [request, ...]}`.
+    ///
+    /// An envelope that cannot be read (oversize, not JSON, `batch` not an array of 1 to 256 objects, a
+    /// field other than `v` and `batch`) throws, and the whole message is refused as a single request
+    /// would be. A bad element refuses only itself.
+    public static func decodeMessage(_ body: some Collection<UInt8>) throws(ProtocolError) -> RequestMessage {
+        let fields = try decodeObject(body)
+        guard fields["batch"] != nil else { return .single(try decodeRequest(fields: fields)) }
+        if let extra = fields.keys.sorted().first(where: { $0 != "v" && $0 != "batch" }) {
+            throw ProtocolError(code: .invalidRequest, message: "field '\(LogValue.escape(extra))' is not allowed in a batch envelope: it has only 'v' and 'batch'")
+        }
+        switch fields["v"] {
+        case .integer(let version)? where version == Int64(ProtocolV1.version):
+            break
+        case .integer(let version)?:
+            throw ProtocolError(code: .unsupportedVersion, message: "protocol version \(version) is not supported: this service speaks v=\(ProtocolV1.version)")
+        case nil:
+            throw ProtocolError(code: .invalidRequest, message: "field 'v' is missing from the batch envelope: it must be 1")
+        case let other?:
+            throw ProtocolError(code: .invalidRequest, message: "field 'v' must be the integer 1, got \(other.excerpt)")
+        }
+        guard case .array(let elements)? = fields["batch"] else {
+            throw ProtocolError(code: .invalidRequest, message: "field 'batch' must be an array of request objects, got \(fields["batch"]!.excerpt)")
+        }
+        guard (1...ProtocolV1.maxBatchCount).contains(elements.count) else {
+            throw ProtocolError(code: .invalidRequest, message: "field 'batch' has \(elements.count) requests: a batch carries 1 to \(ProtocolV1.maxBatchCount)")
+        }
+        return .batch(elements.enumerated().map { index, element in
+            guard case .object(let fields) = element else {
+                return .failure(ProtocolError(code: .invalidRequest, message: "batch element \(index) is \(element.kindDescription), not a request object"))
+            }
+            do throws(ProtocolError) {
+                return .success(try decodeRequest(fields: fields))
+            } catch {
+                return .failure(error)
+            }
+        })
+    }
+
+    /// Encodes requests as one batch message body.
+    public static func encodeBatch(_ requests: [Request]) -> [UInt8] {
+        var body = Array("{\"v\":\(ProtocolV1.version),\"batch\":[".utf8)
+        for (index, request) in requests.enumerated() {
+            if index > 0 { body.append(UInt8(ascii: ",")) }
+            body += encode(request)
+        }
+        body += Array("]}".utf8)
+        return body
+    }
+
+    /// Encodes the replies to a batch, in the batch's order: `{"v":1,"status":"batch","replies":[...]}`.
+    public static func encodeBatchReply(_ replies: [Reply]) -> [UInt8] {
+        var body = Array("{\"v\":\(ProtocolV1.version),\"status\":\"batch\",\"replies\":[".utf8)
+        for (index, reply) in replies.enumerated() {
+            if index > 0 { body.append(UInt8(ascii: ",")) }
+            body += encode(reply)
+        }
+        body += Array("]}".utf8)
+        return body
+    }
+}
