@@ -16,6 +16,12 @@ public struct BatonClientConfiguration: Sendable {
     public var resendAfter: Duration = .milliseconds(1500)
     /// A name for the connection in the broker's list.
     public var name: String = "baton client"
+    /// Carry calls to one partition together (docs/protocol.md, "Coalesced requests"): a lone call is
+    /// sent at once; while a message for its partition is unanswered, further calls for that partition
+    /// wait and then go as one message of up to ``maxCoalesced`` requests (and 60 KiB). Default on.
+    public var coalesce = true
+    /// The most requests one coalesced message carries (1-256).
+    public var maxCoalesced = ProtocolV1.maxBatchCount
 
     /// Creates a configuration.
     public init(amqpURL: AMQPURL, partitioner: Partitioner) {
@@ -168,9 +174,13 @@ public final class BatonClient: Sendable {
     private struct ClientState {
         var link: Link?
         var connecting: Task<Link, any Error>?
-        var pending: [String: PendingCall] = [:]
-        /// Publishes handed to the I/O thread and not yet done, so the reaper can end their wait at the deadline.
-        var publishing: [ObjectIdentifier: Waiter<Result<Void, AMQPError>>] = [:]
+        /// Calls waiting for a reply, by `<partition>|<request_id>` (a reply names its request). Calls that
+        /// share a key share the wait.
+        var pending: [String: (call: PendingCall, users: Int)] = [:]
+        /// Per partition: messages in flight and requests waiting to go with the next one.
+        var lanes: [Int: Lane] = [:]
+        /// Messages sent and not yet answered, by correlation (and message) id.
+        var sent: [String: SentMessage] = [:]
         var closed = false
     }
 
@@ -180,16 +190,44 @@ public final class BatonClient: Sendable {
         let channel: AMQPChannel
     }
 
-    /// One call waiting for the reply to any of its attempts (they share one correlation id), or for its
-    /// next resend time (the reaper wakes it then).
+    /// One call waiting for the reply to any of its attempts, or for its next resend time (the reaper
+    /// wakes it then).
     private typealias PendingCall = Waiter<Result<Reply, BatonClientError>>
 
-    /// Wakes waits whose time passed; returns false once the client is closed.
+    /// A request ready to go, as part of the next message for its partition.
+    private struct Queued {
+        let key: String
+        let body: [UInt8]
+        let deadline: ContinuousClock.Instant
+    }
+
+    /// One partition's traffic: messages in flight (until answered, or until they count as lost at
+    /// `resendAfter`) and the requests waiting for them.
+    private struct Lane {
+        var inFlight: [String: ContinuousClock.Instant] = [:]
+        var queued: [Queued] = []
+    }
+
+    /// A message in flight: which calls it carries.
+    private struct SentMessage {
+        let partition: Int
+        let keys: [String]
+        let expires: ContinuousClock.Instant
+    }
+
+    /// Wakes waits whose time passed and sends what waited behind messages now counted as lost;
+    /// returns false once the client is closed.
     private func reapOverdue() -> Bool {
         let now = ContinuousClock.now
-        let (closed, pending, publishing) = state.withLock { state in (state.closed, Array(state.pending.values), Array(state.publishing.values)) }
+        let (closed, pending, stalled) = state.withLock { state in
+            state.sent = state.sent.filter { $0.value.expires > now }
+            let stalled = state.lanes.compactMap { partition, lane in
+                !lane.queued.isEmpty && lane.inFlight.values.contains { $0 <= now } ? partition : nil
+            }
+            return (state.closed, state.pending.values.map(\.call), stalled)
+        }
         for call in pending { call.wakeIfDue(now) }
-        for publish in publishing { publish.wakeIfDue(now) }
+        for partition in stalled { flush(partition) }
         return !closed
     }
 
@@ -310,15 +348,20 @@ public final class BatonClient: Sendable {
         if request.operation == .forceRelease {
             return try await adminCall(request, body: body, partition: partition, deadline: deadline)
         }
-        let correlationID = UUID().uuidString
-        let pending = PendingCall()
-        let registered = state.withLock { state -> Bool in
-            guard !state.closed else { return false }
-            state.pending[correlationID] = pending
-            return true
+        let key = "\(partition)|\(request.requestID)"
+        let pending = state.withLock { state -> PendingCall? in
+            guard !state.closed else { return nil }
+            let entry = state.pending[key] ?? (PendingCall(), 0)
+            state.pending[key] = (entry.call, entry.users + 1)
+            return entry.call
         }
-        guard registered else { throw BatonClientError(code: .closed, message: "the client is closed", requestID: request.requestID) }
-        defer { _ = state.withLock { $0.pending.removeValue(forKey: correlationID) } }
+        guard let pending else { throw BatonClientError(code: .closed, message: "the client is closed", requestID: request.requestID) }
+        defer {
+            state.withLock { state in
+                guard let entry = state.pending[key] else { return }
+                state.pending[key] = entry.users > 1 ? (entry.call, entry.users - 1) : nil
+            }
+        }
 
         var backoff = Backoff(initial: .milliseconds(50), maximum: .seconds(1))
         var attempts = 0
@@ -335,22 +378,13 @@ public final class BatonClient: Sendable {
                 }
                 blocked = nil
                 attempts += 1
-                let remaining = max(1, (deadline - .now).wholeMilliseconds)
-                let message = OutgoingMessage(
-                    exchange: ProtocolV1.requestsExchange, routingKey: String(partition), body: body,
-                    properties: AMQPProperties(
-                        contentType: ProtocolV1.contentType, correlationID: correlationID, replyTo: ProtocolV1.directReplyTo,
-                        messageID: correlationID, expiration: String(remaining), deliveryMode: 2, userID: configuration.amqpURL.user
-                    ),
-                    mandatory: true
-                )
-                try await publish(message, on: link, before: deadline)
+                send(Queued(key: key, body: body, deadline: deadline), partition: partition, on: link)
             } catch is DeadlinePassed {
                 break
             } catch let error as BatonClientError {
                 throw error
             } catch {
-                logger.debug("publishing failed; reconnecting", metadata: ["baton.error": "\(error)"])
+                logger.debug("connecting failed; retrying", metadata: ["baton.error": "\(error)"])
                 dropLink()
                 _ = await pending.wait(until: min(deadline, .now + backoff.next()))
                 continue
@@ -437,17 +471,77 @@ public final class BatonClient: Sendable {
         )
     }
 
-    /// Hands `message` to the connection's I/O thread and waits until it is written, or until `deadline`
-    /// (throwing ``DeadlinePassed``) if the broker does not read it: no task is spawned per publish, the
-    /// client's reaper ends the wait.
-    private func publish(_ message: OutgoingMessage, on link: Link, before deadline: ContinuousClock.Instant) async throws {
-        let written = Waiter<Result<Void, AMQPError>>()
-        let key = ObjectIdentifier(written)
-        state.withLock { $0.publishing[key] = written }
-        defer { _ = state.withLock { $0.publishing.removeValue(forKey: key) } }
-        link.channel.publish(message) { error in written.resolve(error.map { .failure($0) } ?? .success(())) }
-        guard let outcome = await written.wait(until: deadline) else { throw DeadlinePassed() }
-        try outcome.get()
+    /// Sends `request` now if nothing for its partition is in flight (with whatever waited), or leaves it
+    /// to go with the next message for the partition. Never suspends: a broker that stops reading cannot
+    /// hold the caller, whose wait ends at its deadline.
+    private func send(_ request: Queued, partition: Int, on link: Link) {
+        let message = state.withLock { state -> (String, [Queued])? in
+            var lane = state.lanes[partition] ?? Lane()
+            lane.queued.append(request)
+            defer { state.lanes[partition] = lane }
+            return nextMessage(&lane, partition: partition, state: &state)
+        }
+        if let (id, items) = message { publish(id, items, partition: partition, on: link) }
+    }
+
+    /// Sends what waits for `partition` if its messages in flight were answered or count as lost.
+    private func flush(_ partition: Int) {
+        let (link, message) = state.withLock { state -> (Link?, (String, [Queued])?) in
+            guard let link = state.link, var lane = state.lanes[partition] else { return (nil, nil) }
+            defer { state.lanes[partition] = lane }
+            return (link, nextMessage(&lane, partition: partition, state: &state))
+        }
+        if let link, let (id, items) = message { publish(id, items, partition: partition, on: link) }
+    }
+
+    /// Takes the next message's requests off `lane` when it may send (nothing in flight that still
+    /// counts, or coalescing off), and records the message as in flight.
+    private func nextMessage(_ lane: inout Lane, partition: Int, state: inout ClientState) -> (String, [Queued])? {
+        let now = ContinuousClock.now
+        lane.inFlight = lane.inFlight.filter { $0.value > now }
+        guard !lane.queued.isEmpty, lane.inFlight.isEmpty || !configuration.coalesce else { return nil }
+        var count = 0
+        var bytes = 32
+        let limit = configuration.coalesce ? max(1, min(configuration.maxCoalesced, ProtocolV1.maxBatchCount)) : 1
+        while count < lane.queued.count, count < limit, count == 0 || bytes + lane.queued[count].body.count + 1 <= 60 * 1024 {
+            bytes += lane.queued[count].body.count + 1
+            count += 1
+        }
+        let items = Array(lane.queued.prefix(count))
+        lane.queued.removeFirst(count)
+        let id = UUID().uuidString
+        lane.inFlight[id] = now + configuration.resendAfter
+        state.sent[id] = SentMessage(partition: partition, keys: items.map(\.key), expires: (items.map(\.deadline).max() ?? now) + .seconds(1))
+        return (id, items)
+    }
+
+    /// Publishes one message (a single request, or a coalesced batch) without waiting.
+    private func publish(_ id: String, _ items: [Queued], partition: Int, on link: Link) {
+        let body: [UInt8]
+        if items.count == 1 {
+            body = items[0].body
+        } else {
+            body = Array("{\"v\":\(ProtocolV1.version),\"batch\":[".utf8) + Array(items.map(\.body).joined(separator: [UInt8(ascii: ",")])) + Array("]}".utf8)
+        }
+        let remaining = max(1, ((items.map(\.deadline).max() ?? .now) - .now).wholeMilliseconds)
+        let message = OutgoingMessage(
+            exchange: ProtocolV1.requestsExchange, routingKey: String(partition), body: body,
+            properties: AMQPProperties(
+                contentType: ProtocolV1.contentType, correlationID: id, replyTo: ProtocolV1.directReplyTo,
+                messageID: id, expiration: String(remaining), deliveryMode: 2, userID: configuration.amqpURL.user
+            ),
+            mandatory: true
+        )
+        link.channel.publish(message) { [weak self] error in
+            guard let self, let error else { return }
+            // The connection failed: let the calls resend on a new one.
+            self.logger.debug("publishing failed; reconnecting", metadata: ["baton.error": "\(error)"])
+            self.state.withLock { state in
+                state.lanes[partition]?.inFlight.removeValue(forKey: id)
+                state.sent.removeValue(forKey: id)
+            }
+            self.dropLink()
+        }
     }
 
     /// Thrown by ``before(_:_:)`` when the deadline comes first.
@@ -473,7 +567,7 @@ public final class BatonClient: Sendable {
         let (link, pending) = state.withLock { state -> (Link?, [PendingCall]) in
             state.closed = true
             defer { state.link = nil; state.pending.removeAll() }
-            return (state.link, Array(state.pending.values))
+            return (state.link, state.pending.values.map(\.call))
         }
         for call in pending { call.resolve(.failure(BatonClientError(code: .closed, message: "the client was closed"))) }
         await link?.connection.close()
@@ -518,11 +612,17 @@ public final class BatonClient: Sendable {
         let (_, replies) = try await channel.consume(queue: ProtocolV1.directReplyTo, noAck: true)
         try await channel.onReturn { [weak self] messageID, code, text in
             guard let self, let messageID else { return }
-            let call = self.state.withLock { $0.pending[messageID] }
-            call?.resolve(.failure(BatonClientError(
-                code: .unroutable,
-                message: "the broker could not route the request (\(code) \(text)): the partition's queue does not exist; run 'baton topology' or start a worker"
-            )))
+            let calls = self.state.withLock { state -> [PendingCall] in
+                guard let message = state.sent.removeValue(forKey: messageID) else { return [] }
+                state.lanes[message.partition]?.inFlight.removeValue(forKey: messageID)
+                return message.keys.compactMap { state.pending[$0]?.call }
+            }
+            for call in calls {
+                call.resolve(.failure(BatonClientError(
+                    code: .unroutable,
+                    message: "the broker could not route the request (\(code) \(text)): the partition's queue does not exist; run 'baton topology' or start a worker"
+                )))
+            }
         }
         let link = Link(connection: connection, channel: channel)
         // The dispatcher holds the client weakly: a client dropped without close() still goes away.
@@ -550,17 +650,40 @@ public final class BatonClient: Sendable {
         return link
     }
 
+    /// Answers the calls a reply message carries replies for (by request id; a reply without one, to a
+    /// message refused as a whole, answers every call of that message), and sends what waited for it.
     private func dispatch(_ batch: [AMQPMessage]) {
-            for message in batch {
-                guard let correlationID = message.properties.correlationID,
-                      let call = state.withLock({ $0.pending[correlationID] })
-                else { continue }  // a late answer to a call that already returned
-                do {
-                    call.resolve(.success(try ProtocolCodec.decodeReply(message.body)))
-                } catch {
-                    call.resolve(.failure(BatonClientError(code: .badReply, message: "the reply could not be decoded: \(error)")))
+        var freed = Set<Int>()
+        for message in batch {
+            guard let correlationID = message.properties.correlationID else { continue }
+            let record = state.withLock { state -> SentMessage? in
+                guard let record = state.sent.removeValue(forKey: correlationID) else { return nil }
+                state.lanes[record.partition]?.inFlight.removeValue(forKey: correlationID)
+                return record
+            }
+            if let record { freed.insert(record.partition) }
+            let replies: [Reply]
+            do {
+                replies = try ProtocolCodec.decodeReplies(message.body)
+            } catch {
+                let calls = state.withLock { state in (record?.keys ?? []).compactMap { state.pending[$0]?.call } }
+                for call in calls { call.resolve(.failure(BatonClientError(code: .badReply, message: "the reply could not be decoded: \(error)"))) }
+                continue
+            }
+            let resolved = state.withLock { state -> [(PendingCall, Reply)] in
+                replies.flatMap { reply -> [(PendingCall, Reply)] in
+                    let keys: [String]
+                    if let id = reply.requestID, let partition = record?.partition ?? reply.partition {
+                        keys = ["\(partition)|\(id)"]
+                    } else {
+                        keys = record?.keys ?? []  // a late answer to a call that already returned has no record
+                    }
+                    return keys.compactMap { key in state.pending[key].map { ($0.call, reply) } }
                 }
             }
+            for (call, reply) in resolved { call.resolve(.success(reply)) }
+        }
+        for partition in freed { flush(partition) }
     }
 
     // MARK: - Helpers

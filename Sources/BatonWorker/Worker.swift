@@ -381,15 +381,18 @@ public final class Worker: Service, Sendable {
             }
         }
 
-        /// A request the worker refuses before deciding it: why, and whether it may be answered.
+        /// What a delivery carries, as far as the worker accepts it.
         private enum Admission {
-            case accepted(Request)
-            case refused(ProtocolError)
+            /// One request, or why the whole message is refused (answered and dead-lettered).
+            case single(Result<Request, ProtocolError>)
+            /// A coalesced batch: each element a request or why that element alone is refused.
+            case batch([Result<Request, ProtocolError>])
             /// `reply_to` names a destination the worker will not publish to: not answered at all.
             case unanswerable(String)
         }
 
-        /// Checks one delivery: its reply destination, size, body, exchange and principal.
+        /// Checks one delivery: its reply destination, size, body (one request or a batch), and for each
+        /// request its exchange and principal.
         private func admit(_ message: AMQPMessage) -> Admission {
             if let replyTo = message.properties.replyTo, !replyTo.isEmpty, !ProtocolV1.isAcceptedReplyTo(replyTo) {
                 return .unanswerable(replyTo)
@@ -401,26 +404,37 @@ public final class Worker: Service, Sendable {
                         message: "request body is \(message.bodySize) bytes; the limit is \(ProtocolV1.maxBodyBytes) bytes"
                     )
                 }
-                var request = try ProtocolCodec.decodeRequest(message.body)
-                if request.operation == .forceRelease, message.exchange != ProtocolV1.adminExchange {
-                    throw ProtocolError(
-                        code: .invalidRequest,
-                        message: "op 'force_release' is accepted only through the \(ProtocolV1.adminExchange) exchange (got '\(LogValue.escape(message.exchange))'); operators publish it there",
-                        requestID: request.requestID, buffer: request.buffer
-                    )
+                switch try ProtocolCodec.decodeMessage(message.body) {
+                case .single(let request):
+                    return .single(authorize(request, from: message))
+                case .batch(let elements):
+                    return .batch(elements.map { element in element.flatMap { authorize($0, from: message) } })
                 }
-                request.principal = message.properties.userID
-                if request.principal == nil, request.operation != .inspect, request.operation != .forceRelease {
-                    throw ProtocolError(
-                        code: .unauthenticated,
-                        message: "op '\(request.operation)' needs the AMQP property user_id set to the broker user you log in as (RabbitMQ checks it): a lease belongs to the user that claimed it, and only that user may renew or release it",
-                        requestID: request.requestID, buffer: request.buffer
-                    )
-                }
-                return .accepted(request)
             } catch {
-                return .refused(error)
+                return .single(.failure(error))
             }
+        }
+
+        /// Checks what the broker says about the sender: the exchange (`force_release` only through
+        /// `baton.admin`) and the principal (`user_id`), which it records on the request.
+        private func authorize(_ request: Request, from message: AMQPMessage) -> Result<Request, ProtocolError> {
+            var request = request
+            if request.operation == .forceRelease, message.exchange != ProtocolV1.adminExchange {
+                return .failure(ProtocolError(
+                    code: .invalidRequest,
+                    message: "op 'force_release' is accepted only through the \(ProtocolV1.adminExchange) exchange (got '\(LogValue.escape(message.exchange))'); operators publish it there",
+                    requestID: request.requestID, buffer: request.buffer
+                ))
+            }
+            request.principal = message.properties.userID
+            if request.principal == nil, request.operation != .inspect, request.operation != .forceRelease {
+                return .failure(ProtocolError(
+                    code: .unauthenticated,
+                    message: "op '\(request.operation)' needs the AMQP property user_id set to the broker user you log in as (RabbitMQ checks it): a lease belongs to the user that claimed it, and only that user may renew or release it",
+                    requestID: request.requestID, buffer: request.buffer
+                ))
+            }
+            return .success(request)
         }
 
         /// The outcome of deciding requests, aligned with them.
@@ -465,37 +479,66 @@ public final class Worker: Service, Sendable {
             }
         }
 
-        /// Decides one batch and answers it. Returns false when the worker stopped before the batch committed.
+        /// Decides one batch of deliveries and answers them. Returns false when the worker stopped before
+        /// the batch committed.
+        ///
+        /// A delivery carries one request or a coalesced batch of them. A single request that is refused is
+        /// answered and dead-lettered, as always; in a batch, each element is answered in its place (in one
+        /// reply message, in order) and the message is acked, since its other elements were decided.
         private func process(_ batch: [AMQPMessage], epoch: Int64, store: OwnershipStore, channels: Channels, pump: EventPump?, logger: Logger) async throws -> Bool {
             let batchStarted = ContinuousClock.now
-            metrics.batchSize.record(batch.count)
             var requests: [Request] = []
-            var requestMessages: [AMQPMessage] = []
+            /// For each request: its delivery and, for a batch, its place in it.
+            var origins: [(message: AMQPMessage, element: Int?)] = []
+            /// The replies of each batch delivery, by delivery tag, filled in place.
+            var batchReplies: [UInt64: (message: AMQPMessage, replies: [Reply?])] = [:]
             var publishes: [ChannelAction] = []
             var settles: [ChannelAction] = []
             var rejected = 0
+            var counts: [String: Int] = [:]
             var lastAck: UInt64? = batch.filter(Self.isTick).map(\.deliveryTag).max()
+            func refuse(_ error: ProtocolError, _ message: AMQPMessage) {
+                logger.notice("rejected a malformed request", metadata: [
+                    "baton.error_code": "\(error.code)", "baton.request_id": "\(LogValue.escape(error.requestID ?? "-"))",
+                    "baton.reason": "\(LogValue.escape(error.message))",
+                ])
+            }
+            func accept(_ request: Request, _ message: AMQPMessage, element: Int?) {
+                if case .forceRelease(let buffer, let reason) = request.command {
+                    logger.notice("force release", metadata: [
+                        "baton.buffer": "\(LogValue.escape(buffer))", "baton.reason": "\(LogValue.escape(reason ?? "-"))",
+                        "baton.request_id": "\(LogValue.escape(request.requestID))", "baton.principal": "\(LogValue.escape(request.principal ?? "-"))",
+                    ])
+                }
+                requests.append(request)
+                origins.append((message, element))
+            }
             for message in batch where !Self.isTick(message) {
                 switch admit(message) {
-                case .accepted(let request):
-                    if case .forceRelease(let buffer, let reason) = request.command {
-                        logger.notice("force release", metadata: [
-                            "baton.buffer": "\(LogValue.escape(buffer))", "baton.reason": "\(LogValue.escape(reason ?? "-"))",
-                            "baton.request_id": "\(LogValue.escape(request.requestID))", "baton.principal": "\(LogValue.escape(request.principal ?? "-"))",
-                        ])
-                    }
-                    requests.append(request)
-                    requestMessages.append(message)
-                case .refused(let error):
+                case .single(.success(let request)):
+                    accept(request, message, element: nil)
+                case .single(.failure(let error)):
                     // Malformed or not allowed: answer if we can, then dead-letter it. It never reaches the database.
-                    logger.notice("rejected a malformed request", metadata: [
-                        "baton.error_code": "\(error.code)", "baton.request_id": "\(LogValue.escape(error.requestID ?? "-"))",
-                        "baton.reason": "\(LogValue.escape(error.message))",
-                    ])
-                    if let reply = replyMessage(Reply.rejection(error, partition: partition, at: nil), to: message) { publishes.append(.publish(reply)) }
+                    refuse(error, message)
+                    if let reply = replyMessage(ProtocolCodec.encode(Reply.rejection(error, partition: partition, at: nil)), to: message) {
+                        publishes.append(.publish(reply))
+                    }
                     settles.append(.reject(deliveryTag: message.deliveryTag, requeue: false))
                     metrics.deadLetter(error.code.rawValue)
                     rejected += 1
+                case .batch(let elements):
+                    var replies = [Reply?](repeating: nil, count: elements.count)
+                    for (index, element) in elements.enumerated() {
+                        switch element {
+                        case .success(let request):
+                            accept(request, message, element: index)
+                        case .failure(let error):
+                            refuse(error, message)
+                            replies[index] = Reply.rejection(error, partition: partition, at: nil)
+                            counts["-|\(error.code.rawValue)", default: 0] += 1
+                        }
+                    }
+                    batchReplies[message.deliveryTag] = (message, replies)
                 case .unanswerable(let replyTo):
                     logger.warning("refused a request whose reply_to is not a reply queue of its sender; dead-lettered without an answer", metadata: [
                         "baton.reply_to": "\(LogValue.escape(replyTo))", "baton.correlation_id": "\(LogValue.escape(message.properties.correlationID ?? "-"))",
@@ -506,6 +549,7 @@ public final class Worker: Service, Sendable {
                     rejected += 1
                 }
             }
+            metrics.batchSize.record(requests.count)
             var decided = Decided()
             if !requests.isEmpty {
                 let started = ContinuousClock.now
@@ -516,21 +560,31 @@ public final class Worker: Service, Sendable {
                 metrics.commitDuration.recordNanoseconds(took.nanoseconds)
                 if let afterCommit = configuration.afterCommit { await afterCommit(partition, connections.publisher) }
             }
-            var counts: [String: Int] = [:]
-            for (request, (message, reply)) in zip(requests, zip(requestMessages, decided.replies)) {
+            for (request, (origin, reply)) in zip(requests, zip(origins, decided.replies)) {
                 counts["\(request.operation.rawValue)|\(reply.error?.code.rawValue ?? reply.status.rawValue)", default: 0] += 1
-                if let answer = replyMessage(reply, to: message) { publishes.append(.publish(answer)) }
                 if reply.status == .error, reply.error?.code != .deadlineExceeded {
-                    metrics.deadLetter(reply.error?.code.rawValue ?? "error")
                     logger.notice("rejected a request", metadata: [
                         "baton.request_id": "\(LogValue.escape(reply.requestID ?? "-"))", "baton.reason": "\(LogValue.escape(reply.error?.message ?? ""))",
                     ])
-                    settles.append(.reject(deliveryTag: message.deliveryTag, requeue: false))
+                }
+                if let element = origin.element {
+                    batchReplies[origin.message.deliveryTag]?.replies[element] = reply
+                    continue
+                }
+                if let answer = replyMessage(ProtocolCodec.encode(reply), to: origin.message) { publishes.append(.publish(answer)) }
+                if reply.status == .error, reply.error?.code != .deadlineExceeded {
+                    metrics.deadLetter(reply.error?.code.rawValue ?? "error")
+                    settles.append(.reject(deliveryTag: origin.message.deliveryTag, requeue: false))
                     rejected += 1
                 } else {
                     // Expired requests are acked, not dead-lettered: nothing is wrong with them, their caller gave up.
-                    lastAck = max(lastAck ?? 0, message.deliveryTag)
+                    lastAck = max(lastAck ?? 0, origin.message.deliveryTag)
                 }
+            }
+            for (tag, answered) in batchReplies {
+                let replies = answered.replies.map { $0 ?? Reply(requestID: nil, status: .error, partition: partition, error: ReplyError(code: .internalError, message: "no decision")) }
+                if let answer = replyMessage(ProtocolCodec.encodeBatchReply(replies), to: answered.message) { publishes.append(.publish(answer)) }
+                lastAck = max(lastAck ?? 0, tag)
             }
             // Replies leave before the acks; rejections go first so that the closing multiple-ack covers
             // exactly the accepted ones.
@@ -542,6 +596,7 @@ public final class Worker: Service, Sendable {
             metrics.batchDuration.recordNanoseconds((ContinuousClock.now - batchStarted).nanoseconds)
             worker.statistics.withLock {
                 $0.requests += requests.count
+                $0.messages += batch.count
                 $0.replayed += decided.replayed
                 $0.rejected += rejected
                 $0.failed += decided.failed
@@ -554,11 +609,9 @@ public final class Worker: Service, Sendable {
         /// The benchmark's broker ceiling: the same consume, reply and ack path, with no database.
         private func echo(_ batch: [AMQPMessage], channels: Channels) async throws {
             let now = Timestamp(milliseconds: Int64(Date().timeIntervalSince1970 * 1000))
-            var publishes: [ChannelAction] = []
-            for message in batch {
-                let reply: Reply
-                switch admit(message) {
-                case .accepted(let request):
+            func answer(_ element: Result<Request, ProtocolError>) -> Reply {
+                switch element {
+                case .success(let request):
                     let status: ReplyStatus = switch request.operation {
                     case .claim: .granted
                     case .renew: .renewed
@@ -567,30 +620,45 @@ public final class Worker: Service, Sendable {
                     case .releaseConnection: .releasedConnection
                     case .forceRelease: .released
                     }
-                    reply = Reply(
+                    return Reply(
                         requestID: request.requestID, status: status, buffer: request.buffer, holder: nil, token: 1,
                         expiresAt: now.adding(milliseconds: 30_000), at: now, partition: partition, buffers: status == .releasedConnection ? [] : nil
                     )
-                case .refused(let error):
-                    reply = Reply.rejection(error, partition: partition, at: nil)
+                case .failure(let error):
+                    return Reply.rejection(error, partition: partition, at: nil)
+                }
+            }
+            var publishes: [ChannelAction] = []
+            var requests = 0
+            for message in batch where !Self.isTick(message) {
+                let body: [UInt8]
+                switch admit(message) {
+                case .single(let element):
+                    requests += 1
+                    body = ProtocolCodec.encode(answer(element))
+                case .batch(let elements):
+                    requests += elements.count
+                    body = ProtocolCodec.encodeBatchReply(elements.map(answer))
                 case .unanswerable:
                     continue
                 }
-                if let answer = replyMessage(reply, to: message) { publishes.append(.publish(answer)) }
+                if let reply = replyMessage(body, to: message) { publishes.append(.publish(reply)) }
             }
             try await channels.publish.perform(publishes)
             if let last = batch.last { try await channels.consume.perform([.ack(deliveryTag: last.deliveryTag, multiple: true)]) }
             worker.statistics.withLock {
-                $0.requests += batch.count
+                $0.requests += requests
+                $0.messages += batch.count
                 $0.batches += 1
             }
         }
 
-        /// The reply to `message`, or nil when it asked for none (or for one the worker refuses to send).
-        private func replyMessage(_ reply: Reply, to message: AMQPMessage) -> OutgoingMessage? {
+        /// The reply message carrying `body` to `message`'s sender, or nil when it asked for none (or for one
+        /// the worker refuses to send).
+        private func replyMessage(_ body: [UInt8], to message: AMQPMessage) -> OutgoingMessage? {
             guard let replyTo = message.properties.replyTo, ProtocolV1.isAcceptedReplyTo(replyTo) else { return nil }
             return OutgoingMessage(
-                exchange: "", routingKey: replyTo, body: ProtocolCodec.encode(reply),
+                exchange: "", routingKey: replyTo, body: body,
                 properties: AMQPProperties(contentType: ProtocolV1.contentType, correlationID: message.properties.correlationID),
                 mandatory: false
             )
@@ -626,8 +694,10 @@ public final class Worker: Service, Sendable {
 
 /// Counters a worker keeps.
 public struct WorkerStatistics: Sendable {
-    /// Requests decided (valid ones).
+    /// Requests decided (valid ones; each element of a coalesced batch counts).
     public var requests = 0
+    /// Request messages consumed (a coalesced batch is one message; ticks count too).
+    public var messages = 0
     /// Requests answered from their idempotency record (redeliveries and client retries).
     public var replayed = 0
     /// Requests rejected (malformed, misrouted, refused) and dead-lettered.

@@ -480,3 +480,76 @@ final class CapturedLogs: LogHandler, Sendable {
         #expect(await Deployment.eventually(.seconds(20)) { workers.allSatisfy { kill($0, 0) != 0 } }, "its workers are gone: \(workers)")
     }
 }
+
+/// Coalesced requests: several requests in one message, each answered in place (issue 9, item 2).
+@Suite(.serialized, .timeLimit(.minutes(3))) struct CoalescingTests {
+    @Test func aBatchIsAnsweredInOneMessageElementByElement() async throws {
+        let deployment = try await Deployment.make(partitions: 2)
+        let worker = deployment.startWorker()
+        let raw = try await deployment.connect("batch", as: deployment.frontendURL)
+        let channel = try await raw.openChannel()
+        let (_, replies) = try await channel.consume(queue: ProtocolV1.directReplyTo, noAck: true)
+        let here = (0..<100).map { "batch-\($0)" }.filter { deployment.partitioner.partition(of: $0) == 0 }
+        let elsewhere = (0..<100).map { "batch-\($0)" }.first { deployment.partitioner.partition(of: $0) == 1 }!
+        let good = Request.claim(here[0], user: "u", connection: "c")
+        let misrouted = Request.claim(elsewhere, user: "u", connection: "c")
+        var body = Array(#"{"v":1,"batch":["#.utf8) + ProtocolCodec.encode(good) + Array(",".utf8)
+        body += Array(#"{"v":1,"op":"claim","request_id":"bad","buffer":"x"}"#.utf8) + Array(",".utf8)
+        body += ProtocolCodec.encode(misrouted) + Array(",".utf8) + ProtocolCodec.encode(Request(requestID: "i", command: .inspect(buffer: here[0]))) + Array("]}".utf8)
+        try await channel.publish(OutgoingMessage(
+            exchange: ProtocolV1.requestsExchange, routingKey: "0", body: body,
+            properties: AMQPProperties(correlationID: "b1", replyTo: ProtocolV1.directReplyTo, userID: deployment.frontendURL.user), mandatory: true
+        ))
+        let message = try #require(try await replies.next(max: 1, timeout: .seconds(10)).first)
+        #expect(message.properties.correlationID == "b1")
+        let answers = try ProtocolCodec.decodeReplies(message.body)
+        #expect(answers.map(\.status) == [.granted, .error, .error, .state])
+        #expect(answers.map(\.requestID) == [good.requestID, "bad", misrouted.requestID, "i"])
+        #expect(answers[1].error?.code == .invalidRequest && answers[2].error?.code == .misrouted)
+        #expect(answers[3].holder?.user == "u", "elements are decided in order")
+
+        // A bad envelope is refused whole and dead-lettered; a batch with bad elements is not.
+        try await channel.publish(OutgoingMessage(
+            exchange: ProtocolV1.requestsExchange, routingKey: "0", body: Array(#"{"v":1,"batch":[]}"#.utf8),
+            properties: AMQPProperties(correlationID: "b2", replyTo: ProtocolV1.directReplyTo, userID: deployment.frontendURL.user), mandatory: true
+        ))
+        let refused = try #require(try await replies.next(max: 1, timeout: .seconds(10)).first)
+        #expect(try ProtocolCodec.decodeReply(refused.body).error?.code == .invalidRequest)
+        let setup = try await deployment.connect("dead letters")
+        let dead = try await setup.openChannel()
+        #expect(await Deployment.eventually { (try? await dead.inspectQueue(ProtocolV1.deadLetterQueue).messages) == 1 })
+        await setup.close()
+        await raw.close()
+        await worker.stop()
+    }
+
+    @Test func aBusyClientCoalescesCallsToOnePartition() async throws {
+        let deployment = try await Deployment.make(partitions: 1)
+        let worker = deployment.startWorker()
+        let client = deployment.client(timeout: .seconds(20))
+        _ = try await client.inspect("warm-up")
+        let before = worker.worker.stats
+        let granted = try await withThrowingTaskGroup(of: Bool.self) { group in
+            for index in 0..<300 {
+                group.addTask {
+                    if case .granted = try await client.claim("coalesced-\(index)", user: "u", connection: "c") { return true }
+                    return false
+                }
+            }
+            return try await group.reduce(0) { $0 + ($1 ? 1 : 0) }
+        }
+        // The worker counts a batch after its replies are out: wait for the last count.
+        #expect(await Deployment.eventually { worker.worker.stats.requests - before.requests >= 300 })
+        let after = worker.worker.stats
+        let requests = after.requests - before.requests
+        let messages = after.messages - before.messages
+        print("coalescing: \(requests) requests in \(messages) messages")
+        #expect(granted == 300)
+        #expect(requests >= 300)
+        #expect(messages < requests / 4, "calls to one partition went together (\(requests) requests, \(messages) messages)")
+        let audit = try await deployment.audit()
+        #expect(HistoryChecker.check(audit.changes, finalTokens: audit.finalTokens).passed)
+        await client.close()
+        await worker.stop()
+    }
+}

@@ -1,0 +1,63 @@
+import BatonCore
+import Testing
+
+/// Coalesced request messages: `{"v":1,"batch":[...]}` and their replies.
+@Suite struct BatchCodecTests {
+    let claim = Request(requestID: "r1", command: .claim(buffer: "a", holder: Holder(user: "u", connection: "c"), leaseMilliseconds: 30_000))
+    let inspect = Request(requestID: "r2", command: .inspect(buffer: "b"))
+
+    @Test func aSingleRequestStaysASingleRequest() throws {
+        guard case .single(let request) = try ProtocolCodec.decodeMessage(ProtocolCodec.encode(claim)) else {
+            Issue.record("not single")
+            return
+        }
+        #expect(request == claim)
+    }
+
+    @Test func aBatchDecodesElementByElement() throws {
+        var body = Array(#"{"v":1,"batch":["#.utf8) + ProtocolCodec.encode(claim) + Array(#",{"v":1,"op":"claim","request_id":"r3","buffer":"x"},7,"#.utf8)
+        body += ProtocolCodec.encode(inspect) + Array("]}".utf8)
+        guard case .batch(let elements) = try ProtocolCodec.decodeMessage(body) else {
+            Issue.record("not a batch")
+            return
+        }
+        #expect(elements.count == 4)
+        #expect(try elements[0].get() == claim)
+        #expect(throws: ProtocolError.self) { try elements[1].get() }
+        if case .failure(let error) = elements[1] { #expect(error.requestID == "r3" && error.message.contains("user")) }
+        if case .failure(let error) = elements[2] { #expect(error.message.contains("element 2")) }
+        #expect(try elements[3].get() == inspect)
+        guard case .batch(let again) = try ProtocolCodec.decodeMessage(ProtocolCodec.encodeBatch([claim, inspect])) else {
+            Issue.record("encodeBatch is not a batch")
+            return
+        }
+        #expect(try again.map { try $0.get() } == [claim, inspect])
+    }
+
+    @Test(arguments: [
+        (#"{"v":1,"batch":[]}"#, "1 to 256"),
+        (#"{"v":1,"batch":{}}"#, "array"),
+        (#"{"v":1,"batch":[{}],"op":"claim"}"#, "'op' is not allowed"),
+        (#"{"v":2,"batch":[{}]}"#, "version 2"),
+        (#"{"batch":[{}]}"#, "'v' is missing"),
+    ])
+    func badEnvelopesAreRefusedWhole(body: String, fragment: String) {
+        let error = #expect(throws: ProtocolError.self) { try ProtocolCodec.decodeMessage(Array(body.utf8)) }
+        #expect(error?.message.contains(fragment) == true, "\(error?.message ?? "")")
+    }
+
+    @Test func moreThan256RequestsAreRefused() {
+        let body = ProtocolCodec.encodeBatch(Array(repeating: inspect, count: 257))
+        let error = #expect(throws: ProtocolError.self) { try ProtocolCodec.decodeMessage(body) }
+        #expect(error?.message.contains("257") == true)
+    }
+
+    @Test func batchRepliesDecodeInOrder() throws {
+        let replies = [
+            Reply(requestID: "r1", status: .granted, buffer: "a", holder: Holder(user: "u", connection: "c"), token: 1, partition: 0),
+            Reply.rejection(ProtocolError(code: .invalidRequest, message: "no", requestID: "r3"), partition: 0, at: nil),
+        ]
+        #expect(try ProtocolCodec.decodeReplies(ProtocolCodec.encodeBatchReply(replies)) == replies)
+        #expect(try ProtocolCodec.decodeReplies(ProtocolCodec.encode(replies[0])) == [replies[0]])
+    }
+}
