@@ -31,7 +31,8 @@ public struct WorkerConfiguration: Sendable {
     /// The queue consumed for a partition (`baton.requests.<p>`); tests point it elsewhere to run duplicate consumers.
     public var queueName: @Sendable (Int) -> String = { ProtocolV1.requestQueue($0) }
     /// Benchmark ceiling: answer every valid request at once, as granted, without PostgreSQL
-    /// (`baton bench`'s "broker echo"). Never use it to serve real claims.
+    /// (`baton bench`'s "broker echo"). It runs only in a scratch virtual host (`baton-scratch-...`, as
+    /// `baton bench` makes), so it can never answer a deployment's claims.
     public var echo = false
     /// Fault injection for tests: called after a batch commits and before its replies and acks are sent,
     /// with the connection replies are published on.
@@ -100,6 +101,9 @@ public final class Worker: Service, Sendable {
     private var isStopping: Bool { stopping.load(ordering: .relaxed) }
 
     private func serve() async throws {
+        if configuration.echo, !configuration.amqpURL.virtualHost.hasPrefix("baton-scratch-") {
+            throw EchoRefused(virtualHost: configuration.amqpURL.virtualHost)
+        }
         let stores = configuration.echo ? [:] : try await openStores()
         health.withLock { $0.databaseConnected = true }
         var backoff = Backoff()
@@ -788,5 +792,15 @@ struct BrokerConnections: Sendable {
     func close() async {
         await consumer.close()
         await publisher.close()
+    }
+}
+
+/// The echo mode was asked for outside a scratch virtual host.
+public struct EchoRefused: Error, CustomStringConvertible {
+    /// The virtual host it was asked for.
+    public let virtualHost: String
+
+    public var description: String {
+        "echo mode answers every claim as granted without deciding it, so it runs only in a scratch virtual host named baton-scratch-... (baton bench makes one), not in '\(LogValue.escape(virtualHost))'"
     }
 }

@@ -376,6 +376,15 @@ import Testing
         await worker.stop()
     }
 
+    @Test func theEchoWorkerRefusesADeploymentsVirtualHost() async throws {
+        let deployment = try await Deployment.make(partitions: 1)
+        var configuration = deployment.workerConfiguration(id: "echo")
+        configuration.echo = true
+        configuration.amqpURL.virtualHost = "/"
+        let error = await #expect(throws: EchoRefused.self) { try await Worker(configuration: configuration, logger: TestDatabase.logger).run() }
+        #expect(error?.description.contains("scratch") == true)
+    }
+
     @Test func aDroppedClientClosesItsConnection() async throws {
         let deployment = try await Deployment.make(partitions: 2)
         let worker = deployment.startWorker()
