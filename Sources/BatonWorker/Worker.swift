@@ -20,6 +20,9 @@ public struct WorkerConfiguration: Sendable {
     public var prefetch: UInt16 = 256
     /// Requests per batch (one transaction).
     public var batchSize: Int = 256
+    /// PostgreSQL connections the worker opens, whatever the number of partitions it serves (they share
+    /// them); at most one per partition.
+    public var databaseConnections: Int = 4
     /// How long to wait for more requests after the first of a batch.
     public var linger: Duration = .milliseconds(1)
     /// How often each partition expires leases and republishes undelivered events.
@@ -151,7 +154,9 @@ public final class Worker: Service, Sendable {
             }
             await connections.close()
         }
-        for store in stores.values { await store.connection.close() }
+        var shared: [ObjectIdentifier: OwnershipStore] = [:]
+        for store in stores.values { shared[ObjectIdentifier(store)] = store }
+        for store in shared.values { await store.connection.close() }
         let stats = self.stats
         logger.info("worker stopped", metadata: [
             "baton.requests": "\(stats.requests)", "baton.batches": "\(stats.batches)", "baton.replayed": "\(stats.replayed)",
@@ -161,27 +166,31 @@ public final class Worker: Service, Sendable {
         ])
     }
 
-    /// One store (one PostgreSQL connection) per partition, so partitions commit in parallel.
+    /// At most ``WorkerConfiguration/databaseConnections`` stores (one PostgreSQL connection each),
+    /// shared by the partitions in turn: partition i of the served list uses store i mod K. A store runs
+    /// one statement at a time, so partitions sharing one commit one after the other; the number of
+    /// connections (and their threads) no longer grows with the partitions served.
     private func openStores() async throws -> [Int: OwnershipStore] {
-        var stores: [Int: OwnershipStore] = [:]
+        let count = max(1, min(configuration.databaseConnections, configuration.partitions.count))
+        var shared: [OwnershipStore] = []
         var backoff = Backoff()
-        for partition in configuration.partitions {
-            while stores[partition] == nil {
-                do {
-                    let connection = try await PostgresConnection.connect(
-                        to: configuration.databaseURL, options: .worker(applicationName: "baton worker p\(partition)"), logger: logger
-                    )
-                    stores[partition] = try await OwnershipStore.open(connection: connection, partitioner: configuration.partitioner, logger: logger)
-                } catch let error as SchemaError {
-                    throw error
-                } catch {
-                    if isStopping { throw error }
-                    let delay = backoff.next()
-                    logger.warning("cannot reach PostgreSQL; retrying", metadata: ["baton.error": "\(error)", "baton.retry_in": "\(delay)"])
-                    await sleep(delay)
-                }
+        while shared.count < count {
+            do {
+                let connection = try await PostgresConnection.connect(
+                    to: configuration.databaseURL, options: .worker(applicationName: "baton worker \(shared.count + 1)/\(count)"), logger: logger
+                )
+                shared.append(try await OwnershipStore.open(connection: connection, partitioner: configuration.partitioner, logger: logger))
+            } catch let error as SchemaError {
+                throw error
+            } catch {
+                if isStopping { throw error }
+                let delay = backoff.next()
+                logger.warning("cannot reach PostgreSQL; retrying", metadata: ["baton.error": "\(error)", "baton.retry_in": "\(delay)"])
+                await sleep(delay)
             }
         }
+        var stores: [Int: OwnershipStore] = [:]
+        for (index, partition) in configuration.partitions.enumerated() { stores[partition] = shared[index % count] }
         return stores
     }
 

@@ -26,6 +26,9 @@ struct WorkerCommand: AsyncParsableCommand {
     @Option(name: .customLong("batch-size"), help: "Requests per transaction, 1-10000 (env BATON_BATCH_SIZE; default 256).")
     var batchSizeFlag: Int?
 
+    @Option(name: .customLong("database-connections"), help: "PostgreSQL connections the partitions share, 1-64 (env BATON_DATABASE_CONNECTIONS; default 4).")
+    var databaseConnectionsFlag: Int?
+
     @Option(name: .customLong("prefetch"), help: "Unacknowledged deliveries per partition, 1-65535 (env BATON_PREFETCH; default 256).")
     var prefetchFlag: Int?
 
@@ -75,6 +78,9 @@ struct WorkerCommand: AsyncParsableCommand {
             workerID: workerIDFlag ?? ProcessInfo.processInfo.environment["BATON_WORKER_ID"] ?? Worker.defaultID()
         )
         configuration.batchSize = try integer(batchSizeFlag, env: "BATON_BATCH_SIZE", default: 256, range: 1...10_000, name: "batch size")
+        configuration.databaseConnections = try integer(
+            databaseConnectionsFlag, env: "BATON_DATABASE_CONNECTIONS", default: 4, range: 1...64, name: "database connections"
+        )
         configuration.prefetch = UInt16(try integer(prefetchFlag, env: "BATON_PREFETCH", default: 256, range: 1...65_535, name: "prefetch"))
         configuration.echo = echo
         configuration.linger = .microseconds(try integer(lingerFlag, env: "BATON_LINGER_US", default: 1000, range: 0...100_000, name: "linger"))

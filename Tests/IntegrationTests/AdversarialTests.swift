@@ -562,3 +562,29 @@ final class CapturedLogs: LogHandler, Sendable {
         await worker.stop()
     }
 }
+
+/// What a worker costs the database (issue 9, item 1: connections do not grow with partitions).
+@Suite(.timeLimit(.minutes(3))) struct WorkerShapeTests {
+    @Test func sixtyFourPartitionsShareFourDatabaseConnections() async throws {
+        let deployment = try await Deployment.make(partitions: 64)
+        let worker = deployment.startWorker()
+        #expect(await Deployment.eventually(.seconds(30)) { worker.worker.readiness.isReady })
+        let client = deployment.client(timeout: .seconds(20))
+        let names = (0..<400).map { "shape-\($0)" }
+        #expect(Set(names.map { deployment.partitioner.partition(of: $0) }).count == 64)
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            for name in names { group.addTask { _ = try await client.claim(name, user: "u", connection: "c") } }
+            try await group.waitForAll()
+        }
+        let admin = try await PostgresConnection.connect(to: deployment.databaseURL, logger: TestDatabase.logger)
+        let count = try await admin.withSession { session in
+            try session.query("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND application_name LIKE 'baton worker%'").first()
+        }
+        await admin.close()
+        #expect(count == "4", "a worker serving 64 partitions holds \(count ?? "?") PostgreSQL connections")
+        let audit = try await deployment.audit()
+        #expect(audit.changes.filter { $0.kind == .granted }.count == 400)
+        await client.close()
+        await worker.stop()
+    }
+}
