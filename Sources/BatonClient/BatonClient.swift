@@ -181,6 +181,7 @@ public final class BatonClient: Sendable {
         var lanes: [Int: Lane] = [:]
         /// Messages sent and not yet answered, by correlation (and message) id.
         var sent: [String: SentMessage] = [:]
+        var statistics = Statistics()
         var closed = false
     }
 
@@ -253,6 +254,17 @@ public final class BatonClient: Sendable {
         }
         link?.connection.closeSoon()
     }
+
+    /// What this client has sent so far.
+    public struct Statistics: Sendable, Hashable {
+        /// Request messages published (a coalesced batch is one).
+        public var messages = 0
+        /// Requests published in them (resends count again).
+        public var requests = 0
+    }
+
+    /// What this client has sent so far.
+    public var statistics: Statistics { state.withLock { $0.statistics } }
 
     /// The connection in use, if any (for tests).
     var currentConnection: AMQPConnection? { state.withLock { $0.link?.connection } }
@@ -512,6 +524,8 @@ public final class BatonClient: Sendable {
         let id = UUID().uuidString
         lane.inFlight[id] = now + configuration.resendAfter
         state.sent[id] = SentMessage(partition: partition, keys: items.map(\.key), expires: (items.map(\.deadline).max() ?? now) + .seconds(1))
+        state.statistics.messages += 1
+        state.statistics.requests += items.count
         return (id, items)
     }
 

@@ -37,10 +37,10 @@ public enum ProtocolCodec {
             throw ProtocolError(code: .invalidRequest, message: "request body is not valid UTF-8: it must be one UTF-8 JSON object")
         }
         let value: JSONValue
-        do {
-            value = try JSONDecoder().decode(JSONValue.self, from: Data(bytes))
+        do throws(JSONParser.Failure) {
+            value = try JSONParser.parse(bytes)
         } catch {
-            throw ProtocolError(code: .invalidRequest, message: "request body is not JSON (\(bytes.count) bytes): it must be one JSON object")
+            throw ProtocolError(code: .invalidRequest, message: "request body is not JSON (\(bytes.count) bytes; \(error.reason) at byte \(error.offset)): it must be one JSON object")
         }
         guard case .object(let fields) = value else {
             throw ProtocolError(code: .invalidRequest, message: "request body is \(value.kindDescription), not a JSON object")

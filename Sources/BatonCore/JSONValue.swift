@@ -4,9 +4,9 @@ import FoundationEssentials
 import Foundation
 #endif
 
-/// Any JSON value, decoded with Foundation's `JSONDecoder` so that the codec can
-/// validate each field itself and name the offending value in its errors.
-enum JSONValue: Decodable, Sendable, Hashable {
+/// Any JSON value, as ``JSONParser`` reads a request body, so that the codec can validate each field
+/// itself and name the offending value in its errors.
+enum JSONValue: Sendable, Hashable {
     case null
     case bool(Bool)
     case integer(Int64)
@@ -14,27 +14,6 @@ enum JSONValue: Decodable, Sendable, Hashable {
     case string(String)
     case array([JSONValue])
     case object([String: JSONValue])
-
-    init(from decoder: any Decoder) throws {
-        let container = try decoder.singleValueContainer()
-        // Most request fields are strings: try the common kinds first, since every failed
-        // attempt builds and throws a DecodingError (the profile showed the cascade).
-        if container.decodeNil() {
-            self = .null
-        } else if let value = try? container.decode(String.self) {
-            self = .string(value)
-        } else if let value = try? container.decode(Int64.self) {
-            self = .integer(value)
-        } else if let value = try? container.decode(Bool.self) {
-            self = .bool(value)
-        } else if let value = try? container.decode(Double.self) {
-            self = .number(value)
-        } else if let value = try? container.decode([String: JSONValue].self) {
-            self = .object(value)
-        } else {
-            self = .array(try container.decode([JSONValue].self))
-        }
-    }
 
     /// What kind of value this is, for error messages ("a string", "an array").
     var kindDescription: String {

@@ -2,7 +2,7 @@
 ///
 /// Replies are encoded once per request on the worker's hot path; the profile of a
 /// batch showed `JSONEncoder` taking about 60 % of the store's CPU, so the shapes
-/// Baton emits are written here directly. Decoding still uses `JSONDecoder`, and the
+/// Baton emits are written here directly. Requests are read by `JSONParser`, replies by `JSONDecoder`; the
 /// tests check that everything written here decodes back to the same values.
 struct JSONWriter {
     private(set) var bytes: [UInt8] = []

@@ -170,8 +170,17 @@ struct Bench: AsyncParsableCommand {
             let runner = BenchRunner(workload: workload, system: baton, clients: clients, buffers: buffers, label: label, runID: runID)
             let tokens = try await runner.prepare()
             let sampler = worker.sampleMemory()
+            let cpuBefore = BenchWorker.cpuMicroseconds(pid: worker.process.pid)
+            let sentBefore = batonClients.reduce(0) { $0 + $1.statistics.messages }
+            let callsBefore = batonClients.reduce(0) { $0 + $1.statistics.requests }
             var measurement = await runner.closedLoop(duration: .seconds(duration), tokens: tokens)
             var result = SystemResult(measurement: measurement)
+            if let before = cpuBefore, let after = BenchWorker.cpuMicroseconds(pid: worker.process.pid), measurement.operations > 0 {
+                result.workerCPUPerOperation = Double(after - before) / Double(measurement.operations)
+            }
+            let sent = batonClients.reduce(0) { $0 + $1.statistics.messages } - sentBefore
+            let calls = batonClients.reduce(0) { $0 + $1.statistics.requests } - callsBefore
+            if sent > 0 { result.requestsPerMessage = Double(calls) / Double(sent) }
             if !noHalfPeak && measurement.perSecond > 0 {
                 let rate = measurement.perSecond / 2
                 let half = await BenchRunner(workload: workload, system: baton, clients: clients, buffers: buffers, label: "\(label) at half peak", runID: runID + "h")
@@ -248,6 +257,15 @@ struct BenchWorker: Sendable {
             if let rss = BenchWorker.residentMiB(pid: pid) { memory.samples.append(rss) }
             return memory
         }
+    }
+
+    /// The process's user + system CPU time so far, in microseconds (/proc/PID/stat).
+    static func cpuMicroseconds(pid: Int32) -> Int64? {
+        guard let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8), let close = stat.lastIndex(of: ")") else { return nil }
+        let fields = stat[stat.index(after: close)...].split(separator: " ")
+        guard fields.count > 13, let user = Int64(fields[11]), let system = Int64(fields[12]) else { return nil }
+        let ticks = Int64(sysconf(Int32(_SC_CLK_TCK)))
+        return (user + system) * 1_000_000 / max(1, ticks)
     }
 
     static func residentMiB(pid: Int32) -> Double? {

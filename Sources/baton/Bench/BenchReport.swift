@@ -18,6 +18,10 @@ struct SystemResult: Sendable {
     var measurement: Measurement
     var halfPeak: HalfPeak?
     var workerMemory: WorkerMemory?
+    /// The worker's CPU time per operation, in microseconds (from /proc, over the closed-loop run).
+    var workerCPUPerOperation: Double?
+    /// Requests per message the clients published (above 1 when calls were coalesced).
+    var requestsPerMessage: Double?
 
     var summary: String {
         var text = String(format: "%9.0f ops/s  p50 %6.2f ms  p99 %6.2f ms  p99.9 %7.2f ms  errors %d",
@@ -29,6 +33,8 @@ struct SystemResult: Sendable {
         if let memory = workerMemory, let max = memory.samples.max() {
             text += String(format: "  | worker RSS %.0f→%.0f MiB (max %.0f)", memory.samples.first ?? 0, memory.samples.last ?? 0, max)
         }
+        if let cpu = workerCPUPerOperation { text += String(format: "  | worker CPU %.0f µs/op", cpu) }
+        if let ratio = requestsPerMessage { text += String(format: "  | %.2f requests/message", ratio) }
         return text
     }
 
@@ -54,6 +60,8 @@ struct SystemResult: Sendable {
                 "errors": halfPeak.measurement.errors,
             ]
         }
+        if let cpu = workerCPUPerOperation { object["worker_cpu_us_per_op"] = round1(cpu) }
+        if let ratio = requestsPerMessage { object["requests_per_message"] = round3(ratio) }
         if let memory = workerMemory, !memory.samples.isEmpty {
             object["worker_rss_mib"] = [
                 "first": round1(memory.samples.first!), "last": round1(memory.samples.last!), "max": round1(memory.samples.max()!),
