@@ -531,12 +531,7 @@ public final class BatonClient: Sendable {
 
     /// Publishes one message (a single request, or a coalesced batch) without waiting.
     private func publish(_ id: String, _ items: [Queued], partition: Int, on link: Link) {
-        let body: [UInt8]
-        if items.count == 1 {
-            body = items[0].body
-        } else {
-            body = Array("{\"v\":\(ProtocolV1.version),\"batch\":[".utf8) + Array(items.map(\.body).joined(separator: [UInt8(ascii: ",")])) + Array("]}".utf8)
-        }
+        let body = items.count == 1 ? items[0].body : ProtocolCodec.encodeBatch(bodies: items.map(\.body))
         let remaining = max(1, ((items.map(\.deadline).max() ?? .now) - .now).wholeMilliseconds)
         let message = OutgoingMessage(
             exchange: ProtocolV1.requestsExchange, routingKey: String(partition), body: body,

@@ -60,23 +60,27 @@ extension ProtocolCodec {
 
     /// Encodes requests as one batch message body.
     public static func encodeBatch(_ requests: [Request]) -> [UInt8] {
-        var body = Array("{\"v\":\(ProtocolV1.version),\"batch\":[".utf8)
-        for (index, request) in requests.enumerated() {
-            if index > 0 { body.append(UInt8(ascii: ",")) }
-            body += encode(request)
-        }
-        body += Array("]}".utf8)
-        return body
+        encodeBatch(bodies: requests.map(encode))
+    }
+
+    /// Wraps request bodies already encoded (each one JSON object) in a batch message body.
+    public static func encodeBatch(bodies: [[UInt8]]) -> [UInt8] {
+        envelope(#"{"v":1,"batch":["#, bodies)
     }
 
     /// Encodes the replies to a batch, in the batch's order: `{"v":1,"status":"batch","replies":[...]}`.
     public static func encodeBatchReply(_ replies: [Reply]) -> [UInt8] {
-        var body = Array("{\"v\":\(ProtocolV1.version),\"status\":\"batch\",\"replies\":[".utf8)
-        for (index, reply) in replies.enumerated() {
+        envelope(#"{"v":1,"status":"batch","replies":["#, replies.map(encode))
+    }
+
+    private static func envelope(_ opening: StaticString, _ elements: [[UInt8]]) -> [UInt8] {
+        var body = [UInt8](UnsafeBufferPointer(start: opening.utf8Start, count: opening.utf8CodeUnitCount))
+        body.reserveCapacity(body.count + elements.reduce(2) { $0 + $1.count + 1 })
+        for (index, element) in elements.enumerated() {
             if index > 0 { body.append(UInt8(ascii: ",")) }
-            body += encode(reply)
+            body += element
         }
-        body += Array("]}".utf8)
+        body += [UInt8(ascii: "]"), UInt8(ascii: "}")]
         return body
     }
 }
