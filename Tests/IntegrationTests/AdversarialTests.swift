@@ -295,7 +295,7 @@ import Testing
             Issue.record("the partition stopped")
             return
         }
-        #expect(worker.worker.stats.failed == 1)
+        #expect(await Deployment.eventually { worker.worker.stats.failed == 1 })
         #expect(worker.worker.readiness.stalled.isEmpty)
         await client.close()
         await worker.stop()

@@ -250,7 +250,7 @@ import Testing
         #expect(await Deployment.eventually { served.value >= servedBefore + 10 }, "the correct load is still served after the bad input")
         stop.update { $0 = true }
         try await load.value
-        #expect(worker.worker.stats.rejected == cases.count + 1)
+        #expect(await Deployment.eventually { worker.worker.stats.rejected == cases.count + 1 })
         await connection.close()
         await client.close()
         await worker.stop()
@@ -273,7 +273,8 @@ import Testing
         }
         #expect(lease.token == 1)
         #expect(crashed.value)
-        #expect(worker.worker.stats.replayed >= 1, "the redelivered request was answered from its idempotency record")
+        // The worker counts a batch after its replies are out, so the count may trail the reply a moment.
+        #expect(await Deployment.eventually { worker.worker.stats.replayed >= 1 }, "the redelivered request was answered from its idempotency record")
         #expect(worker.worker.stats.connections >= 2, "the worker reconnected")
         // The same request id again (a client retry) still gets the original answer.
         #expect(try await client.claim("redelivered.txt", user: "ann", connection: "c1", requestID: "redelivery-1") == reply)
@@ -305,7 +306,7 @@ import Testing
         print("duplicate consumers: \(result) fence_losses=\(first.worker.stats.fenceLosses + second.worker.stats.fenceLosses)")
         #expect(result.doubleGrants == 0)
         #expect(result.grants == 400)
-        #expect(first.worker.stats.requests > 0 && second.worker.stats.requests > 0, "both workers decided requests")
+        #expect(await Deployment.eventually { first.worker.stats.requests > 0 && second.worker.stats.requests > 0 }, "both workers decided requests")
         let audit = try await deployment.audit()
         let report = HistoryChecker.check(audit.changes, finalTokens: audit.finalTokens)
         #expect(report.doubleGrants == 0)
