@@ -16,6 +16,8 @@ public enum RequestMessage: Sendable {
 extension ProtocolV1 {
     /// The most requests one batch message may carry.
     public static let maxBatchCount = 256
+    /// The longest reply message to a batch, in bytes (the replies of a larger one are split; section 15).
+    public static let maxBatchReplyBytes = 64 * 1024
 }
 
 extension ProtocolCodec {
@@ -68,13 +70,38 @@ extension ProtocolCodec {
         envelope(#"{"v":1,"batch":["#, bodies)
     }
 
-    /// Encodes the replies to a batch, in the batch's order: `{"v":1,"status":"batch","replies":[...]}`.
-    public static func encodeBatchReply(_ replies: [Reply]) -> [UInt8] {
-        envelope(#"{"v":1,"status":"batch","replies":["#, replies.map(encode))
+    /// Encodes the replies to a batch, in the batch's order, as one or more reply messages
+    /// `{"v":1,"status":"batch","first":i,"replies":[...]}`, each covering consecutive replies from
+    /// index `i` and at most ``ProtocolV1/maxBatchReplyBytes`` long (or one reply, if that alone is
+    /// longer): replies can be far larger than the requests (a holder's names, escaped), and no message
+    /// may outgrow the broker's limit.
+    public static func encodeBatchReply(_ replies: [Reply]) -> [[UInt8]] {
+        var parts: [[UInt8]] = []
+        var first = 0
+        var pending: [[UInt8]] = []
+        var bytes = 0
+        func close() {
+            parts.append(envelope(Array(#"{"v":1,"status":"batch","first":\#(first),"replies":["#.utf8), pending))
+            first += pending.count
+            pending.removeAll()
+            bytes = 0
+        }
+        for reply in replies {
+            let body = encode(reply)
+            if !pending.isEmpty, bytes + body.count + 1 > ProtocolV1.maxBatchReplyBytes { close() }
+            pending.append(body)
+            bytes += body.count + 1
+        }
+        if !pending.isEmpty || parts.isEmpty { close() }
+        return parts
     }
 
     private static func envelope(_ opening: StaticString, _ elements: [[UInt8]]) -> [UInt8] {
-        var body = [UInt8](UnsafeBufferPointer(start: opening.utf8Start, count: opening.utf8CodeUnitCount))
+        envelope([UInt8](UnsafeBufferPointer(start: opening.utf8Start, count: opening.utf8CodeUnitCount)), elements)
+    }
+
+    private static func envelope(_ opening: [UInt8], _ elements: [[UInt8]]) -> [UInt8] {
+        var body = opening
         body.reserveCapacity(body.count + elements.reduce(2) { $0 + $1.count + 1 })
         for (index, element) in elements.enumerated() {
             if index > 0 { body.append(UInt8(ascii: ",")) }

@@ -469,6 +469,7 @@ public final class Worker: Service, Sendable {
         private func decide(_ requests: ArraySlice<Request>, epoch: Int64, store: OwnershipStore) async throws -> Decided? {
             do {
                 guard let result = try await retryingDatabase({ try await store.apply(Array(requests), partition: partition, epoch: epoch) }) else { return nil }
+                worker.statistics.withLock { $0.transactions += 1 }
                 return Decided(replies: result.replies, changes: result.changes, replayed: result.replayed)
             } catch let failure as DataFailure {
                 guard requests.count > 1 else {
@@ -566,8 +567,13 @@ public final class Worker: Service, Sendable {
             var decided = Decided()
             if !requests.isEmpty {
                 let started = ContinuousClock.now
-                guard let result = try await decide(requests[...], epoch: epoch, store: store) else { return false }
-                decided = result
+                // At most batchSize requests per transaction, however many a delivery batch carries
+                // (coalesced messages hold up to 256 each): one transaction stays short.
+                for start in stride(from: 0, to: requests.count, by: configuration.batchSize) {
+                    let chunk = requests[start..<min(start + configuration.batchSize, requests.count)]
+                    guard let result = try await decide(chunk, epoch: epoch, store: store) else { return false }
+                    decided = decided + result
+                }
                 let took = ContinuousClock.now - started
                 worker.statistics.withLock { $0.commitTime += took }
                 metrics.commitDuration.recordNanoseconds(took.nanoseconds)
@@ -596,7 +602,9 @@ public final class Worker: Service, Sendable {
             }
             for (tag, answered) in batchReplies {
                 let replies = answered.replies.map { $0 ?? Reply(requestID: nil, status: .error, partition: partition, error: ReplyError(code: .internalError, message: "no decision")) }
-                if let answer = replyMessage(ProtocolCodec.encodeBatchReply(replies), to: answered.message) { publishes.append(.publish(answer)) }
+                for part in ProtocolCodec.encodeBatchReply(replies) {
+                    if let answer = replyMessage(part, to: answered.message) { publishes.append(.publish(answer)) }
+                }
                 lastAck = max(lastAck ?? 0, tag)
             }
             // Replies leave before the acks; rejections go first so that the closing multiple-ack covers
@@ -651,7 +659,10 @@ public final class Worker: Service, Sendable {
                     body = ProtocolCodec.encode(answer(element))
                 case .batch(let elements):
                     requests += elements.count
-                    body = ProtocolCodec.encodeBatchReply(elements.map(answer))
+                    for part in ProtocolCodec.encodeBatchReply(elements.map(answer)) {
+                        if let reply = replyMessage(part, to: message) { publishes.append(.publish(reply)) }
+                    }
+                    continue
                 case .unanswerable:
                     continue
                 }
@@ -717,8 +728,11 @@ public struct WorkerStatistics: Sendable {
     public var rejected = 0
     /// Requests the database refused to record (answered `internal_error` and dead-lettered).
     public var failed = 0
-    /// Batches committed.
+    /// Batches of deliveries handled.
     public var batches = 0
+    /// Store writes committed (a delivery batch takes one per `batchSize` requests, more when a request
+    /// the database refuses is isolated).
+    public var transactions = 0
     /// Events published and marked delivered.
     public var events = 0
     /// Leases expired by sweeps.

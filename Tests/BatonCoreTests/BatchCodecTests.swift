@@ -57,7 +57,22 @@ import Testing
             Reply(requestID: "r1", status: .granted, buffer: "a", holder: Holder(user: "u", connection: "c"), token: 1, partition: 0),
             Reply.rejection(ProtocolError(code: .invalidRequest, message: "no", requestID: "r3"), partition: 0, at: nil),
         ]
-        #expect(try ProtocolCodec.decodeReplies(ProtocolCodec.encodeBatchReply(replies)) == replies)
+        let parts = ProtocolCodec.encodeBatchReply(replies)
+        #expect(parts.count == 1)
+        #expect(try ProtocolCodec.decodeReplies(parts[0]) == replies)
         #expect(try ProtocolCodec.decodeReplies(ProtocolCodec.encode(replies[0])) == [replies[0]])
+    }
+
+    @Test func largeBatchRepliesAreSplitUnderTheLimitInOrder() throws {
+        // 256 replies naming a holder whose names escape to 6 bytes a character: about 3 KiB each.
+        let names = String(repeating: "\u{1}", count: 256)
+        let replies = (0..<256).map { index in
+            Reply(requestID: "r\(index)", status: .state, buffer: "b", holder: Holder(user: names, connection: names), token: 1, partition: 0)
+        }
+        let parts = ProtocolCodec.encodeBatchReply(replies)
+        #expect(parts.count > 1)
+        #expect(parts.allSatisfy { $0.count <= ProtocolV1.maxBatchReplyBytes + 64 })
+        #expect(try parts.flatMap { try ProtocolCodec.decodeReplies($0) } == replies)
+        #expect(String(decoding: parts[1], as: UTF8.self).contains(#""first":"#))
     }
 }

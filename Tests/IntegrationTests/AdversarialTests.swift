@@ -588,3 +588,70 @@ final class CapturedLogs: LogHandler, Sendable {
         await worker.stop()
     }
 }
+
+/// What a hostile batch could do to a partition (issue 8's "stop a partition with one message").
+@Suite(.serialized, .timeLimit(.minutes(3))) struct HostileBatchTests {
+    @Test func aTransactionHoldsAtMostBatchSizeRequestsWhateverAMessageCarries() async throws {
+        let deployment = try await Deployment.make(partitions: 1)
+        let worker = deployment.startWorker { $0.batchSize = 8 }
+        let raw = try await deployment.connect("big batch", as: deployment.frontendURL)
+        let channel = try await raw.openChannel()
+        let (_, replies) = try await channel.consume(queue: ProtocolV1.directReplyTo, noAck: true)
+        let claims = (0..<100).map { Request.claim("chunk-\($0)", user: "u", connection: "c", id: "c\($0)") }
+        try await channel.publish(OutgoingMessage(
+            exchange: ProtocolV1.requestsExchange, routingKey: "0", body: ProtocolCodec.encodeBatch(claims),
+            properties: AMQPProperties(correlationID: "big", replyTo: ProtocolV1.directReplyTo, userID: deployment.frontendURL.user), mandatory: true
+        ))
+        var answered: [Reply] = []
+        let deadline = ContinuousClock.now + .seconds(15)
+        while answered.count < 100, ContinuousClock.now < deadline {
+            for message in try await replies.next(max: 16, timeout: .milliseconds(500)) { answered += try ProtocolCodec.decodeReplies(message.body) }
+        }
+        #expect(answered.map(\.requestID) == claims.map(\.requestID) && answered.allSatisfy { $0.status == .granted })
+        #expect(await Deployment.eventually { worker.worker.stats.transactions >= 13 }, "100 requests in transactions of at most 8")
+        await raw.close()
+        await worker.stop()
+    }
+
+    @Test func aBatchWhoseRepliesAreHugeIsAnsweredInPartsAndThePartitionGoesOn() async throws {
+        let deployment = try await Deployment.make(partitions: 1)
+        let worker = deployment.startWorker()
+        let client = deployment.client()
+        // A holder whose names escape to 1.5 KiB each in every reply about the buffer.
+        let names = String(repeating: "\u{1}", count: 256)
+        guard case .granted = try await client.claim("held", user: names, connection: names) else {
+            Issue.record("not granted")
+            return
+        }
+        let raw = try await deployment.connect("hostile batch", as: deployment.frontendURL)
+        let channel = try await raw.openChannel()
+        let (_, replies) = try await channel.consume(queue: ProtocolV1.directReplyTo, noAck: true)
+        let inspects = (0..<256).map { Request(requestID: "i\($0)", command: .inspect(buffer: "held")) }
+        let body = ProtocolCodec.encodeBatch(inspects)
+        #expect(body.count <= ProtocolV1.maxBodyBytes)
+        try await channel.publish(OutgoingMessage(
+            exchange: ProtocolV1.requestsExchange, routingKey: "0", body: body,
+            properties: AMQPProperties(correlationID: "huge", replyTo: ProtocolV1.directReplyTo, userID: deployment.frontendURL.user), mandatory: true
+        ))
+        var answered: [Reply] = []
+        var messages = 0
+        let deadline = ContinuousClock.now + .seconds(15)
+        while answered.count < 256, ContinuousClock.now < deadline {
+            for message in try await replies.next(max: 16, timeout: .milliseconds(500)) {
+                messages += 1
+                #expect(message.body.count < 128 * 1024)
+                answered += try ProtocolCodec.decodeReplies(message.body)
+            }
+        }
+        print("hostile batch: 256 replies in \(messages) messages")
+        #expect(answered.map(\.requestID) == inspects.map(\.requestID), "every element answered, in order")
+        #expect(messages > 1)
+        guard case .granted = try await client.claim("after", user: "u", connection: "c") else {
+            Issue.record("the partition stopped")
+            return
+        }
+        await raw.close()
+        await client.close()
+        await worker.stop()
+    }
+}
