@@ -92,9 +92,6 @@ public final class AMQPConnection: Sendable {
     /// its reason; nil otherwise. Messages published meanwhile wait in the socket, unread by the broker.
     public var blockedReason: String? { io.blocked }
 
-    /// The bodies larger than this are dropped on delivery (see ``connect(to:name:maxBodyBytes:logger:)``).
-    public var maxBodyBytes: Int { io.maxBodyBytes }
-
     /// Closes the connection without waiting (for `deinit`s); everything on it fails.
     public func closeSoon() {
         io.stop()

@@ -559,15 +559,16 @@ public final class BatonClient: Sendable {
     /// Runs `body`, but returns (throwing ``DeadlinePassed``) at `deadline` even if `body` is stuck in a
     /// call the broker does not answer (it finishes in the background).
     private static func before<T: Sendable>(_ deadline: ContinuousClock.Instant, _ body: @escaping @Sendable () async throws -> T) async throws -> T {
-        let outcome = Race<T>()
-        let work = Task { outcome.finish(await Result(catching: body)) }
+        let outcome = Waiter<Result<T, any Error>>()
+        let work = Task { outcome.resolve(await Result(catching: body)) }
         let timer = Task {
             try? await Task.sleep(until: deadline)
-            outcome.finish(.failure(DeadlinePassed()))
+            outcome.wakeIfDue(.now)
         }
-        let result = await outcome.value()
+        let result = await outcome.wait(until: deadline)
         work.cancel()
         timer.cancel()
+        guard let result else { throw DeadlinePassed() }
         return try result.get()
     }
 
@@ -757,37 +758,6 @@ private final class Waiter<Value: Sendable>: Sendable {
                 state.waiter = continuation
                 state.wakeAt = time
                 return .none
-            }
-            if let ready { continuation.resume(returning: ready) }
-        }
-    }
-}
-
-/// The first of several outcomes, awaited once.
-private final class Race<T: Sendable>: Sendable {
-    private struct State {
-        var result: Result<T, any Error>?
-        var waiter: CheckedContinuation<Result<T, any Error>, Never>?
-    }
-
-    private let state = Mutex(State())
-
-    func finish(_ result: Result<T, any Error>) {
-        let waiter = state.withLock { state -> CheckedContinuation<Result<T, any Error>, Never>? in
-            guard state.result == nil else { return nil }
-            state.result = result
-            defer { state.waiter = nil }
-            return state.waiter
-        }
-        waiter?.resume(returning: result)
-    }
-
-    func value() async -> Result<T, any Error> {
-        await withCheckedContinuation { continuation in
-            let ready = state.withLock { state -> Result<T, any Error>? in
-                if let result = state.result { return result }
-                state.waiter = continuation
-                return nil
             }
             if let ready { continuation.resume(returning: ready) }
         }
