@@ -186,6 +186,26 @@ public final class AMQPChannel: Sendable {
 
     /// Starts a consumer; its deliveries arrive in the returned queue.
     public func consume(queue: String, noAck: Bool = false, exclusive: Bool = false, arguments: [String: AMQPValue] = [:]) async throws -> (consumerTag: String, deliveries: DeliveryQueue) {
+        let deliveries = DeliveryQueue()
+        let tag = try await consume(queue: queue, noAck: noAck, exclusive: exclusive, arguments: arguments, into: deliveries)
+        return (tag, deliveries)
+    }
+
+    /// Starts a consumer whose deliveries are handed to `onDeliveries` on the connection's I/O thread, in
+    /// order, everything read in one pass at a time: no thread hop between the socket and the handler.
+    ///
+    /// The handler must not block (it holds up the connection); it may call ``enqueue(_:completion:)``
+    /// on channels of this connection, which then runs at once. `onEnd` runs once when the consumer ends:
+    /// nil when the application closed the channel, else why (connection lost, channel closed, cancelled
+    /// by the broker).
+    public func consume(
+        queue: String, noAck: Bool = false, exclusive: Bool = false, arguments: [String: AMQPValue] = [:],
+        onDeliveries: @escaping @Sendable ([AMQPMessage]) -> Void, onEnd: @escaping @Sendable (AMQPError?) -> Void
+    ) async throws -> String {
+        try await consume(queue: queue, noAck: noAck, exclusive: exclusive, arguments: arguments, into: DeliveryHandler(onDeliveries: onDeliveries, onEnd: onEnd))
+    }
+
+    private func consume(queue: String, noAck: Bool, exclusive: Bool, arguments: [String: AMQPValue], into sink: any DeliverySink) async throws -> String {
         let channel = number
         return try await io.run { io throws(AMQPError) in
             let arena = CArena()
@@ -194,9 +214,8 @@ public final class AMQPChannel: Sendable {
             guard let tag = ok?.pointee.consumer_tag.string, let state = io.channels[channel] else {
                 throw AMQPError(code: .channelClosed, message: "channel \(channel) closed while consuming from '\(queue)'")
             }
-            let deliveries = DeliveryQueue()
-            state.consumers[tag] = deliveries
-            return (tag, deliveries)
+            state.consumers[tag] = sink
+            return tag
         }
     }
 
@@ -215,15 +234,7 @@ public final class AMQPChannel: Sendable {
     public func perform(_ actions: [ChannelAction]) async throws {
         guard !actions.isEmpty else { return }
         let channel = number
-        try await io.run { io throws(AMQPError) in
-            for action in actions {
-                switch action {
-                case .publish(let message): _ = try io.publish(message, channel: channel)
-                case .ack(let tag, let multiple): try io.status(amqp_basic_ack(io.conn, channel, tag, multiple ? 1 : 0), doing: "ack")
-                case .reject(let tag, let requeue): try io.status(amqp_basic_reject(io.conn, channel, tag, requeue ? 1 : 0), doing: "reject")
-                }
-            }
-        }
+        try await io.run { io throws(AMQPError) in try io.perform(actions, channel: channel) }
     }
 
     /// Publishes one message without waiting for a confirm.
@@ -231,23 +242,35 @@ public final class AMQPChannel: Sendable {
         try await perform([.publish(message)])
     }
 
-    /// Publishes one message without waiting for a confirm and without suspending: `completion` runs on
-    /// the I/O thread once the message is written (nil) or failed. For callers that bound the wait
-    /// themselves (a broker that stops reading can block the write).
-    public func publish(_ message: OutgoingMessage, completion: @escaping @Sendable (AMQPError?) -> Void) {
+    /// Publishes, acks and rejects in order without suspending and without waiting for confirms:
+    /// `completion` runs on the I/O thread once they are written (nil) or one failed (the rest are not
+    /// done). Called on the I/O thread (from a consumer handler or a completion), they run at once;
+    /// from elsewhere they are queued, in call order. For callers that bound their waits themselves (a
+    /// broker that stops reading can block a write).
+    public func enqueue(_ actions: [ChannelAction], completion: (@Sendable (AMQPError?) -> Void)? = nil) {
         let channel = number
         io.submit(
             { io in
                 do throws(AMQPError) {
                     if let failure = io.failure { throw failure }
-                    _ = try io.publish(message, channel: channel)
-                    completion(nil)
+                    try io.perform(actions, channel: channel)
+                    completion?(nil)
                 } catch {
-                    completion(error)
+                    completion?(error)
                 }
             },
-            refused: { completion(AMQPError(code: .closed, message: "the connection is closed")) }
+            refused: { completion?(AMQPError(code: .closed, message: "the connection is closed")) }
         )
+    }
+
+    /// Publishes one message as ``enqueue(_:completion:)`` does.
+    public func publish(_ message: OutgoingMessage, completion: @escaping @Sendable (AMQPError?) -> Void) {
+        enqueue([.publish(message)], completion: completion)
+    }
+
+    /// Returns once everything queued on this channel's connection before the call has run.
+    public func barrier() async {
+        _ = try? await io.run { _ throws(AMQPError) in }
     }
 
     /// Publishes messages on a confirm-mode channel and waits for all their confirms (a window, not one by one).

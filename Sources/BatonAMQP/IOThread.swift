@@ -27,11 +27,10 @@ final class ConfirmWait: Sendable {
     }
 
     func value(timeout: Duration) async throws(AMQPError) -> PublishOutcome {
-        let timer = Task { [weak self] in
-            try? await Task.sleep(for: timeout)
+        let timer = WaitTimer.shared.schedule(after: timeout) { [weak self] in
             self?.resolve(.failure(AMQPError(code: .timeout, message: "no publisher confirm within \(timeout)")))
         }
-        defer { timer.cancel() }
+        defer { WaitTimer.shared.cancel(timer) }
         let result = await withCheckedContinuation { (continuation: CheckedContinuation<Result<PublishOutcome, AMQPError>, Never>) in
             let ready = state.withLock { state -> Result<PublishOutcome, AMQPError>? in
                 if let result = state.result { return result }
@@ -52,7 +51,7 @@ final class ChannelState {
     var confirmWaits: [UInt64: ConfirmWait] = [:]
     var tagsByMessageID: [String: UInt64] = [:]
     var returned: [UInt64: PublishOutcome] = [:]
-    var consumers: [String: DeliveryQueue] = [:]
+    var consumers: [String: any DeliverySink] = [:]
     var returnHandler: (@Sendable (String?, Int, String) -> Void)?
 
     init(number: UInt16) {
@@ -97,7 +96,9 @@ final class IOThread: @unchecked Sendable {
     var failure: AMQPError?
     var channels: [UInt16: ChannelState] = [:]
     private var nextChannel: UInt16 = 1
-    private var pendingDeliveries: [ObjectIdentifier: (DeliveryQueue, [AMQPMessage])] = [:]
+    private var pendingDeliveries: [ObjectIdentifier: (any DeliverySink, [AMQPMessage])] = [:]
+    /// The thread's id once it runs (0 before): jobs submitted from the thread itself run at once.
+    private let threadID = Atomic<UInt>(0)
 
     /// Bodies larger than this are not copied out of rabbitmq-c (see ``AMQPMessage/bodySize``).
     let maxBodyBytes: Int
@@ -148,18 +149,25 @@ final class IOThread: @unchecked Sendable {
         return try result.get()
     }
 
-    /// Queues `job` for the I/O thread; `refused` runs at once when the connection is closed.
+    /// Runs `job` on the I/O thread: at once when called from it, else queued; `refused` runs at once
+    /// when the connection is closed.
     func submit(_ job: @escaping @Sendable (IOThread) -> Void, refused: () -> Void) {
+        if isCurrent {
+            if lock.withLock({ stopping }) { refused() } else { job(self) }
+            return
+        }
         if !submit(job) { refused() }
     }
 
     private func submit(_ job: @escaping (IOThread) -> Void) -> Bool {
-        let accepted = lock.withLock { () -> Bool in
-            guard !stopping else { return false }
+        let (accepted, first) = lock.withLock { () -> (Bool, Bool) in
+            guard !stopping else { return (false, false) }
             jobs.append(job)
-            return true
+            return (true, jobs.count == 1)
         }
-        if accepted { wake() }
+        // The thread takes every queued job before it sleeps, so only the first job of a burst must
+        // wake it; the byte it leaves in the pipe until then wakes it at most once more.
+        if first { wake() }
         return accepted
     }
 
@@ -190,7 +198,13 @@ final class IOThread: @unchecked Sendable {
 
     // MARK: - The loop
 
+    /// Whether the caller runs on this connection's I/O thread (inside a job, a consumer handler or a completion).
+    var isCurrent: Bool {
+        threadID.load(ordering: .relaxed) == UInt(pthread_self())
+    }
+
     private func loop() {
+        threadID.store(UInt(pthread_self()), ordering: .relaxed)
         while true {
             let (batch, stop) = lock.withLock { () -> ([(IOThread) -> Void], Bool) in
                 defer { jobs.removeAll() }
@@ -350,8 +364,10 @@ final class IOThread: @unchecked Sendable {
 
     private func flushDeliveries() {
         guard !pendingDeliveries.isEmpty else { return }
-        for (queue, messages) in pendingDeliveries.values { queue.push(messages) }
+        // A handler may run jobs inline (acks, publishes) that fail the connection and flush again: take the batch first.
+        let pending = pendingDeliveries
         pendingDeliveries.removeAll(keepingCapacity: true)
+        for (sink, messages) in pending.values { sink.push(messages) }
     }
 
     private func handle(_ frame: amqp_frame_t) {
@@ -542,6 +558,17 @@ final class IOThread: @unchecked Sendable {
         let tag = state.nextPublishTag
         if state.confirmMode { state.nextPublishTag += 1 }
         return tag
+    }
+
+    /// Runs publishes, acks and rejects on `channel`, in order.
+    func perform(_ actions: [ChannelAction], channel: UInt16) throws(AMQPError) {
+        for action in actions {
+            switch action {
+            case .publish(let message): _ = try publish(message, channel: channel)
+            case .ack(let tag, let multiple): try status(amqp_basic_ack(conn, channel, tag, multiple ? 1 : 0), doing: "ack")
+            case .reject(let tag, let requeue): try status(amqp_basic_reject(conn, channel, tag, requeue ? 1 : 0), doing: "reject")
+            }
+        }
     }
 
     /// Turns a failed rabbitmq-c status into an error (and marks the connection dead when it is).

@@ -619,7 +619,18 @@ public final class BatonClient: Sendable {
     private func connect() async throws -> Link {
         let connection = try await AMQPConnection.connect(to: configuration.amqpURL, name: configuration.name, logger: logger)
         let channel = try await connection.openChannel()
-        let (_, replies) = try await channel.consume(queue: ProtocolV1.directReplyTo, noAck: true)
+        // Replies are dispatched on the connection's I/O thread as they are read: the calls they answer
+        // resume from there, and what waited for their partition is published from there at once.
+        _ = try await channel.consume(
+            queue: ProtocolV1.directReplyTo, noAck: true,
+            onDeliveries: { [weak self] batch in self?.dispatch(batch) },
+            onEnd: { [weak self] _ in
+                // The connection ended: the next call reconnects.
+                self?.state.withLock { state in
+                    if state.link?.connection === connection { state.link = nil }
+                }
+            }
+        )
         try await channel.onReturn { [weak self] messageID, code, text in
             guard let self, let messageID else { return }
             let calls = self.state.withLock { state -> [PendingCall] in
@@ -635,27 +646,6 @@ public final class BatonClient: Sendable {
             }
         }
         let link = Link(connection: connection, channel: channel)
-        // The dispatcher holds the client weakly: a client dropped without close() still goes away.
-        Task { [weak self] in
-            while true {
-                let batch: [AMQPMessage]
-                do {
-                    batch = try await replies.next(max: 256, timeout: .seconds(1))
-                } catch {
-                    // The connection ended: the next call reconnects.
-                    self?.state.withLock { state in
-                        if state.link?.connection === link.connection { state.link = nil }
-                    }
-                    return
-                }
-                guard let self else { return }
-                if batch.isEmpty {
-                    if !link.connection.isOpen { return }
-                    continue
-                }
-                self.dispatch(batch)
-            }
-        }
         logger.debug("client connected", metadata: ["baton.amqp": "\(configuration.amqpURL)"])
         return link
     }

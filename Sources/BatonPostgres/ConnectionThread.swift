@@ -29,6 +29,11 @@ final class ConnectionThread: @unchecked Sendable {
         }
     }
 
+    /// Queues `job` for the thread; `refused` runs at once, instead, when the thread is stopping.
+    func submit(_ job: @escaping @Sendable () -> Void, refused: () -> Void) {
+        if !enqueue(job) { refused() }
+    }
+
     /// Runs `last` on the thread after every queued job, then ends the thread.
     ///
     /// - Returns: false, without running `last`, when the thread was already stopping.

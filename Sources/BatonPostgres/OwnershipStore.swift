@@ -1,5 +1,6 @@
 import BatonCore
 import Logging
+import Synchronization
 
 /// Errors of the ownership store.
 public struct StoreError: Error, Sendable, Hashable, CustomStringConvertible {
@@ -66,6 +67,8 @@ public final class OwnershipStore: Sendable {
     /// How many times a batch is retried after compare-and-set misses before failing with ``StoreError/Code/contention``.
     public let maxAttempts: Int
     private let logger: Logger
+    /// Batches of the partitions sharing the connection, waiting for it (see ``apply(_:partition:epoch:)``).
+    private let waiting = Mutex<[WaitingBatch]>([])
 
     /// The shortest idempotency retention allowed: twice the longest a request can live
     /// (``ProtocolV1/maxRequestLifetimeMilliseconds``, enforced by its deadline and the queues' message
@@ -111,15 +114,87 @@ public final class OwnershipStore: Sendable {
 
     /// Applies `requests` (in queue order) for `partition` as owner of `epoch`, all or nothing.
     ///
+    /// Partitions sharing this store's connection commit together: the batches that wait for the
+    /// connection when it comes free are applied in one transaction (one WAL flush for all of them, see
+    /// ``maxGroupRequests``). When anything in that transaction fails (a lost fence, a compare-and-set
+    /// miss, a refused write), nothing of it was written and each batch is applied again on its own,
+    /// with its own retries and its own error.
+    ///
     /// - Throws: ``StoreError`` with ``StoreError/Code/partitionOwnershipLost`` when the epoch is
     ///   stale (nothing written), ``StoreError/Code/contention`` after repeated compare-and-set
     ///   misses, or a ``PostgresError``.
     public func apply(_ requests: [Request], partition: Int, epoch: Int64) async throws -> BatchResult {
+        try await withCheckedThrowingContinuation { continuation in
+            let first = waiting.withLock { waiting in
+                waiting.append(WaitingBatch(requests: requests, partition: partition, epoch: epoch, continuation: continuation))
+                return waiting.count == 1
+            }
+            if first { scheduleGroup() }
+        }
+    }
+
+    /// The most requests one group transaction takes; batches beyond it wait for the next one.
+    public static let maxGroupRequests = 1024
+
+    /// A batch waiting for the connection.
+    private struct WaitingBatch: Sendable {
+        let requests: [Request]
+        let partition: Int
+        let epoch: Int64
+        let continuation: CheckedContinuation<BatchResult, any Error>
+    }
+
+    /// Queues one job that applies what waits when it runs.
+    private func scheduleGroup() {
+        connection.submit { [self] session in
+            let group = waiting.withLock { waiting -> [WaitingBatch] in
+                var count = 0
+                var taken = 0
+                while taken < waiting.count, taken == 0 || count + waiting[taken].requests.count <= Self.maxGroupRequests {
+                    count += waiting[taken].requests.count
+                    taken += 1
+                }
+                defer { waiting.removeFirst(taken) }
+                return Array(waiting.prefix(taken))
+            }
+            // Batches that arrived meanwhile, or did not fit, go in the next job.
+            defer { if waiting.withLock({ !$0.isEmpty }) { scheduleGroup() } }
+            switch session {
+            case .failure(let error):
+                for batch in group { batch.continuation.resume(throwing: error) }
+            case .success(let session):
+                applyGroup(group.sorted { $0.partition < $1.partition }, session)
+            }
+        }
+    }
+
+    private func applyGroup(_ group: [WaitingBatch], _ session: PostgresSession) {
         let partitioner = self.partitioner
-        // No BEGIN/COMMIT: the batch is one read and one atomic, fenced, compare-and-set write
-        // (optimistic concurrency; see SQL.write). Two round trips instead of six.
-        return try await retrying(partition: partition, what: "the batch of \(requests.count) requests") { session, attempt in
-            try Self.applyOnce(session, requests, partition: partition, epoch: epoch, partitioner: partitioner, attempt: attempt)
+        if group.count > 1 {
+            do {
+                // A fixed order (by partition) keeps two workers' groups from deadlocking on the same rows.
+                let results = try session.transaction {
+                    try group.map { batch in
+                        try Self.applyOnce(session, batch.requests, partition: batch.partition, epoch: batch.epoch, partitioner: partitioner, attempt: 1)
+                    }
+                }
+                for (batch, result) in zip(group, results) { batch.continuation.resume(returning: result) }
+                return
+            } catch let error as PostgresError where error.code == .connectionLost || error.code == .closed {
+                for batch in group { batch.continuation.resume(throwing: error) }
+                return
+            } catch {
+                logger.debug("a group transaction failed; applying its batches one by one", metadata: [
+                    "baton.batches": "\(group.count)", "baton.error": "\(error)",
+                ])
+            }
+        }
+        for batch in group {
+            batch.continuation.resume(with: Result {
+                try retrying(session, partition: batch.partition, what: "the batch of \(batch.requests.count) requests") { session, attempt in
+                    try Self.applyOnce(session, batch.requests, partition: batch.partition, epoch: batch.epoch, partitioner: partitioner, attempt: attempt)
+                }
+            })
         }
     }
 
@@ -128,24 +203,24 @@ public final class OwnershipStore: Sendable {
     private func retrying<T: Sendable>(
         partition: Int, what: String, _ body: @escaping @Sendable (PostgresSession, _ attempt: Int) throws -> T
     ) async throws -> T {
-        let maxAttempts = self.maxAttempts
-        let logger = self.logger
-        return try await connection.withSession { session in
-            for attempt in 1...maxAttempts {
-                do {
-                    return try body(session, attempt)
-                } catch let miss as CompareAndSetMiss {
-                    logger.debug("compare-and-set missed; retrying", metadata: [
-                        "baton.partition": "\(partition)", "baton.attempt": "\(attempt)", "baton.missed": "\(miss.missed)",
-                    ])
-                } catch let error as PostgresError where error.code == .server && error.isTransient {
-                    logger.debug("transaction aborted by the server; retrying", metadata: [
-                        "baton.partition": "\(partition)", "baton.attempt": "\(attempt)", "baton.sqlstate": "\(error.sqlState ?? "")",
-                    ])
-                }
+        try await connection.withSession { [self] session in try retrying(session, partition: partition, what: what, body) }
+    }
+
+    private func retrying<T>(_ session: PostgresSession, partition: Int, what: String, _ body: (PostgresSession, _ attempt: Int) throws -> T) throws -> T {
+        for attempt in 1...maxAttempts {
+            do {
+                return try body(session, attempt)
+            } catch let miss as CompareAndSetMiss {
+                logger.debug("compare-and-set missed; retrying", metadata: [
+                    "baton.partition": "\(partition)", "baton.attempt": "\(attempt)", "baton.missed": "\(miss.missed)",
+                ])
+            } catch let error as PostgresError where error.code == .server && error.isTransient {
+                logger.debug("transaction aborted by the server; retrying", metadata: [
+                    "baton.partition": "\(partition)", "baton.attempt": "\(attempt)", "baton.sqlstate": "\(error.sqlState ?? "")",
+                ])
             }
-            throw StoreError(code: .contention, partition: partition, message: "\(what) lost \(maxAttempts) compare-and-set races in a row; nothing was written")
         }
+        throw StoreError(code: .contention, partition: partition, message: "\(what) lost \(maxAttempts) compare-and-set races in a row; nothing was written")
     }
 
     private static func applyOnce(
@@ -564,8 +639,13 @@ enum SQL {
         ORDER BY id LIMIT $2
         """)
 
+    // A lost mark only republishes an event (events are at least once), so this commit does not wait
+    // for its WAL flush: set_config(..., true) lasts until the end of the statement's own transaction,
+    // and a commit reads synchronous_commit before the setting reverts. It saves an fsync per mark
+    // on a connection the partitions' batches share.
     static let markDelivered = PreparedStatement(name: "baton_mark_delivered", sql: """
-        UPDATE baton_outbox SET delivered_at = clock_timestamp() WHERE id = ANY($1::int8[]) AND delivered_at IS NULL
+        WITH relaxed AS (SELECT set_config('synchronous_commit', 'off', true))
+        UPDATE baton_outbox SET delivered_at = clock_timestamp() FROM relaxed WHERE id = ANY($1::int8[]) AND delivered_at IS NULL
         """)
 
     // Uses baton_requests_created.

@@ -104,6 +104,16 @@ public final class PostgresConnection: Sendable {
         }
     }
 
+    /// Runs `body` on the connection's thread without suspending the caller: with the session (after
+    /// reconnecting if the connection broke), or with why there is none (closed, cannot reconnect).
+    public func submit(_ body: @escaping @Sendable (Result<PostgresSession, any Error>) -> Void) {
+        let handle = self.handle
+        thread.submit(
+            { body(Result { try handle.ensureOpen(); return PostgresSession(handle: handle) }) },
+            refused: { body(.failure(PostgresError(code: .closed, message: "the connection was closed"))) }
+        )
+    }
+
     /// Closes the connection after the jobs already submitted; later jobs fail with ``PostgresError/Code/closed``.
     public func close() async {
         let handle = self.handle

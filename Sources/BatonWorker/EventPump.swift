@@ -37,6 +37,7 @@ final class EventPump: Sendable {
                 confirmed.removeAll()
                 lastMark = ContinuousClock.now
             }
+            var markArmed = false
             for await _ in signals {
                 while true {
                     let entries = pending.entries.withLock { entries in
@@ -45,9 +46,25 @@ final class EventPump: Sendable {
                     }
                     if entries.isEmpty { break }
                     confirmed += await Self.publish(entries, partition: partition, channel: channel, logger: logger)
-                    if ContinuousClock.now - lastMark >= markInterval { await mark() }
+                    if ContinuousClock.now - lastMark >= markInterval {
+                        await mark()
+                        markArmed = false
+                    }
                 }
-                await mark()
+                // Marks are one statement per markInterval at most, not one per batch: the database
+                // connection is shared with the partitions' decisions. What is left is marked when the
+                // interval has passed (a wake-up is armed for it), or at the end.
+                if ContinuousClock.now - lastMark >= markInterval {
+                    await mark()
+                    markArmed = false
+                } else if !confirmed.isEmpty, !markArmed {
+                    markArmed = true
+                    let delay = markInterval - (ContinuousClock.now - lastMark)
+                    Task {
+                        try? await Task.sleep(for: delay)
+                        wake.yield()
+                    }
+                }
             }
             await mark()
         }

@@ -251,6 +251,24 @@ public final class Worker: Service, Sendable {
         struct Channels {
             let consume: AMQPChannel
             let publish: AMQPChannel
+
+            /// Publishes a batch's replies, then settles its deliveries, without waiting for either: the
+            /// runner goes on with the next batch meanwhile. Each connection's I/O thread runs what it is
+            /// given in order, so replies always leave before their acks, and batches settle in order.
+            /// A failure ends the connection, and with it the runner (unsettled deliveries go back to the
+            /// queue, answered from their records when they come again).
+            func send(_ publishes: [ChannelAction], thenSettle settles: [ChannelAction]) {
+                let consume = self.consume
+                publish.enqueue(publishes) { error in
+                    if error == nil, !settles.isEmpty { consume.enqueue(settles) }
+                }
+            }
+
+            /// Waits until every batch handed to ``send(_:thenSettle:)`` is published and settled (or failed).
+            func drain() async {
+                await publish.barrier()
+                await consume.barrier()
+            }
         }
 
         func run() async throws {
@@ -278,9 +296,11 @@ public final class Worker: Service, Sendable {
                 do {
                     try await loop(channels: channels, deliveries: deliveries, pump: pump)
                 } catch {
+                    await channels.drain()
                     await pump?.finish()
                     throw error
                 }
+                await channels.drain()
                 await pump?.finish()
             } catch {
                 await consume.close()
@@ -609,9 +629,8 @@ public final class Worker: Service, Sendable {
             }
             // Replies leave before the acks; rejections go first so that the closing multiple-ack covers
             // exactly the accepted ones.
-            try await channels.publish.perform(publishes)
             if let lastAck { settles.append(.ack(deliveryTag: lastAck, multiple: true)) }
-            try await channels.consume.perform(settles)
+            channels.send(publishes, thenSettle: settles)
             metrics.requests(counts)
             metrics.replies.increment(by: publishes.count)
             metrics.batchDuration.recordNanoseconds((ContinuousClock.now - batchStarted).nanoseconds)
@@ -668,8 +687,7 @@ public final class Worker: Service, Sendable {
                 }
                 if let reply = replyMessage(body, to: message) { publishes.append(.publish(reply)) }
             }
-            try await channels.publish.perform(publishes)
-            if let last = batch.last { try await channels.consume.perform([.ack(deliveryTag: last.deliveryTag, multiple: true)]) }
+            channels.send(publishes, thenSettle: batch.last.map { [.ack(deliveryTag: $0.deliveryTag, multiple: true)] } ?? [])
             worker.statistics.withLock {
                 $0.requests += requests
                 $0.messages += batch.count

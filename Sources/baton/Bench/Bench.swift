@@ -54,6 +54,9 @@ struct Bench: AsyncParsableCommand {
     @Option(help: "Folder for results.json and results.svg.")
     var output = "bench-results"
 
+    @Option(name: .customLong("worker-log"), help: "Append the bench workers' logs (level info: batches, commit times at exit) to this file.")
+    var workerLog: String?
+
     @Flag(name: .customLong("no-half-peak"), help: "Skip the fixed-rate run at half of Baton's peak.")
     var noHalfPeak = false
 
@@ -140,7 +143,7 @@ struct Bench: AsyncParsableCommand {
             return SystemResult(measurement: measurement)
         default:
             let echo = system == "echo"
-            let worker = try BenchWorker.start(echo: echo, scratch: scratch, amqpURL: amqpURL, partitioner: partitioner, batchSize: batchSize)
+            let worker = try BenchWorker.start(echo: echo, scratch: scratch, amqpURL: amqpURL, partitioner: partitioner, batchSize: batchSize, log: workerLog.map { URL(fileURLWithPath: $0) })
             do {
                 let result = try await measureBaton(
                     worker: worker, echo: echo, workload: workload, buffers: buffers, scratch: scratch, clientURL: clientURL,
@@ -220,16 +223,16 @@ struct Bench: AsyncParsableCommand {
 struct BenchWorker: Sendable {
     let process: ChildProcess
 
-    static func start(echo: Bool, scratch: PostgresURL, amqpURL: AMQPURL, partitioner: Partitioner, batchSize: Int) throws -> BenchWorker {
+    static func start(echo: Bool, scratch: PostgresURL, amqpURL: AMQPURL, partitioner: Partitioner, batchSize: Int, log: URL?) throws -> BenchWorker {
         var environment = ProcessInfo.processInfo.environment
         environment["BATON_DATABASE_URL"] = scratch.connectionString
         environment["BATON_AMQP_URL"] = amqpURL.connectionString
         let process = try ChildProcess(
             executable: URL(fileURLWithPath: CommandLine.arguments[0]).resolvingSymlinksInPath(),
             arguments: ["worker", "--partitions", "all", "--partition-count", String(partitioner.count),
-                        "--batch-size", String(batchSize), "--worker-id", echo ? "bench-echo" : "bench", "--log-level", "warning",
+                        "--batch-size", String(batchSize), "--worker-id", echo ? "bench-echo" : "bench", "--log-level", log == nil ? "warning" : "info",
                         "--metrics-port", "0", "--exit-with-parent"] + (echo ? ["--echo"] : []),
-            environment: environment
+            environment: environment, log: log
         )
         return BenchWorker(process: process)
     }
