@@ -172,13 +172,9 @@ public final class OwnershipStore: Sendable {
         let partitioner = self.partitioner
         if group.count > 1 {
             do {
-                // A fixed order (by partition) keeps two workers' groups from deadlocking on the same rows.
-                let results = try session.transaction {
-                    try group.map { batch in
-                        try Self.applyOnce(session, batch.requests, partition: batch.partition, epoch: batch.epoch, partitioner: partitioner, attempt: 1)
-                    }
-                }
-                for (batch, result) in zip(group, results) { batch.continuation.resume(returning: result) }
+                // Sorted by partition: a fixed order keeps two workers' groups from deadlocking on the same rows.
+                let results = try Self.applyPipelined(group, session, partitioner: partitioner)
+                for (batch, result) in zip(group, results) { batch.continuation.resume(with: result) }
                 return
             } catch let error as PostgresError where error.code == .connectionLost || error.code == .closed {
                 for batch in group { batch.continuation.resume(throwing: error) }
@@ -226,82 +222,199 @@ public final class OwnershipStore: Sendable {
     private static func applyOnce(
         _ session: PostgresSession, _ requests: [Request], partition: Int, epoch: Int64, partitioner: Partitioner, attempt: Int
     ) throws -> BatchResult {
-        // One statement: lock the partition row FOR SHARE and read its epoch, the replies already given
-        // to these request ids (redeliveries, client retries), the rows the batch touches, and the clock.
+        let (read, parameters) = readStatement(requests, partition: partition)
+        let plan = try BatchPlan(read: session.query(read, parameters), requests: requests, partition: partition, epoch: epoch, partitioner: partitioner)
+        return plan.result(outboxIDs: try plan.write(session), attempt: attempt)
+    }
+
+    /// Applies several partitions' batches in two round trips: their reads in one pipeline, their
+    /// writes in another, which commits them in one implicit transaction (one WAL flush). Throws when a
+    /// statement failed (nothing was written; the caller applies each batch alone); a batch whose own
+    /// outcome is an error (its fence was lost) gets it in its place.
+    private static func applyPipelined(_ group: [WaitingBatch], _ session: PostgresSession, partitioner: Partitioner) throws -> [Result<BatchResult, any Error>] {
+        let reads = try session.pipeline(group.map { readStatement($0.requests, partition: $0.partition) })
+        var plans: [BatchPlan] = []
+        for (batch, read) in zip(group, reads) {
+            plans.append(try BatchPlan(read: read.get(), requests: batch.requests, partition: batch.partition, epoch: batch.epoch, partitioner: partitioner))
+        }
+        let writing = plans.indices.filter { plans[$0].needsWrite }
+        let writes = try session.pipeline(writing.map { (SQL.write, plans[$0].writeParameters) })
+        var rows: [Int: [String?]] = [:]
+        for (index, write) in zip(writing, writes) { rows[index] = try write.get().rows.first ?? [] }
+        return plans.indices.map { index in
+            Result { plans[index].result(outboxIDs: try rows[index].map(plans[index].checkWrite) ?? [], attempt: 1) }
+        }
+    }
+
+    /// The batch read: one statement that locks nothing and reads the partition's epoch, the replies
+    /// already given to these request ids (redeliveries, client retries), the rows the batch touches,
+    /// and the clock.
+    private static func readStatement(_ requests: [Request], partition: Int) -> (PreparedStatement, [String?]) {
         let buffers = Set(requests.compactMap { request in request.buffer.map { ExactString($0) } })
         let connections = Set(requests.compactMap { request -> ExactString? in
             if case .releaseConnection(let connection) = request.command { return ExactString(connection) }
             return nil
         })
-        let rows = try session.query(SQL.readBatch, [
+        return (SQL.readBatch, [
             String(partition), PostgresArray.text(Set(requests.map { ExactString($0.requestID) }).map(\.string)),
             PostgresArray.text(buffers.map(\.string)), PostgresArray.text(connections.map(\.string)),
-        ]).rows
-        guard let header = rows.first(where: { $0[0] == "f" }), let clock = header[2].flatMap(Int64.init) else {
-            throw PostgresError(code: .unexpectedResult, message: "the batch read returned no header row")
-        }
-        try checkEpoch(header[1].flatMap(Int64.init), partition: partition, epoch: epoch)
-        let now = Timestamp(milliseconds: clock)
-        var stored: [ExactString: (reply: Reply, fingerprint: String?)] = [:]
+        ])
+    }
+
+    /// A batch decided from its read: the replies, and what to write (buffers by compare-and-set,
+    /// idempotency records, outbox rows) in one fenced statement.
+    private struct BatchPlan {
+        let partition: Int
+        let epoch: Int64
+        let now: Timestamp
+        var replies: [Reply] = []
+        var replayed = 0
+        /// Changed buffers, sorted (a fixed order keeps concurrent writers from deadlocking), with the state to write.
+        var buffers: [ExactString] = []
+        var states: [BufferState] = []
         var initial: [ExactString: BufferState] = [:]
         var versions: [ExactString: Int64] = [:]
-        for row in rows where row[0] != "f" {
-            if row[0] == "r" {
-                guard let id = row[1], let body = row[2], let reply = try? ProtocolCodec.decodeReply(Array(body.utf8)) else {
-                    // Deciding again could apply a request twice: refuse instead.
-                    throw PostgresError(code: .unexpectedResult, message: "a stored reply in baton_requests for partition \(partition) cannot be decoded")
-                }
-                stored[ExactString(id)] = (reply, row[3])
-            } else {
-                let (buffer, state, version) = try decodeBuffer(row)
-                initial[buffer] = state
-                versions[buffer] = version
-            }
-        }
-
-        // Decide in queue order.
-        var state = PartitionState(partition: partition, partitioner: partitioner, buffers: initial)
-        var replies: [Reply] = []
+        var records: [(id: String, reply: Reply, fingerprint: String)] = []
         var changes: [(OwnershipChange, String?)] = []
-        var newRecords: [(id: String, reply: Reply, fingerprint: String)] = []
-        var replayed = 0
-        replies.reserveCapacity(requests.count)
-        for request in requests {
-            let fingerprint = ProtocolCodec.fingerprint(request)
-            if let (reply, recorded) = stored[ExactString(request.requestID)] {
-                // A repeat is answered from its record only when it asks the same thing (records written
-                // before fingerprints existed have none and are answered as before).
-                if let recorded, recorded != fingerprint {
-                    replies.append(Reply.rejection(ProtocolError(
-                        code: .requestIDReused,
-                        message: "request_id '\(LogValue.escape(request.requestID))' was already used for a different request (another op, buffer, argument or sender): use a new request_id for a new request; a retry must repeat the original exactly",
-                        requestID: request.requestID, buffer: request.buffer
-                    ), partition: partition, at: now))
+
+        var needsWrite: Bool { !buffers.isEmpty || !records.isEmpty || !changes.isEmpty }
+
+        init(read: PostgresRows, requests: [Request], partition: Int, epoch: Int64, partitioner: Partitioner) throws {
+            let rows = read.rows
+            guard let header = rows.first(where: { $0[0] == "f" }), let clock = header[2].flatMap(Int64.init) else {
+                throw PostgresError(code: .unexpectedResult, message: "the batch read returned no header row")
+            }
+            try OwnershipStore.checkEpoch(header[1].flatMap(Int64.init), partition: partition, epoch: epoch)
+            self.partition = partition
+            self.epoch = epoch
+            now = Timestamp(milliseconds: clock)
+            var stored: [ExactString: (reply: Reply, fingerprint: String?)] = [:]
+            for row in rows where row[0] != "f" {
+                if row[0] == "r" {
+                    guard let id = row[1], let body = row[2], let reply = try? ProtocolCodec.decodeReply(Array(body.utf8)) else {
+                        // Deciding again could apply a request twice: refuse instead.
+                        throw PostgresError(code: .unexpectedResult, message: "a stored reply in baton_requests for partition \(partition) cannot be decoded")
+                    }
+                    stored[ExactString(id)] = (reply, row[3])
                 } else {
-                    replies.append(reply)
-                    replayed += 1
+                    let (buffer, state, version) = try OwnershipStore.decodeBuffer(row)
+                    initial[buffer] = state
+                    versions[buffer] = version
                 }
-                continue
             }
-            let (reply, made) = state.apply(request, at: now)
-            if reply.status == .error, reply.error?.code == .deadlineExceeded {
-                // Not recorded: nothing was decided, and a retry with a later deadline may still be decided.
+
+            // Decide in queue order.
+            var state = PartitionState(partition: partition, partitioner: partitioner, buffers: initial)
+            replies.reserveCapacity(requests.count)
+            for request in requests {
+                let fingerprint = ProtocolCodec.fingerprint(request)
+                if let (reply, recorded) = stored[ExactString(request.requestID)] {
+                    // A repeat is answered from its record only when it asks the same thing (records written
+                    // before fingerprints existed have none and are answered as before).
+                    if let recorded, recorded != fingerprint {
+                        replies.append(Reply.rejection(ProtocolError(
+                            code: .requestIDReused,
+                            message: "request_id '\(LogValue.escape(request.requestID))' was already used for a different request (another op, buffer, argument or sender): use a new request_id for a new request; a retry must repeat the original exactly",
+                            requestID: request.requestID, buffer: request.buffer
+                        ), partition: partition, at: now))
+                    } else {
+                        replies.append(reply)
+                        replayed += 1
+                    }
+                    continue
+                }
+                let (reply, made) = state.apply(request, at: now)
+                if reply.status == .error, reply.error?.code == .deadlineExceeded {
+                    // Not recorded: nothing was decided, and a retry with a later deadline may still be decided.
+                    replies.append(reply)
+                    continue
+                }
+                stored[ExactString(request.requestID)] = (reply, fingerprint)
+                records.append((request.requestID, reply, fingerprint))
                 replies.append(reply)
-                continue
+                changes += made.map { ($0, request.requestID) }
             }
-            stored[ExactString(request.requestID)] = (reply, fingerprint)
-            newRecords.append((request.requestID, reply, fingerprint))
-            replies.append(reply)
-            changes += made.map { ($0, request.requestID) }
+            let writes = state.buffers.filter { initial[$0.key] != $0.value }
+            buffers = writes.keys.sorted()
+            states = buffers.map { writes[$0]! }
         }
 
-        let writes = state.buffers.filter { initial[$0.key] != $0.value }
-        let outboxIDs = try write(
-            session, partition: partition, epoch: epoch, now: now, writes: writes, initial: initial, versions: versions,
-            records: newRecords, changes: changes
-        )
-        let entries = zip(outboxIDs, changes).map { OutboxEntry(id: $0, partition: partition, change: $1.0) }
-        return BatchResult(replies: replies, changes: entries, replayed: replayed, attempts: attempt)
+        /// A sweep's plan: the buffers it changed (from `initial` to `after`) and its changes, no replies.
+        init(
+            partition: Int, epoch: Int64, now: Timestamp, initial: [ExactString: BufferState], versions: [ExactString: Int64],
+            after: [ExactString: BufferState], changes: [(OwnershipChange, String?)]
+        ) {
+            self.partition = partition
+            self.epoch = epoch
+            self.now = now
+            self.initial = initial
+            self.versions = versions
+            self.changes = changes
+            let writes = after.filter { initial[$0.key] != $0.value }
+            buffers = writes.keys.sorted()
+            states = buffers.map { writes[$0]! }
+        }
+
+        /// Writes the plan in one statement, unless there is nothing to write; returns the outbox ids.
+        ///
+        /// - Throws: ``CompareAndSetMiss`` when another writer changed a buffer or recorded a request id
+        ///   first (the statement then aborts itself, SQLSTATE BT001, and writes nothing).
+        func write(_ session: PostgresSession) throws -> [Int64] {
+            guard needsWrite else { return [] }
+            do {
+                return try checkWrite(session.query(SQL.write, writeParameters).rows.first ?? [])
+            } catch let error as PostgresError where error.sqlState == "BT001" {
+                throw CompareAndSetMiss(missed: 1)
+            }
+        }
+
+        /// The parameters of ``SQL/write``.
+        var writeParameters: [String?] {
+            let changeList = changes.map(\.0)
+            return [
+                String(partition), String(now.milliseconds),
+                PostgresArray.text(buffers.map(\.string)),
+                PostgresArray.text(states.map { $0.holder?.user }),
+                PostgresArray.text(states.map { $0.holder?.connection }),
+                PostgresArray.integers(states.map { Optional($0.token) }),
+                PostgresArray.integers(states.map { $0.expiresAt?.milliseconds }),
+                PostgresArray.integers(buffers.map { Optional(initial[$0]?.token ?? 0) }),
+                PostgresArray.integers(buffers.map { Optional(versions[$0] ?? 0) }),
+                PostgresArray.text(records.map(\.id)),
+                PostgresArray.text(records.map { String(decoding: ProtocolCodec.encode($0.reply), as: UTF8.self) }),
+                PostgresArray.text(changeList.map(\.kind.rawValue)),
+                PostgresArray.text(changeList.map(\.buffer)),
+                PostgresArray.text(changeList.map(\.holder.user)),
+                PostgresArray.text(changeList.map(\.holder.connection)),
+                PostgresArray.integers(changeList.map { Optional($0.token) }),
+                PostgresArray.integers(changeList.map { Optional($0.at.milliseconds) }),
+                PostgresArray.integers(changeList.map { Optional($0.expiresAt.milliseconds) }),
+                PostgresArray.text(changes.map(\.1)),
+                String(epoch), String(buffers.count), String(records.count),
+                "{" + changeList.map { $0.forced ? "t" : "f" }.joined(separator: ",") + "}",
+                PostgresArray.text(states.map(\.principal)),
+                PostgresArray.text(records.map(\.fingerprint)),
+                PostgresArray.text(changeList.map(\.principal)),
+            ]
+        }
+
+        /// Checks the write's result row (fence, counts) and returns the outbox ids, in the order of `changes`.
+        ///
+        /// - Throws: ``CompareAndSetMiss`` when another writer changed a buffer or recorded a request id first.
+        func checkWrite(_ row: [String?]) throws -> [Int64] {
+            try OwnershipStore.checkEpoch(row.count > 3 ? row[3].flatMap(Int64.init) : nil, partition: partition, epoch: epoch)
+            let written = row.first.flatMap { $0.flatMap(Int.init) } ?? -1
+            let recorded = row.count > 1 ? row[1].flatMap(Int.init) ?? -1 : -1
+            guard written == buffers.count, recorded == records.count else {
+                throw CompareAndSetMiss(missed: buffers.count - written + records.count - recorded)
+            }
+            return PostgresArray.parseIntegers(row.count > 2 ? row[2] : nil)
+        }
+
+        func result(outboxIDs: [Int64], attempt: Int) -> BatchResult {
+            let entries = zip(outboxIDs, changes).map { OutboxEntry(id: $0, partition: partition, change: $1.0) }
+            return BatchResult(replies: replies, changes: entries, replayed: replayed, attempts: attempt)
+        }
     }
 
     // MARK: - Lease sweep
@@ -322,12 +435,10 @@ public final class OwnershipStore: Sendable {
             let (now, initial, versions) = try Self.decodeBuffers(rows)
             var state = PartitionState(partition: partition, partitioner: partitioner, buffers: initial)
             let changes = state.sweep(at: now)
-            let writes = state.buffers.filter { initial[$0.key] != $0.value }
-            let ids = try Self.write(
-                session, partition: partition, epoch: epoch, now: now, writes: writes, initial: initial, versions: versions,
-                records: [], changes: changes.map { ($0, nil) }
+            let plan = BatchPlan(
+                partition: partition, epoch: epoch, now: now, initial: initial, versions: versions, after: state.buffers, changes: changes.map { ($0, nil) }
             )
-            return zip(ids, changes).map { OutboxEntry(id: $0, partition: partition, change: $1) }
+            return plan.result(outboxIDs: try plan.write(session), attempt: 1).changes
         }
     }
 
@@ -443,59 +554,6 @@ public final class OwnershipStore: Sendable {
         let holder: Holder? = if let user = row[2], let connection = row[3] { Holder(user: user, connection: connection) } else { nil }
         let expires = row[5].flatMap(Int64.init).map(Timestamp.init(milliseconds:))
         return (ExactString(buffer), BufferState(holder: holder, token: token, expiresAt: expires, principal: row[7]), version)
-    }
-
-    /// Writes changed buffers (compare-and-set), idempotency records and outbox rows in one statement.
-    ///
-    /// - Returns: the outbox ids, in the order of `changes`.
-    /// - Throws: ``CompareAndSetMiss`` when another writer changed a buffer or recorded a request id first
-    ///   (the statement then aborts itself, SQLSTATE BT001, and writes nothing).
-    private static func write(
-        _ session: PostgresSession, partition: Int, epoch: Int64, now: Timestamp, writes: [ExactString: BufferState],
-        initial: [ExactString: BufferState], versions: [ExactString: Int64], records: [(id: String, reply: Reply, fingerprint: String)],
-        changes: [(OwnershipChange, String?)]
-    ) throws -> [Int64] {
-        guard !writes.isEmpty || !records.isEmpty || !changes.isEmpty else { return [] }
-        let buffers = writes.keys.sorted()  // a fixed order keeps concurrent writers from deadlocking
-        let states = buffers.map { writes[$0]! }
-        let changeList = changes.map(\.0)
-        let row: [String?]
-        do {
-            row = try session.query(SQL.write, [
-            String(partition), String(now.milliseconds),
-            PostgresArray.text(buffers.map(\.string)),
-            PostgresArray.text(states.map { $0.holder?.user }),
-            PostgresArray.text(states.map { $0.holder?.connection }),
-            PostgresArray.integers(states.map { Optional($0.token) }),
-            PostgresArray.integers(states.map { $0.expiresAt?.milliseconds }),
-            PostgresArray.integers(buffers.map { Optional(initial[$0]?.token ?? 0) }),
-            PostgresArray.integers(buffers.map { Optional(versions[$0] ?? 0) }),
-            PostgresArray.text(records.map(\.id)),
-            PostgresArray.text(records.map { String(decoding: ProtocolCodec.encode($0.reply), as: UTF8.self) }),
-            PostgresArray.text(changeList.map(\.kind.rawValue)),
-            PostgresArray.text(changeList.map(\.buffer)),
-            PostgresArray.text(changeList.map(\.holder.user)),
-            PostgresArray.text(changeList.map(\.holder.connection)),
-            PostgresArray.integers(changeList.map { Optional($0.token) }),
-            PostgresArray.integers(changeList.map { Optional($0.at.milliseconds) }),
-            PostgresArray.integers(changeList.map { Optional($0.expiresAt.milliseconds) }),
-            PostgresArray.text(changes.map(\.1)),
-            String(epoch), String(buffers.count), String(records.count),
-            "{" + changeList.map { $0.forced ? "t" : "f" }.joined(separator: ",") + "}",
-            PostgresArray.text(states.map(\.principal)),
-            PostgresArray.text(records.map(\.fingerprint)),
-            PostgresArray.text(changeList.map(\.principal)),
-            ]).rows.first ?? []
-        } catch let error as PostgresError where error.sqlState == "BT001" {
-            throw CompareAndSetMiss(missed: 1)
-        }
-        try checkEpoch(row.count > 3 ? row[3].flatMap(Int64.init) : nil, partition: partition, epoch: epoch)
-        let written = row.first.flatMap { $0.flatMap(Int.init) } ?? -1
-        let recorded = row.count > 1 ? row[1].flatMap(Int.init) ?? -1 : -1
-        guard written == buffers.count, recorded == records.count else {
-            throw CompareAndSetMiss(missed: buffers.count - written + records.count - recorded)
-        }
-        return PostgresArray.parseIntegers(row.count > 2 ? row[2] : nil)
     }
 }
 

@@ -66,6 +66,50 @@ public final class PostgresSession {
         }
     }
 
+    /// Sends prepared statements in one pipeline (libpq pipeline mode, one round trip) and returns each
+    /// one's outcome, in order. They run in one implicit transaction that commits at the end: when one
+    /// fails, the transaction rolls back and the statements after it are not run (each of those gets an
+    /// ``PostgresError/Code/unexpectedResult`` "not run"). A lost connection throws.
+    public func pipeline(_ statements: [(PreparedStatement, [String?])]) throws -> [Result<PostgresRows, PostgresError>] {
+        let conn = try conn()
+        for (statement, _) in statements where !handle.prepared.contains(statement.name) {
+            _ = try collect(PQprepare(conn, statement.name, statement.sql, 0, nil))
+            handle.prepared.insert(statement.name)
+        }
+        guard PQenterPipelineMode(conn) == 1 else { throw lostOrFailed(fallback: "cannot enter pipeline mode") }
+        defer { PQexitPipelineMode(conn) }
+        for (statement, parameters) in statements {
+            let sent = try withCStrings(parameters) { values in
+                PQsendQueryPrepared(conn, statement.name, Int32(values.count), values, nil, nil, 0)
+            }
+            guard sent == 1 else { throw lostOrFailed(fallback: "cannot send \(statement.name)") }
+        }
+        guard PQpipelineSync(conn) == 1 else { throw lostOrFailed(fallback: "cannot send the pipeline's sync") }
+        var outcomes: [Result<PostgresRows, PostgresError>] = []
+        outcomes.reserveCapacity(statements.count)
+        for _ in statements {
+            guard let result = PQgetResult(conn) else { throw lostOrFailed(fallback: "a pipelined statement returned no result") }
+            if PQresultStatus(result) == PGRES_PIPELINE_ABORTED {
+                PQclear(result)
+                outcomes.append(.failure(PostgresError(code: .unexpectedResult, message: "not run: an earlier statement of its pipeline failed")))
+            } else {
+                do {
+                    outcomes.append(.success(try collect(result)))
+                } catch let error as PostgresError {
+                    outcomes.append(.failure(error))
+                }
+            }
+            // Each statement's results end with a null result.
+            while let extra = PQgetResult(conn) { PQclear(extra) }
+        }
+        // The sync's own result ends the pipeline.
+        guard let sync = PQgetResult(conn) else { throw lostOrFailed(fallback: "the pipeline's sync returned no result") }
+        let synced = PQresultStatus(sync) == PGRES_PIPELINE_SYNC
+        PQclear(sync)
+        guard synced else { throw lostOrFailed(fallback: "the pipeline did not end with its sync") }
+        return outcomes
+    }
+
     /// Runs `body` in a transaction: commits when it returns, rolls back when it throws.
     public func transaction<T>(_ body: () throws -> T) throws -> T {
         try query("BEGIN")

@@ -33,8 +33,11 @@ struct Bench: AsyncParsableCommand {
     @Option(help: "Seconds each system runs each workload, 1-3600.")
     var duration: Double = 10
 
-    @Option(help: "Concurrent clients (closed loop), 1-4096.")
-    var clients = 64
+    @Option(name: .customLong("clients"), help: "Concurrent clients (closed loop), 1-4096 (default: 64; incident 1024, 256 users on each of 4 frontends).")
+    var clientsFlag: Int?
+
+    /// The clients of `workload`: the flag, or the workload's default.
+    func clients(_ workload: Workload) -> Int { clientsFlag ?? workload.defaultClients }
 
     @Option(help: "Distinct buffers (default: open-storm 100000, hot 8; renew-heavy uses one per client).")
     var buffers: Int?
@@ -68,7 +71,7 @@ struct Bench: AsyncParsableCommand {
             throw ValidationError("system '\(name)' is unknown: use \(Self.systems.joined(separator: ", "))")
         }
         guard (1...3600).contains(duration) else { throw ValidationError("--duration \(duration) is not allowed: use 1 to 3600 seconds") }
-        guard (1...4096).contains(clients) else { throw ValidationError("--clients \(clients) is not allowed: use 1 to 4096") }
+        if let clients = clientsFlag, !(1...4096).contains(clients) { throw ValidationError("--clients \(clients) is not allowed: use 1 to 4096") }
         guard (1...1024).contains(partitions) else { throw ValidationError("--partitions \(partitions) is not allowed: use 1 to 1024") }
         guard (1...10_000).contains(batchSize) else { throw ValidationError("--batch-size \(batchSize) is not allowed: use 1 to 10000") }
         guard (1...64).contains(connections) else { throw ValidationError("--connections \(connections) is not allowed: use 1 to 64") }
@@ -102,11 +105,11 @@ struct Bench: AsyncParsableCommand {
         let runID = String(UUID().uuidString.prefix(8)).lowercased()
         let command = CommandLine.arguments.map { $0.contains(" ") ? "'\($0)'" : $0 }.joined(separator: " ")
         var report = BenchReport(command: command, machine: try await BenchReport.machine(serverURL: serverURL, logger: logger))
-        print("baton bench: \(workloads.map(\.rawValue).joined(separator: ", ")) × \(systems.joined(separator: ", ")); \(Int(duration)) s each, \(clients) clients, \(partitions) partitions, batch \(batchSize)")
+        print("baton bench: \(workloads.map(\.rawValue).joined(separator: ", ")) × \(systems.joined(separator: ", ")); \(Int(duration)) s each, \(clientsFlag.map(String.init) ?? "64 (incident 1024)") clients, \(partitions) partitions, batch \(batchSize)")
 
         for workload in workloads {
             let buffers = self.buffers ?? workload.defaultBuffers
-            print("\n\(workload.rawValue): \(workload == .renewHeavy ? "\(clients) holders renewing" : "\(buffers) buffers")")
+            print("\n\(workload.rawValue): \(workload == .renewHeavy ? "\(clients(workload)) holders renewing" : workload == .incident ? "\(clients(workload)) users opening files in pairs within 100 ms" : "\(buffers) buffers")")
             try await resetScratch(serverURL: serverURL, scratch: scratch, partitioner: partitioner, amqpURL: amqpURL, logger: logger)
             var results: [String: SystemResult] = [:]
             for system in systems {
@@ -137,7 +140,7 @@ struct Bench: AsyncParsableCommand {
         case "postgres", "naive":
             let sql = try await SQLSystem.make(style: system == "postgres" ? .conditional : .naive, url: scratch, poolSize: poolSize, logger: logger)
             defer { Task { await sql.close() } }
-            let runner = BenchRunner(workload: workload, system: sql, clients: clients, buffers: buffers, label: label, runID: runID)
+            let runner = BenchRunner(workload: workload, system: sql, clients: clients(workload), buffers: buffers, label: label, runID: runID)
             var measurement = await runner.closedLoop(duration: .seconds(duration), tokens: try await runner.prepare())
             measurement.doubleGrants = try await sql.doubleGrants()
             return SystemResult(measurement: measurement)
@@ -170,7 +173,7 @@ struct Bench: AsyncParsableCommand {
             defer { Task { await baton.close() } }
             try await worker.waitUntilServing(batonClients[0])
             for client in batonClients { _ = try await client.inspect("bench/warm-up") }
-            let runner = BenchRunner(workload: workload, system: baton, clients: clients, buffers: buffers, label: label, runID: runID)
+            let runner = BenchRunner(workload: workload, system: baton, clients: clients(workload), buffers: buffers, label: label, runID: runID)
             let tokens = try await runner.prepare()
             let sampler = worker.sampleMemory()
             let cpuBefore = BenchWorker.cpuMicroseconds(pid: worker.process.pid)
@@ -186,7 +189,7 @@ struct Bench: AsyncParsableCommand {
             if sent > 0 { result.requestsPerMessage = Double(calls) / Double(sent) }
             if !noHalfPeak && measurement.perSecond > 0 {
                 let rate = measurement.perSecond / 2
-                let half = await BenchRunner(workload: workload, system: baton, clients: clients, buffers: buffers, label: "\(label) at half peak", runID: runID + "h")
+                let half = await BenchRunner(workload: workload, system: baton, clients: clients(workload), buffers: buffers, label: "\(label) at half peak", runID: runID + "h")
                     .openLoop(rate: rate, duration: .seconds(max(1, duration / 2)), tokens: tokens)
                 result.halfPeak = HalfPeak(rate: rate, measurement: half)
             }

@@ -10,14 +10,19 @@ enum Workload: String, CaseIterable, Sendable {
     case hot
     /// Holders renewing their leases.
     case renewHeavy = "renew-heavy"
+    /// The incident's shape: hundreds of users per frontend open files in pairs (two users claim the
+    /// same file within 100 ms, one must win), hold them briefly and close them.
+    case incident
 
     var defaultBuffers: Int {
         switch self {
         case .openStorm: 100_000
         case .hot: 8
-        case .renewHeavy: 0  // one buffer per client
+        case .renewHeavy, .incident: 0  // one buffer per client, or a fresh file per pair and step
         }
     }
+
+    var defaultClients: Int { self == .incident ? 1024 : 64 }
 }
 
 /// What one system did under one workload.
@@ -60,6 +65,8 @@ struct BenchRunner: Sendable {
         let operations = Atomic<Int>(0)
         let errors = Atomic<Int>(0)
         let latencies = Mutex<[Double]>([])
+        /// Each client's next step (incident).
+        let steps = Mutex<[Int: Int]>([:])
     }
 
     /// Claims each client's own buffer before a renew-heavy run; returns the tokens.
@@ -96,6 +103,24 @@ struct BenchRunner: Sendable {
         case .renewHeavy:
             _ = try await system.renew(client: client, buffer: "renew/\(runID)/\(client)", token: tokens[client])
             return elapsed()
+        case .incident:
+            // Clients 2k and 2k+1 are a pair; their n-th files are the same. Each waits 0-100 ms (the
+            // two open it within 100 ms of each other), claims it, and the one granted holds it 1 ms and
+            // closes it.
+            let step = counters.steps.withLock { steps in
+                defer { steps[client, default: 0] += 1 }
+                return steps[client, default: 0]
+            }
+            try await Task.sleep(for: .milliseconds(Int.random(in: 0...100)))
+            let buffer = "incident/\(runID)/\(client / 2)/\(step)"
+            let begin = ContinuousClock.now
+            let token = try await system.claim(client: client, buffer: buffer)
+            let latency = (ContinuousClock.now - begin).milliseconds
+            if let token {
+                try await Task.sleep(for: .milliseconds(1))
+                try await system.release(client: client, buffer: buffer, token: token)
+            }
+            return latency
         }
     }
 
