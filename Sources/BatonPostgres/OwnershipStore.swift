@@ -51,6 +51,8 @@ public struct BatchResult: Sendable {
     public let replayed: Int
     /// Transaction attempts used (more than 1 after compare-and-set misses).
     public let attempts: Int
+    /// How many partitions' batches were committed in the same transaction as this one (1: alone).
+    public var groupSize = 1
 }
 
 /// The PostgreSQL backstop: fenced, batched, idempotent ownership decisions, one partition at a time.
@@ -242,7 +244,11 @@ public final class OwnershipStore: Sendable {
         var rows: [Int: [String?]] = [:]
         for (index, write) in zip(writing, writes) { rows[index] = try write.get().rows.first ?? [] }
         return plans.indices.map { index in
-            Result { plans[index].result(outboxIDs: try rows[index].map(plans[index].checkWrite) ?? [], attempt: 1) }
+            Result {
+                var result = plans[index].result(outboxIDs: try rows[index].map(plans[index].checkWrite) ?? [], attempt: 1)
+                result.groupSize = group.count
+                return result
+            }
         }
     }
 

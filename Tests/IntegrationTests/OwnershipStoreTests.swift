@@ -68,6 +68,66 @@ func buffer(in partition: Int, count: Int = 16, prefix: String = "buf") -> Strin
         #expect(result.replies[0].status == .released)
     }
 
+    @Test func partitionsSharingAConnectionCommitTogetherAndFailAlone() async throws {
+        let url = try await TestDatabase.migrated()
+        let store = try await TestDatabase.store(url)
+        let rival = try await TestDatabase.store(url)
+        var taken: [Int: Int64] = [:]
+        for partition in 0..<6 { taken[partition] = try await store.takePartition(partition, owner: "test") }
+        let epochs = taken
+        // Partition 5 is taken by another worker: its batch must fail alone, and write nothing.
+        _ = try await rival.takePartition(5, owner: "rival")
+        let before = try await TestDatabase.audit(url)
+
+        // Hold the connection so that the six batches wait for it together.
+        let holding = Task { try await store.connection.withSession { _ in Thread.sleep(forTimeInterval: 0.3) } }
+        try await Task.sleep(for: .milliseconds(50))
+        let results = await withTaskGroup(of: (Int, Result<BatchResult, any Error>).self) { group in
+            for partition in 0..<6 {
+                group.addTask {
+                    let b = buffer(in: partition, prefix: "group")
+                    do {
+                        return (partition, .success(try await store.apply(
+                            [.claim(b, user: "ann", connection: "c1"), .claim(b, user: "bob", connection: "c2")], partition: partition, epoch: epochs[partition]!
+                        )))
+                    } catch {
+                        return (partition, .failure(error))
+                    }
+                }
+            }
+            var results: [Int: Result<BatchResult, any Error>] = [:]
+            for await (partition, result) in group { results[partition] = result }
+            return results
+        }
+        try await holding.value
+        for partition in 0..<5 {
+            let result = try #require(try? results[partition]?.get(), "partition \(partition) was applied")
+            #expect(result.replies.map(\.status) == [.granted, .denied])
+            #expect(result.changes.map(\.change.kind) == [.granted])
+        }
+        let lost = try #require(results[5])
+        #expect(throws: StoreError.self) { try lost.get() }
+        let after = try await TestDatabase.audit(url)
+        #expect(after.changes.count == before.changes.count + 5, "one grant for each partition still owned, none for partition 5")
+
+        // With the fenced-out batch gone, the five others commit in one group.
+        let again = Task { try await store.connection.withSession { _ in Thread.sleep(forTimeInterval: 0.3) } }
+        try await Task.sleep(for: .milliseconds(50))
+        let sizes = try await withThrowingTaskGroup(of: Int.self) { group in
+            for partition in 0..<5 {
+                group.addTask {
+                    try await store.apply(
+                        [Request(requestID: "inspect-\(partition)", command: .inspect(buffer: buffer(in: partition, prefix: "group")))],
+                        partition: partition, epoch: epochs[partition]!
+                    ).groupSize
+                }
+            }
+            return try await group.reduce(into: [Int]()) { $0.append($1) }
+        }
+        try await again.value
+        #expect(sizes == [5, 5, 5, 5, 5], "the five batches that waited together were committed together")
+    }
+
     @Test func sameRequestIDTwiceGivesOneChangeAndTheSameReply() async throws {
         let url = try await TestDatabase.migrated()
         let store = try await TestDatabase.store(url)
