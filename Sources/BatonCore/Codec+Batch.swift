@@ -76,24 +76,39 @@ extension ProtocolCodec {
     /// longer): replies can be far larger than the requests (a holder's names, escaped), and no message
     /// may outgrow the broker's limit.
     public static func encodeBatchReply(_ replies: [Reply]) -> [[UInt8]] {
-        var parts: [[UInt8]] = []
-        var first = 0
-        var pending: [[UInt8]] = []
-        var bytes = 0
-        func close() {
-            parts.append(envelope(Array(#"{"v":1,"status":"batch","first":\#(first),"replies":["#.utf8), pending))
-            first += pending.count
-            pending.removeAll()
-            bytes = 0
+        let bodies = replies.map(encode)
+        return runs(of: bodies, limit: ProtocolV1.maxBatchReplyBytes).map { run in
+            envelope(Array(#"{"v":1,"status":"batch","first":\#(run.lowerBound),"replies":["#.utf8), Array(bodies[run]))
         }
-        for reply in replies {
-            let body = encode(reply)
-            if !pending.isEmpty, bytes + body.count + 1 > ProtocolV1.maxBatchReplyBytes { close() }
-            pending.append(body)
+    }
+
+    /// Encodes a partition's ownership changes, in commit order, as one or more event messages
+    /// `{"v":1,"partition":p,"events":[E...]}` (docs/protocol.md, section 7), each at most
+    /// ``ProtocolV1/maxBatchReplyBytes`` long (or one event, if that alone is longer). Returns each
+    /// body with how many of the changes, from the front, it carries.
+    public static func encodeEvents(partition: Int, _ changes: [OwnershipChange]) -> [(body: [UInt8], count: Int)] {
+        let bodies = changes.map(encodeEvent)
+        return runs(of: bodies, limit: ProtocolV1.maxBatchReplyBytes).map { run in
+            (envelope(Array(#"{"v":1,"partition":\#(partition),"events":["#.utf8), Array(bodies[run])), run.count)
+        }
+    }
+
+    /// Consecutive runs of `bodies` whose JSON array (commas and some 64 bytes of envelope included)
+    /// stays within `limit` bytes; a body longer than that alone is a run of its own. At least one run.
+    private static func runs(of bodies: [[UInt8]], limit: Int) -> [Range<Int>] {
+        var runs: [Range<Int>] = []
+        var start = 0
+        var bytes = 64
+        for (index, body) in bodies.enumerated() {
+            if index > start, bytes + body.count + 1 > limit {
+                runs.append(start..<index)
+                start = index
+                bytes = 64
+            }
             bytes += body.count + 1
         }
-        if !pending.isEmpty || parts.isEmpty { close() }
-        return parts
+        runs.append(start..<bodies.count)
+        return runs
     }
 
     private static func envelope(_ opening: StaticString, _ elements: [[UInt8]]) -> [UInt8] {

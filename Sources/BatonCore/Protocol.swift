@@ -40,7 +40,8 @@ public enum ProtocolV1 {
     /// The direct exchange administrative requests (`force_release`) must be published to, with routing
     /// key `<p>`; broker permissions decide who may write to it.
     public static let adminExchange = "baton.admin"
-    /// The topic exchange events are published to, with routing key `<p>.<kind>`.
+    /// The topic exchange events are published to, with routing key `<p>.changes` (a commit's events in
+    /// one message) or `<p>.<kind>` (one event per message).
     public static let eventsExchange = "baton.events"
     /// The queue name used by RabbitMQ's direct reply-to.
     public static let directReplyTo = "amq.rabbitmq.reply-to"
@@ -50,8 +51,10 @@ public enum ProtocolV1 {
     /// The request queue of partition `p`: `baton.requests.<p>`.
     public static func requestQueue(_ partition: Int) -> String { "baton.requests.\(partition)" }
 
-    /// The routing key of an event: `<p>.<kind>`.
+    /// The routing key of an event published alone (`--events per-change`): `<p>.<kind>`.
     public static func eventRoutingKey(partition: Int, kind: ChangeKind) -> String { "\(partition).\(kind.rawValue)" }
+    /// The routing key of a message carrying a commit's events (`--events per-commit`, the default): `<p>.changes`.
+    public static func eventsRoutingKey(partition: Int) -> String { "\(partition).changes" }
 }
 
 /// The operation a request asks for.

@@ -19,7 +19,10 @@ final class EventPump: Sendable {
     private let wake: AsyncStream<Void>.Continuation
     private let task: Task<Void, Never>
 
-    init(partition: Int, store: OwnershipStore, channel: AMQPChannel, logger: Logger, markInterval: Duration = .milliseconds(200), delivered: @escaping @Sendable (Int) -> Void) {
+    init(
+        partition: Int, store: OwnershipStore, channel: AMQPChannel, perCommit: Bool, logger: Logger, markInterval: Duration = .milliseconds(200),
+        delivered: @escaping @Sendable (Int) -> Void
+    ) {
         let (signals, wake) = AsyncStream.makeStream(of: Void.self, bufferingPolicy: .bufferingNewest(1))
         self.wake = wake
         let pending = self.pending
@@ -45,7 +48,7 @@ final class EventPump: Sendable {
                         return entries
                     }
                     if entries.isEmpty { break }
-                    confirmed += await Self.publish(entries, partition: partition, channel: channel, logger: logger)
+                    confirmed += await Self.publish(entries, partition: partition, channel: channel, perCommit: perCommit, logger: logger)
                     if ContinuousClock.now - lastMark >= markInterval {
                         await mark()
                         markArmed = false
@@ -83,19 +86,36 @@ final class EventPump: Sendable {
         await task.value
     }
 
-    /// Publishes with confirms; returns the ids the broker confirmed.
-    static func publish(_ entries: [OutboxEntry], partition: Int, channel: AMQPChannel, logger: Logger) async -> [Int64] {
-        let messages = entries.map { entry in
-            OutgoingMessage(
-                exchange: ProtocolV1.eventsExchange,
-                routingKey: ProtocolV1.eventRoutingKey(partition: partition, kind: entry.change.kind),
-                body: ProtocolCodec.encodeEvent(entry.change),
-                properties: AMQPProperties(contentType: ProtocolV1.contentType, messageID: String(entry.id), deliveryMode: 2)
-            )
+    /// Publishes with confirms, in order: all of `entries` in as few messages as fit (`perCommit`), or one
+    /// message per change. Returns the ids the broker confirmed.
+    static func publish(_ entries: [OutboxEntry], partition: Int, channel: AMQPChannel, perCommit: Bool, logger: Logger) async -> [Int64] {
+        var messages: [OutgoingMessage] = []
+        var covered: [ArraySlice<OutboxEntry>] = []
+        if perCommit {
+            var start = entries.startIndex
+            for (body, count) in ProtocolCodec.encodeEvents(partition: partition, entries.map(\.change)) where count > 0 {
+                let slice = entries[start..<start + count]
+                start += count
+                messages.append(OutgoingMessage(
+                    exchange: ProtocolV1.eventsExchange, routingKey: ProtocolV1.eventsRoutingKey(partition: partition), body: body,
+                    properties: AMQPProperties(contentType: ProtocolV1.contentType, messageID: "\(slice.first!.id)-\(slice.last!.id)", deliveryMode: 2)
+                ))
+                covered.append(slice)
+            }
+        } else {
+            for (index, entry) in entries.enumerated() {
+                messages.append(OutgoingMessage(
+                    exchange: ProtocolV1.eventsExchange,
+                    routingKey: ProtocolV1.eventRoutingKey(partition: partition, kind: entry.change.kind),
+                    body: ProtocolCodec.encodeEvent(entry.change),
+                    properties: AMQPProperties(contentType: ProtocolV1.contentType, messageID: String(entry.id), deliveryMode: 2)
+                ))
+                covered.append(entries[index...index])
+            }
         }
         do {
             let outcomes = try await channel.publishConfirmed(messages)
-            return zip(entries, outcomes).filter { $0.1 != .nacked }.map(\.0.id)
+            return zip(covered, outcomes).filter { $0.1 != .nacked }.flatMap { $0.0.map(\.id) }
         } catch {
             logger.warning("publishing events failed; they stay in the outbox for the sweep", metadata: ["baton.error": "\(error)"])
             return []

@@ -25,6 +25,9 @@ public struct WorkerConfiguration: Sendable {
     public var databaseConnections: Int = 4
     /// How long to wait for more requests after the first of a batch.
     public var linger: Duration = .milliseconds(1)
+    /// Events as one message per commit (`<p>.changes`, the default) or one message per change
+    /// (`<p>.<kind>`, for consumers that bind by kind); docs/protocol.md, section 7.
+    public var eventsPerCommit = true
     /// How often each partition expires leases and republishes undelivered events.
     public var sweepInterval: Duration = .seconds(1)
     /// How long to wait before consuming a partition again after losing it.
@@ -288,7 +291,7 @@ public final class Worker: Service, Sendable {
                 _ = worker.health.withLock { $0.consuming.insert(partition) }
                 let metrics = self.metrics
                 let pump = store.map { store in
-                    EventPump(partition: partition, store: store, channel: publish, logger: logger) { count in
+                    EventPump(partition: partition, store: store, channel: publish, perCommit: configuration.eventsPerCommit, logger: logger) { count in
                         worker.statistics.withLock { $0.events += count }
                         metrics.events.increment(by: count)
                     }
@@ -713,7 +716,7 @@ public final class Worker: Service, Sendable {
                 var events = expired
                 events += try await store.undelivered(partition: partition, olderThan: .seconds(5), limit: 1000)
                 if !events.isEmpty {
-                    let confirmed = await EventPump.publish(events, partition: partition, channel: channels.publish, logger: logger)
+                    let confirmed = await EventPump.publish(events, partition: partition, channel: channels.publish, perCommit: configuration.eventsPerCommit, logger: logger)
                     try await store.markDelivered(confirmed)
                     worker.statistics.withLock { $0.events += confirmed.count }
                 }

@@ -35,6 +35,12 @@ struct WorkerCommand: AsyncParsableCommand {
     @Option(name: .customLong("sweep-interval-ms"), help: "How often each partition expires leases, 100-60000 ms (env BATON_SWEEP_INTERVAL_MS; default 1000).")
     var sweepFlag: Int?
 
+    @Option(name: .customLong("events"), help: ArgumentHelp(
+        "Events as one message per commit (per-commit, routing key <p>.changes) or one per change (per-change, <p>.<kind>, for consumers that bind by kind) (env BATON_EVENTS; default per-commit).",
+        valueName: "per-commit|per-change"
+    ))
+    var eventsFlag: String?
+
     @Option(name: .customLong("metrics-port"), help: "Port of /metrics, /health/live and /health/ready; 0 turns them off (env BATON_METRICS_PORT; default 9464).")
     var metricsPortFlag: Int?
 
@@ -84,6 +90,11 @@ struct WorkerCommand: AsyncParsableCommand {
         configuration.prefetch = UInt16(try integer(prefetchFlag, env: "BATON_PREFETCH", default: 256, range: 1...65_535, name: "prefetch"))
         configuration.echo = echo
         configuration.linger = .microseconds(try integer(lingerFlag, env: "BATON_LINGER_US", default: 1000, range: 0...100_000, name: "linger"))
+        let events = eventsFlag ?? ProcessInfo.processInfo.environment["BATON_EVENTS"] ?? "per-commit"
+        guard events == "per-commit" || events == "per-change" else {
+            throw ValidationError("events '\(events)' is not allowed: use per-commit or per-change")
+        }
+        configuration.eventsPerCommit = events == "per-commit"
         configuration.sweepInterval = .milliseconds(try integer(sweepFlag, env: "BATON_SWEEP_INTERVAL_MS", default: 1000, range: 100...60_000, name: "sweep interval"))
         return configuration
     }

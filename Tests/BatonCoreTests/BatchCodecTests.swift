@@ -1,4 +1,5 @@
 import BatonCore
+import Foundation
 import Testing
 
 /// Coalesced request messages: `{"v":1,"batch":[...]}` and their replies.
@@ -74,5 +75,31 @@ import Testing
         #expect(parts.allSatisfy { $0.count <= ProtocolV1.maxBatchReplyBytes + 64 })
         #expect(try parts.flatMap { try ProtocolCodec.decodeReplies($0) } == replies)
         #expect(String(decoding: parts[1], as: UTF8.self).contains(#""first":"#))
+    }
+
+    @Test func aCommitsEventsGoInFewMessagesUnderTheLimitInOrder() throws {
+        let names = String(repeating: "\u{1}", count: 256)
+        let changes = (0..<300).map { index in
+            OwnershipChange(
+                kind: index % 2 == 0 ? .granted : .released, buffer: "b\(index)", holder: Holder(user: names, connection: "c"), token: Int64(index),
+                at: Timestamp(milliseconds: 1_000), expiresAt: Timestamp(milliseconds: 2_000)
+            )
+        }
+        let parts = ProtocolCodec.encodeEvents(partition: 7, changes)
+        #expect(parts.count > 1)
+        #expect(parts.map(\.count).reduce(0, +) == changes.count)
+        #expect(parts.allSatisfy { $0.body.count <= ProtocolV1.maxBatchReplyBytes })
+        var tokens: [Int64] = []
+        for part in parts {
+            let object = try #require(try JSONSerialization.jsonObject(with: Data(part.body)) as? [String: Any])
+            #expect(object["v"] as? Int == 1 && object["partition"] as? Int == 7)
+            let events = try #require(object["events"] as? [[String: Any]])
+            #expect(events.count == part.count)
+            tokens += events.compactMap { ($0["token"] as? Int).map(Int64.init) }
+        }
+        #expect(tokens == changes.map(\.token), "every change, once, in commit order")
+        // Each element is exactly the event a per-change message carries.
+        let single = try #require(ProtocolCodec.encodeEvents(partition: 7, [changes[0]]).first)
+        #expect(String(decoding: single.body, as: UTF8.self) == #"{"v":1,"partition":7,"events":["# + String(decoding: ProtocolCodec.encodeEvent(changes[0]), as: UTF8.self) + "]}")
     }
 }

@@ -63,7 +63,8 @@ import Testing
         await worker.stop()
     }
 
-    @Test func ownershipChangesArePublishedAsEventsAndMarkedDelivered() async throws {
+    @Test(arguments: [true, false])
+    func ownershipChangesArePublishedAsEventsAndMarkedDelivered(perCommit: Bool) async throws {
         let deployment = try await Deployment.make(partitions: 4)
         let subscriber = try await deployment.connect("events")
         let channel = try await subscriber.openChannel()
@@ -72,7 +73,7 @@ import Testing
         try await channel.bindQueue(queue, exchange: ProtocolV1.eventsExchange, routingKey: "#")
         let (_, events) = try await channel.consume(queue: queue, noAck: true)
 
-        let worker = deployment.startWorker()
+        let worker = deployment.startWorker { $0.eventsPerCommit = perCommit }
         let client = deployment.client()
         let b = "events.txt"
         let p = deployment.partitioner.partition(of: b)
@@ -83,15 +84,28 @@ import Testing
         _ = try await client.release(b, connection: "c1", token: lease.token)
         _ = try await client.claim(b, user: "bob", connection: "c2", lease: .seconds(1))  // expires in 1 s; the sweep emits it
 
+        // Per commit: each message is {"v":1,"partition":p,"events":[...]} with routing key <p>.changes;
+        // per change: each message is one event, routing key <p>.<kind>. Either way, in commit order.
         var received: [AMQPMessage] = []
+        var changes: [[String: Any]] = []
         let deadline = ContinuousClock.now + .seconds(10)
-        while received.count < 4, ContinuousClock.now < deadline {
-            received += try await events.next(max: 16, timeout: .milliseconds(500))
+        while changes.count < 4, ContinuousClock.now < deadline {
+            for message in try await events.next(max: 16, timeout: .milliseconds(500)) {
+                received.append(message)
+                let object = try #require(try JSONSerialization.jsonObject(with: Data(message.body)) as? [String: Any])
+                if perCommit {
+                    #expect(message.routingKey == "\(p).changes")
+                    #expect(object["partition"] as? Int == p && object["v"] as? Int == 1)
+                    changes += try #require(object["events"] as? [[String: Any]])
+                } else {
+                    #expect(message.routingKey == "\(p).\(object["kind"] as? String ?? "?")")
+                    changes.append(object)
+                }
+            }
         }
-        #expect(received.map(\.routingKey) == ["\(p).granted", "\(p).released", "\(p).granted", "\(p).expired"])
-        let bodies = received.map { String(decoding: $0.body, as: UTF8.self) }
-        #expect(bodies.first?.contains(#""holder":{"user":"ann","connection":"c1"}"#) == true)
-        #expect(bodies.last?.contains(#""kind":"expired""#) == true && bodies.last?.contains(#""token":2"#) == true)
+        #expect(changes.map { $0["kind"] as? String } == ["granted", "released", "granted", "expired"])
+        #expect((changes.first?["holder"] as? [String: String]) == ["user": "ann", "connection": "c1"])
+        #expect(changes.last?["token"] as? Int == 2)
         #expect(received.allSatisfy { $0.properties.contentType == "application/json" && $0.properties.messageID != nil })
 
         // Every change is marked delivered once confirmed.
