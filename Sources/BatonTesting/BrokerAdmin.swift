@@ -66,6 +66,18 @@ public struct BrokerAdmin: Sendable {
         try await send("DELETE", "vhosts/\(Self.segment(name))", accept: [200, 204, 404])
     }
 
+    /// The administrator's user name and password, for tools that log in with them (never print them).
+    public var credentials: (user: String, password: String) { (user, password) }
+
+    /// Messages published in `virtualHost` since it was made (`message_stats.publish`: requests, replies,
+    /// events, ticks). The management plugin samples it every few seconds (`collect_statistics_interval`,
+    /// 5 s by default), so read it after at least that long.
+    public func publishedMessages(in virtualHost: String) async throws -> Int {
+        let data = try await send("GET", "vhosts/\(Self.segment(virtualHost))")
+        let object = (try JSONSerialization.jsonObject(with: data)) as? [String: Any]
+        return ((object?["message_stats"] as? [String: Any])?["publish"] as? Int) ?? 0
+    }
+
     /// The names of every virtual host.
     public func virtualHosts() async throws -> [String] {
         let data = try await send("GET", "vhosts?columns=name")

@@ -51,8 +51,13 @@ struct Bench: AsyncParsableCommand {
     @Option(help: "AMQP connections the Baton clients share, 1-64.")
     var connections = 4
 
-    @Option(name: .customLong("pool-size"), help: "PostgreSQL connections of the direct and naive systems, 1-256.")
-    var poolSize = 16
+    @Option(name: .customLong("pool-size"), help: "PostgreSQL connections of the direct and naive systems, 1-256 (default: direct PostgreSQL runs at the best of 8, 16, 32 and 64, found by a short run of each; naive at 16).")
+    var poolSizeFlag: Int?
+
+    static let poolSizes = [8, 16, 32, 64]
+
+    @Option(name: .customLong("rpc-ceiling"), help: "The rpc-ceiling tool (plain rabbitmq-c in C; it uses its own queue rpc-ceiling.q in the broker's virtual host /): run it first, with the broker admin's credentials, and set Baton's transport against it in the table.")
+    var rpcCeiling: String?
 
     @Option(help: "Folder for results.json and results.svg.")
     var output = "bench-results"
@@ -75,7 +80,7 @@ struct Bench: AsyncParsableCommand {
         guard (1...1024).contains(partitions) else { throw ValidationError("--partitions \(partitions) is not allowed: use 1 to 1024") }
         guard (1...10_000).contains(batchSize) else { throw ValidationError("--batch-size \(batchSize) is not allowed: use 1 to 10000") }
         guard (1...64).contains(connections) else { throw ValidationError("--connections \(connections) is not allowed: use 1 to 64") }
-        guard (1...256).contains(poolSize) else { throw ValidationError("--pool-size \(poolSize) is not allowed: use 1 to 256") }
+        if let poolSize = poolSizeFlag, !(1...256).contains(poolSize) { throw ValidationError("--pool-size \(poolSize) is not allowed: use 1 to 256") }
         if let buffers, buffers < 1 { throw ValidationError("--buffers \(buffers) is not allowed: use 1 or more") }
     }
 
@@ -107,6 +112,11 @@ struct Bench: AsyncParsableCommand {
         var report = BenchReport(command: command, machine: try await BenchReport.machine(serverURL: serverURL, logger: logger))
         print("baton bench: \(workloads.map(\.rawValue).joined(separator: ", ")) × \(systems.joined(separator: ", ")); \(Int(duration)) s each, \(clientsFlag.map(String.init) ?? "64 (incident 1024)") clients, \(partitions) partitions, batch \(batchSize)")
 
+        if let tool = rpcCeiling {
+            print("\nrpc-ceiling (plain rabbitmq-c, one quorum queue, this broker):")
+            report.ceiling = try await RPCCeiling.measure(tool: tool, amqpURL: amqpURL, admin: namespace.admin, seconds: min(8, max(2, Int(duration))))
+            for run in report.ceiling { print("  \(run.summary)") }
+        }
         for workload in workloads {
             let buffers = self.buffers ?? workload.defaultBuffers
             print("\n\(workload.rawValue): \(workload == .renewHeavy ? "\(clients(workload)) holders renewing" : workload == .incident ? "\(clients(workload)) users opening files in pairs within 100 ms" : "\(buffers) buffers")")
@@ -115,7 +125,7 @@ struct Bench: AsyncParsableCommand {
             for system in systems {
                 results[system] = try await measure(
                     system: system, workload: workload, buffers: buffers, scratch: scratch, amqpURL: amqpURL, clientURL: clientURL,
-                    partitioner: partitioner, runID: runID, logger: logger
+                    partitioner: partitioner, runID: runID, namespace: namespace, logger: logger
                 )
                 FileHandle.standardError.write(Data("\r\u{1B}[K".utf8))
                 print("  \(system.padding(toLength: 9, withPad: " ", startingAt: 0)) \(results[system]!.summary)")
@@ -133,24 +143,40 @@ struct Bench: AsyncParsableCommand {
 
     private func measure(
         system: String, workload: Workload, buffers: Int, scratch: PostgresURL, amqpURL: AMQPURL, clientURL: AMQPURL,
-        partitioner: Partitioner, runID: String, logger: Logger
+        partitioner: Partitioner, runID: String, namespace: ScratchBroker, logger: Logger
     ) async throws -> SystemResult {
         let label = "\(workload.rawValue)/\(system)"
         switch system {
         case "postgres", "naive":
-            let sql = try await SQLSystem.make(style: system == "postgres" ? .conditional : .naive, url: scratch, poolSize: poolSize, logger: logger)
-            defer { Task { await sql.close() } }
+            // Direct PostgreSQL at its own best: unless --pool-size is given, a short run at each pool size
+            // picks the best one, and that one is measured (so a ratio is never bought with a weak baseline).
+            var size = poolSizeFlag ?? 16
+            var sweep: [Int: Double] = [:]
+            if poolSizeFlag == nil, system == "postgres" {
+                for candidate in Self.poolSizes {
+                    let sql = try await SQLSystem.make(style: .conditional, url: scratch, poolSize: candidate, logger: logger)
+                    let runner = BenchRunner(workload: workload, system: sql, clients: clients(workload), buffers: buffers, label: "\(label) pool \(candidate)", runID: runID + "s\(candidate)")
+                    sweep[candidate] = await runner.closedLoop(duration: .seconds(max(2, duration / 3)), tokens: try await runner.prepare()).perSecond
+                    await sql.close()
+                }
+                size = sweep.max { $0.value < $1.value }?.key ?? size
+            }
+            let sql = try await SQLSystem.make(style: system == "postgres" ? .conditional : .naive, url: scratch, poolSize: size, logger: logger)
             let runner = BenchRunner(workload: workload, system: sql, clients: clients(workload), buffers: buffers, label: label, runID: runID)
             var measurement = await runner.closedLoop(duration: .seconds(duration), tokens: try await runner.prepare())
             measurement.doubleGrants = try await sql.doubleGrants()
-            return SystemResult(measurement: measurement)
+            await sql.close()
+            var result = SystemResult(measurement: measurement)
+            result.poolSize = size
+            result.poolSweep = sweep
+            return result
         default:
             let echo = system == "echo"
             let worker = try BenchWorker.start(echo: echo, scratch: scratch, amqpURL: amqpURL, partitioner: partitioner, batchSize: batchSize, log: workerLog.map { URL(fileURLWithPath: $0) })
             do {
                 let result = try await measureBaton(
                     worker: worker, echo: echo, workload: workload, buffers: buffers, scratch: scratch, clientURL: clientURL,
-                    partitioner: partitioner, label: label, runID: runID, logger: logger
+                    partitioner: partitioner, label: label, runID: runID, namespace: namespace, logger: logger
                 )
                 await worker.stop()
                 return result
@@ -163,7 +189,7 @@ struct Bench: AsyncParsableCommand {
 
     private func measureBaton(
         worker: BenchWorker, echo: Bool, workload: Workload, buffers: Int, scratch: PostgresURL, clientURL: AMQPURL,
-        partitioner: Partitioner, label: String, runID: String, logger: Logger
+        partitioner: Partitioner, label: String, runID: String, namespace: ScratchBroker, logger: Logger
     ) async throws -> SystemResult {
             var configuration = BatonClientConfiguration(amqpURL: clientURL, partitioner: partitioner)
             configuration.timeout = .seconds(10)
@@ -179,6 +205,7 @@ struct Bench: AsyncParsableCommand {
             let cpuBefore = BenchWorker.cpuMicroseconds(pid: worker.process.pid)
             let sentBefore = batonClients.reduce(0) { $0 + $1.statistics.messages }
             let callsBefore = batonClients.reduce(0) { $0 + $1.statistics.requests }
+            let publishedBefore = try? await namespace.admin.publishedMessages(in: namespace.virtualHost)
             var measurement = await runner.closedLoop(duration: .seconds(duration), tokens: tokens)
             var result = SystemResult(measurement: measurement)
             if let before = cpuBefore, let after = BenchWorker.cpuMicroseconds(pid: worker.process.pid), measurement.operations > 0 {
@@ -187,6 +214,12 @@ struct Bench: AsyncParsableCommand {
             let sent = batonClients.reduce(0) { $0 + $1.statistics.messages } - sentBefore
             let calls = batonClients.reduce(0) { $0 + $1.statistics.requests } - callsBefore
             if sent > 0 { result.requestsPerMessage = Double(calls) / Double(sent) }
+            // Every message the broker took during the run (requests, replies, events), once its statistics
+            // caught up (they are sampled every 5 s by default).
+            try await Task.sleep(for: .milliseconds(5_500))
+            if let before = publishedBefore, let after = try? await namespace.admin.publishedMessages(in: namespace.virtualHost), measurement.operations > 0 {
+                result.brokerMessagesPerOperation = Double(after - before) / Double(measurement.operations)
+            }
             if !noHalfPeak && measurement.perSecond > 0 {
                 let rate = measurement.perSecond / 2
                 let half = await BenchRunner(workload: workload, system: baton, clients: clients(workload), buffers: buffers, label: "\(label) at half peak", runID: runID + "h")

@@ -22,6 +22,11 @@ struct SystemResult: Sendable {
     var workerCPUPerOperation: Double?
     /// Requests per message the clients published (above 1 when calls were coalesced).
     var requestsPerMessage: Double?
+    /// Messages the broker took per operation (requests, replies, events; from the management API).
+    var brokerMessagesPerOperation: Double?
+    /// The PostgreSQL pool size measured, and the claims/s of each size tried in the sweep.
+    var poolSize: Int?
+    var poolSweep: [Int: Double] = [:]
 
     var summary: String {
         var text = String(format: "%9.0f ops/s  p50 %6.2f ms  p99 %6.2f ms  p99.9 %7.2f ms  errors %d",
@@ -35,6 +40,11 @@ struct SystemResult: Sendable {
         }
         if let cpu = workerCPUPerOperation { text += String(format: "  | worker CPU %.0f µs/op", cpu) }
         if let ratio = requestsPerMessage { text += String(format: "  | %.2f requests/message", ratio) }
+        if let messages = brokerMessagesPerOperation { text += String(format: "  | %.2f broker messages/op", messages) }
+        if let poolSize {
+            text += "  | pool \(poolSize)"
+            if !poolSweep.isEmpty { text += " (sweep " + poolSweep.keys.sorted().map { String(format: "%d: %.0f/s", $0, poolSweep[$0]!) }.joined(separator: ", ") + ")" }
+        }
         return text
     }
 
@@ -62,6 +72,9 @@ struct SystemResult: Sendable {
         }
         if let cpu = workerCPUPerOperation { object["worker_cpu_us_per_op"] = round1(cpu) }
         if let ratio = requestsPerMessage { object["requests_per_message"] = round3(ratio) }
+        if let messages = brokerMessagesPerOperation { object["broker_messages_per_op"] = round3(messages) }
+        if let poolSize { object["pool_size"] = poolSize }
+        if !poolSweep.isEmpty { object["pool_sweep"] = Dictionary(uniqueKeysWithValues: poolSweep.map { (String($0.key), round1($0.value)) }) }
         if let memory = workerMemory, !memory.samples.isEmpty {
             object["worker_rss_mib"] = [
                 "first": round1(memory.samples.first!), "last": round1(memory.samples.last!), "max": round1(memory.samples.max()!),
@@ -87,6 +100,16 @@ struct BenchReport {
     var command: String
     var machine: [String: String]
     var workloads: [String: WorkloadResult] = [:]
+    /// The rpc-ceiling tool's runs in the same bench run (`--rpc-ceiling`).
+    var ceiling: [RPCCeiling.Run] = []
+
+    /// Echo against the C ceiling at 64 in flight, one request per message (the bench's 64 clients).
+    func echoVersusCeiling(_ result: WorkloadResult) -> Double? {
+        guard let echo = result.systems["echo"]?.measurement.perSecond,
+              let ceiling = ceiling.first(where: { $0.window == 64 && $0.perMessage == 1 })?.messagesPerSecond, ceiling > 0
+        else { return nil }
+        return echo / ceiling
+    }
 
     static let order = ["baton", "postgres", "naive", "echo"]
     static let colors = ["baton": "#2b6cb0", "postgres": "#2f855a", "naive": "#c53030", "echo": "#805ad5"]
@@ -115,14 +138,21 @@ struct BenchReport {
             var ratios: [String: Any] = [:]
             ratios["baton_vs_postgres"] = result.ratio("baton", "postgres").map { round3($0) as Any } ?? NSNull()
             ratios["baton_vs_echo"] = result.ratio("baton", "echo").map { round3($0) as Any } ?? NSNull()
+            ratios["echo_vs_rpc_ceiling_w64"] = echoVersusCeiling(result).map { round3($0) as Any } ?? NSNull()
             workloadsObject[name] = ["systems": result.systems.mapValues { $0.json() }, "ratios": ratios]
         }
-        let object: [String: Any] = ["workloads": workloadsObject, "machine": machine, "command": command]
+        var object: [String: Any] = ["workloads": workloadsObject, "machine": machine, "command": command]
+        if !ceiling.isEmpty { object["rpc_ceiling"] = ceiling.map(\.json) }
         return try JSONSerialization.data(withJSONObject: object, options: [.prettyPrinted, .sortedKeys])
     }
 
     func table() -> String {
         var lines: [String] = []
+        if !ceiling.isEmpty {
+            lines.append("rpc-ceiling (plain rabbitmq-c, one quorum queue, same broker, same run)")
+            for run in ceiling { lines.append("  \(run.summary)") }
+            lines.append("")
+        }
         for name in workloads.keys.sorted() {
             let result = workloads[name]!
             lines.append("\(name)")
@@ -135,7 +165,8 @@ struct BenchReport {
             }
             let ab = result.ratio("baton", "postgres").map { String(format: "%.2fx", $0) } ?? "-"
             let ad = result.ratio("baton", "echo").map { String(format: "%.0f%%", $0 * 100) } ?? "-"
-            lines.append("  baton/postgres \(ab)   baton/echo \(ad)")
+            let ac = echoVersusCeiling(result).map { String(format: "   echo/rpc-ceiling(64 in flight) %.0f%%", $0 * 100) } ?? ""
+            lines.append("  baton/postgres \(ab)   baton/echo \(ad)\(ac)")
             if let half = result.systems["baton"]?.halfPeak {
                 lines.append(String(format: "  baton at half peak (%.0f/s): p50 %.2f ms, p99 %.2f ms, p99.9 %.2f ms", half.rate, half.measurement.percentile(0.5), half.measurement.percentile(0.99), half.measurement.percentile(0.999)))
             }
