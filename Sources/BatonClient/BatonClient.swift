@@ -170,6 +170,8 @@ public final class BatonClient: Sendable {
     public let configuration: BatonClientConfiguration
     private let logger: Logger
     private let state = Mutex(ClientState())
+    /// The start of this client's message ids: random, drawn once.
+    private let messagePrefix = UUID().uuidString
 
     private struct ClientState {
         var link: Link?
@@ -183,6 +185,8 @@ public final class BatonClient: Sendable {
         var sent: [String: SentMessage] = [:]
         var statistics = Statistics()
         var closed = false
+        /// The number of the last message sent (see ``messagePrefix``).
+        var nextMessage: UInt64 = 0
     }
 
     /// One connection with its RPC channel.
@@ -521,7 +525,9 @@ public final class BatonClient: Sendable {
         }
         let items = Array(lane.queued.prefix(count))
         lane.queued.removeFirst(count)
-        let id = UUID().uuidString
+        // Unique per client run without a random source per message: a prefix drawn once, and a counter.
+        state.nextMessage += 1
+        let id = "\(messagePrefix)-\(state.nextMessage)"
         lane.inFlight[id] = now + configuration.resendAfter
         state.sent[id] = SentMessage(partition: partition, keys: items.map(\.key), expires: (items.map(\.deadline).max() ?? now) + .seconds(1))
         state.statistics.messages += 1

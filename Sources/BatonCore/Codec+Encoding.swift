@@ -77,21 +77,97 @@ extension ProtocolCodec {
         return json.finish()
     }
 
-    /// Decodes a reply body (what a client receives).
-    public static func decodeReply(_ body: some Collection<UInt8>) throws -> Reply {
-        try JSONDecoder().decode(WireReply.self, from: Data(body)).reply()
+    /// Decodes a reply body (what a client receives). Unknown fields are ignored (docs/protocol.md).
+    public static func decodeReply(_ body: some Collection<UInt8>) throws(ReplyDecodingError) -> Reply {
+        try reply(from: replyObject(body))
     }
 
     /// Decodes a reply message: one reply, or the replies to a batch in its order.
-    public static func decodeReplies(_ body: some Collection<UInt8>) throws -> [Reply] {
-        let wire = try JSONDecoder().decode(WireReply.self, from: Data(body))
-        if wire.status == "batch" {
-            guard let replies = wire.replies else {
-                throw DecodingError.dataCorrupted(.init(codingPath: [], debugDescription: "a batch reply without 'replies'"))
-            }
-            return try replies.map { try $0.reply() }
+    public static func decodeReplies(_ body: some Collection<UInt8>) throws(ReplyDecodingError) -> [Reply] {
+        let object = try replyObject(body)
+        guard case .string("batch")? = object["status"] else { return [try reply(from: object)] }
+        guard case .array(let items)? = object["replies"] else { throw ReplyDecodingError("a batch reply without a 'replies' array") }
+        return try items.map { item throws(ReplyDecodingError) in
+            guard case .object(let fields) = item else { throw ReplyDecodingError("a batch reply element is \(item.kindDescription), not an object") }
+            return try reply(from: fields)
         }
-        return [try wire.reply()]
+    }
+
+    private static func replyObject(_ body: some Collection<UInt8>) throws(ReplyDecodingError) -> [String: JSONValue] {
+        let value: JSONValue
+        do {
+            value = try JSONParser.parse(Array(body))
+        } catch {
+            throw ReplyDecodingError("not JSON at byte \(error.offset): \(error.reason)")
+        }
+        guard case .object(let fields) = value else { throw ReplyDecodingError("the reply is \(value.kindDescription), not an object") }
+        return fields
+    }
+
+    private static func reply(from fields: [String: JSONValue]) throws(ReplyDecodingError) -> Reply {
+        func string(_ key: String) throws(ReplyDecodingError) -> String? {
+            switch fields[key] {
+            case nil, .null?: return nil
+            case .string(let value)?: return value
+            case let other?: throw ReplyDecodingError("'\(key)' is \(other.kindDescription), not a string")
+            }
+        }
+        func integer(_ key: String) throws(ReplyDecodingError) -> Int64? {
+            switch fields[key] {
+            case nil, .null?: return nil
+            case .integer(let value)?: return value
+            case let other?: throw ReplyDecodingError("'\(key)' is \(other.excerpt), not an integer")
+            }
+        }
+        func timestamp(_ key: String) throws(ReplyDecodingError) -> Timestamp? {
+            guard let text = try string(key) else { return nil }
+            guard let value = Timestamp(rfc3339: text) else {
+                throw ReplyDecodingError("'\(key)' is '\(text.replacingControlCharacters())', not a timestamp like 2026-11-28T00:15:44.123Z")
+            }
+            return value
+        }
+        func object(_ key: String) throws(ReplyDecodingError) -> [String: JSONValue]? {
+            switch fields[key] {
+            case nil, .null?: return nil
+            case .object(let value)?: return value
+            case let other?: throw ReplyDecodingError("'\(key)' is \(other.kindDescription), not an object")
+            }
+        }
+        guard try integer("v") != nil else { throw ReplyDecodingError("the reply has no version 'v'") }
+        guard let statusName = try string("status") else { throw ReplyDecodingError("the reply has no 'status'") }
+        guard let status = ReplyStatus(rawValue: statusName) else {
+            throw ReplyDecodingError("unknown reply status '\(statusName.replacingControlCharacters())'")
+        }
+        var holder: Holder?
+        if let fields = try object("holder") {
+            guard case .string(let user)? = fields["user"], case .string(let connection)? = fields["connection"] else {
+                throw ReplyDecodingError("'holder' needs the strings 'user' and 'connection'")
+            }
+            holder = Holder(user: user, connection: connection)
+        }
+        var error: ReplyError?
+        if let fields = try object("error") {
+            guard case .string(let name)? = fields["code"], case .string(let message)? = fields["message"] else {
+                throw ReplyDecodingError("'error' needs the strings 'code' and 'message'")
+            }
+            guard let code = ErrorCode(rawValue: name) else { throw ReplyDecodingError("unknown error code '\(name.replacingControlCharacters())'") }
+            error = ReplyError(code: code, message: message)
+        }
+        var buffers: [String]?
+        switch fields["buffers"] {
+        case nil, .null?: break
+        case .array(let items)?:
+            buffers = try items.map { item throws(ReplyDecodingError) in
+                guard case .string(let name) = item else { throw ReplyDecodingError("'buffers' holds \(item.kindDescription), not a string") }
+                return name
+            }
+        case let other?: throw ReplyDecodingError("'buffers' is \(other.kindDescription), not an array")
+        }
+        return Reply(
+            requestID: try string("request_id"), status: status, buffer: try string("buffer"), holder: holder, token: try integer("token"),
+            expiresAt: try timestamp("expires_at"), at: try timestamp("at"), partition: try integer("partition").map { Int($0) },
+            buffers: buffers, releasedCount: try integer("released_count").map { Int($0) }, error: error
+        )
     }
 
     /// Encodes the event body of an ownership change, published to `baton.events` with routing key `<p>.<kind>`.
@@ -109,48 +185,12 @@ extension ProtocolCodec {
 
 }
 
-private struct WireHolder: Decodable {
-    var user: String
-    var connection: String
-}
+/// Why a reply could not be decoded.
+public struct ReplyDecodingError: Error, Sendable, Hashable, CustomStringConvertible {
+    /// What is wrong, for a person.
+    public let description: String
 
-/// The reply as it travels, for decoding.
-private struct WireReply: Decodable {
-    var v: Int
-    var requestID: String?
-    var status: String
-    var buffer: String?
-    var holder: WireHolder?
-    var token: Int64?
-    var expiresAt: String?
-    var at: String?
-    var partition: Int?
-    var buffers: [String]?
-    var releasedCount: Int?
-    var error: ReplyError?
-    var replies: [WireReply]?
-
-    enum CodingKeys: String, CodingKey {
-        case v, requestID = "request_id", status, buffer, holder, token, expiresAt = "expires_at", at, partition, buffers
-        case releasedCount = "released_count", error, replies
-    }
-
-    func reply() throws -> Reply {
-        func timestamp(_ text: String?, _ key: CodingKeys) throws -> Timestamp? {
-            guard let text else { return nil }
-            guard let value = Timestamp(rfc3339: text) else {
-                throw DecodingError.dataCorrupted(.init(codingPath: [key], debugDescription: "'\(text)' is not a timestamp like 2026-11-28T00:15:44.123Z"))
-            }
-            return value
-        }
-        guard let status = ReplyStatus(rawValue: status) else {
-            throw DecodingError.dataCorrupted(.init(codingPath: [CodingKeys.status], debugDescription: "unknown reply status '\(status)'"))
-        }
-        return Reply(
-            requestID: requestID, status: status, buffer: buffer,
-            holder: holder.map { Holder(user: $0.user, connection: $0.connection) },
-            token: token, expiresAt: try timestamp(expiresAt, .expiresAt), at: try timestamp(at, .at),
-            partition: partition, buffers: buffers, releasedCount: releasedCount, error: error
-        )
+    init(_ description: String) {
+        self.description = description
     }
 }
