@@ -254,6 +254,8 @@ public final class Worker: Service, Sendable {
         struct Channels {
             let consume: AMQPChannel
             let publish: AMQPChannel
+            /// Replies, on the publisher connection without confirms (the broker would confirm each one).
+            let reply: AMQPChannel
 
             /// Publishes a batch's replies, then settles its deliveries, without waiting for either: the
             /// runner goes on with the next batch meanwhile. Each connection's I/O thread runs what it is
@@ -262,14 +264,14 @@ public final class Worker: Service, Sendable {
             /// queue, answered from their records when they come again).
             func send(_ publishes: [ChannelAction], thenSettle settles: [ChannelAction]) {
                 let consume = self.consume
-                publish.enqueue(publishes) { error in
+                reply.enqueue(publishes) { error in
                     if error == nil, !settles.isEmpty { consume.enqueue(settles) }
                 }
             }
 
             /// Waits until every batch handed to ``send(_:thenSettle:)`` is published and settled (or failed).
             func drain() async {
-                await publish.barrier()
+                await reply.barrier()
                 await consume.barrier()
             }
         }
@@ -277,13 +279,21 @@ public final class Worker: Service, Sendable {
         func run() async throws {
             let consume = try await connections.consumer.openChannel()
             let publish: AMQPChannel
+            let reply: AMQPChannel
             do {
                 publish = try await connections.publisher.openChannel()
             } catch {
                 await consume.close()
                 throw error
             }
-            let channels = Channels(consume: consume, publish: publish)
+            do {
+                reply = try await connections.publisher.openChannel()
+            } catch {
+                await consume.close()
+                await publish.close()
+                throw error
+            }
+            let channels = Channels(consume: consume, publish: publish, reply: reply)
             do {
                 try await publish.enableConfirms()
                 try await consume.qos(prefetch: configuration.prefetch)
@@ -308,10 +318,12 @@ public final class Worker: Service, Sendable {
             } catch {
                 await consume.close()
                 await publish.close()
+                await reply.close()
                 throw error
             }
             await consume.close()
             await publish.close()
+            await reply.close()
         }
 
         private func loop(channels: Channels, deliveries: DeliveryQueue, pump: EventPump?) async throws {
