@@ -275,8 +275,23 @@ public final class BatonClient: Sendable {
 
     // MARK: - Typed calls
 
+    /// A new random request id (a version 4 UUID), drawn from the system's random source without
+    /// opening a file per call, as `UUID()` does on Linux.
+    public static func newRequestID() -> String {
+        var generator = SystemRandomNumberGenerator()
+        var high = generator.next() as UInt64
+        var low = generator.next() as UInt64
+        high = (high & ~0xF000) | 0x4000  // version 4
+        low = (low & ~(0xC000_0000_0000_0000 as UInt64)) | 0x8000_0000_0000_0000  // RFC 4122 variant
+        func hex(_ value: UInt64, _ digits: Int) -> String {
+            let text = String(value, radix: 16, uppercase: true)
+            return String(repeating: "0", count: digits - text.count) + text
+        }
+        return "\(hex(high >> 32, 8))-\(hex((high >> 16) & 0xFFFF, 4))-\(hex(high & 0xFFFF, 4))-\(hex(low >> 48, 4))-\(hex(low & 0xFFFF_FFFF_FFFF, 12))"
+    }
+
     /// Claims `buffer` for `user` on `connection` for `lease` (1 s to 1 h).
-    public func claim(_ buffer: String, user: String, connection: String, lease: Duration = .seconds(30), requestID: String = UUID().uuidString) async throws -> ClaimResult {
+    public func claim(_ buffer: String, user: String, connection: String, lease: Duration = .seconds(30), requestID: String = BatonClient.newRequestID()) async throws -> ClaimResult {
         let reply = try await call(Request(requestID: requestID, command: .claim(buffer: buffer, holder: Holder(user: user, connection: connection), leaseMilliseconds: lease.wholeMilliseconds)))
         switch reply.status {
         case .granted: return .granted(try makeLease(from: reply))
@@ -286,7 +301,7 @@ public final class BatonClient: Sendable {
     }
 
     /// Extends your lease on `buffer` (connection and token must match the live holder's).
-    public func renew(_ buffer: String, connection: String, token: Int64, lease: Duration = .seconds(30), requestID: String = UUID().uuidString) async throws -> RenewResult {
+    public func renew(_ buffer: String, connection: String, token: Int64, lease: Duration = .seconds(30), requestID: String = BatonClient.newRequestID()) async throws -> RenewResult {
         let reply = try await call(Request(requestID: requestID, command: .renew(buffer: buffer, connection: connection, token: token, leaseMilliseconds: lease.wholeMilliseconds)))
         switch reply.status {
         case .renewed: return .renewed(try makeLease(from: reply))
@@ -296,7 +311,7 @@ public final class BatonClient: Sendable {
     }
 
     /// Releases your lease on `buffer` (expired or not).
-    public func release(_ buffer: String, connection: String, token: Int64, requestID: String = UUID().uuidString) async throws -> ReleaseResult {
+    public func release(_ buffer: String, connection: String, token: Int64, requestID: String = BatonClient.newRequestID()) async throws -> ReleaseResult {
         let reply = try await call(Request(requestID: requestID, command: .release(buffer: buffer, connection: connection, token: token)))
         switch reply.status {
         case .released: return .released(token: reply.token ?? token)
@@ -306,7 +321,7 @@ public final class BatonClient: Sendable {
     }
 
     /// Reads the state of `buffer`.
-    public func inspect(_ buffer: String, requestID: String = UUID().uuidString) async throws -> BufferStatus {
+    public func inspect(_ buffer: String, requestID: String = BatonClient.newRequestID()) async throws -> BufferStatus {
         let reply = try await call(Request(requestID: requestID, command: .inspect(buffer: buffer)))
         guard reply.status == .state, let at = reply.at else { throw bad(reply) }
         return BufferStatus(holder: try holding(from: reply), lastToken: reply.token ?? 0, at: at)
@@ -314,7 +329,7 @@ public final class BatonClient: Sendable {
 
     /// Releases every buffer held by `connection` (and claimed by this client's broker user): broadcast to
     /// all N partitions with one request id, answers merged.
-    public func releaseConnection(_ connection: String, requestID: String = UUID().uuidString) async throws -> ReleasedBuffers {
+    public func releaseConnection(_ connection: String, requestID: String = BatonClient.newRequestID()) async throws -> ReleasedBuffers {
         let request = Request(requestID: requestID, command: .releaseConnection(connection: connection))
         return try await withThrowingTaskGroup(of: ReleasedBuffers.self) { group in
             for partition in 0..<configuration.partitioner.count {
@@ -337,7 +352,7 @@ public final class BatonClient: Sendable {
     /// refuses it unless this client's user may write to that exchange).
     ///
     /// - Returns: the released token, or nil when nobody held the buffer.
-    public func forceRelease(_ buffer: String, reason: String? = nil, requestID: String = UUID().uuidString) async throws -> Int64? {
+    public func forceRelease(_ buffer: String, reason: String? = nil, requestID: String = BatonClient.newRequestID()) async throws -> Int64? {
         let reply = try await call(Request(requestID: requestID, command: .forceRelease(buffer: buffer, reason: reason)))
         switch reply.status {
         case .released: return reply.token

@@ -473,3 +473,16 @@ import Testing
         await client.close()
     }
 }
+
+@Suite struct RequestIDTests {
+    @Test func newRequestIDsAreDistinctVersion4UUIDs() throws {
+        let ids = (0..<1000).map { _ in BatonClient.newRequestID() }
+        #expect(Set(ids).count == ids.count)
+        for id in ids.prefix(50) {
+            let uuid = try #require(UUID(uuidString: id), "\(id) is a UUID")
+            #expect(uuid.uuidString == id)
+            #expect(Array(id)[14] == "4", "version 4: \(id)")
+            #expect("89AB".contains(Array(id)[19]), "RFC 4122 variant: \(id)")
+        }
+    }
+}
