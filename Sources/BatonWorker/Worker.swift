@@ -24,7 +24,7 @@ public struct WorkerConfiguration: Sendable {
     /// them); at most one per partition.
     public var databaseConnections: Int = 4
     /// How long to wait for more requests after the first of a batch.
-    public var linger: Duration = .milliseconds(1)
+    public var linger: Duration = .zero
     /// Events as one message per commit (`<p>.changes`, the default) or one message per change
     /// (`<p>.<kind>`, for consumers that bind by kind); docs/protocol.md, section 7.
     public var eventsPerCommit = true

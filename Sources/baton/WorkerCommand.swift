@@ -47,7 +47,7 @@ struct WorkerCommand: AsyncParsableCommand {
     @Option(name: .customLong("metrics-host"), help: "Address the metrics endpoint listens on (env BATON_METRICS_HOST; default 0.0.0.0).")
     var metricsHostFlag: String?
 
-    @Option(name: .customLong("linger-us"), help: "How long a partition waits for more requests after the first of a batch, 0-100000 µs (env BATON_LINGER_US; default 1000).")
+    @Option(name: .customLong("linger-us"), help: "How long a partition waits for more requests after the first of a batch, 0-100000 µs (env BATON_LINGER_US; default 0: clients coalesce the calls that wait, and a linger adds its length to every answer at low load).")
     var lingerFlag: Int?
 
     @Flag(help: .hidden)
@@ -89,7 +89,7 @@ struct WorkerCommand: AsyncParsableCommand {
         )
         configuration.prefetch = UInt16(try integer(prefetchFlag, env: "BATON_PREFETCH", default: 256, range: 1...65_535, name: "prefetch"))
         configuration.echo = echo
-        configuration.linger = .microseconds(try integer(lingerFlag, env: "BATON_LINGER_US", default: 1000, range: 0...100_000, name: "linger"))
+        configuration.linger = .microseconds(try integer(lingerFlag, env: "BATON_LINGER_US", default: 0, range: 0...100_000, name: "linger"))
         let events = eventsFlag ?? ProcessInfo.processInfo.environment["BATON_EVENTS"] ?? "per-commit"
         guard events == "per-commit" || events == "per-change" else {
             throw ValidationError("events '\(events)' is not allowed: use per-commit or per-change")
