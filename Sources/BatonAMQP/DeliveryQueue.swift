@@ -64,6 +64,11 @@ public final class DeliveryQueue: DeliverySink {
         waiter?.resume()
     }
 
+    /// Whether messages are buffered now (more deliveries arrived than were taken).
+    public var hasBuffered: Bool {
+        state.withLock { !$0.buffer.isEmpty }
+    }
+
     /// Messages buffered now, at most `max`, without waiting.
     public func takeAvailable(max: Int) -> [AMQPMessage] {
         state.withLock { state in

@@ -330,6 +330,10 @@ public final class Worker: Service, Sendable {
             var epoch: Int64?
             var logger = self.logger
             var nextSweep = ContinuousClock.now + configuration.sweepInterval
+            var acks = DeferredAck(limit: max(1, Int(configuration.prefetch) / 4))
+            // A deferred ack goes out before the channels close (else its deliveries come back and are
+            // answered again from their records).
+            defer { if let settle = acks.flush() { channels.send([], thenSettle: [settle]) } }
             var lastTick = ContinuousClock.now - .seconds(3600)
             while !worker.isStopping {
                 if epoch == nil, store != nil, ContinuousClock.now - lastTick >= max(.seconds(1), configuration.sweepInterval * 3) {
@@ -353,7 +357,7 @@ public final class Worker: Service, Sendable {
                     // so it is never blocked and keeps its heartbeats.
                     try await waitWhilePublishingBlocked()
                     guard let store else {
-                        try await echo(batch, channels: channels)
+                        try await echo(batch, channels: channels, acks: &acks, moreWaiting: deliveries.hasBuffered)
                         continue
                     }
                     if epoch == nil {
@@ -366,7 +370,9 @@ public final class Worker: Service, Sendable {
                         metrics.active.record(1)
                         logger.info("took partition")
                     }
-                    guard try await process(batch, epoch: epoch!, store: store, channels: channels, pump: pump, logger: logger) else { return }
+                    guard try await process(
+                        batch, epoch: epoch!, store: store, channels: channels, pump: pump, acks: &acks, moreWaiting: { deliveries.hasBuffered }, logger: logger
+                    ) else { return }
                 }
                 if ContinuousClock.now >= nextSweep {
                     // Advance even while standing by: the wait above is bounded by it.
@@ -534,7 +540,10 @@ public final class Worker: Service, Sendable {
         /// A delivery carries one request or a coalesced batch of them. A single request that is refused is
         /// answered and dead-lettered, as always; in a batch, each element is answered in its place (in one
         /// reply message, in order) and the message is acked, since its other elements were decided.
-        private func process(_ batch: [AMQPMessage], epoch: Int64, store: OwnershipStore, channels: Channels, pump: EventPump?, logger: Logger) async throws -> Bool {
+        private func process(
+            _ batch: [AMQPMessage], epoch: Int64, store: OwnershipStore, channels: Channels, pump: EventPump?, acks: inout DeferredAck,
+            moreWaiting: () -> Bool, logger: Logger
+        ) async throws -> Bool {
             let batchStarted = ContinuousClock.now
             var requests: [Request] = []
             /// For each request: its delivery and, for a batch, its place in it.
@@ -644,7 +653,7 @@ public final class Worker: Service, Sendable {
             }
             // Replies leave before the acks; rejections go first so that the closing multiple-ack covers
             // exactly the accepted ones.
-            if let lastAck { settles.append(.ack(deliveryTag: lastAck, multiple: true)) }
+            if let settle = acks.settle(lastAck, count: batch.count, moreWaiting: moreWaiting()) { settles.append(settle) }
             channels.send(publishes, thenSettle: settles)
             metrics.requests(counts)
             metrics.replies.increment(by: publishes.count)
@@ -662,7 +671,7 @@ public final class Worker: Service, Sendable {
         }
 
         /// The benchmark's broker ceiling: the same consume, reply and ack path, with no database.
-        private func echo(_ batch: [AMQPMessage], channels: Channels) async throws {
+        private func echo(_ batch: [AMQPMessage], channels: Channels, acks: inout DeferredAck, moreWaiting: Bool) async throws {
             let now = Timestamp(milliseconds: Int64(Date().timeIntervalSince1970 * 1000))
             func answer(_ element: Result<Request, ProtocolError>) -> Reply {
                 switch element {
@@ -702,7 +711,7 @@ public final class Worker: Service, Sendable {
                 }
                 if let reply = replyMessage(body, to: message) { publishes.append(.publish(reply)) }
             }
-            channels.send(publishes, thenSettle: batch.last.map { [.ack(deliveryTag: $0.deliveryTag, multiple: true)] } ?? [])
+            channels.send(publishes, thenSettle: acks.settle(batch.last?.deliveryTag, count: batch.count, moreWaiting: moreWaiting).map { [$0] } ?? [])
             worker.statistics.withLock {
                 $0.requests += requests
                 $0.messages += batch.count
@@ -746,6 +755,37 @@ public final class Worker: Service, Sendable {
                 logger.warning("lease sweep failed; will retry", metadata: ["baton.error": "\(error)"])
             }
         }
+    }
+}
+
+/// The closing ack of a partition's batches, deferred while more deliveries wait: acks are cumulative
+/// (`multiple`), so the next batch's ack covers this one's, and the quorum queue records one settle
+/// command for several batches. At most `limit` deliveries stay unacked this way (a quarter of the
+/// prefetch, so deliveries never stall on it), and the partition acks as soon as it has nothing waiting.
+struct DeferredAck {
+    let limit: Int
+    private var tag: UInt64?
+    private var count = 0
+
+    init(limit: Int) {
+        self.limit = limit
+    }
+
+    /// Records a batch whose accepted deliveries end at `last`; returns the ack to send now, if any.
+    mutating func settle(_ last: UInt64?, count batch: Int, moreWaiting: Bool) -> ChannelAction? {
+        if let last { tag = max(tag ?? 0, last) }
+        count += batch
+        guard !moreWaiting || count >= limit else { return nil }
+        return flush()
+    }
+
+    /// The ack of everything deferred, if anything is.
+    mutating func flush() -> ChannelAction? {
+        defer {
+            tag = nil
+            count = 0
+        }
+        return tag.map { .ack(deliveryTag: $0, multiple: true) }
     }
 }
 

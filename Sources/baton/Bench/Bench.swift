@@ -174,14 +174,17 @@ struct Bench: AsyncParsableCommand {
             let echo = system == "echo"
             let worker = try BenchWorker.start(echo: echo, scratch: scratch, amqpURL: amqpURL, partitioner: partitioner, batchSize: batchSize, log: workerLog.map { URL(fileURLWithPath: $0) })
             do {
-                let result = try await measureBaton(
+                var result = try await measureBaton(
                     worker: worker, echo: echo, workload: workload, buffers: buffers, scratch: scratch, clientURL: clientURL,
                     partitioner: partitioner, label: label, runID: runID, namespace: namespace, logger: logger
                 )
-                await worker.stop()
+                if let (batch, commit) = await worker.stop() {
+                    result.meanBatch = batch
+                    if !echo { result.meanCommitMilliseconds = commit }
+                }
                 return result
             } catch {
-                await worker.stop()
+                _ = await worker.stop()
                 throw error
             }
         }
@@ -214,6 +217,7 @@ struct Bench: AsyncParsableCommand {
             let sent = batonClients.reduce(0) { $0 + $1.statistics.messages } - sentBefore
             let calls = batonClients.reduce(0) { $0 + $1.statistics.requests } - callsBefore
             if sent > 0 { result.requestsPerMessage = Double(calls) / Double(sent) }
+            if !echo { result.databaseConnections = try? await Self.workerConnections(scratch, logger: logger) }
             // Every message the broker took during the run (requests, replies, events), once its statistics
             // caught up (they are sampled every 5 s by default).
             try await Task.sleep(for: .milliseconds(5_500))
@@ -231,6 +235,17 @@ struct Bench: AsyncParsableCommand {
             measurement.doubleGrants = try await baton.doubleGrants()
             result.measurement.doubleGrants = measurement.doubleGrants
             return result
+    }
+
+    /// PostgreSQL connections the bench worker holds on the scratch database now.
+    private static func workerConnections(_ scratch: PostgresURL, logger: Logger) async throws -> Int {
+        let connection = try await PostgresConnection.connect(to: scratch, logger: logger)
+        defer { Task { await connection.close() } }
+        return try await connection.withSession { session in
+            Int(try session.query(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND application_name LIKE 'baton worker%'"
+            ).first() ?? "") ?? 0
+        }
     }
 
     private func resetScratch(serverURL: PostgresURL, scratch: PostgresURL, partitioner: Partitioner, amqpURL: AMQPURL, logger: Logger) async throws {
@@ -258,19 +273,23 @@ struct Bench: AsyncParsableCommand {
 /// A `baton worker` child process serving the scratch deployment; it dies with the bench.
 struct BenchWorker: Sendable {
     let process: ChildProcess
+    /// Where the worker logs (at level info): the file of --worker-log, or a temporary one.
+    let log: URL
+    let temporary: Bool
 
-    static func start(echo: Bool, scratch: PostgresURL, amqpURL: AMQPURL, partitioner: Partitioner, batchSize: Int, log: URL?) throws -> BenchWorker {
+    static func start(echo: Bool, scratch: PostgresURL, amqpURL: AMQPURL, partitioner: Partitioner, batchSize: Int, log kept: URL?) throws -> BenchWorker {
+        let log = kept ?? FileManager.default.temporaryDirectory.appendingPathComponent("baton-bench-worker-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).log")
         var environment = ProcessInfo.processInfo.environment
         environment["BATON_DATABASE_URL"] = scratch.connectionString
         environment["BATON_AMQP_URL"] = amqpURL.connectionString
         let process = try ChildProcess(
             executable: URL(fileURLWithPath: CommandLine.arguments[0]).resolvingSymlinksInPath(),
             arguments: ["worker", "--partitions", "all", "--partition-count", String(partitioner.count),
-                        "--batch-size", String(batchSize), "--worker-id", echo ? "bench-echo" : "bench", "--log-level", log == nil ? "warning" : "info",
+                        "--batch-size", String(batchSize), "--worker-id", echo ? "bench-echo" : "bench", "--log-level", "info",
                         "--metrics-port", "0", "--exit-with-parent"] + (echo ? ["--echo"] : []),
             environment: environment, log: log
         )
-        return BenchWorker(process: process)
+        return BenchWorker(process: process, log: log, temporary: kept == nil)
     }
 
     func waitUntilServing(_ client: BatonClient) async throws {
@@ -315,7 +334,19 @@ struct BenchWorker: Sendable {
         return kilobytes / 1024
     }
 
-    func stop() async {
-        await process.stop()
+    /// Stops the worker; returns its mean batch (requests per batch) and mean commit time (ms) over its
+    /// life, from the line it logs when it stops.
+    func stop() async -> (meanBatch: Double, meanCommitMilliseconds: Double)? {
+        _ = await process.stop()
+        defer { if temporary { try? FileManager.default.removeItem(at: log) } }
+        guard let text = try? String(contentsOf: log, encoding: .utf8),
+              let line = text.split(separator: "\n").last(where: { $0.contains("worker stopped") })
+        else { return nil }
+        func value(_ key: String) -> Double? {
+            guard let range = line.range(of: "\(key)=") else { return nil }
+            return Double(line[range.upperBound...].prefix { !$0.isWhitespace })
+        }
+        guard let batch = value("baton.mean_batch"), let commit = value("baton.mean_commit_ms") else { return nil }
+        return (batch, commit)
     }
 }

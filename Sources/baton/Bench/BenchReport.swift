@@ -24,6 +24,11 @@ struct SystemResult: Sendable {
     var requestsPerMessage: Double?
     /// Messages the broker took per operation (requests, replies, events; from the management API).
     var brokerMessagesPerOperation: Double?
+    /// The worker's requests per batch and mean commit time (ms), over its life (closed loop and half peak).
+    var meanBatch: Double?
+    var meanCommitMilliseconds: Double?
+    /// PostgreSQL connections the worker held during the run.
+    var databaseConnections: Int?
     /// The PostgreSQL pool size measured, and the claims/s of each size tried in the sweep.
     var poolSize: Int?
     var poolSweep: [Int: Double] = [:]
@@ -41,6 +46,9 @@ struct SystemResult: Sendable {
         if let cpu = workerCPUPerOperation { text += String(format: "  | worker CPU %.0f µs/op", cpu) }
         if let ratio = requestsPerMessage { text += String(format: "  | %.2f requests/message", ratio) }
         if let messages = brokerMessagesPerOperation { text += String(format: "  | %.2f broker messages/op", messages) }
+        if let batch = meanBatch { text += String(format: "  | batch %.1f", batch) }
+        if let commit = meanCommitMilliseconds { text += String(format: " (commit %.1f ms)", commit) }
+        if let connections = databaseConnections { text += "  | \(connections) PostgreSQL connections" }
         if let poolSize {
             text += "  | pool \(poolSize)"
             if !poolSweep.isEmpty { text += " (sweep " + poolSweep.keys.sorted().map { String(format: "%d: %.0f/s", $0, poolSweep[$0]!) }.joined(separator: ", ") + ")" }
@@ -73,6 +81,9 @@ struct SystemResult: Sendable {
         if let cpu = workerCPUPerOperation { object["worker_cpu_us_per_op"] = round1(cpu) }
         if let ratio = requestsPerMessage { object["requests_per_message"] = round3(ratio) }
         if let messages = brokerMessagesPerOperation { object["broker_messages_per_op"] = round3(messages) }
+        if let batch = meanBatch { object["mean_batch"] = round3(batch) }
+        if let commit = meanCommitMilliseconds { object["mean_commit_ms"] = round3(commit) }
+        if let connections = databaseConnections { object["database_connections"] = connections }
         if let poolSize { object["pool_size"] = poolSize }
         if !poolSweep.isEmpty { object["pool_sweep"] = Dictionary(uniqueKeysWithValues: poolSweep.map { (String($0.key), round1($0.value)) }) }
         if let memory = workerMemory, !memory.samples.isEmpty {
