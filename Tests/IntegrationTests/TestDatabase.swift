@@ -2,6 +2,7 @@ import BatonCore
 import BatonPostgres
 import Foundation
 import Logging
+import Synchronization
 import Testing
 
 /// Fresh databases on the PostgreSQL that `scripts/services up` starts (or `BATON_DATABASE_URL`).
@@ -27,12 +28,31 @@ enum TestDatabase {
             Issue.record("PostgreSQL is not reachable at \(server): run scripts/services up (\(error))")
             throw error
         }
-        let name = "baton_test_\(UInt64.random(in: 0...UInt64.max) % 1_000_000_000_000)"
+        try await removeStale(admin)
+        // The test process's pid is in the name, so that a later run can tell which are left over.
+        let name = "baton_test_\(getpid())_\(UInt64.random(in: 0...UInt64.max) % 1_000_000_000_000)"
         _ = try await admin.withSession { session in try session.query("CREATE DATABASE \(name)") }
         await admin.close()
         var url = server
         url.database = name
         return url
+    }
+
+    private static let cleaned = Mutex(false)
+
+    /// Once per test process: drops the databases (and their `_bench` / `_chaos` scratch databases) that
+    /// test processes no longer running left behind, and those named before the pid was in the name.
+    /// Without it every run left some 150 databases on a developer's server.
+    private static func removeStale(_ admin: PostgresConnection) async throws {
+        guard cleaned.withLock({ done in defer { done = true }; return !done }) else { return }
+        let names = try await admin.withSession { session in
+            try session.query("SELECT datname FROM pg_database WHERE datname LIKE 'baton\\_test\\_%'").rows.compactMap { $0.first ?? nil }
+        }
+        for name in names {
+            let parts = name.split(separator: "_")  // baton, test, pid, random[, bench|chaos]
+            if parts.count >= 4, let pid = Int32(parts[2]), parts[3].allSatisfy(\.isNumber), kill(pid, 0) == 0 || errno != ESRCH { continue }
+            _ = try? await admin.withSession { session in try session.query("DROP DATABASE IF EXISTS \(name) WITH (FORCE)") }
+        }
     }
 
     /// A fresh, migrated database with `partitions` partitions.
