@@ -170,7 +170,8 @@ extension ProtocolCodec {
         )
     }
 
-    /// Encodes the event body of an ownership change, published to `baton.events` with routing key `<p>.<kind>`.
+    /// Encodes the event object of an ownership change: the body of a `per-change` event message (routing
+    /// key `<p>.<kind>`), and each element of a `per-commit` one (``encodeEvents(partition:_:)``).
     public static func encodeEvent(_ change: OwnershipChange) -> [UInt8] {
         var json = JSONWriter(capacity: 160)
         json.integer("v", ProtocolV1.version)

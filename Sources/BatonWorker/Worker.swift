@@ -249,8 +249,8 @@ public final class Worker: Service, Sendable {
         let connections: BrokerConnections
         let metrics: PartitionMetrics
 
-        /// The partition's two channels: one consuming (and acking) on the consumer connection, one
-        /// publishing replies, events and ticks in confirm mode on the publisher connection.
+        /// The partition's three channels: one consuming (and acking) on the consumer connection; on the
+        /// publisher connection, one for events and ticks in confirm mode and one for replies.
         struct Channels {
             let consume: AMQPChannel
             let publish: AMQPChannel
