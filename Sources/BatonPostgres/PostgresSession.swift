@@ -77,7 +77,21 @@ public final class PostgresSession {
             handle.prepared.insert(statement.name)
         }
         guard PQenterPipelineMode(conn) == 1 else { throw lostOrFailed(fallback: "cannot enter pipeline mode") }
-        defer { PQexitPipelineMode(conn) }
+        do {
+            let outcomes = try runPipeline(conn, statements)
+            PQexitPipelineMode(conn)
+            return outcomes
+        } catch {
+            // Results may be left unread, and the writes may or may not have committed: the connection
+            // cannot be used for anything else now. Drop it (the next session reconnects), and report the
+            // outcome as unknown, as for any connection lost mid-statement.
+            handle.finish()
+            if let error = error as? PostgresError, error.code == .connectionLost { throw error }
+            throw PostgresError(code: .connectionLost, message: "a pipeline broke off (\(error)); its outcome is unknown")
+        }
+    }
+
+    private func runPipeline(_ conn: OpaquePointer, _ statements: [(PreparedStatement, [String?])]) throws -> [Result<PostgresRows, PostgresError>] {
         for (statement, parameters) in statements {
             let sent = try withCStrings(parameters) { values in
                 PQsendQueryPrepared(conn, statement.name, Int32(values.count), values, nil, nil, 0)

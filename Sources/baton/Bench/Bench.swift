@@ -156,16 +156,27 @@ struct Bench: AsyncParsableCommand {
                 for candidate in Self.poolSizes {
                     let sql = try await SQLSystem.make(style: .conditional, url: scratch, poolSize: candidate, logger: logger)
                     let runner = BenchRunner(workload: workload, system: sql, clients: clients(workload), buffers: buffers, label: "\(label) pool \(candidate)", runID: runID + "s\(candidate)")
-                    sweep[candidate] = await runner.closedLoop(duration: .seconds(max(2, duration / 3)), tokens: try await runner.prepare()).perSecond
-                    await sql.close()
+                    do {
+                        sweep[candidate] = await runner.closedLoop(duration: .seconds(max(2, duration / 3)), tokens: try await runner.prepare()).perSecond
+                        await sql.close()
+                    } catch {
+                        await sql.close()
+                        throw error
+                    }
                 }
                 size = sweep.max { $0.value < $1.value }?.key ?? size
             }
             let sql = try await SQLSystem.make(style: system == "postgres" ? .conditional : .naive, url: scratch, poolSize: size, logger: logger)
             let runner = BenchRunner(workload: workload, system: sql, clients: clients(workload), buffers: buffers, label: label, runID: runID)
-            var measurement = await runner.closedLoop(duration: .seconds(duration), tokens: try await runner.prepare())
-            measurement.doubleGrants = try await sql.doubleGrants()
-            await sql.close()
+            var measurement: Measurement
+            do {
+                measurement = await runner.closedLoop(duration: .seconds(duration), tokens: try await runner.prepare())
+                measurement.doubleGrants = try await sql.doubleGrants()
+                await sql.close()
+            } catch {
+                await sql.close()
+                throw error
+            }
             var result = SystemResult(measurement: measurement)
             result.poolSize = size
             result.poolSweep = sweep
@@ -240,11 +251,17 @@ struct Bench: AsyncParsableCommand {
     /// PostgreSQL connections the bench worker holds on the scratch database now.
     private static func workerConnections(_ scratch: PostgresURL, logger: Logger) async throws -> Int {
         let connection = try await PostgresConnection.connect(to: scratch, logger: logger)
-        defer { Task { await connection.close() } }
-        return try await connection.withSession { session in
-            Int(try session.query(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND application_name LIKE 'baton worker%'"
-            ).first() ?? "") ?? 0
+        do {
+            let count = try await connection.withSession { session in
+                Int(try session.query(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND application_name LIKE 'baton worker%'"
+                ).first() ?? "") ?? 0
+            }
+            await connection.close()
+            return count
+        } catch {
+            await connection.close()
+            throw error
         }
     }
 
@@ -350,3 +367,4 @@ struct BenchWorker: Sendable {
         return (batch, commit)
     }
 }
+
