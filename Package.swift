@@ -125,6 +125,17 @@ let package = Package(
             name: "BatonAMQPTests",
             dependencies: ["BatonAMQP"]
         ),
+        // The worker's partition state machine and deferred ack: pure, no broker or database.
+        .testTarget(
+            name: "BatonWorkerTests",
+            dependencies: [
+                "BatonWorker",
+                "BatonAMQP",
+                "BatonCore",
+                "BatonPostgres",
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
         // Needs a real PostgreSQL (scripts/services up). With CI set, a missing service fails.
         .testTarget(
             name: "IntegrationTests",

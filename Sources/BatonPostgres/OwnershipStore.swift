@@ -70,7 +70,7 @@ public final class OwnershipStore: Sendable {
     public let maxAttempts: Int
     private let logger: Logger
     /// Batches of the partitions sharing the connection, waiting for it (see ``apply(_:partition:epoch:)``).
-    private let waiting = Mutex<[WaitingBatch]>([])
+    private let waiting = Mutex(WaitingBatches())
 
     /// The shortest idempotency retention allowed: twice the longest a request can live
     /// (``ProtocolV1/maxRequestLifetimeMilliseconds``, enforced by its deadline and the queues' message
@@ -127,43 +127,61 @@ public final class OwnershipStore: Sendable {
     ///   misses, or a ``PostgresError``.
     public func apply(_ requests: [Request], partition: Int, epoch: Int64) async throws -> BatchResult {
         try await withCheckedThrowingContinuation { continuation in
-            let first = waiting.withLock { waiting in
-                waiting.append(WaitingBatch(requests: requests, partition: partition, epoch: epoch, continuation: continuation))
-                return waiting.count == 1
-            }
-            if first { scheduleGroup() }
+            apply(requests, partition: partition, epoch: epoch) { continuation.resume(with: $0) }
         }
+    }
+
+    /// Applies `requests` as ``apply(_:partition:epoch:)`` does, without suspending the caller:
+    /// `completion` runs on the connection's thread with the result (it must not block).
+    public func apply(
+        _ requests: [Request], partition: Int, epoch: Int64, completion: @escaping @Sendable (Result<BatchResult, any Error>) -> Void
+    ) {
+        let schedule = waiting.withLock { waiting in
+            waiting.batches.append(WaitingBatch(requests: requests, partition: partition, epoch: epoch, completion: completion))
+            defer { waiting.scheduled = true }
+            return !waiting.scheduled
+        }
+        if schedule { scheduleGroup() }
     }
 
     /// The most requests one group transaction takes; batches beyond it wait for the next one.
     public static let maxGroupRequests = 1024
+
+    /// The batches waiting for the connection, and whether a job that takes them is queued.
+    private struct WaitingBatches {
+        var batches: [WaitingBatch] = []
+        var scheduled = false
+    }
 
     /// A batch waiting for the connection.
     private struct WaitingBatch: Sendable {
         let requests: [Request]
         let partition: Int
         let epoch: Int64
-        let continuation: CheckedContinuation<BatchResult, any Error>
+        let completion: @Sendable (Result<BatchResult, any Error>) -> Void
     }
 
     /// Queues one job that applies what waits when it runs.
     private func scheduleGroup() {
         connection.submit { [self] session in
-            let group = waiting.withLock { waiting -> [WaitingBatch] in
+            let (group, more) = waiting.withLock { waiting -> ([WaitingBatch], Bool) in
                 var count = 0
                 var taken = 0
-                while taken < waiting.count, taken == 0 || count + waiting[taken].requests.count <= Self.maxGroupRequests {
-                    count += waiting[taken].requests.count
+                while taken < waiting.batches.count, taken == 0 || count + waiting.batches[taken].requests.count <= Self.maxGroupRequests {
+                    count += waiting.batches[taken].requests.count
                     taken += 1
                 }
-                defer { waiting.removeFirst(taken) }
-                return Array(waiting.prefix(taken))
+                let group = Array(waiting.batches.prefix(taken))
+                waiting.batches.removeFirst(taken)
+                // With nothing left, the next batch to arrive (maybe from a completion below) queues a job.
+                waiting.scheduled = !waiting.batches.isEmpty
+                return (group, waiting.scheduled)
             }
-            // Batches that arrived meanwhile, or did not fit, go in the next job.
-            defer { if waiting.withLock({ !$0.isEmpty }) { scheduleGroup() } }
+            // Batches that did not fit go in the next job; so do those that arrive meanwhile.
+            defer { if more { scheduleGroup() } }
             switch session {
             case .failure(let error):
-                for batch in group { batch.continuation.resume(throwing: error) }
+                for batch in group { batch.completion(.failure(error)) }
             case .success(let session):
                 applyGroup(group.sorted { $0.partition < $1.partition }, session)
             }
@@ -176,10 +194,10 @@ public final class OwnershipStore: Sendable {
             do {
                 // Sorted by partition: a fixed order keeps two workers' groups from deadlocking on the same rows.
                 let results = try Self.applyPipelined(group, session, partitioner: partitioner)
-                for (batch, result) in zip(group, results) { batch.continuation.resume(with: result) }
+                for (batch, result) in zip(group, results) { batch.completion(result) }
                 return
             } catch let error as PostgresError where error.code == .connectionLost || error.code == .closed {
-                for batch in group { batch.continuation.resume(throwing: error) }
+                for batch in group { batch.completion(.failure(error)) }
                 return
             } catch {
                 logger.debug("a group transaction failed; applying its batches one by one", metadata: [
@@ -188,7 +206,7 @@ public final class OwnershipStore: Sendable {
             }
         }
         for batch in group {
-            batch.continuation.resume(with: Result {
+            batch.completion(Result {
                 try retrying(session, partition: batch.partition, what: "the batch of \(batch.requests.count) requests") { session, attempt in
                     try Self.applyOnce(session, batch.requests, partition: batch.partition, epoch: batch.epoch, partitioner: partitioner, attempt: attempt)
                 }

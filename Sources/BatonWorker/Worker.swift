@@ -65,8 +65,8 @@ public final class Worker: Service, Sendable {
     public let configuration: WorkerConfiguration
     private let logger: Logger
     private let stopping = Atomic<Bool>(false)
-    private let statistics = Mutex(WorkerStatistics())
-    private let health = Mutex(WorkerReadiness())
+    let statistics = Mutex(WorkerStatistics())
+    let health = Mutex(WorkerReadiness())
 
     /// Creates a worker.
     public init(configuration: WorkerConfiguration, logger: Logger) {
@@ -104,7 +104,7 @@ public final class Worker: Service, Sendable {
         stopping.store(true, ordering: .relaxed)
     }
 
-    private var isStopping: Bool { stopping.load(ordering: .relaxed) }
+    var isStopping: Bool { stopping.load(ordering: .relaxed) }
 
     private func serve() async throws {
         if configuration.echo, !configuration.amqpURL.virtualHost.hasPrefix("baton-scratch-") {
@@ -201,7 +201,12 @@ public final class Worker: Service, Sendable {
 
     private enum RunnerExit: Error {
         case ownershipLost
-        case connectionLost
+    }
+
+    /// A partition runner hit a failure retrying cannot mend (the schema); it starts over.
+    private struct RunnerFailure: Error, CustomStringConvertible {
+        let reason: String
+        var description: String { reason }
     }
 
     private func runPartition(_ partition: Int, store: OwnershipStore?, connections: BrokerConnections) async {
@@ -239,7 +244,9 @@ public final class Worker: Service, Sendable {
         }
     }
 
-    /// Consumes one partition until the worker stops, the channel dies, or the partition is taken by another worker.
+    /// Consumes one partition until the worker stops, the channel dies, or the partition is taken by
+    /// another worker: opens its channels, starts its consumer and hands everything to a
+    /// ``PartitionDriver``, then closes the channels once every reply and ack handed out is written.
     private struct PartitionRunner {
         let partition: Int
         let store: OwnershipStore?
@@ -248,33 +255,6 @@ public final class Worker: Service, Sendable {
         let worker: Worker
         let connections: BrokerConnections
         let metrics: PartitionMetrics
-
-        /// The partition's three channels: one consuming (and acking) on the consumer connection; on the
-        /// publisher connection, one for events and ticks in confirm mode and one for replies.
-        struct Channels {
-            let consume: AMQPChannel
-            let publish: AMQPChannel
-            /// Replies, on the publisher connection without confirms (the broker would confirm each one).
-            let reply: AMQPChannel
-
-            /// Publishes a batch's replies, then settles its deliveries, without waiting for either: the
-            /// runner goes on with the next batch meanwhile. Each connection's I/O thread runs what it is
-            /// given in order, so replies always leave before their acks, and batches settle in order.
-            /// A failure ends the connection, and with it the runner (unsettled deliveries go back to the
-            /// queue, answered from their records when they come again).
-            func send(_ publishes: [ChannelAction], thenSettle settles: [ChannelAction]) {
-                let consume = self.consume
-                reply.enqueue(publishes) { error in
-                    if error == nil, !settles.isEmpty { consume.enqueue(settles) }
-                }
-            }
-
-            /// Waits until every batch handed to ``send(_:thenSettle:)`` is published and settled (or failed).
-            func drain() async {
-                await reply.barrier()
-                await consume.barrier()
-            }
-        }
 
         func run() async throws {
             let consume = try await connections.consumer.openChannel()
@@ -293,469 +273,69 @@ public final class Worker: Service, Sendable {
                 await publish.close()
                 throw error
             }
-            let channels = Channels(consume: consume, publish: publish, reply: reply)
+            let channels = PartitionChannels(consume: consume, publish: publish, reply: reply)
+            let exit: PartitionStateMachine.Exit
+            let driver: PartitionDriver
             do {
                 try await publish.enableConfirms()
                 try await consume.qos(prefetch: configuration.prefetch)
-                let (_, deliveries) = try await consume.consume(queue: configuration.queueName(partition))
-                _ = worker.health.withLock { $0.consuming.insert(partition) }
                 let metrics = self.metrics
+                let worker = self.worker
                 let pump = store.map { store in
                     EventPump(partition: partition, store: store, channel: publish, perCommit: configuration.eventsPerCommit, logger: logger) { count in
                         worker.statistics.withLock { $0.events += count }
                         metrics.events.increment(by: count)
                     }
                 }
+                driver = PartitionDriver(
+                    partition: partition, store: store, worker: worker, channels: channels, pump: pump, metrics: metrics,
+                    publisher: connections.publisher, logger: logger
+                )
                 do {
-                    try await loop(channels: channels, deliveries: deliveries, pump: pump)
+                    _ = try await consume.consume(
+                        queue: configuration.queueName(partition),
+                        onDeliveries: { driver.deliver($0) },
+                        onEnd: { driver.consumerEnded($0) }
+                    )
                 } catch {
-                    await channels.drain()
                     await pump?.finish()
                     throw error
                 }
+                _ = worker.health.withLock { $0.consuming.insert(partition) }
+                // Ticks (a standby's tick through the queue, sweeps, the publisher's alarm) and stop.
+                let ticker = Task {
+                    while !Task.isCancelled {
+                        if worker.isStopping {
+                            driver.handle { $0.stop(now: $1) }
+                        } else {
+                            driver.handle { $0.tick(now: $1, blockedReason: connections.publisher.blockedReason) }
+                        }
+                        try? await Task.sleep(for: .milliseconds(50))
+                    }
+                }
+                exit = await driver.finished()
+                ticker.cancel()
+                await ticker.value
                 await channels.drain()
                 await pump?.finish()
             } catch {
-                await consume.close()
-                await publish.close()
-                await reply.close()
+                await channels.close()
                 throw error
             }
-            await consume.close()
-            await publish.close()
-            await reply.close()
-        }
-
-        private func loop(channels: Channels, deliveries: DeliveryQueue, pump: EventPump?) async throws {
-            var epoch: Int64?
-            var logger = self.logger
-            var nextSweep = ContinuousClock.now + configuration.sweepInterval
-            var acks = DeferredAck(limit: max(1, Int(configuration.prefetch) / 4))
-            // A deferred ack goes out before the channels close (else its deliveries come back and are
-            // answered again from their records).
-            defer { if let settle = acks.flush() { channels.send([], thenSettle: [settle]) } }
-            var lastTick = ContinuousClock.now - .seconds(3600)
-            while !worker.isStopping {
-                if epoch == nil, store != nil, ContinuousClock.now - lastTick >= max(.seconds(1), configuration.sweepInterval * 3) {
-                    // Not (yet) the active consumer, or the queue is idle: a tick through the queue reaches
-                    // whichever worker is active, which then takes the partition and sweeps its leases.
-                    lastTick = ContinuousClock.now
-                    try await channels.publish.publish(OutgoingMessage(
-                        exchange: "", routingKey: configuration.queueName(partition), body: [],
-                        properties: AMQPProperties(messageID: Self.tickPrefix + configuration.workerID)
-                    ))
-                }
-                let wait = max(.milliseconds(1), min(nextSweep - ContinuousClock.now, .milliseconds(100)))
-                var batch = try await deliveries.next(max: configuration.batchSize, timeout: wait)
-                if !batch.isEmpty {
-                    if batch.count < configuration.batchSize, configuration.linger > Duration.zero {
-                        try? await Task.sleep(for: configuration.linger)
-                        batch += deliveries.takeAvailable(max: configuration.batchSize - batch.count)
-                    }
-                    // Replies cannot leave while the broker blocks our publisher (memory or disk alarm):
-                    // hold the batch unacked until it unblocks. The consumer connection never publishes,
-                    // so it is never blocked and keeps its heartbeats.
-                    try await waitWhilePublishingBlocked()
-                    guard let store else {
-                        try await echo(batch, channels: channels, acks: &acks, moreWaiting: deliveries.hasBuffered)
-                        continue
-                    }
-                    if epoch == nil {
-                        // We are the active consumer: take the partition, fencing out any previous owner.
-                        let taken = try await retryingDatabase { try await store.takePartition(partition, owner: configuration.workerID) }
-                        guard let taken else { return }
-                        epoch = taken
-                        logger[metadataKey: "baton.epoch"] = "\(taken)"
-                        metrics.epoch.record(taken)
-                        metrics.active.record(1)
-                        logger.info("took partition")
-                    }
-                    guard try await process(
-                        batch, epoch: epoch!, store: store, channels: channels, pump: pump, acks: &acks, moreWaiting: { deliveries.hasBuffered }, logger: logger
-                    ) else { return }
-                }
-                if ContinuousClock.now >= nextSweep {
-                    // Advance even while standing by: the wait above is bounded by it.
-                    nextSweep = ContinuousClock.now + configuration.sweepInterval
-                    if let epoch, let store {
-                        try await sweep(epoch: epoch, store: store, channels: channels, logger: logger)
-                    }
-                }
-            }
-        }
-
-        /// Runs a database call, retrying with backoff while PostgreSQL is unavailable.
-        /// Returns nil when the worker stops first; rethrows a lost fence.
-        private func retryingDatabase<T: Sendable>(_ call: () async throws -> T) async throws -> T? {
-            var backoff = Backoff(initial: .milliseconds(100), maximum: .seconds(3))
-            var failing = false
-            defer { if failing { _ = worker.health.withLock { $0.stalled.removeValue(forKey: partition) } } }
-            while true {
-                do {
-                    return try await call()
-                } catch let error as StoreError where error.code == .partitionOwnershipLost {
-                    throw RunnerExit.ownershipLost
-                } catch let error as SchemaError {
-                    throw error
-                } catch let error as PostgresError where error.isCausedByData || error.code == .unexpectedResult {
-                    // Retrying the same write cannot help: let the caller find the request that causes it.
-                    throw DataFailure(error: error)
-                } catch {
-                    if worker.isStopping { return nil }
-                    let delay = backoff.next()
-                    logger.warning("database call failed; holding the batch unacked and retrying", metadata: [
-                        "baton.error": "\(error)", "baton.retry_in": "\(delay)",
-                    ])
-                    failing = true
-                    worker.health.withLock { $0.stalled[partition] = "\(error)" }
-                    worker.statistics.withLock { $0.databaseRetries += 1 }
-                    WorkerMetrics.databaseRetries.increment()
-                    await worker.sleep(delay)
-                }
-            }
-        }
-
-        /// The message id of a tick: an empty message a worker sends through its partition's queue so that
-        /// the active consumer takes the partition and sweeps it even when no request arrives.
-        static let tickPrefix = "baton-tick:"
-
-        static func isTick(_ message: AMQPMessage) -> Bool {
-            message.body.isEmpty && message.properties.messageID?.hasPrefix(tickPrefix) == true
-        }
-
-        /// Waits while the broker blocks the publisher connection (memory or disk alarm).
-        private func waitWhilePublishingBlocked() async throws {
-            var warned = false
-            while let reason = connections.publisher.blockedReason, !worker.isStopping, connections.isOpen {
-                if !warned {
-                    logger.warning("the broker blocks publishing (resource alarm): holding the batch until it unblocks", metadata: ["baton.reason": "\(reason)"])
-                    warned = true
-                }
-                try? await Task.sleep(for: .milliseconds(50))
-            }
-        }
-
-        /// What a delivery carries, as far as the worker accepts it.
-        private enum Admission {
-            /// One request, or why the whole message is refused (answered and dead-lettered).
-            case single(Result<Request, ProtocolError>)
-            /// A coalesced batch: each element a request or why that element alone is refused.
-            case batch([Result<Request, ProtocolError>])
-            /// `reply_to` names a destination the worker will not publish to: not answered at all.
-            case unanswerable(String)
-        }
-
-        /// Checks one delivery: its reply destination, size, body (one request or a batch), and for each
-        /// request its exchange and principal.
-        private func admit(_ message: AMQPMessage) -> Admission {
-            if let replyTo = message.properties.replyTo, !replyTo.isEmpty, !ProtocolV1.isAcceptedReplyTo(replyTo) {
-                return .unanswerable(replyTo)
-            }
-            do throws(ProtocolError) {
-                guard message.bodySize <= ProtocolV1.maxBodyBytes else {
-                    throw ProtocolError(
-                        code: .payloadTooLarge,
-                        message: "request body is \(message.bodySize) bytes; the limit is \(ProtocolV1.maxBodyBytes) bytes"
-                    )
-                }
-                switch try ProtocolCodec.decodeMessage(message.body) {
-                case .single(let request):
-                    return .single(authorize(request, from: message))
-                case .batch(let elements):
-                    return .batch(elements.map { element in element.flatMap { authorize($0, from: message) } })
-                }
-            } catch {
-                return .single(.failure(error))
-            }
-        }
-
-        /// Checks what the broker says about the sender: the exchange (`force_release` only through
-        /// `baton.admin`) and the principal (`user_id`), which it records on the request.
-        private func authorize(_ request: Request, from message: AMQPMessage) -> Result<Request, ProtocolError> {
-            var request = request
-            if request.operation == .forceRelease, message.exchange != ProtocolV1.adminExchange {
-                return .failure(ProtocolError(
-                    code: .invalidRequest,
-                    message: "op 'force_release' is accepted only through the \(ProtocolV1.adminExchange) exchange (got '\(LogValue.escape(message.exchange))'); operators publish it there",
-                    requestID: request.requestID, buffer: request.buffer
-                ))
-            }
-            request.principal = message.properties.userID
-            if request.principal == nil, request.operation != .inspect, request.operation != .forceRelease {
-                return .failure(ProtocolError(
-                    code: .unauthenticated,
-                    message: "op '\(request.operation)' needs the AMQP property user_id set to the broker user you log in as (RabbitMQ checks it): a lease belongs to the user that claimed it, and only that user may renew or release it",
-                    requestID: request.requestID, buffer: request.buffer
-                ))
-            }
-            return .success(request)
-        }
-
-        /// The outcome of deciding requests, aligned with them.
-        private struct Decided {
-            var replies: [Reply] = []
-            var changes: [OutboxEntry] = []
-            var replayed = 0
-            var failed = 0
-
-            static func + (lhs: Decided, rhs: Decided) -> Decided {
-                Decided(replies: lhs.replies + rhs.replies, changes: lhs.changes + rhs.changes, replayed: lhs.replayed + rhs.replayed, failed: lhs.failed + rhs.failed)
-            }
-        }
-
-        /// Decides `requests` through the store in queue order. When the database refuses a write because
-        /// of what it contains (a constraint, a data error), the batch is split in halves, decided in order,
-        /// until the request that causes it stands alone; that one is answered `internal_error` and the rest
-        /// go on. Returns nil when the worker stopped first.
-        private func decide(_ requests: ArraySlice<Request>, epoch: Int64, store: OwnershipStore) async throws -> Decided? {
-            do {
-                guard let result = try await retryingDatabase({ try await store.apply(Array(requests), partition: partition, epoch: epoch) }) else { return nil }
-                worker.statistics.withLock { $0.transactions += 1 }
-                return Decided(replies: result.replies, changes: result.changes, replayed: result.replayed)
-            } catch let failure as DataFailure {
-                guard requests.count > 1 else {
-                    let request = requests[requests.startIndex]
-                    logger.error("the database refused a request; answering it with an error and dead-lettering it", metadata: [
-                        "baton.request_id": "\(LogValue.escape(request.requestID))", "baton.buffer": "\(LogValue.escape(request.buffer ?? "-"))",
-                        "baton.error": "\(failure.error)",
-                    ])
-                    let error = ProtocolError(
-                        code: .internalError,
-                        message: "the database refused to record this request (\(failure.error.sqlState.map { "SQLSTATE \($0): " } ?? "")\(failure.error.message)); nothing changed and the request was dead-lettered for an operator",
-                        requestID: request.requestID, buffer: request.buffer
-                    )
-                    return Decided(replies: [Reply.rejection(error, partition: partition, at: nil)], failed: 1)
-                }
-                let middle = requests.startIndex + requests.count / 2
-                guard let first = try await decide(requests[..<middle], epoch: epoch, store: store),
-                      let second = try await decide(requests[middle...], epoch: epoch, store: store)
-                else { return nil }
-                return first + second
-            }
-        }
-
-        /// Decides one batch of deliveries and answers them. Returns false when the worker stopped before
-        /// the batch committed.
-        ///
-        /// A delivery carries one request or a coalesced batch of them. A single request that is refused is
-        /// answered and dead-lettered, as always; in a batch, each element is answered in its place (in one
-        /// reply message, in order) and the message is acked, since its other elements were decided.
-        private func process(
-            _ batch: [AMQPMessage], epoch: Int64, store: OwnershipStore, channels: Channels, pump: EventPump?, acks: inout DeferredAck,
-            moreWaiting: () -> Bool, logger: Logger
-        ) async throws -> Bool {
-            let batchStarted = ContinuousClock.now
-            var requests: [Request] = []
-            /// For each request: its delivery and, for a batch, its place in it.
-            var origins: [(message: AMQPMessage, element: Int?)] = []
-            /// The replies of each batch delivery, by delivery tag, filled in place.
-            var batchReplies: [UInt64: (message: AMQPMessage, replies: [Reply?])] = [:]
-            var publishes: [ChannelAction] = []
-            var settles: [ChannelAction] = []
-            var rejected = 0
-            var counts: [String: Int] = [:]
-            var lastAck: UInt64? = batch.filter(Self.isTick).map(\.deliveryTag).max()
-            func refuse(_ error: ProtocolError, _ message: AMQPMessage) {
-                logger.notice("rejected a malformed request", metadata: [
-                    "baton.error_code": "\(error.code)", "baton.request_id": "\(LogValue.escape(error.requestID ?? "-"))",
-                    "baton.reason": "\(LogValue.escape(error.message))",
-                ])
-            }
-            func accept(_ request: Request, _ message: AMQPMessage, element: Int?) {
-                if case .forceRelease(let buffer, let reason) = request.command {
-                    logger.notice("force release", metadata: [
-                        "baton.buffer": "\(LogValue.escape(buffer))", "baton.reason": "\(LogValue.escape(reason ?? "-"))",
-                        "baton.request_id": "\(LogValue.escape(request.requestID))", "baton.principal": "\(LogValue.escape(request.principal ?? "-"))",
-                    ])
-                }
-                requests.append(request)
-                origins.append((message, element))
-            }
-            for message in batch where !Self.isTick(message) {
-                switch admit(message) {
-                case .single(.success(let request)):
-                    accept(request, message, element: nil)
-                case .single(.failure(let error)):
-                    // Malformed or not allowed: answer if we can, then dead-letter it. It never reaches the database.
-                    refuse(error, message)
-                    if let reply = replyMessage(ProtocolCodec.encode(Reply.rejection(error, partition: partition, at: nil)), to: message) {
-                        publishes.append(.publish(reply))
-                    }
-                    settles.append(.reject(deliveryTag: message.deliveryTag, requeue: false))
-                    metrics.deadLetter(error.code.rawValue)
-                    rejected += 1
-                case .batch(let elements):
-                    var replies = [Reply?](repeating: nil, count: elements.count)
-                    for (index, element) in elements.enumerated() {
-                        switch element {
-                        case .success(let request):
-                            accept(request, message, element: index)
-                        case .failure(let error):
-                            refuse(error, message)
-                            replies[index] = Reply.rejection(error, partition: partition, at: nil)
-                            counts["-|\(error.code.rawValue)", default: 0] += 1
-                        }
-                    }
-                    batchReplies[message.deliveryTag] = (message, replies)
-                case .unanswerable(let replyTo):
-                    logger.warning("refused a request whose reply_to is not a reply queue of its sender; dead-lettered without an answer", metadata: [
-                        "baton.reply_to": "\(LogValue.escape(replyTo))", "baton.correlation_id": "\(LogValue.escape(message.properties.correlationID ?? "-"))",
-                        "baton.principal": "\(LogValue.escape(message.properties.userID ?? "-"))",
-                    ])
-                    settles.append(.reject(deliveryTag: message.deliveryTag, requeue: false))
-                    metrics.deadLetter("reply_to_refused")
-                    rejected += 1
-                }
-            }
-            metrics.batchSize.record(requests.count)
-            var decided = Decided()
-            if !requests.isEmpty {
-                let started = ContinuousClock.now
-                // At most batchSize requests per transaction, however many a delivery batch carries
-                // (coalesced messages hold up to 256 each): one transaction stays short.
-                for start in stride(from: 0, to: requests.count, by: configuration.batchSize) {
-                    let chunk = requests[start..<min(start + configuration.batchSize, requests.count)]
-                    guard let result = try await decide(chunk, epoch: epoch, store: store) else { return false }
-                    decided = decided + result
-                }
-                let took = ContinuousClock.now - started
-                worker.statistics.withLock { $0.commitTime += took }
-                metrics.commitDuration.recordNanoseconds(took.nanoseconds)
-                if let afterCommit = configuration.afterCommit { await afterCommit(partition, connections.publisher) }
-            }
-            for (request, (origin, reply)) in zip(requests, zip(origins, decided.replies)) {
-                counts["\(request.operation.rawValue)|\(reply.error?.code.rawValue ?? reply.status.rawValue)", default: 0] += 1
-                if reply.status == .error, reply.error?.code != .deadlineExceeded {
-                    logger.notice("rejected a request", metadata: [
-                        "baton.request_id": "\(LogValue.escape(reply.requestID ?? "-"))", "baton.reason": "\(LogValue.escape(reply.error?.message ?? ""))",
-                    ])
-                }
-                if let element = origin.element {
-                    batchReplies[origin.message.deliveryTag]?.replies[element] = reply
-                    continue
-                }
-                if let answer = replyMessage(ProtocolCodec.encode(reply), to: origin.message) { publishes.append(.publish(answer)) }
-                if reply.status == .error, reply.error?.code != .deadlineExceeded {
-                    metrics.deadLetter(reply.error?.code.rawValue ?? "error")
-                    settles.append(.reject(deliveryTag: origin.message.deliveryTag, requeue: false))
-                    rejected += 1
-                } else {
-                    // Expired requests are acked, not dead-lettered: nothing is wrong with them, their caller gave up.
-                    lastAck = max(lastAck ?? 0, origin.message.deliveryTag)
-                }
-            }
-            for (tag, answered) in batchReplies {
-                let replies = answered.replies.map { $0 ?? Reply(requestID: nil, status: .error, partition: partition, error: ReplyError(code: .internalError, message: "no decision")) }
-                for part in ProtocolCodec.encodeBatchReply(replies) {
-                    if let answer = replyMessage(part, to: answered.message) { publishes.append(.publish(answer)) }
-                }
-                lastAck = max(lastAck ?? 0, tag)
-            }
-            // Replies leave before the acks; rejections go first so that the closing multiple-ack covers
-            // exactly the accepted ones.
-            if let settle = acks.settle(lastAck, count: batch.count, moreWaiting: moreWaiting()) { settles.append(settle) }
-            channels.send(publishes, thenSettle: settles)
-            metrics.requests(counts)
-            metrics.replies.increment(by: publishes.count)
-            metrics.batchDuration.recordNanoseconds((ContinuousClock.now - batchStarted).nanoseconds)
-            worker.statistics.withLock {
-                $0.requests += requests.count
-                $0.messages += batch.count
-                $0.replayed += decided.replayed
-                $0.rejected += rejected
-                $0.failed += decided.failed
-                $0.batches += 1
-            }
-            if !decided.changes.isEmpty { pump?.send(decided.changes) }
-            return true
-        }
-
-        /// The benchmark's broker ceiling: the same consume, reply and ack path, with no database.
-        private func echo(_ batch: [AMQPMessage], channels: Channels, acks: inout DeferredAck, moreWaiting: Bool) async throws {
-            let now = Timestamp(milliseconds: Int64(Date().timeIntervalSince1970 * 1000))
-            func answer(_ element: Result<Request, ProtocolError>) -> Reply {
-                switch element {
-                case .success(let request):
-                    let status: ReplyStatus = switch request.operation {
-                    case .claim: .granted
-                    case .renew: .renewed
-                    case .release: .released
-                    case .inspect: .state
-                    case .releaseConnection: .releasedConnection
-                    case .forceRelease: .released
-                    }
-                    return Reply(
-                        requestID: request.requestID, status: status, buffer: request.buffer, holder: nil, token: 1,
-                        expiresAt: now.adding(milliseconds: 30_000), at: now, partition: partition, buffers: status == .releasedConnection ? [] : nil
-                    )
-                case .failure(let error):
-                    return Reply.rejection(error, partition: partition, at: nil)
-                }
-            }
-            var publishes: [ChannelAction] = []
-            var requests = 0
-            for message in batch where !Self.isTick(message) {
-                let body: [UInt8]
-                switch admit(message) {
-                case .single(let element):
-                    requests += 1
-                    body = ProtocolCodec.encode(answer(element))
-                case .batch(let elements):
-                    requests += elements.count
-                    for part in ProtocolCodec.encodeBatchReply(elements.map(answer)) {
-                        if let reply = replyMessage(part, to: message) { publishes.append(.publish(reply)) }
-                    }
-                    continue
-                case .unanswerable:
-                    continue
-                }
-                if let reply = replyMessage(body, to: message) { publishes.append(.publish(reply)) }
-            }
-            channels.send(publishes, thenSettle: acks.settle(batch.last?.deliveryTag, count: batch.count, moreWaiting: moreWaiting).map { [$0] } ?? [])
-            worker.statistics.withLock {
-                $0.requests += requests
-                $0.messages += batch.count
-                $0.batches += 1
-            }
-        }
-
-        /// The reply message carrying `body` to `message`'s sender, or nil when it asked for none (or for one
-        /// the worker refuses to send).
-        private func replyMessage(_ body: [UInt8], to message: AMQPMessage) -> OutgoingMessage? {
-            guard let replyTo = message.properties.replyTo, ProtocolV1.isAcceptedReplyTo(replyTo) else { return nil }
-            return OutgoingMessage(
-                exchange: "", routingKey: replyTo, body: body,
-                properties: AMQPProperties(contentType: ProtocolV1.contentType, correlationID: message.properties.correlationID),
-                mandatory: false
-            )
-        }
-
-        private func sweep(epoch: Int64, store: OwnershipStore, channels: Channels, logger: Logger) async throws {
-            do {
-                let expired = try await store.sweep(partition: partition, epoch: epoch)
-                // Expiries, and any event the pump could not get confirmed (rows older than a few seconds).
-                var events = expired
-                events += try await store.undelivered(partition: partition, olderThan: .seconds(5), limit: 1000)
-                if !events.isEmpty {
-                    let confirmed = await EventPump.publish(events, partition: partition, channel: channels.publish, perCommit: configuration.eventsPerCommit, logger: logger)
-                    try await store.markDelivered(confirmed)
-                    worker.statistics.withLock { $0.events += confirmed.count }
-                }
-                if let ready = try? await channels.consume.inspectQueue(configuration.queueName(partition)).messages {
-                    metrics.queueReady.record(ready)
-                }
-                if !expired.isEmpty {
-                    metrics.expired.increment(by: expired.count)
-                    worker.statistics.withLock { $0.expired += expired.count }
-                    logger.debug("expired leases", metadata: ["baton.count": "\(expired.count)"])
-                }
-            } catch let error as StoreError where error.code == .partitionOwnershipLost {
+            await channels.close()
+            switch exit {
+            case .stopped:
+                return
+            case .ownershipLost:
                 throw RunnerExit.ownershipLost
-            } catch {
-                logger.warning("lease sweep failed; will retry", metadata: ["baton.error": "\(error)"])
+            case .consumerEnded:
+                throw driver.consumerError ?? AMQPError(code: .closed, message: "the consumer of partition \(partition) ended")
+            case .failed(let reason):
+                throw RunnerFailure(reason: reason)
             }
         }
     }
+
 }
 
 /// The closing ack of a partition's batches, deferred while more deliveries wait: acks are cumulative

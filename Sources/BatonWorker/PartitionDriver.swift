@@ -1,0 +1,274 @@
+import BatonAMQP
+import BatonCore
+import BatonPostgres
+import Foundation
+import Logging
+import Synchronization
+
+/// A partition's three channels: one consuming (and acking) on the consumer connection; on the
+/// publisher connection, one for events and ticks in confirm mode and one for replies.
+struct PartitionChannels: Sendable {
+    let consume: AMQPChannel
+    let publish: AMQPChannel
+    /// Replies, on the publisher connection without confirms (the broker would confirm each one).
+    let reply: AMQPChannel
+
+    /// Publishes a batch's replies, then settles its deliveries, without waiting for either. Each
+    /// connection's I/O thread runs what it is given in order, so replies always leave before their acks,
+    /// and batches settle in order. A failure ends the connection, and with it the partition's consumer
+    /// (unsettled deliveries go back to the queue, answered from their records when they come again).
+    func send(_ publishes: [ChannelAction], thenSettle settles: [ChannelAction]) {
+        let consume = self.consume
+        reply.enqueue(publishes) { error in
+            if error == nil, !settles.isEmpty { consume.enqueue(settles) }
+        }
+    }
+
+    /// Waits until every batch handed to ``send(_:thenSettle:)`` is published and settled (or failed).
+    func drain() async {
+        await reply.barrier()
+        await consume.barrier()
+    }
+
+    func close() async {
+        await consume.close()
+        await publish.close()
+        await reply.close()
+    }
+}
+
+/// Runs one partition's ``PartitionStateMachine`` without a task of its own on the decision path:
+/// deliveries are fed to it on the consumer connection's I/O thread, store results on the PostgreSQL
+/// connection's thread, ticks and stop from a timer task; whichever thread reports an event performs the
+/// actions the machine returns, in the order the machine returned them (a thread that reports an event
+/// while another performs leaves its actions to that one).
+///
+/// The hot path (delivery → apply → reply and ack) thus crosses one thread per service and never the
+/// cooperative pool. The rare operations (taking the partition, sweeping, waiting to retry) run in tasks
+/// and report back as events.
+final class PartitionDriver: Sendable {
+    typealias Machine = PartitionStateMachine
+
+    private struct State {
+        var machine: Machine
+        var queued: [Machine.Action] = []
+        var performing = false
+        var exit: Machine.Exit?
+        var waiter: CheckedContinuation<Machine.Exit, Never>?
+        var consumerError: AMQPError?
+    }
+
+    private let state: Mutex<State>
+    private let partition: Int
+    private let store: OwnershipStore?
+    private let worker: Worker
+    private let channels: PartitionChannels
+    private let pump: EventPump?
+    private let metrics: PartitionMetrics
+    private let publisher: AMQPConnection
+    private let logger: Logger
+
+    init(
+        partition: Int, store: OwnershipStore?, worker: Worker, channels: PartitionChannels, pump: EventPump?, metrics: PartitionMetrics,
+        publisher: AMQPConnection, logger: Logger
+    ) {
+        let configuration = worker.configuration
+        let machine = Machine(
+            configuration: Machine.Configuration(
+                partition: partition, batchSize: configuration.batchSize, ackLimit: Int(configuration.prefetch) / 4,
+                sweepInterval: configuration.sweepInterval, tickInterval: max(.seconds(1), configuration.sweepInterval * 3),
+                deciding: store != nil, wallClock: { Timestamp(milliseconds: Int64(Date().timeIntervalSince1970 * 1000)) }
+            ),
+            logger: logger, now: .now
+        )
+        state = Mutex(State(machine: machine))
+        self.partition = partition
+        self.store = store
+        self.worker = worker
+        self.channels = channels
+        self.pump = pump
+        self.metrics = metrics
+        self.publisher = publisher
+        self.logger = logger
+    }
+
+    /// Feeds one event to the machine and performs what it asks, in order.
+    func handle(_ event: (inout Machine, ContinuousClock.Instant) -> [Machine.Action]) {
+        let now = ContinuousClock.now
+        let blocked = publisher.blockedReason
+        var actions = state.withLock { state -> [Machine.Action]? in
+            state.machine.setBlocked(blocked)
+            state.queued += event(&state.machine, now)
+            guard !state.performing, !state.queued.isEmpty else { return nil }
+            state.performing = true
+            defer { state.queued.removeAll() }
+            return state.queued
+        }
+        while let next = actions {
+            for action in next { perform(action) }
+            actions = state.withLock { state in
+                guard !state.queued.isEmpty else {
+                    state.performing = false
+                    return nil
+                }
+                defer { state.queued.removeAll() }
+                return state.queued
+            }
+        }
+    }
+
+    /// Deliveries from the consumer (on its connection's I/O thread).
+    func deliver(_ messages: [AMQPMessage]) {
+        handle { $0.deliveries(messages, now: $1) }
+    }
+
+    /// The consumer ended (why, when it was not the application closing it).
+    func consumerEnded(_ error: AMQPError?) {
+        state.withLock { $0.consumerError = error }
+        handle { $0.consumerEnded(now: $1) }
+    }
+
+    /// Why the consumer ended, if it did on its own.
+    var consumerError: AMQPError? { state.withLock { $0.consumerError } }
+
+    /// Waits until the machine finishes.
+    func finished() async -> Machine.Exit {
+        await withCheckedContinuation { continuation in
+            let exit = state.withLock { state -> Machine.Exit? in
+                if state.exit == nil { state.waiter = continuation }
+                return state.exit
+            }
+            if let exit { continuation.resume(returning: exit) }
+        }
+    }
+
+    private func perform(_ action: Machine.Action) {
+        switch action {
+        case .publishTick:
+            channels.publish.enqueue([.publish(OutgoingMessage(
+                exchange: "", routingKey: worker.configuration.queueName(partition), body: [],
+                properties: AMQPProperties(messageID: Machine.tickPrefix + worker.configuration.workerID)
+            ))])
+        case .takePartition:
+            guard let store else { return }
+            let owner = worker.configuration.workerID
+            Task {
+                let result: Result<Int64, Machine.Failure>
+                do {
+                    result = .success(try await store.takePartition(partition, owner: owner))
+                } catch {
+                    result = .failure(Self.classify(error))
+                }
+                handle { $0.partitionTaken(result, now: $1) }
+            }
+        case .apply(let requests, let epoch):
+            guard let store else { return }
+            let afterCommit = worker.configuration.afterCommit
+            store.apply(requests, partition: partition, epoch: epoch) { [self] result in
+                let outcome = result.mapError(Self.classify)
+                if let afterCommit, case .success = outcome {
+                    Task {
+                        await afterCommit(partition, publisher)
+                        handle { $0.applied(outcome, now: $1) }
+                    }
+                } else {
+                    handle { $0.applied(outcome, now: $1) }
+                }
+            }
+        case .retry(let delay, _):
+            worker.statistics.withLock { $0.databaseRetries += 1 }
+            WorkerMetrics.databaseRetries.increment()
+            Task {
+                await worker.sleep(delay)
+                handle { $0.retryDue(now: $1) }
+            }
+        case .send(let publishes, let settles, let report):
+            channels.send(publishes, thenSettle: settles)
+            record(report, replies: publishes.count)
+        case .publishEvents(let changes):
+            pump?.send(changes)
+        case .sweep(let epoch):
+            Task {
+                let lost = await sweep(epoch: epoch)
+                handle { $0.swept(lost: lost, now: $1) }
+            }
+        case .active(let epoch):
+            metrics.epoch.record(epoch ?? 0)
+            metrics.active.record(epoch == nil ? 0 : 1)
+        case .stalled(let reason):
+            worker.health.withLock { $0.stalled[partition] = reason }
+        case .finish(let exit):
+            let waiter = state.withLock { state in
+                state.exit = exit
+                defer { state.waiter = nil }
+                return state.waiter
+            }
+            waiter?.resume(returning: exit)
+        }
+    }
+
+    private func record(_ report: Machine.BatchReport, replies: Int) {
+        guard report.messages > 0 else { return }
+        metrics.batchSize.record(report.requests)
+        metrics.requests(report.counts)
+        metrics.replies.increment(by: replies)
+        for reason in report.deadLetters { metrics.deadLetter(reason) }
+        metrics.batchDuration.recordNanoseconds(report.duration.nanoseconds)
+        if report.transactions > 0 { metrics.commitDuration.recordNanoseconds(report.commitTime.nanoseconds) }
+        worker.statistics.withLock {
+            $0.requests += report.requests
+            $0.messages += report.messages
+            $0.replayed += report.replayed
+            $0.rejected += report.rejected
+            $0.failed += report.failed
+            $0.transactions += report.transactions
+            $0.commitTime += report.commitTime
+            $0.batches += 1
+        }
+    }
+
+    /// How a store error reads to the machine.
+    static func classify(_ error: any Error) -> Machine.Failure {
+        switch error {
+        case let error as StoreError where error.code == .partitionOwnershipLost:
+            .ownershipLost
+        case let error as SchemaError:
+            .fatal("\(error)")
+        case let error as PostgresError where error.isCausedByData || error.code == .unexpectedResult:
+            .data(error)
+        default:
+            .transient("\(error)")
+        }
+    }
+
+    /// Expires leases and republishes events that were never confirmed. Returns true when the partition
+    /// was lost.
+    private func sweep(epoch: Int64) async -> Bool {
+        guard let store else { return false }
+        let configuration = worker.configuration
+        do {
+            let expired = try await store.sweep(partition: partition, epoch: epoch)
+            // Expiries, and any event the pump could not get confirmed (rows older than a few seconds).
+            var events = expired
+            events += try await store.undelivered(partition: partition, olderThan: .seconds(5), limit: 1000)
+            if !events.isEmpty {
+                let confirmed = await EventPump.publish(events, partition: partition, channel: channels.publish, perCommit: configuration.eventsPerCommit, logger: logger)
+                try await store.markDelivered(confirmed)
+                worker.statistics.withLock { $0.events += confirmed.count }
+            }
+            if let ready = try? await channels.consume.inspectQueue(configuration.queueName(partition)).messages {
+                metrics.queueReady.record(ready)
+            }
+            if !expired.isEmpty {
+                metrics.expired.increment(by: expired.count)
+                worker.statistics.withLock { $0.expired += expired.count }
+                logger.debug("expired leases", metadata: ["baton.count": "\(expired.count)"])
+            }
+        } catch let error as StoreError where error.code == .partitionOwnershipLost {
+            return true
+        } catch {
+            logger.warning("lease sweep failed; will retry", metadata: ["baton.error": "\(error)"])
+        }
+        return false
+    }
+}

@@ -1,0 +1,608 @@
+import BatonAMQP
+import BatonCore
+import BatonPostgres
+import Logging
+
+/// One partition's worker, as a state machine with no I/O: events in (deliveries, store results, ticks,
+/// the consumer's end, stop), actions out (take the partition, apply a batch, send replies then settle,
+/// publish events, sweep, publish a tick, wait and retry, finish). In the style of postgres-nio's
+/// `ConnectionStateMachine`: whoever drives it (``PartitionDriver``) performs the actions and reports
+/// their outcomes back as events, in the order it got them.
+///
+/// One operation on the store is in flight at a time (taking the partition, applying a chunk of a batch,
+/// sweeping), and batches are decided in delivery order, one after the other: the serializer's order is
+/// the queue's. Deliveries that arrive meanwhile wait in the machine, and the next batch takes up to
+/// ``Configuration/batchSize`` of them at once.
+struct PartitionStateMachine {
+    struct Configuration {
+        var partition: Int
+        /// Deliveries per batch, and requests per store transaction.
+        var batchSize: Int
+        /// At most this many deliveries stay unacked behind a deferred ack (see ``DeferredAck``).
+        var ackLimit: Int
+        var sweepInterval: Duration
+        /// How often a standby publishes a tick through the queue (so that the active consumer takes the
+        /// partition and sweeps it even when no request arrives).
+        var tickInterval: Duration
+        /// False for the benchmark's broker echo: every valid request is answered at once, as granted,
+        /// without the store.
+        var deciding = true
+        /// The wall clock, for echo replies.
+        var wallClock: () -> Timestamp = { Timestamp(milliseconds: 0) }
+    }
+
+    /// Why the machine finished.
+    enum Exit: Equatable {
+        /// Asked to stop; the batch in hand was answered first.
+        case stopped
+        /// Another worker took the partition (a newer epoch).
+        case ownershipLost
+        /// The consumer ended (channel or connection closed); unsettled deliveries return to the queue.
+        case consumerEnded
+        /// A failure retrying cannot mend (the schema); the runner starts over.
+        case failed(String)
+    }
+
+    /// How a store call failed, as far as the machine cares (the driver classifies errors).
+    enum Failure: Error {
+        /// The epoch is stale: nothing was written.
+        case ownershipLost
+        /// The database refused what the write contains: retrying the same write cannot succeed.
+        case data(PostgresError)
+        /// Unavailable or broken for now: hold the batch unacked and retry with backoff.
+        case transient(String)
+        /// Cannot go on (schema mismatch).
+        case fatal(String)
+    }
+
+    enum Action {
+        case publishTick
+        case takePartition
+        /// Apply `requests` (in order) as owner of `epoch`; report with ``applied(_:now:)``.
+        case apply(requests: [Request], epoch: Int64)
+        /// Call ``retryDue()`` after `delay` (a store call failed for now).
+        case retry(after: Duration, error: String)
+        /// Publish the replies, then (once they are written) settle the deliveries.
+        case send(publishes: [ChannelAction], settles: [ChannelAction], report: BatchReport)
+        /// Publish committed ownership changes as events (off the decision path).
+        case publishEvents([OutboxEntry])
+        /// Expire leases and republish undelivered events; report with ``swept(_:)``.
+        case sweep(epoch: Int64)
+        /// Took the partition at `epoch` (or, nil, stands by again).
+        case active(epoch: Int64?)
+        /// The store failed and the partition cannot make progress (the error), or recovered (nil).
+        case stalled(String?)
+        case finish(Exit)
+    }
+
+    /// What one batch did, for statistics and metrics.
+    struct BatchReport: Equatable {
+        var messages = 0
+        var requests = 0
+        var replayed = 0
+        var rejected = 0
+        var failed = 0
+        var transactions = 0
+        /// Requests by "operation|outcome".
+        var counts: [String: Int] = [:]
+        /// Dead-letter reasons, one per message dead-lettered.
+        var deadLetters: [String] = []
+        var commitTime: Duration = .zero
+        var duration: Duration = .zero
+    }
+
+    private enum Operation: Equatable {
+        case taking
+        case applying(since: ContinuousClock.Instant)
+        case sweeping
+        case waitingToRetry
+    }
+
+    /// The batch being decided.
+    private struct Batch {
+        let started: ContinuousClock.Instant
+        var messages = 0
+        var requests: [Request] = []
+        /// For each request: its delivery and, for a coalesced message, its place in it.
+        var origins: [(message: AMQPMessage, element: Int?)] = []
+        /// The replies of each coalesced delivery, by delivery tag, filled in place.
+        var batchReplies: [UInt64: (message: AMQPMessage, replies: [Reply?])] = [:]
+        var publishes: [ChannelAction] = []
+        var settles: [ChannelAction] = []
+        var lastAck: UInt64?
+        /// Decided replies, aligned with `requests[..<replies.count]`.
+        var replies: [Reply] = []
+        var changes: [OutboxEntry] = []
+        /// Ranges of `requests` still to decide, in order; a range the database refuses is split in halves.
+        var work: [Range<Int>] = []
+        var report = BatchReport()
+    }
+
+    let configuration: Configuration
+    private var logger: Logger
+    private(set) var epoch: Int64?
+    private var operation: Operation?
+    private var batch: Batch?
+    private var pending: [AMQPMessage] = []
+    private var stopping = false
+    private var consumerEnded = false
+    private(set) var exit: Exit?
+    private var lastTick: ContinuousClock.Instant?
+    private var nextSweep: ContinuousClock.Instant
+    private var sweepDue = false
+    private var blockedReason: String?
+    private var warnedBlocked = false
+    private var backoff = Backoff(initial: .milliseconds(100), maximum: .seconds(3))
+    private var stalled = false
+    private var acks: DeferredAck
+
+    init(configuration: Configuration, logger: Logger, now: ContinuousClock.Instant) {
+        self.configuration = configuration
+        var logger = logger
+        logger[metadataKey: "baton.partition"] = "\(configuration.partition)"
+        self.logger = logger
+        nextSweep = now + configuration.sweepInterval
+        acks = DeferredAck(limit: max(1, configuration.ackLimit))
+    }
+
+    /// Deliveries waiting for a batch (not yet taken into one).
+    var waiting: Int { pending.count }
+
+    // MARK: - Events
+
+    /// Deliveries from the partition's queue, in order.
+    mutating func deliveries(_ messages: [AMQPMessage], now: ContinuousClock.Instant) -> [Action] {
+        guard exit == nil else { return [] }
+        pending += messages
+        return advance(now: now)
+    }
+
+    /// The clock moved on. `blockedReason` is why the broker blocks the publisher connection, if it does:
+    /// no batch starts while replies cannot leave.
+    mutating func tick(now: ContinuousClock.Instant, blockedReason: String?) -> [Action] {
+        guard exit == nil else { return [] }
+        var actions: [Action] = []
+        setBlocked(blockedReason)
+        if configuration.deciding, epoch == nil, !stopping, lastTick.map({ now - $0 >= configuration.tickInterval }) ?? true {
+            lastTick = now
+            actions.append(.publishTick)
+        }
+        if now >= nextSweep {
+            // Advance even while standing by.
+            nextSweep = now + configuration.sweepInterval
+            if configuration.deciding, epoch != nil { sweepDue = true }
+        }
+        return actions + advance(now: now)
+    }
+
+    /// Whether the broker blocks the publisher connection now (checked before a batch starts).
+    mutating func setBlocked(_ reason: String?) {
+        blockedReason = reason
+        if reason == nil { warnedBlocked = false }
+    }
+
+    /// The partition was taken at `epoch`, or taking it failed.
+    mutating func partitionTaken(_ result: Result<Int64, Failure>, now: ContinuousClock.Instant) -> [Action] {
+        guard exit == nil, operation == .taking else { return [] }
+        operation = nil
+        switch result {
+        case .success(let taken):
+            epoch = taken
+            logger[metadataKey: "baton.epoch"] = "\(taken)"
+            logger.info("took partition")
+            return recovered() + [.active(epoch: taken)] + advance(now: now)
+        case .failure(let failure):
+            return failed(failure, now: now)
+        }
+    }
+
+    /// The store applied the chunk handed out by the last ``Action/apply(requests:epoch:)``, or failed.
+    mutating func applied(_ result: Result<BatchResult, Failure>, now: ContinuousClock.Instant) -> [Action] {
+        guard exit == nil, case .applying(let since) = operation, var batch, let range = batch.work.first else { return [] }
+        operation = nil
+        batch.report.commitTime += now - since
+        switch result {
+        case .success(let result):
+            batch.work.removeFirst()
+            batch.replies += result.replies
+            batch.changes += result.changes
+            batch.report.replayed += result.replayed
+            batch.report.transactions += 1
+            self.batch = batch
+            return recovered() + advance(now: now)
+        case .failure(.data(let error)):
+            batch.work.removeFirst()
+            if range.count > 1 {
+                // Decide the halves in order until the request that causes it stands alone.
+                let middle = range.lowerBound + range.count / 2
+                batch.work.insert(contentsOf: [range.lowerBound..<middle, middle..<range.upperBound], at: 0)
+            } else {
+                let request = batch.requests[range.lowerBound]
+                logger.error("the database refused a request; answering it with an error and dead-lettering it", metadata: [
+                    "baton.request_id": "\(LogValue.escape(request.requestID))", "baton.buffer": "\(LogValue.escape(request.buffer ?? "-"))",
+                    "baton.error": "\(error)",
+                ])
+                let refusal = ProtocolError(
+                    code: .internalError,
+                    message: "the database refused to record this request (\(error.sqlState.map { "SQLSTATE \($0): " } ?? "")\(error.message)); nothing changed and the request was dead-lettered for an operator",
+                    requestID: request.requestID, buffer: request.buffer
+                )
+                batch.replies.append(Reply.rejection(refusal, partition: configuration.partition, at: nil))
+                batch.report.failed += 1
+            }
+            self.batch = batch
+            return advance(now: now)
+        case .failure(let failure):
+            self.batch = batch
+            return failed(failure, now: now)
+        }
+    }
+
+    /// The sweep finished (or the partition was lost meanwhile).
+    mutating func swept(lost: Bool, now: ContinuousClock.Instant) -> [Action] {
+        guard exit == nil, operation == .sweeping else { return [] }
+        operation = nil
+        if lost { return finish(.ownershipLost) }
+        return advance(now: now)
+    }
+
+    /// The wait asked for by ``Action/retry(after:error:)`` is over.
+    mutating func retryDue(now: ContinuousClock.Instant) -> [Action] {
+        guard exit == nil, operation == .waitingToRetry else { return [] }
+        operation = nil
+        return advance(now: now)
+    }
+
+    /// The consumer ended: no more deliveries. What is in flight completes; then the machine finishes.
+    mutating func consumerEnded(now: ContinuousClock.Instant) -> [Action] {
+        guard exit == nil else { return [] }
+        consumerEnded = true
+        return advance(now: now)
+    }
+
+    /// Stop: the batch being applied is answered first; one waiting to retry is dropped unanswered (its
+    /// deliveries return to the queue and are decided by the next consumer).
+    mutating func stop(now: ContinuousClock.Instant) -> [Action] {
+        guard exit == nil else { return [] }
+        stopping = true
+        if operation == .waitingToRetry || operation == .taking {
+            operation = nil
+            batch = nil
+        }
+        return advance(now: now)
+    }
+
+    // MARK: - Transitions
+
+    private mutating func failed(_ failure: Failure, now: ContinuousClock.Instant) -> [Action] {
+        let reason: String
+        switch failure {
+        case .ownershipLost:
+            return finish(.ownershipLost)
+        case .fatal(let error):
+            return finish(.failed(error))
+        case .transient(let error):
+            reason = error
+        case .data(let error):
+            // Only a batch can be split to isolate a refused request; anything else is retried.
+            reason = "\(error)"
+        }
+        if stopping || consumerEnded {
+            // Its deliveries return to the queue unanswered; the next consumer decides them.
+            batch = nil
+            return finish(stopping ? .stopped : .consumerEnded)
+        }
+        let delay = backoff.next()
+        logger.warning("database call failed; holding the batch unacked and retrying", metadata: [
+            "baton.error": "\(reason)", "baton.retry_in": "\(delay)",
+        ])
+        operation = .waitingToRetry
+        stalled = true
+        return [.stalled(reason), .retry(after: delay, error: reason)]
+    }
+
+    private mutating func recovered() -> [Action] {
+        backoff.reset()
+        guard stalled else { return [] }
+        stalled = false
+        return [.stalled(nil)]
+    }
+
+    private mutating func finish(_ exit: Exit) -> [Action] {
+        self.exit = exit
+        operation = nil
+        var actions: [Action] = []
+        // A deferred ack goes out before the channels close (else its deliveries come back and are
+        // answered again from their records).
+        if let settle = acks.flush() { actions.append(.send(publishes: [], settles: [settle], report: BatchReport())) }
+        if stalled { actions.append(.stalled(nil)) }
+        return actions + [.finish(exit)]
+    }
+
+    /// Starts whatever can start now: the next chunk of the batch in hand, its replies, a sweep, taking
+    /// the partition, the next batch.
+    private mutating func advance(now: ContinuousClock.Instant) -> [Action] {
+        var actions: [Action] = []
+        while exit == nil, operation == nil {
+            if var batch {
+                if let range = batch.work.first, let epoch {
+                    operation = .applying(since: now)
+                    actions.append(.apply(requests: Array(batch.requests[range]), epoch: epoch))
+                    return actions
+                }
+                batch.report.duration = now - batch.started
+                self.batch = nil
+                actions += complete(batch)
+                continue
+            }
+            if stopping { return actions + finish(.stopped) }
+            if consumerEnded { return actions + finish(.consumerEnded) }
+            if sweepDue, let epoch {
+                sweepDue = false
+                operation = .sweeping
+                actions.append(.sweep(epoch: epoch))
+                return actions
+            }
+            guard !pending.isEmpty else { return actions }
+            if let blockedReason {
+                // Replies cannot leave while the broker blocks our publisher (memory or disk alarm): hold
+                // the deliveries unacked until it unblocks. The consumer connection never publishes, so it
+                // is never blocked and keeps its heartbeats.
+                if !warnedBlocked {
+                    warnedBlocked = true
+                    logger.warning("the broker blocks publishing (resource alarm): holding the batch until it unblocks", metadata: ["baton.reason": "\(blockedReason)"])
+                }
+                return actions
+            }
+            if configuration.deciding, epoch == nil {
+                // We are the active consumer: take the partition, fencing out any previous owner.
+                operation = .taking
+                actions.append(.takePartition)
+                return actions
+            }
+            let taken = Array(pending.prefix(configuration.batchSize))
+            pending.removeFirst(taken.count)
+            if configuration.deciding {
+                batch = admit(taken, now: now)
+            } else {
+                actions += echo(taken)
+            }
+        }
+        return actions
+    }
+
+    // MARK: - Batches
+
+    /// The message id of a tick: an empty message a worker sends through its partition's queue so that
+    /// the active consumer takes the partition and sweeps it even when no request arrives.
+    static let tickPrefix = "baton-tick:"
+
+    static func isTick(_ message: AMQPMessage) -> Bool {
+        message.body.isEmpty && message.properties.messageID?.hasPrefix(tickPrefix) == true
+    }
+
+    /// What a delivery carries, as far as the worker accepts it.
+    private enum Admission {
+        /// One request, or why the whole message is refused (answered and dead-lettered).
+        case single(Result<Request, ProtocolError>)
+        /// A coalesced batch: each element a request or why that element alone is refused.
+        case batch([Result<Request, ProtocolError>])
+        /// `reply_to` names a destination the worker will not publish to: not answered at all.
+        case unanswerable(String)
+    }
+
+    /// Checks one delivery: its reply destination, size, body (one request or a batch), and for each
+    /// request its exchange and principal.
+    private static func admit(_ message: AMQPMessage) -> Admission {
+        if let replyTo = message.properties.replyTo, !replyTo.isEmpty, !ProtocolV1.isAcceptedReplyTo(replyTo) {
+            return .unanswerable(replyTo)
+        }
+        do throws(ProtocolError) {
+            guard message.bodySize <= ProtocolV1.maxBodyBytes else {
+                throw ProtocolError(
+                    code: .payloadTooLarge,
+                    message: "request body is \(message.bodySize) bytes; the limit is \(ProtocolV1.maxBodyBytes) bytes"
+                )
+            }
+            switch try ProtocolCodec.decodeMessage(message.body) {
+            case .single(let request):
+                return .single(authorize(request, from: message))
+            case .batch(let elements):
+                return .batch(elements.map { element in element.flatMap { authorize($0, from: message) } })
+            }
+        } catch {
+            return .single(.failure(error))
+        }
+    }
+
+    /// Checks what the broker says about the sender: the exchange (`force_release` only through
+    /// `baton.admin`) and the principal (`user_id`), which it records on the request.
+    private static func authorize(_ request: Request, from message: AMQPMessage) -> Result<Request, ProtocolError> {
+        var request = request
+        if request.operation == .forceRelease, message.exchange != ProtocolV1.adminExchange {
+            return .failure(ProtocolError(
+                code: .invalidRequest,
+                message: "op 'force_release' is accepted only through the \(ProtocolV1.adminExchange) exchange (got '\(LogValue.escape(message.exchange))'); operators publish it there",
+                requestID: request.requestID, buffer: request.buffer
+            ))
+        }
+        request.principal = message.properties.userID
+        if request.principal == nil, request.operation != .inspect, request.operation != .forceRelease {
+            return .failure(ProtocolError(
+                code: .unauthenticated,
+                message: "op '\(request.operation)' needs the AMQP property user_id set to the broker user you log in as (RabbitMQ checks it): a lease belongs to the user that claimed it, and only that user may renew or release it",
+                requestID: request.requestID, buffer: request.buffer
+            ))
+        }
+        return .success(request)
+    }
+
+    /// Starts a batch: admits each delivery, answers (and dead-letters) what is refused, and lines up the
+    /// valid requests for the store in chunks of ``Configuration/batchSize``.
+    ///
+    /// A delivery carries one request or a coalesced batch of them. A single request that is refused is
+    /// answered and dead-lettered, as always; in a batch, each element is answered in its place (in one
+    /// reply message, in order) and the message is acked, since its other elements were decided.
+    private func admit(_ messages: [AMQPMessage], now: ContinuousClock.Instant) -> Batch {
+        let partition = configuration.partition
+        var batch = Batch(started: now)
+        batch.messages = messages.count
+        batch.report.messages = messages.count
+        batch.lastAck = messages.filter(Self.isTick).map(\.deliveryTag).max()
+        func refuse(_ error: ProtocolError) {
+            logger.notice("rejected a malformed request", metadata: [
+                "baton.error_code": "\(error.code)", "baton.request_id": "\(LogValue.escape(error.requestID ?? "-"))",
+                "baton.reason": "\(LogValue.escape(error.message))",
+            ])
+        }
+        func accept(_ request: Request, _ message: AMQPMessage, element: Int?) {
+            if case .forceRelease(let buffer, let reason) = request.command {
+                logger.notice("force release", metadata: [
+                    "baton.buffer": "\(LogValue.escape(buffer))", "baton.reason": "\(LogValue.escape(reason ?? "-"))",
+                    "baton.request_id": "\(LogValue.escape(request.requestID))", "baton.principal": "\(LogValue.escape(request.principal ?? "-"))",
+                ])
+            }
+            batch.requests.append(request)
+            batch.origins.append((message, element))
+        }
+        for message in messages where !Self.isTick(message) {
+            switch Self.admit(message) {
+            case .single(.success(let request)):
+                accept(request, message, element: nil)
+            case .single(.failure(let error)):
+                // Malformed or not allowed: answer if we can, then dead-letter it. It never reaches the database.
+                refuse(error)
+                if let reply = Self.replyMessage(ProtocolCodec.encode(Reply.rejection(error, partition: partition, at: nil)), to: message) {
+                    batch.publishes.append(.publish(reply))
+                }
+                batch.settles.append(.reject(deliveryTag: message.deliveryTag, requeue: false))
+                batch.report.deadLetters.append(error.code.rawValue)
+                batch.report.rejected += 1
+            case .batch(let elements):
+                var replies = [Reply?](repeating: nil, count: elements.count)
+                for (index, element) in elements.enumerated() {
+                    switch element {
+                    case .success(let request):
+                        accept(request, message, element: index)
+                    case .failure(let error):
+                        refuse(error)
+                        replies[index] = Reply.rejection(error, partition: partition, at: nil)
+                        batch.report.counts["-|\(error.code.rawValue)", default: 0] += 1
+                    }
+                }
+                batch.batchReplies[message.deliveryTag] = (message, replies)
+            case .unanswerable(let replyTo):
+                logger.warning("refused a request whose reply_to is not a reply queue of its sender; dead-lettered without an answer", metadata: [
+                    "baton.reply_to": "\(LogValue.escape(replyTo))", "baton.correlation_id": "\(LogValue.escape(message.properties.correlationID ?? "-"))",
+                    "baton.principal": "\(LogValue.escape(message.properties.userID ?? "-"))",
+                ])
+                batch.settles.append(.reject(deliveryTag: message.deliveryTag, requeue: false))
+                batch.report.deadLetters.append("reply_to_refused")
+                batch.report.rejected += 1
+            }
+        }
+        batch.report.requests = batch.requests.count
+        // At most batchSize requests per transaction, however many a delivery batch carries (coalesced
+        // messages hold up to 256 each): one transaction stays short.
+        batch.work = stride(from: 0, to: batch.requests.count, by: configuration.batchSize).map {
+            $0..<min($0 + configuration.batchSize, batch.requests.count)
+        }
+        return batch
+    }
+
+    /// Answers a decided batch: replies (rejections first, so that the closing multiple-ack covers
+    /// exactly the accepted deliveries), then its settles, then its events.
+    private mutating func complete(_ batch: Batch) -> [Action] {
+        var batch = batch
+        let partition = configuration.partition
+        for (request, (origin, reply)) in zip(batch.requests, zip(batch.origins, batch.replies)) {
+            batch.report.counts["\(request.operation.rawValue)|\(reply.error?.code.rawValue ?? reply.status.rawValue)", default: 0] += 1
+            if reply.status == .error, reply.error?.code != .deadlineExceeded {
+                logger.notice("rejected a request", metadata: [
+                    "baton.request_id": "\(LogValue.escape(reply.requestID ?? "-"))", "baton.reason": "\(LogValue.escape(reply.error?.message ?? ""))",
+                ])
+            }
+            if let element = origin.element {
+                batch.batchReplies[origin.message.deliveryTag]?.replies[element] = reply
+                continue
+            }
+            if let answer = Self.replyMessage(ProtocolCodec.encode(reply), to: origin.message) { batch.publishes.append(.publish(answer)) }
+            if reply.status == .error, reply.error?.code != .deadlineExceeded {
+                batch.report.deadLetters.append(reply.error?.code.rawValue ?? "error")
+                batch.settles.append(.reject(deliveryTag: origin.message.deliveryTag, requeue: false))
+                batch.report.rejected += 1
+            } else {
+                // Expired requests are acked, not dead-lettered: nothing is wrong with them, their caller gave up.
+                batch.lastAck = max(batch.lastAck ?? 0, origin.message.deliveryTag)
+            }
+        }
+        for (tag, answered) in batch.batchReplies.sorted(by: { $0.key < $1.key }) {
+            let replies = answered.replies.map {
+                $0 ?? Reply(requestID: nil, status: .error, partition: partition, error: ReplyError(code: .internalError, message: "no decision"))
+            }
+            for part in ProtocolCodec.encodeBatchReply(replies) {
+                if let answer = Self.replyMessage(part, to: answered.message) { batch.publishes.append(.publish(answer)) }
+            }
+            batch.lastAck = max(batch.lastAck ?? 0, tag)
+        }
+        if let settle = acks.settle(batch.lastAck, count: batch.messages, moreWaiting: !pending.isEmpty) { batch.settles.append(settle) }
+        var actions: [Action] = [.send(publishes: batch.publishes, settles: batch.settles, report: batch.report)]
+        if !batch.changes.isEmpty { actions.append(.publishEvents(batch.changes)) }
+        return actions
+    }
+
+    /// The benchmark's broker ceiling: the same admission, reply and ack path, with no database.
+    private mutating func echo(_ messages: [AMQPMessage]) -> [Action] {
+        let partition = configuration.partition
+        let now = configuration.wallClock()
+        func answer(_ element: Result<Request, ProtocolError>) -> Reply {
+            switch element {
+            case .success(let request):
+                let status: ReplyStatus = switch request.operation {
+                case .claim: .granted
+                case .renew: .renewed
+                case .release: .released
+                case .inspect: .state
+                case .releaseConnection: .releasedConnection
+                case .forceRelease: .released
+                }
+                return Reply(
+                    requestID: request.requestID, status: status, buffer: request.buffer, holder: nil, token: 1,
+                    expiresAt: now.adding(milliseconds: 30_000), at: now, partition: partition, buffers: status == .releasedConnection ? [] : nil
+                )
+            case .failure(let error):
+                return Reply.rejection(error, partition: partition, at: nil)
+            }
+        }
+        var publishes: [ChannelAction] = []
+        var report = BatchReport()
+        report.messages = messages.count
+        for message in messages where !Self.isTick(message) {
+            switch Self.admit(message) {
+            case .single(let element):
+                report.requests += 1
+                if let reply = Self.replyMessage(ProtocolCodec.encode(answer(element)), to: message) { publishes.append(.publish(reply)) }
+            case .batch(let elements):
+                report.requests += elements.count
+                for part in ProtocolCodec.encodeBatchReply(elements.map(answer)) {
+                    if let reply = Self.replyMessage(part, to: message) { publishes.append(.publish(reply)) }
+                }
+            case .unanswerable:
+                continue
+            }
+        }
+        let settle = acks.settle(messages.last?.deliveryTag, count: messages.count, moreWaiting: !pending.isEmpty)
+        return [.send(publishes: publishes, settles: settle.map { [$0] } ?? [], report: report)]
+    }
+
+    /// The reply message carrying `body` to `message`'s sender, or nil when it asked for none (or for one
+    /// the worker refuses to send).
+    private static func replyMessage(_ body: [UInt8], to message: AMQPMessage) -> OutgoingMessage? {
+        guard let replyTo = message.properties.replyTo, ProtocolV1.isAcceptedReplyTo(replyTo) else { return nil }
+        return OutgoingMessage(
+            exchange: "", routingKey: replyTo, body: body,
+            properties: AMQPProperties(contentType: ProtocolV1.contentType, correlationID: message.properties.correlationID),
+            mandatory: false
+        )
+    }
+}

@@ -1,0 +1,355 @@
+import BatonAMQP
+import BatonCore
+@testable import BatonPostgres
+@testable import BatonWorker
+import Logging
+import Testing
+
+/// The partition worker's decisions about what to do next, with no broker and no database: the tests
+/// play both, checking every settle the machine asks for against the broker's rules.
+@Suite struct PartitionStateMachineTests {
+    typealias Machine = PartitionStateMachine
+
+    /// Plays the broker and the store around one machine.
+    struct Harness {
+        var machine: Machine
+        var now = ContinuousClock.now
+        private var nextTag: UInt64 = 1
+        /// Delivered and not yet settled, as the broker sees it.
+        private(set) var unsettled: Set<UInt64> = []
+        /// Replies published, in order.
+        private(set) var replies: [Reply] = []
+        /// Coalesced reply messages published, decoded, in order.
+        private(set) var batchReplies: [[UInt8]] = []
+        /// Every action, in order.
+        private(set) var actions: [Machine.Action] = []
+        /// Ticks published.
+        private(set) var ticks = 0
+        private(set) var events: [OutboxEntry] = []
+
+        init(deciding: Bool = true, batchSize: Int = 256, ackLimit: Int = 64) {
+            machine = Machine(
+                configuration: Machine.Configuration(
+                    partition: 3, batchSize: batchSize, ackLimit: ackLimit, sweepInterval: .seconds(1), tickInterval: .seconds(3), deciding: deciding,
+                    wallClock: { Timestamp(milliseconds: 1_000) }
+                ),
+                logger: Logger(label: "test", factory: { _ in SwiftLogNoOpLogHandler() }), now: now
+            )
+        }
+
+        /// A claim (or another request) as a frontend publishes it.
+        mutating func message(_ request: Request, user: String? = "alice", replyTo: String = "amq.rabbitmq.reply-to.x", exchange: String = ProtocolV1.requestsExchange) -> AMQPMessage {
+            message(body: ProtocolCodec.encode(request), user: user, replyTo: replyTo, exchange: exchange)
+        }
+
+        mutating func message(body: [UInt8], user: String? = "alice", replyTo: String = "amq.rabbitmq.reply-to.x", exchange: String = ProtocolV1.requestsExchange, messageID: String? = nil) -> AMQPMessage {
+            defer { nextTag += 1 }
+            return AMQPMessage(
+                body: body, properties: AMQPProperties(correlationID: "c\(nextTag)", replyTo: replyTo, messageID: messageID, userID: user),
+                deliveryTag: nextTag, exchange: exchange
+            )
+        }
+
+        mutating func tickMessage() -> AMQPMessage {
+            message(body: [], user: nil, replyTo: "", messageID: Machine.tickPrefix + "w")
+        }
+
+        static func claim(_ id: String, _ buffer: String = "a.txt") -> Request {
+            Request(requestID: id, command: .claim(buffer: buffer, holder: Holder(user: "alice", connection: "c"), leaseMilliseconds: 30_000))
+        }
+
+        /// Records what the machine asked for, playing the broker's part of it; returns the actions.
+        @discardableResult
+        mutating func take(_ new: [Machine.Action]) -> [Machine.Action] {
+            for action in new {
+                actions.append(action)
+                switch action {
+                case .send(let publishes, let settles, _):
+                    for publish in publishes {
+                        guard case .publish(let message) = publish else { continue }
+                        if let reply = try? ProtocolCodec.decodeReply(message.body) {
+                            replies.append(reply)
+                        } else {
+                            batchReplies.append(message.body)
+                        }
+                    }
+                    for settle in settles {
+                        switch settle {
+                        case .ack(let tag, let multiple):
+                            // The broker refuses (closing the channel) an ack of a tag that is not outstanding.
+                            #expect(unsettled.contains(tag), "ack of tag \(tag), which is not outstanding")
+                            if multiple { unsettled = unsettled.filter { $0 > tag } } else { unsettled.remove(tag) }
+                        case .reject(let tag, let requeue):
+                            #expect(!requeue)
+                            #expect(unsettled.remove(tag) != nil, "reject of tag \(tag), which is not outstanding")
+                        case .publish:
+                            Issue.record("a publish among settles")
+                        }
+                    }
+                case .publishTick:
+                    ticks += 1
+                case .publishEvents(let entries):
+                    events += entries
+                default:
+                    break
+                }
+            }
+            return new
+        }
+
+        @discardableResult
+        mutating func deliver(_ messages: [AMQPMessage]) -> [Machine.Action] {
+            unsettled.formUnion(messages.map(\.deliveryTag))
+            return take(machine.deliveries(messages, now: now))
+        }
+
+        /// The requests of the apply the machine asked for last, if its last actions ask for one.
+        static func applied(_ actions: [Machine.Action]) -> [Request]? {
+            for action in actions.reversed() {
+                if case .apply(let requests, _) = action { return requests }
+            }
+            return nil
+        }
+
+        /// Answers an apply as the store would: each claim granted with token 1.
+        mutating func commit(_ requests: [Request]) -> [Machine.Action] {
+            let replies = requests.map { Reply(requestID: $0.requestID, status: .granted, buffer: $0.buffer, token: 1, partition: 3) }
+            let changes = requests.enumerated().map { index, request in
+                OutboxEntry(id: Int64(events.count + index + 1), partition: 3, change: OwnershipChange(
+                    kind: .granted, buffer: request.buffer ?? "", holder: Holder(user: "alice", connection: "c"), token: 1,
+                    at: Timestamp(milliseconds: 1), expiresAt: Timestamp(milliseconds: 2)
+                ))
+            }
+            return take(machine.applied(.success(BatchResult(replies: replies, changes: changes, replayed: 0, attempts: 1)), now: now))
+        }
+
+        mutating func fail(_ failure: Machine.Failure) -> [Machine.Action] {
+            take(machine.applied(.failure(failure), now: now))
+        }
+
+        mutating func taken(_ epoch: Int64 = 7) -> [Machine.Action] {
+            take(machine.partitionTaken(.success(epoch), now: now))
+        }
+
+        mutating func tick(after: Duration = .milliseconds(50), blocked: String? = nil) -> [Machine.Action] {
+            now += after
+            return take(machine.tick(now: now, blockedReason: blocked))
+        }
+    }
+
+    static func finished(_ actions: [Machine.Action]) -> Machine.Exit? {
+        for case .finish(let exit) in actions { return exit }
+        return nil
+    }
+
+    @Test func aStandbyTicksThenTakesThePartitionOnItsFirstDelivery() {
+        var harness = Harness()
+        harness.tick()
+        #expect(harness.ticks == 1, "a standby publishes a tick at once")
+        harness.tick(after: .seconds(1))
+        #expect(harness.ticks == 1, "and then once per tick interval")
+        harness.tick(after: .seconds(2))
+        #expect(harness.ticks == 2)
+
+        let first = harness.message(Harness.claim("r1"))
+        let actions = harness.deliver([first])
+        guard case .takePartition? = actions.last else {
+            Issue.record("expected takePartition, got \(actions)")
+            return
+        }
+        let applying = harness.taken(7)
+        guard case .apply(let requests, let epoch)? = applying.last else {
+            Issue.record("expected apply, got \(applying)")
+            return
+        }
+        #expect(requests.map(\.requestID) == ["r1"] && epoch == 7)
+        #expect(requests.first?.principal == "alice", "the principal comes from the broker's user_id")
+        _ = harness.commit(requests)
+        #expect(harness.replies.map(\.requestID) == ["r1"])
+        #expect(harness.unsettled.isEmpty, "the delivery is acked after its reply")
+        #expect(harness.events.count == 1)
+        harness.tick(after: .seconds(5))
+        #expect(harness.ticks == 2, "an active partition publishes no ticks")
+    }
+
+    @Test func oneStoreCallAtATimeAndTheNextBatchTakesEverythingThatWaited() {
+        var harness = Harness()
+        harness.deliver([harness.message(Harness.claim("r1"))])
+        let first = Harness.applied(harness.taken())!
+        var more: [AMQPMessage] = []
+        for index in 2...5 { more.append(harness.message(Harness.claim("r\(index)", "b\(index)"))) }
+        #expect(Harness.applied(harness.deliver(Array(more[0..<2]))) == nil, "no second apply while one is in flight")
+        #expect(Harness.applied(harness.deliver(Array(more[2...]))) == nil)
+        #expect(harness.machine.waiting == 4)
+        let second = harness.commit(first)
+        #expect(Harness.applied(second)?.map(\.requestID) == ["r2", "r3", "r4", "r5"], "the next batch takes all that waited, in order")
+        #expect(harness.unsettled.count == 5, "the first batch's ack is deferred while more waits")
+        _ = harness.commit(Harness.applied(second)!)
+        #expect(harness.unsettled.isEmpty, "one cumulative ack settles both batches")
+        #expect(harness.replies.map(\.requestID) == ["r1", "r2", "r3", "r4", "r5"])
+    }
+
+    @Test func aBatchLargerThanTheBatchSizeIsAppliedInChunksInOrder() {
+        var harness = Harness(batchSize: 2)
+        harness.deliver([harness.message(Harness.claim("warm"))])
+        _ = harness.commit(Harness.applied(harness.taken())!)
+        let bodies = (1...3).map { Harness.claim("r\($0)", "b\($0)") }
+        let message = harness.message(body: ProtocolCodec.encodeBatch(bodies))
+        var actions = harness.deliver([message])
+        var chunks: [[String]] = []
+        while let requests = Harness.applied(actions) {
+            chunks.append(requests.map(\.requestID))
+            actions = harness.commit(requests)
+        }
+        #expect(chunks == [["r1", "r2"], ["r3"]])
+        #expect(harness.batchReplies.count == 1, "a coalesced message is answered in one message")
+        #expect(harness.unsettled.isEmpty)
+    }
+
+    @Test func aRequestTheDatabaseRefusesIsIsolatedAndTheRestAreDecided() {
+        var harness = Harness()
+        harness.deliver([harness.message(Harness.claim("warm"))])
+        _ = harness.commit(Harness.applied(harness.taken())!)
+        let messages = (1...4).map { harness.message(Harness.claim("r\($0)", "b\($0)")) }
+        var actions = harness.deliver(messages)
+        let refusal = PostgresError(code: .server, sqlState: "22001", message: "value too long")
+        var attempts: [[String]] = []
+        while let requests = Harness.applied(actions) {
+            attempts.append(requests.map(\.requestID))
+            actions = requests.contains { $0.requestID == "r3" } ? harness.fail(.data(refusal)) : harness.commit(requests)
+        }
+        #expect(attempts == [["r1", "r2", "r3", "r4"], ["r1", "r2"], ["r3", "r4"], ["r3"], ["r4"]])
+        #expect(harness.replies.map(\.requestID) == ["warm", "r1", "r2", "r3", "r4"], "replies keep the queue's order")
+        #expect(harness.replies[3].error?.code == .internalError)
+        #expect(harness.unsettled.isEmpty, "the refused one is dead-lettered, the others acked")
+        let rejected = harness.actions.flatMap { action -> [UInt64] in
+            guard case .send(_, let settles, _) = action else { return [] }
+            return settles.compactMap { if case .reject(let tag, _) = $0 { tag } else { nil } }
+        }
+        #expect(rejected == [messages[2].deliveryTag])
+    }
+
+    @Test func aFailingDatabaseHoldsTheBatchAndRetriesTheSameRequests() {
+        var harness = Harness()
+        harness.deliver([harness.message(Harness.claim("r1"))])
+        let requests = Harness.applied(harness.taken())!
+        let failed = harness.fail(.transient("connection refused"))
+        #expect(failed.contains { if case .stalled("connection refused") = $0 { true } else { false } })
+        guard case .retry? = failed.last else {
+            Issue.record("expected a retry, got \(failed)")
+            return
+        }
+        #expect(harness.unsettled.count == 1, "nothing settled while the database fails")
+        #expect(Harness.applied(harness.deliver([harness.message(Harness.claim("r2", "b"))])) == nil, "no other apply while waiting to retry")
+        let again = harness.take(harness.machine.retryDue(now: harness.now))
+        #expect(Harness.applied(again) == requests)
+        let done = harness.commit(requests)
+        #expect(done.contains { if case .stalled(nil) = $0 { true } else { false } }, "recovery is reported")
+        _ = harness.commit(Harness.applied(done)!)
+        #expect(harness.replies.map(\.requestID) == ["r1", "r2"])
+    }
+
+    @Test func losingTheFenceFinishesAfterSettlingWhatWasAnswered() {
+        var harness = Harness()
+        harness.deliver([harness.message(Harness.claim("r1"))])
+        let first = Harness.applied(harness.taken())!
+        harness.deliver([harness.message(Harness.claim("r2", "b"))])
+        let second = harness.commit(first)
+        #expect(harness.unsettled.count == 2, "r1's ack deferred behind r2")
+        let lost = harness.fail(.ownershipLost)
+        #expect(Self.finished(lost) == .ownershipLost)
+        #expect(harness.unsettled == [2], "r1 (answered) is acked; r2 (not decided) returns to the queue")
+        #expect(Harness.applied(second)?.map(\.requestID) == ["r2"])
+        #expect(harness.deliver([harness.message(Harness.claim("r3"))]).isEmpty, "a finished machine does nothing")
+    }
+
+    @Test func stopAnswersTheBatchInHandThenFinishes() {
+        var harness = Harness()
+        harness.deliver([harness.message(Harness.claim("r1"))])
+        let requests = Harness.applied(harness.taken())!
+        harness.deliver([harness.message(Harness.claim("r2", "b"))])
+        #expect(Self.finished(harness.take(harness.machine.stop(now: harness.now))) == nil, "the batch in hand first")
+        let end = harness.commit(requests)
+        #expect(Self.finished(end) == .stopped)
+        #expect(Harness.applied(end) == nil, "what waited is left to the queue")
+        #expect(harness.replies.map(\.requestID) == ["r1"] && harness.unsettled == [2])
+    }
+
+    @Test func stopWhileWaitingToRetryLeavesTheBatchToTheQueue() {
+        var harness = Harness()
+        harness.deliver([harness.message(Harness.claim("r1"))])
+        _ = harness.taken()
+        _ = harness.fail(.transient("down"))
+        let end = harness.take(harness.machine.stop(now: harness.now))
+        #expect(Self.finished(end) == .stopped)
+        #expect(end.contains { if case .stalled(nil) = $0 { true } else { false } }, "no longer reported stalled")
+        #expect(harness.replies.isEmpty && harness.unsettled == [1])
+        #expect(harness.take(harness.machine.retryDue(now: harness.now)).isEmpty, "a late retry does nothing")
+    }
+
+    @Test func theConsumerEndingLetsTheApplyInFlightFinishFirst() {
+        var harness = Harness()
+        harness.deliver([harness.message(Harness.claim("r1"))])
+        let requests = Harness.applied(harness.taken())!
+        #expect(Self.finished(harness.take(harness.machine.consumerEnded(now: harness.now))) == nil)
+        #expect(Self.finished(harness.commit(requests)) == .consumerEnded)
+        #expect(harness.replies.map(\.requestID) == ["r1"], "the committed decision is still answered")
+    }
+
+    @Test func noBatchStartsWhileTheBrokerBlocksPublishing() {
+        var harness = Harness()
+        harness.deliver([harness.message(Harness.claim("warm"))])
+        _ = harness.commit(Harness.applied(harness.taken())!)
+        harness.tick(blocked: "memory alarm")
+        #expect(Harness.applied(harness.deliver([harness.message(Harness.claim("r1", "b"))])) == nil)
+        #expect(Harness.applied(harness.tick(blocked: "memory alarm")) == nil)
+        #expect(Harness.applied(harness.tick(blocked: nil))?.map(\.requestID) == ["r1"], "it starts once the alarm clears")
+    }
+
+    @Test func sweepsRunBetweenBatchesOnlyWhileActive() {
+        var harness = Harness()
+        harness.tick(after: .seconds(2))
+        #expect(!harness.actions.contains { if case .sweep = $0 { true } else { false } }, "a standby does not sweep")
+        harness.deliver([harness.message(Harness.claim("r1"))])
+        let requests = Harness.applied(harness.taken(9))!
+        let due = harness.tick(after: .seconds(2))
+        #expect(!due.contains { if case .sweep = $0 { true } else { false } }, "not while a batch is in flight")
+        let after = harness.commit(requests)
+        guard case .sweep(let epoch)? = after.last else {
+            Issue.record("expected a sweep after the batch, got \(after)")
+            return
+        }
+        #expect(epoch == 9)
+        #expect(Harness.applied(harness.deliver([harness.message(Harness.claim("r2", "b"))])) == nil, "no batch during the sweep")
+        #expect(Harness.applied(harness.take(harness.machine.swept(lost: false, now: harness.now)))?.map(\.requestID) == ["r2"])
+        #expect(Self.finished(harness.take(harness.machine.swept(lost: true, now: harness.now))) == nil, "a sweep result nobody asked for is ignored")
+    }
+
+    @Test func refusedMessagesAndTicksAreSettledOnceEachAndNeverReachTheStore() {
+        var harness = Harness(ackLimit: 4)
+        var messages = [harness.tickMessage()]
+        messages.append(harness.message(body: Array("junk".utf8)))
+        messages.append(harness.message(Harness.claim("r1"), user: nil))
+        messages.append(harness.message(Harness.claim("r2"), replyTo: "baton.requests.0"))
+        messages.append(harness.message(Request(requestID: "f", command: .forceRelease(buffer: "a.txt", reason: nil))))
+        messages.append(harness.message(Harness.claim("ok", "b")))
+        harness.deliver(messages)
+        let requests = Harness.applied(harness.taken())
+        #expect(requests?.map(\.requestID) == ["ok"])
+        _ = harness.commit(requests ?? [])
+        #expect(harness.unsettled.isEmpty, "every tag settled exactly once (the harness checks each)")
+        #expect(harness.replies.map { $0.error?.code } == [.invalidRequest, .unauthenticated, .invalidRequest, nil])
+        for _ in 0..<10 { harness.deliver([harness.message(body: Array("junk".utf8))]) }
+        #expect(harness.unsettled.isEmpty)
+    }
+
+    @Test func theEchoAnswersWithoutTheStore() {
+        var harness = Harness(deciding: false)
+        harness.tick()
+        #expect(harness.ticks == 0, "the echo has no partition to take")
+        let actions = harness.deliver([harness.message(Harness.claim("r1")), harness.message(Harness.claim("r2"))])
+        #expect(!actions.contains { if case .takePartition = $0 { true } else { false } })
+        #expect(harness.replies.map(\.status) == [.granted, .granted])
+        #expect(harness.unsettled.isEmpty)
+    }
+}
