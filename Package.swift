@@ -89,9 +89,20 @@ let package = Package(
         ),
         // Scratch namespaces (a virtual host of their own, through the management API) and child
         // processes that die with their parent: for tests, bench, chaos and demo.
+        // What the bench, chaos run, demo and integration tests share, as hummingbird ships
+        // HummingbirdTesting: scratch deployments (database, migration, topology, a virtual host of their
+        // own), worker child processes that die with their parent, the workloads and systems of the bench,
+        // the chaos run, the incident race and the history checkers. Not linked by a deployment's worker or frontend.
         .target(
             name: "BatonTesting",
-            dependencies: ["BatonCore", "BatonAMQP"]
+            dependencies: [
+                "BatonCore",
+                "BatonAMQP",
+                "BatonPostgres",
+                "BatonWorker",
+                "BatonClient",
+                .product(name: "Logging", package: "swift-log"),
+            ]
         ),
         .executableTarget(
             name: "baton",
@@ -124,6 +135,11 @@ let package = Package(
         .testTarget(
             name: "BatonAMQPTests",
             dependencies: ["BatonAMQP"]
+        ),
+        // The history checkers of BatonTesting: pure.
+        .testTarget(
+            name: "BatonTestingTests",
+            dependencies: ["BatonTesting", "BatonCore"]
         ),
         // The worker's partition state machine and deferred ack: pure, no broker or database.
         .testTarget(

@@ -2,6 +2,7 @@ import ArgumentParser
 import BatonClient
 import BatonCore
 import BatonPostgres
+import BatonTesting
 import Foundation
 
 struct Demo: AsyncParsableCommand {

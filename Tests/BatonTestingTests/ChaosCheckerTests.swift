@@ -1,4 +1,5 @@
 import BatonCore
+import BatonTesting
 import Testing
 
 @Suite struct ChaosCheckerTests {

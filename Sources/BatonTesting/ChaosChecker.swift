@@ -1,3 +1,5 @@
+import BatonCore
+
 /// Judges a chaos run: invariants 1-5 of DESIGN.md over everything that happened.
 ///
 /// The history is what the clients saw (every reply, every call that never got one), the
