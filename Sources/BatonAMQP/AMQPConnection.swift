@@ -68,6 +68,19 @@ public final class AMQPConnection: Sendable {
         return AMQPConnection(url: url, io: io)
     }
 
+    /// Runs `body` with a new connection to `url`, closed afterwards whatever happens.
+    public static func withConnection<T>(to url: AMQPURL, name: String, logger: Logger, _ body: (AMQPConnection) async throws -> T) async throws -> T {
+        let connection = try await connect(to: url, name: name, logger: logger)
+        do {
+            let result = try await body(connection)
+            await connection.close()
+            return result
+        } catch {
+            await connection.close()
+            throw error
+        }
+    }
+
     /// Opens a new channel.
     public func openChannel() async throws -> AMQPChannel {
         let number = try await io.run { io throws(AMQPError) in try io.openChannel() }

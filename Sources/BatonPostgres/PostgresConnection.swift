@@ -92,6 +92,22 @@ public final class PostgresConnection: Sendable {
         return connection
     }
 
+    /// Runs `body` with a new connection to `url`, closed afterwards whatever happens.
+    public static func withConnection<T>(
+        to url: PostgresURL, options: PostgresConnectionOptions = .init(), logger: Logger = Logger(label: "baton.postgres"),
+        _ body: (PostgresConnection) async throws -> T
+    ) async throws -> T {
+        let connection = try await connect(to: url, options: options, logger: logger)
+        do {
+            let result = try await body(connection)
+            await connection.close()
+            return result
+        } catch {
+            await connection.close()
+            throw error
+        }
+    }
+
     /// Runs `body` on the connection's thread with exclusive use of the connection.
     ///
     /// Reconnects first if the connection broke. A ``PostgresError`` with code

@@ -164,6 +164,19 @@ public struct ScratchBroker: Sendable {
         return ScratchBroker(virtualHost: name, admin: admin)
     }
 
+    /// Runs `body` with a new scratch virtual host, deleted afterwards whatever happens.
+    public static func with<T: Sendable>(purpose: String, admin: BrokerAdmin, _ body: (ScratchBroker) async throws -> T) async throws -> T {
+        let namespace = try await create(purpose: purpose, admin: admin)
+        do {
+            let result = try await body(namespace)
+            await namespace.delete()
+            return result
+        } catch {
+            await namespace.delete()
+            throw error
+        }
+    }
+
     /// `url` (same user) pointed at the scratch virtual host.
     public func url(_ url: AMQPURL) -> AMQPURL {
         var url = url

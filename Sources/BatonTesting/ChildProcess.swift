@@ -104,6 +104,19 @@ public final class ChildProcess: Sendable {
     }
 }
 
+extension ChildProcess {
+    /// Runs `executable` with `arguments` to its end (without blocking a thread), its output discarded;
+    /// throws when it exits with a status other than 0 or outlives `timeout` (it is killed then).
+    public static func run(_ executable: URL, _ arguments: [String], timeout: Duration = .seconds(120)) async throws {
+        let process = try ChildProcess(executable: executable, arguments: arguments, environment: ProcessInfo.processInfo.environment)
+        guard let status = await process.wait(timeout: timeout) else {
+            await process.stop(grace: .seconds(2))
+            throw ChildProcessError("\(executable.path) \(arguments.joined(separator: " ")) did not end within \(timeout)")
+        }
+        guard status == 0 else { throw ChildProcessError("\(executable.path) \(arguments.joined(separator: " ")) exited with status \(status)") }
+    }
+}
+
 /// A child process could not be started.
 public struct ChildProcessError: Error, Sendable, CustomStringConvertible {
     public let description: String

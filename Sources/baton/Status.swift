@@ -50,48 +50,30 @@ struct Status: AsyncParsableCommand {
     func run() async throws {
         let logger = try database.logger("baton.status")
         let partitioner = try database.partitioner()
-        let connection = try await database.connect(logger, application: "baton status")
-        defer { Task { await connection.close() } }
         let count = partitioner.count
-        var rows = try await connection.withSession { session in
-            try Migrator.verify(session, partitionCount: count)
-            return try session.query("""
-                SELECT p.partition, p.epoch, p.owner,
-                       (SELECT count(*) FROM baton_buffers b WHERE b.partition = p.partition
-                            AND b.holder_connection IS NOT NULL AND b.expires_at > clock_timestamp()),
-                       (SELECT count(*) FROM baton_buffers b WHERE b.partition = p.partition
-                            AND b.holder_connection IS NOT NULL AND b.expires_at <= clock_timestamp()),
-                       (SELECT count(*) FROM baton_outbox o WHERE o.partition = p.partition AND o.delivered_at IS NULL)
-                FROM baton_partitions p ORDER BY p.partition
-                """).rows.map { row in
-                func number<T: LosslessStringConvertible>(_ index: Int, _ column: String) throws -> T {
-                    guard index < row.count, let text = row[index], let value = T(text) else {
-                        throw RuntimeFailure("baton_partitions returned an unreadable \(column) (\(index < row.count ? row[index] ?? "NULL" : "missing")): is this a Baton database at schema version \(Migrator.latestVersion)?")
-                    }
-                    return value
-                }
-                return Row(
-                    partition: try number(0, "partition"), epoch: try number(1, "epoch"), owner: row.count > 2 ? row[2] : nil,
-                    liveHolders: try number(3, "live holder count"), expiredPending: try number(4, "expired lease count"),
-                    undeliveredEvents: try number(5, "undelivered event count"), messagesReady: nil, consumers: nil
+        var rows = try await PostgresConnection.withConnection(to: try database.databaseURL(), options: .init(applicationName: "baton status"), logger: logger) { connection in
+            try await OwnershipStore.status(on: connection, partitionCount: count).map { status in
+                Row(
+                    partition: status.partition, epoch: status.epoch, owner: status.owner, liveHolders: status.liveHolders,
+                    expiredPending: status.expiredPending, undeliveredEvents: status.undeliveredEvents, messagesReady: nil, consumers: nil
                 )
             }
         }
         // The broker's view: a passive declare per partition queue (ready messages, consumers).
         var brokerError: String?
         do {
-            let amqp = try await AMQPConnection.connect(to: try broker.amqpURL(.worker), name: "baton status", logger: logger)
-            var channel = try await amqp.openChannel()
-            for index in rows.indices {
-                do {
-                    let queue = try await channel.inspectQueue(ProtocolV1.requestQueue(rows[index].partition))
-                    rows[index].messagesReady = queue.messages
-                    rows[index].consumers = queue.consumers
-                } catch let error as AMQPError where error.code == .channelClosed {
-                    channel = try await amqp.openChannel()  // 404: the queue is missing (run baton topology)
+            try await AMQPConnection.withConnection(to: try broker.amqpURL(.worker), name: "baton status", logger: logger) { amqp in
+                var channel = try await amqp.openChannel()
+                for index in rows.indices {
+                    do {
+                        let queue = try await channel.inspectQueue(ProtocolV1.requestQueue(rows[index].partition))
+                        rows[index].messagesReady = queue.messages
+                        rows[index].consumers = queue.consumers
+                    } catch let error as AMQPError where error.code == .channelClosed {
+                        channel = try await amqp.openChannel()  // 404: the queue is missing (run baton topology)
+                    }
                 }
             }
-            await amqp.close()
         } catch {
             brokerError = "\(error)"
         }

@@ -3,7 +3,7 @@ import Foundation
 import Synchronization
 
 /// The workloads `baton bench` runs.
-enum Workload: String, CaseIterable, Sendable {
+public enum Workload: String, CaseIterable, Sendable {
     /// Claims on many cold buffers.
     case openStorm = "open-storm"
     /// Many clients contending for a few buffers: claim, hold about 1 ms, release.
@@ -14,7 +14,8 @@ enum Workload: String, CaseIterable, Sendable {
     /// same file within 100 ms, one must win), hold them briefly and close them.
     case incident
 
-    var defaultBuffers: Int {
+    /// Distinct buffers when none are given.
+    public var defaultBuffers: Int {
         switch self {
         case .openStorm: 100_000
         case .hot: 8
@@ -22,7 +23,8 @@ enum Workload: String, CaseIterable, Sendable {
         }
     }
 
-    var defaultClients: Int { self == .incident ? 1024 : 64 }
+    /// Concurrent clients when none are given.
+    public var defaultClients: Int { self == .incident ? 1024 : 64 }
 }
 
 /// What one system did under one workload.
@@ -75,7 +77,7 @@ struct BenchRunner: Sendable {
         var tokens: [Int64] = []
         for client in 0..<clients {
             guard let token = try await system.claim(client: client, buffer: "renew/\(runID)/\(client)") else {
-                throw RuntimeFailure("\(label): could not claim the buffer of client \(client) before renewing")
+                throw ScratchError("\(label): could not claim the buffer of client \(client) before renewing")
             }
             tokens.append(token)
         }
@@ -199,13 +201,6 @@ struct BenchRunner: Sendable {
             }
         }
     }
-}
-
-/// A failure while a command runs (not a bad argument): printed as `Error: ...` with exit status 1,
-/// never with the usage text.
-struct RuntimeFailure: Error, CustomStringConvertible {
-    let description: String
-    init(_ description: String) { self.description = description }
 }
 
 extension Duration {

@@ -1,5 +1,4 @@
 import BatonAMQP
-import BatonTesting
 import Foundation
 
 /// The broker's own RPC ceiling, measured in the same run by the `rpc-ceiling` tool (plain rabbitmq-c in
@@ -45,7 +44,7 @@ struct RPCCeiling: Sendable {
             let status = await process.wait(timeout: .seconds(seconds + 60))
             let output = (try? String(contentsOf: log, encoding: .utf8)) ?? ""
             guard status == 0, let run = parse(output, window: window, perMessage: perMessage) else {
-                throw RuntimeFailure("\(tool) \(window) \(seconds) \(perMessage) failed (status \(status.map(String.init) ?? "none")): \(output.suffix(300))")
+                throw ScratchError("\(tool) \(window) \(seconds) \(perMessage) failed (status \(status.map(String.init) ?? "none")): \(output.suffix(300))")
             }
             runs.append(run)
         }

@@ -107,7 +107,7 @@ struct WorkloadResult: Sendable {
 }
 
 /// Everything `baton bench` measured, as a table, JSON and an SVG chart.
-struct BenchReport {
+public struct BenchReport: Sendable {
     var command: String
     var machine: [String: String]
     var workloads: [String: WorkloadResult] = [:]
@@ -143,7 +143,8 @@ struct BenchReport {
         return info
     }
 
-    func json() throws -> Data {
+    /// The report as JSON (results.json).
+    public func json() throws -> Data {
         var workloadsObject: [String: Any] = [:]
         for (name, result) in workloads {
             var ratios: [String: Any] = [:]
@@ -157,7 +158,8 @@ struct BenchReport {
         return try JSONSerialization.data(withJSONObject: object, options: [.prettyPrinted, .sortedKeys])
     }
 
-    func table() -> String {
+    /// A table per workload, with the ratios.
+    public func table() -> String {
         var lines: [String] = []
         if !ceiling.isEmpty {
             lines.append("rpc-ceiling (plain rabbitmq-c, one quorum queue, same broker, same run)")
@@ -187,7 +189,8 @@ struct BenchReport {
     }
 
     /// Throughput per system and workload (bars), and the claim-latency CDF per workload (lines, log scale).
-    func svg() -> String {
+    /// Claims per second and latency CDFs as an SVG chart (results.svg).
+    public func svg() -> String {
         let names = workloads.keys.sorted()
         let width = 960.0, barHeight = 300.0, cdfHeight = 260.0
         let height = barHeight + Double(names.count) * (cdfHeight + 30) + 60

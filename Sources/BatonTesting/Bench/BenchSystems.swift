@@ -45,10 +45,11 @@ struct BatonSystem: BenchSystem {
 
     func doubleGrants() async throws -> Int? {
         guard let databaseURL else { return nil }
-        let connection = try await PostgresConnection.connect(to: databaseURL, logger: logger)
-        defer { Task { await connection.close() } }
-        let store = try await OwnershipStore.open(connection: connection, partitioner: clients[0].configuration.partitioner, logger: logger)
-        return HistoryChecker.check(try await store.auditTrail().changes).doubleGrants
+        let partitioner = clients[0].configuration.partitioner
+        return try await PostgresConnection.withConnection(to: databaseURL, logger: logger) { connection in
+            let store = try await OwnershipStore.open(connection: connection, partitioner: partitioner, logger: logger)
+            return HistoryChecker.check(try await store.auditTrail().changes).doubleGrants
+        }
     }
 
     func close() async {
@@ -73,9 +74,23 @@ struct SQLSystem: BenchSystem {
     let pool: [PostgresConnection]
     let table: String
 
-    static func make(style: Style, url: PostgresURL, poolSize: Int, logger: Logger) async throws -> SQLSystem {
+    /// Runs `body` with a system of `poolSize` connections, closed afterwards whatever happens.
+    static func with<T>(style: Style, url: PostgresURL, poolSize: Int, logger: Logger, _ body: (SQLSystem) async throws -> T) async throws -> T {
+        let system = try await make(style: style, url: url, poolSize: poolSize, logger: logger)
+        do {
+            let result = try await body(system)
+            await system.close()
+            return result
+        } catch {
+            await system.close()
+            throw error
+        }
+    }
+
+    private static func make(style: Style, url: PostgresURL, poolSize: Int, logger: Logger) async throws -> SQLSystem {
         let table = style == .conditional ? "bench_direct" : "bench_naive"
         var pool: [PostgresConnection] = []
+        do {
         for index in 0..<poolSize {
             pool.append(try await PostgresConnection.connect(
                 to: url, options: PostgresConnectionOptions(applicationName: "baton bench \(table) \(index)"), logger: logger
@@ -89,6 +104,10 @@ struct SQLSystem: BenchSystem {
                 CREATE TABLE \(table)_audit (id bigserial PRIMARY KEY, kind text NOT NULL, buffer text NOT NULL, owner text NOT NULL,
                     token bigint NOT NULL, at_ms bigint NOT NULL, expires_ms bigint NOT NULL);
                 """)
+        }
+        } catch {
+            for connection in pool { await connection.close() }
+            throw error
         }
         return SQLSystem(style: style, pool: pool, table: table)
     }

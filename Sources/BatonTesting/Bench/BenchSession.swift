@@ -1,0 +1,246 @@
+import BatonAMQP
+import BatonClient
+import BatonCore
+import BatonPostgres
+import Foundation
+import Logging
+
+/// What `baton bench` runs: which workloads against which systems, for how long, on what.
+public struct BenchSettings: Sendable {
+    /// The systems a bench can measure.
+    public static let systems = ["baton", "postgres", "naive", "echo"]
+    /// Pool sizes direct PostgreSQL is tried at when no pool size is given.
+    public static let poolSizes = [8, 16, 32, 64]
+
+    public var workloads: [Workload] = Workload.allCases
+    public var systems: [String] = BenchSettings.systems
+    /// Seconds each system runs each workload.
+    public var duration: Double = 10
+    /// Concurrent clients; nil: each workload's default.
+    public var clients: Int?
+    /// Distinct buffers; nil: each workload's default.
+    public var buffers: Int?
+    public var partitions = 16
+    public var batchSize = 256
+    /// AMQP connections the Baton clients share.
+    public var connections = 4
+    /// PostgreSQL connections of the direct and naive systems; nil: direct PostgreSQL at its best size.
+    public var poolSize: Int?
+    /// The rpc-ceiling tool, run first when given.
+    public var rpcCeiling: String?
+    /// Where the bench workers log (a temporary file each when nil).
+    public var workerLog: URL?
+    /// Whether Baton also runs at a fixed rate of half its peak.
+    public var halfPeak = true
+    /// The PostgreSQL server (the scratch database `<database>_bench` is made on it).
+    public var serverURL: PostgresURL
+    /// The broker as the worker user, and as the frontend user (pointed into the scratch virtual host).
+    public var workerAMQPURL: AMQPURL
+    public var frontendAMQPURL: AMQPURL
+    /// The command line, recorded in the results.
+    public var command = ""
+    /// The `baton` executable the bench workers run.
+    public var executable = WorkerProcess.currentExecutable
+
+    public init(serverURL: PostgresURL, workerAMQPURL: AMQPURL, frontendAMQPURL: AMQPURL) {
+        self.serverURL = serverURL
+        self.workerAMQPURL = workerAMQPURL
+        self.frontendAMQPURL = frontendAMQPURL
+    }
+
+    /// The clients of `workload`: the setting, or the workload's default.
+    public func clients(_ workload: Workload) -> Int { clients ?? workload.defaultClients }
+}
+
+/// One bench: the same workloads against Baton, direct PostgreSQL, naive SQL and the broker echo, in a
+/// scratch database and a scratch virtual host, with workers it starts itself.
+public struct BenchSession: Sendable {
+    let settings: BenchSettings
+    let namespace: ScratchBroker
+    let logger: Logger
+    /// Where progress lines go.
+    let say: @Sendable (String) -> Void
+
+    public init(settings: BenchSettings, namespace: ScratchBroker, logger: Logger, say: @escaping @Sendable (String) -> Void) {
+        self.settings = settings
+        self.namespace = namespace
+        self.logger = logger
+        self.say = say
+    }
+
+    /// Runs every workload against every system and returns the report.
+    public func run() async throws -> BenchReport {
+        let workloads = settings.workloads
+        let systems = settings.systems
+        let duration = settings.duration
+        let serverURL = settings.serverURL
+        let amqpURL = namespace.url(settings.workerAMQPURL)
+        let clientURL = namespace.url(settings.frontendAMQPURL)
+        let partitioner = try Partitioner(count: settings.partitions)
+        var scratch = serverURL
+        scratch.database = serverURL.database + "_bench"
+        let runID = String(UUID().uuidString.prefix(8)).lowercased()
+        var report = BenchReport(command: settings.command, machine: try await BenchReport.machine(serverURL: serverURL, logger: logger))
+        say("baton bench: \(workloads.map(\.rawValue).joined(separator: ", ")) × \(systems.joined(separator: ", ")); \(Int(duration)) s each, \(settings.clients.map(String.init) ?? "64 (incident 1024)") clients, \(settings.partitions) partitions, batch \(settings.batchSize)")
+
+        if let tool = settings.rpcCeiling {
+            say("\nrpc-ceiling (plain rabbitmq-c, one quorum queue, this broker):")
+            report.ceiling = try await RPCCeiling.measure(tool: tool, amqpURL: amqpURL, admin: namespace.admin, seconds: min(8, max(2, Int(duration))))
+            for run in report.ceiling { say("  \(run.summary)") }
+        }
+        for workload in workloads {
+            let buffers = settings.buffers ?? workload.defaultBuffers
+            let clients = settings.clients(workload)
+            say("\n\(workload.rawValue): \(workload == .renewHeavy ? "\(clients) holders renewing" : workload == .incident ? "\(clients) users opening files in pairs within 100 ms" : "\(buffers) buffers")")
+            try await ScratchDeployment.reset(database: scratch, server: serverURL, amqpURL: amqpURL, partitionCount: partitioner.count, logger: logger)
+            var results: [String: SystemResult] = [:]
+            for system in systems {
+                results[system] = try await measure(
+                    system: system, workload: workload, buffers: buffers, scratch: scratch, amqpURL: amqpURL, clientURL: clientURL,
+                    partitioner: partitioner, runID: runID
+                )
+                FileHandle.standardError.write(Data("\r\u{1B}[K".utf8))
+                say("  \(system.padding(toLength: 9, withPad: " ", startingAt: 0)) \(results[system]!.summary)")
+            }
+            report.workloads[workload.rawValue] = WorkloadResult(systems: results)
+        }
+        return report
+    }
+
+    private func measure(
+        system: String, workload: Workload, buffers: Int, scratch: PostgresURL, amqpURL: AMQPURL, clientURL: AMQPURL,
+        partitioner: Partitioner, runID: String
+    ) async throws -> SystemResult {
+        let label = "\(workload.rawValue)/\(system)"
+        let clients = settings.clients(workload)
+        let duration = settings.duration
+        switch system {
+        case "postgres", "naive":
+            // Direct PostgreSQL at its own best: unless a pool size is given, a short run at each pool size
+            // picks the best one, and that one is measured (so a ratio is never bought with a weak baseline).
+            var size = settings.poolSize ?? 16
+            var sweep: [Int: Double] = [:]
+            if settings.poolSize == nil, system == "postgres" {
+                for candidate in BenchSettings.poolSizes {
+                    sweep[candidate] = try await SQLSystem.with(style: .conditional, url: scratch, poolSize: candidate, logger: logger) { sql in
+                        let runner = BenchRunner(workload: workload, system: sql, clients: clients, buffers: buffers, label: "\(label) pool \(candidate)", runID: runID + "s\(candidate)")
+                        return await runner.closedLoop(duration: .seconds(max(2, duration / 3)), tokens: try await runner.prepare()).perSecond
+                    }
+                }
+                size = sweep.max { $0.value < $1.value }?.key ?? size
+            }
+            let measurement = try await SQLSystem.with(style: system == "postgres" ? .conditional : .naive, url: scratch, poolSize: size, logger: logger) { sql in
+                let runner = BenchRunner(workload: workload, system: sql, clients: clients, buffers: buffers, label: label, runID: runID)
+                var measurement = await runner.closedLoop(duration: .seconds(duration), tokens: try await runner.prepare())
+                measurement.doubleGrants = try await sql.doubleGrants()
+                return measurement
+            }
+            var result = SystemResult(measurement: measurement)
+            result.poolSize = size
+            result.poolSweep = sweep
+            return result
+        default:
+            let echo = system == "echo"
+            let worker = try WorkerProcess.start(
+                executable: settings.executable, id: echo ? "bench-echo" : "bench", databaseURL: scratch, amqpURL: amqpURL, partitionCount: partitioner.count,
+                arguments: ["--batch-size", String(settings.batchSize), "--log-level", "info"] + (echo ? ["--echo"] : []), log: settings.workerLog
+            )
+            do {
+                var result = try await measureBaton(worker: worker, echo: echo, workload: workload, buffers: buffers, scratch: scratch, clientURL: clientURL, partitioner: partitioner, label: label, runID: runID)
+                if let summary = await worker.stop() {
+                    result.meanBatch = summary.meanBatch
+                    if !echo { result.meanCommitMilliseconds = summary.meanCommitMilliseconds }
+                }
+                return result
+            } catch {
+                await worker.stop()
+                throw error
+            }
+        }
+    }
+
+    private func measureBaton(
+        worker: WorkerProcess, echo: Bool, workload: Workload, buffers: Int, scratch: PostgresURL, clientURL: AMQPURL,
+        partitioner: Partitioner, label: String, runID: String
+    ) async throws -> SystemResult {
+        var configuration = BatonClientConfiguration(amqpURL: clientURL, partitioner: partitioner)
+        configuration.timeout = .seconds(10)
+        configuration.name = "baton bench"
+        let batonClients = (0..<settings.connections).map { _ in BatonClient(configuration: configuration, logger: logger) }
+        let baton = BatonSystem(clients: batonClients, databaseURL: echo ? nil : scratch, logger: logger)
+        do {
+            let result = try await measureBaton(baton, worker: worker, echo: echo, workload: workload, buffers: buffers, scratch: scratch, label: label, runID: runID)
+            await baton.close()
+            return result
+        } catch {
+            await baton.close()
+            throw error
+        }
+    }
+
+    private func measureBaton(
+        _ baton: BatonSystem, worker: WorkerProcess, echo: Bool, workload: Workload, buffers: Int, scratch: PostgresURL, label: String, runID: String
+    ) async throws -> SystemResult {
+        let clients = settings.clients(workload)
+        let duration = settings.duration
+        let batonClients = baton.clients
+        try await worker.waitUntilServing(batonClients[0])
+        for client in batonClients { _ = try await client.inspect("bench/warm-up") }
+        let runner = BenchRunner(workload: workload, system: baton, clients: clients, buffers: buffers, label: label, runID: runID)
+        let tokens = try await runner.prepare()
+        let sampler = sampleMemory(worker)
+        let cpuBefore = worker.cpuMicroseconds
+        let sentBefore = batonClients.reduce(0) { $0 + $1.statistics.messages }
+        let callsBefore = batonClients.reduce(0) { $0 + $1.statistics.requests }
+        let publishedBefore = try? await namespace.admin.publishedMessages(in: namespace.virtualHost)
+        let measurement = await runner.closedLoop(duration: .seconds(duration), tokens: tokens)
+        var result = SystemResult(measurement: measurement)
+        if let before = cpuBefore, let after = worker.cpuMicroseconds, measurement.operations > 0 {
+            result.workerCPUPerOperation = Double(after - before) / Double(measurement.operations)
+        }
+        let sent = batonClients.reduce(0) { $0 + $1.statistics.messages } - sentBefore
+        let calls = batonClients.reduce(0) { $0 + $1.statistics.requests } - callsBefore
+        if sent > 0 { result.requestsPerMessage = Double(calls) / Double(sent) }
+        if !echo { result.databaseConnections = try? await Self.workerConnections(scratch, logger: logger) }
+        // Every message the broker took during the run (requests, replies, events), once its statistics
+        // caught up (they are sampled every 5 s by default).
+        try await Task.sleep(for: .milliseconds(5_500))
+        if let before = publishedBefore, let after = try? await namespace.admin.publishedMessages(in: namespace.virtualHost), measurement.operations > 0 {
+            result.brokerMessagesPerOperation = Double(after - before) / Double(measurement.operations)
+        }
+        if settings.halfPeak && measurement.perSecond > 0 {
+            let rate = measurement.perSecond / 2
+            let half = await BenchRunner(workload: workload, system: baton, clients: clients, buffers: buffers, label: "\(label) at half peak", runID: runID + "h")
+                .openLoop(rate: rate, duration: .seconds(max(1, duration / 2)), tokens: tokens)
+            result.halfPeak = HalfPeak(rate: rate, measurement: half)
+        }
+        sampler.cancel()
+        result.workerMemory = await sampler.value
+        result.measurement.doubleGrants = try await baton.doubleGrants()
+        return result
+    }
+
+    /// Samples the worker's resident memory every second until cancelled.
+    private func sampleMemory(_ worker: WorkerProcess) -> Task<WorkerMemory, Never> {
+        Task {
+            var memory = WorkerMemory()
+            while !Task.isCancelled {
+                if let rss = worker.residentMiB { memory.samples.append(rss) }
+                try? await Task.sleep(for: .seconds(1))
+            }
+            if let rss = worker.residentMiB { memory.samples.append(rss) }
+            return memory
+        }
+    }
+
+    /// PostgreSQL connections the bench worker holds on the scratch database now.
+    private static func workerConnections(_ scratch: PostgresURL, logger: Logger) async throws -> Int {
+        try await PostgresConnection.withConnection(to: scratch, logger: logger) { connection in
+            try await connection.withSession { session in
+                Int(try session.query(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND application_name LIKE 'baton worker%'"
+                ).first() ?? "") ?? 0
+            }
+        }
+    }
+}

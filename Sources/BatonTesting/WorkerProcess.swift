@@ -1,0 +1,92 @@
+import BatonAMQP
+import BatonClient
+import BatonPostgres
+import Foundation
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A `baton worker` child process serving a scratch deployment; it dies with this process however
+/// this process ends (`--exit-with-parent`).
+public struct WorkerProcess: Sendable {
+    /// The process.
+    public let process: ChildProcess
+    /// Where it logs.
+    public let log: URL
+    private let removeLog: Bool
+
+    /// Starts `executable worker` for every partition of the deployment at `databaseURL` and `amqpURL`,
+    /// with `arguments` added, logging to `log` (a temporary file, removed by ``stop()``, when nil).
+    public static func start(
+        executable: URL, id: String, databaseURL: PostgresURL, amqpURL: AMQPURL, partitionCount: Int, arguments: [String] = [],
+        environment: [String: String] = ProcessInfo.processInfo.environment, log: URL? = nil
+    ) throws -> WorkerProcess {
+        let file = log ?? FileManager.default.temporaryDirectory.appendingPathComponent("baton-worker-\(id)-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).log")
+        try? FileManager.default.removeItem(at: file)
+        var environment = environment
+        environment["BATON_DATABASE_URL"] = databaseURL.connectionString
+        environment["BATON_AMQP_URL"] = amqpURL.connectionString
+        let process = try ChildProcess(
+            executable: executable,
+            arguments: ["worker", "--partitions", "all", "--partition-count", String(partitionCount), "--worker-id", id,
+                        "--metrics-port", "0", "--exit-with-parent"] + arguments,
+            environment: environment, log: file
+        )
+        return WorkerProcess(process: process, log: file, removeLog: log == nil)
+    }
+
+    /// This executable (to start `baton worker` from `baton bench` and `baton chaos`).
+    public static var currentExecutable: URL { URL(fileURLWithPath: CommandLine.arguments[0]).resolvingSymlinksInPath() }
+
+    /// Returns once the worker answers `client`, or throws when it exits or `timeout` passes first.
+    public func waitUntilServing(_ client: BatonClient, timeout: Duration = .seconds(30)) async throws {
+        let deadline = ContinuousClock.now + timeout
+        while ContinuousClock.now < deadline {
+            if let status = process.reap() { throw ScratchError("the worker exited with status \(status); its log: \(log.path)") }
+            if (try? await client.inspect("baton-testing/ready")) != nil { return }
+        }
+        throw ScratchError("the worker did not answer within \(timeout); its log: \(log.path)")
+    }
+
+    /// Its user + system CPU time so far, in microseconds (`/proc/PID/stat`).
+    public var cpuMicroseconds: Int64? {
+        guard let stat = try? String(contentsOfFile: "/proc/\(process.pid)/stat", encoding: .utf8), let close = stat.lastIndex(of: ")") else { return nil }
+        let fields = stat[stat.index(after: close)...].split(separator: " ")
+        guard fields.count > 13, let user = Int64(fields[11]), let system = Int64(fields[12]) else { return nil }
+        let ticks = Int64(sysconf(Int32(_SC_CLK_TCK)))
+        return (user + system) * 1_000_000 / max(1, ticks)
+    }
+
+    /// Its resident memory now, in MiB (`/proc/PID/status`).
+    public var residentMiB: Double? {
+        guard let status = try? String(contentsOfFile: "/proc/\(process.pid)/status", encoding: .utf8),
+              let line = status.split(separator: "\n").first(where: { $0.hasPrefix("VmRSS:") }),
+              let kilobytes = Double(line.split(separator: " ").dropFirst().first ?? "")
+        else { return nil }
+        return kilobytes / 1024
+    }
+
+    /// What a worker says of its life in the line it logs when it stops (at level info).
+    public struct Summary: Sendable {
+        /// Requests per batch.
+        public var meanBatch: Double
+        /// Milliseconds per store commit.
+        public var meanCommitMilliseconds: Double
+    }
+
+    /// Stops the worker (SIGTERM, then SIGKILL after 10 s); returns its summary line's figures.
+    @discardableResult
+    public func stop() async -> Summary? {
+        _ = await process.stop()
+        defer { if removeLog { try? FileManager.default.removeItem(at: log) } }
+        guard let text = try? String(contentsOf: log, encoding: .utf8),
+              let line = text.split(separator: "\n").last(where: { $0.contains("worker stopped") })
+        else { return nil }
+        func value(_ key: String) -> Double? {
+            guard let range = line.range(of: "\(key)=") else { return nil }
+            return Double(line[range.upperBound...].prefix { !$0.isWhitespace })
+        }
+        guard let batch = value("baton.mean_batch"), let commit = value("baton.mean_commit_ms") else { return nil }
+        return Summary(meanBatch: batch, meanCommitMilliseconds: commit)
+    }
+}
