@@ -40,31 +40,16 @@ struct DatabaseOptions: ParsableArguments {
     ))
     var logLevelFlag: String?
 
-    var environment: [String: String] { ProcessInfo.processInfo.environment }
-
     func databaseURL() throws -> PostgresURL {
-        let text = databaseURLFlag ?? environment["BATON_DATABASE_URL"] ?? Self.defaultDatabaseURL
-        do {
-            return try PostgresURL(text)
-        } catch {
-            throw ValidationError(error.message)
-        }
+        try Setting.parse(databaseURLFlag, "BATON_DATABASE_URL", default: Self.defaultDatabaseURL) { try PostgresURL($0) }
     }
 
     func partitioner() throws -> Partitioner {
-        let raw = partitionCountFlag.map(String.init) ?? environment["BATON_PARTITION_COUNT"] ?? String(Partitioner.defaultCount)
-        guard let count = Int(raw) else {
-            throw ValidationError("partition count '\(raw)' is not a number: it must be between 1 and 1024")
-        }
-        do {
-            return try Partitioner(count: count)
-        } catch {
-            throw ValidationError(error.description)
-        }
+        try Partitioner(count: Setting.integer(partitionCountFlag, "BATON_PARTITION_COUNT", default: Partitioner.defaultCount, range: 1...1024, name: "partition count"))
     }
 
     func logger(_ label: String) throws -> Logger {
-        let raw = logLevelFlag ?? environment["BATON_LOG_LEVEL"] ?? "info"
+        let raw = Setting.text(logLevelFlag, "BATON_LOG_LEVEL", default: "info")
         guard let level = Logger.Level(rawValue: raw.lowercased()) else {
             throw ValidationError("log level '\(raw)' is not one of \(Logger.Level.allCases.map(\.rawValue).joined(separator: ", "))")
         }
@@ -79,10 +64,9 @@ struct DatabaseOptions: ParsableArguments {
         _ = try logger("baton")
     }
 
-    func connect(_ logger: Logger, application: String) async throws -> PostgresConnection {
-        try await PostgresConnection.connect(
-            to: try databaseURL(), options: PostgresConnectionOptions(applicationName: application), logger: logger
-        )
+    /// Runs `body` with a connection to the database, closed afterwards whatever happens.
+    func withConnection<T>(_ logger: Logger, application: String, _ body: (PostgresConnection) async throws -> T) async throws -> T {
+        try await PostgresConnection.withConnection(to: try databaseURL(), options: PostgresConnectionOptions(applicationName: application), logger: logger, body)
     }
 }
 
@@ -96,9 +80,9 @@ struct Migrate: AsyncParsableCommand {
     func run() async throws {
         let logger = try database.logger("baton.migrate")
         let partitioner = try database.partitioner()
-        let connection = try await database.connect(logger, application: "baton migrate")
-        defer { Task { await connection.close() } }
-        let applied = try await Migrator.migrate(connection, partitionCount: partitioner.count, logger: logger)
+        let applied = try await database.withConnection(logger, application: "baton migrate") { connection in
+            try await Migrator.migrate(connection, partitionCount: partitioner.count, logger: logger)
+        }
         let url = try database.databaseURL()
         if applied.isEmpty {
             print("schema is current (version \(Migrator.latestVersion), \(partitioner.count) partitions) at \(url)")
@@ -117,11 +101,7 @@ struct ScratchOptions: ParsableArguments {
     var adminURLFlag: String?
 
     func admin() throws -> BrokerAdmin {
-        do {
-            return try BrokerAdmin(url: adminURLFlag ?? ProcessInfo.processInfo.environment["BATON_BROKER_ADMIN_URL"] ?? BrokerAdmin.defaultURL)
-        } catch {
-            throw ValidationError("\(error)")
-        }
+        try Setting.parse(adminURLFlag, "BATON_BROKER_ADMIN_URL", default: BrokerAdmin.defaultURL) { try BrokerAdmin(url: $0) }
     }
 
     func validate() throws {
@@ -167,20 +147,12 @@ struct BrokerOptions: ParsableArguments {
 
     /// The URL for `role`.
     func amqpURL(_ role: BrokerRole = .worker) throws -> AMQPURL {
-        try Self.url(amqpURLFlag ?? ProcessInfo.processInfo.environment[role.variable] ?? role.defaultURL)
+        try Setting.parse(amqpURLFlag, role.variable, default: role.defaultURL) { try AMQPURL($0) }
     }
 
     /// The URL for `role` from the environment or the default, never the flag (runs that need several roles).
     static func environmentURL(_ role: BrokerRole) throws -> AMQPURL {
-        try url(ProcessInfo.processInfo.environment[role.variable] ?? role.defaultURL)
-    }
-
-    private static func url(_ text: String) throws -> AMQPURL {
-        do {
-            return try AMQPURL(text)
-        } catch {
-            throw ValidationError(error.message)
-        }
+        try Setting.parse(nil, role.variable, default: role.defaultURL) { try AMQPURL($0) }
     }
 
     func validate() throws {

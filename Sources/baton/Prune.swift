@@ -22,10 +22,10 @@ struct Prune: AsyncParsableCommand {
 
     func run() async throws {
         let logger = try database.logger("baton.prune")
-        let connection = try await database.connect(logger, application: "baton prune")
-        let store = try await OwnershipStore.open(connection: connection, partitioner: try database.partitioner(), logger: logger)
-        let (requests, outbox) = try await store.prune(retention: .seconds(retentionMinutes * 60))
-        await connection.close()
+        let partitioner = try database.partitioner()
+        let (requests, outbox) = try await database.withConnection(logger, application: "baton prune") { connection in
+            try await OwnershipStore.open(connection: connection, partitioner: partitioner, logger: logger).prune(retention: .seconds(retentionMinutes * 60))
+        }
         print("pruned \(requests) idempotency records and \(outbox) delivered events older than \(retentionMinutes) minutes")
     }
 }

@@ -3,6 +3,7 @@ import BatonAMQP
 import BatonCore
 import BatonPostgres
 import BatonOperations
+import BatonTesting
 import BatonWorker
 import Foundation
 import Logging
@@ -61,46 +62,32 @@ struct WorkerCommand: AsyncParsableCommand {
     @Option(name: .customLong("worker-id"), help: "This worker's name in the database and the broker (env BATON_WORKER_ID; default host-pid-random).")
     var workerIDFlag: String?
 
-    func integer(_ flag: Int?, env: String, default value: Int, range: ClosedRange<Int>, name: String) throws -> Int {
-        let raw = flag.map(String.init) ?? ProcessInfo.processInfo.environment[env] ?? String(value)
-        guard let number = Int(raw), range.contains(number) else {
-            throw ValidationError("\(name) '\(raw)' is not allowed: use \(range.lowerBound) to \(range.upperBound)")
-        }
-        return number
-    }
-
     func workerConfiguration() throws -> WorkerConfiguration {
         let partitioner = try database.partitioner()
-        let text = partitionsFlag ?? ProcessInfo.processInfo.environment["BATON_PARTITIONS"] ?? "all"
-        let partitions: PartitionSet
-        do {
-            partitions = try PartitionSet(parsing: text, count: partitioner.count)
-        } catch {
-            throw ValidationError(error.description)
-        }
+        let partitions = try Setting.parse(partitionsFlag, "BATON_PARTITIONS", default: "all") { try PartitionSet(parsing: $0, count: partitioner.count) }
         var configuration = WorkerConfiguration(
             amqpURL: try broker.amqpURL(), databaseURL: try database.databaseURL(), partitioner: partitioner,
             partitions: partitions.partitions,
-            workerID: workerIDFlag ?? ProcessInfo.processInfo.environment["BATON_WORKER_ID"] ?? Worker.defaultID()
+            workerID: Setting.text(workerIDFlag, "BATON_WORKER_ID", default: Worker.defaultID())
         )
-        configuration.batchSize = try integer(batchSizeFlag, env: "BATON_BATCH_SIZE", default: 256, range: 1...10_000, name: "batch size")
-        configuration.databaseConnections = try integer(
-            databaseConnectionsFlag, env: "BATON_DATABASE_CONNECTIONS", default: 4, range: 1...64, name: "database connections"
+        configuration.batchSize = try Setting.integer(batchSizeFlag, "BATON_BATCH_SIZE", default: 256, range: 1...10_000, name: "batch size")
+        configuration.databaseConnections = try Setting.integer(
+            databaseConnectionsFlag, "BATON_DATABASE_CONNECTIONS", default: 4, range: 1...64, name: "database connections"
         )
-        configuration.prefetch = UInt16(try integer(prefetchFlag, env: "BATON_PREFETCH", default: 256, range: 1...65_535, name: "prefetch"))
+        configuration.prefetch = UInt16(try Setting.integer(prefetchFlag, "BATON_PREFETCH", default: 256, range: 1...65_535, name: "prefetch"))
         configuration.echo = echo
-        configuration.linger = .microseconds(try integer(lingerFlag, env: "BATON_LINGER_US", default: 0, range: 0...100_000, name: "linger"))
-        let events = eventsFlag ?? ProcessInfo.processInfo.environment["BATON_EVENTS"] ?? "per-commit"
+        configuration.linger = .microseconds(try Setting.integer(lingerFlag, "BATON_LINGER_US", default: 0, range: 0...100_000, name: "linger"))
+        let events = Setting.text(eventsFlag, "BATON_EVENTS", default: "per-commit")
         guard events == "per-commit" || events == "per-change" else {
             throw ValidationError("events '\(events)' is not allowed: use per-commit or per-change")
         }
         configuration.eventsPerCommit = events == "per-commit"
-        configuration.sweepInterval = .milliseconds(try integer(sweepFlag, env: "BATON_SWEEP_INTERVAL_MS", default: 1000, range: 100...60_000, name: "sweep interval"))
+        configuration.sweepInterval = .milliseconds(try Setting.integer(sweepFlag, "BATON_SWEEP_INTERVAL_MS", default: 1000, range: 100...60_000, name: "sweep interval"))
         return configuration
     }
 
     func metricsPort() throws -> Int {
-        try integer(metricsPortFlag, env: "BATON_METRICS_PORT", default: 9464, range: 0...65_535, name: "metrics port")
+        try Setting.integer(metricsPortFlag, "BATON_METRICS_PORT", default: 9464, range: 0...65_535, name: "metrics port")
     }
 
     func validate() throws {
@@ -116,12 +103,12 @@ struct WorkerCommand: AsyncParsableCommand {
             return handler
         }
         let worker = Worker(configuration: try workerConfiguration(), logger: logger)
-        if exitWithParent { Self.watchParent(logger: logger) }
+        if exitWithParent { ChildProcess.exitWithParent { logger.warning("the parent process is gone (standard input closed): stopping") } }
         var services: [ServiceGroupConfiguration.ServiceConfiguration] = [.init(service: worker)]
         let port = try metricsPort()
         if port > 0 {
             let registry = OperationsServer.bootstrapMetrics()
-            let host = metricsHostFlag ?? ProcessInfo.processInfo.environment["BATON_METRICS_HOST"] ?? "0.0.0.0"
+            let host = Setting.text(metricsHostFlag, "BATON_METRICS_HOST", default: "0.0.0.0")
             services.append(.init(service: OperationsServer.application(
                 host: host, port: port, registry: registry, readiness: { worker.readiness }, logger: logger
             )))
@@ -137,26 +124,6 @@ struct WorkerCommand: AsyncParsableCommand {
     }
 }
 
-extension WorkerCommand {
-    /// Stops the process gracefully (SIGTERM to itself) when standard input reaches end of file, and
-    /// for good 15 s later.
-    static func watchParent(logger: Logger) {
-        let thread = Thread {
-            var buffer = [UInt8](repeating: 0, count: 256)
-            while true {
-                let count = read(0, &buffer, buffer.count)
-                if count == 0 || (count < 0 && errno != EINTR) { break }
-            }
-            logger.warning("the parent process is gone (standard input closed): stopping")
-            kill(getpid(), SIGTERM)
-            sleep(15)
-            _exit(3)
-        }
-        thread.name = "baton.parent-watch"
-        thread.start()
-    }
-}
-
 struct Topology: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Declare the exchanges and the N partition queues (idempotent; workers do it too)."
@@ -169,9 +136,9 @@ struct Topology: AsyncParsableCommand {
         let logger = try database.logger("baton.topology")
         let partitioner = try database.partitioner()
         let url = try broker.amqpURL()
-        let connection = try await AMQPConnection.connect(to: url, name: "baton topology", logger: logger)
-        try await BatonWorker.Topology.declare(on: connection, partitionCount: partitioner.count)
-        await connection.close()
+        try await AMQPConnection.withConnection(to: url, name: "baton topology", logger: logger) { connection in
+            try await BatonWorker.Topology.declare(on: connection, partitionCount: partitioner.count)
+        }
         print("declared \(ProtocolV1.requestsExchange), \(ProtocolV1.eventsExchange), \(ProtocolV1.deadLetterExchange) and \(partitioner.count) partition queues on \(url)")
     }
 }
