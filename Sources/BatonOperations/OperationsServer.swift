@@ -60,4 +60,16 @@ public enum OperationsServer {
             logger: logger
         )
     }
+
+    /// Runs `worker` until SIGTERM or SIGINT (it then finishes its batch in hand and closes), with the
+    /// operations endpoint on `host:port` beside it unless `port` is 0.
+    public static func serve(_ worker: Worker, host: String, port: Int, logger: Logger) async throws {
+        var services: [ServiceGroupConfiguration.ServiceConfiguration] = [.init(service: worker)]
+        if port > 0 {
+            let registry = bootstrapMetrics()
+            services.append(.init(service: application(host: host, port: port, registry: registry, readiness: { worker.readiness }, logger: logger)))
+        }
+        let group = ServiceGroup(configuration: ServiceGroupConfiguration(services: services, gracefulShutdownSignals: [.sigterm, .sigint], logger: logger))
+        try await group.run()
+    }
 }

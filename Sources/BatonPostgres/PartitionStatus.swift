@@ -1,7 +1,7 @@
 import BatonCore
 
 /// One partition as the store sees it (`baton status`).
-public struct PartitionStatus: Sendable, Hashable, Codable {
+public struct PartitionStatus: Sendable, Hashable {
     public var partition: Int
     /// The fencing epoch (bumped by every take).
     public var epoch: Int64

@@ -1,5 +1,9 @@
+import BatonAMQP
+import BatonClient
 import BatonCore
+import BatonPostgres
 import Foundation
+import Logging
 
 /// The incident as a repeatable race: in each round two users open the same new
 /// buffer within `spread` of each other. Used by `baton demo` and the tests.
@@ -99,6 +103,58 @@ public struct IncidentRace: Sendable {
                 if next < rounds { startRound() }
             }
         }
+        return result
+    }
+}
+
+extension IncidentRace {
+    /// Races through Baton: each user on a client of their own, as two collab servers would be.
+    public func runBaton(amqpURL: AMQPURL, partitioner: Partitioner, runID: String, logger: Logger) async throws -> Result {
+        var configuration = BatonClientConfiguration(amqpURL: amqpURL, partitioner: partitioner)
+        configuration.name = "baton demo"
+        // Each user has their own connection, as two collab servers would.
+        let clients = [BatonClient(configuration: configuration, logger: logger), BatonClient(configuration: configuration, logger: logger)]
+        _ = try await clients[0].inspect("demo/\(runID)/warm-up")
+        _ = try await clients[1].inspect("demo/\(runID)/warm-up")
+        let result = await run(buffer: { "demo/\(runID)/\($0)" }) { user, buffer in
+            switch try await clients[user].claim(buffer, user: "user-\(user)", connection: "demo-\(runID)-\(user)", lease: .seconds(60)) {
+            case .granted: true
+            case .denied: false
+            }
+        }
+        for client in clients { await client.close() }
+        return result
+    }
+
+    /// Races with the incident's check-then-act SQL on PostgreSQL (table `baton_demo_naive`), one
+    /// connection per user.
+    public func runNaive(url: PostgresURL, runID: String, logger: Logger) async throws -> Result {
+        try await PostgresConnection.withConnection(to: url, logger: logger) { setup in
+            try await setup.withSession { session in
+                try session.execute(script: """
+                    SET client_min_messages = warning;
+                    CREATE TABLE IF NOT EXISTS baton_demo_naive (buffer text PRIMARY KEY, owner text, token bigint NOT NULL DEFAULT 0);
+                    """)
+            }
+        }
+        // The incident's code: "is it free?" then "make me the owner", one connection per user.
+        var connections: [PostgresConnection] = []
+        for _ in 0..<2 { connections.append(try await PostgresConnection.connect(to: url, logger: logger)) }
+        let pool = connections
+        let check = PreparedStatement(name: "demo_check", sql: "SELECT owner FROM baton_demo_naive WHERE buffer = $1")
+        let act = PreparedStatement(name: "demo_act", sql: """
+            INSERT INTO baton_demo_naive (buffer, owner, token) VALUES ($1, $2, 1)
+            ON CONFLICT (buffer) DO UPDATE SET owner = $2, token = baton_demo_naive.token + 1
+            """)
+        let result = await run(buffer: { "demo/\(runID)/\($0)" }) { user, buffer in
+            let connection = pool[user]
+            let free = try await connection.withSession { session in try session.query(check, [buffer]).first() == nil }
+            guard free else { return false }
+            try await Task.sleep(for: .milliseconds(2))  // the application's work between check and act
+            _ = try await connection.withSession { session in try session.query(act, [buffer, "user-\(user)"]) }
+            return true
+        }
+        for connection in pool { await connection.close() }
         return result
     }
 }

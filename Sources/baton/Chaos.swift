@@ -1,7 +1,6 @@
 import ArgumentParser
 import Foundation
 import BatonTesting
-import Logging
 
 /// `baton chaos`: a steady load with a history recorder while faults are injected in turn,
 /// then a verdict on invariants 1-5 over the whole history.

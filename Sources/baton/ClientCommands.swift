@@ -1,9 +1,7 @@
 import ArgumentParser
-import BatonAMQP
 import BatonClient
 import BatonCore
 import Foundation
-import Logging
 
 /// Options of the commands that send one request.
 struct ClientOptions: ParsableArguments {
@@ -45,7 +43,7 @@ struct ClientOptions: ParsableArguments {
                 reply = try await client.call(request)
             }
             await client.close()
-            print(json ? String(decoding: ProtocolCodec.encode(reply), as: UTF8.self) : Self.describe(reply))
+            print(json ? String(decoding: ProtocolCodec.encode(reply), as: UTF8.self) : reply.summary)
             switch reply.status {
             case .denied, .notOwner: throw ExitCode(1)
             default: return
@@ -61,39 +59,19 @@ struct ClientOptions: ParsableArguments {
             throw ExitCode(2)
         }
     }
-
-    static func describe(_ reply: Reply) -> String {
-        let buffer = reply.buffer.map { "'\($0)'" } ?? ""
-        let token = reply.token.map(String.init) ?? "-"
-        let until = reply.expiresAt.map { " until \($0)" } ?? ""
-        let partition = reply.partition.map { " (partition \($0))" } ?? ""
-        switch reply.status {
-        case .granted: return "granted \(buffer) to \(reply.holder.map(String.init(describing:)) ?? "?"): token \(token)\(until)\(partition)"
-        case .denied: return "denied \(buffer): held by \(reply.holder.map(String.init(describing:)) ?? "?") with token \(token)\(until)\(partition)"
-        case .renewed: return "renewed \(buffer): token \(token)\(until)\(partition)"
-        case .released: return "released \(buffer): token \(token)\(partition)"
-        case .notOwner:
-            let current = reply.holder.map { "; held by \($0) with token \(token)\(until)" } ?? "; nobody holds it"
-            return "not owner of \(buffer)\(current)\(partition)"
-        case .state:
-            let holder = reply.holder.map { "held by \($0) with token \(token)\(until)" } ?? "free (last token \(token))"
-            return "\(buffer) is \(holder)\(partition)"
-        case .releasedConnection:
-            let buffers = reply.buffers ?? []
-            let count = reply.releasedCount ?? buffers.count
-            let more = count > buffers.count ? " and \(count - buffers.count) more" : ""
-            return count == 0 ? "released nothing" : "released \(count) buffer(s): \(buffers.map(LogValue.escape).joined(separator: ", "))\(more)"
-        case .error:
-            return "error \(reply.error?.code.rawValue ?? ""): \(reply.error?.message ?? "")"
-        }
-    }
 }
 
-func leaseMilliseconds(_ value: Int) throws -> Int64 {
-    guard ProtocolV1.leaseRange.contains(Int64(value)) else {
-        throw ValidationError("--lease-ms \(value) is not allowed: use \(ProtocolV1.leaseRange.lowerBound) to \(ProtocolV1.leaseRange.upperBound)")
+/// `--lease-ms` of claim and renew.
+struct LeaseOption: ParsableArguments {
+    @Option(name: .customLong("lease-ms"), help: "Lease length from now, 1000-3600000 ms.") var lease = 30_000
+
+    var milliseconds: Int64 { Int64(lease) }
+
+    func validate() throws {
+        guard ProtocolV1.leaseRange.contains(Int64(lease)) else {
+            throw ValidationError("--lease-ms \(lease) is not allowed: use \(ProtocolV1.leaseRange.lowerBound) to \(ProtocolV1.leaseRange.upperBound)")
+        }
     }
-    return Int64(value)
 }
 
 struct Claim: AsyncParsableCommand {
@@ -102,12 +80,10 @@ struct Claim: AsyncParsableCommand {
     @Argument(help: "The buffer.") var buffer: String
     @Option(help: "The user claiming.") var user: String
     @Option(help: "The editor connection claiming (unique per live connection).") var connection: String
-    @Option(name: .customLong("lease-ms"), help: "Lease length, 1000-3600000 ms.") var lease = 30_000
-
-    func validate() throws { _ = try leaseMilliseconds(lease) }
+    @OptionGroup var lease: LeaseOption
 
     func run() async throws {
-        try await options.send(.claim(buffer: buffer, holder: Holder(user: user, connection: connection), leaseMilliseconds: try leaseMilliseconds(lease)))
+        try await options.send(.claim(buffer: buffer, holder: Holder(user: user, connection: connection), leaseMilliseconds: lease.milliseconds))
     }
 }
 
@@ -117,12 +93,10 @@ struct Renew: AsyncParsableCommand {
     @Argument(help: "The buffer.") var buffer: String
     @Option(help: "Your editor connection.") var connection: String
     @Option(help: "Your token.") var token: Int64
-    @Option(name: .customLong("lease-ms"), help: "New lease length from now, 1000-3600000 ms.") var lease = 30_000
-
-    func validate() throws { _ = try leaseMilliseconds(lease) }
+    @OptionGroup var lease: LeaseOption
 
     func run() async throws {
-        try await options.send(.renew(buffer: buffer, connection: connection, token: token, leaseMilliseconds: try leaseMilliseconds(lease)))
+        try await options.send(.renew(buffer: buffer, connection: connection, token: token, leaseMilliseconds: lease.milliseconds))
     }
 }
 

@@ -1,5 +1,4 @@
 import ArgumentParser
-import BatonCore
 import BatonPostgres
 import Foundation
 

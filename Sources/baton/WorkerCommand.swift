@@ -1,13 +1,11 @@
 import ArgumentParser
 import BatonAMQP
 import BatonCore
-import BatonPostgres
 import BatonOperations
 import BatonTesting
 import BatonWorker
 import Foundation
 import Logging
-import ServiceLifecycle
 
 struct WorkerCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
@@ -104,23 +102,7 @@ struct WorkerCommand: AsyncParsableCommand {
         }
         let worker = Worker(configuration: try workerConfiguration(), logger: logger)
         if exitWithParent { ChildProcess.exitWithParent { logger.warning("the parent process is gone (standard input closed): stopping") } }
-        var services: [ServiceGroupConfiguration.ServiceConfiguration] = [.init(service: worker)]
-        let port = try metricsPort()
-        if port > 0 {
-            let registry = OperationsServer.bootstrapMetrics()
-            let host = Setting.text(metricsHostFlag, "BATON_METRICS_HOST", default: "0.0.0.0")
-            services.append(.init(service: OperationsServer.application(
-                host: host, port: port, registry: registry, readiness: { worker.readiness }, logger: logger
-            )))
-        }
-        let group = ServiceGroup(
-            configuration: ServiceGroupConfiguration(
-                services: services,
-                gracefulShutdownSignals: [.sigterm, .sigint],
-                logger: logger
-            )
-        )
-        try await group.run()
+        try await OperationsServer.serve(worker, host: Setting.text(metricsHostFlag, "BATON_METRICS_HOST", default: "0.0.0.0"), port: try metricsPort(), logger: logger)
     }
 }
 

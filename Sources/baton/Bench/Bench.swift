@@ -1,7 +1,6 @@
 import ArgumentParser
 import BatonTesting
 import Foundation
-import Logging
 
 /// `baton bench`: the same workloads against Baton, direct PostgreSQL, naive SQL and the broker echo.
 struct Bench: AsyncParsableCommand {

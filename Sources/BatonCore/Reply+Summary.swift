@@ -1,0 +1,29 @@
+extension Reply {
+    /// The reply in one line for a person (`baton claim` and friends print it).
+    public var summary: String {
+        let reply = self
+        let buffer = reply.buffer.map { "'\($0)'" } ?? ""
+        let token = reply.token.map(String.init) ?? "-"
+        let until = reply.expiresAt.map { " until \($0)" } ?? ""
+        let partition = reply.partition.map { " (partition \($0))" } ?? ""
+        switch reply.status {
+        case .granted: return "granted \(buffer) to \(reply.holder.map(String.init(describing:)) ?? "?"): token \(token)\(until)\(partition)"
+        case .denied: return "denied \(buffer): held by \(reply.holder.map(String.init(describing:)) ?? "?") with token \(token)\(until)\(partition)"
+        case .renewed: return "renewed \(buffer): token \(token)\(until)\(partition)"
+        case .released: return "released \(buffer): token \(token)\(partition)"
+        case .notOwner:
+            let current = reply.holder.map { "; held by \($0) with token \(token)\(until)" } ?? "; nobody holds it"
+            return "not owner of \(buffer)\(current)\(partition)"
+        case .state:
+            let holder = reply.holder.map { "held by \($0) with token \(token)\(until)" } ?? "free (last token \(token))"
+            return "\(buffer) is \(holder)\(partition)"
+        case .releasedConnection:
+            let buffers = reply.buffers ?? []
+            let count = reply.releasedCount ?? buffers.count
+            let more = count > buffers.count ? " and \(count - buffers.count) more" : ""
+            return count == 0 ? "released nothing" : "released \(count) buffer(s): \(buffers.map(LogValue.escape).joined(separator: ", "))\(more)"
+        case .error:
+            return "error \(reply.error?.code.rawValue ?? ""): \(reply.error?.message ?? "")"
+        }
+    }
+}
