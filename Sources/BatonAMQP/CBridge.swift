@@ -3,7 +3,7 @@ import Foundation
 
 /// Malloc'd copies of strings and tables that must outlive one rabbitmq-c call; freed on deinit.
 ///
-/// rabbitmq-c keeps pointers, not copies (FIELD-NOTES: `amqp_cstring_bytes(swiftString)` dangles),
+/// rabbitmq-c keeps pointers, not copies (`amqp_cstring_bytes` of a Swift string points into a temporary that is gone when the call reads it),
 /// so every string handed to it lives here until the call returns.
 final class CArena {
     private var allocations: [UnsafeMutableRawPointer] = []

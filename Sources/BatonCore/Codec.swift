@@ -4,7 +4,7 @@ import FoundationEssentials
 import Foundation
 #endif
 
-/// The JSON codec of protocol v1: validates requests exactly as DESIGN.md says and encodes replies and events.
+/// The JSON codec of protocol v1: validates requests exactly as docs/protocol.md (section 3) says and encodes replies and events.
 ///
 /// Every rejection is a ``ProtocolError`` whose message names the field, the value
 /// and what is allowed.

@@ -10,7 +10,7 @@ public struct Decision: Sendable, Hashable {
 
 /// The ownership decision: a pure function of (buffer state, command, database time).
 ///
-/// The rules are DESIGN.md's "Semantics"; a lease whose `expires_at` equals `now`
+/// The rules are docs/protocol.md's section 4, "Semantics"; a lease whose `expires_at` equals `now`
 /// has expired; a re-claim by the current holder keeps the token; tokens only grow.
 public enum OwnershipRules {
     /// Decides a buffer-scoped command (everything but `release_connection`) against `state` at `now`.

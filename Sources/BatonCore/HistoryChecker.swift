@@ -1,4 +1,4 @@
-/// Checks invariants 1-3 of DESIGN.md over a history of ownership changes (the audit rows).
+/// Checks guarantees 1-3 of docs/protocol.md (section 11) over a history of ownership changes (the audit rows).
 ///
 /// It is deliberately independent of how the history was produced, so that the
 /// same checker judges Baton's store and a naive check-then-act implementation.

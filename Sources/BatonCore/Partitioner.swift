@@ -1,7 +1,7 @@
 /// Maps a buffer name to its partition: `FNV-1a-64(UTF-8 bytes) mod N`.
 ///
 /// Every frontend, in every language, must compute the same partition for the
-/// same buffer, so this is part of the wire protocol (DESIGN.md, "Partitioning").
+/// same buffer, so this is part of the wire protocol (docs/protocol.md, section 2).
 public struct Partitioner: Sendable, Hashable {
     /// The smallest and largest partition counts a deployment may use.
     public static let allowedCounts: ClosedRange<Int> = 1...1024

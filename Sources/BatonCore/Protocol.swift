@@ -1,4 +1,4 @@
-/// Wire protocol version 1 (DESIGN.md, "Wire protocol, version 1").
+/// Wire protocol version 1 (docs/protocol.md).
 public enum ProtocolV1 {
     /// The only version this implementation speaks.
     public static let version = 1

@@ -1,6 +1,6 @@
 import BatonCore
 
-/// Judges a chaos run: invariants 1-5 of DESIGN.md over everything that happened.
+/// Judges a chaos run: guarantees 1-5 of docs/protocol.md (section 11) over everything that happened.
 ///
 /// The history is what the clients saw (every reply, every call that never got one), the
 /// audit rows and final tokens in the database, and what became of the workers. It is

@@ -2,7 +2,7 @@ import BatonAMQP
 import BatonCore
 import Logging
 
-/// Baton's broker topology (DESIGN.md, "Topology"), declared idempotently.
+/// Baton's broker topology (docs/protocol.md, section 1), declared idempotently.
 public enum Topology {
     /// The arguments of every request queue. `x-message-ttl` bounds how long a request may wait
     /// (``ProtocolV1/maxRequestLifetimeMilliseconds``): the broker dead-letters older ones, so no request

@@ -80,7 +80,7 @@ func buffer(in partition: Int, count: Int = 16, prefix: String = "buf") -> Strin
         let before = try await TestDatabase.audit(url)
 
         // Hold the connection so that the six batches wait for it together.
-        let holding = Task { try await store.connection.withSession { _ in Thread.sleep(forTimeInterval: 0.3) } }
+        let holding = Task { try await store.connection.withSession { session in try session.query("SELECT pg_sleep(0.3)") } }
         try await Task.sleep(for: .milliseconds(50))
         let results = await withTaskGroup(of: (Int, Result<BatchResult, any Error>).self) { group in
             for partition in 0..<6 {
@@ -111,7 +111,7 @@ func buffer(in partition: Int, count: Int = 16, prefix: String = "buf") -> Strin
         #expect(after.changes.count == before.changes.count + 5, "one grant for each partition still owned, none for partition 5")
 
         // With the fenced-out batch gone, the five others commit in one group.
-        let again = Task { try await store.connection.withSession { _ in Thread.sleep(forTimeInterval: 0.3) } }
+        let again = Task { try await store.connection.withSession { session in try session.query("SELECT pg_sleep(0.3)") } }
         try await Task.sleep(for: .milliseconds(50))
         let sizes = try await withThrowingTaskGroup(of: Int.self) { group in
             for partition in 0..<5 {

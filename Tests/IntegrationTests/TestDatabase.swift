@@ -72,15 +72,16 @@ enum TestDatabase {
 
     /// Every ownership change in the audit table, and the final token of every buffer.
     static func audit(_ url: PostgresURL) async throws -> (changes: [OwnershipChange], finalTokens: [ExactString: Int64]) {
-        let store = try await Self.store(url, partitions: try await partitionCount(url))
-        defer { Task { await store.connection.close() } }
-        return try await store.auditTrail()
+        let partitions = try await partitionCount(url)
+        return try await PostgresConnection.withConnection(to: url, logger: logger) { connection in
+            try await OwnershipStore.open(connection: connection, partitioner: try Partitioner(count: partitions), logger: logger).auditTrail()
+        }
     }
 
     private static func partitionCount(_ url: PostgresURL) async throws -> Int {
-        let connection = try await PostgresConnection.connect(to: url, logger: logger)
-        defer { Task { await connection.close() } }
-        return try await connection.withSession { session in Int(try session.query("SELECT partition_count FROM baton_meta").first() ?? "") ?? 16 }
+        try await PostgresConnection.withConnection(to: url, logger: logger) { connection in
+            try await connection.withSession { session in Int(try session.query("SELECT partition_count FROM baton_meta").first() ?? "") ?? 16 }
+        }
     }
 }
 
