@@ -161,7 +161,7 @@ public enum Migrator {
                 );
                 RESET client_min_messages;
                 """)
-            let done = Set(try session.query("SELECT version FROM baton_schema_migrations").rows.compactMap { $0[0].flatMap(Int.init) })
+            let done = Set(try session.query("SELECT version FROM baton_schema_migrations").decode(from: "baton_schema_migrations") { try $0.decode(0, "version", as: Int.self) })
             if let recorded = try recordedPartitionCount(session), recorded != partitionCount {
                 throw SchemaError.partitionCountMismatch(database: recorded, requested: partitionCount)
             }

@@ -257,13 +257,13 @@ public final class OwnershipStore: Sendable {
         for (batch, read) in zip(group, reads) {
             plans.append(try BatchPlan(read: read.get(), requests: batch.requests, partition: batch.partition, epoch: batch.epoch, partitioner: partitioner))
         }
-        let writing = plans.indices.filter { plans[$0].needsWrite }
-        let writes = try session.pipeline(writing.map { (SQL.write, plans[$0].writeParameters) })
-        var rows: [Int: [String?]] = [:]
-        for (index, write) in zip(writing, writes) { rows[index] = try write.get().rows.first ?? [] }
+        let writing = plans.indices.filter { !plans[$0].write.isEmpty }
+        let writes = try session.pipeline(writing.map { (SQL.write, plans[$0].write.parameters) })
+        var rows: [Int: PostgresRow] = [:]
+        for (index, write) in zip(writing, writes) { rows[index] = PostgresRow(try write.get().rows.first ?? [], source: "the batch write") }
         return plans.indices.map { index in
             Result {
-                var result = plans[index].result(outboxIDs: try rows[index].map(plans[index].checkWrite) ?? [], attempt: 1)
+                var result = plans[index].result(outboxIDs: try rows[index].map(plans[index].write.check) ?? [], attempt: 1)
                 result.groupSize = group.count
                 return result
             }
@@ -288,44 +288,32 @@ public final class OwnershipStore: Sendable {
     /// A batch decided from its read: the replies, and what to write (buffers by compare-and-set,
     /// idempotency records, outbox rows) in one fenced statement.
     private struct BatchPlan {
-        let partition: Int
-        let epoch: Int64
-        let now: Timestamp
         var replies: [Reply] = []
         var replayed = 0
-        /// Changed buffers, sorted (a fixed order keeps concurrent writers from deadlocking), with the state to write.
-        var buffers: [ExactString] = []
-        var states: [BufferState] = []
-        var initial: [ExactString: BufferState] = [:]
-        var versions: [ExactString: Int64] = [:]
-        var records: [(id: String, reply: Reply, fingerprint: String)] = []
-        var changes: [(OwnershipChange, String?)] = []
-
-        var needsWrite: Bool { !buffers.isEmpty || !records.isEmpty || !changes.isEmpty }
+        /// What the batch writes.
+        var write: BatchWrite
 
         init(read: PostgresRows, requests: [Request], partition: Int, epoch: Int64, partitioner: Partitioner) throws {
-            let rows = read.rows
-            guard let header = rows.first(where: { $0[0] == "f" }), let clock = header[2].flatMap(Int64.init) else {
-                throw PostgresError(code: .unexpectedResult, message: "the batch read returned no header row")
-            }
-            try OwnershipStore.checkEpoch(header[1].flatMap(Int64.init), partition: partition, epoch: epoch)
-            self.partition = partition
-            self.epoch = epoch
-            now = Timestamp(milliseconds: clock)
+            var fence: (epoch: Int64?, clock: Timestamp)?
             var stored: [ExactString: (reply: Reply, fingerprint: String?)] = [:]
-            for row in rows where row[0] != "f" {
-                if row[0] == "r" {
-                    guard let id = row[1], let body = row[2], let reply = try? ProtocolCodec.decodeReply(Array(body.utf8)) else {
-                        // Deciding again could apply a request twice: refuse instead.
-                        throw PostgresError(code: .unexpectedResult, message: "a stored reply in baton_requests for partition \(partition) cannot be decoded")
-                    }
-                    stored[ExactString(id)] = (reply, row[3])
-                } else {
-                    let (buffer, state, version) = try OwnershipStore.decodeBuffer(row)
-                    initial[buffer] = state
-                    versions[buffer] = version
+            var initial: [ExactString: BufferState] = [:]
+            var versions: [ExactString: Int64] = [:]
+            for row in try read.decode(from: "the batch read of partition \(partition)", BatchReadRow.init) {
+                switch row {
+                case .fence(let epoch, let clock): fence = (epoch, clock)
+                case .stored(let id, let reply, let fingerprint): stored[id] = (reply, fingerprint)
+                case .buffer(let buffer):
+                    initial[buffer.buffer] = buffer.state
+                    versions[buffer.buffer] = buffer.version
                 }
             }
+            guard let fence else {
+                throw PostgresError(code: .unexpectedResult, message: "the batch read of partition \(partition) returned no fence row")
+            }
+            try OwnershipStore.checkEpoch(fence.epoch, partition: partition, epoch: epoch)
+            let now = fence.clock
+            var records: [(id: String, reply: Reply, fingerprint: String)] = []
+            var changes: [(change: OwnershipChange, requestID: String?)] = []
 
             // Decide in queue order.
             var state = PartitionState(partition: partition, partitioner: partitioner, buffers: initial)
@@ -358,25 +346,28 @@ public final class OwnershipStore: Sendable {
                 replies.append(reply)
                 changes += made.map { ($0, request.requestID) }
             }
-            let writes = state.buffers.filter { initial[$0.key] != $0.value }
-            buffers = writes.keys.sorted()
-            states = buffers.map { writes[$0]! }
+            write = Self.write(partition: partition, epoch: epoch, now: now, initial: initial, versions: versions, after: state.buffers, records: records, changes: changes)
         }
 
         /// A sweep's plan: the buffers it changed (from `initial` to `after`) and its changes, no replies.
         init(
             partition: Int, epoch: Int64, now: Timestamp, initial: [ExactString: BufferState], versions: [ExactString: Int64],
-            after: [ExactString: BufferState], changes: [(OwnershipChange, String?)]
+            after: [ExactString: BufferState], changes: [(change: OwnershipChange, requestID: String?)]
         ) {
-            self.partition = partition
-            self.epoch = epoch
-            self.now = now
-            self.initial = initial
-            self.versions = versions
-            self.changes = changes
-            let writes = after.filter { initial[$0.key] != $0.value }
-            buffers = writes.keys.sorted()
-            states = buffers.map { writes[$0]! }
+            write = Self.write(partition: partition, epoch: epoch, now: now, initial: initial, versions: versions, after: after, records: [], changes: changes)
+        }
+
+        /// The write of the buffers that differ between `initial` (as read, with `versions`) and `after`.
+        private static func write(
+            partition: Int, epoch: Int64, now: Timestamp, initial: [ExactString: BufferState], versions: [ExactString: Int64],
+            after: [ExactString: BufferState], records: [(id: String, reply: Reply, fingerprint: String)], changes: [(change: OwnershipChange, requestID: String?)]
+        ) -> BatchWrite {
+            let changed = after.filter { initial[$0.key] != $0.value }
+            return BatchWrite(
+                partition: partition, epoch: epoch, now: now,
+                buffers: changed.keys.sorted().map { ($0, changed[$0]!, initial[$0]?.token ?? 0, versions[$0] ?? 0) },
+                records: records, changes: changes
+            )
         }
 
         /// Writes the plan in one statement, unless there is nothing to write; returns the outbox ids.
@@ -384,59 +375,16 @@ public final class OwnershipStore: Sendable {
         /// - Throws: ``CompareAndSetMiss`` when another writer changed a buffer or recorded a request id
         ///   first (the statement then aborts itself, SQLSTATE BT001, and writes nothing).
         func write(_ session: PostgresSession) throws -> [Int64] {
-            guard needsWrite else { return [] }
+            guard !write.isEmpty else { return [] }
             do {
-                return try checkWrite(session.query(SQL.write, writeParameters).rows.first ?? [])
+                return try write.check(PostgresRow(session.query(SQL.write, write.parameters).rows.first ?? [], source: "the batch write"))
             } catch let error as PostgresError where error.sqlState == "BT001" {
                 throw CompareAndSetMiss(missed: 1)
             }
         }
 
-        /// The parameters of ``SQL/write``.
-        var writeParameters: [String?] {
-            let changeList = changes.map(\.0)
-            return [
-                String(partition), String(now.milliseconds),
-                PostgresArray.text(buffers.map(\.string)),
-                PostgresArray.text(states.map { $0.holder?.user }),
-                PostgresArray.text(states.map { $0.holder?.connection }),
-                PostgresArray.integers(states.map { Optional($0.token) }),
-                PostgresArray.integers(states.map { $0.expiresAt?.milliseconds }),
-                PostgresArray.integers(buffers.map { Optional(initial[$0]?.token ?? 0) }),
-                PostgresArray.integers(buffers.map { Optional(versions[$0] ?? 0) }),
-                PostgresArray.text(records.map(\.id)),
-                PostgresArray.text(records.map { String(decoding: ProtocolCodec.encode($0.reply), as: UTF8.self) }),
-                PostgresArray.text(changeList.map(\.kind.rawValue)),
-                PostgresArray.text(changeList.map(\.buffer)),
-                PostgresArray.text(changeList.map(\.holder.user)),
-                PostgresArray.text(changeList.map(\.holder.connection)),
-                PostgresArray.integers(changeList.map { Optional($0.token) }),
-                PostgresArray.integers(changeList.map { Optional($0.at.milliseconds) }),
-                PostgresArray.integers(changeList.map { Optional($0.expiresAt.milliseconds) }),
-                PostgresArray.text(changes.map(\.1)),
-                String(epoch), String(buffers.count), String(records.count),
-                "{" + changeList.map { $0.forced ? "t" : "f" }.joined(separator: ",") + "}",
-                PostgresArray.text(states.map(\.principal)),
-                PostgresArray.text(records.map(\.fingerprint)),
-                PostgresArray.text(changeList.map(\.principal)),
-            ]
-        }
-
-        /// Checks the write's result row (fence, counts) and returns the outbox ids, in the order of `changes`.
-        ///
-        /// - Throws: ``CompareAndSetMiss`` when another writer changed a buffer or recorded a request id first.
-        func checkWrite(_ row: [String?]) throws -> [Int64] {
-            try OwnershipStore.checkEpoch(row.count > 3 ? row[3].flatMap(Int64.init) : nil, partition: partition, epoch: epoch)
-            let written = row.first.flatMap { $0.flatMap(Int.init) } ?? -1
-            let recorded = row.count > 1 ? row[1].flatMap(Int.init) ?? -1 : -1
-            guard written == buffers.count, recorded == records.count else {
-                throw CompareAndSetMiss(missed: buffers.count - written + records.count - recorded)
-            }
-            return PostgresArray.parseIntegers(row.count > 2 ? row[2] : nil)
-        }
-
         func result(outboxIDs: [Int64], attempt: Int) -> BatchResult {
-            let entries = zip(outboxIDs, changes).map { OutboxEntry(id: $0, partition: partition, change: $1.0) }
+            let entries = zip(outboxIDs, write.changes).map { OutboxEntry(id: $0, partition: write.partition, change: $1.change) }
             return BatchResult(replies: replies, changes: entries, replayed: replayed, attempts: attempt)
         }
     }
@@ -452,11 +400,23 @@ public final class OwnershipStore: Sendable {
         // statement). Nothing holds the partition row's lock while waiting on this process, so a worker
         // frozen here cannot stall the next owner's takePartition.
         return try await retrying(partition: partition, what: "the sweep") { session, _ in
-            let rows = try session.query(SQL.expiredBuffers, [String(partition), String(limit)])
+            // Rows of `now, buffer..., epoch`: always one at least, with the clock and the epoch (and a NULL
+            // buffer when nothing has expired).
+            let rows = try session.query(SQL.expiredBuffers, [String(partition), String(limit)]).decode(from: "the expiry read of partition \(partition)") { $0 }
+            guard let first = rows.first else {
+                throw PostgresError(code: .unexpectedResult, message: "the expiry read of partition \(partition) returned no clock row")
+            }
             // An early check, without a lock (the write below is the fence): a worker that lost the
             // partition learns it even when nothing has expired.
-            try Self.checkEpoch(rows.rows.first.flatMap { $0.count > 8 ? $0[8] : nil }.flatMap(Int64.init), partition: partition, epoch: epoch)
-            let (now, initial, versions) = try Self.decodeBuffers(rows)
+            try Self.checkEpoch(try first.optional(8, "epoch").map { _ in try first.decode(8, "epoch") }, partition: partition, epoch: epoch)
+            let now = try first.timestamp(0, "clock")
+            var initial: [ExactString: BufferState] = [:]
+            var versions: [ExactString: Int64] = [:]
+            for row in rows where try row.optional(1, "buffer") != nil {
+                let buffer = try BufferRow(row, from: 1)
+                initial[buffer.buffer] = buffer.state
+                versions[buffer.buffer] = buffer.version
+            }
             var state = PartitionState(partition: partition, partitioner: partitioner, buffers: initial)
             let changes = state.sweep(at: now)
             let plan = BatchPlan(
@@ -471,16 +431,8 @@ public final class OwnershipStore: Sendable {
     /// Up to `limit` changes of `partition` decided at least `olderThan` ago and not yet marked delivered, oldest first.
     public func undelivered(partition: Int, olderThan: Duration = .zero, limit: Int = 1000) async throws -> [OutboxEntry] {
         try await connection.withSession { session in
-            try session.query(SQL.undelivered, [String(partition), String(limit), String(olderThan.wholeMilliseconds)]).rows.map { row in
-                guard let id = row[0].flatMap(Int64.init), let kindText = row[1], let kind = ChangeKind(rawValue: kindText),
-                      let buffer = row[2], let user = row[3], let holderConnection = row[4],
-                      let token = row[5].flatMap(Int64.init), let at = row[6].flatMap(Int64.init), let expires = row[7].flatMap(Int64.init)
-                else { throw PostgresError(code: .unexpectedResult, message: "malformed outbox row") }
-                let change = OwnershipChange(
-                    kind: kind, buffer: buffer, holder: Holder(user: user, connection: holderConnection), token: token,
-                    at: Timestamp(milliseconds: at), expiresAt: Timestamp(milliseconds: expires), forced: row[8] == "t"
-                )
-                return OutboxEntry(id: id, partition: partition, change: change)
+            try session.query(SQL.undelivered, [String(partition), String(limit), String(olderThan.wholeMilliseconds)]).decode(from: "baton_outbox") { row in
+                OutboxEntry(id: try row.decode(0, "id"), partition: partition, change: try OwnershipChange(row: row, from: 1, principal: false))
             }
         }
     }
@@ -494,17 +446,12 @@ public final class OwnershipStore: Sendable {
                 SELECT kind, buffer, holder_user, holder_connection, token,
                        (extract(epoch FROM at) * 1000)::int8, (extract(epoch FROM expires_at) * 1000)::int8, forced, principal
                 FROM baton_outbox ORDER BY id
-                """).rows.map { row in
-                OwnershipChange(
-                    kind: ChangeKind(rawValue: row[0] ?? "") ?? .granted, buffer: row[1] ?? "",
-                    holder: Holder(user: row[2] ?? "", connection: row[3] ?? ""), token: Int64(row[4] ?? "") ?? 0,
-                    at: Timestamp(milliseconds: Int64(row[5] ?? "") ?? 0), expiresAt: Timestamp(milliseconds: Int64(row[6] ?? "") ?? 0),
-                    forced: row[7] == "t", principal: row[8]
-                )
-            }
+                """).decode(from: "baton_outbox") { try OwnershipChange(row: $0, from: 0, principal: true) }
             var tokens: [ExactString: Int64] = [:]
-            for row in try session.query("SELECT buffer, token FROM baton_buffers").rows {
-                tokens[ExactString(row[0] ?? "")] = Int64(row[1] ?? "") ?? 0
+            for (buffer, token) in try session.query("SELECT buffer, token FROM baton_buffers").decode(from: "baton_buffers", { row in
+                (try row.decode(0, "buffer", as: String.self), try row.decode(1, "token", as: Int64.self))
+            }) {
+                tokens[ExactString(buffer)] = token
             }
             return (changes, tokens)
         }
@@ -546,38 +493,13 @@ public final class OwnershipStore: Sendable {
 
     // MARK: - Shared steps
 
-    private static func checkEpoch(_ current: Int64?, partition: Int, epoch: Int64) throws {
+    static func checkEpoch(_ current: Int64?, partition: Int, epoch: Int64) throws {
         guard let current else {
             throw StoreError(code: .unknownPartition, partition: partition, message: "partition \(partition) does not exist in this deployment")
         }
         guard current == epoch else {
             throw StoreError(code: .partitionOwnershipLost, partition: partition, message: "this worker holds epoch \(epoch) but the partition is at epoch \(current): another worker took it; nothing was written")
         }
-    }
-
-    /// Decodes rows of `now, buffer, ...` (the first row always carries the clock; `buffer` is NULL when no buffer matched).
-    private static func decodeBuffers(_ rows: PostgresRows) throws -> (Timestamp, [ExactString: BufferState], [ExactString: Int64]) {
-        guard let now = rows.rows.first?[0].flatMap(Int64.init) else {
-            throw PostgresError(code: .unexpectedResult, message: "a buffer query returned no clock row")
-        }
-        var states: [ExactString: BufferState] = [:]
-        var versions: [ExactString: Int64] = [:]
-        for row in rows.rows where row[1] != nil {
-            let (buffer, state, version) = try decodeBuffer(row)
-            states[buffer] = state
-            versions[buffer] = version
-        }
-        return (Timestamp(milliseconds: now), states, versions)
-    }
-
-    /// Decodes `now, buffer, holder_user, holder_connection, token, expires_ms, version, holder_principal`.
-    private static func decodeBuffer(_ row: [String?]) throws -> (ExactString, BufferState, Int64) {
-        guard row.count >= 8, let buffer = row[1], let token = row[4].flatMap(Int64.init), let version = row[6].flatMap(Int64.init) else {
-            throw PostgresError(code: .unexpectedResult, message: "malformed buffer row")
-        }
-        let holder: Holder? = if let user = row[2], let connection = row[3] { Holder(user: user, connection: connection) } else { nil }
-        let expires = row[5].flatMap(Int64.init).map(Timestamp.init(milliseconds:))
-        return (ExactString(buffer), BufferState(holder: holder, token: token, expiresAt: expires, principal: row[7]), version)
     }
 }
 

@@ -57,15 +57,6 @@ struct BatonSystem: BenchSystem {
     }
 }
 
-/// Maps `kind, buffer, user, connection, token, at_ms, expires_ms` to a change.
-func auditChange(_ row: [String?]) -> OwnershipChange {
-    OwnershipChange(
-        kind: ChangeKind(rawValue: row[0] ?? "") ?? .granted, buffer: row[1] ?? "",
-        holder: Holder(user: row[2] ?? "", connection: row[3] ?? ""), token: Int64(row[4] ?? "") ?? 0,
-        at: Timestamp(milliseconds: Int64(row[5] ?? "") ?? 0), expiresAt: Timestamp(milliseconds: Int64(row[6] ?? "") ?? 0)
-    )
-}
-
 /// PostgreSQL without Baton: the usual fix (conditional upsert) or the incident's check-then-act.
 struct SQLSystem: BenchSystem {
     enum Style { case conditional, naive }
@@ -208,7 +199,8 @@ struct SQLSystem: BenchSystem {
     func doubleGrants() async throws -> Int? {
         let table = self.table
         let changes = try await pool[0].withSession { session in
-            try session.query("SELECT kind, buffer, owner, owner, token, at_ms, expires_ms FROM \(table)_audit ORDER BY id").rows.map(auditChange)
+            try session.query("SELECT kind, buffer, owner, owner, token, at_ms, expires_ms, false FROM \(table)_audit ORDER BY id")
+                .decode(from: "\(table)_audit") { try OwnershipChange(row: $0, from: 0, principal: false) }
         }
         return HistoryChecker.check(changes).doubleGrants
     }

@@ -1,0 +1,57 @@
+import BatonCore
+@testable import BatonPostgres
+import Testing
+
+/// The store's typed rows: a missing, NULL or malformed column throws an error that names it, instead of
+/// decoding as a default.
+@Suite struct StoreRowsTests {
+    @Test func anAuditRowWithAnUnknownKindIsRefusedNotReadAsGranted() {
+        let row = PostgresRow(["stolen", "a.txt", "u", "c", "3", "1000", "2000", "f"], source: "baton_outbox")
+        #expect(throws: PostgresError.self) { try OwnershipChange(row: row, from: 0, principal: false) }
+        do {
+            _ = try OwnershipChange(row: row, from: 0, principal: false)
+        } catch {
+            #expect("\(error)".contains("unknown kind 'stolen'"))
+        }
+        let good = PostgresRow(["released", "a.txt", "u", "c", "3", "1000", "2000", "t", "alice"], source: "baton_outbox")
+        let change = try? OwnershipChange(row: good, from: 0, principal: true)
+        #expect(change?.kind == .released && change?.token == 3 && change?.forced == true && change?.principal == "alice")
+    }
+
+    @Test func malformedAndMissingColumnsAreNamed() throws {
+        let noToken = PostgresRow(["granted", "a.txt", "u", "c", nil, "1000", "2000", "f"], source: "baton_outbox")
+        #expect(throws: PostgresError.self) { try OwnershipChange(row: noToken, from: 0, principal: false) }
+        do {
+            _ = try BatchReadRow(PostgresRow(["b", "a.txt", "u", "c", "x7", "1000", "1", nil], source: "the batch read"))
+            Issue.record("a token of 'x7' decoded")
+        } catch {
+            #expect("\(error)".contains("unreadable token ('x7', column 5)"))
+        }
+        #expect(throws: PostgresError.self) { try BatchReadRow(PostgresRow(["q"], source: "the batch read")) }
+        #expect(throws: PostgresError.self) { try BatchReadRow(PostgresRow(["f"], source: "the batch read")) }
+    }
+
+    @Test func readRowsDecodeToTheirKinds() throws {
+        guard case .fence(let epoch, let clock) = try BatchReadRow(PostgresRow(["f", "4", "1700", nil, nil, nil, nil, nil], source: "read")) else {
+            Issue.record("not a fence row")
+            return
+        }
+        #expect(epoch == 4 && clock.milliseconds == 1700)
+        guard case .fence(nil, _) = try BatchReadRow(PostgresRow(["f", nil, "1700", nil, nil, nil, nil, nil], source: "read")) else {
+            Issue.record("a missing partition is a fence row without an epoch")
+            return
+        }
+        guard case .buffer(let buffer) = try BatchReadRow(PostgresRow(["b", "a.txt", nil, nil, "9", nil, "2", nil], source: "read")) else {
+            Issue.record("not a buffer row")
+            return
+        }
+        #expect(buffer.state.holder == nil && buffer.state.token == 9 && buffer.version == 2 && buffer.state.expiresAt == nil)
+    }
+
+    @Test func theWriteNumbersItsParametersAsTheStatementDoes() {
+        let write = BatchWrite(partition: 3, epoch: 7, now: Timestamp(milliseconds: 1000))
+        #expect(write.isEmpty)
+        #expect(write.parameters.count == 26, "SQL.write takes $1 to $26")
+        #expect(write.parameters[0] == "3" && write.parameters[19] == "7" && write.parameters[20] == "0" && write.parameters[21] == "0")
+    }
+}
