@@ -3,7 +3,6 @@ import PackageDescription
 
 let package = Package(
     name: "baton",
-    platforms: [.macOS(.v14)],
     products: [
         .library(name: "BatonCore", targets: ["BatonCore"]),
         .library(name: "BatonPostgres", targets: ["BatonPostgres"]),

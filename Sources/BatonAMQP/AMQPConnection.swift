@@ -232,17 +232,6 @@ public final class AMQPChannel: Sendable {
         }
     }
 
-    /// Cancels a consumer; its queue ends after what was delivered.
-    public func cancel(consumerTag: String) async throws {
-        let channel = number
-        try await io.run { io throws(AMQPError) in
-            let arena = CArena()
-            amqp_basic_cancel(io.conn, channel, arena.bytes(consumerTag))
-            try io.check(amqp_get_rpc_reply(io.conn), channel: channel, doing: "cancel consumer")
-            io.channels[channel]?.consumers.removeValue(forKey: consumerTag)?.finish(nil)
-        }
-    }
-
     /// Publishes, acks and rejects in order, in one hop to the I/O thread (no confirms awaited).
     public func perform(_ actions: [ChannelAction]) async throws {
         guard !actions.isEmpty else { return }

@@ -15,10 +15,6 @@ public struct AMQPError: Error, Sendable, CustomStringConvertible {
         public static let channelClosed = Code("channel closed")
         /// A synchronous call or a wait ran out of time.
         public static let timeout = Code("timeout")
-        /// A mandatory message could not be routed to any queue (basic.return).
-        public static let unroutable = Code("unroutable")
-        /// The broker refused a published message (basic.nack).
-        public static let nacked = Code("nacked")
         /// The broker cancelled a consumer (its queue was deleted, or it failed over).
         public static let consumerCancelled = Code("consumer cancelled")
         /// The caller closed the connection.

@@ -13,13 +13,30 @@ public struct Migration: Sendable {
 
 /// Errors about the schema and the deployment's partition count.
 public struct SchemaError: Error, Sendable, Hashable, CustomStringConvertible {
+    /// What kind of failure; extensible.
+    public struct Code: Hashable, Sendable, CustomStringConvertible {
+        private let name: String
+        private init(_ name: String) { self.name = name }
+
+        /// The database was set up for another partition count N.
+        public static let partitionCountMismatch = Code("partition count mismatch")
+        /// The schema is older or newer than this build's (run `baton migrate`, or upgrade the binary).
+        public static let versionMismatch = Code("schema version mismatch")
+        /// The database was never migrated.
+        public static let notMigrated = Code("not migrated")
+
+        public var description: String { name }
+    }
+
+    /// What kind of failure.
+    public let code: Code
     /// What went wrong, for a person.
     public let message: String
 
     public var description: String { message }
 
     static func partitionCountMismatch(database: Int, requested: Int) -> SchemaError {
-        SchemaError(message: """
+        SchemaError(code: .partitionCountMismatch, message: """
             the database was set up for \(database) partitions but this run asked for \(requested): \
             N is fixed per deployment, so pass --partition-count \(database) (or BATON_PARTITION_COUNT=\(database)), \
             or follow the drain procedure in docs/operations.md to change it
@@ -193,10 +210,10 @@ public enum Migrator {
         let exists = try session.query("SELECT to_regclass('baton_schema_migrations') IS NOT NULL").first() == "t"
         let version = exists ? Int(try session.query("SELECT max(version) FROM baton_schema_migrations").first() ?? "") : nil
         guard let version, version >= latestVersion else {
-            throw SchemaError(message: "the database schema is at version \(version.map(String.init) ?? "none"), this build needs \(latestVersion): run 'baton migrate' first")
+            throw SchemaError(code: version == nil ? .notMigrated : .versionMismatch, message: "the database schema is at version \(version.map(String.init) ?? "none"), this build needs \(latestVersion): run 'baton migrate' first")
         }
         guard let recorded = try recordedPartitionCount(session) else {
-            throw SchemaError(message: "the database has no partition count recorded: run 'baton migrate' first")
+            throw SchemaError(code: .notMigrated, message: "the database has no partition count recorded: run 'baton migrate' first")
         }
         guard recorded == partitionCount else {
             throw SchemaError.partitionCountMismatch(database: recorded, requested: partitionCount)

@@ -5,32 +5,23 @@
 public struct PostgresError: Error, Sendable, CustomStringConvertible {
     /// What kind of failure this is; extensible.
     public struct Code: Hashable, Sendable, CustomStringConvertible {
-        private enum Base: String, Hashable, Sendable {
-            case invalidURL = "invalid URL"
-            case connectionFailed = "connection failed"
-            case connectionLost = "connection lost"
-            case server = "server error"
-            case unexpectedResult = "unexpected result"
-            case closed = "connection closed"
-        }
-
-        private let base: Base
-        private init(_ base: Base) { self.base = base }
+        private let name: String
+        private init(_ name: String) { self.name = name }
 
         /// The database URL cannot be used.
-        public static let invalidURL = Code(.invalidURL)
+        public static let invalidURL = Code("invalid URL")
         /// Connecting (or reconnecting) failed.
-        public static let connectionFailed = Code(.connectionFailed)
+        public static let connectionFailed = Code("connection failed")
         /// The connection broke during a statement; its outcome is unknown.
-        public static let connectionLost = Code(.connectionLost)
+        public static let connectionLost = Code("connection lost")
         /// The server rejected a statement; see ``PostgresError/sqlState``.
-        public static let server = Code(.server)
+        public static let server = Code("server error")
         /// A statement returned something this code does not expect.
-        public static let unexpectedResult = Code(.unexpectedResult)
+        public static let unexpectedResult = Code("unexpected result")
         /// The connection was closed by its owner.
-        public static let closed = Code(.closed)
+        public static let closed = Code("connection closed")
 
-        public var description: String { base.rawValue }
+        public var description: String { name }
     }
 
     /// What kind of failure this is.
