@@ -1,3 +1,4 @@
+import BatonCore
 import CRabbitMQ
 import Foundation
 import Logging
@@ -70,15 +71,7 @@ public final class AMQPConnection: Sendable {
 
     /// Runs `body` with a new connection to `url`, closed afterwards whatever happens.
     public static func withConnection<T>(to url: AMQPURL, name: String, logger: Logger, _ body: (AMQPConnection) async throws -> T) async throws -> T {
-        let connection = try await connect(to: url, name: name, logger: logger)
-        do {
-            let result = try await body(connection)
-            await connection.close()
-            return result
-        } catch {
-            await connection.close()
-            throw error
-        }
+        try await withClosing(try await connect(to: url, name: name, logger: logger), close: { await $0.close() }, body)
     }
 
     /// Opens a new channel.

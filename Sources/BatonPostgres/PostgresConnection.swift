@@ -97,15 +97,7 @@ public final class PostgresConnection: Sendable {
         to url: PostgresURL, options: PostgresConnectionOptions = .init(), logger: Logger = Logger(label: "baton.postgres"),
         _ body: (PostgresConnection) async throws -> T
     ) async throws -> T {
-        let connection = try await connect(to: url, options: options, logger: logger)
-        do {
-            let result = try await body(connection)
-            await connection.close()
-            return result
-        } catch {
-            await connection.close()
-            throw error
-        }
+        try await withClosing(try await connect(to: url, options: options, logger: logger), close: { await $0.close() }, body)
     }
 
     /// Runs `body` on the connection's thread with exclusive use of the connection.

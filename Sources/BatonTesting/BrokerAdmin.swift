@@ -166,15 +166,7 @@ public struct ScratchBroker: Sendable {
 
     /// Runs `body` with a new scratch virtual host, deleted afterwards whatever happens.
     public static func with<T: Sendable>(purpose: String, admin: BrokerAdmin, _ body: (ScratchBroker) async throws -> T) async throws -> T {
-        let namespace = try await create(purpose: purpose, admin: admin)
-        do {
-            let result = try await body(namespace)
-            await namespace.delete()
-            return result
-        } catch {
-            await namespace.delete()
-            throw error
-        }
+        try await withClosing(try await create(purpose: purpose, admin: admin), close: { await $0.delete() }, body)
     }
 
     /// `url` (same user) pointed at the scratch virtual host.

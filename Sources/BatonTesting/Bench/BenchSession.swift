@@ -167,14 +167,8 @@ public struct BenchSession: Sendable {
         configuration.timeout = .seconds(10)
         configuration.name = "baton bench"
         let batonClients = (0..<settings.connections).map { _ in BatonClient(configuration: configuration, logger: logger) }
-        let baton = BatonSystem(clients: batonClients, databaseURL: echo ? nil : scratch, logger: logger)
-        do {
-            let result = try await measureBaton(baton, worker: worker, echo: echo, workload: workload, buffers: buffers, scratch: scratch, label: label, runID: runID)
-            await baton.close()
-            return result
-        } catch {
-            await baton.close()
-            throw error
+        return try await withClosing(BatonSystem(clients: batonClients, databaseURL: echo ? nil : scratch, logger: logger), close: { await $0.close() }) { baton in
+            try await measureBaton(baton, worker: worker, echo: echo, workload: workload, buffers: buffers, scratch: scratch, label: label, runID: runID)
         }
     }
 

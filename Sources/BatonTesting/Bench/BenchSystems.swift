@@ -67,15 +67,7 @@ struct SQLSystem: BenchSystem {
 
     /// Runs `body` with a system of `poolSize` connections, closed afterwards whatever happens.
     static func with<T>(style: Style, url: PostgresURL, poolSize: Int, logger: Logger, _ body: (SQLSystem) async throws -> T) async throws -> T {
-        let system = try await make(style: style, url: url, poolSize: poolSize, logger: logger)
-        do {
-            let result = try await body(system)
-            await system.close()
-            return result
-        } catch {
-            await system.close()
-            throw error
-        }
+        try await withClosing(try await make(style: style, url: url, poolSize: poolSize, logger: logger), close: { await $0.close() }, body)
     }
 
     private static func make(style: Style, url: PostgresURL, poolSize: Int, logger: Logger) async throws -> SQLSystem {
