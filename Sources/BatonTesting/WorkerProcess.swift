@@ -16,7 +16,7 @@ public struct WorkerProcess: Sendable {
     private let removeLog: Bool
 
     /// Starts `executable worker` for every partition of the deployment at `databaseURL` and `amqpURL`,
-    /// with `arguments` added, logging to `log` (a temporary file, removed by ``stop()``, when nil).
+    /// with `arguments` added (the metrics endpoint is off unless they give `--metrics-port`), logging to `log` (a temporary file, removed by ``stop()``, when nil).
     public static func start(
         executable: URL, id: String, databaseURL: PostgresURL, amqpURL: AMQPURL, partitionCount: Int, arguments: [String] = [],
         environment: [String: String] = ProcessInfo.processInfo.environment, log: URL? = nil
@@ -28,8 +28,8 @@ public struct WorkerProcess: Sendable {
         environment["BATON_AMQP_URL"] = amqpURL.connectionString
         let process = try ChildProcess(
             executable: executable,
-            arguments: ["worker", "--partitions", "all", "--partition-count", String(partitionCount), "--worker-id", id,
-                        "--metrics-port", "0", "--exit-with-parent"] + arguments,
+            arguments: ["worker", "--partitions", "all", "--partition-count", String(partitionCount), "--worker-id", id, "--exit-with-parent"]
+                + (arguments.contains("--metrics-port") ? [] : ["--metrics-port", "0"]) + arguments,
             environment: environment, log: file
         )
         return WorkerProcess(process: process, log: file, removeLog: log == nil)

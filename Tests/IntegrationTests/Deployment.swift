@@ -99,38 +99,34 @@ struct Deployment {
 
     /// Starts `baton worker` as a child process for this deployment; it dies with the test process.
     func spawnWorker(id: String, metricsPort: Int = 0, extra: [String] = []) throws -> ChildProcess {
-        try launchBaton(
-            [
-                "worker", "--partitions", "all", "--partition-count", String(partitioner.count), "--worker-id", id,
-                "--sweep-interval-ms", "200", "--log-level", "info", "--metrics-port", String(metricsPort), "--exit-with-parent",
-            ] + extra,
-            log: FileManager.default.temporaryDirectory.appendingPathComponent("baton-test-worker-\(id).log")
-        )
+        try WorkerProcess.start(
+            executable: Self.batonExecutable, id: id, databaseURL: databaseURL, amqpURL: amqpURL, partitionCount: partitioner.count,
+            arguments: ["--sweep-interval-ms", "200", "--log-level", "info", "--metrics-port", String(metricsPort)] + extra,
+            environment: environment(), log: FileManager.default.temporaryDirectory.appendingPathComponent("baton-test-worker-\(id).log")
+        ).process
     }
 
     /// Starts the `baton` executable with `arguments`, this deployment's database and broker users, and
     /// its output in `log` (a fresh file).
     func launchBaton(_ arguments: [String], log: URL, in directory: URL? = nil, environment base: [String: String]? = nil) throws -> ChildProcess {
+        try? FileManager.default.removeItem(at: log)
+        return try ChildProcess(executable: Self.batonExecutable, arguments: arguments, environment: environment(base), log: log, directory: directory)
+    }
+
+    /// The environment of a `baton` child: this deployment's URLs for every role.
+    func environment(_ base: [String: String]? = nil) -> [String: String] {
         var environment = base ?? ProcessInfo.processInfo.environment
         environment["BATON_DATABASE_URL"] = databaseURL.connectionString
         environment["BATON_AMQP_URL"] = amqpURL.connectionString
         environment["BATON_FRONTEND_AMQP_URL"] = frontendURL.connectionString
         environment["BATON_OPERATOR_AMQP_URL"] = operatorURL.connectionString
         environment["BATON_BROKER_ADMIN_URL"] = TestBroker.adminURLText
-        try? FileManager.default.removeItem(at: log)
-        return try ChildProcess(executable: Self.batonExecutable, arguments: arguments, environment: environment, log: log, directory: directory)
+        return environment
     }
 
     /// Runs `scripts/services ARGUMENT` (broker-stop, broker-start, broker-alarm on|off) without blocking a thread.
     static func services(_ arguments: String...) async throws {
-        let process = try ChildProcess(
-            executable: repositoryRoot.appendingPathComponent("scripts/services"), arguments: arguments,
-            environment: ProcessInfo.processInfo.environment
-        )
-        let status = await process.wait(timeout: .seconds(120))
-        guard status == 0 else {
-            throw TestFailure("scripts/services \(arguments.joined(separator: " ")) exited with \(status.map(String.init) ?? "no status after 120 s")")
-        }
+        try await ChildProcess.run(repositoryRoot.appendingPathComponent("scripts/services"), arguments, timeout: .seconds(120))
     }
 }
 
