@@ -48,8 +48,6 @@ public struct AMQPMessage: Sendable {
     public var exchange: String
     /// Its routing key.
     public var routingKey: String
-    /// `x-delivery-count` (quorum queues count returns), when present.
-    public var deliveryCount: Int64?
     /// The body size the broker announced. Larger than `body.count` when the body exceeded the
     /// connection's ``AMQPConnection/maxBodyBytes`` and was dropped instead of kept in memory.
     public var bodySize: Int
@@ -57,7 +55,7 @@ public struct AMQPMessage: Sendable {
     /// Creates a message (tests build them by hand).
     public init(
         body: [UInt8], properties: AMQPProperties = AMQPProperties(), deliveryTag: UInt64 = 0, redelivered: Bool = false,
-        exchange: String = "", routingKey: String = "", deliveryCount: Int64? = nil, bodySize: Int? = nil
+        exchange: String = "", routingKey: String = "", bodySize: Int? = nil
     ) {
         self.bodySize = bodySize ?? body.count
         self.body = body
@@ -66,7 +64,6 @@ public struct AMQPMessage: Sendable {
         self.redelivered = redelivered
         self.exchange = exchange
         self.routingKey = routingKey
-        self.deliveryCount = deliveryCount
     }
 }
 

@@ -27,12 +27,6 @@ final class CArena {
         return amqp_bytes_t(len: data.count, bytes: pointer)
     }
 
-    func cString(_ string: String) -> UnsafePointer<CChar> {
-        let pointer = strdup(string)!
-        allocations.append(UnsafeMutableRawPointer(pointer))
-        return UnsafePointer(pointer)
-    }
-
     func table(_ entries: [String: AMQPValue]) -> amqp_table_t {
         guard !entries.isEmpty else { return amqp_empty_table }
         let pointer = malloc(MemoryLayout<amqp_table_entry_t>.stride * entries.count)!

@@ -64,20 +64,6 @@ public final class DeliveryQueue: DeliverySink {
         waiter?.resume()
     }
 
-    /// Whether messages are buffered now (more deliveries arrived than were taken).
-    public var hasBuffered: Bool {
-        state.withLock { !$0.buffer.isEmpty }
-    }
-
-    /// Messages buffered now, at most `max`, without waiting.
-    public func takeAvailable(max: Int) -> [AMQPMessage] {
-        state.withLock { state in
-            let count = min(max, state.buffer.count)
-            defer { state.buffer.removeFirst(count) }
-            return Array(state.buffer.prefix(count))
-        }
-    }
-
     /// Waits up to `timeout` for at least one message and returns up to `max` of them.
     ///
     /// Returns an empty array on timeout or when the task is cancelled; throws the

@@ -341,22 +341,13 @@ final class IOThread: @unchecked Sendable {
         if has(AMQP_BASIC_EXPIRATION_FLAG) { properties.expiration = raw.expiration.string }
         if has(AMQP_BASIC_DELIVERY_MODE_FLAG) { properties.deliveryMode = raw.delivery_mode }
         if has(AMQP_BASIC_USER_ID_FLAG) { properties.userID = raw.user_id.string }
-        var deliveryCount: Int64?
-        if has(AMQP_BASIC_HEADERS_FLAG), let entries = raw.headers.entries {
-            for index in 0..<Int(raw.headers.num_entries) where entries[index].key.string == "x-delivery-count" {
-                var ok: Int32 = 0
-                var value = entries[index].value
-                let count = CBaton_field_integer(&value, &ok)
-                if ok != 0 { deliveryCount = count }
-            }
-        }
         // rabbitmq-c has already read the body into its own buffer (freed right after this call); an
         // oversize body is not copied, so consumers never hold more than maxBodyBytes per message.
         let size = envelope.message.body.len
         let message = AMQPMessage(
             body: size > maxBodyBytes ? [] : envelope.message.body.array, properties: properties, deliveryTag: envelope.delivery_tag,
             redelivered: envelope.redelivered != 0, exchange: envelope.exchange.string, routingKey: envelope.routing_key.string,
-            deliveryCount: deliveryCount, bodySize: size
+            bodySize: size
         )
         let key = ObjectIdentifier(queue)
         pendingDeliveries[key, default: (queue, [])].1.append(message)

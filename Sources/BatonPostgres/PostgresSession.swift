@@ -17,8 +17,6 @@ public struct PreparedStatement: Sendable, Hashable {
 
 /// The rows a statement returned, copied out of libpq (text format).
 public struct PostgresRows: Sendable {
-    /// The column names.
-    public let columns: [String]
     /// The rows; nil is SQL NULL.
     public let rows: [[String?]]
     /// Rows inserted, updated or deleted (`PQcmdTuples`), 0 for other statements.
@@ -160,7 +158,6 @@ public final class PostgresSession {
         case PGRES_COMMAND_OK, PGRES_TUPLES_OK, PGRES_EMPTY_QUERY:
             let columnCount = Int(PQnfields(result))
             let rowCount = Int(PQntuples(result))
-            let columns = (0..<columnCount).map { String(cString: PQfname(result, Int32($0))) }
             var rows: [[String?]] = []
             rows.reserveCapacity(rowCount)
             for row in 0..<Int32(rowCount) {
@@ -169,7 +166,7 @@ public final class PostgresSession {
                 })
             }
             let affected = Int(String(cString: PQcmdTuples(result))) ?? 0
-            return PostgresRows(columns: columns, rows: rows, affectedRows: affected)
+            return PostgresRows(rows: rows, affectedRows: affected)
         default:
             func field(_ code: UInt8) -> String? {
                 PQresultErrorField(result, Int32(code)).map { handle.scrub(String(cString: $0)) }

@@ -62,8 +62,6 @@ public enum ChaosChecker {
         public var doubleGrants: Int
         public var lostGrants: Int
         public var unanswered: Int
-        public var crashes: Int
-        public var unansweredMalformed: Int
         /// Invariant violations found in the audit trail, for the report.
         public var violations: [HistoryChecker.Violation]
 
@@ -93,8 +91,7 @@ public enum ChaosChecker {
             && history.crashes == 0 && history.unansweredMalformed == 0
         return Verdict(
             passed: passed, operations: history.operations, faults: history.faults, doubleGrants: doubleGrants,
-            lostGrants: lost, unanswered: history.unanswered, crashes: history.crashes,
-            unansweredMalformed: history.unansweredMalformed, violations: report.violations
+            lostGrants: lost, unanswered: history.unanswered, violations: report.violations
         )
     }
 }

@@ -17,7 +17,6 @@ public struct IncidentRace: Sendable {
         /// Rounds in which both users were granted.
         public var doubleGrants = 0
         /// Rounds in which nobody was granted (an error or timeout).
-        public var emptyRounds = 0
         /// Claims that failed with an error.
         public var errors = 0
         /// Every claim's latency.
@@ -98,7 +97,6 @@ public struct IncidentRace: Sendable {
                 result.errors += round.errors
                 result.latencies += round.latencies
                 if round.granted > 1 { result.doubleGrants += 1 }
-                if round.granted == 0 { result.emptyRounds += 1 }
                 progress?(result.rounds)
                 if next < rounds { startRound() }
             }

@@ -77,7 +77,7 @@ final class PartitionDriver: Sendable {
             configuration: Machine.Configuration(
                 partition: partition, batchSize: configuration.batchSize, ackLimit: Int(configuration.prefetch) / 4,
                 sweepInterval: configuration.sweepInterval, tickInterval: max(.seconds(1), configuration.sweepInterval * 3),
-                deciding: store != nil, wallClock: { Timestamp(milliseconds: Int64(Date().timeIntervalSince1970 * 1000)) }
+                deciding: store != nil, linger: configuration.linger, wallClock: { Timestamp(milliseconds: Int64(Date().timeIntervalSince1970 * 1000)) }
             ),
             logger: logger, now: .now
         )
@@ -181,6 +181,11 @@ final class PartitionDriver: Sendable {
             Task {
                 await worker.sleep(delay)
                 handle { $0.retryDue(now: $1) }
+            }
+        case .wake(let delay):
+            Task {
+                try? await Task.sleep(for: delay)
+                handle { $0.wake(now: $1) }
             }
         case .send(let publishes, let settles, let report):
             channels.send(publishes, thenSettle: settles)

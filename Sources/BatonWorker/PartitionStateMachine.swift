@@ -27,6 +27,8 @@ struct PartitionStateMachine {
         /// False for the benchmark's broker echo: every valid request is answered at once, as granted,
         /// without the store.
         var deciding = true
+        /// How long a batch waits for more deliveries after its first (zero: it starts at once).
+        var linger: Duration = .zero
         /// The wall clock, for echo replies.
         var wallClock: () -> Timestamp = { Timestamp(milliseconds: 0) }
     }
@@ -62,6 +64,8 @@ struct PartitionStateMachine {
         case apply(requests: [Request], epoch: Int64)
         /// Call ``retryDue()`` after `delay` (a store call failed for now).
         case retry(after: Duration, error: String)
+        /// Call ``wake(now:)`` after `delay` (the linger of a batch).
+        case wake(after: Duration)
         /// Publish the replies, then (once they are written) settle the deliveries.
         case send(publishes: [ChannelAction], settles: [ChannelAction], report: BatchReport)
         /// Publish committed ownership changes as events (off the decision path).
@@ -134,6 +138,8 @@ struct PartitionStateMachine {
     private var warnedBlocked = false
     private var backoff = Backoff(initial: .milliseconds(100), maximum: .seconds(3))
     private var stalled = false
+    /// When the batch waiting for more deliveries starts anyway (``Configuration/linger``).
+    private var lingerEnds: ContinuousClock.Instant?
     private var acks: DeferredAck
 
     init(configuration: Configuration, logger: Logger, now: ContinuousClock.Instant) {
@@ -192,7 +198,7 @@ struct PartitionStateMachine {
             logger.info("took partition")
             return recovered() + [.active(epoch: taken)] + advance(now: now)
         case .failure(let failure):
-            return failed(failure, now: now)
+            return failed(failure)
         }
     }
 
@@ -234,7 +240,7 @@ struct PartitionStateMachine {
             return advance(now: now)
         case .failure(let failure):
             self.batch = batch
-            return failed(failure, now: now)
+            return failed(failure)
         }
     }
 
@@ -250,6 +256,12 @@ struct PartitionStateMachine {
     mutating func retryDue(now: ContinuousClock.Instant) -> [Action] {
         guard exit == nil, operation == .waitingToRetry else { return [] }
         operation = nil
+        return advance(now: now)
+    }
+
+    /// The linger asked for by ``Action/wake(after:)`` may be over.
+    mutating func wake(now: ContinuousClock.Instant) -> [Action] {
+        guard exit == nil else { return [] }
         return advance(now: now)
     }
 
@@ -274,7 +286,7 @@ struct PartitionStateMachine {
 
     // MARK: - Transitions
 
-    private mutating func failed(_ failure: Failure, now: ContinuousClock.Instant) -> [Action] {
+    private mutating func failed(_ failure: Failure) -> [Action] {
         let reason: String
         switch failure {
         case .ownershipLost:
@@ -360,6 +372,15 @@ struct PartitionStateMachine {
                 actions.append(.takePartition)
                 return actions
             }
+            if configuration.linger > .zero, pending.count < configuration.batchSize {
+                // Wait a little for more, once per batch, from its first delivery.
+                guard let ends = lingerEnds else {
+                    lingerEnds = now + configuration.linger
+                    return actions + [.wake(after: configuration.linger)]
+                }
+                if now < ends { return actions }
+            }
+            lingerEnds = nil
             let taken = Array(pending.prefix(configuration.batchSize))
             pending.removeFirst(taken.count)
             if configuration.deciding {

@@ -164,6 +164,7 @@ public final class Worker: Service, Sendable {
         logger.info("worker stopped", metadata: [
             "baton.requests": "\(stats.requests)", "baton.batches": "\(stats.batches)", "baton.replayed": "\(stats.replayed)",
             "baton.rejected": "\(stats.rejected)", "baton.events": "\(stats.events)", "baton.fence_losses": "\(stats.fenceLosses)",
+            "baton.expired": "\(stats.expired)", "baton.database_retries": "\(stats.databaseRetries)",
             "baton.mean_batch": "\(stats.batches > 0 ? Double(stats.requests) / Double(stats.batches) : 0)",
             "baton.mean_commit_ms": "\(stats.batches > 0 ? Double(stats.commitTime.components.attoseconds / 1_000_000_000_000 + stats.commitTime.components.seconds * 1_000_000) / 1000 / Double(stats.batches) : 0)",
         ])
@@ -435,11 +436,6 @@ extension Duration {
         let (seconds, attoseconds) = components
         return seconds * 1_000_000_000 + attoseconds / 1_000_000_000
     }
-}
-
-/// A database failure caused by what a write contains; retrying the same write cannot succeed.
-struct DataFailure: Error {
-    let error: PostgresError
 }
 
 /// A worker's two broker connections, as RabbitMQ advises: one consumes and acks (and never

@@ -51,20 +51,4 @@ static inline amqp_field_value_t CBaton_field_table(amqp_table_t value) {
     return field;
 }
 
-// Reads an integer of any integer kind; returns 0 and sets *ok = 0 for other kinds.
-static inline int64_t CBaton_field_integer(const amqp_field_value_t *field, int *ok) {
-    *ok = 1;
-    switch (field->kind) {
-    case AMQP_FIELD_KIND_I8: return field->value.i8;
-    case AMQP_FIELD_KIND_U8: return field->value.u8;
-    case AMQP_FIELD_KIND_I16: return field->value.i16;
-    case AMQP_FIELD_KIND_U16: return field->value.u16;
-    case AMQP_FIELD_KIND_I32: return field->value.i32;
-    case AMQP_FIELD_KIND_U32: return field->value.u32;
-    case AMQP_FIELD_KIND_I64: return field->value.i64;
-    case AMQP_FIELD_KIND_U64: return (int64_t)field->value.u64;
-    default: *ok = 0; return 0;
-    }
-}
-
 #endif

@@ -27,11 +27,11 @@ import Testing
         private(set) var ticks = 0
         private(set) var events: [OutboxEntry] = []
 
-        init(deciding: Bool = true, batchSize: Int = 256, ackLimit: Int = 64) {
+        init(deciding: Bool = true, batchSize: Int = 256, ackLimit: Int = 64, linger: Duration = .zero) {
             machine = Machine(
                 configuration: Machine.Configuration(
                     partition: 3, batchSize: batchSize, ackLimit: ackLimit, sweepInterval: .seconds(1), tickInterval: .seconds(3), deciding: deciding,
-                    wallClock: { Timestamp(milliseconds: 1_000) }
+                    linger: linger, wallClock: { Timestamp(milliseconds: 1_000) }
                 ),
                 logger: Logger(label: "test", factory: { _ in SwiftLogNoOpLogHandler() }), now: now
             )
@@ -341,6 +341,25 @@ import Testing
         #expect(harness.replies.map { $0.error?.code } == [.invalidRequest, .unauthenticated, .invalidRequest, nil])
         for _ in 0..<10 { harness.deliver([harness.message(body: Array("junk".utf8))]) }
         #expect(harness.unsettled.isEmpty)
+    }
+
+    @Test func aLingerWaitsForMoreOnceThenStartsTheBatch() {
+        var harness = Harness(batchSize: 3, linger: .milliseconds(2))
+        harness.deliver([harness.message(Harness.claim("warm"))])
+        let warm = harness.taken()
+        guard case .wake(let delay)? = warm.last else {
+            Issue.record("expected a wake-up for the linger, got \(warm)")
+            return
+        }
+        #expect(delay == .milliseconds(2))
+        #expect(Harness.applied(harness.deliver([harness.message(Harness.claim("r1", "b"))])) == nil, "still lingering")
+        harness.now += .milliseconds(2)
+        let started = harness.take(harness.machine.wake(now: harness.now))
+        #expect(Harness.applied(started)?.map(\.requestID) == ["warm", "r1"], "after the linger, everything that came")
+        let next = harness.commit(Harness.applied(started)!)
+        #expect(Harness.applied(next) == nil)
+        let full = harness.deliver((1...3).map { harness.message(Harness.claim("f\($0)", "f\($0)")) })
+        #expect(Harness.applied(full)?.count == 3, "a full batch does not linger")
     }
 
     @Test func theEchoAnswersWithoutTheStore() {
