@@ -106,16 +106,7 @@ let package = Package(
         .executableTarget(
             name: "baton",
             dependencies: [
-                "BatonTesting",
-                "BatonCore",
-                "BatonPostgres",
-                "BatonAMQP",
-                "BatonWorker",
-                "BatonClient",
-                "BatonOperations",
-                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
-                .product(name: "Metrics", package: "swift-metrics"),
-                .product(name: "Prometheus", package: "swift-prometheus"),
+                "BatonCore", "BatonPostgres", "BatonAMQP", "BatonWorker", "BatonClient", "BatonOperations", "BatonTesting",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]
