@@ -69,6 +69,28 @@ public final class AMQPConnection: Sendable {
         return AMQPConnection(url: url, io: io)
     }
 
+    /// Connects to the first of `urls` (the nodes of one cluster) that answers, trying them in order from
+    /// `first` and wrapping around; returns the connection and the index of the URL it reached. Start
+    /// from the node that worked last, so that a dead node costs one failed attempt, not one per connect.
+    ///
+    /// - Throws: the error of the only URL, or, for several, ``AMQPError/Code/connectionFailed`` naming
+    ///   each node's failure (passwords redacted).
+    public static func connect(
+        toFirstOf urls: [AMQPURL], from first: Int = 0, name: String, maxBodyBytes: Int = .max, logger: Logger = Logger(label: "baton.amqp")
+    ) async throws -> (connection: AMQPConnection, index: Int) {
+        var failures: [String] = []
+        for offset in 0..<max(1, urls.count) {
+            let index = (max(0, first) + offset) % urls.count
+            do {
+                return (try await connect(to: urls[index], name: name, maxBodyBytes: maxBodyBytes, logger: logger), index)
+            } catch {
+                if urls.count == 1 { throw error }
+                failures.append("\(urls[index]): \(error)")
+            }
+        }
+        throw AMQPError(code: .connectionFailed, message: "no broker node answered: \(failures.joined(separator: "; "))")
+    }
+
     /// Runs `body` with a new connection to `url`, closed afterwards whatever happens.
     public static func withConnection<T>(to url: AMQPURL, name: String, logger: Logger, _ body: (AMQPConnection) async throws -> T) async throws -> T {
         try await withClosing(try await connect(to: url, name: name, logger: logger), close: { await $0.close() }, body)

@@ -35,6 +35,16 @@ public struct AMQPURL: Sendable, Hashable, CustomStringConvertible {
     /// TLS: verify the broker's certificate and host name (default true; `verify=verify_none` turns it off).
     public var verifyPeer: Bool
 
+    /// Parses a comma-separated list of AMQP URLs, one per broker node (`amqp://u:p@n1:5672/%2F,amqp://u:p@n2:5672/%2F`).
+    /// A comma inside a URL (in a password) must be percent-encoded (`%2C`).
+    public static func list(_ text: String) throws(AMQPError) -> [AMQPURL] {
+        var urls: [AMQPURL] = []
+        for part in text.split(separator: ",", omittingEmptySubsequences: false) {
+            urls.append(try AMQPURL(String(part).trimmingCharacters(in: .whitespaces)))
+        }
+        return urls
+    }
+
     /// Parses an AMQP URL.
     public init(_ text: String) throws(AMQPError) {
         let redacted = Self.redact(text)

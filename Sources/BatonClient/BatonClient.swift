@@ -8,6 +8,9 @@ import Synchronization
 public struct BatonClientConfiguration: Sendable {
     /// The broker.
     public var amqpURL: AMQPURL
+    /// Further nodes of the same broker cluster, tried in order when ``amqpURL``'s node does not answer
+    /// (and, after a node died, from the one that worked last).
+    public var amqpAlternates: [AMQPURL] = []
     /// The deployment's partitioner (N): requests are routed with it, and release_connection goes to all N.
     public var partitioner: Partitioner
     /// How long one call may take in all, retries included (default 5 s).
@@ -176,6 +179,8 @@ public final class BatonClient: Sendable {
     private struct ClientState {
         var link: Link?
         var connecting: Task<Link, any Error>?
+        /// The index, in the configured broker URLs, of the node reached last.
+        var brokerNode = 0
         /// Calls waiting for a reply, by `<partition>|<request_id>` (a reply names its request). Calls that
         /// share a key share the wait.
         var pending: [String: (call: PendingCall, users: Int)] = [:]
@@ -638,7 +643,9 @@ public final class BatonClient: Sendable {
     }
 
     private func connect() async throws -> Link {
-        let connection = try await AMQPConnection.connect(to: configuration.amqpURL, name: configuration.name, logger: logger)
+        let urls = [configuration.amqpURL] + configuration.amqpAlternates
+        let (connection, node) = try await AMQPConnection.connect(toFirstOf: urls, from: state.withLock { $0.brokerNode }, name: configuration.name, logger: logger)
+        state.withLock { $0.brokerNode = node }
         let channel = try await connection.openChannel()
         // Replies are dispatched on the connection's I/O thread as they are read: the calls they answer
         // resume from there, and what waited for their partition is published from there at once.
@@ -667,7 +674,7 @@ public final class BatonClient: Sendable {
             }
         }
         let link = Link(connection: connection, channel: channel)
-        logger.debug("client connected", metadata: ["baton.amqp": "\(configuration.amqpURL)"])
+        logger.debug("client connected", metadata: ["baton.amqp": "\(urls[node])"])
         return link
     }
 

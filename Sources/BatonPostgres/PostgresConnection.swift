@@ -160,7 +160,8 @@ final class ConnectionHandle: @unchecked Sendable {
     func open() throws {
         finish()
         var pairs: [(String, String)] = [
-            ("host", url.host), ("port", String(url.port)), ("user", url.user), ("dbname", url.database),
+            ("host", url.endpoints.map(\.host).joined(separator: ",")), ("port", url.endpoints.map { String($0.port) }.joined(separator: ",")),
+            ("user", url.user), ("dbname", url.database),
             ("connect_timeout", String(options.connectTimeoutSeconds)),
             ("application_name", options.applicationName),
             ("options", options.serverSettings),

@@ -10,6 +10,9 @@ import Synchronization
 public struct WorkerConfiguration: Sendable {
     /// The broker.
     public var amqpURL: AMQPURL
+    /// Further nodes of the same broker cluster, tried in order when ``amqpURL``'s node does not answer
+    /// (and, after a node died, from the one that worked last).
+    public var amqpAlternates: [AMQPURL] = []
     /// The database.
     public var databaseURL: PostgresURL
     /// The deployment's partitioner (N).
@@ -67,6 +70,8 @@ public final class Worker: Service, Sendable {
     private let stopping = Atomic<Bool>(false)
     let statistics = Mutex(WorkerStatistics())
     let health = Mutex(WorkerReadiness())
+    /// The index, in ``WorkerConfiguration/amqpURL`` and its alternates, of the node reached last.
+    private let brokerNode = Atomic<Int>(0)
 
     /// Creates a worker.
     public init(configuration: WorkerConfiguration, logger: Logger) {
@@ -116,7 +121,8 @@ public final class Worker: Service, Sendable {
         while !isStopping {
             let connections: BrokerConnections
             do {
-                connections = try await BrokerConnections.open(configuration: configuration, logger: logger)
+                connections = try await BrokerConnections.open(configuration: configuration, from: brokerNode.load(ordering: .relaxed), logger: logger)
+                brokerNode.store(connections.node, ordering: .relaxed)
             } catch {
                 let delay = backoff.next()
                 logger.warning("cannot reach RabbitMQ; retrying", metadata: ["baton.error": "\(error)", "baton.retry_in": "\(delay)"])
@@ -131,7 +137,7 @@ public final class Worker: Service, Sendable {
             if reconnect { WorkerMetrics.reconnects.increment() }
             health.withLock { $0.brokerConnected = true }
             logger.info("worker connected", metadata: [
-                "baton.amqp": "\(configuration.amqpURL)", "baton.partitions": "\(PartitionSetDescription(configuration.partitions))",
+                "baton.amqp": "\(connections.url)", "baton.partitions": "\(PartitionSetDescription(configuration.partitions))",
             ])
             await withTaskGroup(of: Void.self) { group in
                 for partition in configuration.partitions {
@@ -444,15 +450,20 @@ extension Duration {
 struct BrokerConnections: Sendable {
     let consumer: AMQPConnection
     let publisher: AMQPConnection
+    /// The node both are connected to: its index among the configured URLs, and its URL.
+    let node: Int
+    let url: AMQPURL
 
-    static func open(configuration: WorkerConfiguration, logger: Logger) async throws -> BrokerConnections {
-        let consumer = try await AMQPConnection.connect(
-            to: configuration.amqpURL, name: "baton worker \(configuration.workerID) consume", maxBodyBytes: ProtocolV1.maxBodyBytes, logger: logger
+    /// Connects both to the first node that answers, from `first` on.
+    static func open(configuration: WorkerConfiguration, from first: Int, logger: Logger) async throws -> BrokerConnections {
+        let urls = [configuration.amqpURL] + configuration.amqpAlternates
+        let (consumer, node) = try await AMQPConnection.connect(
+            toFirstOf: urls, from: first, name: "baton worker \(configuration.workerID) consume", maxBodyBytes: ProtocolV1.maxBodyBytes, logger: logger
         )
         do {
             try await Topology.declare(on: consumer, partitionCount: configuration.partitioner.count, logger: logger)
-            let publisher = try await AMQPConnection.connect(to: configuration.amqpURL, name: "baton worker \(configuration.workerID) publish", logger: logger)
-            return BrokerConnections(consumer: consumer, publisher: publisher)
+            let publisher = try await AMQPConnection.connect(to: urls[node], name: "baton worker \(configuration.workerID) publish", logger: logger)
+            return BrokerConnections(consumer: consumer, publisher: publisher, node: node, url: urls[node])
         } catch {
             await consumer.close()
             throw error

@@ -140,14 +140,19 @@ enum BrokerRole {
 /// the local services' default for that role.
 struct BrokerOptions: ParsableArguments {
     @Option(name: .customLong("amqp-url"), help: ArgumentHelp(
-        "RabbitMQ URL, amqp:// or amqps://, as the broker user of this command's role (env BATON_AMQP_URL for workers, BATON_FRONTEND_AMQP_URL for client commands, BATON_OPERATOR_AMQP_URL for force-release; defaults: the local services' users).",
+        "RabbitMQ URL, amqp:// or amqps://, or several comma-separated (the nodes of a cluster, tried in order), as the broker user of this command's role (env BATON_AMQP_URL for workers, BATON_FRONTEND_AMQP_URL for client commands, BATON_OPERATOR_AMQP_URL for force-release; defaults: the local services' users).",
         valueName: "url"
     ))
     var amqpURLFlag: String?
 
     /// The URL for `role`.
     func amqpURL(_ role: BrokerRole = .worker) throws -> AMQPURL {
-        try Setting.parse(amqpURLFlag, role.variable, default: role.defaultURL) { try AMQPURL($0) }
+        try amqpURLs(role)[0]
+    }
+
+    /// Every node of the broker for `role`: the setting may list several URLs, comma-separated.
+    func amqpURLs(_ role: BrokerRole = .worker) throws -> [AMQPURL] {
+        try Setting.parse(amqpURLFlag, role.variable, default: role.defaultURL) { try AMQPURL.list($0) }
     }
 
     /// The URL for `role` from the environment or the default, never the flag (runs that need several roles).

@@ -24,7 +24,9 @@ struct ClientOptions: ParsableArguments {
     }
 
     func client(_ role: BrokerRole = .frontend) throws -> BatonClient {
-        var configuration = BatonClientConfiguration(amqpURL: try broker.amqpURL(role), partitioner: try database.partitioner())
+        let nodes = try broker.amqpURLs(role)
+        var configuration = BatonClientConfiguration(amqpURL: nodes[0], partitioner: try database.partitioner())
+        configuration.amqpAlternates = Array(nodes.dropFirst())
         configuration.timeout = .milliseconds(timeoutMilliseconds)
         configuration.name = "baton cli"
         return BatonClient(configuration: configuration, logger: try database.logger("baton.client"))

@@ -63,11 +63,13 @@ struct WorkerCommand: AsyncParsableCommand {
     func workerConfiguration() throws -> WorkerConfiguration {
         let partitioner = try database.partitioner()
         let partitions = try Setting.parse(partitionsFlag, "BATON_PARTITIONS", default: "all") { try PartitionSet(parsing: $0, count: partitioner.count) }
+        let nodes = try broker.amqpURLs()
         var configuration = WorkerConfiguration(
-            amqpURL: try broker.amqpURL(), databaseURL: try database.databaseURL(), partitioner: partitioner,
+            amqpURL: nodes[0], databaseURL: try database.databaseURL(), partitioner: partitioner,
             partitions: partitions.partitions,
             workerID: Setting.text(workerIDFlag, "BATON_WORKER_ID", default: Worker.defaultID())
         )
+        configuration.amqpAlternates = Array(nodes.dropFirst())
         configuration.batchSize = try Setting.integer(batchSizeFlag, "BATON_BATCH_SIZE", default: 256, range: 1...10_000, name: "batch size")
         configuration.databaseConnections = try Setting.integer(
             databaseConnectionsFlag, "BATON_DATABASE_CONNECTIONS", default: 4, range: 1...64, name: "database connections"

@@ -41,3 +41,23 @@ import Testing
         }
     }
 }
+
+/// Several nodes of one cluster in one setting.
+@Suite struct AMQPURLListTests {
+    @Test func commaSeparatedURLsAreTheNodesInOrder() throws {
+        let nodes = try AMQPURL.list("amqp://u:p%2Cw@n1:5672/%2F, amqp://u:p%2Cw@n2:5673/%2F")
+        #expect(nodes.map(\.host) == ["n1", "n2"] && nodes.map(\.port) == [5672, 5673])
+        #expect(nodes[0].password == "p,w", "a comma in a password is written %2C")
+        #expect(try AMQPURL.list("amqp://u:p@n1/%2F").count == 1)
+    }
+
+    @Test func aBadNodeIsNamedWithoutItsPassword() {
+        do {
+            _ = try AMQPURL.list("amqp://u:hunter2-secret@n1/%2F,http://u:hunter2-secret@n2/")
+            Issue.record("accepted a list with an http:// node")
+        } catch {
+            #expect(!"\(error)".contains("hunter2"))
+            #expect("\(error)".contains("n2"), "\(error)")
+        }
+    }
+}

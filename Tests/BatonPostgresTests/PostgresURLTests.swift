@@ -75,3 +75,32 @@ import Testing
         #expect(url.connectionString.contains("p%40ss"))
     }
 }
+
+/// libpq's multi-host form, for a primary and its standbys.
+@Suite struct MultiHostPostgresURLTests {
+    @Test func hostsAfterTheFirstAreAlternatesInOrder() throws {
+        let url = try PostgresURL("postgres://baton:s3cret@db1:5432,db2:5433,[::1]/baton?target_session_attrs=read-write&sslmode=disable")
+        #expect(url.host == "db1" && url.port == 5432)
+        #expect(url.alternates == [.init(host: "db2", port: 5433), .init(host: "::1", port: 5432)])
+        #expect(url.endpoints.map(\.host) == ["db1", "db2", "::1"])
+        #expect(url.parameters["target_session_attrs"] == "read-write")
+        #expect(url.description == "postgres://baton:********@db1:5432,db2:5433,[::1]:5432/baton?sslmode=disable&target_session_attrs=read-write")
+        #expect(try PostgresURL(url.connectionString) == url, "the rendered URL parses back to the same value")
+    }
+
+    @Test(arguments: [
+        ("postgres://u:hunter2-secret@h1,/d", "'' is not a host"),
+        ("postgres://u:hunter2-secret@h1,h2:0/d", "port 0"),
+        ("postgres://u:hunter2-secret@h1,h 2/d", "is not a host"),
+        ("postgres://u:hunter2-secret@h1,h2/d?target_session_attrs=primaryish", "target_session_attrs 'primaryish'"),
+    ])
+    func badHostListsSayWhyWithoutThePassword(text: String, fragment: String) {
+        do {
+            _ = try PostgresURL(text)
+            Issue.record("accepted \(text)")
+        } catch {
+            #expect("\(error)".contains(fragment), "\(error)")
+            #expect(!"\(error)".contains("hunter2"))
+        }
+    }
+}

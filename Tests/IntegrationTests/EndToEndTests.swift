@@ -461,6 +461,32 @@ import Testing
         await process.stop()
     }
 
+    @Test func workersAndClientsGoToTheFirstBrokerNodeThatAnswers() async throws {
+        let deployment = try await Deployment.make(partitions: 2)
+        // The first node of each list does not answer (nothing listens on port 1); the second is the broker.
+        func unreachable(_ url: AMQPURL) -> AMQPURL {
+            var url = url
+            url.port = 1
+            return url
+        }
+        let worker = deployment.startWorker { configuration in
+            configuration.amqpAlternates = [configuration.amqpURL]
+            configuration.amqpURL = unreachable(configuration.amqpURL)
+        }
+        var configuration = BatonClientConfiguration(amqpURL: unreachable(deployment.frontendURL), partitioner: deployment.partitioner)
+        configuration.amqpAlternates = [deployment.frontendURL]
+        configuration.name = "multi-node client"
+        let client = BatonClient(configuration: configuration, logger: TestDatabase.logger)
+        guard case .granted(let lease) = try await client.claim("nodes.txt", user: "u", connection: "c") else {
+            Issue.record("not granted through the second node")
+            return
+        }
+        #expect(lease.token == 1)
+        #expect(worker.worker.stats.connections == 1, "one connection, to the node that answered")
+        await client.close()
+        await worker.stop()
+    }
+
     @Test func sigtermStopsAWorkerCleanlyWithinFiveSeconds() async throws {
         let deployment = try await Deployment.make(partitions: 4)
         let process = try deployment.spawnWorker(id: "sigterm")

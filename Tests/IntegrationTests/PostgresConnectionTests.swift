@@ -3,6 +3,19 @@ import Foundation
 import Testing
 
 @Suite struct PostgresConnectionTests {
+    @Test func aMultiHostURLSkipsAServerThatDoesNotAnswer() async throws {
+        var url = try await TestDatabase.create()
+        // A first host where nothing listens (port 1), then the real server; read-write keeps the primary.
+        url.alternates = [.init(host: url.host, port: url.port)]
+        url.port = 1
+        url.parameters["target_session_attrs"] = "read-write"
+        url.parameters["connect_timeout"] = "2"
+        let server = try await PostgresConnection.withConnection(to: url, logger: TestDatabase.logger) { connection in
+            try await connection.withSession { session in try session.query("SELECT current_setting('port')").first() }
+        }
+        #expect(server == String(url.alternates[0].port))
+    }
+
     @Test func parametersPreparedStatementsAndArrays() async throws {
         let url = try await TestDatabase.create()
         let connection = try await PostgresConnection.connect(to: url, logger: TestDatabase.logger)
