@@ -346,7 +346,7 @@ public final class OwnershipStore: Sendable {
                 replies.append(reply)
                 changes += made.map { ($0, request.requestID) }
             }
-            write = Self.write(partition: partition, epoch: epoch, now: now, initial: initial, versions: versions, after: state.buffers, records: records, changes: changes)
+            write = Self.changedWrite(partition: partition, epoch: epoch, now: now, initial: initial, versions: versions, after: state.buffers, records: records, changes: changes)
         }
 
         /// A sweep's plan: the buffers it changed (from `initial` to `after`) and its changes, no replies.
@@ -354,11 +354,11 @@ public final class OwnershipStore: Sendable {
             partition: Int, epoch: Int64, now: Timestamp, initial: [ExactString: BufferState], versions: [ExactString: Int64],
             after: [ExactString: BufferState], changes: [(change: OwnershipChange, requestID: String?)]
         ) {
-            write = Self.write(partition: partition, epoch: epoch, now: now, initial: initial, versions: versions, after: after, records: [], changes: changes)
+            write = Self.changedWrite(partition: partition, epoch: epoch, now: now, initial: initial, versions: versions, after: after, records: [], changes: changes)
         }
 
         /// The write of the buffers that differ between `initial` (as read, with `versions`) and `after`.
-        private static func write(
+        private static func changedWrite(
             partition: Int, epoch: Int64, now: Timestamp, initial: [ExactString: BufferState], versions: [ExactString: Int64],
             after: [ExactString: BufferState], records: [(id: String, reply: Reply, fingerprint: String)], changes: [(change: OwnershipChange, requestID: String?)]
         ) -> BatchWrite {

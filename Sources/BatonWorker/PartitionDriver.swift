@@ -95,6 +95,8 @@ final class PartitionDriver: Sendable {
     /// Feeds one event to the machine and performs what it asks, in order.
     func handle(_ event: (inout Machine, ContinuousClock.Instant) -> [Machine.Action]) {
         let now = ContinuousClock.now
+        // The one place the machine learns of the broker's alarm: before every event, so that no batch
+        // starts while replies cannot leave.
         let blocked = publisher.blockedReason
         var actions = state.withLock { state -> [Machine.Action]? in
             state.machine.setBlocked(blocked)

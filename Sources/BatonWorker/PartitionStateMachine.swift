@@ -105,7 +105,6 @@ struct PartitionStateMachine {
     /// The batch being decided.
     private struct Batch {
         let started: ContinuousClock.Instant
-        var messages = 0
         var requests: [Request] = []
         /// For each request: its delivery and, for a coalesced message, its place in it.
         var origins: [(message: AMQPMessage, element: Int?)] = []
@@ -163,12 +162,10 @@ struct PartitionStateMachine {
         return advance(now: now)
     }
 
-    /// The clock moved on. `blockedReason` is why the broker blocks the publisher connection, if it does:
-    /// no batch starts while replies cannot leave.
-    mutating func tick(now: ContinuousClock.Instant, blockedReason: String?) -> [Action] {
+    /// The clock moved on.
+    mutating func tick(now: ContinuousClock.Instant) -> [Action] {
         guard exit == nil else { return [] }
         var actions: [Action] = []
-        setBlocked(blockedReason)
         if configuration.deciding, epoch == nil, !stopping, lastTick.map({ now - $0 >= configuration.tickInterval }) ?? true {
             lastTick = now
             actions.append(.publishTick)
@@ -467,7 +464,6 @@ struct PartitionStateMachine {
     private func admit(_ messages: [AMQPMessage], now: ContinuousClock.Instant) -> Batch {
         let partition = configuration.partition
         var batch = Batch(started: now)
-        batch.messages = messages.count
         batch.report.messages = messages.count
         batch.lastAck = messages.filter(Self.isTick).map(\.deliveryTag).max()
         func refuse(_ error: ProtocolError) {
@@ -566,7 +562,7 @@ struct PartitionStateMachine {
             }
             batch.lastAck = max(batch.lastAck ?? 0, tag)
         }
-        if let settle = acks.settle(batch.lastAck, count: batch.messages, moreWaiting: !pending.isEmpty) { batch.settles.append(settle) }
+        if let settle = acks.settle(batch.lastAck, count: batch.report.messages, moreWaiting: !pending.isEmpty) { batch.settles.append(settle) }
         var actions: [Action] = [.send(publishes: batch.publishes, settles: batch.settles, report: batch.report)]
         if !batch.changes.isEmpty { actions.append(.publishEvents(batch.changes)) }
         return actions

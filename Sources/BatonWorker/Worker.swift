@@ -315,7 +315,7 @@ public final class Worker: Service, Sendable {
                         if worker.isStopping {
                             driver.handle { $0.stop(now: $1) }
                         } else {
-                            driver.handle { $0.tick(now: $1, blockedReason: connections.publisher.blockedReason) }
+                            driver.handle { $0.tick(now: $1) }
                         }
                         try? await Task.sleep(for: .milliseconds(50))
                     }

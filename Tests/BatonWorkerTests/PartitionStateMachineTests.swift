@@ -133,7 +133,8 @@ import Testing
 
         mutating func tick(after: Duration = .milliseconds(50), blocked: String? = nil) -> [Machine.Action] {
             now += after
-            return take(machine.tick(now: now, blockedReason: blocked))
+            machine.setBlocked(blocked)
+            return take(machine.tick(now: now))
         }
     }
 
