@@ -124,20 +124,21 @@ extension ChildProcess {
         thread.start()
     }
 
-    /// Runs `executable` with `arguments` to its end (without blocking a thread), its output discarded;
-    /// throws when it exits with a status other than 0 or outlives `timeout` (it is killed then).
-    public static func run(_ executable: URL, _ arguments: [String], timeout: Duration = .seconds(120)) async throws {
-        let process = try ChildProcess(executable: executable, arguments: arguments, environment: ProcessInfo.processInfo.environment)
-        guard let status = await process.wait(timeout: timeout) else {
-            await process.stop(grace: .seconds(2))
-            throw ChildProcessError("\(executable.path) \(arguments.joined(separator: " ")) did not end within \(timeout)")
-        }
-        guard status == 0 else { throw ChildProcessError("\(executable.path) \(arguments.joined(separator: " ")) exited with status \(status)") }
+    /// Runs `executable` with `arguments` to its end (without blocking a thread); returns its output
+    /// (standard output and error, interleaved). Throws when it exits with a status other than 0 or
+    /// outlives `timeout` (it is killed then), with the end of its output.
+    @discardableResult
+    public static func run(_ executable: URL, _ arguments: [String], timeout: Duration = .seconds(120)) async throws -> String {
+        let log = FileManager.default.temporaryDirectory.appendingPathComponent("baton-run-\(getpid())-\(UInt64.random(in: 0...UInt64.max)).log")
+        defer { try? FileManager.default.removeItem(at: log) }
+        let process = try ChildProcess(executable: executable, arguments: arguments, environment: ProcessInfo.processInfo.environment, log: log)
+        let status = await process.wait(timeout: timeout)
+        if status == nil { await process.stop(grace: .seconds(2)) }
+        let output = (try? String(contentsOf: log, encoding: .utf8)) ?? ""
+        let command = ([executable.path] + arguments).joined(separator: " ")
+        let tail = output.split(separator: "\n").suffix(5).joined(separator: "\n")
+        guard let status else { throw ChildProcessError("\(command) did not end within \(timeout); its output ended with:\n\(tail)") }
+        guard status == 0 else { throw ChildProcessError("\(command) exited with status \(status); its output ended with:\n\(tail)") }
+        return output
     }
-}
-
-/// A child process could not be started.
-public struct ChildProcessError: Error, Sendable, CustomStringConvertible {
-    public let description: String
-    init(_ description: String) { self.description = description }
 }
