@@ -11,8 +11,10 @@ import Glibc
 
 /// What `baton chaos` runs.
 public struct ChaosSettings: Sendable {
-    /// The faults it knows, in the order it injects them by default.
+    /// The faults it knows for one broker and one database, in the order it injects them by default.
     public static let allFaults = ["kill", "pause", "broker", "database", "garbage"]
+    /// The faults across the nodes of `scripts/services cluster` (``cluster``), in their default order.
+    public static let clusterFaults = ["leader-kill", "node-stop", "node-pause", "db-failover"]
 
     public var faults = ChaosSettings.allFaults
     public var partitions = 4
@@ -23,22 +25,32 @@ public struct ChaosSettings: Sendable {
     public var settle = 5
     /// Seconds the active worker stays SIGSTOPped.
     public var pause = 8
+    /// Whether the services are the three broker nodes and the PostgreSQL pair of `scripts/services cluster`.
+    public var cluster = false
+    /// Seconds a broker node stays SIGSTOPped (`node-pause`): past the cluster's net tick (10 s).
+    public var nodePause = 20
+    /// Run with asynchronous replication (the negative control): `db-failover` repeats up to
+    /// ``failovers`` times, until a grant is lost or issued twice.
+    public var asyncReplication = false
+    /// How many times `db-failover` runs (it stops early once a grant is lost or issued twice).
+    public var failovers = 1
     /// Where to write the history as JSON, if anywhere.
     public var history: String?
-    /// The PostgreSQL server (the scratch database `<database>_chaos` is made on it).
+    /// The PostgreSQL server (the scratch database `<database>_chaos` is made on it); may list several hosts.
     public var serverURL: PostgresURL
-    /// The broker as the worker user, and as the frontend user (pointed into the scratch virtual host).
-    public var workerAMQPURL: AMQPURL
-    public var frontendAMQPURL: AMQPURL
+    /// The broker nodes as the worker user, and as the frontend user (pointed into the scratch virtual host).
+    public var workerAMQPURLs: [AMQPURL]
+    public var frontendAMQPURLs: [AMQPURL]
     /// The script that stops and starts the services (`scripts/services`).
     public var services: URL
     /// The `baton` executable the workers run.
     public var executable = WorkerProcess.currentExecutable
 
-    public init(serverURL: PostgresURL, workerAMQPURL: AMQPURL, frontendAMQPURL: AMQPURL, services: URL) {
+    public init(serverURL: PostgresURL, workerAMQPURLs: [AMQPURL], frontendAMQPURLs: [AMQPURL], services: URL) {
+        precondition(!workerAMQPURLs.isEmpty && !frontendAMQPURLs.isEmpty, "a chaos run needs a broker")
         self.serverURL = serverURL
-        self.workerAMQPURL = workerAMQPURL
-        self.frontendAMQPURL = frontendAMQPURL
+        self.workerAMQPURLs = workerAMQPURLs
+        self.frontendAMQPURLs = frontendAMQPURLs
         self.services = services
     }
 }
@@ -61,6 +73,8 @@ public struct ChaosRun: Sendable {
 
     /// One call and what came of it.
     struct Call: Sendable {
+        /// The partition of the call's buffer.
+        var partition: Int
         var started: ContinuousClock.Instant
         var finished: ContinuousClock.Instant
         var granted: ChaosChecker.ObservedGrant?
@@ -78,27 +92,43 @@ public struct ChaosRun: Sendable {
         scratch.database = settings.serverURL.database + "_chaos"
         let partitioner = try Partitioner(count: settings.partitions)
         // A short heartbeat so that a paused worker is noticed by the broker within seconds.
-        var workerAMQP = namespace.url(settings.workerAMQPURL)
-        workerAMQP.heartbeatSeconds = 2
-        let workers = ChaosWorkers(executable: settings.executable, scratch: scratch, amqpURL: workerAMQP, partitioner: partitioner)
+        let workerAMQP = settings.workerAMQPURLs.map { url in
+            var url = namespace.url(url)
+            url.heartbeatSeconds = 2
+            return url
+        }
+        let workers = ChaosWorkers(executable: settings.executable, scratch: scratch, amqpURLs: workerAMQP, partitioner: partitioner)
+        if settings.asyncReplication { try await services(["cluster", "db-sync", "off"]) }
         do {
-            return try await run(workers: workers, scratch: scratch, partitioner: partitioner)
+            let verdict = try await run(workers: workers, scratch: scratch, partitioner: partitioner)
+            if settings.asyncReplication { try await services(["cluster", "db-sync", "on"]) }
+            return verdict
         } catch {
             // However the run fails, its workers go with it (they would also stop on their own when this
-            // process ends: they watch their standard input).
+            // process ends: they watch their standard input), and replication is synchronous again.
             _ = await workers.stopAll()
+            if settings.asyncReplication { _ = try? await services(["cluster", "db-sync", "on"]) }
             throw error
         }
     }
 
+    /// Runs `scripts/services` with `arguments`; returns its last line of output.
+    @discardableResult
+    func services(_ arguments: [String], timeout: Duration = .seconds(300)) async throws -> String {
+        let output = try await ChildProcess.run(settings.services, arguments, timeout: timeout)
+        return output.split(separator: "\n").last.map(String.init) ?? ""
+    }
+
     private func run(workers: ChaosWorkers, scratch: PostgresURL, partitioner: Partitioner) async throws -> ChaosChecker.Verdict {
         let (faults, clients, buffers, settle, pause) = (settings.faults, settings.clients, settings.buffers, settings.settle, settings.pause)
-        let clientURL = namespace.url(settings.frontendAMQPURL)
-        try await ScratchDeployment.reset(database: scratch, server: settings.serverURL, amqpURL: workers.amqpURL, partitionCount: partitioner.count, logger: logger)
+        let clientURLs = settings.frontendAMQPURLs.map(namespace.url)
+        let clientURL = clientURLs[0]
+        try await ScratchDeployment.reset(database: scratch, server: settings.serverURL, amqpURL: workers.amqpURLs[0], partitionCount: partitioner.count, logger: logger)
         try await workers.spawn("worker-a")
         try await workers.spawn("worker-b")
 
         var configuration = BatonClientConfiguration(amqpURL: clientURL, partitioner: partitioner)
+        configuration.amqpAlternates = Array(clientURLs.dropFirst())
         configuration.timeout = .seconds(60)
         configuration.name = "baton chaos"
         let clientPool = (0..<2).map { _ in BatonClient(configuration: configuration, logger: logger) }
@@ -106,7 +136,9 @@ public struct ChaosRun: Sendable {
 
         let recorder = Recorder()
         let load = (0..<clients).map { index in
-            Task { await Self.loadLoop(client: clientPool[index % clientPool.count], index: index, buffers: buffers, recorder: recorder) }
+            Task {
+                await Self.loadLoop(client: clientPool[index % clientPool.count], index: index, buffers: buffers, partitioner: partitioner, recorder: recorder)
+            }
         }
         say("chaos: \(clients) clients over \(buffers) hot buffers, \(partitioner.count) partitions, faults: \(faults.joined(separator: ", "))")
         try await Task.sleep(for: .seconds(settle))
@@ -114,7 +146,9 @@ public struct ChaosRun: Sendable {
         var injected: [(String, ContinuousClock.Instant)] = []
         var faultEnds: [ContinuousClock.Instant] = []
         var unansweredMalformed = 0
-        for name in faults {
+        var plan = faults.flatMap { $0 == "db-failover" ? Array(repeating: $0, count: settings.failovers) : [$0] }
+        while !plan.isEmpty {
+            let name = plan.removeFirst()
             var at = ContinuousClock.now
             switch name {
             case "kill":
@@ -133,13 +167,20 @@ public struct ChaosRun: Sendable {
             case "broker":
                 say("  fault broker: RabbitMQ stopped for 3 s, then started")
                 at = ContinuousClock.now
-                try await ChildProcess.run(settings.services, ["broker-stop"])
+                try await services(["broker-stop"])
                 try await Task.sleep(for: .seconds(3))
-                try await ChildProcess.run(settings.services, ["broker-start"])
+                try await services(["broker-start"])
             case "database":
                 say("  fault database: PostgreSQL restarted")
                 at = ContinuousClock.now
-                try await ChildProcess.run(settings.services, ["db-restart"])
+                try await services(["db-restart"])
+            case "leader-kill", "node-stop", "node-pause":
+                at = try await nodeFault(name)
+            case "db-failover":
+                say("  fault db-failover: SIGKILL of the PostgreSQL primary, pg_ctl promote of the standby, the old primary rebuilt as the new standby")
+                at = ContinuousClock.now
+                say("    " + (try await services(["cluster", "db-failover"])))
+                say("    " + (try await services(["cluster", "db-rejoin"])))
             default:
                 say("  fault garbage: 200 malformed and oversize messages")
                 unansweredMalformed += try await Self.garbage(amqpURL: clientURL, partitions: partitioner.count, logger: logger)
@@ -147,6 +188,17 @@ public struct ChaosRun: Sendable {
             injected.append((name, at))
             faultEnds.append(ContinuousClock.now)
             try await Task.sleep(for: .seconds(settle))
+            if name == "db-failover", settings.asyncReplication, plan.contains(name) {
+                // The negative control repeats the failover until the checker sees a grant lost or issued twice.
+                let calls = recorder.calls.withLock { $0 }
+                let audit = try await Self.audit(scratch, partitioner: partitioner, logger: logger)
+                let interim = ChaosChecker.judge(.init(
+                    changes: audit.changes, finalTokens: audit.finalTokens, observedGrants: calls.compactMap(\.granted),
+                    operations: calls.count, unanswered: 0, faults: injected.count
+                ))
+                say("    after failover \(injected.filter { $0.0 == name }.count): lost_grants=\(interim.lostGrants) double_grants=\(interim.doubleGrants)")
+                if interim.lostGrants > 0 || interim.doubleGrants > 0 { plan.removeAll { $0 == name } }
+            }
         }
 
         recorder.stop.store(true, ordering: .relaxed)
@@ -164,11 +216,7 @@ public struct ChaosRun: Sendable {
         ))
         say("")
         for ((name, at), end) in zip(injected, faultEnds) {
-            let after = calls.filter { $0.started > at && $0.failed == nil }.map(\.finished).min()
-            // Calls that overlapped the fault: from its start until its action ended (a stopped broker
-            // comes back only after the 3 s and the restart).
-            let slowest = calls.filter { $0.finished > at && $0.started < end }.map { $0.finished - $0.started }.max()
-            say("  \(name): first answer to a call made after the fault came \(after.map { Self.format($0 - at) } ?? "never"), slowest call around it \(slowest.map(Self.format) ?? "-")")
+            say("  \(name): \(Self.recovery(calls, at: at, end: end, partitions: partitioner.count))")
         }
         let fenced = workers.logs.reduce(0) { count, log in
             count + ((try? String(contentsOf: log, encoding: .utf8)) ?? "").components(separatedBy: "partition ownership lost").count - 1
@@ -183,19 +231,63 @@ public struct ChaosRun: Sendable {
         return verdict
     }
 
+    /// A fault on the broker node that leads partition 0's queue; returns when it began.
+    private func nodeFault(_ name: String) async throws -> ContinuousClock.Instant {
+        let node = try await services(["cluster", "queue-leader", namespace.virtualHost, ProtocolV1.requestQueue(0)])
+        let at: ContinuousClock.Instant
+        switch name {
+        case "leader-kill":
+            say("  fault leader-kill: SIGKILL of RabbitMQ node \(node) (it leads partition 0's quorum queue), started again after 5 s")
+            at = .now
+            try await services(["cluster", "node", "kill", node])
+            try await Task.sleep(for: .seconds(5))
+            try await services(["cluster", "node", "start", node])
+        case "node-stop":
+            say("  fault node-stop: rabbitmqctl stop_app on node \(node) (it leads partition 0's quorum queue), start_app after 5 s")
+            at = .now
+            try await services(["cluster", "node", "stop-app", node])
+            try await Task.sleep(for: .seconds(5))
+            try await services(["cluster", "node", "start-app", node])
+        default:
+            say("  fault node-pause: SIGSTOP of node \(node) (it leads partition 0's quorum queue) for \(settings.nodePause) s, past the 10 s net tick, then SIGCONT")
+            at = .now
+            try await services(["cluster", "node", "pause", node])
+            try await Task.sleep(for: .seconds(settings.nodePause))
+            try await services(["cluster", "node", "resume", node])
+        }
+        try await services(["cluster", "node", "wait", node])
+        return at
+    }
+
+    /// How the load came through a fault that began `at` and whose action ended at `end`: when every
+    /// partition had answered a call made after the fault began (the recovery time), and the slowest
+    /// call that overlapped the fault.
+    static func recovery(_ calls: [Call], at: ContinuousClock.Instant, end: ContinuousClock.Instant, partitions: Int) -> String {
+        var firstAnswer: [Int: ContinuousClock.Instant] = [:]
+        for call in calls where call.started > at && call.failed == nil {
+            firstAnswer[call.partition] = min(firstAnswer[call.partition] ?? call.finished, call.finished)
+        }
+        let recovered = firstAnswer.count == partitions ? firstAnswer.max { $0.value < $1.value } : nil
+        let slowest = calls.filter { $0.finished > at && $0.started < end }.map { $0.finished - $0.started }.max()
+        let recovery = recovered.map { "recovery \(format($0.value - at)) (every partition answered a call made after the fault; partition \($0.key) last)" }
+            ?? "recovery never: \(partitions - firstAnswer.count) of \(partitions) partitions answered no call made after the fault"
+        return "\(recovery), slowest call around it \(slowest.map(format) ?? "-")"
+    }
+
     static func format(_ duration: Duration) -> String {
         String(format: "%.3f s", Double(duration.components.seconds) + Double(duration.components.attoseconds) / 1e18)
     }
 
     /// Claim a hot buffer, hold it briefly, release it; record every call.
-    static func loadLoop(client: BatonClient, index: Int, buffers: Int, recorder: Recorder) async {
+    static func loadLoop(client: BatonClient, index: Int, buffers: Int, partitioner: Partitioner, recorder: Recorder) async {
         let holder = Holder(user: "user-\(index)", connection: "chaos-\(index)")
         while !recorder.stop.load(ordering: .relaxed) {
             let buffer = "chaos/\(Int.random(in: 0..<buffers))"
+            let partition = partitioner.partition(of: buffer)
             let started = ContinuousClock.now
             do {
                 let result = try await client.claim(buffer, user: holder.user, connection: holder.connection, lease: .seconds(30))
-                var call = Call(started: started, finished: .now)
+                var call = Call(partition: partition, started: started, finished: .now)
                 if case .granted(let lease) = result {
                     call.granted = ChaosChecker.ObservedGrant(buffer: buffer, holder: holder, token: lease.token)
                     recorder.calls.withLock { $0.append(call) }
@@ -203,15 +295,15 @@ public struct ChaosRun: Sendable {
                     let releaseStarted = ContinuousClock.now
                     do {
                         _ = try await client.release(buffer, connection: holder.connection, token: lease.token)
-                        recorder.calls.withLock { $0.append(Call(started: releaseStarted, finished: .now)) }
+                        recorder.calls.withLock { $0.append(Call(partition: partition, started: releaseStarted, finished: .now)) }
                     } catch {
-                        recorder.calls.withLock { $0.append(Call(started: releaseStarted, finished: .now, failed: "\(error)")) }
+                        recorder.calls.withLock { $0.append(Call(partition: partition, started: releaseStarted, finished: .now, failed: "\(error)")) }
                     }
                 } else {
                     recorder.calls.withLock { $0.append(call) }
                 }
             } catch {
-                recorder.calls.withLock { $0.append(Call(started: started, finished: .now, failed: "\(error)")) }
+                recorder.calls.withLock { $0.append(Call(partition: partition, started: started, finished: .now, failed: "\(error)")) }
             }
         }
     }
@@ -279,7 +371,8 @@ public struct ChaosRun: Sendable {
 final class ChaosWorkers: Sendable {
     let executable: URL
     let scratch: PostgresURL
-    let amqpURL: AMQPURL
+    /// The broker nodes, in the order the workers try them.
+    let amqpURLs: [AMQPURL]
     let partitioner: Partitioner
     private struct State {
         var processes: [String: WorkerProcess] = [:]
@@ -287,10 +380,10 @@ final class ChaosWorkers: Sendable {
     }
     private let state = Mutex(State())
 
-    init(executable: URL, scratch: PostgresURL, amqpURL: AMQPURL, partitioner: Partitioner) {
+    init(executable: URL, scratch: PostgresURL, amqpURLs: [AMQPURL], partitioner: Partitioner) {
         self.executable = executable
         self.scratch = scratch
-        self.amqpURL = amqpURL
+        self.amqpURLs = amqpURLs
         self.partitioner = partitioner
     }
 
@@ -298,7 +391,8 @@ final class ChaosWorkers: Sendable {
 
     func spawn(_ id: String) async throws {
         let worker = try WorkerProcess.start(
-            executable: executable, id: id, databaseURL: scratch, amqpURL: amqpURL, partitionCount: partitioner.count,
+            executable: executable, id: id, databaseURL: scratch, amqpURL: amqpURLs[0], amqpAlternates: Array(amqpURLs.dropFirst()),
+            partitionCount: partitioner.count,
             arguments: ["--sweep-interval-ms", "500", "--log-level", "info"],
             log: FileManager.default.temporaryDirectory.appendingPathComponent("baton-chaos-\(id).log")
         )

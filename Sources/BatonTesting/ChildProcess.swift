@@ -142,3 +142,9 @@ extension ChildProcess {
         return output
     }
 }
+
+/// A child process could not be started, or did not end well.
+public struct ChildProcessError: Error, Sendable, CustomStringConvertible {
+    public let description: String
+    init(_ description: String) { self.description = description }
+}

@@ -21,8 +21,19 @@ public enum ScratchDeployment {
                 throw ScratchError("cannot create the scratch database '\(name)' on \(server): \(error); use a --database-url whose user may create databases")
             }
         }
-        try await PostgresConnection.withConnection(to: scratch, logger: logger) { connection in
-            try await Migrator.migrate(connection, partitionCount: partitionCount, logger: logger)
+        // With a standby listed first in a multi-host URL, libpq may reach it before it has replayed the
+        // CREATE DATABASE, and a missing database ends libpq's walk through the hosts: retry for a while.
+        let deadline = ContinuousClock.now + .seconds(15)
+        while true {
+            do {
+                try await PostgresConnection.withConnection(to: scratch, logger: logger) { connection in
+                    try await Migrator.migrate(connection, partitionCount: partitionCount, logger: logger)
+                }
+                return
+            } catch let error as PostgresError where !scratch.alternates.isEmpty && ContinuousClock.now < deadline {
+                logger.debug("the scratch database is not reachable yet", metadata: ["baton.error": "\(error)"])
+                try await Task.sleep(for: .milliseconds(200))
+            }
         }
     }
 

@@ -15,17 +15,18 @@ public struct WorkerProcess: Sendable {
     public let log: URL
     private let removeLog: Bool
 
-    /// Starts `executable worker` for every partition of the deployment at `databaseURL` and `amqpURL`,
+    /// Starts `executable worker` for every partition of the deployment at `databaseURL` and `amqpURL`
+    /// (then `amqpAlternates`, other nodes of the broker),
     /// with `arguments` added (the metrics endpoint is off unless they give `--metrics-port`), logging to `log` (a temporary file, removed by ``stop()``, when nil).
     public static func start(
-        executable: URL, id: String, databaseURL: PostgresURL, amqpURL: AMQPURL, partitionCount: Int, arguments: [String] = [],
+        executable: URL, id: String, databaseURL: PostgresURL, amqpURL: AMQPURL, amqpAlternates: [AMQPURL] = [], partitionCount: Int, arguments: [String] = [],
         environment: [String: String] = ProcessInfo.processInfo.environment, log: URL? = nil
     ) throws -> WorkerProcess {
         let file = log ?? FileManager.default.temporaryDirectory.appendingPathComponent("baton-worker-\(id)-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).log")
         try? FileManager.default.removeItem(at: file)
         var environment = environment
         environment["BATON_DATABASE_URL"] = databaseURL.connectionString
-        environment["BATON_AMQP_URL"] = amqpURL.connectionString
+        environment["BATON_AMQP_URL"] = ([amqpURL] + amqpAlternates).map(\.connectionString).joined(separator: ",")
         let process = try ChildProcess(
             executable: executable,
             arguments: ["worker", "--partitions", "all", "--partition-count", String(partitionCount), "--worker-id", id, "--exit-with-parent"]

@@ -157,7 +157,12 @@ struct BrokerOptions: ParsableArguments {
 
     /// The URL for `role` from the environment or the default, never the flag (runs that need several roles).
     static func environmentURL(_ role: BrokerRole) throws -> AMQPURL {
-        try Setting.parse(nil, role.variable, default: role.defaultURL) { try AMQPURL($0) }
+        try environmentURLs(role)[0]
+    }
+
+    /// Every node for `role` from the environment or the default, never the flag.
+    static func environmentURLs(_ role: BrokerRole) throws -> [AMQPURL] {
+        try Setting.parse(nil, role.variable, default: role.defaultURL) { try AMQPURL.list($0) }
     }
 
     func validate() throws {

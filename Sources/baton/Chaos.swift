@@ -12,6 +12,13 @@ struct Chaos: AsyncParsableCommand {
             with two workers it starts itself (active and standby) that die with it; a deployment's queues are never touched. \
             Broker and database faults use scripts/services (or BATON_SERVICES_SCRIPT) and affect the whole broker and server. Ends with \
             one line: verdict=PASS|FAIL operations=N faults=F double_grants=D lost_grants=L unanswered=U (exit 1 on FAIL).
+
+            With --cluster the services are those of `scripts/services cluster` (three RabbitMQ nodes, a PostgreSQL \
+            primary and its synchronous standby; the URLs list every node) and the faults are: leader-kill (SIGKILL of the \
+            node leading partition 0's quorum queue, restarted after 5 s), node-stop (stop_app/start_app of that node), \
+            node-pause (SIGSTOP of that node past the 10 s net tick) and db-failover (SIGKILL of the primary, pg_ctl \
+            promote of the standby, the old primary rebuilt as the new standby). --async-replication is the negative \
+            control: the same failover with asynchronous replication, repeated (--failovers) until a grant is lost.
             """
     )
 
@@ -19,8 +26,17 @@ struct Chaos: AsyncParsableCommand {
     @OptionGroup var broker: BrokerOptions
     @OptionGroup var scratchOptions: ScratchOptions
 
-    @Option(help: "Faults to inject, in order (kill, pause, broker, database, garbage); repeat (default: all).")
+    @Option(help: "Faults to inject, in order (kill, pause, broker, database, garbage; with --cluster: leader-kill, node-stop, node-pause, db-failover); repeat (default: all of the mode).")
     var fault: [String] = []
+
+    @Flag(help: "Run against the three broker nodes and the PostgreSQL pair of `scripts/services cluster`, with the faults across nodes.")
+    var cluster = false
+    @Flag(name: .customLong("async-replication"), help: "With --cluster: switch the PostgreSQL pair to asynchronous replication for the run (the negative control); the faults default to db-failover.")
+    var asyncReplication = false
+    @Option(help: "How many times db-failover runs, 1-50 (default 1; 10 with --async-replication, which stops at the first lost grant).")
+    var failovers: Int?
+    @Option(name: .customLong("node-pause-seconds"), help: "How long node-pause keeps a broker node SIGSTOPped, past its 10 s net tick: 15-300.")
+    var nodePause = 20
 
     @Option(help: "Partitions of the scratch deployment, 1-1024.") var partitions = 4
     @Option(help: "Concurrent clients, 1-256.") var clients = 8
@@ -30,9 +46,13 @@ struct Chaos: AsyncParsableCommand {
     @Option(help: "Write the history (replies seen, audit rows, faults) as JSON here.") var history: String?
 
     func validate() throws {
-        for name in fault where !ChaosSettings.allFaults.contains(name) {
-            throw ValidationError("fault '\(name)' is unknown: use \(ChaosSettings.allFaults.joined(separator: ", "))")
+        let known = cluster ? ChaosSettings.clusterFaults + ["kill", "pause", "garbage"] : ChaosSettings.allFaults
+        for name in fault where !known.contains(name) {
+            throw ValidationError("fault '\(name)' is not allowed\(cluster ? " with --cluster" : ""): use \(known.joined(separator: ", "))\(cluster ? "" : " (the faults across nodes need --cluster)")")
         }
+        if asyncReplication, !cluster { throw ValidationError("--async-replication needs --cluster (the PostgreSQL pair of scripts/services cluster)") }
+        if let failovers, !(1...50).contains(failovers) { throw ValidationError("--failovers \(failovers) is not allowed: use 1 to 50") }
+        guard (15...300).contains(nodePause) else { throw ValidationError("--node-pause-seconds \(nodePause) is not allowed: use 15 to 300") }
         guard (1...256).contains(clients) else { throw ValidationError("--clients \(clients) is not allowed: use 1 to 256") }
         guard (1...600).contains(settle) else { throw ValidationError("--settle-seconds \(settle) is not allowed: use 1 to 600") }
         guard (5...600).contains(pause) else { throw ValidationError("--pause-seconds \(pause) is not allowed: use 5 to 600") }
@@ -47,9 +67,19 @@ struct Chaos: AsyncParsableCommand {
             throw ValidationError("cannot find \(services) (run from the repository or set BATON_SERVICES_SCRIPT): broker and database faults need it")
         }
         var settings = ChaosSettings(
-            serverURL: try database.databaseURL(), workerAMQPURL: try broker.amqpURL(), frontendAMQPURL: try BrokerOptions.environmentURL(.frontend),
+            serverURL: try database.databaseURL(), workerAMQPURLs: try broker.amqpURLs(), frontendAMQPURLs: try BrokerOptions.environmentURLs(.frontend),
             services: URL(fileURLWithPath: services)
         )
+        if cluster {
+            guard settings.workerAMQPURLs.count > 1, settings.frontendAMQPURLs.count > 1, !settings.serverURL.alternates.isEmpty else {
+                throw ValidationError("--cluster needs every node in the URLs: eval \"$(scripts/services cluster env)\" (or run scripts/chaos --cluster)")
+            }
+            settings.cluster = true
+            settings.faults = asyncReplication ? ["db-failover"] : ChaosSettings.clusterFaults
+        }
+        settings.asyncReplication = asyncReplication
+        settings.failovers = failovers ?? (asyncReplication ? 10 : 1)
+        settings.nodePause = nodePause
         if !fault.isEmpty { settings.faults = fault }
         settings.partitions = partitions
         settings.clients = clients
