@@ -91,7 +91,8 @@ public struct ChaosRun: Sendable {
         var scratch = settings.serverURL
         scratch.database = settings.serverURL.database + "_chaos"
         let partitioner = try Partitioner(count: settings.partitions)
-        // A short heartbeat so that a paused worker is noticed by the broker within seconds.
+        // A short heartbeat so that a paused worker is noticed by the broker within seconds (and a paused
+        // broker node by the worker).
         let workerAMQP = settings.workerAMQPURLs.map { url in
             var url = namespace.url(url)
             url.heartbeatSeconds = 2
@@ -121,7 +122,12 @@ public struct ChaosRun: Sendable {
 
     private func run(workers: ChaosWorkers, scratch: PostgresURL, partitioner: Partitioner) async throws -> ChaosChecker.Verdict {
         let (faults, clients, buffers, settle, pause) = (settings.faults, settings.clients, settings.buffers, settings.settle, settings.pause)
-        let clientURLs = settings.frontendAMQPURLs.map(namespace.url)
+        // Clients, like workers, notice a frozen broker node (SIGSTOP) by the missed heartbeats.
+        let clientURLs = settings.frontendAMQPURLs.map { url in
+            var url = namespace.url(url)
+            url.heartbeatSeconds = 2
+            return url
+        }
         let clientURL = clientURLs[0]
         try await ScratchDeployment.reset(database: scratch, server: settings.serverURL, amqpURL: workers.amqpURLs[0], partitionCount: partitioner.count, logger: logger)
         try await workers.spawn("worker-a")
@@ -255,7 +261,12 @@ public struct ChaosRun: Sendable {
             try await Task.sleep(for: .seconds(settings.nodePause))
             try await services(["cluster", "node", "resume", node])
         }
-        try await services(["cluster", "node", "wait", node])
+        do {
+            say("    " + (try await services(["cluster", "wait", "60"])))
+        } catch {
+            // What an operator does when the cluster stays partitioned (docs/operations.md).
+            say("    the cluster was not whole 60 s after the fault ended; " + (try await services(["cluster", "heal"])))
+        }
         return at
     }
 
