@@ -1,0 +1,33 @@
+@testable import BatonTesting
+import Testing
+
+/// The recovery time `baton chaos` reports per fault: when every partition has answered a call made
+/// after the fault began.
+@Suite struct ChaosRecoveryTests {
+    let start = ContinuousClock.now
+
+    func call(_ partition: Int, from: Int, to: Int, failed: Bool = false) -> ChaosRun.Call {
+        ChaosRun.Call(
+            partition: partition, started: start + .milliseconds(from), finished: start + .milliseconds(to), failed: failed ? "timeout" : nil
+        )
+    }
+
+    @Test func theLastPartitionToAnswerSetsTheRecovery() {
+        let calls = [
+            call(0, from: 90, to: 120),  // before the fault
+            call(0, from: 110, to: 150),
+            call(1, from: 105, to: 2_100),  // partition 1 answers only after 2 s
+            call(1, from: 120, to: 2_200),
+        ]
+        let line = ChaosRun.recovery(calls, at: start + .milliseconds(100), end: start + .milliseconds(300), partitions: 2)
+        #expect(line.hasPrefix("recovery 2.000 s"), "\(line)")
+        #expect(line.contains("partition 1 last"))
+        #expect(line.hasSuffix("slowest call around it 2.080 s"), "\(line)")  // 120 ms → 2,200 ms
+    }
+
+    @Test func aPartitionWithoutAnAnswerNeverRecovered() {
+        let calls = [call(0, from: 110, to: 150), call(1, from: 110, to: 60_000, failed: true)]
+        let line = ChaosRun.recovery(calls, at: start + .milliseconds(100), end: start + .milliseconds(300), partitions: 2)
+        #expect(line.hasPrefix("recovery never: 1 of 2 partitions"), "\(line)")
+    }
+}
