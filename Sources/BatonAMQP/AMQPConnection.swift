@@ -261,12 +261,15 @@ public final class AMQPChannel: Sendable {
 
     /// Publishes, acks and rejects in order without suspending and without waiting for confirms:
     /// `completion` runs on the I/O thread once they are written (nil) or one failed (the rest are not
-    /// done). Called on the I/O thread (from a consumer handler or a completion), they run at once;
-    /// from elsewhere they are queued, in call order. For callers that bound their waits themselves (a
-    /// broker that stops reading can block a write).
-    public func enqueue(_ actions: [ChannelAction], completion: (@Sendable (AMQPError?) -> Void)? = nil) {
+    /// done). Called on the I/O thread (from a consumer handler or a completion), they run at once,
+    /// unless `queued`; from elsewhere they are queued, in call order. A caller that enqueues from
+    /// several threads, this one among them, passes `queued` to keep its call order (running at once
+    /// would overtake what other threads queued before). For callers that bound their waits themselves
+    /// (a broker that stops reading can block a write).
+    public func enqueue(_ actions: [ChannelAction], queued: Bool = false, completion: (@Sendable (AMQPError?) -> Void)? = nil) {
         let channel = number
         io.submit(
+            inline: !queued,
             { io in
                 do throws(AMQPError) {
                     if let failure = io.failure { throw failure }

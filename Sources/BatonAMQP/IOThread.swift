@@ -149,10 +149,10 @@ final class IOThread: @unchecked Sendable {
         return try result.get()
     }
 
-    /// Runs `job` on the I/O thread: at once when called from it, else queued; `refused` runs at once
+    /// Runs `job` on the I/O thread: at once when called from it (and `inline`), else queued; `refused` runs at once
     /// when the connection is closed.
-    func submit(_ job: @escaping @Sendable (IOThread) -> Void, refused: () -> Void) {
-        if isCurrent {
+    func submit(inline: Bool = true, _ job: @escaping @Sendable (IOThread) -> Void, refused: () -> Void) {
+        if inline, isCurrent {
             if lock.withLock({ stopping }) { refused() } else { job(self) }
             return
         }

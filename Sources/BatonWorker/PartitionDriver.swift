@@ -5,35 +5,36 @@ import Foundation
 import Logging
 import Synchronization
 
-/// A partition's three channels: one consuming (and acking) on the consumer connection; on the
-/// publisher connection, one for events and ticks in confirm mode and one for replies.
+/// A partition's channels: one consuming (and acking) on the consumer connection, one on the publisher
+/// connection for events and ticks in confirm mode, and the worker's ``ReplyLink`` for replies.
 struct PartitionChannels: Sendable {
     let consume: AMQPChannel
     let publish: AMQPChannel
-    /// Replies, on the publisher connection without confirms (the broker would confirm each one).
-    let reply: AMQPChannel
+    /// Replies, without confirms (the broker would confirm each one), on their own connection.
+    let reply: ReplyLink
 
-    /// Publishes a batch's replies, then settles its deliveries, without waiting for either. Each
-    /// connection's I/O thread runs what it is given in order, so replies always leave before their acks,
-    /// and batches settle in order. A failure ends the connection, and with it the partition's consumer
-    /// (unsettled deliveries go back to the queue, answered from their records when they come again).
-    func send(_ publishes: [ChannelAction], thenSettle settles: [ChannelAction]) {
-        let consume = self.consume
-        reply.enqueue(publishes) { error in
-            if error == nil, !settles.isEmpty { consume.enqueue(settles) }
-        }
+    /// Publishes a batch's replies and settles its deliveries, without waiting for either. The two go to
+    /// different connections, so an ack may leave before its reply, and a reply may be lost while its
+    /// ack is not (the reply connection died): the batch's decisions are committed, and a client that got
+    /// no reply sends the request again and gets it from the request's record. Redelivering instead would
+    /// send the same reply to the same address, which may be what killed the reply connection. Acks go
+    /// to one channel from one caller at a time, queued even on the consumer's own I/O thread (deliveries
+    /// report there, store results on the database's thread), so batches settle in order.
+    func send(_ publishes: [ChannelAction], settle settles: [ChannelAction]) {
+        if !publishes.isEmpty { reply.enqueue(publishes) }
+        if !settles.isEmpty { consume.enqueue(settles, queued: true) }
     }
 
-    /// Waits until every batch handed to ``send(_:thenSettle:)`` is published and settled (or failed).
+    /// Waits until every batch handed to ``send(_:settle:)`` is published and settled (or failed).
     func drain() async {
         await reply.barrier()
         await consume.barrier()
     }
 
+    /// Closes the partition's own channels (the reply link is the worker's).
     func close() async {
         await consume.close()
         await publish.close()
-        await reply.close()
     }
 }
 
@@ -66,11 +67,13 @@ final class PartitionDriver: Sendable {
     private let pump: EventPump?
     private let metrics: PartitionMetrics
     private let publisher: AMQPConnection
+    /// The connection the partition consumes and acks on (for ``WorkerConfiguration/afterCommit``).
+    private let consumer: AMQPConnection
     private let logger: Logger
 
     init(
         partition: Int, store: OwnershipStore?, worker: Worker, channels: PartitionChannels, pump: EventPump?, metrics: PartitionMetrics,
-        publisher: AMQPConnection, logger: Logger
+        publisher: AMQPConnection, consumer: AMQPConnection, logger: Logger
     ) {
         let configuration = worker.configuration
         let machine = Machine(
@@ -89,6 +92,7 @@ final class PartitionDriver: Sendable {
         self.pump = pump
         self.metrics = metrics
         self.publisher = publisher
+        self.consumer = consumer
         self.logger = logger
     }
 
@@ -170,7 +174,7 @@ final class PartitionDriver: Sendable {
                 let outcome = result.mapError(Self.classify)
                 if let afterCommit, case .success = outcome {
                     Task {
-                        await afterCommit(partition, publisher)
+                        await afterCommit(partition, consumer)
                         handle { $0.applied(outcome, now: $1) }
                     }
                 } else {
@@ -190,7 +194,7 @@ final class PartitionDriver: Sendable {
                 handle { $0.wake(now: $1) }
             }
         case .send(let publishes, let settles, let report):
-            channels.send(publishes, thenSettle: settles)
+            channels.send(publishes, settle: settles)
             record(report, replies: publishes.count)
         case .publishEvents(let changes):
             pump?.send(changes)

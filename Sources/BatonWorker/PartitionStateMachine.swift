@@ -4,7 +4,7 @@ import BatonPostgres
 import Logging
 
 /// One partition's worker, as a state machine with no I/O: events in (deliveries, store results, ticks,
-/// the consumer's end, stop), actions out (take the partition, apply a batch, send replies then settle,
+/// the consumer's end, stop), actions out (take the partition, apply a batch, send replies and settle,
 /// publish events, sweep, publish a tick, wait and retry, finish). In the style of postgres-nio's
 /// `ConnectionStateMachine`: whoever drives it (``PartitionDriver``) performs the actions and reports
 /// their outcomes back as events, in the order it got them.

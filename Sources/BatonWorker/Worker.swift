@@ -44,7 +44,7 @@ public struct WorkerConfiguration: Sendable {
     /// `baton bench` makes), so it can never answer a deployment's claims.
     public var echo = false
     /// Fault injection for tests: called after a batch commits and before its replies and acks are sent,
-    /// with the connection replies are published on.
+    /// with the connection the partition consumes and acks on.
     public var afterCommit: (@Sendable (_ partition: Int, _ connection: AMQPConnection) async -> Void)?
 
     /// Creates a configuration.
@@ -142,6 +142,14 @@ public final class Worker: Service, Sendable {
             await withTaskGroup(of: Void.self) { group in
                 for partition in configuration.partitions {
                     group.addTask { await self.runPartition(partition, store: stores[partition], connections: connections) }
+                }
+                // A reply connection the broker closed (an address it could not resolve) is replaced
+                // while the consumers go on.
+                group.addTask {
+                    await connections.replies.maintain(
+                        url: connections.url, name: BrokerConnections.replyConnectionName(self.configuration), logger: self.logger,
+                        while: { !self.isStopping && connections.isOpen }
+                    )
                 }
                 // Stop every runner promptly on shutdown: they finish their batch in hand and close their channel.
                 group.addTask {
@@ -266,21 +274,13 @@ public final class Worker: Service, Sendable {
         func run() async throws {
             let consume = try await connections.consumer.openChannel()
             let publish: AMQPChannel
-            let reply: AMQPChannel
             do {
                 publish = try await connections.publisher.openChannel()
             } catch {
                 await consume.close()
                 throw error
             }
-            do {
-                reply = try await connections.publisher.openChannel()
-            } catch {
-                await consume.close()
-                await publish.close()
-                throw error
-            }
-            let channels = PartitionChannels(consume: consume, publish: publish, reply: reply)
+            let channels = PartitionChannels(consume: consume, publish: publish, reply: connections.replies)
             let exit: PartitionStateMachine.Exit
             let driver: PartitionDriver
             do {
@@ -296,7 +296,7 @@ public final class Worker: Service, Sendable {
                 }
                 driver = PartitionDriver(
                     partition: partition, store: store, worker: worker, channels: channels, pump: pump, metrics: metrics,
-                    publisher: connections.publisher, logger: logger
+                    publisher: connections.publisher, consumer: connections.consumer, logger: logger
                 )
                 do {
                     _ = try await consume.consume(
@@ -450,6 +450,8 @@ extension Duration {
 struct BrokerConnections: Sendable {
     let consumer: AMQPConnection
     let publisher: AMQPConnection
+    /// Replies, on a connection of their own that is replaced when it dies (``ReplyLink``).
+    let replies: ReplyLink
     /// The node both are connected to: its index among the configured URLs, and its URL.
     let node: Int
     let url: AMQPURL
@@ -463,11 +465,21 @@ struct BrokerConnections: Sendable {
         do {
             try await Topology.declare(on: consumer, partitionCount: configuration.partitioner.count, logger: logger)
             let publisher = try await AMQPConnection.connect(to: urls[node], name: "baton worker \(configuration.workerID) publish", logger: logger)
-            return BrokerConnections(consumer: consumer, publisher: publisher, node: node, url: urls[node])
+            do {
+                let replies = try await ReplyLink.open(url: urls[node], name: replyConnectionName(configuration), logger: logger)
+                return BrokerConnections(consumer: consumer, publisher: publisher, replies: replies, node: node, url: urls[node])
+            } catch {
+                await publisher.close()
+                throw error
+            }
         } catch {
             await consumer.close()
             throw error
         }
+    }
+
+    static func replyConnectionName(_ configuration: WorkerConfiguration) -> String {
+        "baton worker \(configuration.workerID) reply"
     }
 
     var isOpen: Bool { consumer.isOpen && publisher.isOpen }
@@ -475,6 +487,7 @@ struct BrokerConnections: Sendable {
     func close() async {
         await consumer.close()
         await publisher.close()
+        await replies.close()
     }
 }
 

@@ -141,6 +141,37 @@ import Testing
         await worker.stop()
     }
 
+    /// RabbitMQ 3.10.8 closes the connection (541 INTERNAL_ERROR) that publishes to a direct reply-to
+    /// address it cannot resolve. Replies have a connection of their own: such a request costs that one,
+    /// not the worker's consumers.
+    @Test func aReplyAddressTheBrokerCannotResolveCostsTheWorkerNoConsumer() async throws {
+        let deployment = try await Deployment.make(partitions: 2)
+        let running = deployment.startWorker()
+        let client = deployment.client()
+        _ = try await client.inspect("warm-up")
+        #expect(running.worker.stats.connections == 1)
+        let raw = try await deployment.connect("garbage reply-to", as: deployment.frontendURL)
+        let channel = try await raw.openChannel()
+        for (index, replyTo) in ["amq.rabbitmq.reply-to.garbage", "amq.rabbitmq.reply-to.Zm9v.YmFy", "amq.rabbitmq.reply-to.g2gC.x"].enumerated() {
+            let request = Request.claim("unresolvable-\(index).txt", user: "u", connection: "c")
+            try await channel.publish(OutgoingMessage(
+                exchange: ProtocolV1.requestsExchange, routingKey: String(deployment.partitioner.partition(of: "unresolvable-\(index).txt")),
+                body: ProtocolCodec.encode(request),
+                properties: AMQPProperties(correlationID: "\(index)", replyTo: replyTo, userID: deployment.frontendURL.user), mandatory: true
+            ))
+        }
+        // Claims keep being answered, and the worker never had to reconnect its consumers.
+        for index in 0..<20 {
+            let result = try await client.claim("after-\(index).txt", user: "u", connection: "c", lease: .seconds(30))
+            guard case .granted = result else { Issue.record("claim \(index): \(result)"); break }
+        }
+        #expect(try await Deployment.eventually(.seconds(5)) { try await client.inspect("unresolvable-2.txt").holder != nil }, "the requests were decided")
+        #expect(running.worker.stats.connections == 1, "the consumers' connection survived")
+        await client.close()
+        await raw.close()
+        await running.stop()
+    }
+
     @Test func oversizeMessagesAreRefusedOrAnsweredAndTheWorkerServes() async throws {
         let deployment = try await Deployment.make(partitions: 2)
         let worker = deployment.startWorker()
