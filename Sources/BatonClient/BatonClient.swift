@@ -179,7 +179,9 @@ public final class BatonClient: Sendable {
     private struct ClientState {
         var link: Link?
         var connecting: Task<Link, any Error>?
-        /// The index, in the configured broker URLs, of the node reached last.
+        /// The index, in the configured broker URLs, of the node to try first: the one reached last, or the
+        /// next one once its connection has died (a frozen node still accepts TCP connections and would
+        /// hold each attempt for the whole connect timeout).
         var brokerNode = 0
         /// Calls waiting for a reply, by `<partition>|<request_id>` (a reply names its request). Calls that
         /// share a key share the wait.
@@ -655,7 +657,10 @@ public final class BatonClient: Sendable {
             onEnd: { [weak self] _ in
                 // The connection ended: the next call reconnects.
                 self?.state.withLock { state in
-                    if state.link?.connection === connection { state.link = nil }
+                    if state.link?.connection === connection {
+                        state.link = nil
+                        state.brokerNode = (node + 1) % urls.count
+                    }
                 }
             }
         )

@@ -70,7 +70,8 @@ public final class Worker: Service, Sendable {
     private let stopping = Atomic<Bool>(false)
     let statistics = Mutex(WorkerStatistics())
     let health = Mutex(WorkerReadiness())
-    /// The index, in ``WorkerConfiguration/amqpURL`` and its alternates, of the node reached last.
+    /// The index, in ``WorkerConfiguration/amqpURL`` and its alternates, of the node to try first: the
+    /// one reached last, or the next one once its connection has died.
     private let brokerNode = Atomic<Int>(0)
 
     /// Creates a worker.
@@ -159,8 +160,13 @@ public final class Worker: Service, Sendable {
                         await self.sleep(.milliseconds(50))
                     }
                     // One of the two connections died: end the other too, so that every runner stops
-                    // (their unacked deliveries go back to the queues) and the worker reconnects both.
-                    if !self.isStopping { await connections.close() }
+                    // (their unacked deliveries go back to the queues) and the worker reconnects both,
+                    // trying the next node first: a node that froze (a stopped VM) still accepts TCP
+                    // connections and would hold each attempt for the whole connect timeout.
+                    if !self.isStopping {
+                        await connections.close()
+                        self.brokerNode.store((connections.node + 1) % (1 + self.configuration.amqpAlternates.count), ordering: .relaxed)
+                    }
                 }
                 await group.waitForAll()
             }
