@@ -240,27 +240,20 @@ public struct ChaosRun: Sendable {
     /// A fault on the broker node that leads partition 0's queue; returns when it began.
     private func nodeFault(_ name: String) async throws -> ContinuousClock.Instant {
         let node = try await services(["cluster", "queue-leader", namespace.virtualHost, ProtocolV1.requestQueue(0)])
-        let at: ContinuousClock.Instant
-        switch name {
-        case "leader-kill":
-            say("  fault leader-kill: SIGKILL of RabbitMQ node \(node) (it leads partition 0's quorum queue), started again after 5 s")
-            at = .now
-            try await services(["cluster", "node", "kill", node])
-            try await Task.sleep(for: .seconds(5))
-            try await services(["cluster", "node", "start", node])
-        case "node-stop":
-            say("  fault node-stop: rabbitmqctl stop_app on node \(node) (it leads partition 0's quorum queue), start_app after 5 s")
-            at = .now
-            try await services(["cluster", "node", "stop-app", node])
-            try await Task.sleep(for: .seconds(5))
-            try await services(["cluster", "node", "start-app", node])
-        default:
-            say("  fault node-pause: SIGSTOP of node \(node) (it leads partition 0's quorum queue) for \(settings.nodePause) s, past the 10 s net tick, then SIGCONT")
-            at = .now
-            try await services(["cluster", "node", "pause", node])
-            try await Task.sleep(for: .seconds(settings.nodePause))
-            try await services(["cluster", "node", "resume", node])
+        // What the fault does, its command and the one that undoes it, and how long it lasts.
+        let (what, action, undo, seconds) = switch name {
+        case "leader-kill": ("SIGKILL of RabbitMQ node \(node) (it leads partition 0's quorum queue), started again after 5 s", "kill", "start", 5)
+        case "node-stop": ("rabbitmqctl stop_app on node \(node) (it leads partition 0's quorum queue), start_app after 5 s", "stop-app", "start-app", 5)
+        default: (
+            "SIGSTOP of node \(node) (it leads partition 0's quorum queue) for \(settings.nodePause) s, past the 10 s net tick, then SIGCONT",
+            "pause", "resume", settings.nodePause
+        )
         }
+        say("  fault \(name): \(what)")
+        let at = ContinuousClock.now
+        try await services(["cluster", "node", action, node])
+        try await Task.sleep(for: .seconds(seconds))
+        try await services(["cluster", "node", undo, node])
         do {
             say("    " + (try await services(["cluster", "wait", "60"])))
         } catch {
