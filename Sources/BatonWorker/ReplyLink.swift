@@ -66,6 +66,7 @@ final class ReplyLink: Sendable {
                 }
                 if let old { await old.connection.close() }
                 backoff.reset()
+                WorkerMetrics.replyReconnects.increment()
                 logger.info("reply connection replaced", metadata: ["baton.amqp": "\(url)"])
             } catch {
                 try? await Task.sleep(for: backoff.next())

@@ -60,5 +60,7 @@ struct PartitionMetrics: Sendable {
 /// Worker-wide metrics.
 enum WorkerMetrics {
     static let reconnects = Counter(label: "baton_amqp_reconnects_total")
+    /// Reply connections replaced while the consumers went on (``ReplyLink``).
+    static let replyReconnects = Counter(label: "baton_amqp_reply_reconnects_total")
     static let databaseRetries = Counter(label: "baton_database_retries_total")
 }
