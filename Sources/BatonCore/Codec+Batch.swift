@@ -86,7 +86,7 @@ extension ProtocolCodec {
     /// `{"v":1,"partition":p,"events":[E...]}` (docs/protocol.md, section 7), each at most
     /// ``ProtocolV1/maxBatchReplyBytes`` long (or one event, if that alone is longer). Returns each
     /// body with how many of the changes, from the front, it carries.
-    public static func encodeEvents(partition: Int, _ changes: [OwnershipChange]) -> [(body: [UInt8], count: Int)] {
+    public static func encodeEvents(partition: Int, _ changes: [PositionedChange]) -> [(body: [UInt8], count: Int)] {
         let bodies = changes.map(encodeEvent)
         return runs(of: bodies, limit: ProtocolV1.maxBatchReplyBytes).map { run in
             (envelope(Array(#"{"v":1,"partition":\#(partition),"events":["#.utf8), Array(bodies[run])), run.count)

@@ -47,6 +47,12 @@ extension ProtocolCodec {
         case .forceRelease(let buffer, let reason):
             json.string("buffer", buffer)
             if let reason { json.string("reason", reason) }
+        case .describe:
+            break
+        case .events(let buffer, let after, let limit):
+            if let buffer { json.string("buffer", buffer) }
+            if let after { json.integer("after", after) }
+            if limit != ProtocolV1.maxEventsPerRead { json.integer("limit", limit) }
         }
         return json.finish()
     }
@@ -74,12 +80,58 @@ extension ProtocolCodec {
         if reply.status == .error, let error = reply.error {
             json.object("error") { $0.string("code", error.code.rawValue); $0.string("message", error.message) }
         }
+        if reply.status == .description, let deployment = reply.deployment {
+            json.integer("protocol", deployment.protocolVersion)
+            json.integer("revision", deployment.revision)
+            json.integer("partitions", deployment.partitions)
+            json.strings("ops", deployment.ops)
+        }
+        if reply.status == .events {
+            let page = reply.events ?? EventPage(events: [], position: 0, more: false, missed: false)
+            json.raw("events", eventArray(page.events.map(encodeEvent)))
+            json.integer("position", page.position)
+            json.bool("more", page.more)
+            json.bool("missed", page.missed)
+        }
         return json.finish()
+    }
+
+    /// The longest `events` reply a worker sends: the page is cut (`more`) before it grows past this.
+    public static let maxEventsReplyBytes = 60 * 1024
+
+    /// `page` cut to what fits in one reply of at most ``maxEventsReplyBytes`` (with room for the reply's
+    /// other fields, `buffer` of up to 6 KiB escaped included): later events are left for the next read,
+    /// `position` moves back to the last event kept and `more` is set. At least one event is kept (an
+    /// event is at most about 4 KiB even with every name escaped).
+    public static func fitting(_ page: EventPage) -> EventPage {
+        var budget = maxEventsReplyBytes - 8 * 1024
+        var kept = 0
+        for event in page.events {
+            let size = encodeEvent(event).count + 1
+            if kept > 0, size > budget { break }
+            budget -= size
+            kept += 1
+        }
+        guard kept < page.events.count else { return page }
+        return EventPage(events: Array(page.events.prefix(kept)), position: page.events[kept - 1].seq, more: true, missed: page.missed)
+    }
+
+    private static func eventArray(_ bodies: [[UInt8]]) -> [UInt8] {
+        var bytes: [UInt8] = [UInt8(ascii: "[")]
+        bytes.reserveCapacity(bodies.reduce(2) { $0 + $1.count + 1 })
+        for (index, body) in bodies.enumerated() {
+            if index > 0 { bytes.append(UInt8(ascii: ",")) }
+            bytes += body
+        }
+        bytes.append(UInt8(ascii: "]"))
+        return bytes
     }
 
     /// Decodes a reply body (what a client receives). Unknown fields are ignored (docs/protocol.md).
     public static func decodeReply(_ body: some Collection<UInt8>) throws(ReplyDecodingError) -> Reply {
-        try reply(from: replyObject(body))
+        let object = try replyObject(body)
+        if case .string("batch")? = object["status"] { throw ReplyDecodingError("a batch reply carries several replies: decode it with decodeReplies") }
+        return try reply(from: object)
     }
 
     /// Decodes a reply message: one reply, or the replies to a batch in its order.
@@ -135,8 +187,12 @@ extension ProtocolCodec {
         }
         guard try integer("v") != nil else { throw ReplyDecodingError("the reply has no version 'v'") }
         guard let statusName = try string("status") else { throw ReplyDecodingError("the reply has no 'status'") }
+        // A status or error code of a later revision reads as an error (docs/protocol.md, "Compatibility rules").
         guard let status = ReplyStatus(rawValue: statusName) else {
-            throw ReplyDecodingError("unknown reply status '\(statusName.replacingControlCharacters())'")
+            return Reply(
+                requestID: try string("request_id"), status: .error, buffer: try string("buffer"), partition: try integer("partition").map { Int($0) },
+                error: ReplyError(code: .internalError, message: "the reply's status '\(statusName.replacingControlCharacters())' is not one this client knows")
+            )
         }
         var holder: Holder?
         if let fields = try object("holder") {
@@ -150,8 +206,11 @@ extension ProtocolCodec {
             guard case .string(let name)? = fields["code"], case .string(let message)? = fields["message"] else {
                 throw ReplyDecodingError("'error' needs the strings 'code' and 'message'")
             }
-            guard let code = ErrorCode(rawValue: name) else { throw ReplyDecodingError("unknown error code '\(name.replacingControlCharacters())'") }
-            error = ReplyError(code: code, message: message)
+            if let code = ErrorCode(rawValue: name) {
+                error = ReplyError(code: code, message: message)
+            } else {
+                error = ReplyError(code: .internalError, message: "\(name.replacingControlCharacters()): \(message)")
+            }
         }
         var buffers: [String]?
         switch fields["buffers"] {
@@ -163,17 +222,68 @@ extension ProtocolCodec {
             }
         case let other?: throw ReplyDecodingError("'buffers' is \(other.kindDescription), not an array")
         }
+        var deployment: DeploymentDescription?
+        if status == .description {
+            guard let version = try integer("protocol"), let revision = try integer("revision"), let partitions = try integer("partitions"),
+                  case .array(let ops)? = fields["ops"] else {
+                throw ReplyDecodingError("a description needs the integers 'protocol', 'revision', 'partitions' and the array 'ops'")
+            }
+            deployment = DeploymentDescription(
+                protocolVersion: Int(version), revision: Int(revision), partitions: Int(partitions),
+                ops: ops.compactMap { if case .string(let op) = $0 { op } else { nil } }
+            )
+        }
+        var page: EventPage?
+        if status == .events {
+            guard case .array(let items)? = fields["events"], let position = try integer("position"),
+                  case .bool(let more)? = fields["more"], case .bool(let missed)? = fields["missed"] else {
+                throw ReplyDecodingError("an events reply needs 'events', 'position', 'more' and 'missed'")
+            }
+            page = EventPage(events: try items.map(event), position: position, more: more, missed: missed)
+        }
         return Reply(
             requestID: try string("request_id"), status: status, buffer: try string("buffer"), holder: holder, token: try integer("token"),
             expiresAt: try timestamp("expires_at"), at: try timestamp("at"), partition: try integer("partition").map { Int($0) },
-            buffers: buffers, releasedCount: try integer("released_count").map { Int($0) }, error: error
+            buffers: buffers, releasedCount: try integer("released_count").map { Int($0) }, error: error, deployment: deployment, events: page
         )
     }
 
+    /// Decodes an event message from `baton.events`, in either form (docs/protocol.md, section 7.1): the
+    /// events it carries, in order. Events of workers before revision 3 have no position (`seq` 0) and take
+    /// the envelope's partition, or -1 without one. Unknown fields are ignored.
+    public static func decodeEventMessage(_ body: some Collection<UInt8>) throws(ReplyDecodingError) -> [PositionedChange] {
+        let object = try replyObject(body)
+        guard case .array(let items)? = object["events"] else { return [try event(.object(object))] }
+        let envelopePartition: Int? = if case .integer(let value)? = object["partition"] { Int(value) } else { nil }
+        return try items.map { item throws(ReplyDecodingError) in
+            var decoded = try event(item)
+            if decoded.partition < 0, let envelopePartition { decoded.partition = envelopePartition }
+            return decoded
+        }
+    }
+
+    private static func event(_ value: JSONValue) throws(ReplyDecodingError) -> PositionedChange {
+        guard case .object(let fields) = value else { throw ReplyDecodingError("an event is \(value.kindDescription), not an object") }
+        guard case .string(let kindName)? = fields["kind"], let kind = ChangeKind(rawValue: kindName),
+              case .string(let buffer)? = fields["buffer"], case .object(let holder)? = fields["holder"],
+              case .string(let user)? = holder["user"], case .string(let connection)? = holder["connection"],
+              case .integer(let token)? = fields["token"], case .string(let atText)? = fields["at"], let at = Timestamp(rfc3339: atText) else {
+            throw ReplyDecodingError("an event needs 'kind' (granted, released, expired), 'buffer', 'holder', 'token' and 'at'")
+        }
+        let seq: Int64 = if case .integer(let value)? = fields["seq"] { value } else { 0 }
+        let partition: Int = if case .integer(let value)? = fields["partition"] { Int(value) } else { -1 }
+        let forced = if case .bool(true)? = fields["forced"] { true } else { false }
+        // Events do not carry the lease's end; `at` stands in for it.
+        let change = OwnershipChange(kind: kind, buffer: buffer, holder: Holder(user: user, connection: connection), token: token, at: at, expiresAt: at, forced: forced)
+        return PositionedChange(seq: seq, partition: partition, change: change)
+    }
+
     /// Encodes the event object of an ownership change: the body of a `per-change` event message (routing
-    /// key `<p>.<kind>`), and each element of a `per-commit` one (``encodeEvents(partition:_:)``).
-    public static func encodeEvent(_ change: OwnershipChange) -> [UInt8] {
-        var json = JSONWriter(capacity: 160)
+    /// key `<p>.<kind>`), each element of a `per-commit` one (``encodeEvents(partition:_:)``) and of an
+    /// `events` reply.
+    public static func encodeEvent(_ event: PositionedChange) -> [UInt8] {
+        let change = event.change
+        var json = JSONWriter(capacity: 192)
         json.integer("v", ProtocolV1.version)
         json.string("kind", change.kind.rawValue)
         json.string("buffer", change.buffer)
@@ -181,6 +291,8 @@ extension ProtocolCodec {
         json.integer("token", change.token)
         json.string("at", change.at.rfc3339)
         if change.forced { json.bool("forced", true) }
+        json.integer("partition", event.partition)
+        json.integer("seq", event.seq)
         return json.finish()
     }
 

@@ -17,6 +17,8 @@ public enum ProtocolCodec {
         .inspect: ["buffer"],
         .releaseConnection: ["connection"],
         .forceRelease: ["buffer", "reason"],
+        .describe: [],
+        .events: ["buffer", "after", "limit"],
     ]
 
     /// Decodes and validates one request body.
@@ -111,6 +113,16 @@ public enum ProtocolCodec {
             let buffer = try reader.buffer("buffer")
             let reason = fields["reason"] == nil ? nil : try reader.name("reason", scalars: ProtocolV1.nameLength)
             command = .forceRelease(buffer: buffer, reason: reason)
+        case .describe:
+            command = .describe
+        case .events:
+            let buffer = fields["buffer"] == nil ? nil : try reader.buffer("buffer")
+            let after = try reader.integer("after", in: 0...Int64.max, allowed: "an integer from 0 to \(Int64.max), a position from an event's 'seq' or a reply's 'position' (omit it to read the current position)")
+            let limit = try reader.integer(
+                "limit", in: 1...Int64(ProtocolV1.maxEventsPerRead),
+                allowed: "an integer from 1 to \(ProtocolV1.maxEventsPerRead) (omit it for \(ProtocolV1.maxEventsPerRead))"
+            )
+            command = .events(buffer: buffer, after: after, limit: Int(limit ?? Int64(ProtocolV1.maxEventsPerRead)))
         }
         return Request(requestID: requestID, command: command, deadline: try reader.deadline())
     }

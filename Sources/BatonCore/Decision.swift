@@ -79,6 +79,11 @@ public enum OwnershipRules {
 
         case .releaseConnection:
             preconditionFailure("release_connection is decided by PartitionState, not per buffer")
+
+        case .describe, .events:
+            // Reads are answered by the worker without a decision; one that got here changes nothing.
+            let error = ProtocolError(code: .internalError, message: "op '\(request.operation)' is not a decision", requestID: request.requestID, buffer: request.buffer)
+            return Decision(state: state, reply: Reply.rejection(error, partition: partition, at: now), changes: [])
         }
 
         let holder = next.liveHolder(at: now)

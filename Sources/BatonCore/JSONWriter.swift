@@ -58,6 +58,12 @@ struct JSONWriter {
         bytes.append(UInt8(ascii: "]"))
     }
 
+    /// Writes `json`, already-encoded JSON, as the value of `name`.
+    mutating func raw(_ name: StaticString, _ json: [UInt8]) {
+        key(name)
+        bytes += json
+    }
+
     /// Writes a nested object under `name`.
     mutating func object(_ name: StaticString, _ body: (inout JSONWriter) -> Void) {
         key(name)

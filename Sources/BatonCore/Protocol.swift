@@ -2,6 +2,11 @@
 public enum ProtocolV1 {
     /// The only version this implementation speaks.
     public static let version = 1
+    /// The revision of version 1 this implementation speaks (docs/protocol.md, "Revisions"): 3 added
+    /// `describe`, `events` and the `seq` and `partition` of events.
+    public static let revision = 3
+    /// The most events one `events` reply lists (and the default `limit`).
+    public static let maxEventsPerRead = 256
     /// The largest request body, in bytes; a larger one is answered `payload_too_large` before parsing.
     public static let maxBodyBytes = 64 * 1024
     /// Allowed `lease_ms`.
@@ -66,6 +71,13 @@ public enum Operation: String, Sendable, Hashable, CaseIterable, CustomStringCon
     case releaseConnection = "release_connection"
     /// An operator's release of whoever holds a buffer; accepted only through ``ProtocolV1/adminExchange``.
     case forceRelease = "force_release"
+    /// What the deployment is: its partition count and protocol revision (revision 3). Answered at once.
+    case describe
+    /// A partition's history of ownership changes from a position (revision 3). Read-only, never recorded.
+    case events
+
+    /// Whether a worker answers it without deciding anything (and without an idempotency record).
+    public var isRead: Bool { self == .describe || self == .events }
 
     public var description: String { rawValue }
 }
@@ -138,6 +150,11 @@ public enum Command: Sendable, Hashable {
     case releaseConnection(connection: String)
     /// Release `buffer` whoever holds it (an operator's action; `reason` goes to the log).
     case forceRelease(buffer: String, reason: String?)
+    /// Describe the deployment.
+    case describe
+    /// Read the partition's changes after position `after` (nil: none, just the current position), of
+    /// `buffer` only when given, at most `limit`.
+    case events(buffer: String?, after: Int64?, limit: Int)
 
     /// The operation.
     public var operation: Operation {
@@ -148,6 +165,8 @@ public enum Command: Sendable, Hashable {
         case .inspect: .inspect
         case .releaseConnection: .releaseConnection
         case .forceRelease: .forceRelease
+        case .describe: .describe
+        case .events: .events
         }
     }
 
@@ -157,7 +176,9 @@ public enum Command: Sendable, Hashable {
         case .claim(let buffer, _, _), .renew(let buffer, _, _, _), .release(let buffer, _, _), .inspect(let buffer),
              .forceRelease(let buffer, _):
             buffer
-        case .releaseConnection:
+        case .events(let buffer, _, _):
+            buffer
+        case .releaseConnection, .describe:
             nil
         }
     }
@@ -172,6 +193,10 @@ public enum ReplyStatus: String, Sendable, Hashable, CaseIterable, Codable, Cust
     case notOwner = "not_owner"
     case state
     case releasedConnection = "released_connection"
+    /// The answer to `describe`.
+    case description
+    /// The answer to `events`.
+    case events
     case error
 
     public var description: String { rawValue }
@@ -259,12 +284,17 @@ public struct Reply: Sendable, Hashable {
     public var releasedCount: Int?
     /// For `error`: the code and message.
     public var error: ReplyError?
+    /// For `description`: what the deployment is.
+    public var deployment: DeploymentDescription?
+    /// For `events`: the changes read and where to read on.
+    public var events: EventPage?
 
     /// Creates a reply.
     public init(
         requestID: String?, status: ReplyStatus, buffer: String? = nil, holder: Holder? = nil,
         token: Int64? = nil, expiresAt: Timestamp? = nil, at: Timestamp? = nil, partition: Int? = nil,
-        buffers: [String]? = nil, releasedCount: Int? = nil, error: ReplyError? = nil
+        buffers: [String]? = nil, releasedCount: Int? = nil, error: ReplyError? = nil,
+        deployment: DeploymentDescription? = nil, events: EventPage? = nil
     ) {
         self.requestID = requestID
         self.status = status
@@ -277,6 +307,8 @@ public struct Reply: Sendable, Hashable {
         self.buffers = buffers
         self.releasedCount = releasedCount ?? buffers?.count
         self.error = error
+        self.deployment = deployment
+        self.events = events
     }
 
     /// The error reply for a rejected request.
@@ -357,5 +389,62 @@ public struct OwnershipChange: Sendable, Hashable {
         self.expiresAt = expiresAt
         self.forced = forced
         self.principal = principal
+    }
+}
+
+/// What a `describe` reply says about the deployment (docs/protocol.md, section 17).
+public struct DeploymentDescription: Sendable, Hashable {
+    /// The protocol version (`v`).
+    public var protocolVersion: Int
+    /// The revision of that version.
+    public var revision: Int
+    /// N.
+    public var partitions: Int
+    /// Every op the worker accepts.
+    public var ops: [String]
+
+    /// Creates a description.
+    public init(protocolVersion: Int = ProtocolV1.version, revision: Int = ProtocolV1.revision, partitions: Int, ops: [String] = Operation.allCases.map(\.rawValue)) {
+        self.protocolVersion = protocolVersion
+        self.revision = revision
+        self.partitions = partitions
+        self.ops = ops
+    }
+}
+
+/// One ownership change with its place in its partition's history: an event as published and read back.
+public struct PositionedChange: Sendable, Hashable {
+    /// The change's position in its partition (`seq`): grows in commit order, never reused, not consecutive.
+    public var seq: Int64
+    /// The partition that decided it.
+    public var partition: Int
+    /// The change.
+    public var change: OwnershipChange
+
+    /// Creates a positioned change.
+    public init(seq: Int64, partition: Int, change: OwnershipChange) {
+        self.seq = seq
+        self.partition = partition
+        self.change = change
+    }
+}
+
+/// What an `events` reply carries (docs/protocol.md, section 18).
+public struct EventPage: Sendable, Hashable {
+    /// The changes after the position asked for, ascending.
+    public var events: [PositionedChange]
+    /// Where the reply ends: read on from here.
+    public var position: Int64
+    /// More changes wait after ``position``.
+    public var more: Bool
+    /// Changes after the position asked for were already pruned and are not listed.
+    public var missed: Bool
+
+    /// Creates a page.
+    public init(events: [PositionedChange], position: Int64, more: Bool, missed: Bool) {
+        self.events = events
+        self.position = position
+        self.more = more
+        self.missed = missed
     }
 }

@@ -22,6 +22,16 @@ extension Reply {
             let count = reply.releasedCount ?? buffers.count
             let more = count > buffers.count ? " and \(count - buffers.count) more" : ""
             return count == 0 ? "released nothing" : "released \(count) buffer(s): \(buffers.map(LogValue.escape).joined(separator: ", "))\(more)"
+        case .description:
+            let deployment = reply.deployment
+            return "protocol v\(deployment?.protocolVersion ?? 0) revision \(deployment?.revision ?? 0), \(deployment?.partitions ?? 0) partitions; ops: \(deployment?.ops.joined(separator: ", ") ?? "")"
+        case .events:
+            let page = reply.events ?? EventPage(events: [], position: 0, more: false, missed: false)
+            let lines = page.events.map { event in
+                "\(event.seq) \(event.change.kind) '\(LogValue.escape(event.change.buffer))' \(event.change.holder) token \(event.change.token) at \(event.change.at)\(event.change.forced ? " (forced)" : "")"
+            }
+            let tail = "position \(page.position)\(page.more ? ", more after it" : "")\(page.missed ? "; changes before these were pruned (missed)" : "")\(partition)"
+            return (lines + [tail]).joined(separator: "\n")
         case .error:
             return "error \(reply.error?.code.rawValue ?? ""): \(reply.error?.message ?? "")"
         }

@@ -39,6 +39,9 @@ public struct OutboxEntry: Sendable, Hashable {
     public let partition: Int
     /// The change.
     public let change: OwnershipChange
+
+    /// The change with its position (its id), as events carry it.
+    public var positioned: PositionedChange { PositionedChange(seq: id, partition: partition, change: change) }
 }
 
 /// What applying one batch produced.
@@ -437,6 +440,29 @@ public final class OwnershipStore: Sendable {
         }
     }
 
+    /// Up to `limit` changes of `partition` after position `after` (of `buffer` only, when given), oldest
+    /// first, with the position the read ends at (docs/protocol.md, section 18). Without `after`, only the
+    /// partition's current position. The caller must not let the partition commit meanwhile (the worker reads
+    /// between its partition's batches), so that the position covers exactly what was read.
+    public func events(partition: Int, after: Int64?, buffer: String?, limit: Int) async throws -> (page: EventPage, at: Timestamp) {
+        try await connection.withSession { session in
+            let head = try session.query(SQL.eventsHead, [String(partition)]).decode(from: "baton_outbox") { row in
+                (position: try row.decode(0, "position", as: Int64.self), pruned: try row.decode(1, "through", as: Int64.self), at: try row.timestamp(2, "now"))
+            }
+            guard let head = head.first else { throw StoreError(code: .unknownPartition, partition: partition, message: "no position for partition \(partition)") }
+            guard let after else { return (EventPage(events: [], position: head.position, more: false, missed: false), head.at) }
+            let rows = try session.query(SQL.eventsAfter, [String(partition), String(after), buffer, String(limit + 1)]).decode(from: "baton_outbox") { row in
+                PositionedChange(seq: try row.decode(0, "id"), partition: partition, change: try OwnershipChange(row: row, from: 1, principal: false))
+            }
+            let missed = after < head.pruned
+            if rows.count > limit {
+                let kept = Array(rows.prefix(limit))
+                return (EventPage(events: kept, position: kept.last!.seq, more: true, missed: missed), head.at)
+            }
+            return (EventPage(events: rows, position: max(head.position, after), more: false, missed: missed), head.at)
+        }
+    }
+
     /// Every ownership change in the audit trail (oldest first) and the token each buffer shows now:
     /// the input of `HistoryChecker` and `ChaosChecker`. Reads the whole table: for tests, benchmarks
     /// and audits, not for the hot path.
@@ -483,7 +509,7 @@ public final class OwnershipStore: Sendable {
                 if deleted < chunk { break }
             }
             while true {
-                let deleted = try session.query(SQL.pruneOutbox, [milliseconds, String(chunk)]).affectedRows
+                let deleted = try session.query(SQL.pruneOutbox, [milliseconds, String(chunk)]).decode(from: "baton_outbox") { try $0.decode(0, "count", as: Int.self) }.first ?? 0
                 outbox += deleted
                 if deleted < chunk { break }
             }
@@ -659,10 +685,36 @@ enum SQL {
             WHERE created_at < clock_timestamp() - $1::int8 * interval '1 millisecond' LIMIT $2))
         """)
 
-    // Uses baton_outbox_delivered.
+    // Uses baton_outbox_delivered. Records, per partition, the highest position deleted (events reads from
+    // an older position report missed changes).
     static let pruneOutbox = PreparedStatement(name: "baton_prune_outbox", sql: """
-        DELETE FROM baton_outbox WHERE ctid = ANY(ARRAY(
-            SELECT ctid FROM baton_outbox
-            WHERE delivered_at IS NOT NULL AND delivered_at < clock_timestamp() - $1::int8 * interval '1 millisecond' LIMIT $2))
+        WITH deleted AS (
+            DELETE FROM baton_outbox WHERE ctid = ANY(ARRAY(
+                SELECT ctid FROM baton_outbox
+                WHERE delivered_at IS NOT NULL AND delivered_at < clock_timestamp() - $1::int8 * interval '1 millisecond' LIMIT $2))
+            RETURNING partition, id
+        ),
+        marked AS (
+            INSERT INTO baton_outbox_pruned (partition, through)
+            SELECT partition, max(id) FROM deleted GROUP BY partition
+            ON CONFLICT (partition) DO UPDATE SET through = GREATEST(baton_outbox_pruned.through, EXCLUDED.through)
+        )
+        SELECT count(*) FROM deleted
+        """)
+
+    // Uses baton_outbox_position (max per partition) and the primary key of baton_outbox_pruned.
+    static let eventsHead = PreparedStatement(name: "baton_events_head", sql: """
+        SELECT coalesce((SELECT max(id) FROM baton_outbox WHERE partition = $1), 0) AS position,
+               coalesce((SELECT through FROM baton_outbox_pruned WHERE partition = $1), 0) AS through,
+               (extract(epoch FROM clock_timestamp()) * 1000)::int8 AS now
+        """)
+
+    // Uses baton_outbox_position.
+    static let eventsAfter = PreparedStatement(name: "baton_events_after", sql: """
+        SELECT id, kind, buffer, holder_user, holder_connection, token,
+               (extract(epoch FROM at) * 1000)::int8, (extract(epoch FROM expires_at) * 1000)::int8, forced
+        FROM baton_outbox
+        WHERE partition = $1 AND id > $2::int8 AND ($3::text IS NULL OR buffer = $3::text)
+        ORDER BY id LIMIT $4::int8
         """)
 }

@@ -93,7 +93,7 @@ final class EventPump: Sendable {
         var covered: [ArraySlice<OutboxEntry>] = []
         if perCommit {
             var start = entries.startIndex
-            for (body, count) in ProtocolCodec.encodeEvents(partition: partition, entries.map(\.change)) where count > 0 {
+            for (body, count) in ProtocolCodec.encodeEvents(partition: partition, entries.map(\.positioned)) where count > 0 {
                 let slice = entries[start..<start + count]
                 start += count
                 messages.append(OutgoingMessage(
@@ -107,7 +107,7 @@ final class EventPump: Sendable {
                 messages.append(OutgoingMessage(
                     exchange: ProtocolV1.eventsExchange,
                     routingKey: ProtocolV1.eventRoutingKey(partition: partition, kind: entry.change.kind),
-                    body: ProtocolCodec.encodeEvent(entry.change),
+                    body: ProtocolCodec.encodeEvent(entry.positioned),
                     properties: AMQPProperties(contentType: ProtocolV1.contentType, messageID: String(entry.id), deliveryMode: 2)
                 ))
                 covered.append(entries[index...index])

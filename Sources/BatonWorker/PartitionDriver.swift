@@ -80,7 +80,8 @@ final class PartitionDriver: Sendable {
             configuration: Machine.Configuration(
                 partition: partition, batchSize: configuration.batchSize, ackLimit: Int(configuration.prefetch) / 4,
                 sweepInterval: configuration.sweepInterval, tickInterval: max(.seconds(1), configuration.sweepInterval * 3),
-                deciding: store != nil, linger: configuration.linger, wallClock: { Timestamp(milliseconds: Int64(Date().timeIntervalSince1970 * 1000)) }
+                deciding: store != nil, linger: configuration.linger, wallClock: { Timestamp(milliseconds: Int64(Date().timeIntervalSince1970 * 1000)) },
+                partitions: configuration.partitioner.count
             ),
             logger: logger, now: .now
         )
@@ -181,6 +182,17 @@ final class PartitionDriver: Sendable {
                     handle { $0.applied(outcome, now: $1) }
                 }
             }
+        case .read(let requests):
+            guard let store else { return }
+            Task {
+                let result: Result<[Reply], Machine.Failure>
+                do {
+                    result = .success(try await read(requests, from: store))
+                } catch {
+                    result = .failure(Self.classify(error))
+                }
+                handle { $0.read(result, now: $1) }
+            }
         case .retry(let delay, _):
             worker.statistics.withLock { $0.databaseRetries += 1 }
             WorkerMetrics.databaseRetries.increment()
@@ -236,6 +248,19 @@ final class PartitionDriver: Sendable {
             $0.commitTime += report.commitTime
             $0.batches += 1
         }
+    }
+
+    /// Answers `events` requests from the partition's history, one read each, in order.
+    private func read(_ requests: [Request], from store: OwnershipStore) async throws -> [Reply] {
+        var replies: [Reply] = []
+        for request in requests {
+            guard case .events(let buffer, let after, let limit) = request.command else { continue }
+            let (page, at) = try await store.events(partition: partition, after: after, buffer: buffer, limit: limit)
+            replies.append(Reply(
+                requestID: request.requestID, status: .events, buffer: buffer, at: at, partition: partition, events: ProtocolCodec.fitting(page)
+            ))
+        }
+        return replies
     }
 
     /// How a store error reads to the machine.

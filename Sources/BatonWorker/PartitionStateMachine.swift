@@ -31,6 +31,8 @@ struct PartitionStateMachine {
         var linger: Duration = .zero
         /// The wall clock, for echo replies.
         var wallClock: () -> Timestamp = { Timestamp(milliseconds: 0) }
+        /// N, the deployment's partition count (for `describe` and for checking the buffer of `events`).
+        var partitions = 1
     }
 
     /// Why the machine finished.
@@ -62,6 +64,8 @@ struct PartitionStateMachine {
         case takePartition
         /// Apply `requests` (in order) as owner of `epoch`; report with ``applied(_:now:)``.
         case apply(requests: [Request], epoch: Int64)
+        /// Read the history the `events` requests ask for, after the batch's decisions; report with ``read(_:now:)``.
+        case read(requests: [Request])
         /// Call ``retryDue()`` after `delay` (a store call failed for now).
         case retry(after: Duration, error: String)
         /// Call ``wake(now:)`` after `delay` (the linger of a batch).
@@ -98,6 +102,7 @@ struct PartitionStateMachine {
     private enum Operation: Equatable {
         case taking
         case applying(since: ContinuousClock.Instant)
+        case reading
         case sweeping
         case waitingToRetry
     }
@@ -118,6 +123,10 @@ struct PartitionStateMachine {
         var changes: [OutboxEntry] = []
         /// Ranges of `requests` still to decide, in order; a range the database refuses is split in halves.
         var work: [Range<Int>] = []
+        /// The `events` reads of the batch, answered after its decisions, and their delivery and place.
+        var reads: [(request: Request, message: AMQPMessage, element: Int?)] = []
+        /// Their replies, once read.
+        var readReplies: [Reply]?
         var report = BatchReport()
     }
 
@@ -241,6 +250,20 @@ struct PartitionStateMachine {
         }
     }
 
+    /// The store read what the batch's `events` requests asked for (one reply each, in order), or failed.
+    mutating func read(_ result: Result<[Reply], Failure>, now: ContinuousClock.Instant) -> [Action] {
+        guard exit == nil, operation == .reading, var batch else { return [] }
+        operation = nil
+        switch result {
+        case .success(let replies):
+            batch.readReplies = replies
+            self.batch = batch
+            return recovered() + advance(now: now)
+        case .failure(let failure):
+            return failed(failure)
+        }
+    }
+
     /// The sweep finished (or the partition was lost meanwhile).
     mutating func swept(lost: Bool, now: ContinuousClock.Instant) -> [Action] {
         guard exit == nil, operation == .sweeping else { return [] }
@@ -337,6 +360,11 @@ struct PartitionStateMachine {
                 if let range = batch.work.first, let epoch {
                     operation = .applying(since: now)
                     actions.append(.apply(requests: Array(batch.requests[range]), epoch: epoch))
+                    return actions
+                }
+                if !batch.reads.isEmpty, batch.readReplies == nil {
+                    operation = .reading
+                    actions.append(.read(requests: batch.reads.map(\.request)))
                     return actions
                 }
                 batch.report.duration = now - batch.started
@@ -445,7 +473,7 @@ struct PartitionStateMachine {
             ))
         }
         request.principal = message.properties.userID
-        if request.principal == nil, request.operation != .inspect, request.operation != .forceRelease {
+        if request.principal == nil, request.operation != .inspect, request.operation != .forceRelease, !request.operation.isRead {
             return .failure(ProtocolError(
                 code: .unauthenticated,
                 message: "op '\(request.operation)' needs the AMQP property user_id set to the broker user you log in as (RabbitMQ checks it): a lease belongs to the user that claimed it, and only that user may renew or release it",
@@ -484,6 +512,23 @@ struct PartitionStateMachine {
         }
         for message in messages where !Self.isTick(message) {
             switch Self.admit(message) {
+            case .single(.success(let request)) where request.operation.isRead:
+                switch answerAtOnce(request) {
+                case .success(let reply?):
+                    if let answer = Self.replyMessage(ProtocolCodec.encode(reply), to: message) { batch.publishes.append(.publish(answer)) }
+                    batch.lastAck = max(batch.lastAck ?? 0, message.deliveryTag)
+                    batch.report.counts["\(request.operation.rawValue)|\(reply.status.rawValue)", default: 0] += 1
+                case .success(nil):
+                    batch.reads.append((request, message, nil))
+                case .failure(let error):
+                    refuse(error)
+                    if let reply = Self.replyMessage(ProtocolCodec.encode(Reply.rejection(error, partition: partition, at: nil)), to: message) {
+                        batch.publishes.append(.publish(reply))
+                    }
+                    batch.settles.append(.reject(deliveryTag: message.deliveryTag, requeue: false))
+                    batch.report.deadLetters.append(error.code.rawValue)
+                    batch.report.rejected += 1
+                }
             case .single(.success(let request)):
                 accept(request, message, element: nil)
             case .single(.failure(let error)):
@@ -498,8 +543,13 @@ struct PartitionStateMachine {
             case .batch(let elements):
                 var replies = [Reply?](repeating: nil, count: elements.count)
                 for (index, element) in elements.enumerated() {
-                    switch element {
-                    case .success(let request):
+                    switch element.flatMap({ request in answerAtOnce(request).map { (request, $0) } }) {
+                    case .success((let request, let reply?)):
+                        replies[index] = reply
+                        batch.report.counts["\(request.operation.rawValue)|\(reply.status.rawValue)", default: 0] += 1
+                    case .success((let request, nil)) where request.operation == .events:
+                        batch.reads.append((request, message, index))
+                    case .success((let request, nil)):
                         accept(request, message, element: index)
                     case .failure(let error):
                         refuse(error)
@@ -527,6 +577,32 @@ struct PartitionStateMachine {
         return batch
     }
 
+    /// The reply to a request answered without the store (`describe`), nil for one that goes on (a
+    /// decision, or an `events` read after the batch's decisions), or why a read is refused (an `events`
+    /// whose buffer belongs to another partition).
+    private func answerAtOnce(_ request: Request) -> Result<Reply?, ProtocolError> {
+        let partition = configuration.partition
+        switch request.command {
+        case .describe:
+            return .success(Reply(
+                requestID: request.requestID, status: .description, partition: partition,
+                deployment: DeploymentDescription(partitions: configuration.partitions)
+            ))
+        case .events(let buffer?, _, _):
+            if let partitioner = try? Partitioner(count: configuration.partitions), partitioner.partition(of: buffer) != partition {
+                let right = partitioner.partition(of: buffer)
+                return .failure(ProtocolError(
+                    code: .misrouted,
+                    message: "buffer '\(LogValue.escape(buffer))' belongs to partition \(right) of \(configuration.partitions), not \(partition): publish its events request with routing key '\(right)'",
+                    requestID: request.requestID, buffer: buffer
+                ))
+            }
+            return .success(nil)
+        default:
+            return .success(nil)
+        }
+    }
+
     /// Answers a decided batch: replies (rejections first, so that the closing multiple-ack covers
     /// exactly the accepted deliveries), then its settles, then its events.
     private mutating func complete(_ batch: Batch) -> [Action] {
@@ -551,6 +627,15 @@ struct PartitionStateMachine {
             } else {
                 // Expired requests are acked, not dead-lettered: nothing is wrong with them, their caller gave up.
                 batch.lastAck = max(batch.lastAck ?? 0, origin.message.deliveryTag)
+            }
+        }
+        for (read, reply) in zip(batch.reads, batch.readReplies ?? []) {
+            batch.report.counts["events|\(reply.status.rawValue)", default: 0] += 1
+            if let element = read.element {
+                batch.batchReplies[read.message.deliveryTag]?.replies[element] = reply
+            } else {
+                if let answer = Self.replyMessage(ProtocolCodec.encode(reply), to: read.message) { batch.publishes.append(.publish(answer)) }
+                batch.lastAck = max(batch.lastAck ?? 0, read.message.deliveryTag)
             }
         }
         for (tag, answered) in batch.batchReplies.sorted(by: { $0.key < $1.key }) {
@@ -582,6 +667,15 @@ struct PartitionStateMachine {
                 case .inspect: .state
                 case .releaseConnection: .releasedConnection
                 case .forceRelease: .released
+                case .describe: .description
+                case .events: .events
+                }
+                if request.operation.isRead {
+                    return Reply(
+                        requestID: request.requestID, status: status, buffer: request.buffer, at: now, partition: partition,
+                        deployment: status == .description ? DeploymentDescription(partitions: configuration.partitions) : nil,
+                        events: status == .events ? EventPage(events: [], position: 0, more: false, missed: false) : nil
+                    )
                 }
                 return Reply(
                     requestID: request.requestID, status: status, buffer: request.buffer, holder: nil, token: 1,

@@ -85,21 +85,27 @@ import Testing
                 at: Timestamp(milliseconds: 1_000), expiresAt: Timestamp(milliseconds: 2_000)
             )
         }
-        let parts = ProtocolCodec.encodeEvents(partition: 7, changes)
+        let positioned = changes.enumerated().map { PositionedChange(seq: Int64(100 + $0.offset * 3), partition: 7, change: $0.element) }
+        let parts = ProtocolCodec.encodeEvents(partition: 7, positioned)
         #expect(parts.count > 1)
         #expect(parts.map(\.count).reduce(0, +) == changes.count)
         #expect(parts.allSatisfy { $0.body.count <= ProtocolV1.maxBatchReplyBytes })
         var tokens: [Int64] = []
+        var positions: [Int64] = []
         for part in parts {
             let object = try #require(try JSONSerialization.jsonObject(with: Data(part.body)) as? [String: Any])
             #expect(object["v"] as? Int == 1 && object["partition"] as? Int == 7)
             let events = try #require(object["events"] as? [[String: Any]])
             #expect(events.count == part.count)
             tokens += events.compactMap { ($0["token"] as? Int).map(Int64.init) }
+            positions += events.compactMap { ($0["seq"] as? Int).map(Int64.init) }
+            #expect(events.allSatisfy { $0["partition"] as? Int == 7 }, "every event names its partition")
         }
         #expect(tokens == changes.map(\.token), "every change, once, in commit order")
+        #expect(positions == positioned.map(\.seq), "each with its position")
+        #expect(try ProtocolCodec.decodeEventMessage(parts[0].body).map(\.seq) == Array(positioned.prefix(parts[0].count).map(\.seq)), "read back")
         // Each element is exactly the event a per-change message carries.
-        let single = try #require(ProtocolCodec.encodeEvents(partition: 7, [changes[0]]).first)
-        #expect(String(decoding: single.body, as: UTF8.self) == #"{"v":1,"partition":7,"events":["# + String(decoding: ProtocolCodec.encodeEvent(changes[0]), as: UTF8.self) + "]}")
+        let single = try #require(ProtocolCodec.encodeEvents(partition: 7, [positioned[0]]).first)
+        #expect(String(decoding: single.body, as: UTF8.self) == #"{"v":1,"partition":7,"events":["# + String(decoding: ProtocolCodec.encodeEvent(positioned[0]), as: UTF8.self) + "]}")
     }
 }

@@ -87,8 +87,8 @@ private func rejection(_ json: String) -> ProtocolError? { rejection(Array(json.
     @Test func eventBody() {
         let change = OwnershipChange(kind: .expired, buffer: "b", holder: Holder(user: "u", connection: "c"), token: 4,
                                      at: Timestamp(milliseconds: 1000), expiresAt: Timestamp(milliseconds: 900))
-        let body = String(decoding: ProtocolCodec.encodeEvent(change), as: UTF8.self)
-        for field in [#""v":1"#, #""kind":"expired""#, #""buffer":"b""#, #""holder":{"#, #""token":4"#, #""at":"1970-01-01T00:00:01.000Z""#] {
+        let body = String(decoding: ProtocolCodec.encodeEvent(PositionedChange(seq: 42, partition: 3, change: change)), as: UTF8.self)
+        for field in [#""v":1"#, #""kind":"expired""#, #""buffer":"b""#, #""holder":{"#, #""token":4"#, #""at":"1970-01-01T00:00:01.000Z""#, #""partition":3"#, #""seq":42"#] {
             #expect(body.contains(field), "\(field) in \(body)")
         }
     }

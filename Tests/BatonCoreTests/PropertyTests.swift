@@ -87,8 +87,8 @@ struct Step: Sendable, CustomStringConvertible {
                     #expect(reply.holder == before.liveHolder(at: now))
                 case .releasedConnection:
                     #expect(reply.buffers?.allSatisfy { state.state(of: $0).holder == nil } == true)
-                case .error:
-                    Issue.record("unexpected error reply \(String(describing: reply.error))")
+                case .error, .description, .events:
+                    Issue.record("unexpected reply \(reply.status) \(String(describing: reply.error))")
                 }
             }
             // Invariants 1-3 over the whole history, against the final state.

@@ -131,7 +131,7 @@ private func request(_ command: Command, id: String = "r") -> Request { Request(
         #expect(reply.status == .released && reply.token == 1)
         #expect(changes.count == 1 && changes[0].kind == .released && changes[0].forced && changes[0].holder == ann)
         #expect(state.apply(request(.claim(buffer: "b", holder: bob, leaseMilliseconds: 1000)), at: t0.adding(milliseconds: 20)).reply.token == 2)
-        let event = String(decoding: ProtocolCodec.encodeEvent(changes[0]), as: UTF8.self)
+        let event = String(decoding: ProtocolCodec.encodeEvent(PositionedChange(seq: 1, partition: 0, change: changes[0])), as: UTF8.self)
         #expect(event.contains(#""forced":true"#))
     }
 
