@@ -157,6 +157,21 @@ public final class AMQPChannel: Sendable {
         try await queueDeclare(name, passive: false, durable: durable, arguments: arguments)
     }
 
+    /// Declares a queue the broker names (`amq.gen-…`): exclusive to this connection, deleted with it.
+    /// Returns its name.
+    public func declareServerNamedQueue() async throws -> String {
+        let channel = number
+        return try await io.run { io throws(AMQPError) in
+            let arena = CArena()
+            let ok = amqp_queue_declare(io.conn, channel, arena.bytes(""), 0, 0, 1, 1, amqp_empty_table)
+            try io.check(amqp_get_rpc_reply(io.conn), channel: channel, doing: "declare a server-named queue")
+            guard let name = ok?.pointee.queue.string else {
+                throw AMQPError(code: .channelClosed, message: "channel \(channel) closed while declaring a server-named queue")
+            }
+            return name
+        }
+    }
+
     /// Checks that a queue exists and returns its ready messages and consumers (passive declare).
     public func inspectQueue(_ name: String) async throws -> (messages: Int, consumers: Int) {
         try await queueDeclare(name, passive: true, durable: true, arguments: [:])

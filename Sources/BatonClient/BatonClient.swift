@@ -171,7 +171,7 @@ public struct BufferStatus: Sendable, Hashable {
 public final class BatonClient: Sendable {
     /// The configuration.
     public let configuration: BatonClientConfiguration
-    private let logger: Logger
+    let logger: Logger
     private let state = Mutex(ClientState())
     /// The start of this client's message ids: random, drawn once.
     private let messagePrefix = UUID().uuidString
@@ -272,10 +272,17 @@ public final class BatonClient: Sendable {
         public var messages = 0
         /// Requests published in them (resends count again).
         public var requests = 0
+        /// Event messages received by this client's watches (``watch(_:from:)``).
+        public var eventMessages = 0
     }
 
     /// What this client has sent so far.
     public var statistics: Statistics { state.withLock { $0.statistics } }
+
+    /// Counts event messages a watch received.
+    func recordEventMessages(_ count: Int) {
+        state.withLock { $0.statistics.eventMessages += count }
+    }
 
     /// The connection in use, if any (for tests).
     var currentConnection: AMQPConnection? { state.withLock { $0.link?.connection } }
@@ -374,12 +381,17 @@ public final class BatonClient: Sendable {
     /// body and as the message's `expiration`, so a worker never decides it after this call gave up. While
     /// no reply has come, it is published again every ``BatonClientConfiguration/resendAfter`` with the same
     /// `request_id` and correlation id, and the reply to any attempt answers the call.
-    public func call(_ request: Request, partition explicit: Int? = nil) async throws -> Reply {
-        let partition = explicit ?? configuration.partitioner.partition(of: request.buffer ?? "")
-        let deadline = ContinuousClock.now + configuration.timeout
+    ///
+    /// - Parameters:
+    ///   - partition: where to send it; by default the partition of its buffer (partition 0 without one).
+    ///   - timeout: how long the call may take; by default ``BatonClientConfiguration/timeout``.
+    public func call(_ request: Request, partition explicit: Int? = nil, timeout: Duration? = nil) async throws -> Reply {
+        let partition = explicit ?? request.buffer.map(configuration.partitioner.partition(of:)) ?? 0
+        let timeout = timeout ?? configuration.timeout
+        let deadline = ContinuousClock.now + timeout
         var request = request
         if request.deadline == nil {
-            let lifetime = min(configuration.timeout.wholeMilliseconds, ProtocolV1.maxRequestLifetimeMilliseconds)
+            let lifetime = min(max(1, timeout.wholeMilliseconds), ProtocolV1.maxRequestLifetimeMilliseconds)
             request.deadline = Timestamp.wallClock().adding(milliseconds: lifetime)
         }
         let body = ProtocolCodec.encode(request)
@@ -442,13 +454,13 @@ public final class BatonClient: Sendable {
         if let blocked, attempts == 0 {
             throw BatonClientError(
                 code: .blocked,
-                message: "the broker blocked publishing for the whole \(configuration.timeout) (\(blocked)): \(request.operation) '\(request.buffer ?? "")' (request_id \(request.requestID)) was not sent; retry later with the same request_id",
+                message: "the broker blocked publishing for the whole \(timeout) (\(blocked)): \(request.operation) '\(request.buffer ?? "")' (request_id \(request.requestID)) was not sent; retry later with the same request_id",
                 requestID: request.requestID
             )
         }
         throw BatonClientError(
             code: .timeout,
-            message: "no reply to \(request.operation) '\(request.buffer ?? "")' (request_id \(request.requestID)) within \(configuration.timeout) after \(attempts) attempts\(blocked.map { " (the broker then blocked publishing: \($0))" } ?? ""): is a worker serving partition \(partition)? Retrying with the same request_id is safe",
+            message: "no reply to \(request.operation) '\(request.buffer ?? "")' (request_id \(request.requestID)) within \(timeout) after \(attempts) attempts\(blocked.map { " (the broker then blocked publishing: \($0))" } ?? ""): is a worker serving partition \(partition)? Retrying with the same request_id is safe",
             requestID: request.requestID
         )
     }

@@ -78,6 +78,19 @@ public struct BrokerAdmin: Sendable {
         return ((object?["message_stats"] as? [String: Any])?["publish"] as? Int) ?? 0
     }
 
+    /// Closes the connections of `virtualHost` whose client-given name (`connection_name`) is `name`, as a
+    /// failing node would; returns how many. The management API lists a connection a moment after it opens.
+    @discardableResult
+    public func closeConnections(named name: String, in virtualHost: String) async throws -> Int {
+        let data = try await send("GET", "vhosts/\(Self.segment(virtualHost))/connections?columns=name,client_properties.connection_name")
+        let connections = ((try JSONSerialization.jsonObject(with: data)) as? [[String: Any]]) ?? []
+        let matching = connections.filter { (($0["client_properties"] as? [String: Any])?["connection_name"] as? String) == name }.compactMap { $0["name"] as? String }
+        for connection in matching {
+            try await send("DELETE", "connections/\(Self.segment(connection))", accept: [200, 204, 404])
+        }
+        return matching.count
+    }
+
     /// The names of every virtual host.
     public func virtualHosts() async throws -> [String] {
         let data = try await send("GET", "vhosts?columns=name")
