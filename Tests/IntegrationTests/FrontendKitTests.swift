@@ -69,6 +69,37 @@ import Testing
         await worker.stop()
     }
 
+    @Test func aPositionOlderThanThePrunedHistoryIsReportedMissed() async throws {
+        let deployment = try await Deployment.make(partitions: 1)
+        let worker = deployment.startWorker()
+        let client = deployment.client()
+        for index in 0..<3 { _ = try await client.claim("old/\(index)", user: "u", connection: "c") }
+        let before = try await client.events(partition: 0, after: 0)
+        #expect(before.events.count == 3 && !before.missed)
+        // Age the published rows past a retention and prune them, as `baton prune` does.
+        let store = try await TestDatabase.store(deployment.databaseURL, partitions: 1)
+        #expect(try await Deployment.eventually {
+            try await store.connection.withSession { try $0.query("SELECT count(*) FROM baton_outbox WHERE delivered_at IS NULL").first() } == "0"
+        }, "the events were published and marked delivered")
+        _ = try await store.connection.withSession { try $0.query("UPDATE baton_outbox SET delivered_at = delivered_at - interval '2 hours'") }
+        #expect(try await store.prune(retention: .seconds(3600)).outbox == 3)
+        _ = try await client.claim("new", user: "u", connection: "c")
+
+        let after = try await client.events(partition: 0, after: 0)
+        #expect(after.missed, "the reader learns that changes it never saw were pruned")
+        #expect(after.events.map(\.change.buffer) == ["new"], "and gets what is kept")
+        let current = try await client.events(partition: 0, after: before.position)
+        #expect(!current.missed && current.events.map(\.change.buffer) == ["new"], "a position within the kept history misses nothing")
+        let watched = Shared<[WatchEvent]>([])
+        let watching = Task { for try await event in client.watch(.partition(0), from: [0: 1]) { watched.update { $0.append(event) } } }
+        #expect(await Deployment.eventually { watched.value.count == 2 })
+        watching.cancel()
+        #expect(watched.value.first == .missed(partition: 0))
+        await store.connection.close()
+        await client.close()
+        await worker.stop()
+    }
+
     @Test func liveEventsCarryTheirPartitionAndPosition() async throws {
         let deployment = try await Deployment.make(partitions: 2)
         let worker = deployment.startWorker()
