@@ -137,27 +137,34 @@ public struct PartitionState: Sendable {
         buffers[ExactString(buffer)] ?? .fresh
     }
 
+    /// The answer to a request whose `deadline` refuses it at database time `now` (docs/protocol.md, section
+    /// 3.3, step 11): passed (`deadline_exceeded`) or more than a request's lifetime ahead (`invalid_request`).
+    /// Such a request decides nothing and is not recorded, so a retry with another deadline is decided.
+    public func deadlineRefusal(_ request: Request, at now: Timestamp) -> Reply? {
+        guard let deadline = request.deadline else { return nil }
+        if deadline <= now {
+            let error = ProtocolError(
+                code: .deadlineExceeded,
+                message: "the request's deadline \(deadline.rfc3339) passed before it was decided (database time \(now.rfc3339)); nothing changed",
+                requestID: request.requestID, buffer: request.buffer
+            )
+            return Reply.rejection(error, partition: partition, at: now)
+        }
+        let limit = ProtocolV1.maxRequestLifetimeMilliseconds
+        if deadline > now.adding(milliseconds: limit) {
+            let error = ProtocolError(
+                code: .invalidRequest,
+                message: "field 'deadline' \(deadline.rfc3339) is more than \(limit / 1000) s after the database time \(now.rfc3339): a request may live at most \(limit / 1000) s (check the sender's clock)",
+                requestID: request.requestID, buffer: request.buffer
+            )
+            return Reply.rejection(error, partition: partition, at: now)
+        }
+        return nil
+    }
+
     /// Applies one request at database time `now`, returning the reply and the ownership changes.
     public mutating func apply(_ request: Request, at now: Timestamp) -> (reply: Reply, changes: [OwnershipChange]) {
-        if let deadline = request.deadline {
-            if deadline <= now {
-                let error = ProtocolError(
-                    code: .deadlineExceeded,
-                    message: "the request's deadline \(deadline.rfc3339) passed before it was decided (database time \(now.rfc3339)); nothing changed",
-                    requestID: request.requestID, buffer: request.buffer
-                )
-                return (Reply.rejection(error, partition: partition, at: now), [])
-            }
-            let limit = ProtocolV1.maxRequestLifetimeMilliseconds
-            if deadline > now.adding(milliseconds: limit) {
-                let error = ProtocolError(
-                    code: .invalidRequest,
-                    message: "field 'deadline' \(deadline.rfc3339) is more than \(limit / 1000) s after the database time \(now.rfc3339): a request may live at most \(limit / 1000) s (check the sender's clock)",
-                    requestID: request.requestID, buffer: request.buffer
-                )
-                return (Reply.rejection(error, partition: partition, at: now), [])
-            }
-        }
+        if let refusal = deadlineRefusal(request, at: now) { return (refusal, []) }
         if case .releaseConnection(let connection) = request.command {
             return releaseConnection(connection, request: request, at: now)
         }

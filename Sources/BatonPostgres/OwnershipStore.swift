@@ -338,12 +338,12 @@ public final class OwnershipStore: Sendable {
                     }
                     continue
                 }
-                let (reply, made) = state.apply(request, at: now)
-                if reply.status == .error, reply.error?.code == .deadlineExceeded {
-                    // Not recorded: nothing was decided, and a retry with a later deadline may still be decided.
-                    replies.append(reply)
+                if let refusal = state.deadlineRefusal(request, at: now) {
+                    // Not recorded: nothing was decided, and a retry with another deadline may still be decided.
+                    replies.append(refusal)
                     continue
                 }
+                let (reply, made) = state.apply(request, at: now)
                 stored[ExactString(request.requestID)] = (reply, fingerprint)
                 records.append((request.requestID, reply, fingerprint))
                 replies.append(reply)
