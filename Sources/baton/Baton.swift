@@ -11,11 +11,60 @@ struct Baton: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "baton",
         abstract: "Race-free ownership of shared editor buffers, decided per partition and fenced in PostgreSQL.",
+        discussion: """
+            Exit codes: 0 success; 1 denied or not the owner (claim, renew, release, force-release), or a failure of \
+            any other command; 2 an error of a request command (rejected, timed out, broker unreachable; with --json \
+            a reply-shaped error on standard output); 64 a usage error.
+            """,
         subcommands: [
             WorkerCommand.self, Migrate.self, Topology.self, Claim.self, Renew.self, Release.self, Inspect.self,
             ReleaseConnection.self, ForceRelease.self, Demo.self, Bench.self, Chaos.self, Status.self, Prune.self, BenchStore.self,
+            LogSample.self,
         ]
     )
+}
+
+/// How a command logs: level and format, for its own logger and the libraries'. Part of ``DatabaseOptions``,
+/// so every command that logs has them.
+struct LogOptions: ParsableArguments {
+    @Option(name: .customLong("log-level"), help: ArgumentHelp(
+        "trace, debug, info, notice, warning, error or critical (env BATON_LOG_LEVEL; default info).",
+        valueName: "level"
+    ))
+    var logLevelFlag: String?
+
+    @Option(name: .customLong("log-format"), help: ArgumentHelp(
+        "text, or json for one JSON object per line (ts, level, label, message, source, metadata); either goes to standard error (env BATON_LOG_FORMAT; default text).",
+        valueName: "format"
+    ))
+    var logFormatFlag: String?
+
+    func logLevel() throws -> Logger.Level {
+        let raw = Setting.text(logLevelFlag, "BATON_LOG_LEVEL", default: "info")
+        guard let level = Logger.Level(rawValue: raw.lowercased()) else {
+            throw ValidationError("log level '\(raw)' is not one of \(Logger.Level.allCases.map(\.rawValue).joined(separator: ", "))")
+        }
+        return level
+    }
+
+    func logFormat() throws -> LogFormat {
+        try Setting.parse(logFormatFlag, "BATON_LOG_FORMAT", default: LogFormat.text.rawValue) { try LogFormat(parsing: $0) }
+    }
+
+    /// A logger at the configured level. The first call makes every logger of the process, the libraries'
+    /// too, write in the configured format at that level (swift-log's bootstrap, once per process).
+    func logger(_ label: String) throws -> Logger {
+        let level = try logLevel()
+        try logFormat().bootstrap(level: level)
+        var logger = Logger(label: label)
+        logger.logLevel = level
+        return logger
+    }
+
+    func validate() throws {
+        _ = try logLevel()
+        _ = try logFormat()
+    }
 }
 
 /// Settings every command that talks to PostgreSQL shares. Flag first, then environment, then default.
@@ -34,11 +83,7 @@ struct DatabaseOptions: ParsableArguments {
     ))
     var partitionCountFlag: Int?
 
-    @Option(name: .customLong("log-level"), help: ArgumentHelp(
-        "trace, debug, info, notice, warning, error or critical (env BATON_LOG_LEVEL; default info).",
-        valueName: "level"
-    ))
-    var logLevelFlag: String?
+    @OptionGroup var log: LogOptions
 
     func databaseURL() throws -> PostgresURL {
         try Setting.parse(databaseURLFlag, "BATON_DATABASE_URL", default: Self.defaultDatabaseURL) { try PostgresURL($0) }
@@ -48,20 +93,14 @@ struct DatabaseOptions: ParsableArguments {
         try Partitioner(count: Setting.integer(partitionCountFlag, "BATON_PARTITION_COUNT", default: Partitioner.defaultCount, range: 1...1024, name: "partition count"))
     }
 
+    /// A logger at the configured level (``LogOptions/logger(_:)``).
     func logger(_ label: String) throws -> Logger {
-        let raw = Setting.text(logLevelFlag, "BATON_LOG_LEVEL", default: "info")
-        guard let level = Logger.Level(rawValue: raw.lowercased()) else {
-            throw ValidationError("log level '\(raw)' is not one of \(Logger.Level.allCases.map(\.rawValue).joined(separator: ", "))")
-        }
-        var logger = Logger(label: label)
-        logger.logLevel = level
-        return logger
+        try log.logger(label)
     }
 
     func validate() throws {
         _ = try databaseURL()
         _ = try partitioner()
-        _ = try logger("baton")
     }
 
     /// Runs `body` with a connection to the database, closed afterwards whatever happens.
@@ -165,7 +204,9 @@ struct BrokerOptions: ParsableArguments {
         try Setting.parse(nil, role.variable, default: role.defaultURL) { try AMQPURL.list($0) }
     }
 
+    /// Checks the flag, which every role shares; the environment variable of the command's role is checked
+    /// when the command reads it (a client command never fails on a worker's `BATON_AMQP_URL`).
     func validate() throws {
-        _ = try amqpURL()
+        if amqpURLFlag != nil { _ = try amqpURLs() }  // the flag wins over every role's variable
     }
 }

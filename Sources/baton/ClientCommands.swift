@@ -1,4 +1,5 @@
 import ArgumentParser
+import BatonAMQP
 import BatonClient
 import BatonCore
 import Foundation
@@ -32,34 +33,115 @@ struct ClientOptions: ParsableArguments {
         return BatonClient(configuration: configuration, logger: try database.logger("baton.client"))
     }
 
-    /// Sends `command`, prints the reply, and exits 0 (success), 1 (denied / not owner) or 2 (error).
+    /// Sends `command`, prints the reply, and exits with ``ClientExit``: 0 on success, 1 when denied or
+    /// not the owner (for force-release: nobody held the buffer), 2 on any error.
+    ///
+    /// A failed call prints `error: <code>: <message>` on standard error, or with `--json` a reply-shaped
+    /// object on standard output (``errorReply(_:to:)``), so a script reads one JSON object either way.
     func send(_ command: Command) async throws {
         let client = try client(command.operation == .forceRelease ? .operator : .frontend)
         let request = Request(requestID: requestID ?? UUID().uuidString, command: command)
+        let reply: Reply
         do {
-            let reply: Reply
             if case .releaseConnection(let connection) = command {
                 let released = try await client.releaseConnection(connection, requestID: request.requestID)
                 reply = Reply(requestID: request.requestID, status: .releasedConnection, buffers: released.buffers, releasedCount: released.count)
             } else {
                 reply = try await client.call(request)
             }
+        } catch {
+            // Every failure exits 2, whatever threw it: exit 1 means denied, never "did not work".
             await client.close()
-            print(json ? String(decoding: ProtocolCodec.encode(reply), as: UTF8.self) : reply.summary)
-            switch reply.status {
-            case .denied, .notOwner: throw ExitCode(1)
-            default: return
-            }
-        } catch let error as BatonClientError {
-            await client.close()
+            let failure = ClientFailure(error)
             if json {
-                let reply = Reply(requestID: request.requestID, status: .error, error: ReplyError(code: error.errorCode ?? .invalidRequest, message: error.message))
-                print(String(decoding: ProtocolCodec.encode(reply), as: UTF8.self))
+                print(errorReply(failure, to: request))
             } else {
-                FileHandle.standardError.write(Data("error: \(error.message)\n".utf8))
+                FileHandle.standardError.write(Data("error: \(failure.code): \(failure.message)\n".utf8))
             }
-            throw ExitCode(2)
+            throw ClientExit.error.code
         }
+        await client.close()
+        print(json ? String(decoding: ProtocolCodec.encode(reply), as: UTF8.self) : reply.summary)
+        switch reply.status {
+        case .denied, .notOwner: throw ClientExit.refused.code
+        default: return
+        }
+    }
+
+    /// `failure` as a reply to `request`: the fields of a protocol reply (docs/protocol.md, `null` where
+    /// there is no value), `status` `error`, the request's buffer and the partition it was routed to, and
+    /// `error` with the failure's code and message.
+    func errorReply(_ failure: ClientFailure, to request: Request) -> String {
+        let partition = request.buffer.flatMap { buffer in try? database.partitioner().partition(of: buffer) }
+        var bytes: [UInt8] = Array(#"{"v":"#.utf8) + Array(String(ProtocolV1.version).utf8)
+        func field(_ name: String, _ value: String?) {
+            bytes += ",\"\(name)\":".utf8
+            if let value { JSONText.appendString(value, to: &bytes) } else { bytes += "null".utf8 }
+        }
+        field("request_id", request.requestID)
+        field("status", ReplyStatus.error.rawValue)
+        field("buffer", request.buffer)
+        field("holder", nil)
+        field("token", nil)
+        field("expires_at", nil)
+        field("at", nil)
+        bytes += #","partition":"#.utf8 + (partition.map { Array(String($0).utf8) } ?? Array("null".utf8))
+        bytes += #","error":{"code":"#.utf8
+        JSONText.appendString(failure.code, to: &bytes)
+        bytes += #","message":"#.utf8
+        JSONText.appendString(failure.message, to: &bytes)
+        bytes += "}}".utf8
+        return String(decoding: bytes, as: UTF8.self)
+    }
+}
+
+/// The exit statuses of the commands that send one request (README, "Exit codes"). A usage error (an
+/// unknown flag, a value out of range, a setting that does not parse) exits 64 before anything is sent,
+/// as argument-parser does for every command.
+enum ClientExit: Int32 {
+    /// Granted, renewed, released, state, released_connection.
+    case success = 0
+    /// Denied or not_owner: the request was decided, against you.
+    case refused = 1
+    /// Rejected by the worker, no reply in time, the broker unreachable or refusing: nothing was decided,
+    /// or the outcome is unknown (retry with the same `--request-id`).
+    case error = 2
+
+    var code: ExitCode { ExitCode(rawValue) }
+}
+
+/// Why a call failed, as the command line reports it: a code and a message (passwords redacted).
+struct ClientFailure: Sendable {
+    /// The worker's protocol error code for a rejected request (`invalid_request`, `request_id_reused`, ...);
+    /// otherwise the client's: a ``BatonClientError/Code`` (`timeout`, `unroutable`, `forbidden`, `blocked`,
+    /// `closed`, `bad_reply`) or an ``AMQPError/Code`` (`connection_failed`, ...), spaces as underscores.
+    var code: String
+    /// A message for a person.
+    var message: String
+
+    init(_ error: any Error) {
+        switch error {
+        case let error as BatonClientError:
+            if error.code == .rejected, let protocolCode = error.errorCode {
+                code = protocolCode.rawValue
+            } else {
+                code = Self.name(error.code.description)
+            }
+            message = error.message
+        case let error as AMQPError:
+            code = Self.name(error.code.description)
+            message = error.description
+        case is CancellationError:
+            code = "cancelled"
+            message = "the call was cancelled before a reply came"
+        default:
+            code = "client_error"
+            message = "\(error)"
+        }
+    }
+
+    private static func name(_ description: String) -> String {
+        description.replacingOccurrences(of: " ", with: "_")
     }
 }
 
@@ -128,7 +210,7 @@ struct ForceRelease: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "force-release",
         abstract: "Release a buffer whoever holds it (operators only: published to baton.admin; see docs/operations.md).",
-        discussion: "The release is serialized through the buffer's partition queue like every decision, and its event is marked forced."
+        discussion: "The release is serialized through the buffer's partition queue like every decision, and its event is marked forced. Exit 0 released, 1 nobody held it, 2 error."
     )
     @OptionGroup var options: ClientOptions
     @Argument(help: "The buffer.") var buffer: String
@@ -142,7 +224,7 @@ struct ForceRelease: AsyncParsableCommand {
 struct ReleaseConnection: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "release-connection",
-        abstract: "Release every buffer an editor connection holds (sent to all N partitions)."
+        abstract: "Release every buffer an editor connection holds (sent to all N partitions). Exit 0, or 2 on error."
     )
     @OptionGroup var options: ClientOptions
     @Argument(help: "The editor connection.") var connection: String

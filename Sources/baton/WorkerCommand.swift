@@ -96,15 +96,18 @@ struct WorkerCommand: AsyncParsableCommand {
     }
 
     func run() async throws {
+        // Also makes the libraries' loggers (service lifecycle, hummingbird) log at this level and in this format.
         let logger = try database.logger("baton.worker")
-        LoggingSystem.bootstrap { label in
-            var handler = StreamLogHandler.standardError(label: label)
-            handler.logLevel = logger.logLevel
-            return handler
-        }
+        let format = try database.log.logFormat()
         let worker = Worker(configuration: try workerConfiguration(), logger: logger)
         if exitWithParent { ChildProcess.exitWithParent { logger.warning("the parent process is gone (standard input closed): stopping") } }
-        try await OperationsServer.serve(worker, host: Setting.text(metricsHostFlag, "BATON_METRICS_HOST", default: "0.0.0.0"), port: try metricsPort(), logger: logger)
+        do {
+            try await OperationsServer.serve(worker, host: Setting.text(metricsHostFlag, "BATON_METRICS_HOST", default: "0.0.0.0"), port: try metricsPort(), logger: logger)
+        } catch where format == .json {
+            // A log shipper reading JSON lines gets the reason as one too, not argument-parser's plain `Error:` line.
+            logger.critical("worker failed", metadata: ["baton.error": "\(error)"])
+            throw ExitCode.failure
+        }
     }
 }
 
