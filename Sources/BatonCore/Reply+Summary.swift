@@ -27,13 +27,19 @@ extension Reply {
             return "protocol v\(deployment?.protocolVersion ?? 0) revision \(deployment?.revision ?? 0), \(deployment?.partitions ?? 0) partitions; ops: \(deployment?.ops.joined(separator: ", ") ?? "")"
         case .events:
             let page = reply.events ?? EventPage(events: [], position: 0, more: false, missed: false)
-            let lines = page.events.map { event in
-                "\(event.seq) \(event.change.kind) '\(LogValue.escape(event.change.buffer))' \(event.change.holder) token \(event.change.token) at \(event.change.at)\(event.change.forced ? " (forced)" : "")"
-            }
+            let lines = page.events.map(Reply.line)
             let tail = "position \(page.position)\(page.more ? ", more after it" : "")\(page.missed ? "; changes before these were pruned (missed)" : "")\(partition)"
             return (lines + [tail]).joined(separator: "\n")
         case .error:
             return "error \(reply.error?.code.rawValue ?? ""): \(reply.error?.message ?? "")"
         }
+    }
+}
+
+extension Reply {
+    /// One change in one line for a person (`baton events`, `baton watch`).
+    public static func line(_ event: PositionedChange) -> String {
+        let change = event.change
+        return "\(event.partition):\(event.seq) \(change.kind) '\(LogValue.escape(change.buffer))' \(change.holder) token \(change.token) at \(change.at)\(change.forced ? " (forced)" : "")"
     }
 }

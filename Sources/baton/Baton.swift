@@ -18,7 +18,7 @@ struct Baton: AsyncParsableCommand {
             """,
         subcommands: [
             WorkerCommand.self, Migrate.self, Topology.self, Claim.self, Renew.self, Release.self, Inspect.self,
-            ReleaseConnection.self, ForceRelease.self, Demo.self, Bench.self, Chaos.self, Status.self, Prune.self, BenchStore.self,
+            ReleaseConnection.self, ForceRelease.self, Describe.self, Events.self, Watch.self, Demo.self, Bench.self, Chaos.self, Status.self, Prune.self, BenchStore.self,
             LogSample.self,
         ]
     )

@@ -38,7 +38,7 @@ struct ClientOptions: ParsableArguments {
     ///
     /// A failed call prints `error: <code>: <message>` on standard error, or with `--json` a reply-shaped
     /// object on standard output (``errorReply(_:to:)``), so a script reads one JSON object either way.
-    func send(_ command: Command) async throws {
+    func send(_ command: Command, partition: Int? = nil) async throws {
         let client = try client(command.operation == .forceRelease ? .operator : .frontend)
         let request = Request(requestID: requestID ?? UUID().uuidString, command: command)
         let reply: Reply
@@ -47,7 +47,7 @@ struct ClientOptions: ParsableArguments {
                 let released = try await client.releaseConnection(connection, requestID: request.requestID)
                 reply = Reply(requestID: request.requestID, status: .releasedConnection, buffers: released.buffers, releasedCount: released.count)
             } else {
-                reply = try await client.call(request)
+                reply = try await client.call(request, partition: partition)
             }
         } catch {
             // Every failure exits 2, whatever threw it: exit 1 means denied, never "did not work".
@@ -231,5 +231,126 @@ struct ReleaseConnection: AsyncParsableCommand {
 
     func run() async throws {
         try await options.send(.releaseConnection(connection: connection))
+    }
+}
+
+struct Describe: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Show what the deployment is: N, the protocol revision and the ops its workers accept. Exit 0, or 2 on error.",
+        discussion: "Sent to partition 0, which every deployment has (docs/protocol.md, section 17)."
+    )
+    @OptionGroup var options: ClientOptions
+
+    func run() async throws {
+        try await options.send(.describe, partition: 0)
+    }
+}
+
+struct Events: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Read a partition's ownership changes after a position, in commit order. Exit 0, or 2 on error.",
+        discussion: """
+            Without --after, prints only the partition's current position. Read on with --after set to the printed \
+            position while it says "more" (docs/protocol.md, section 18).
+            """
+    )
+    @OptionGroup var options: ClientOptions
+    @Argument(help: "The partition (default: the partition of --buffer).") var partition: Int?
+    @Option(help: "Only this buffer's changes (it must belong to the partition).") var buffer: String?
+    @Option(help: "Read the changes after this position (a change's seq, or a printed position).") var after: Int64?
+    @Option(help: "At most this many changes, 1-256.") var limit = ProtocolV1.maxEventsPerRead
+
+    func validate() throws {
+        guard partition != nil || buffer != nil else { throw ValidationError("name a partition, or a buffer with --buffer") }
+        guard (1...ProtocolV1.maxEventsPerRead).contains(limit) else { throw ValidationError("--limit \(limit) is not allowed: use 1 to \(ProtocolV1.maxEventsPerRead)") }
+        if let after, after < 0 { throw ValidationError("--after \(after) is not allowed: positions are 0 or more") }
+        let count = try options.database.partitioner().count
+        if let partition, !(0..<count).contains(partition) {
+            throw ValidationError("partition \(partition) does not exist: use 0 to \(count - 1) (N = \(count), --partition-count)")
+        }
+    }
+
+    func run() async throws {
+        let target = try partition ?? options.database.partitioner().partition(of: buffer ?? "")
+        try await options.send(.events(buffer: buffer, after: after, limit: limit), partition: target)
+    }
+}
+
+struct Watch: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Follow ownership changes in commit order, without gaps across reconnects, until interrupted.",
+        discussion: """
+            Watches one buffer, one partition (--partition) or everything (--all). Prints one line per change (with \
+            --json, the event object, which carries partition and seq); save the last seq per partition and pass it \
+            with --from to resume. Exit 0 when interrupted, 2 on error.
+            """
+    )
+    @OptionGroup var options: ClientOptions
+    @Argument(help: "The buffer to watch.") var buffer: String?
+    @Option(help: "Watch every change of this partition.") var partition: Int?
+    @Flag(help: "Watch every change of every partition.") var all = false
+    @Option(name: .customLong("from"), help: ArgumentHelp("Resume after position SEQ of partition P (repeatable); without it, from now.", valueName: "P:SEQ"))
+    var positions: [String] = []
+
+    func scope() throws -> WatchScope {
+        switch (buffer, partition, all) {
+        case (let buffer?, nil, false): return .buffer(buffer)
+        case (nil, let partition?, false): return .partition(partition)
+        case (nil, nil, true): return .all
+        default: throw ValidationError("watch one of: a buffer, --partition P, or --all")
+        }
+    }
+
+    func resumePositions() throws -> [Int: Int64] {
+        var resume: [Int: Int64] = [:]
+        for text in positions {
+            let parts = text.split(separator: ":", maxSplits: 1)
+            guard parts.count == 2, let partition = Int(parts[0]), let seq = Int64(parts[1]), partition >= 0, seq >= 0 else {
+                throw ValidationError("--from '\(text)' is not P:SEQ (a partition and a position, e.g. 3:1843)")
+            }
+            resume[partition] = seq
+        }
+        return resume
+    }
+
+    func validate() throws {
+        _ = try scope()
+        _ = try resumePositions()
+        let count = try options.database.partitioner().count
+        if let partition, !(0..<count).contains(partition) {
+            throw ValidationError("--partition \(partition) does not exist: use 0 to \(count - 1) (N = \(count), --partition-count)")
+        }
+    }
+
+    func run() async throws {
+        let client = try options.client()
+        // Interrupted (ctrl-C) or terminated: what was printed is out, and the watch ends well (exit 0).
+        let stops = [SIGINT, SIGTERM].map { number in
+            signal(number, SIG_IGN)
+            let source = DispatchSource.makeSignalSource(signal: number)
+            source.setEventHandler {
+                fflush(nil)
+                Foundation.exit(0)
+            }
+            source.resume()
+            return source
+        }
+        defer { stops.forEach { $0.cancel() } }
+        do {
+            for try await event in client.watch(try scope(), from: try resumePositions()) {
+                defer { fflush(nil) }
+                switch event {
+                case .change(let change):
+                    print(options.json ? String(decoding: ProtocolCodec.encodeEvent(change), as: UTF8.self) : Reply.line(change))
+                case .missed(let partition):
+                    print(options.json ? #"{"v":1,"missed":true,"partition":\#(partition)}"# : "missed changes of partition \(partition): they were pruned; re-read the state with inspect")
+                }
+            }
+        } catch {
+            await client.close()
+            FileHandle.standardError.write(Data("error: \(ClientFailure(error).code): \(ClientFailure(error).message)\n".utf8))
+            throw ClientExit.error.code
+        }
+        await client.close()
     }
 }

@@ -24,7 +24,10 @@ import Testing
 
     /// Runs `baton arguments` to its end with this process's environment (without `BATON_LOG_*`) plus
     /// `environment`; standard output and error are kept apart. Kills it after `timeout`.
-    static func baton(_ arguments: [String], environment extra: [String: String] = [:], timeout: Duration = .seconds(20)) async throws -> Run {
+    /// With `interruptAfter`, it is interrupted (SIGINT, as ctrl-C) then instead, and its run returned.
+    static func baton(
+        _ arguments: [String], environment extra: [String: String] = [:], timeout: Duration = .seconds(20), interruptAfter: Duration? = nil
+    ) async throws -> Run {
         let folder = FileManager.default.temporaryDirectory
         let name = "baton-cli-\(getpid())-\(UInt64.random(in: 0...UInt64.max))"
         let outputFile = folder.appendingPathComponent("\(name).out")
@@ -53,9 +56,13 @@ import Testing
         process.standardOutput = output
         process.standardError = error
         try process.run()
-        let deadline = ContinuousClock.now + timeout
+        let deadline = ContinuousClock.now + (interruptAfter ?? timeout)
         while process.isRunning, ContinuousClock.now < deadline {
             try await Task.sleep(for: .milliseconds(10))
+        }
+        if process.isRunning, interruptAfter != nil {
+            process.interrupt()
+            while process.isRunning { try await Task.sleep(for: .milliseconds(10)) }
         }
         if process.isRunning {
             process.terminate()
@@ -195,6 +202,42 @@ import Testing
         #expect(reply["status"] as? String == "error" && reply["request_id"] as? String == requestID && reply["buffer"] as? String == "cli.txt")
         #expect(reply["partition"] as? Int == deployment.partitioner.partition(of: "cli.txt"))
         #expect((reply["error"] as? [String: Any])?["code"] as? String == ErrorCode.requestIDReused.rawValue, "\(reply)")
+    }
+
+    @Test func describeEventsAndWatchFromTheCommandLine() async throws {
+        let deployment = try await Deployment.make(partitions: 4)
+        let environment = deployment.environment()
+        let common = ["--partition-count", "4", "--timeout-ms", "10000"]
+        let worker = deployment.startWorker()
+        let described = try? await Self.baton(["describe", "--json"] + common, environment: environment)
+        let buffer = "cli/watched.txt"
+        let partition = deployment.partitioner.partition(of: buffer)
+        // A watch of the buffer from now, while it is claimed and released.
+        let watching = Task { try await Self.baton(["watch", buffer, "--json"] + common, environment: environment, interruptAfter: .seconds(4)) }
+        try await Task.sleep(for: .seconds(1))
+        let client = deployment.client()
+        if case .granted(let lease) = try await client.claim(buffer, user: "ann", connection: "c1") {
+            _ = try await client.release(buffer, connection: "c1", token: lease.token)
+        }
+        await client.close()
+        let watched = try? await watching.value
+        let events = try? await Self.baton(["events", "--buffer", buffer, "--after", "0"] + common, environment: environment)
+        let badFrom = try? await Self.baton(["watch", "--all", "--from", "x"] + common, environment: environment)
+        await worker.stop()
+
+        let description = try #require(described)
+        let object = (try? JSONSerialization.jsonObject(with: Data(description.standardOutput.utf8))) as? [String: Any]
+        #expect(description.status == 0 && object?["partitions"] as? Int == 4 && object?["revision"] as? Int == ProtocolV1.revision, "\(description)")
+
+        let watch = try #require(watched)
+        let lines = watch.standardOutput.split(separator: "\n").compactMap { (try? JSONSerialization.jsonObject(with: Data($0.utf8))) as? [String: Any] }
+        #expect(lines.map { $0["kind"] as? String } == ["granted", "released"], "\(watch)")
+        #expect(lines.allSatisfy { $0["partition"] as? Int == partition && ($0["seq"] as? Int ?? 0) > 0 })
+
+        let read = try #require(events)
+        #expect(read.status == 0 && read.standardOutput.contains("\(partition):") && read.standardOutput.contains("granted 'cli/watched.txt' ann@c1 token 1"), "\(read)")
+        let usage = try #require(badFrom)
+        #expect(usage.status == 64 && usage.standardError.contains("--from 'x' is not P:SEQ"), "\(usage)")
     }
 
     // MARK: - --log-format json

@@ -217,6 +217,57 @@ import Testing
         await worker.stop()
     }
 
+    /// What a one-buffer watch costs (docs/protocol.md, section 18): its queue receives every event message
+    /// of its partition, and it reads the history only when its buffer changed. Prints the numbers.
+    @Test func aOneBufferWatchReceivesItsPartitionsMessagesAndReadsOnlyForItsBuffer() async throws {
+        let partitions = 8
+        let deployment = try await Deployment.make(partitions: partitions)
+        let worker = deployment.startWorker()
+        let client = deployment.client()
+        let loadClient = deployment.client()
+        let watched = "cost/watched/\(UUID().uuidString)"
+        let partition = deployment.partitioner.partition(of: watched)
+        let start = try await client.events(partition: partition, after: nil).position
+        let seen = Shared<Int>(0)
+        let watching = Task {
+            for try await event in client.watch(.buffer(watched), from: [partition: start]) {
+                if case .change = event { seen.update { $0 += 1 } }
+            }
+        }
+        try await Task.sleep(for: .milliseconds(300))
+        let before = client.statistics
+        // Load on every partition: 400 claims of other buffers, 40 concurrently, and 5 grant/release cycles
+        // of the watched buffer among them.
+        let others = (0..<400).map { "cost/other/\($0)/\(UUID().uuidString)" }
+        let othersInPartition = others.filter { deployment.partitioner.partition(of: $0) == partition }.count
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            for chunk in stride(from: 0, to: others.count, by: 10) {
+                group.addTask { for buffer in others[chunk..<min(chunk + 10, others.count)] { _ = try await loadClient.claim(buffer, user: "u", connection: "load") } }
+            }
+            group.addTask {
+                for round in 0..<5 {
+                    if case .granted(let lease) = try await loadClient.claim(watched, user: "u", connection: "w\(round)") {
+                        _ = try await loadClient.release(watched, connection: "w\(round)", token: lease.token)
+                    }
+                }
+            }
+            try await group.waitForAll()
+        }
+        #expect(await Deployment.eventually { seen.value == 10 })
+        try await Task.sleep(for: .milliseconds(500))
+        watching.cancel()
+        let after = client.statistics
+        let messages = after.eventMessages - before.eventMessages
+        let reads = after.requests - before.requests
+        print("one-buffer watch, N=\(partitions): 10 changes of the buffer among \(othersInPartition) grants of others in its partition and \(others.count - othersInPartition) elsewhere: \(messages) event messages received, \(reads) history reads")
+        #expect(seen.value == 10)
+        #expect(messages >= 1 && messages <= othersInPartition + 10, "only its partition's messages reach its queue")
+        #expect(reads <= 10, "at most one read per change of the watched buffer (\(reads))")
+        await loadClient.close()
+        await client.close()
+        await worker.stop()
+    }
+
     // MARK: - kept leases
 
     @Test func renewalsKeepALeasePastSeveralLeaseLengths() async throws {
