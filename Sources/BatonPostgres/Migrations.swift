@@ -156,7 +156,7 @@ public enum Migrator {
             -- An event's position (seq) is its outbox id: within a partition ids grow in commit order, because
             -- every write of a partition holds its row FOR SHARE and one writer decides at a time. The
             -- events op reads a partition's history from a position by this index.
-            CREATE INDEX baton_outbox_position ON baton_outbox (partition, id);
+            CREATE INDEX IF NOT EXISTS baton_outbox_position ON baton_outbox (partition, id);
             -- Up to which position each partition's history was pruned: a read from an older position has
             -- missed changes (reported as missed, not as an error).
             CREATE TABLE baton_outbox_pruned (
