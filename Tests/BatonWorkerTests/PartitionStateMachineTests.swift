@@ -31,7 +31,7 @@ import Testing
             machine = Machine(
                 configuration: Machine.Configuration(
                     partition: 3, batchSize: batchSize, ackLimit: ackLimit, sweepInterval: .seconds(1), tickInterval: .seconds(3), deciding: deciding,
-                    linger: linger, wallClock: { Timestamp(milliseconds: 1_000) }
+                    linger: linger, wallClock: { Timestamp(milliseconds: 1_000) }, partitions: 4
                 ),
                 logger: Logger(label: "test", factory: { _ in SwiftLogNoOpLogHandler() }), now: now
             )
@@ -141,6 +141,68 @@ import Testing
     static func finished(_ actions: [Machine.Action]) -> Machine.Exit? {
         for case .finish(let exit) in actions { return exit }
         return nil
+    }
+
+    static func read(_ actions: [Machine.Action]) -> [Request]? {
+        for case .read(let requests) in actions { return requests }
+        return nil
+    }
+
+    @Test func describeIsAnsweredAtOnceWithoutTheStoreOrAUser() {
+        var harness = Harness()
+        harness.deliver([harness.message(Harness.claim("warm"))])
+        _ = harness.commit(Harness.applied(harness.taken())!)
+        let actions = harness.deliver([harness.message(Request(requestID: "d", command: .describe), user: nil)])
+        #expect(Harness.applied(actions) == nil && Self.read(actions) == nil, "nothing for the store")
+        let reply = harness.replies.last
+        #expect(reply?.status == .description && reply?.deployment?.partitions == 4 && reply?.deployment?.revision == ProtocolV1.revision)
+        #expect(reply?.partition == 3 && harness.unsettled.isEmpty)
+    }
+
+    @Test func eventsAreReadAfterTheBatchsDecisionsAndAnsweredInPlace() {
+        var harness = Harness()
+        harness.deliver([harness.message(Harness.claim("warm"))])
+        _ = harness.commit(Harness.applied(harness.taken())!)
+        // One delivery batch: a claim, an events read (no user needed), and a coalesced message holding a
+        // claim and a read.
+        let read = Request(requestID: "e1", command: .events(buffer: nil, after: 0, limit: 10))
+        let coalesced = ProtocolCodec.encodeBatch([Harness.claim("r2", "b2"), Request(requestID: "e2", command: .events(buffer: nil, after: 5, limit: 10))])
+        var actions = harness.deliver([
+            harness.message(Harness.claim("r1", "b1")), harness.message(read, user: nil), harness.message(body: coalesced),
+        ])
+        let decided = Harness.applied(actions)
+        #expect(decided?.map(\.requestID) == ["r1", "r2"], "reads never go to the store's apply")
+        actions = harness.commit(decided!)
+        let reads = Self.read(actions)
+        #expect(reads?.map(\.requestID) == ["e1", "e2"], "read after the batch's decisions, in order")
+        #expect(harness.replies.map(\.requestID) == ["warm"], "nothing is answered before the reads")
+        let page = EventPage(events: [], position: 9, more: false, missed: false)
+        _ = harness.take(harness.machine.read(.success(reads!.map { Reply(requestID: $0.requestID, status: .events, partition: 3, events: page) }), now: harness.now))
+        #expect(harness.replies.map(\.requestID) == ["warm", "r1", "e1"])
+        #expect(harness.replies.last?.events?.position == 9)
+        let batch = try? ProtocolCodec.decodeReplies(harness.batchReplies.last ?? [])
+        #expect(batch?.map(\.requestID) == ["r2", "e2"] && batch?.last?.status == .events, "the coalesced read is answered in its place")
+        #expect(harness.unsettled.isEmpty)
+    }
+
+    @Test func aReadThatFailsIsRetriedAndAnEventsReadOfAnotherPartitionsBufferIsMisrouted() {
+        var harness = Harness()
+        harness.deliver([harness.message(Harness.claim("warm"))])
+        _ = harness.commit(Harness.applied(harness.taken())!)
+        // Partition 3 of 4: find a buffer of another partition.
+        let partitioner = try! Partitioner(count: 4)
+        let foreign = (0..<100).map { "f\($0)" }.first { partitioner.partition(of: $0) != 3 }!
+        harness.deliver([harness.message(Request(requestID: "m", command: .events(buffer: foreign, after: 0, limit: 1)), user: nil)])
+        #expect(harness.replies.last?.error?.code == .misrouted && harness.unsettled.isEmpty, "refused and dead-lettered at once")
+
+        let actions = harness.deliver([harness.message(Request(requestID: "e", command: .events(buffer: nil, after: nil, limit: 1)), user: nil)])
+        #expect(Self.read(actions)?.map(\.requestID) == ["e"])
+        let retry = harness.take(harness.machine.read(.failure(.transient("database down")), now: harness.now))
+        #expect(retry.contains { if case .retry = $0 { true } else { false } }, "held and retried")
+        let again = harness.take(harness.machine.retryDue(now: harness.now))
+        #expect(Self.read(again)?.map(\.requestID) == ["e"], "the same read again")
+        _ = harness.take(harness.machine.read(.success([Reply(requestID: "e", status: .events, partition: 3, events: EventPage(events: [], position: 1, more: false, missed: false))]), now: harness.now))
+        #expect(harness.replies.last?.requestID == "e" && harness.unsettled.isEmpty)
     }
 
     @Test func aStandbyTicksThenTakesThePartitionOnItsFirstDelivery() {
