@@ -1,0 +1,554 @@
+"""The Baton client (protocol sections 3, 9, 12, 15, 17, 18)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import weakref
+from concurrent.futures import CancelledError
+from concurrent.futures import TimeoutError as FuturesTimeout
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
+from urllib.parse import unquote, urlsplit, urlunsplit
+
+import pika
+
+from ._io import Call, IOThread
+from ._partition import partition as _partition
+from .errors import (
+    BatonError,
+    BatonTimeoutError,
+    ClientClosedError,
+    ProtocolError,
+    RejectedError,
+)
+from .requests import (
+    ADMIN_EXCHANGE,
+    MAX_BODY_BYTES,
+    REQUESTS_EXCHANGE,
+    Request,
+    deadline_after,
+)
+from .types import (
+    Description,
+    EventsPage,
+    ReleasedConnection,
+    Reply,
+    parse_reply,
+)
+
+log = logging.getLogger("baton_client")
+
+__all__ = ["Client", "redact_url"]
+
+#: Deadlines may lie at most 300 s after the database's time (section 3.2).
+MAX_TIMEOUT = 300.0
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password replaced by ``********``."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparsable URL>"
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, hostport = netloc.rsplit("@", 1)
+        user = userinfo.split(":", 1)[0]
+        netloc = f"{user}:********@{hostport}" if ":" in userinfo else f"{user}@{hostport}"
+    query = parts.query
+    if "password=" in query:
+        query = "&".join("password=********" if q.startswith("password=") else q
+                         for q in query.split("&"))
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def _dumps(obj: Any) -> bytes:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"),
+                      allow_nan=False).encode("utf-8")
+
+
+class Client:
+    """A Baton client on one AMQP connection.
+
+    **Thread model.** A client owns one background I/O thread that owns the pika connection; every
+    public method may be called from any number of threads at once (each call blocks only its own
+    thread). Leases (:meth:`lease`) renew from their own threads and watches (:meth:`watch`) are
+    iterated by the thread that iterates them. Close the client (or use it as a context manager)
+    to stop the I/O thread.
+
+    :param url: ``amqp://user:password@host:port/vhost`` (the vhost percent-encoded). The URL's user
+        is sent as ``user_id``, the principal (section 3.1).
+    :param partitions: N. When ``None``, N is discovered with ``describe`` (section 17).
+    :param timeout: default timeout of a call, in seconds (at most 300, the deadline limit).
+    :param resend_after: resend an unanswered request (same body, same ``request_id``) every this
+        many seconds; ``None`` never resends.
+    :param confirms: publish in publisher-confirm mode (a nack resends at once).
+    """
+
+    def __init__(self, url: str, partitions: Optional[int] = None, timeout: float = 5.0,
+                 resend_after: Optional[float] = 1.5, *, confirms: bool = True,
+                 connection_name: Optional[str] = None, connect_timeout: Optional[float] = None,
+                 orphan_window: float = 120.0):
+        if not 0 < timeout <= MAX_TIMEOUT:
+            raise ValueError(f"timeout must be in (0, {MAX_TIMEOUT:g}] seconds, got {timeout!r}")
+        if partitions is not None and (isinstance(partitions, bool) or
+                                       not isinstance(partitions, int) or
+                                       not 1 <= partitions <= 1024):
+            raise ValueError(f"partitions must be an integer from 1 to 1024, got {partitions!r}")
+        self.url_redacted = redact_url(url)
+        parts = urlsplit(url)
+        secret = unquote(parts.password or "")
+        try:
+            params = pika.URLParameters(url)
+        except Exception as exc:
+            raise ValueError(f"invalid AMQP URL {self.url_redacted}: "
+                             f"{type(exc).__name__}") from None
+        user = getattr(params.credentials, "username", None) or unquote(parts.username or "")
+        if not user:
+            raise ValueError(f"the AMQP URL {self.url_redacted} names no user; the user is the "
+                             f"principal sent as user_id")
+        params.client_properties = {"connection_name": connection_name or f"baton-python:{user}",
+                                    "product": "baton_client (python)"}
+        self.user = user
+        self.timeout = float(timeout)
+        self.resend_after = resend_after
+        self.orphan_window = orphan_window
+        self.revision: Optional[int] = None
+        self.description: Optional[Description] = None
+        self._closed = False
+        self._background: set = set()
+        self._bg_lock = threading.Lock()
+        self._leases: "weakref.WeakSet[Any]" = weakref.WeakSet()
+        self._watches: "weakref.WeakSet[Any]" = weakref.WeakSet()
+        self._io = IOThread(params, user=user, redacted_url=self.url_redacted, secret=secret,
+                            confirms=confirms)
+        self._io.start()
+        try:
+            self._io.wait_connected(connect_timeout if connect_timeout is not None else timeout)
+            if partitions is None:
+                try:
+                    d = self.describe()
+                except RejectedError as exc:
+                    if exc.code == "unknown_op":
+                        raise BatonError(
+                            "the worker does not know describe (it speaks a revision below 3): "
+                            "pass partitions=N") from exc
+                    raise
+                if not 1 <= d.partitions <= 1024:
+                    raise ProtocolError(f"describe reported partitions={d.partitions}")
+                partitions = d.partitions
+        except BaseException:
+            self._io.close(1.0)
+            raise
+        self.partitions: int = partitions
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def close(self, wait_background: Optional[float] = None) -> None:
+        """Close the client: release the leases its keepers still hold, end its watches, wait up
+        to ``wait_background`` seconds (default: the timeout) for background clean-ups of
+        cancelled claims (section 9, "Cancelled calls") and close the connection."""
+        if self._closed:
+            return
+        wait = self.timeout if wait_background is None else wait_background
+        end = time.monotonic() + wait
+        for w in list(self._watches):
+            w.close()
+        for lease in list(self._leases):
+            try:
+                lease.release(timeout=max(0.5, min(self.timeout, end - time.monotonic())))
+            except Exception as exc:  # never let one lease stop the close
+                log.warning("releasing %r on close failed: %s", lease.buffer, exc)
+        with self._bg_lock:
+            threads = list(self._background)
+        for t in threads:
+            t.join(max(0.0, end - time.monotonic()))
+        self._closed = True
+        self._io.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    @property
+    def connected(self) -> bool:
+        return self._io.connected
+
+    def partition_of(self, buffer: str) -> int:
+        return _partition(buffer, self.partitions)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClientClosedError("the client is closed")
+
+    def _timeout(self, timeout: Optional[float]) -> float:
+        t = self.timeout if timeout is None else float(timeout)
+        if not 0 < t <= MAX_TIMEOUT:
+            raise ValueError(f"timeout must be in (0, {MAX_TIMEOUT:g}] seconds, got {timeout!r}")
+        return t
+
+    def _send_deadline(self) -> bool:
+        # `deadline` is a revision 2 field (compatibility rules).
+        return self.revision is None or self.revision >= 2
+
+    def _require_revision(self, rev: int, what: str) -> None:
+        if self.revision is not None and self.revision < rev:
+            raise BatonError(f"{what} needs protocol revision {rev}; the worker speaks revision "
+                             f"{self.revision}")
+
+    # ------------------------------------------------------------------ low level
+
+    def _make_call(self, requests: Union[Request, Sequence[Request]], routing_key: int,
+                   timeout: float, resend_after: Optional[float], label: str) -> Call:
+        deadline = deadline_after(timeout) if self._send_deadline() else None
+        if isinstance(requests, Request):
+            body = requests.body(deadline)
+            exchange = requests.exchange
+            expected = 0
+            rid: Optional[str] = requests.request_id
+        else:
+            body = {"v": 1, "batch": [r.body(deadline) for r in requests]}
+            exchange = ADMIN_EXCHANGE if any(r.op == "force_release" for r in requests) \
+                else REQUESTS_EXCHANGE
+            expected = len(requests)
+            rid = None
+        data = _dumps(body)
+        if len(data) > MAX_BODY_BYTES:
+            raise ValueError(f"the request body is {len(data)} bytes; at most {MAX_BODY_BYTES} "
+                             f"are allowed (section 3.2)")
+        return Call(exchange=exchange, routing_key=str(routing_key), body=data, timeout=timeout,
+                    resend_after=resend_after, expected=expected, label=label, request_id=rid)
+
+    def _wait(self, call: Call) -> Any:
+        try:
+            return call.future.result(timeout=call.timeout + 5.0)
+        except BatonError:
+            raise
+        except CancelledError:
+            raise ClientClosedError("the call was cancelled") from None
+        except FuturesTimeout:
+            self._io.cancel(call)
+            raise BatonTimeoutError(f"no reply to {call.label} within {call.timeout:g} s",
+                                    call.request_id) from None
+        except BaseException:  # KeyboardInterrupt and the like: stop resending it
+            self._io.cancel(call)
+            raise
+
+    def _submit(self, call: Call) -> Call:
+        self._check_open()
+        return self._io.submit(call)
+
+    def _single(self, req: Request, partition: int, timeout: Optional[float] = None,
+                resend_after: Any = "default") -> Reply:
+        t = self._timeout(timeout)
+        ra = self.resend_after if resend_after == "default" else resend_after
+        call = self._submit(self._make_call(req, partition, t, ra, req.op))
+        return self._finish_single(call)
+
+    @staticmethod
+    def _finish_single_obj(obj: Any) -> Reply:
+        return parse_reply(obj).raise_for_error()
+
+    def _finish_single(self, call: Call) -> Reply:
+        return self._finish_single_obj(self._wait(call))
+
+    def _routing_partition(self, buffer: Optional[str], partition: Optional[int]) -> int:
+        if partition is not None:
+            return int(partition)
+        if buffer is not None:
+            return self.partition_of(buffer)
+        return 0
+
+    # ------------------------------------------------------------------ ops
+
+    def claim(self, buffer: str, user: str, connection: str, lease_ms: Optional[int] = None, *,
+              request_id: Optional[str] = None, timeout: Optional[float] = None) -> Reply:
+        """Claim ``buffer`` (section 4). Returns a ``granted`` or ``denied`` reply.
+
+        If the call times out or is interrupted, the client does not leave the possible grant
+        behind (section 9, "Cancelled calls"): in the background it asks again with the same
+        ``request_id`` and body and releases what was granted."""
+        req = Request.claim(buffer, user, connection, lease_ms, request_id=request_id)
+        return self._claim(req, timeout)[0]
+
+    def _claim(self, req: Request, timeout: Optional[float],
+               resend_after: Any = "default") -> "tuple[Reply, Call]":
+        t = self._timeout(timeout)
+        ra = self.resend_after if resend_after == "default" else resend_after
+        call = self._submit(self._make_call(req, self.partition_of(req.buffer), t, ra, "claim"))
+        try:
+            obj = self._wait(call)
+        except (BatonTimeoutError, KeyboardInterrupt, SystemExit, ClientClosedError):
+            self._io.cancel(call)
+            self._resolve_orphan_claim(req, call)
+            raise
+        return self._finish_single_obj(obj), call
+
+    def renew(self, buffer: str, connection: str, token: int, lease_ms: Optional[int] = None, *,
+              request_id: Optional[str] = None, timeout: Optional[float] = None) -> Reply:
+        """Renew a lease (section 4): ``renewed`` or ``not_owner``."""
+        req = Request.renew(buffer, connection, token, lease_ms, request_id=request_id)
+        return self._single(req, self.partition_of(req.buffer), timeout)
+
+    def release(self, buffer: str, connection: str, token: int, *,
+                request_id: Optional[str] = None, timeout: Optional[float] = None) -> Reply:
+        """Release a lease (section 4): ``released`` or ``not_owner``."""
+        req = Request.release(buffer, connection, token, request_id=request_id)
+        return self._single(req, self.partition_of(req.buffer), timeout)
+
+    def inspect(self, buffer: str, *, timeout: Optional[float] = None) -> Reply:
+        """The buffer's ``state`` (section 4)."""
+        req = Request.inspect(buffer)
+        return self._single(req, self.partition_of(req.buffer), timeout)
+
+    def force_release(self, buffer: str, reason: Optional[str] = None, *,
+                      request_id: Optional[str] = None,
+                      timeout: Optional[float] = None) -> Reply:
+        """Release ``buffer`` whoever holds it, through ``baton.admin`` (section 12); needs an
+        operator's broker user. ``released`` or ``not_owner``; raises
+        :class:`~baton_client.errors.ForbiddenError` when the broker refuses the publish."""
+        req = Request.force_release(buffer, reason, request_id=request_id)
+        return self._single(req, self.partition_of(req.buffer), timeout)
+
+    def describe(self, *, partition: int = 0, timeout: Optional[float] = None) -> Description:
+        """Describe the deployment (section 17); also records ``revision`` on the client."""
+        req = Request.describe()
+        d = self._single(req, partition, timeout)
+        if not isinstance(d, Description):
+            raise ProtocolError(f"describe was answered with status {d.status!r}")
+        self.description = d
+        self.revision = d.revision
+        return d
+
+    def events(self, partition: Optional[int] = None, *, buffer: Optional[str] = None,
+               after: Optional[int] = None, limit: Optional[int] = None,
+               timeout: Optional[float] = None) -> EventsPage:
+        """Read a partition's history after position ``after`` (section 18). Give ``partition``,
+        or ``buffer`` (its partition, and only its changes), or both (they must agree, otherwise
+        the worker answers ``misrouted``)."""
+        if partition is None and buffer is None:
+            raise ValueError("give a partition or a buffer")
+        self._require_revision(3, "events")
+        req = Request.events(buffer, after, limit)
+        page = self._single(req, self._routing_partition(buffer, partition), timeout)
+        if not isinstance(page, EventsPage):
+            raise ProtocolError(f"events was answered with status {page.status!r}")
+        return page
+
+    def _events_call(self, partition: int, buffer: Optional[str], after: Optional[int],
+                     limit: Optional[int], timeout: Optional[float] = None) -> Call:
+        req = Request.events(buffer, after, limit)
+        t = self._timeout(timeout)
+        return self._submit(self._make_call(req, partition, t, self.resend_after, "events"))
+
+    def release_connection(self, connection: str, *, request_id: Optional[str] = None,
+                           timeout: Optional[float] = None) -> ReleasedConnection:
+        """Release every buffer the connection holds (of this principal), on all N partitions
+        (sections 4, 9): one ``request_id`` and body to every partition; the replies' ``buffers``
+        are merged (sorted) and their ``released_count`` added up. Partitions that do not answer
+        are resent with the same ``request_id`` until the timeout; then
+        :class:`~baton_client.errors.BatonTimeoutError` has ``partial`` = the replies by
+        partition."""
+        req = Request.release_connection(connection, request_id=request_id)
+        t = self._timeout(timeout)
+        deadline = deadline_after(t) if self._send_deadline() else None
+        data = _dumps(req.body(deadline))
+        calls = []
+        for p in range(self.partitions):
+            calls.append(Call(exchange=REQUESTS_EXCHANGE, routing_key=str(p), body=data,
+                              timeout=t, resend_after=self.resend_after,
+                              label=f"release_connection (partition {p})",
+                              request_id=req.request_id))
+        for c in calls:
+            self._submit(c)
+        replies: Dict[int, Reply] = {}
+        missing: List[int] = []
+        first_exc: Optional[BaseException] = None
+        for p, c in enumerate(calls):
+            try:
+                r = parse_reply(self._wait(c))
+            except BatonTimeoutError:
+                missing.append(p)
+                continue
+            except BaseException as exc:  # unroutable, forbidden, closed
+                if first_exc is None:
+                    first_exc = exc
+                continue
+            replies[p] = r
+        if first_exc is not None:
+            raise first_exc
+        if missing:
+            raise BatonTimeoutError(
+                f"no reply to release_connection (request_id {req.request_id}) from partitions "
+                f"{missing} within {t:g} s; retry with the same request_id", req.request_id,
+                partial=replies)
+        for p in sorted(replies):
+            replies[p].raise_for_error()
+        per = tuple(r for _, r in sorted(replies.items()))
+        bufs = sorted({b for r in per if isinstance(r, ReleasedConnection) for b in r.buffers})
+        count = sum(r.released_count for r in per if isinstance(r, ReleasedConnection))
+        ats = [r.at for r in per if r.at]
+        return ReleasedConnection(
+            status="released_connection", request_id=req.request_id, buffer=None, holder=None,
+            token=None, expires_at=None, at=max(ats) if ats else None, partition=None,
+            raw={"replies": [r.raw for r in per]}, buffers=tuple(bufs), released_count=count,
+            replies=per)
+
+    def batch(self, requests: Sequence[Request], *, partition: Optional[int] = None,
+              timeout: Optional[float] = None) -> List[Reply]:
+        """Send several requests for one partition in one message (section 15) and return their
+        replies in order. An element that failed is an ``error`` reply in its place (call
+        ``reply.raise_for_error()``); an error about the whole message raises
+        :class:`~baton_client.errors.RejectedError`.
+
+        The partition is ``partition`` or else the one of the elements' buffers (which must all
+        agree), or 0 when no element has a buffer. A batch with a ``force_release`` element goes
+        through ``baton.admin``."""
+        reqs = list(requests)
+        if not 1 <= len(reqs) <= 256:
+            raise ValueError("a batch holds 1 to 256 requests")
+        parts = {self.partition_of(r.buffer) for r in reqs if r.buffer is not None}
+        if partition is None:
+            if len(parts) > 1:
+                raise ValueError(f"the batch's buffers belong to several partitions "
+                                 f"{sorted(parts)}; a batch is for one partition")
+            p = parts.pop() if parts else 0
+        else:
+            p = int(partition)
+        t = self._timeout(timeout)
+        call = self._submit(self._make_call(reqs, p, t, self.resend_after,
+                                            f"batch of {len(reqs)}"))
+        self.last_batch_call = call  # diagnostics (tests): call.messages
+        try:
+            res = self._wait(call)
+        except (BatonTimeoutError, KeyboardInterrupt, SystemExit, ClientClosedError):
+            for r in reqs:
+                if r.op == "claim":
+                    self._resolve_orphan_claim(r, None)
+            raise
+        if isinstance(res, list):
+            return [parse_reply(o) for o in res]
+        reply = parse_reply(res)
+        reply.raise_for_error()
+        raise ProtocolError(f"a batch was answered with status {reply.status!r}")
+
+    def send_raw(self, body: Union[bytes, str, Mapping[str, Any], List[Any]], partition: int, *,
+                 with_user_id: bool = True, exchange: str = REQUESTS_EXCHANGE,
+                 timeout: Optional[float] = None, resend: bool = False) -> Any:
+        """Publish ``body`` unchanged (bytes, a string sent as UTF-8, or a JSON value sent compact)
+        to routing key ``partition`` and return the first reply message's JSON value, whatever its
+        status (conformance tests, debugging)."""
+        if isinstance(body, (bytes, bytearray)):
+            data = bytes(body)
+        elif isinstance(body, str):
+            data = body.encode("utf-8")
+        else:
+            data = _dumps(body)
+        t = self._timeout(timeout)
+        call = Call(exchange=exchange, routing_key=str(partition), body=data, timeout=t,
+                    resend_after=self.resend_after if resend else None,
+                    with_user_id=with_user_id, label="raw request", first_message_only=True)
+        return self._wait(self._submit(call))
+
+    # ------------------------------------------------------------------ cancelled claims
+
+    def _resolve_orphan_claim(self, req: Request, call: Optional[Call]) -> None:
+        """Section 9, "Cancelled calls": ask again with the same request_id and the same body
+        (the original deadline, so that a claim that was never decided stays undecided:
+        ``deadline_exceeded``) and release what it granted."""
+        if self._closed:
+            return
+        body = call.body if call is not None else None
+        routing_key = call.routing_key if call is not None else str(self.partition_of(req.buffer))
+        if body is None:
+            body = _dumps(req.body(deadline_after(0.0) if self._send_deadline() else None))
+
+        def run() -> None:
+            end = time.monotonic() + self.orphan_window
+            try:
+                while time.monotonic() < end and not self._closed:
+                    probe = Call(exchange=REQUESTS_EXCHANGE, routing_key=routing_key, body=body,
+                                 timeout=min(self.timeout, max(0.5, end - time.monotonic())),
+                                 resend_after=self.resend_after, label="claim (clean-up)",
+                                 request_id=req.request_id)
+                    try:
+                        reply = parse_reply(self._wait(self._io.submit(probe)))
+                    except BatonTimeoutError:
+                        continue
+                    if reply.status == "granted" and reply.token is not None:
+                        log.info("releasing the grant of a cancelled claim of %r (token %s)",
+                                 req.buffer, reply.token)
+                        rel = Request.release(req.fields["buffer"], req.fields["connection"],
+                                              reply.token)
+                        while time.monotonic() < end and not self._closed:
+                            try:
+                                self._single(rel, int(routing_key),
+                                             min(self.timeout, max(0.5, end - time.monotonic())))
+                                return
+                            except BatonTimeoutError:
+                                continue
+                    return
+            except (ClientClosedError, BatonError) as exc:
+                log.warning("clean-up of a cancelled claim of %r failed: %s", req.buffer, exc)
+            finally:
+                with self._bg_lock:
+                    self._background.discard(threading.current_thread())
+
+        th = threading.Thread(target=run, name="baton-claim-cleanup", daemon=True)
+        with self._bg_lock:
+            self._background.add(th)
+        th.start()
+
+    # ------------------------------------------------------------------ lease keeper, watch
+
+    def lease(self, buffer: str, user: str, connection: str, lease_ms: int = 30000, **kw: Any):
+        """A lease keeper as a context manager (section 9, "Keeping a lease")::
+
+            with client.lease("doc:1", user="ann", connection=conn, lease_ms=30000) as lease:
+                ...  # write while lease.state is LeaseState.HELD, sending lease.token
+
+        Entering claims the buffer (raises :class:`~baton_client.errors.LeaseDeniedError` when
+        another holder has it), renews it in a background thread and releases it on exit."""
+        from .lease import Lease
+
+        lease = Lease(self, buffer, user=user, connection=connection, lease_ms=lease_ms, **kw)
+        self._leases.add(lease)
+        return lease
+
+    def keep(self, buffer: str, user: str, connection: str, lease_ms: int = 30000, **kw: Any):
+        """Claim ``buffer`` and keep it renewed; returns the started
+        :class:`~baton_client.lease.Lease` (call ``lease.release()`` when done), or raises
+        :class:`~baton_client.errors.LeaseDeniedError`."""
+        from .lease import Lease
+
+        lease = Lease(self, buffer, user=user, connection=connection, lease_ms=lease_ms, **kw)
+        self._leases.add(lease)
+        lease.acquire()
+        return lease
+
+    def watch(self, buffer: Optional[str] = None, *, partition: Optional[int] = None,
+              partitions: Optional[Iterable[int]] = None,
+              positions: Optional[Mapping[int, int]] = None, limit: Optional[int] = None):
+        """Follow changes in order and without gaps (section 18): one buffer (``buffer``), one
+        partition (``partition``), several (``partitions``), or everything (no argument). Returns
+        a :class:`~baton_client.watch.Watch`, an iterator of
+        :class:`~baton_client.types.Event` (and :class:`~baton_client.types.Missed` markers).
+        ``positions`` resumes from saved positions (``watch.positions``); without them a watch
+        starts from now."""
+        from .watch import Watch
+
+        self._require_revision(3, "watch")
+        w = Watch(self, buffer=buffer, partition=partition, partitions=partitions,
+                  positions=positions, limit=limit)
+        self._watches.add(w)
+        return w
+
+    # ------------------------------------------------------------------ testing hooks
+
+    def _drop_connection(self) -> None:
+        """Tear the connection down underneath the client (fault injection for tests)."""
+        self._io.drop_connection()

@@ -1,0 +1,246 @@
+"""Typed replies and events (protocol sections 5, 7, 17, 18).
+
+Every parser ignores fields it does not know (compatibility rules); the original JSON object is
+kept in ``raw``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+__all__ = [
+    "Holder",
+    "ErrorInfo",
+    "Reply",
+    "ReleasedConnection",
+    "Description",
+    "EventsPage",
+    "Event",
+    "Missed",
+    "KNOWN_STATUSES",
+    "parse_reply",
+    "parse_event",
+    "events_of_message",
+]
+
+KNOWN_STATUSES = frozenset(
+    {
+        "granted",
+        "denied",
+        "renewed",
+        "released",
+        "not_owner",
+        "state",
+        "released_connection",
+        "description",
+        "events",
+        "error",
+    }
+)
+
+
+@dataclass(frozen=True)
+class Holder:
+    user: str
+    connection: str
+
+    @classmethod
+    def parse(cls, value: Any) -> "Optional[Holder]":
+        if isinstance(value, dict):
+            return cls(user=value.get("user"), connection=value.get("connection"))
+        return None
+
+
+@dataclass(frozen=True)
+class ErrorInfo:
+    code: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A reply (section 5). ``status`` is one of ``KNOWN_STATUSES``; a status this client does not
+    know is turned into ``error`` / ``internal_error`` by :func:`parse_reply`.
+
+    ``at`` and ``expires_at`` are the database's clock: never compare them with the local clock.
+    """
+
+    status: str
+    request_id: Optional[str]
+    buffer: Optional[str]
+    holder: Optional[Holder]
+    token: Optional[int]
+    expires_at: Optional[str]
+    at: Optional[str]
+    partition: Optional[int]
+    error: Optional[ErrorInfo] = None
+    raw: Dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def granted(self) -> bool:
+        return self.status == "granted"
+
+    @property
+    def is_error(self) -> bool:
+        return self.status == "error"
+
+    def raise_for_error(self) -> "Reply":
+        """Raise :class:`~baton_client.errors.RejectedError` if this is an ``error`` reply."""
+        if self.status == "error":
+            from .errors import RejectedError
+
+            info = self.error or ErrorInfo("internal_error", "error reply without an error object")
+            raise RejectedError(info.code, info.message, self)
+        return self
+
+
+@dataclass(frozen=True)
+class ReleasedConnection(Reply):
+    """``released_connection`` (sections 4, 13). From ``Client.release_connection`` this is the
+    merge of all N partitions' replies: ``buffers`` is the union (sorted), ``released_count`` the
+    sum, ``partition`` is ``None`` and ``replies`` holds each partition's reply."""
+
+    buffers: Tuple[str, ...] = ()
+    released_count: int = 0
+    replies: Tuple["ReleasedConnection", ...] = field(default=(), repr=False)
+
+    @property
+    def complete(self) -> bool:
+        """False when some partition listed only a prefix of its buffers (section 13)."""
+        return self.released_count == len(self.buffers)
+
+
+@dataclass(frozen=True)
+class Description(Reply):
+    """``description`` (section 17)."""
+
+    protocol: int = 0
+    revision: int = 0
+    partitions: int = 0
+    ops: Tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Event:
+    """An ownership change (section 7). ``seq`` and ``partition`` are ``None`` from workers of
+    revision < 3. ``kind`` may be a kind this client does not know (ignore it)."""
+
+    kind: str
+    buffer: str
+    holder: Optional[Holder]
+    token: Optional[int]
+    at: Optional[str]
+    partition: Optional[int]
+    seq: Optional[int]
+    forced: bool = False
+    raw: Dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class Missed:
+    """Yielded by a watch when changes of ``partition`` after position ``after`` were already
+    pruned from the history (``missed: true``, section 18): re-read the state you care about with
+    ``inspect``. The events that follow start at the oldest change kept."""
+
+    partition: int
+    after: Optional[int]
+
+
+@dataclass(frozen=True)
+class EventsPage(Reply):
+    """``events`` (section 18)."""
+
+    events: Tuple[Event, ...] = ()
+    position: int = 0
+    more: bool = False
+    missed: bool = False
+
+
+def _int_or_none(v: Any) -> Optional[int]:
+    return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+
+def _str_or_none(v: Any) -> Optional[str]:
+    return v if isinstance(v, str) else None
+
+
+def parse_event(obj: Dict[str, Any]) -> Event:
+    return Event(
+        kind=obj.get("kind") if isinstance(obj.get("kind"), str) else "",
+        buffer=obj.get("buffer") if isinstance(obj.get("buffer"), str) else "",
+        holder=Holder.parse(obj.get("holder")),
+        token=_int_or_none(obj.get("token")),
+        at=_str_or_none(obj.get("at")),
+        partition=_int_or_none(obj.get("partition")),
+        seq=_int_or_none(obj.get("seq")),
+        forced=obj.get("forced") is True,
+        raw=obj,
+    )
+
+
+def events_of_message(body: Any) -> List[Dict[str, Any]]:
+    """The event objects of a live ``baton.events`` message: a per-commit envelope
+    ``{"v":1,"partition":p,"events":[...]}`` or a single per-change event object (section 7.1)."""
+    if isinstance(body, dict):
+        evs = body.get("events")
+        if isinstance(evs, list):
+            return [e for e in evs if isinstance(e, dict)]
+        if "kind" in body:
+            return [body]
+    return []
+
+
+def parse_reply(obj: Any) -> Reply:
+    """Turn a reply object into the typed reply of its status."""
+    if not isinstance(obj, dict):
+        from .errors import ProtocolError
+
+        raise ProtocolError(f"a reply must be a JSON object, got {type(obj).__name__}")
+    status = obj.get("status")
+    common = dict(
+        request_id=_str_or_none(obj.get("request_id")),
+        buffer=_str_or_none(obj.get("buffer")),
+        holder=Holder.parse(obj.get("holder")),
+        token=_int_or_none(obj.get("token")),
+        expires_at=_str_or_none(obj.get("expires_at")),
+        at=_str_or_none(obj.get("at")),
+        partition=_int_or_none(obj.get("partition")),
+        raw=obj,
+    )
+    if status == "error" or status not in KNOWN_STATUSES:
+        err = obj.get("error")
+        if status == "error" and isinstance(err, dict):
+            info = ErrorInfo(str(err.get("code", "internal_error")), str(err.get("message", "")))
+        else:
+            info = ErrorInfo("internal_error", f"reply with unknown status {status!r}")
+        return Reply(status="error", error=info, **common)
+    if status == "released_connection":
+        buffers = obj.get("buffers") if isinstance(obj.get("buffers"), list) else []
+        count = _int_or_none(obj.get("released_count"))
+        return ReleasedConnection(
+            status=status,
+            buffers=tuple(b for b in buffers if isinstance(b, str)),
+            released_count=count if count is not None else len(buffers),
+            **common,
+        )
+    if status == "description":
+        return Description(
+            status=status,
+            protocol=_int_or_none(obj.get("protocol")) or 0,
+            revision=_int_or_none(obj.get("revision")) or 0,
+            partitions=_int_or_none(obj.get("partitions")) or 0,
+            ops=tuple(o for o in (obj.get("ops") or []) if isinstance(o, str)),
+            **common,
+        )
+    if status == "events":
+        evs = obj.get("events") if isinstance(obj.get("events"), list) else []
+        return EventsPage(
+            status=status,
+            events=tuple(parse_event(e) for e in evs if isinstance(e, dict)),
+            position=_int_or_none(obj.get("position")) or 0,
+            more=obj.get("more") is True,
+            missed=obj.get("missed") is True,
+            **common,
+        )
+    return Reply(status=status, **common)
