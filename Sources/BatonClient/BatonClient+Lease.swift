@@ -229,7 +229,7 @@ extension BatonClient {
     func renew(_ buffer: String, connection: String, token: Int64, lease: Duration, timeout: Duration) async throws -> RenewResult {
         let reply = try await call(
             Request(requestID: BatonClient.newRequestID(), command: .renew(buffer: buffer, connection: connection, token: token, leaseMilliseconds: lease.wholeMilliseconds)),
-            timeout: timeout
+            timeout: timeout, resendAfter: min(configuration.resendAfter, lease / 4)
         )
         switch reply.status {
         case .renewed: return .renewed(Lease(buffer: buffer, token: reply.token ?? token, expiresAt: reply.expiresAt ?? .init(milliseconds: 0), at: reply.at ?? .init(milliseconds: 0), partition: reply.partition ?? 0))

@@ -184,6 +184,13 @@ private final class Watcher: Sendable {
             try Task.checkCancellation()
             let after = positions.withLock { $0[partition] }
             let page = try await client.events(partition: partition, after: after, buffer: buffer)
+            if let after, page.position < after, !page.more {
+                // The saved position is beyond this partition's history (another deployment, a restored
+                // database): what happened since cannot be known; go on from the current position.
+                output.yield(.missed(partition: partition))
+                positions.withLock { $0[partition] = page.position }
+                return
+            }
             if page.missed { output.yield(.missed(partition: partition)) }
             for event in page.events where event.seq > (after ?? -1) {
                 output.yield(.change(event))

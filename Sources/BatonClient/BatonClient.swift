@@ -385,7 +385,10 @@ public final class BatonClient: Sendable {
     /// - Parameters:
     ///   - partition: where to send it; by default the partition of its buffer (partition 0 without one).
     ///   - timeout: how long the call may take; by default ``BatonClientConfiguration/timeout``.
-    public func call(_ request: Request, partition explicit: Int? = nil, timeout: Duration? = nil) async throws -> Reply {
+    ///   - resendAfter: how long to wait for a reply before publishing again; by default
+    ///     ``BatonClientConfiguration/resendAfter``.
+    public func call(_ request: Request, partition explicit: Int? = nil, timeout: Duration? = nil, resendAfter: Duration? = nil) async throws -> Reply {
+        let resendAfter = resendAfter ?? configuration.resendAfter
         let partition = explicit ?? request.buffer.map(configuration.partitioner.partition(of:)) ?? 0
         let timeout = timeout ?? configuration.timeout
         let deadline = ContinuousClock.now + timeout
@@ -439,7 +442,7 @@ public final class BatonClient: Sendable {
                 _ = await pending.wait(until: min(deadline, .now + backoff.next()))
                 continue
             }
-            switch await pending.wait(until: min(deadline, .now + configuration.resendAfter)) {
+            switch await pending.wait(until: min(deadline, .now + resendAfter)) {
             case .success(let reply)?:
                 if reply.status == .error {
                     throw BatonClientError(code: .rejected, message: reply.error?.message ?? "rejected", requestID: request.requestID, errorCode: reply.error?.code)

@@ -459,7 +459,8 @@ public final class OwnershipStore: Sendable {
                 let kept = Array(rows.prefix(limit))
                 return (EventPage(events: kept, position: kept.last!.seq, more: true, missed: missed), head.at)
             }
-            return (EventPage(events: rows, position: max(head.position, after), more: false, missed: missed), head.at)
+            // The partition's position; below `after` when `after` came from another history (docs/protocol.md, section 18).
+            return (EventPage(events: rows, position: head.position, more: false, missed: missed), head.at)
         }
     }
 

@@ -39,8 +39,8 @@ import Testing
                     sent = substituted
                     body = Array(Self.encode(substituted).utf8)
                 } else if case .string(let raw)? = step["send_raw"] {
-                    sent = nil
                     body = Array(names.substitute(.string(raw)).stringValue!.utf8)
+                    sent = try? JSONParser.parse(body)
                 } else {
                     failures.append("step \(number) has neither 'send' nor 'send_raw'")
                     break

@@ -57,6 +57,14 @@ import Testing
         #expect((first.events + rest.events).map(\.seq) == page.events.map(\.seq))
         // Nothing after the head.
         #expect(try await client.events(partition: partition, after: page.position, buffer: buffer).events.isEmpty)
+        // A position beyond this history (saved from another deployment) reads nothing and says where the history is.
+        let foreign = try await client.events(partition: partition, after: page.position + 1_000_000)
+        #expect(foreign.events.isEmpty && foreign.position < page.position + 1_000_000 && !foreign.more)
+        let watched = Shared<[WatchEvent]>([])
+        let watching = Task { for try await event in client.watch(.partition(partition), from: [partition: page.position + 1_000_000]) { watched.update { $0.append(event) } } }
+        #expect(await Deployment.eventually { !watched.value.isEmpty })
+        watching.cancel()
+        #expect(watched.value.first == .missed(partition: partition), "a watch from a foreign position reports missed changes")
 
         // A buffer of another partition is misrouted, and the message says where it belongs.
         do {
