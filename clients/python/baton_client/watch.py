@@ -274,6 +274,13 @@ class Watch:
                 failed = True
                 continue
             after = self._positions.get(p)
+            if after is not None and page.position < after and not page.more:
+                # docs/protocol.md, section 18: the saved position is beyond this partition's history
+                # (another deployment, a restored database). Report it and go on from the current one.
+                self._pending.append((Missed(partition=p, after=after), p, page.position))
+                self._positions[p] = page.position
+                self._dirty.discard(p)
+                continue
             if page.missed:
                 self._pending.append((Missed(partition=p, after=after), p,
                                       after if after is not None else 0))

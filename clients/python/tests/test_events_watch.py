@@ -114,6 +114,18 @@ def test_watch_from_position_zero_replays_history(client, buf, conn):
     assert [(e.kind, e.token) for e in items] == [("granted", 1), ("released", 1)]
 
 
+def test_watch_from_a_position_of_another_history_reports_missed(client, buf, conn):
+    p = client.partition_of(buf)
+    head = client.events(p).position
+    with client.watch(buf, positions={p: head + 1_000_000}) as w:
+        [first] = next_events(w, 1)
+        assert isinstance(first, Missed) and first.partition == p
+        assert w.positions[p] <= head + 1_000_000 - 1
+        r = client.claim(buf, "ann", conn)
+        [granted] = [i for i in next_events(w, 1) if not isinstance(i, Missed)]
+        assert (granted.kind, granted.token) == ("granted", r.token)
+
+
 def test_watch_iterator_ends_on_close(client, buf):
     w = client.watch(buf)
     t = threading.Timer(0.5, w.close)
