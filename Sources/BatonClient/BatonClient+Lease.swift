@@ -55,6 +55,9 @@ public struct LeaseKeeping: Sendable, Hashable {
 /// A lease that a ``BatonClient`` keeps alive until it is released or lost: it renews on this machine's
 /// clock, from the first send of each call, and reports every change of ``state`` through ``states()``.
 /// In the spirit of etcd's `KeepAlive` and Curator's connection-state listener.
+///
+/// Call ``release()`` when done (``BatonClient/withLease(_:user:connection:lease:body:)`` does): a kept
+/// lease renews until it is released or lost, or its client is closed (then it is lost within a lease).
 public final class KeptLease: Sendable {
     /// The buffer.
     public let buffer: String

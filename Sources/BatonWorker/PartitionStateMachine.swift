@@ -500,6 +500,16 @@ struct PartitionStateMachine {
                 "baton.reason": "\(LogValue.escape(error.message))",
             ])
         }
+        /// Malformed or not allowed: answered if it can be, then dead-lettered. It never reaches the database.
+        func refuseMessage(_ message: AMQPMessage, _ error: ProtocolError) {
+            refuse(error)
+            if let reply = Self.replyMessage(ProtocolCodec.encode(Reply.rejection(error, partition: partition, at: nil)), to: message) {
+                batch.publishes.append(.publish(reply))
+            }
+            batch.settles.append(.reject(deliveryTag: message.deliveryTag, requeue: false))
+            batch.report.deadLetters.append(error.code.rawValue)
+            batch.report.rejected += 1
+        }
         func accept(_ request: Request, _ message: AMQPMessage, element: Int?) {
             if case .forceRelease(let buffer, let reason) = request.command {
                 logger.notice("force release", metadata: [
@@ -521,25 +531,12 @@ struct PartitionStateMachine {
                 case .success(nil):
                     batch.reads.append((request, message, nil))
                 case .failure(let error):
-                    refuse(error)
-                    if let reply = Self.replyMessage(ProtocolCodec.encode(Reply.rejection(error, partition: partition, at: nil)), to: message) {
-                        batch.publishes.append(.publish(reply))
-                    }
-                    batch.settles.append(.reject(deliveryTag: message.deliveryTag, requeue: false))
-                    batch.report.deadLetters.append(error.code.rawValue)
-                    batch.report.rejected += 1
+                    refuseMessage(message, error)
                 }
             case .single(.success(let request)):
                 accept(request, message, element: nil)
             case .single(.failure(let error)):
-                // Malformed or not allowed: answer if we can, then dead-letter it. It never reaches the database.
-                refuse(error)
-                if let reply = Self.replyMessage(ProtocolCodec.encode(Reply.rejection(error, partition: partition, at: nil)), to: message) {
-                    batch.publishes.append(.publish(reply))
-                }
-                batch.settles.append(.reject(deliveryTag: message.deliveryTag, requeue: false))
-                batch.report.deadLetters.append(error.code.rawValue)
-                batch.report.rejected += 1
+                refuseMessage(message, error)
             case .batch(let elements):
                 var replies = [Reply?](repeating: nil, count: elements.count)
                 for (index, element) in elements.enumerated() {
