@@ -440,24 +440,38 @@ public final class OwnershipStore: Sendable {
         }
     }
 
+    /// How many changes of a partition one `events` read looks at, at most: a read of one buffer's changes
+    /// from an old position scans the partition's history in windows of this size (`more` says to go on),
+    /// so no read, however far back it starts, holds the partition's decisions up for long.
+    public static let eventsScanWindow = 4096
+
     /// Up to `limit` changes of `partition` after position `after` (of `buffer` only, when given), oldest
     /// first, with the position the read ends at (docs/protocol.md, section 18). Without `after`, only the
     /// partition's current position. The caller must not let the partition commit meanwhile (the worker reads
     /// between its partition's batches), so that the position covers exactly what was read.
     public func events(partition: Int, after: Int64?, buffer: String?, limit: Int) async throws -> (page: EventPage, at: Timestamp) {
-        try await connection.withSession { session in
+        let window = Self.eventsScanWindow
+        return try await connection.withSession { session in
             let head = try session.query(SQL.eventsHead, [String(partition)]).decode(from: "baton_outbox") { row in
                 (position: try row.decode(0, "position", as: Int64.self), pruned: try row.decode(1, "through", as: Int64.self), at: try row.timestamp(2, "now"))
             }
             guard let head = head.first else { throw StoreError(code: .unknownPartition, partition: partition, message: "no position for partition \(partition)") }
             guard let after else { return (EventPage(events: [], position: head.position, more: false, missed: false), head.at) }
-            let rows = try session.query(SQL.eventsAfter, [String(partition), String(after), buffer, String(limit + 1)]).decode(from: "baton_outbox") { row in
+            // The window: the next `window` changes of the partition after `after`, whatever their buffer.
+            let windowEnd = try session.query(SQL.eventsWindow, [String(partition), String(after), String(window)]).decode(from: "baton_outbox") { row in
+                (end: try row.decode(0, "end", as: Int64.self), count: try row.decode(1, "count", as: Int.self))
+            }.first ?? (after, 0)
+            let rows = try session.query(SQL.eventsAfter, [String(partition), String(after), buffer, String(limit + 1), String(windowEnd.end)]).decode(from: "baton_outbox") { row in
                 PositionedChange(seq: try row.decode(0, "id"), partition: partition, change: try OwnershipChange(row: row, from: 1, principal: false))
             }
             let missed = after < head.pruned
             if rows.count > limit {
                 let kept = Array(rows.prefix(limit))
                 return (EventPage(events: kept, position: kept.last!.seq, more: true, missed: missed), head.at)
+            }
+            if windowEnd.count == window, windowEnd.end < head.position {
+                // The window ended before the partition's position: read on from its end.
+                return (EventPage(events: rows, position: windowEnd.end, more: true, missed: missed), head.at)
             }
             // The partition's position; below `after` when `after` came from another history (docs/protocol.md, section 18).
             return (EventPage(events: rows, position: head.position, more: false, missed: missed), head.at)
@@ -710,12 +724,18 @@ enum SQL {
                (extract(epoch FROM clock_timestamp()) * 1000)::int8 AS now
         """)
 
-    // Uses baton_outbox_position.
+    // Uses baton_outbox_position (an index-only scan of at most $3 entries).
+    static let eventsWindow = PreparedStatement(name: "baton_events_window", sql: """
+        SELECT coalesce(max(id), $2::int8) AS end, count(*) AS count
+        FROM (SELECT id FROM baton_outbox WHERE partition = $1 AND id > $2::int8 ORDER BY id LIMIT $3::int8) w
+        """)
+
+    // Uses baton_outbox_position, within the window.
     static let eventsAfter = PreparedStatement(name: "baton_events_after", sql: """
         SELECT id, kind, buffer, holder_user, holder_connection, token,
                (extract(epoch FROM at) * 1000)::int8, (extract(epoch FROM expires_at) * 1000)::int8, forced
         FROM baton_outbox
-        WHERE partition = $1 AND id > $2::int8 AND ($3::text IS NULL OR buffer = $3::text)
+        WHERE partition = $1 AND id > $2::int8 AND id <= $5::int8 AND ($3::text IS NULL OR buffer = $3::text)
         ORDER BY id LIMIT $4::int8
         """)
 }

@@ -39,6 +39,31 @@ func buffer(in partition: Int, count: Int = 16, prefix: String = "buf") -> Strin
         #expect(inspect.replies[0].partition == 3)
     }
 
+    @Test func anEventsReadOfOneBufferScansTheHistoryInBoundedWindows() async throws {
+        let url = try await TestDatabase.migrated(partitions: 1)
+        let store = try await TestDatabase.store(url, partitions: 1)
+        let epoch = try await store.takePartition(0, owner: "test")
+        let crowd = OwnershipStore.eventsScanWindow + 100
+        for start in stride(from: 0, to: crowd, by: 256) {
+            _ = try await store.apply((start..<min(start + 256, crowd)).map { .claim("crowd-\($0)", user: "u", connection: "c") }, partition: 0, epoch: epoch)
+        }
+        _ = try await store.apply([.claim("needle", user: "u", connection: "c")], partition: 0, epoch: epoch)
+        let head = try await store.events(partition: 0, after: nil, buffer: nil, limit: 256).page.position
+
+        // From the start, one buffer: the first window holds none of its changes, and says to read on.
+        let first = try await store.events(partition: 0, after: 0, buffer: "needle", limit: 256).page
+        #expect(first.events.isEmpty && first.more && first.position < head)
+        let second = try await store.events(partition: 0, after: first.position, buffer: "needle", limit: 256).page
+        #expect(second.events.map(\.change.buffer) == ["needle"] && !second.more && second.position == head)
+        // Without a buffer, the limit cuts first.
+        let all = try await store.events(partition: 0, after: 0, buffer: nil, limit: 256).page
+        #expect(all.events.count == 256 && all.more && all.position == all.events.last!.seq)
+        // Exactly the rest: complete, not more.
+        let rest = try await store.events(partition: 0, after: second.events[0].seq - 1, buffer: nil, limit: 1).page
+        #expect(rest.events.count == 1 && !rest.more && rest.position == head)
+        await store.connection.close()
+    }
+
     @Test func staleEpochLosesThePartitionAndWritesNothing() async throws {
         let url = try await TestDatabase.migrated()
         let old = try await TestDatabase.store(url)
