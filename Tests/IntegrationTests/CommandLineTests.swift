@@ -212,10 +212,13 @@ import Testing
         let described = try? await Self.baton(["describe", "--json"] + common, environment: environment)
         let buffer = "cli/watched.txt"
         let partition = deployment.partitioner.partition(of: buffer)
-        // A watch of the buffer from now, while it is claimed and released.
-        let watching = Task { try await Self.baton(["watch", buffer, "--json"] + common, environment: environment, interruptAfter: .seconds(4)) }
-        try await Task.sleep(for: .seconds(1))
+        // A watch of the buffer from the position before it is claimed and released (so it sees both
+        // however late it starts).
         let client = deployment.client()
+        let start = try await client.events(partition: partition, after: nil).position
+        let watching = Task {
+            try await Self.baton(["watch", buffer, "--json", "--from", "\(partition):\(start)"] + common, environment: environment, interruptAfter: .seconds(6))
+        }
         if case .granted(let lease) = try await client.claim(buffer, user: "ann", connection: "c1") {
             _ = try await client.release(buffer, connection: "c1", token: lease.token)
         }
