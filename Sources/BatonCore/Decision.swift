@@ -163,8 +163,26 @@ public struct PartitionState: Sendable {
     }
 
     /// Applies one request at database time `now`, returning the reply and the ownership changes.
+    ///
+    /// For requests that do not wait on buffers without a line (what workers serve today); ``decide(_:at:)``
+    /// is the whole decision, with waiting claims and the answers to waiters.
     public mutating func apply(_ request: Request, at now: Timestamp) -> (reply: Reply, changes: [OwnershipChange]) {
-        if let refusal = deadlineRefusal(request, at: now) { return (refusal, []) }
+        let outcome = decide(request, at: now)
+        let reply = outcome.reply ?? Reply(
+            requestID: request.requestID, status: .error, buffer: request.buffer, at: now, partition: partition,
+            error: ReplyError(code: .internalError, message: "the claim waits in line; its answer comes when it leaves the line")
+        )
+        return (reply, outcome.changes)
+    }
+
+    /// Decides one request at database time `now` (docs/protocol.md, section 4, and
+    /// docs/design/fair-waiting.md): the buffer is settled first (expired waits denied, a free buffer
+    /// handed to the head of its line), then the request is decided, then the buffer is settled again (a
+    /// release hands it to the next in line in the same decision). A claim with ``Request/waiting`` that
+    /// finds the buffer held joins the line and gets no reply now; a repeat of a waiting claim takes the
+    /// repeat's reply address and does not join twice.
+    public mutating func decide(_ request: Request, at now: Timestamp) -> Outcome {
+        if let refusal = deadlineRefusal(request, at: now) { return Outcome(reply: refusal) }
         if case .releaseConnection(let connection) = request.command {
             return releaseConnection(connection, request: request, at: now)
         }
@@ -176,50 +194,127 @@ public struct PartitionState: Sendable {
                 message: "buffer '\(buffer)' belongs to partition \(home) of \(partitioner.count), not \(partition): publish it with routing key '\(home)'",
                 requestID: request.requestID, buffer: buffer
             )
-            return (Reply.rejection(error, partition: partition, at: now), [])
+            return Outcome(reply: Reply.rejection(error, partition: partition, at: now))
         }
-        let decision = OwnershipRules.decide(request, state: state(of: buffer), now: now, partition: partition)
-        if decision.state != state(of: buffer) { buffers[ExactString(buffer)] = decision.state }
-        return (decision.reply, decision.changes)
+        let before = state(of: buffer)
+        var (current, outcome) = OwnershipRules.settle(buffer: buffer, state: before, now: now, partition: partition)
+
+        if let index = current.line.firstIndex(where: { $0.requestID.exactlyEquals(request.requestID) }) {
+            // A repeat of a claim that waits in line: the same claim moves its answer to the new address;
+            // anything else under its request id is refused (and changes nothing).
+            if current.line[index].fingerprint == OwnershipRules.fingerprint(request) {
+                current.line[index].replyTo = request.waiting?.replyTo
+                current.line[index].correlationID = request.waiting?.correlationID
+            } else {
+                outcome.reply = Reply.rejection(ProtocolError(
+                    code: .requestIDReused,
+                    message: "request_id '\(request.requestID)' belongs to a claim that waits in line for this buffer; use a new request_id for a new request",
+                    requestID: request.requestID, buffer: buffer
+                ), partition: partition, at: now)
+            }
+            store(current, for: buffer, was: before)
+            return outcome
+        }
+
+        let line = current.line
+        current.line = []
+        let decision = OwnershipRules.decide(request, state: current, now: now, partition: partition)
+        var next = decision.state
+        next.line = line
+        outcome.changes += decision.changes
+        if decision.reply.status == .denied, case .claim(_, let holder, let lease) = request.command, let waiting = request.waiting {
+            // Held by someone else: join the end of the line, answered when leaving it.
+            let until = now.adding(milliseconds: waiting.milliseconds)
+            next.line.append(Waiter(
+                requestID: request.requestID, holder: holder, principal: request.principal, leaseMilliseconds: lease,
+                waitUntil: request.deadline.map { min($0, until) } ?? until, replyTo: waiting.replyTo, correlationID: waiting.correlationID,
+                fingerprint: OwnershipRules.fingerprint(request)
+            ))
+        } else {
+            outcome.reply = decision.reply
+        }
+        let (settled, handoff) = OwnershipRules.settle(buffer: buffer, state: next, now: now, partition: partition)
+        outcome.changes += handoff.changes
+        outcome.answers += handoff.answers
+        store(settled, for: buffer, was: before)
+        return outcome
+    }
+
+    private mutating func store(_ state: BufferState, for buffer: String, was before: BufferState) {
+        if state != before { buffers[ExactString(buffer)] = state }
     }
 
     /// Expires every lease that has run out at `now`, in buffer order.
     public mutating func sweep(at now: Timestamp) -> [OwnershipChange] {
-        var changes: [OwnershipChange] = []
-        for buffer in buffers.keys.sorted() {
-            if let (next, change) = OwnershipRules.expire(buffer: buffer.string, state: buffers[buffer]!, now: now) {
-                buffers[buffer] = next
-                changes.append(change)
-            }
-        }
-        return changes
+        sweepWithLines(at: now).changes
     }
 
-    private mutating func releaseConnection(_ connection: String, request: Request, at now: Timestamp) -> (reply: Reply, changes: [OwnershipChange]) {
-        var changes: [OwnershipChange] = []
+    /// The sweep with lines: every lease that has run out is expired and its buffer handed to the head of
+    /// its line; every wait that has run out is denied. In buffer order.
+    public mutating func sweepWithLines(at now: Timestamp) -> Outcome {
+        var outcome = Outcome(reply: nil)
         for buffer in buffers.keys.sorted() {
-            let state = buffers[buffer]!
-            guard let holder = state.holder, let expiresAt = state.expiresAt, holder.connection.exactlyEquals(connection),
-                  OwnershipRules.samePrincipal(state.principal, request.principal)
-            else { continue }
-            buffers[buffer] = BufferState(holder: nil, token: state.token, expiresAt: nil)
-            changes.append(OwnershipChange(
-                kind: .released, buffer: buffer.string, holder: holder, token: state.token, at: now, expiresAt: expiresAt, principal: request.principal
-            ))
+            let before = buffers[buffer]!
+            var state = before
+            if let (next, change) = OwnershipRules.expire(buffer: buffer.string, state: state, now: now) {
+                state = next
+                state.line = before.line
+                outcome.changes.append(change)
+            }
+            if !state.line.isEmpty {
+                let (settled, handoff) = OwnershipRules.settle(buffer: buffer.string, state: state, now: now, partition: partition)
+                state = settled
+                outcome.changes += handoff.changes
+                outcome.answers += handoff.answers
+            }
+            if state != before { buffers[buffer] = state }
+        }
+        return outcome
+    }
+
+    private mutating func releaseConnection(_ connection: String, request: Request, at now: Timestamp) -> Outcome {
+        var changes: [OwnershipChange] = []
+        var answers: [WaiterAnswer] = []
+        for buffer in buffers.keys.sorted() {
+            var state = buffers[buffer]!
+            // The connection's own waiters leave the line, denied (docs/design/fair-waiting.md, rule 5).
+            for waiter in state.line where waiter.holder.connection.exactlyEquals(connection) && OwnershipRules.samePrincipal(waiter.principal, request.principal) {
+                let live = state.liveHolder(at: now)
+                answers.append(WaiterAnswer(waiter: waiter, reply: Reply(
+                    requestID: waiter.requestID, status: .denied, buffer: buffer.string, holder: live, token: state.token,
+                    expiresAt: live == nil ? nil : state.expiresAt, at: now, partition: partition
+                )))
+            }
+            state.line.removeAll { $0.holder.connection.exactlyEquals(connection) && OwnershipRules.samePrincipal($0.principal, request.principal) }
+            if let holder = state.holder, let expiresAt = state.expiresAt, holder.connection.exactlyEquals(connection),
+               OwnershipRules.samePrincipal(state.principal, request.principal) {
+                let line = state.line
+                state = BufferState(holder: nil, token: state.token, expiresAt: nil)
+                state.line = line
+                changes.append(OwnershipChange(
+                    kind: .released, buffer: buffer.string, holder: holder, token: state.token, at: now, expiresAt: expiresAt, principal: request.principal
+                ))
+                let (settled, handoff) = OwnershipRules.settle(buffer: buffer.string, state: state, now: now, partition: partition)
+                state = settled
+                changes += handoff.changes
+                answers += handoff.answers
+            }
+            if state != buffers[buffer]! { buffers[buffer] = state }
         }
         // List names up to a byte budget (the count is always complete), so the reply stays far below
         // the broker's message size limit however many buffers the connection held.
+        let released = changes.filter { $0.kind == .released }
         var listed: [String] = []
         var bytes = 0
-        for change in changes {
+        for change in released {
             bytes += change.buffer.utf8.count + 8
             if bytes > ProtocolV1.maxReleasedListBytes { break }
             listed.append(change.buffer)
         }
         let reply = Reply(
             requestID: request.requestID, status: .releasedConnection, at: now, partition: partition,
-            buffers: listed, releasedCount: changes.count
+            buffers: listed, releasedCount: released.count
         )
-        return (reply, changes)
+        return Outcome(reply: reply, changes: changes, answers: answers)
     }
 }

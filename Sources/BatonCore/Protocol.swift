@@ -121,6 +121,9 @@ public struct Request: Sendable, Hashable {
     /// The request's `deadline` (optional body field): past it, the worker refuses to decide the
     /// request (`deadline_exceeded`), because its caller has given up.
     public var deadline: Timestamp?
+    /// For a claim that may wait in line (docs/design/fair-waiting.md): how long, and where to answer.
+    /// Not served by workers yet: the codec does not accept `wait_ms`.
+    public var waiting: Waiting?
 
     /// Creates a request.
     public init(requestID: String, command: Command, principal: String? = nil, deadline: Timestamp? = nil) {
@@ -331,6 +334,8 @@ public struct BufferState: Sendable, Hashable {
     public var token: Int64
     /// When the holder's lease ends; nil when there is no holder.
     public var expiresAt: Timestamp?
+    /// Claims waiting for the buffer, in the order they joined (docs/design/fair-waiting.md).
+    public var line: [Waiter] = []
 
     /// A buffer nobody ever claimed.
     public static let fresh = BufferState(holder: nil, token: 0, expiresAt: nil)
