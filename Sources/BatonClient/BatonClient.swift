@@ -419,6 +419,7 @@ public final class BatonClient: Sendable {
         var backoff = Backoff(initial: .milliseconds(50), maximum: .seconds(1))
         var attempts = 0
         var blocked: String?
+        var connectFailure: (any Error)?
         while ContinuousClock.now < deadline {
             do {
                 let existing = state.withLock { $0.link }
@@ -438,6 +439,7 @@ public final class BatonClient: Sendable {
                 throw error
             } catch {
                 logger.debug("connecting failed; retrying", metadata: ["baton.error": "\(error)"])
+                connectFailure = error
                 dropLink()
                 _ = await pending.wait(until: min(deadline, .now + backoff.next()))
                 continue
@@ -458,6 +460,13 @@ public final class BatonClient: Sendable {
             throw BatonClientError(
                 code: .blocked,
                 message: "the broker blocked publishing for the whole \(timeout) (\(blocked)): \(request.operation) '\(request.buffer ?? "")' (request_id \(request.requestID)) was not sent; retry later with the same request_id",
+                requestID: request.requestID
+            )
+        }
+        if attempts == 0, let connectFailure {
+            throw BatonClientError(
+                code: .timeout,
+                message: "\(request.operation) '\(request.buffer ?? "")' (request_id \(request.requestID)) was not sent within \(timeout): the broker could not be reached (\(connectFailure)); retrying later with the same request_id is safe",
                 requestID: request.requestID
             )
         }
