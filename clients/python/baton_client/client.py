@@ -6,6 +6,7 @@ import json
 import logging
 import threading
 import time
+import unicodedata
 import weakref
 from concurrent.futures import CancelledError
 from concurrent.futures import TimeoutError as FuturesTimeout
@@ -47,7 +48,18 @@ MAX_TIMEOUT = 300.0
 
 
 def redact_url(url: str) -> str:
-    """``url`` with its password replaced by ``********``."""
+    """``url`` with its password replaced by ``********``.
+
+    A password with an unencoded ``/``, ``?`` or ``#`` makes the URL parse with the host part cut
+    before the ``@``; everything between ``://`` and the last ``@`` is then treated as the user
+    information, so the password never survives redaction.
+    """
+    scheme, sep, rest = url.partition("://")
+    if sep and "@" in rest:
+        userinfo, _, after = rest.rpartition("@")
+        if any(c in userinfo for c in "/?#"):
+            user = userinfo.split(":", 1)[0]
+            return f"{scheme}://{user}:********@{after}" if ":" in userinfo else f"{scheme}://********@{after}"
     try:
         parts = urlsplit(url)
     except ValueError:
@@ -179,7 +191,8 @@ class Client:
         return self._io.connected
 
     def partition_of(self, buffer: str) -> int:
-        return _partition(buffer, self.partitions)
+        """The partition of ``buffer`` in its NFC form, as requests carry it (section 3.2)."""
+        return _partition(unicodedata.normalize("NFC", buffer), self.partitions)
 
     def _check_open(self) -> None:
         if self._closed:
@@ -426,9 +439,12 @@ class Client:
         try:
             res = self._wait(call)
         except (BatonTimeoutError, KeyboardInterrupt, SystemExit, ClientClosedError):
-            for r in reqs:
-                if r.op == "claim":
-                    self._resolve_orphan_claim(r, None)
+            # Only the claims that got no reply are settled, each with its own body (the original
+            # deadline): a grant the caller saw in ``partial`` is the caller's.
+            elements = json.loads(call.body)["batch"]
+            for index, r in enumerate(reqs):
+                if r.op == "claim" and call.parts.get(index) is None:
+                    self._resolve_orphan_claim(r, None, body=_dumps(elements[index]), routing_key=call.routing_key)
             raise
         if isinstance(res, list):
             return [parse_reply(o) for o in res]
@@ -456,14 +472,18 @@ class Client:
 
     # ------------------------------------------------------------------ cancelled claims
 
-    def _resolve_orphan_claim(self, req: Request, call: Optional[Call]) -> None:
+    def _resolve_orphan_claim(self, req: Request, call: Optional[Call], *, body: Optional[bytes] = None,
+                              routing_key: Optional[str] = None) -> None:
         """Section 9, "Cancelled calls": ask again with the same request_id and the same body
         (the original deadline, so that a claim that was never decided stays undecided:
-        ``deadline_exceeded``) and release what it granted."""
+        ``deadline_exceeded``) and release what it granted, unless a lease this client keeps holds
+        that token (a claim by the same user and connection only extends a live lease)."""
         if self._closed:
             return
-        body = call.body if call is not None else None
-        routing_key = call.routing_key if call is not None else str(self.partition_of(req.buffer))
+        if body is None and call is not None:
+            body = call.body
+        if routing_key is None:
+            routing_key = call.routing_key if call is not None else str(self.partition_of(req.buffer))
         if body is None:
             body = _dumps(req.body(deadline_after(0.0) if self._send_deadline() else None))
 
@@ -479,7 +499,11 @@ class Client:
                         reply = parse_reply(self._wait(self._io.submit(probe)))
                     except BatonTimeoutError:
                         continue
-                    if reply.status == "granted" and reply.token is not None:
+                    kept = any(getattr(lease, "buffer", None) == req.fields["buffer"]
+                               and getattr(lease, "connection", None) == req.fields["connection"]
+                               and getattr(lease, "token", None) == reply.token
+                               for lease in list(self._leases))
+                    if reply.status == "granted" and reply.token is not None and not kept:
                         log.info("releasing the grant of a cancelled claim of %r (token %s)",
                                  req.buffer, reply.token)
                         rel = Request.release(req.fields["buffer"], req.fields["connection"],

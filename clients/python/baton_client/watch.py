@@ -18,6 +18,7 @@ positions to save and pass back as ``positions=`` to resume.
 from __future__ import annotations
 
 import logging
+import unicodedata
 import queue
 import time
 from collections import deque
@@ -49,7 +50,8 @@ class Watch:
                  read_timeout: Optional[float] = None):
         n = client.partitions
         self.client = client
-        self.buffer = buffer
+        # NFC, as requests carry it (section 3.2): the partition and the filter must match the worker's.
+        self.buffer = unicodedata.normalize("NFC", buffer) if buffer is not None else None
         self.limit = limit
         self.read_timeout = read_timeout
         if buffer is not None:

@@ -23,6 +23,19 @@ def next_events(watch, count, timeout=10.0):
     return out
 
 
+def test_a_buffer_name_that_is_not_nfc_is_routed_and_watched_as_its_nfc_form(client, conn):
+    import unicodedata
+    nfd = f"pytest/nfd/{uuid.uuid4().hex}/e\u0301.txt"
+    nfc = unicodedata.normalize("NFC", nfd)
+    assert client.partition_of(nfd) == client.partition_of(nfc)
+    with client.watch(nfd) as w:
+        r = client.claim(nfd, "ann", conn)
+        [granted] = [i for i in next_events(w, 1) if not isinstance(i, Missed)]
+        assert granted.buffer == nfc and granted.token == r.token
+    page = client.events(buffer=nfd, after=0)
+    assert [e.buffer for e in page.events] == [nfc]
+
+
 def test_events_positions(client, buf, conn):
     p = client.partition_of(buf)
     start = client.events(p)

@@ -62,6 +62,12 @@ def test_timestamps():
 def test_redaction():
     assert redact_url("amqp://u:s3cret@h:5672/v") == "amqp://u:********@h:5672/v"
     assert "s3cret" not in redact_url("amqps://u:s3cret@h/v?password=s3cret")
+    # A password with an unencoded '/', '?' or '#' (base64 passwords have '/') must not survive either.
+    for secret in ("Xy7/Secret+Pw", "a?b", "c#d"):
+        assert secret not in redact_url(f"amqp://svc:{secret}@broker:5672/prod")
+    with pytest.raises(ValueError) as failure:
+        Client("amqp://svc:Xy7/Secret+Pw@broker:5672/prod", partitions=4)
+    assert "Secret" not in str(failure.value)
     assert redact_url("amqp://h/v") == "amqp://h/v"
 
 
