@@ -347,7 +347,9 @@ class IOThread:
         self._channel = None
         self._ready = False
         self._unconfirmed.clear()
-        if isinstance(reason, ChannelClosedByBroker) and reason.reply_code in (403, 406):
+        # 403 (no permission), 404 (no such exchange, e.g. baton.admin on an older deployment) and
+        # 406 close the channel for a publish the broker refused: resending it would only repeat that.
+        if isinstance(reason, ChannelClosedByBroker) and reason.reply_code in (403, 404, 406):
             self._fail_refused(gen, reason.reply_code, reason.reply_text)
         if self._conn is not None and not self._closing and self._conn.is_open:
             log.warning("channel closed (%s); reopening", self.sanitize(repr(reason)))

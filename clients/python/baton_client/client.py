@@ -139,17 +139,31 @@ class Client:
         self._io.start()
         try:
             self._io.wait_connected(connect_timeout if connect_timeout is not None else timeout)
-            if partitions is None:
-                try:
-                    d = self.describe()
-                except RejectedError as exc:
-                    if exc.code == "unknown_op":
-                        raise BatonError(
-                            "the worker does not know describe (it speaks a revision below 3): "
-                            "pass partitions=N") from exc
+            # Always once (section 9, "Discovering the deployment"): N when it was not given, the
+            # revision in any case, and a given N checked against the deployment's.
+            try:
+                d = self.describe()
+            except BatonTimeoutError:
+                if partitions is None:
                     raise
+                # N is given and no worker answers yet: go on; the revision stays unknown.
+                log.warning("describe got no reply; using partitions=%d with the revision unknown", partitions)
+                d = None
+            except RejectedError as exc:
+                if exc.code != "unknown_op":
+                    raise
+                if partitions is None:
+                    raise BatonError(
+                        "the worker does not know describe (it speaks a revision below 3): "
+                        "pass partitions=N") from exc
+                self.revision = 2
+                d = None
+            if d is not None:
                 if not 1 <= d.partitions <= 1024:
                     raise ProtocolError(f"describe reported partitions={d.partitions}")
+                if partitions is not None and partitions != d.partitions:
+                    raise ValueError(f"partitions={partitions} was given, but the deployment has "
+                                     f"N={d.partitions} (describe): requests would be misrouted")
                 partitions = d.partitions
         except BaseException:
             self._io.close(1.0)

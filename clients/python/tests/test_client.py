@@ -283,3 +283,13 @@ def test_wrong_password_fails_fast_without_showing_it(live):
         Client(bad, partitions=live["partitions"], timeout=10.0)
     assert time.monotonic() - t0 < 5.0
     assert "Wr0ng-Secret-42" not in str(ei.value) and "********" in str(ei.value)
+
+
+@pytest.mark.live
+def test_a_given_n_that_differs_from_the_deployments_is_refused(live):
+    from baton_client import Client
+
+    with pytest.raises(ValueError, match="describe"):
+        Client(live["url"], partitions=live["partitions"] + 1, timeout=10.0)
+    with Client(live["url"], partitions=live["partitions"], timeout=10.0) as c:
+        assert c.revision == 3, "the revision is learned even when N is given"
