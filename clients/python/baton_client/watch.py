@@ -18,9 +18,10 @@ positions to save and pass back as ``positions=`` to resume.
 from __future__ import annotations
 
 import logging
-import unicodedata
 import queue
 import time
+import unicodedata
+import weakref
 from collections import deque
 from concurrent.futures import TimeoutError as FuturesTimeout
 from typing import (TYPE_CHECKING, Any, Deque, Dict, Iterable, List, Mapping, Optional, Set,
@@ -89,8 +90,21 @@ class Watch:
         self._started = False
         self.reads = 0  # events reads sent (diagnostics)
         self.subscriptions = 0  # times the queue was (re)declared
-        self._sub = Subscription(keys, self._on_live, self._on_ready, self._on_error)
+        # The I/O thread holds the subscription, and the subscription only weak references to this
+        # watch: a watch dropped without close() is collected, and its finalizer ends the
+        # subscription (its queue and channel) instead of leaking it and its signals.
+        def weakly(method: Any) -> Any:
+            ref = weakref.WeakMethod(method)
+
+            def call(*args: Any) -> None:
+                target = ref()
+                if target is not None:
+                    target(*args)
+            return call
+
+        self._sub = Subscription(keys, weakly(self._on_live), weakly(self._on_ready), weakly(self._on_error))
         client._io.subscribe(self._sub)
+        self._finalizer = weakref.finalize(self, client._io.unsubscribe, self._sub)
         try:
             self._start(read_timeout or client.timeout)
         except BaseException:
@@ -180,7 +194,7 @@ class Watch:
         if self._closed:
             return
         self._closed = True
-        self.client._io.unsubscribe(self._sub)
+        self._finalizer()  # unsubscribes, once
         self._signals.put(("closed",))
 
     def get(self, timeout: Optional[float] = None) -> Optional[WatchItem]:

@@ -178,3 +178,18 @@ def test_live_event_messages_match_the_schemas(client, buf, conn, schema_validat
         assert kinds == ["granted", "released"]
     finally:
         client._io.unsubscribe(sub)
+
+
+def test_a_watch_dropped_without_close_ends_its_subscription(client, buf):
+    import gc
+
+    subscriptions = client._io._subs
+    before = len(subscriptions)
+    w = client.watch(buf)
+    assert len(subscriptions) == before + 1
+    del w
+    gc.collect()
+    end = time.monotonic() + 5
+    while len(subscriptions) > before and time.monotonic() < end:
+        time.sleep(0.05)
+    assert len(subscriptions) == before, "the dropped watch's subscription (queue, channel) was ended"
