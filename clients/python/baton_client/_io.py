@@ -204,6 +204,8 @@ class IOThread:
         self._closing = True
         self._threadsafe(self._shutdown)
         self._thread.join(timeout)
+        if self._thread.is_alive():
+            log.warning("the I/O thread of %s did not end within %g s of close()", self.redacted_url, timeout)
 
     def sanitize(self, text: str) -> str:
         if self._secret and len(self._secret) >= 1:
@@ -545,7 +547,10 @@ class IOThread:
         if self._conn is not None and self._conn.is_open:
             try:
                 self._conn.close()
-                return  # _on_conn_closed stops the loop
+                # _on_conn_closed stops the loop; a broker that never answers close (a partition, a
+                # blocked connection, no heartbeats) must not keep this thread and its socket alive.
+                self._ioloop.call_later(2.0, self._ioloop.stop)
+                return
             except Exception:
                 pass
         if self._conn is not None and (self._conn.is_closing or not self._conn.is_closed):
