@@ -31,6 +31,7 @@ extension ProtocolCodec {
             json.string("user", holder.user)
             json.string("connection", holder.connection)
             json.integer("lease_ms", lease)
+            if let wait = request.waiting?.milliseconds { json.integer("wait_ms", wait) }
         case .renew(let buffer, let connection, let token, let lease):
             json.string("buffer", buffer)
             json.string("connection", connection)

@@ -11,7 +11,7 @@ import Foundation
 public enum ProtocolCodec {
     private static let commonFields: Set<String> = ["v", "op", "request_id", "deadline"]
     private static let opFields: [Operation: Set<String>] = [
-        .claim: ["buffer", "user", "connection", "lease_ms"],
+        .claim: ["buffer", "user", "connection", "lease_ms", "wait_ms"],
         .renew: ["buffer", "connection", "lease_ms", "token"],
         .release: ["buffer", "connection", "token"],
         .inspect: ["buffer"],
@@ -87,6 +87,7 @@ public enum ProtocolCodec {
 
         let requestID = try reader.name("request_id", scalars: ProtocolV1.requestIDLength)
         let command: Command
+        var waiting: Waiting?
         switch op {
         case .claim:
             let buffer = try reader.buffer("buffer")
@@ -94,6 +95,10 @@ public enum ProtocolCodec {
             let connection = try reader.name("connection", scalars: ProtocolV1.nameLength)
             let lease = try reader.lease()
             command = .claim(buffer: buffer, holder: Holder(user: user, connection: connection), leaseMilliseconds: lease)
+            let range = ProtocolV1.waitRange
+            if let wait = try reader.integer("wait_ms", in: range, allowed: "an integer from \(range.lowerBound) to \(range.upperBound), how long the claim may wait in line (omit it to be denied at once)") {
+                waiting = Waiting(milliseconds: wait)
+            }
         case .renew:
             let buffer = try reader.buffer("buffer")
             let connection = try reader.name("connection", scalars: ProtocolV1.nameLength)
@@ -124,7 +129,9 @@ public enum ProtocolCodec {
             )
             command = .events(buffer: buffer, after: after, limit: Int(limit ?? Int64(ProtocolV1.maxEventsPerRead)))
         }
-        return Request(requestID: requestID, command: command, deadline: try reader.deadline())
+        var request = Request(requestID: requestID, command: command, deadline: try reader.deadline())
+        request.waiting = waiting
+        return request
     }
 
     /// Why `value` is not a valid `user`, `connection` or `request_id`, or nil when it is.

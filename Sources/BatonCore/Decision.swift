@@ -199,6 +199,14 @@ public struct PartitionState: Sendable {
         let before = state(of: buffer)
         var (current, outcome) = OwnershipRules.settle(buffer: buffer, state: before, now: now, partition: partition)
 
+        if let index = outcome.answers.firstIndex(where: { $0.waiter.requestID.exactlyEquals(request.requestID) }),
+           outcome.answers[index].waiter.fingerprint == OwnershipRules.fingerprint(request) {
+            // A repeat of a claim that has just left the line (granted, or its wait ran out): the repeat
+            // gets that answer, once, and is not decided again.
+            outcome.reply = outcome.answers.remove(at: index).reply
+            store(current, for: buffer, was: before)
+            return outcome
+        }
         if let index = current.line.firstIndex(where: { $0.requestID.exactlyEquals(request.requestID) }) {
             // A repeat of a claim that waits in line: the same claim moves its answer to the new address;
             // anything else under its request id is refused (and changes nothing).

@@ -4,9 +4,11 @@ public enum ProtocolV1 {
     public static let version = 1
     /// The revision of version 1 this implementation speaks (docs/protocol.md, "Revisions"): 3 added
     /// `describe`, `events` and the `seq` and `partition` of events.
-    public static let revision = 3
+    public static let revision = 4
     /// The most events one `events` reply lists (and the default `limit`).
     public static let maxEventsPerRead = 256
+    /// Allowed `wait_ms` of a claim that waits in line (revision 4): at most a request's lifetime.
+    public static let waitRange: ClosedRange<Int64> = 1...300_000
     /// The largest request body, in bytes; a larger one is answered `payload_too_large` before parsing.
     public static let maxBodyBytes = 64 * 1024
     /// Allowed `lease_ms`.

@@ -80,7 +80,7 @@ public struct Outcome: Sendable, Hashable {
 extension OwnershipRules {
     /// A waiter's fingerprint: what its claim asked, and how long it waits.
     public static func fingerprint(_ request: Request) -> String {
-        ProtocolCodec.fingerprint(request) + "|wait_ms=\(request.waiting?.milliseconds ?? 0)"
+        ProtocolCodec.fingerprint(request)  // the body carries wait_ms
     }
 
     /// Settles `buffer` at `now` (docs/design/fair-waiting.md, rule 1): waiters whose wait ran out leave the

@@ -164,6 +164,29 @@ public enum Migrator {
                 through bigint NOT NULL
             );
             """),
+        Migration(version: 6, name: "claims waiting in line", sql: """
+            -- A buffer's line of claims that wait for it (docs/design/fair-waiting.md), in the order of
+            -- position. Written in the batch statement under the epoch fence; every change of a line
+            -- also rewrites its buffer's row (version + 1), so the buffer's compare-and-set guards it.
+            CREATE TABLE baton_waiters (
+                partition integer NOT NULL,
+                buffer text NOT NULL,
+                position bigserial,
+                request_id text NOT NULL,
+                holder_user text NOT NULL,
+                holder_connection text NOT NULL,
+                principal text,
+                lease_ms bigint NOT NULL,
+                wait_until timestamptz NOT NULL,
+                reply_to text,
+                correlation_id text,
+                fingerprint text NOT NULL,
+                PRIMARY KEY (partition, buffer, position)
+            );
+            CREATE UNIQUE INDEX baton_waiters_request ON baton_waiters (partition, request_id);
+            CREATE INDEX baton_waiters_until ON baton_waiters (partition, wait_until);
+            CREATE INDEX baton_waiters_connection ON baton_waiters (partition, holder_connection);
+            """),
     ]
 
     /// The newest schema version this code knows.

@@ -46,12 +46,16 @@ public struct OutboxEntry: Sendable, Hashable {
 
 /// What applying one batch produced.
 public struct BatchResult: Sendable {
-    /// One reply per request, in the batch's order. A request id seen before gets its stored reply.
-    public let replies: [Reply]
+    /// One reply per request, in the batch's order (nil for a claim that waits in line: it is answered
+    /// when it leaves the line). A request id seen before gets its stored reply.
+    public let replies: [Reply?]
     /// The ownership changes written to the outbox, in decision order.
     public let changes: [OutboxEntry]
     /// How many requests were answered from idempotency records instead of being decided.
     public let replayed: Int
+    /// The answers to waiters that left their lines (granted or denied), already recorded under their
+    /// request ids: to publish to their reply addresses.
+    public var answers: [WaiterAnswer] = []
     /// Transaction attempts used (more than 1 after compare-and-set misses).
     public let attempts: Int
     /// How many partitions' batches were committed in the same transaction as this one (1: alone).
@@ -291,7 +295,9 @@ public final class OwnershipStore: Sendable {
     /// A batch decided from its read: the replies, and what to write (buffers by compare-and-set,
     /// idempotency records, outbox rows) in one fenced statement.
     private struct BatchPlan {
-        var replies: [Reply] = []
+        /// One per request; nil for a claim that waits in line.
+        var replies: [Reply?] = []
+        var answers: [WaiterAnswer] = []
         var replayed = 0
         /// What the batch writes.
         var write: BatchWrite
@@ -301,6 +307,7 @@ public final class OwnershipStore: Sendable {
             var stored: [ExactString: (reply: Reply, fingerprint: String?)] = [:]
             var initial: [ExactString: BufferState] = [:]
             var versions: [ExactString: Int64] = [:]
+            var waiters: [WaiterRow] = []
             for row in try read.decode(from: "the batch read of partition \(partition)", BatchReadRow.init) {
                 switch row {
                 case .fence(let epoch, let clock): fence = (epoch, clock)
@@ -308,8 +315,11 @@ public final class OwnershipStore: Sendable {
                 case .buffer(let buffer):
                     initial[buffer.buffer] = buffer.state
                     versions[buffer.buffer] = buffer.version
+                case .waiter(let waiter):
+                    waiters.append(waiter)
                 }
             }
+            for (buffer, line) in WaiterRow.lines(waiters) { initial[buffer]?.line = line }
             guard let fence else {
                 throw PostgresError(code: .unexpectedResult, message: "the batch read of partition \(partition) returned no fence row")
             }
@@ -343,21 +353,37 @@ public final class OwnershipStore: Sendable {
                     replies.append(refusal)
                     continue
                 }
-                let (reply, made) = state.apply(request, at: now)
+                let outcome = state.decide(request, at: now)
+                changes += outcome.changes.map { ($0, request.requestID) }
+                for answer in outcome.answers {
+                    // A waiter's answer is recorded under its own request id, as if it were a reply.
+                    stored[ExactString(answer.waiter.requestID)] = (answer.reply, answer.waiter.fingerprint)
+                    records.append((answer.waiter.requestID, answer.reply, answer.waiter.fingerprint))
+                }
+                answers += outcome.answers
+                guard let reply = outcome.reply else {
+                    // Waits in line: answered when it leaves it (nothing recorded now).
+                    replies.append(nil)
+                    continue
+                }
                 stored[ExactString(request.requestID)] = (reply, fingerprint)
                 records.append((request.requestID, reply, fingerprint))
                 replies.append(reply)
-                changes += made.map { ($0, request.requestID) }
             }
             write = Self.changedWrite(partition: partition, epoch: epoch, now: now, initial: initial, versions: versions, after: state.buffers, records: records, changes: changes)
         }
 
-        /// A sweep's plan: the buffers it changed (from `initial` to `after`) and its changes, no replies.
+        /// A sweep's plan: the buffers it changed (from `initial` to `after`), its changes, and the answers
+        /// to waiters it settled (recorded under their request ids), no replies.
         init(
             partition: Int, epoch: Int64, now: Timestamp, initial: [ExactString: BufferState], versions: [ExactString: Int64],
-            after: [ExactString: BufferState], changes: [(change: OwnershipChange, requestID: String?)]
+            after: [ExactString: BufferState], changes: [(change: OwnershipChange, requestID: String?)], answers: [WaiterAnswer] = []
         ) {
-            write = Self.changedWrite(partition: partition, epoch: epoch, now: now, initial: initial, versions: versions, after: after, records: [], changes: changes)
+            self.answers = answers
+            write = Self.changedWrite(
+                partition: partition, epoch: epoch, now: now, initial: initial, versions: versions, after: after,
+                records: answers.map { ($0.waiter.requestID, $0.reply, $0.waiter.fingerprint) }, changes: changes
+            )
         }
 
         /// The write of the buffers that differ between `initial` (as read, with `versions`) and `after`.
@@ -366,11 +392,13 @@ public final class OwnershipStore: Sendable {
             after: [ExactString: BufferState], records: [(id: String, reply: Reply, fingerprint: String)], changes: [(change: OwnershipChange, requestID: String?)]
         ) -> BatchWrite {
             let changed = after.filter { initial[$0.key] != $0.value }
-            return BatchWrite(
+            var write = BatchWrite(
                 partition: partition, epoch: epoch, now: now,
                 buffers: changed.keys.sorted().map { ($0, changed[$0]!, initial[$0]?.token ?? 0, versions[$0] ?? 0) },
                 records: records, changes: changes
             )
+            write.lines(from: initial)
+            return write
         }
 
         /// Writes the plan in one statement, unless there is nothing to write; returns the outbox ids.
@@ -388,7 +416,9 @@ public final class OwnershipStore: Sendable {
 
         func result(outboxIDs: [Int64], attempt: Int) -> BatchResult {
             let entries = zip(outboxIDs, write.changes).map { OutboxEntry(id: $0, partition: write.partition, change: $1.change) }
-            return BatchResult(replies: replies, changes: entries, replayed: replayed, attempts: attempt)
+            var result = BatchResult(replies: replies, changes: entries, replayed: replayed, attempts: attempt)
+            result.answers = answers
+            return result
         }
     }
 
@@ -398,6 +428,13 @@ public final class OwnershipStore: Sendable {
     ///
     /// Each expiry produces one `expired` change, once: the row is cleared in the same atomic statement.
     public func sweep(partition: Int, epoch: Int64, limit: Int = 1000) async throws -> [OutboxEntry] {
+        try await sweepWithLines(partition: partition, epoch: epoch, limit: limit).changes
+    }
+
+    /// The sweep with lines (docs/design/fair-waiting.md): leases that ran out are expired and their
+    /// buffers handed to the heads of their lines; waits that ran out are denied. Returns the changes and
+    /// the answers to waiters (recorded under their request ids), to publish.
+    public func sweepWithLines(partition: Int, epoch: Int64, limit: Int = 1000) async throws -> (changes: [OutboxEntry], answers: [WaiterAnswer]) {
         let partitioner = self.partitioner
         // No explicit transaction: a read, then the fenced, self-aborting compare-and-set write (one
         // statement). Nothing holds the partition row's lock while waiting on this process, so a worker
@@ -420,12 +457,25 @@ public final class OwnershipStore: Sendable {
                 initial[buffer.buffer] = buffer.state
                 versions[buffer.buffer] = buffer.version
             }
+            // Buffers whose waiters' waits ran out, and the lines of every buffer the sweep looks at.
+            for row in try session.query(SQL.waitingBuffers, [String(partition), String(now.milliseconds), String(limit)]).decode(from: "the waiting read of partition \(partition)", { $0 }) {
+                let buffer = try BufferRow(row, from: 0)
+                initial[buffer.buffer] = buffer.state
+                versions[buffer.buffer] = buffer.version
+            }
+            if !initial.isEmpty {
+                let waiters = try session.query(SQL.lines, [String(partition), PostgresArray.text(initial.keys.map(\.string))])
+                    .decode(from: "the lines of partition \(partition)") { try WaiterRow($0, from: 0) }
+                for (buffer, line) in WaiterRow.lines(waiters) { initial[buffer]?.line = line }
+            }
             var state = PartitionState(partition: partition, partitioner: partitioner, buffers: initial)
-            let changes = state.sweep(at: now)
+            let outcome = state.sweepWithLines(at: now)
             let plan = BatchPlan(
-                partition: partition, epoch: epoch, now: now, initial: initial, versions: versions, after: state.buffers, changes: changes.map { ($0, nil) }
+                partition: partition, epoch: epoch, now: now, initial: initial, versions: versions, after: state.buffers,
+                changes: outcome.changes.map { ($0, nil) }, answers: outcome.answers
             )
-            return plan.result(outboxIDs: try plan.write(session), attempt: 1).changes
+            let result = plan.result(outboxIDs: try plan.write(session), attempt: 1)
+            return (result.changes, result.answers)
         }
     }
 
@@ -581,15 +631,28 @@ enum SQL {
             CROSS JOIN LATERAL (
                 SELECT * FROM baton_buffers WHERE partition = $1 AND holder_connection IS NOT NULL AND holder_connection = wanted.connection
             ) b
+            UNION
+            SELECT b.* FROM unnest($4::text[]) AS wanted(connection)
+            CROSS JOIN LATERAL (
+                SELECT * FROM baton_buffers WHERE partition = $1 AND buffer IN (
+                    SELECT buffer FROM baton_waiters WHERE partition = $1 AND holder_connection = wanted.connection)
+            ) b
+        ),
+        lines AS (
+            SELECT w.* FROM found f JOIN baton_waiters w ON w.partition = $1 AND w.buffer = f.buffer
         )
         SELECT 'f', (SELECT epoch FROM fence)::text, floor(extract(epoch FROM clock_timestamp()) * 1000)::int8::text,
-               NULL, NULL, NULL, NULL, NULL
+               NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL
         UNION ALL
-        SELECT 'r', request_id, reply, fingerprint, NULL, NULL, NULL, NULL FROM stored
+        SELECT 'r', request_id, reply, fingerprint, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL FROM stored
         UNION ALL
         SELECT 'b', buffer, holder_user, holder_connection, token::text,
-               ((extract(epoch FROM expires_at) * 1000)::int8)::text, version::text, holder_principal
+               ((extract(epoch FROM expires_at) * 1000)::int8)::text, version::text, holder_principal, NULL, NULL, NULL, NULL
         FROM found
+        UNION ALL
+        SELECT 'w', buffer, request_id, holder_user, holder_connection, principal, lease_ms::text,
+               ((extract(epoch FROM wait_until) * 1000)::int8)::text, reply_to, correlation_id, fingerprint, position::text
+        FROM lines
         """)
 
     // Uses baton_buffers_expiry.
@@ -608,6 +671,24 @@ enum SQL {
             ORDER BY expires_at
             LIMIT $2
         ) b ON true
+        """)
+
+    // Uses baton_waiters_until, then the primary key of baton_buffers.
+    static let waitingBuffers = PreparedStatement(name: "baton_waiting_buffers", sql: """
+        SELECT b.buffer, b.holder_user, b.holder_connection, b.token,
+               (extract(epoch FROM b.expires_at) * 1000)::int8, b.version, b.holder_principal
+        FROM baton_buffers b
+        WHERE b.partition = $1 AND b.buffer IN (
+            SELECT buffer FROM baton_waiters
+            WHERE partition = $1 AND wait_until <= timestamptz 'epoch' + $2::int8 * interval '1 millisecond'
+            LIMIT $3)
+        """)
+
+    // Uses the primary key of baton_waiters.
+    static let lines = PreparedStatement(name: "baton_lines", sql: """
+        SELECT buffer, request_id, holder_user, holder_connection, principal, lease_ms,
+               (extract(epoch FROM wait_until) * 1000)::int8, reply_to, correlation_id, fingerprint, position
+        FROM baton_waiters WHERE partition = $1 AND buffer = ANY($2::text[])
         """)
 
     // One statement for every write of a batch, atomic on its own. It is fenced: it locks the
@@ -663,6 +744,27 @@ enum SQL {
             WHERE (SELECT epoch FROM fence) = $20
             ORDER BY o.n
             RETURNING id
+        ),
+        waiters_removed AS (
+            DELETE FROM baton_waiters w USING unnest($27::text[]) AS r(request_id)
+            WHERE (SELECT epoch FROM fence) = $20 AND w.partition = $1 AND w.request_id = r.request_id
+            RETURNING 1
+        ),
+        waiters_added AS (
+            INSERT INTO baton_waiters (partition, buffer, request_id, holder_user, holder_connection, principal, lease_ms, wait_until, reply_to, correlation_id, fingerprint)
+            SELECT $1, a.buffer, a.request_id, a.holder_user, a.holder_connection, a.principal, a.lease_ms,
+                   timestamptz 'epoch' + a.until_ms * interval '1 millisecond', a.reply_to, a.correlation_id, a.fingerprint
+            FROM unnest($28::text[], $29::text[], $30::text[], $31::text[], $32::text[], $33::int8[], $34::int8[], $35::text[], $36::text[], $37::text[])
+                WITH ORDINALITY AS a(buffer, request_id, holder_user, holder_connection, principal, lease_ms, until_ms, reply_to, correlation_id, fingerprint, n)
+            WHERE (SELECT epoch FROM fence) = $20
+            ORDER BY a.n
+            RETURNING 1
+        ),
+        waiters_moved AS (
+            UPDATE baton_waiters w SET reply_to = m.reply_to, correlation_id = m.correlation_id
+            FROM unnest($38::text[], $39::text[], $40::text[]) AS m(request_id, reply_to, correlation_id)
+            WHERE (SELECT epoch FROM fence) = $20 AND w.partition = $1 AND w.request_id = m.request_id
+            RETURNING 1
         )
         SELECT (SELECT count(*) FROM updated) + (SELECT count(*) FROM inserted),
                (SELECT count(*) FROM recorded),

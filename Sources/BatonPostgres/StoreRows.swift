@@ -54,9 +54,11 @@ enum BatchReadRow {
     case stored(requestID: ExactString, reply: Reply, fingerprint: String?)
     /// `b`: a buffer the batch touches.
     case buffer(BufferRow)
+    /// `w`: a claim waiting in a touched buffer's line.
+    case waiter(WaiterRow)
 
     private enum Kind: String {
-        case fence = "f", stored = "r", buffer = "b"
+        case fence = "f", stored = "r", buffer = "b", waiter = "w"
     }
 
     init(_ row: PostgresRow) throws {
@@ -72,7 +74,34 @@ enum BatchReadRow {
             self = .stored(requestID: ExactString(id), reply: reply, fingerprint: try row.optional(3, "fingerprint"))
         case .buffer:
             self = .buffer(try BufferRow(row, from: 1))
+        case .waiter:
+            self = .waiter(try WaiterRow(row, from: 1))
         }
+    }
+}
+
+/// A waiter row: `buffer, request_id, holder_user, holder_connection, principal, lease_ms, until_ms,
+/// reply_to, correlation_id, fingerprint, position` from column `offset` on.
+struct WaiterRow {
+    let buffer: ExactString
+    let position: Int64
+    let waiter: Waiter
+
+    init(_ row: PostgresRow, from offset: Int) throws {
+        buffer = ExactString(try row.decode(offset, "buffer"))
+        waiter = Waiter(
+            requestID: try row.decode(offset + 1, "request_id"),
+            holder: Holder(user: try row.decode(offset + 2, "holder_user"), connection: try row.decode(offset + 3, "holder_connection")),
+            principal: try row.optional(offset + 4, "principal"), leaseMilliseconds: try row.decode(offset + 5, "lease_ms"),
+            waitUntil: try row.timestamp(offset + 6, "wait_until"), replyTo: try row.optional(offset + 7, "reply_to"),
+            correlationID: try row.optional(offset + 8, "correlation_id"), fingerprint: try row.decode(offset + 9, "fingerprint")
+        )
+        position = try row.decode(offset + 10, "position")
+    }
+
+    /// The lines of `rows`, per buffer, in the order of position.
+    static func lines(_ rows: [WaiterRow]) -> [ExactString: [Waiter]] {
+        Dictionary(grouping: rows.sorted { $0.position < $1.position }, by: \.buffer).mapValues { $0.map(\.waiter) }
     }
 }
 
@@ -101,8 +130,29 @@ struct BatchWrite {
     var records: [(id: String, reply: Reply, fingerprint: String)] = []
     /// Changes in decision order, with the request that made each (nil for expiries).
     var changes: [(change: OwnershipChange, requestID: String?)] = []
+    /// Waiters that left their lines (by request id), joined them (in order), or moved their reply address.
+    var waitersRemoved: [String] = []
+    var waitersAdded: [(buffer: String, waiter: Waiter)] = []
+    var waitersMoved: [Waiter] = []
 
     var isEmpty: Bool { buffers.isEmpty && records.isEmpty && changes.isEmpty }
+
+    /// The line differences between `initial` and `after` of the written buffers.
+    mutating func lines(from initial: [ExactString: BufferState]) {
+        for (buffer, state) in buffers.map({ ($0.buffer, $0.state) }) {
+            let before = initial[buffer]?.line ?? []
+            let beforeIDs = Dictionary(before.map { (ExactString($0.requestID), $0) }, uniquingKeysWith: { first, _ in first })
+            let afterIDs = Set(state.line.map { ExactString($0.requestID) })
+            waitersRemoved += before.filter { !afterIDs.contains(ExactString($0.requestID)) }.map(\.requestID)
+            for waiter in state.line {
+                if let old = beforeIDs[ExactString(waiter.requestID)] {
+                    if old != waiter { waitersMoved.append(waiter) }
+                } else {
+                    waitersAdded.append((buffer.string, waiter))
+                }
+            }
+        }
+    }
 
     /// The parameters of ``SQL/write``, in its numbering.
     var parameters: [String?] {
@@ -135,6 +185,22 @@ struct BatchWrite {
             /* $24 */ PostgresArray.text(states.map(\.principal)),
             /* $25 */ PostgresArray.text(records.map(\.fingerprint)),
             /* $26 */ PostgresArray.text(list.map(\.principal)),
+            /* $27 */ PostgresArray.text(waitersRemoved),
+            /* $28-$37: waiters that joined */
+            PostgresArray.text(waitersAdded.map(\.buffer)),
+            PostgresArray.text(waitersAdded.map(\.waiter.requestID)),
+            PostgresArray.text(waitersAdded.map(\.waiter.holder.user)),
+            PostgresArray.text(waitersAdded.map(\.waiter.holder.connection)),
+            PostgresArray.text(waitersAdded.map(\.waiter.principal)),
+            PostgresArray.integers(waitersAdded.map { Optional($0.waiter.leaseMilliseconds) }),
+            PostgresArray.integers(waitersAdded.map { Optional($0.waiter.waitUntil.milliseconds) }),
+            PostgresArray.text(waitersAdded.map(\.waiter.replyTo)),
+            PostgresArray.text(waitersAdded.map(\.waiter.correlationID)),
+            PostgresArray.text(waitersAdded.map(\.waiter.fingerprint)),
+            /* $38-$40: waiters that moved their reply address */
+            PostgresArray.text(waitersMoved.map(\.requestID)),
+            PostgresArray.text(waitersMoved.map(\.replyTo)),
+            PostgresArray.text(waitersMoved.map(\.correlationID)),
         ]
     }
 

@@ -283,7 +283,9 @@ final class PartitionDriver: Sendable {
         guard let store else { return false }
         let configuration = worker.configuration
         do {
-            let expired = try await store.sweep(partition: partition, epoch: epoch)
+            let (expired, answers) = try await store.sweepWithLines(partition: partition, epoch: epoch)
+            // Waiters handed a buffer at a lease's expiry, or whose wait ran out: answered now.
+            channels.send(Machine.answerMessages(answers), settle: [])
             // Expiries, and any event the pump could not get confirmed (rows older than a few seconds).
             var events = expired
             events += try await store.undelivered(partition: partition, olderThan: .seconds(5), limit: 1000)

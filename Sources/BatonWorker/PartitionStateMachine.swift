@@ -118,8 +118,10 @@ struct PartitionStateMachine {
         var publishes: [ChannelAction] = []
         var settles: [ChannelAction] = []
         var lastAck: UInt64?
-        /// Decided replies, aligned with `requests[..<replies.count]`.
-        var replies: [Reply] = []
+        /// Decided replies, aligned with `requests[..<replies.count]`; nil for a claim that waits in line.
+        var replies: [Reply?] = []
+        /// Answers to waiters that left their lines in this batch's decisions.
+        var answers: [WaiterAnswer] = []
         var changes: [OutboxEntry] = []
         /// Ranges of `requests` still to decide, in order; a range the database refuses is split in halves.
         var work: [Range<Int>] = []
@@ -217,6 +219,7 @@ struct PartitionStateMachine {
         case .success(let result):
             batch.work.removeFirst()
             batch.replies += result.replies
+            batch.answers += result.answers
             batch.changes += result.changes
             batch.report.replayed += result.replayed
             batch.report.transactions += 1
@@ -454,7 +457,18 @@ struct PartitionStateMachine {
             case .single(let request):
                 return .single(authorize(request, from: message))
             case .batch(let elements):
-                return .batch(elements.map { element in element.flatMap { authorize($0, from: message) } })
+                return .batch(elements.map { element in
+                    element.flatMap { request in
+                        guard request.waiting == nil else {
+                            return .failure(ProtocolError(
+                                code: .invalidRequest,
+                                message: "a claim with wait_ms must be sent alone, not in a coalesced message: its answer comes when it leaves the line",
+                                requestID: request.requestID, buffer: request.buffer
+                            ))
+                        }
+                        return authorize(request, from: message)
+                    }
+                })
             }
         } catch {
             return .single(.failure(error))
@@ -473,6 +487,11 @@ struct PartitionStateMachine {
             ))
         }
         request.principal = message.properties.userID
+        if request.waiting != nil {
+            // A waiting claim is answered later, at the reply address of the delivery that asked last.
+            request.waiting?.replyTo = message.properties.replyTo
+            request.waiting?.correlationID = message.properties.correlationID
+        }
         if request.principal == nil, request.operation != .inspect, request.operation != .forceRelease, !request.operation.isRead {
             return .failure(ProtocolError(
                 code: .unauthenticated,
@@ -605,7 +624,13 @@ struct PartitionStateMachine {
     private mutating func complete(_ batch: Batch) -> [Action] {
         var batch = batch
         let partition = configuration.partition
-        for (request, (origin, reply)) in zip(batch.requests, zip(batch.origins, batch.replies)) {
+        for (request, (origin, decided)) in zip(batch.requests, zip(batch.origins, batch.replies)) {
+            guard let reply = decided else {
+                // Waits in line: its state is in the database, so the delivery is done; the answer comes later.
+                batch.report.counts["claim|waiting", default: 0] += 1
+                batch.lastAck = max(batch.lastAck ?? 0, origin.message.deliveryTag)
+                continue
+            }
             batch.report.counts["\(request.operation.rawValue)|\(reply.error?.code.rawValue ?? reply.status.rawValue)", default: 0] += 1
             if reply.status == .error, reply.error?.code != .deadlineExceeded {
                 logger.notice("rejected a request", metadata: [
@@ -626,6 +651,7 @@ struct PartitionStateMachine {
                 batch.lastAck = max(batch.lastAck ?? 0, origin.message.deliveryTag)
             }
         }
+        batch.publishes += Self.answerMessages(batch.answers)
         for (read, reply) in zip(batch.reads, batch.readReplies ?? []) {
             batch.report.counts["events|\(reply.status.rawValue)", default: 0] += 1
             if let element = read.element {
@@ -701,6 +727,19 @@ struct PartitionStateMachine {
         }
         let settle = acks.settle(messages.last?.deliveryTag, count: messages.count, moreWaiting: !pending.isEmpty)
         return [.send(publishes: publishes, settles: settle.map { [$0] } ?? [], report: report)]
+    }
+
+    /// The answers to waiters that left their lines, each to the reply address of the delivery that asked
+    /// last (none when it asked for none, or for one the worker refuses to send).
+    static func answerMessages(_ answers: [WaiterAnswer]) -> [ChannelAction] {
+        answers.compactMap { answer in
+            guard let replyTo = answer.waiter.replyTo, ProtocolV1.isAcceptedReplyTo(replyTo) else { return nil }
+            return .publish(OutgoingMessage(
+                exchange: "", routingKey: replyTo, body: ProtocolCodec.encode(answer.reply),
+                properties: AMQPProperties(contentType: ProtocolV1.contentType, correlationID: answer.waiter.correlationID),
+                mandatory: false
+            ))
+        }
     }
 
     /// The reply message carrying `body` to `message`'s sender, or nil when it asked for none (or for one

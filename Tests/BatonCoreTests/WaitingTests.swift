@@ -171,3 +171,19 @@ struct SplitMix: RandomNumberGenerator {
         return z ^ (z >> 31)
     }
 }
+
+extension WaitingTests {
+    @Test func aRepeatThatArrivesAsItsWaitEndsGetsThatAnswerAndDoesNotJoinAgain() {
+        var state = PartitionState(partition: 0, partitioner: partitioner)
+        _ = state.decide(claim("a", "ann", "ca", lease: 1000), at: t0)
+        _ = state.decide(claim("w", "wes", "cw", wait: 500), at: t0)
+        let late = state.decide(claim("w", "wes", "cw", wait: 500, replyTo: "amq.gen-again"), at: t0.adding(milliseconds: 600))
+        #expect(late.reply?.status == .denied && late.answers.isEmpty, "answered once, to the repeat")
+        #expect(state.state(of: "b").line.isEmpty, "not in line again")
+        // The same when the buffer is handed to it at the moment its repeat arrives.
+        _ = state.decide(claim("v", "vic", "cv", wait: 60_000), at: t0.adding(milliseconds: 700))
+        let handed = state.decide(claim("v", "vic", "cv", wait: 60_000), at: t0.adding(milliseconds: 1000))
+        #expect(handed.reply?.status == .granted && handed.reply?.token == 2 && handed.answers.isEmpty)
+        #expect(handed.changes.map(\.kind) == [.expired, .granted])
+    }
+}

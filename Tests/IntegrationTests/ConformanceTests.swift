@@ -13,7 +13,7 @@ import Testing
         guard case .object(let root) = document, case .array(let cases)? = root["cases"] else {
             throw TestFailure("docs/conformance/vectors.json has no 'cases' array")
         }
-        #expect(root["revision"] == .integer(Int64(ProtocolV1.revision)), "the vectors are for the revision this worker speaks")
+        #expect({ if case .integer(let revision)? = root["revision"] { revision <= Int64(ProtocolV1.revision) } else { false } }(), "the vectors are for a revision this worker speaks")
         #expect(cases.count >= 20, "the suite covers the protocol (\(cases.count) cases)")
         let partitions = 4
         let deployment = try await Deployment.make(partitions: partitions)

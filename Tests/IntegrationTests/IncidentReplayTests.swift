@@ -33,10 +33,10 @@ import Testing
                         let partition = partitioner.partition(of: buffer)
                         let epoch = sharedEpochs[partition]!
                         attempts += 1
-                        let reply = try await store.apply([.claim(buffer, user: "user-\(worker)", connection: "conn-\(worker)")], partition: partition, epoch: epoch).replies[0]
+                        let reply = try await store.apply([.claim(buffer, user: "user-\(worker)", connection: "conn-\(worker)")], partition: partition, epoch: epoch).decided[0]
                         guard reply.status == .granted, let token = reply.token else { continue }
                         grants += 1
-                        let released = try await store.apply([.release(buffer, connection: "conn-\(worker)", token: token)], partition: partition, epoch: epoch).replies[0]
+                        let released = try await store.apply([.release(buffer, connection: "conn-\(worker)", token: token)], partition: partition, epoch: epoch).decided[0]
                         #expect(released.status == .released)
                     }
                     await store.connection.close()

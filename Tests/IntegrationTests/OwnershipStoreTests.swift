@@ -26,17 +26,17 @@ func buffer(in partition: Int, count: Int = 16, prefix: String = "buf") -> Strin
             .release(b, connection: "c1", token: 1),
             .claim(b, user: "bob", connection: "c2"),
         ], partition: 3, epoch: epoch)
-        #expect(result.replies.map(\.status) == [.granted, .denied, .released, .granted])
-        #expect(result.replies.map(\.token) == [1, 1, 1, 2])
-        #expect(result.replies[1].holder == Holder(user: "ann", connection: "c1"))
+        #expect(result.decided.map(\.status) == [.granted, .denied, .released, .granted])
+        #expect(result.decided.map(\.token) == [1, 1, 1, 2])
+        #expect(result.decided[1].holder == Holder(user: "ann", connection: "c1"))
         #expect(result.changes.map(\.change.kind) == [.granted, .released, .granted])
         #expect(result.changes.map(\.id) == result.changes.map(\.id).sorted())
 
         // The next batch sees the committed state.
         let inspect = try await store.apply([Request(requestID: "i", command: .inspect(buffer: b))], partition: 3, epoch: epoch)
-        #expect(inspect.replies[0].holder == Holder(user: "bob", connection: "c2"))
-        #expect(inspect.replies[0].token == 2)
-        #expect(inspect.replies[0].partition == 3)
+        #expect(inspect.decided[0].holder == Holder(user: "bob", connection: "c2"))
+        #expect(inspect.decided[0].token == 2)
+        #expect(inspect.decided[0].partition == 3)
     }
 
     @Test func anEventsReadOfOneBufferScansTheHistoryInBoundedWindows() async throws {
@@ -90,7 +90,7 @@ func buffer(in partition: Int, count: Int = 16, prefix: String = "buf") -> Strin
 
         // The new owner carries on from the committed state.
         let result = try await new.apply([.release(b, connection: "c1", token: 1)], partition: 5, epoch: newEpoch)
-        #expect(result.replies[0].status == .released)
+        #expect(result.decided[0].status == .released)
     }
 
     @Test func partitionsSharingAConnectionCommitTogetherAndFailAlone() async throws {
@@ -127,7 +127,7 @@ func buffer(in partition: Int, count: Int = 16, prefix: String = "buf") -> Strin
         try await holding.value
         for partition in 0..<5 {
             let result = try #require(try? results[partition]?.get(), "partition \(partition) was applied")
-            #expect(result.replies.map(\.status) == [.granted, .denied])
+            #expect(result.decided.map(\.status) == [.granted, .denied])
             #expect(result.changes.map(\.change.kind) == [.granted])
         }
         let lost = try #require(results[5])
@@ -162,17 +162,17 @@ func buffer(in partition: Int, count: Int = 16, prefix: String = "buf") -> Strin
         let first = try await store.apply([claim], partition: 1, epoch: epoch)
         // Redelivered in a later batch, and duplicated inside one batch.
         let second = try await store.apply([claim, .claim(b, user: "bob", connection: "c2", id: "other"), claim], partition: 1, epoch: epoch)
-        #expect(second.replies[0] == first.replies[0])
-        #expect(second.replies[2] == first.replies[0])
+        #expect(second.decided[0] == first.decided[0])
+        #expect(second.decided[2] == first.decided[0])
         #expect(second.replayed == 2)
-        #expect(second.replies[1].status == .denied)
+        #expect(second.decided[1].status == .denied)
 
         // A retry of a release after the buffer moved on still answers what it answered.
         let release = Request.release(b, connection: "c1", token: 1, id: "release-once")
         let released = try await store.apply([release], partition: 1, epoch: epoch)
         _ = try await store.apply([.claim(b, user: "bob", connection: "c2")], partition: 1, epoch: epoch)
         let again = try await store.apply([release], partition: 1, epoch: epoch)
-        #expect(again.replies == released.replies)
+        #expect(again.decided == released.decided)
         #expect(again.changes.isEmpty)
 
         let audit = try await TestDatabase.audit(url)
@@ -191,9 +191,9 @@ func buffer(in partition: Int, count: Int = 16, prefix: String = "buf") -> Strin
             .claim(b2, user: "ann", connection: "c1", lease: 60_000),
         ], partition: 7, epoch: epoch)
         let dbAfter = try await store.connection.withSession { s in Int64(try s.query("SELECT (extract(epoch FROM clock_timestamp())*1000)::int8").first()!)! }
-        let at = try #require(claimed.replies[0].at).milliseconds
+        let at = try #require(claimed.decided[0].at).milliseconds
         #expect(at >= dbBefore - 1 && at <= dbAfter + 1, "decisions are stamped with the database clock")
-        #expect(claimed.replies[0].expiresAt?.milliseconds == at + 1000)
+        #expect(claimed.decided[0].expiresAt?.milliseconds == at + 1000)
 
         #expect(try await store.sweep(partition: 7, epoch: epoch).isEmpty, "nothing has expired yet")
         try await Task.sleep(for: .milliseconds(1200))
@@ -204,7 +204,7 @@ func buffer(in partition: Int, count: Int = 16, prefix: String = "buf") -> Strin
         #expect(try await store.sweep(partition: 7, epoch: epoch).isEmpty, "an expiry is emitted once")
 
         let next = try await store.apply([.claim(b1, user: "bob", connection: "c2")], partition: 7, epoch: epoch)
-        #expect(next.replies[0].token == 2)
+        #expect(next.decided[0].token == 2)
         #expect(next.changes.map(\.change.kind) == [.granted], "no second expired change after the sweep")
 
         let audit = try await TestDatabase.audit(url)
@@ -222,10 +222,10 @@ func buffer(in partition: Int, count: Int = 16, prefix: String = "buf") -> Strin
             .claim(names[2], user: "bob", connection: "c2"),
             Request(requestID: "rc", command: .releaseConnection(connection: "c1")),
         ], partition: 2, epoch: epoch)
-        #expect(result.replies[2].status == .releasedConnection)
-        #expect(result.replies[2].buffers == [names[0], names[1]].sorted())
+        #expect(result.decided[2].status == .releasedConnection)
+        #expect(result.decided[2].buffers == [names[0], names[1]].sorted())
         let state = try await store.apply([Request(requestID: "i", command: .inspect(buffer: names[2]))], partition: 2, epoch: epoch)
-        #expect(state.replies[0].holder?.connection == "c2")
+        #expect(state.decided[0].holder?.connection == "c2")
     }
 
     @Test func canonicallyEquivalentBufferNamesAreStoredApart() async throws {
@@ -236,7 +236,7 @@ func buffer(in partition: Int, count: Int = 16, prefix: String = "buf") -> Strin
             .claim("caf\u{E9}.rs", user: "ann", connection: "c1"),
             .claim("cafe\u{301}.rs", user: "bob", connection: "c2"),
         ], partition: 0, epoch: epoch)
-        #expect(result.replies.map(\.status) == [.granted, .granted])
+        #expect(result.decided.map(\.status) == [.granted, .granted])
         #expect(try await TestDatabase.audit(url).finalTokens.count == 2)
     }
 
@@ -245,8 +245,8 @@ func buffer(in partition: Int, count: Int = 16, prefix: String = "buf") -> Strin
         let store = try await TestDatabase.store(url)
         let epoch = try await store.takePartition(0, owner: "test")
         let result = try await store.apply([.claim(buffer(in: 9), user: "ann", connection: "c1")], partition: 0, epoch: epoch)
-        #expect(result.replies[0].status == .error)
-        #expect(result.replies[0].error?.code == .misrouted)
+        #expect(result.decided[0].status == .error)
+        #expect(result.decided[0].error?.code == .misrouted)
         #expect(result.changes.isEmpty)
         #expect(try await TestDatabase.audit(url).finalTokens.isEmpty)
     }

@@ -94,3 +94,11 @@ extension Request {
         Request(requestID: id, command: .release(buffer: buffer, connection: connection, token: token))
     }
 }
+
+extension BatchResult {
+    /// The replies, each claim that waits in line shown as an error reply saying so (the store tests
+    /// compare replies; a waiting claim has none).
+    var decided: [Reply] {
+        replies.map { $0 ?? Reply(requestID: nil, status: .error, error: ReplyError(code: .internalError, message: "waits in line")) }
+    }
+}

@@ -61,7 +61,7 @@ public struct StoreBenchmark: Sendable {
         let elapsed = try await clock.measure {
             for (partition, batch) in batches {
                 let result = try await store.apply(batch, partition: partition, epoch: epochs[partition]!)
-                granted += result.replies.filter { $0.status == .granted }.count
+                granted += result.replies.filter { $0?.status == .granted }.count
             }
         }
         guard granted == count else {
