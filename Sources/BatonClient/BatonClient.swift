@@ -211,6 +211,9 @@ public final class BatonClient: Sendable {
         let key: String
         let body: [UInt8]
         let deadline: ContinuousClock.Instant
+        /// A claim that waits in line: sent alone (the worker refuses it in a coalesced message), and not
+        /// counted as in flight for its partition (its answer may take until its wait ends).
+        var alone = false
     }
 
     /// One partition's traffic: messages in flight (until answered, or until they count as lost at
@@ -305,8 +308,22 @@ public final class BatonClient: Sendable {
     }
 
     /// Claims `buffer` for `user` on `connection` for `lease` (1 s to 1 h).
-    public func claim(_ buffer: String, user: String, connection: String, lease: Duration = .seconds(30), requestID: String = BatonClient.newRequestID()) async throws -> ClaimResult {
-        let reply = try await call(Request(requestID: requestID, command: .claim(buffer: buffer, holder: Holder(user: user, connection: connection), leaseMilliseconds: lease.wholeMilliseconds)))
+    ///
+    /// With `wait` (1 ms to 300 s), a claim that finds the buffer held waits in the buffer's line and is
+    /// answered when it leaves it: granted in arrival order when the buffer is released or expires, or
+    /// denied when the wait runs out (docs/design/fair-waiting.md). The call's timeout is then `wait` plus
+    /// ``BatonClientConfiguration/timeout``.
+    public func claim(
+        _ buffer: String, user: String, connection: String, lease: Duration = .seconds(30), wait: Duration? = nil,
+        requestID: String = BatonClient.newRequestID()
+    ) async throws -> ClaimResult {
+        var request = Request(requestID: requestID, command: .claim(buffer: buffer, holder: Holder(user: user, connection: connection), leaseMilliseconds: lease.wholeMilliseconds))
+        var timeout: Duration?
+        if let wait {
+            request.waiting = Waiting(milliseconds: max(1, wait.wholeMilliseconds))
+            timeout = min(wait + configuration.timeout, .milliseconds(ProtocolV1.maxRequestLifetimeMilliseconds))
+        }
+        let reply = try await call(request, timeout: timeout)
         switch reply.status {
         case .granted: return .granted(try makeLease(from: reply))
         case .denied: return .denied(try holding(from: reply) ?? { throw bad(reply) }())
@@ -432,7 +449,7 @@ public final class BatonClient: Sendable {
                 }
                 blocked = nil
                 attempts += 1
-                send(Queued(key: key, body: body, deadline: deadline), partition: partition, on: link)
+                send(Queued(key: key, body: body, deadline: deadline, alone: request.waiting != nil), partition: partition, on: link)
             } catch is DeadlinePassed {
                 break
             } catch let error as BatonClientError {
@@ -562,6 +579,16 @@ public final class BatonClient: Sendable {
         let now = ContinuousClock.now
         lane.inFlight = lane.inFlight.filter { $0.value > now }
         guard !lane.queued.isEmpty, lane.inFlight.isEmpty || !configuration.coalesce else { return nil }
+        if let index = lane.queued.firstIndex(where: \.alone) {
+            // A waiting claim goes at once, alone, whatever is in flight.
+            let item = lane.queued.remove(at: index)
+            state.nextMessage += 1
+            let id = "\(messagePrefix)-\(state.nextMessage)"
+            state.sent[id] = SentMessage(partition: partition, keys: [item.key], expires: item.deadline + .seconds(1))
+            state.statistics.messages += 1
+            state.statistics.requests += 1
+            return (id, [item])
+        }
         var count = 0
         var bytes = 32
         let limit = configuration.coalesce ? max(1, min(configuration.maxCoalesced, ProtocolV1.maxBatchCount)) : 1

@@ -292,4 +292,4 @@ def test_a_given_n_that_differs_from_the_deployments_is_refused(live):
     with pytest.raises(ValueError, match="describe"):
         Client(live["url"], partitions=live["partitions"] + 1, timeout=10.0)
     with Client(live["url"], partitions=live["partitions"], timeout=10.0) as c:
-        assert c.revision == 3, "the revision is learned even when N is given"
+        assert c.revision is not None and c.revision >= 3, "the revision is learned even when N is given"
