@@ -265,7 +265,7 @@ public final class OwnershipStore: Sendable {
             plans.append(try BatchPlan(read: read.get(), requests: batch.requests, partition: batch.partition, epoch: batch.epoch, partitioner: partitioner))
         }
         let writing = plans.indices.filter { !plans[$0].write.isEmpty }
-        let writes = try session.pipeline(writing.map { (SQL.write, plans[$0].write.parameters) })
+        let writes = try session.pipeline(writing.map { (plans[$0].write.statement, plans[$0].write.parameters) })
         var rows: [Int: PostgresRow] = [:]
         for (index, write) in zip(writing, writes) { rows[index] = PostgresRow(try write.get().rows.first ?? [], source: "the batch write") }
         return plans.indices.map { index in
@@ -408,7 +408,7 @@ public final class OwnershipStore: Sendable {
         func write(_ session: PostgresSession) throws -> [Int64] {
             guard !write.isEmpty else { return [] }
             do {
-                return try write.check(PostgresRow(session.query(SQL.write, write.parameters).rows.first ?? [], source: "the batch write"))
+                return try write.check(PostgresRow(session.query(write.statement, write.parameters).rows.first ?? [], source: "the batch write"))
             } catch let error as PostgresError where error.sqlState == "BT001" {
                 throw CompareAndSetMiss(missed: 1)
             }
@@ -638,8 +638,11 @@ enum SQL {
                     SELECT buffer FROM baton_waiters WHERE partition = $1 AND holder_connection = wanted.connection)
             ) b
         ),
+        -- Not joined to found: a CTE referenced twice is materialized, and every batch would pay for it.
         lines AS (
-            SELECT w.* FROM found f JOIN baton_waiters w ON w.partition = $1 AND w.buffer = f.buffer
+            SELECT w.* FROM baton_waiters w
+            WHERE w.partition = $1 AND (w.buffer = ANY($3::text[]) OR w.holder_connection = ANY($4::text[])
+                OR w.buffer IN (SELECT buffer FROM baton_buffers WHERE partition = $1 AND holder_connection = ANY($4::text[])))
         )
         SELECT 'f', (SELECT epoch FROM fence)::text, floor(extract(epoch FROM clock_timestamp()) * 1000)::int8::text,
                NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL
@@ -697,7 +700,13 @@ enum SQL {
     // compare-and-set: an update needs the token and version the decision read, an insert needs the
     // buffer to be still absent, an idempotency record needs its request id to be still free. The
     // caller compares the counts with what it expected and decides again from a fresh read on a miss.
-    static let write = PreparedStatement(name: "baton_write", sql: """
+    static let write = PreparedStatement(name: "baton_write", sql: writeCTEs + "\n" + writeResult)
+
+    // The batch write with the lines' changes too (claims that joined, left or moved their reply address):
+    // only batches that change a line pay for the three more statements.
+    static let writeWithLines = PreparedStatement(name: "baton_write_lines", sql: writeCTEs + ",\n" + waiterCTEs + "\n" + writeResult)
+
+    private static let writeCTEs = """
         WITH fence AS (
             SELECT epoch FROM baton_partitions WHERE partition = $1 FOR SHARE
         ),
@@ -744,7 +753,10 @@ enum SQL {
             WHERE (SELECT epoch FROM fence) = $20
             ORDER BY o.n
             RETURNING id
-        ),
+        )
+        """
+
+    private static let waiterCTEs = """
         waiters_removed AS (
             DELETE FROM baton_waiters w USING unnest($27::text[]) AS r(request_id)
             WHERE (SELECT epoch FROM fence) = $20 AND w.partition = $1 AND w.request_id = r.request_id
@@ -766,6 +778,9 @@ enum SQL {
             WHERE (SELECT epoch FROM fence) = $20 AND w.partition = $1 AND w.request_id = m.request_id
             RETURNING 1
         )
+        """
+
+    private static let writeResult = """
         SELECT (SELECT count(*) FROM updated) + (SELECT count(*) FROM inserted),
                (SELECT count(*) FROM recorded),
                (SELECT array_agg(id ORDER BY id) FROM outbox),
@@ -775,7 +790,7 @@ enum SQL {
                           OR (SELECT count(*) FROM recorded) <> $22)
                     THEN baton_abort_batch('compare-and-set miss: another writer changed a buffer or recorded a request id first')
                END
-        """)
+        """
 
     // Uses baton_outbox_pending.
     static let undelivered = PreparedStatement(name: "baton_undelivered", sql: """

@@ -154,8 +154,18 @@ struct BatchWrite {
         }
     }
 
-    /// The parameters of ``SQL/write``, in its numbering.
+    /// Whether a line changes: then the write is ``SQL/writeWithLines`` ($1 to $40), else ``SQL/write`` ($1 to $26).
+    var changesLines: Bool { !(waitersRemoved.isEmpty && waitersAdded.isEmpty && waitersMoved.isEmpty) }
+
+    /// The statement that writes this.
+    var statement: PreparedStatement { changesLines ? SQL.writeWithLines : SQL.write }
+
+    /// The parameters of ``statement``, in its numbering.
     var parameters: [String?] {
+        changesLines ? baseParameters + lineParameters : baseParameters
+    }
+
+    private var baseParameters: [String?] {
         let list = changes.map(\.change)
         let states = buffers.map(\.state)
         return [
@@ -185,6 +195,11 @@ struct BatchWrite {
             /* $24 */ PostgresArray.text(states.map(\.principal)),
             /* $25 */ PostgresArray.text(records.map(\.fingerprint)),
             /* $26 */ PostgresArray.text(list.map(\.principal)),
+        ]
+    }
+
+    private var lineParameters: [String?] {
+        [
             /* $27 */ PostgresArray.text(waitersRemoved),
             /* $28-$37: waiters that joined */
             PostgresArray.text(waitersAdded.map(\.buffer)),

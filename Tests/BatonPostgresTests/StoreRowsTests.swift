@@ -51,7 +51,7 @@ import Testing
     @Test func theWriteNumbersItsParametersAsTheStatementDoes() {
         let write = BatchWrite(partition: 3, epoch: 7, now: Timestamp(milliseconds: 1000))
         #expect(write.isEmpty)
-        #expect(write.parameters.count == 40, "SQL.write takes $1 to $40")
+        #expect(write.parameters.count == 26, "SQL.write takes $1 to $26")
         #expect(write.parameters[0] == "3" && write.parameters[19] == "7" && write.parameters[20] == "0" && write.parameters[21] == "0")
     }
 }
