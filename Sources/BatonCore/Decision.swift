@@ -200,7 +200,7 @@ public struct PartitionState: Sendable {
         var (current, outcome) = OwnershipRules.settle(buffer: buffer, state: before, now: now, partition: partition)
 
         if let index = outcome.answers.firstIndex(where: { $0.waiter.requestID.exactlyEquals(request.requestID) }),
-           outcome.answers[index].waiter.fingerprint == OwnershipRules.fingerprint(request) {
+           outcome.answers[index].waiter.fingerprint == ProtocolCodec.fingerprint(request) {
             // A repeat of a claim that has just left the line (granted, or its wait ran out): the repeat
             // gets that answer, once, and is not decided again.
             outcome.reply = outcome.answers.remove(at: index).reply
@@ -210,7 +210,7 @@ public struct PartitionState: Sendable {
         if let index = current.line.firstIndex(where: { $0.requestID.exactlyEquals(request.requestID) }) {
             // A repeat of a claim that waits in line: the same claim moves its answer to the new address;
             // anything else under its request id is refused (and changes nothing).
-            if current.line[index].fingerprint == OwnershipRules.fingerprint(request) {
+            if current.line[index].fingerprint == ProtocolCodec.fingerprint(request) {
                 current.line[index].replyTo = request.waiting?.replyTo
                 current.line[index].correlationID = request.waiting?.correlationID
             } else {
@@ -236,7 +236,7 @@ public struct PartitionState: Sendable {
             next.line.append(Waiter(
                 requestID: request.requestID, holder: holder, principal: request.principal, leaseMilliseconds: lease,
                 waitUntil: request.deadline.map { min($0, until) } ?? until, replyTo: waiting.replyTo, correlationID: waiting.correlationID,
-                fingerprint: OwnershipRules.fingerprint(request)
+                fingerprint: ProtocolCodec.fingerprint(request)
             ))
         } else {
             outcome.reply = decision.reply

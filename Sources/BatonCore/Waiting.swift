@@ -29,7 +29,7 @@ public struct Waiter: Sendable, Hashable {
     /// Where its answer goes.
     public var replyTo: String?
     public var correlationID: String?
-    /// What it asked (``ProtocolCodec/fingerprint(_:)`` and the wait): a repeat must ask the same.
+    /// What it asked (``ProtocolCodec/fingerprint(_:)``, `wait_ms` included): a repeat must ask the same.
     public var fingerprint: String
 
     /// Creates a waiter.
@@ -78,11 +78,6 @@ public struct Outcome: Sendable, Hashable {
 }
 
 extension OwnershipRules {
-    /// A waiter's fingerprint: what its claim asked, and how long it waits.
-    public static func fingerprint(_ request: Request) -> String {
-        ProtocolCodec.fingerprint(request)  // the body carries wait_ms
-    }
-
     /// Settles `buffer` at `now` (docs/design/fair-waiting.md, rule 1): waiters whose wait ran out leave the
     /// line, denied; then, if no live lease holds it, the head of the line is granted with the next token
     /// (an expired lease is closed first). Everything else is left as it is.
