@@ -13,7 +13,7 @@ public enum LeaseLoss: Sendable, Hashable {
     /// The worker refused a renewal (an error reply or a client error other than a timeout), and the
     /// safe end passed before another one succeeded.
     case failed(String)
-    /// You released it (``KeptLease/release()``, or the end of ``BatonClient/withLease(_:user:connection:lease:body:)``).
+    /// You released it (``KeptLease/release()``, or the end of ``BatonClient/withLease(_:user:connection:lease:wait:body:)``).
     case released
 }
 
@@ -56,7 +56,7 @@ public struct LeaseKeeping: Sendable, Hashable {
 /// clock, from the first send of each call, and reports every change of ``state`` through ``states()``.
 /// In the spirit of etcd's `KeepAlive` and Curator's connection-state listener.
 ///
-/// Call ``release()`` when done (``BatonClient/withLease(_:user:connection:lease:body:)`` does): a kept
+/// Call ``release()`` when done (``BatonClient/withLease(_:user:connection:lease:wait:body:)`` does): a kept
 /// lease renews until it is released or lost, or its client is closed (then it is lost within a lease).
 public final class KeptLease: Sendable {
     /// The buffer.
@@ -79,14 +79,17 @@ public final class KeptLease: Sendable {
     private let client: BatonClient
     private let settings: LeaseKeeping
 
-    fileprivate init(client: BatonClient, grant: Lease, holder: Holder, sent: ContinuousClock.Instant, settings: LeaseKeeping) {
+    /// A lease confirmed by a call first sent at `sent`, kept from then on; or, with `lost`, a grant that
+    /// was already lost when it was learnt (nothing is renewed).
+    fileprivate init(client: BatonClient, grant: Lease, holder: Holder, sent: ContinuousClock.Instant, settings: LeaseKeeping, lost: LeaseLoss? = nil) {
         self.client = client
         buffer = grant.buffer
         self.holder = holder
         token = grant.token
         partition = grant.partition
         self.settings = settings
-        shared = Mutex(Shared(state: .held(token: grant.token, safeUntil: sent + settings.lease - settings.margin)))
+        shared = Mutex(Shared(state: lost.map(LeaseState.lost) ?? .held(token: grant.token, safeUntil: sent + settings.lease - settings.margin)))
+        guard lost == nil else { return }
         let keeper = Task { [weak self] in _ = await self?.keep(confirmed: sent) }
         shared.withLock { $0.keeper = keeper }
     }
@@ -209,7 +212,7 @@ public final class KeptLease: Sendable {
     }
 }
 
-/// The answer to ``BatonClient/keep(_:user:connection:keeping:requestID:)``.
+/// The answer to ``BatonClient/keep(_:user:connection:keeping:wait:requestID:)``.
 public enum KeepResult: Sendable {
     /// You hold the buffer, and the client keeps the lease alive.
     case kept(KeptLease)
@@ -217,7 +220,7 @@ public enum KeepResult: Sendable {
     case denied(Holding)
 }
 
-/// ``BatonClient/withLease(_:user:connection:lease:body:)`` could not get the buffer.
+/// ``BatonClient/withLease(_:user:connection:lease:wait:body:)`` could not get the buffer.
 public struct LeaseDenied: Error, Sendable, CustomStringConvertible {
     /// The buffer.
     public var buffer: String
@@ -247,21 +250,33 @@ extension BatonClient {
     /// times out, while its answer is unknown, the claim is settled in the background: it is asked again
     /// with the same `request_id` (the stored answer, or `deadline_exceeded` if it was never decided) and
     /// whatever it granted is released, so no grant is left behind that nobody knows about.
+    ///
+    /// With `wait` (1 ms to 300 s), a held buffer is waited for in its line (see
+    /// ``claim(_:user:connection:lease:wait:requestID:)``). A grant to a waiter happened at some moment
+    /// between the claim's first send and its answer, so the send is the only safe start of the lease on
+    /// this machine's clock; when the answer comes after the first renewal would be due, the lease is
+    /// renewed before it is returned, and kept from that renewal's send (one more call, only after a
+    /// long wait). A renewal answered `not_owner` returns a lease already `lost(.notOwner)`.
     public func keep(
-        _ buffer: String, user: String, connection: String, keeping: LeaseKeeping = LeaseKeeping(), requestID: String = BatonClient.newRequestID()
+        _ buffer: String, user: String, connection: String, keeping: LeaseKeeping = LeaseKeeping(), wait: Duration? = nil,
+        requestID: String = BatonClient.newRequestID()
     ) async throws -> KeepResult {
         let holder = Holder(user: user, connection: connection)
-        let lifetime = min(configuration.timeout.wholeMilliseconds, ProtocolV1.maxRequestLifetimeMilliseconds)
-        let request = Request(
+        let timeout = min(configuration.timeout + (wait ?? .zero), .milliseconds(ProtocolV1.maxRequestLifetimeMilliseconds))
+        var request = Request(
             requestID: requestID, command: .claim(buffer: buffer, holder: holder, leaseMilliseconds: keeping.lease.wholeMilliseconds),
-            deadline: Timestamp.wallClock().adding(milliseconds: lifetime)
+            deadline: Timestamp.wallClock().adding(milliseconds: timeout.wholeMilliseconds)
         )
-        let sent = ContinuousClock.now
+        if let wait { request.waiting = Waiting(milliseconds: max(1, wait.wholeMilliseconds)) }
+        var sent = ContinuousClock.now
         let reply: Reply
         do {
-            reply = try await call(request)
+            reply = try await call(request, timeout: timeout)
         } catch let error as BatonClientError where error.code == .timeout {
             settle(request)
+            throw error
+        } catch let error as CancellationError {
+            settle(request)  // a waiting claim stops waiting at once when cancelled
             throw error
         }
         if Task.isCancelled {
@@ -273,6 +288,20 @@ extension BatonClient {
         case .granted:
             guard let token = reply.token, let expiresAt = reply.expiresAt, let at = reply.at, let partition = reply.partition else { throw unexpected(reply) }
             let grant = Lease(buffer: buffer, token: token, expiresAt: expiresAt, at: at, partition: partition)
+            if ContinuousClock.now >= sent + keeping.lease * keeping.renewFraction {
+                // Granted after a wait: the lease is as old as the claim's first send on this clock.
+                let renewal = ContinuousClock.now
+                do {
+                    switch try await renew(buffer, connection: connection, token: token, lease: keeping.lease, timeout: configuration.timeout) {
+                    case .renewed: sent = renewal
+                    case .notOwner(let current):
+                        return .kept(KeptLease(client: self, grant: grant, holder: holder, sent: sent, settings: keeping, lost: .notOwner(current: current)))
+                    }
+                } catch {
+                    _ = try? await release(buffer, connection: connection, token: token)
+                    throw error
+                }
+            }
             return .kept(KeptLease(client: self, grant: grant, holder: holder, sent: sent, settings: keeping))
         case .denied:
             guard let current = reply.holder, let token = reply.token else { throw unexpected(reply) }
@@ -287,11 +316,12 @@ extension BatonClient {
     /// once its ``KeptLease/state`` is lost (``KeptLease/states()`` tells when).
     ///
     /// - Throws: ``LeaseDenied`` when someone else holds the buffer; whatever `body` throws.
+    /// With `wait`, a held buffer is waited for in its line first (``keep(_:user:connection:keeping:wait:requestID:)``).
     public func withLease<T: Sendable>(
-        _ buffer: String, user: String, connection: String, lease: Duration = .seconds(30),
+        _ buffer: String, user: String, connection: String, lease: Duration = .seconds(30), wait: Duration? = nil,
         body: (KeptLease) async throws -> T
     ) async throws -> T {
-        switch try await keep(buffer, user: user, connection: connection, keeping: LeaseKeeping(lease: lease)) {
+        switch try await keep(buffer, user: user, connection: connection, keeping: LeaseKeeping(lease: lease), wait: wait) {
         case .denied(let holding):
             throw LeaseDenied(buffer: buffer, holding: holding)
         case .kept(let kept):
@@ -307,10 +337,11 @@ extension BatonClient {
         }
     }
 
-    /// Learns the outcome of a claim that timed out, and releases what it granted: the same request is
-    /// asked again until it is answered (its deadline has passed by then, so a request never decided is
-    /// answered `deadline_exceeded`, and one decided gets its stored reply).
-    private func settle(_ request: Request) {
+    /// Learns the outcome of a claim that timed out or was cancelled, and releases what it granted: the
+    /// same request is asked again until it is answered (once its deadline has passed, a request never
+    /// decided is answered `deadline_exceeded`, and one decided gets its stored reply; a claim still in
+    /// line is answered when it leaves it).
+    func settle(_ request: Request) {
         guard case .claim(let buffer, let holder, _) = request.command else { return }
         Task {
             var reply: Reply?

@@ -312,7 +312,9 @@ public final class BatonClient: Sendable {
     /// With `wait` (1 ms to 300 s), a claim that finds the buffer held waits in the buffer's line and is
     /// answered when it leaves it: granted in arrival order when the buffer is released or expires, or
     /// denied when the wait runs out (docs/design/fair-waiting.md). The call's timeout is then `wait` plus
-    /// ``BatonClientConfiguration/timeout``.
+    /// ``BatonClientConfiguration/timeout``. Cancelling the calling task ends the wait at once with
+    /// `CancellationError`; the claim stays in line until its turn or the end of its wait, and what it is
+    /// granted then is released in the background.
     public func claim(
         _ buffer: String, user: String, connection: String, lease: Duration = .seconds(30), wait: Duration? = nil,
         requestID: String = BatonClient.newRequestID()
@@ -321,9 +323,17 @@ public final class BatonClient: Sendable {
         var timeout: Duration?
         if let wait {
             request.waiting = Waiting(milliseconds: max(1, wait.wholeMilliseconds))
-            timeout = min(wait + configuration.timeout, .milliseconds(ProtocolV1.maxRequestLifetimeMilliseconds))
+            let lifetime = min(wait + configuration.timeout, .milliseconds(ProtocolV1.maxRequestLifetimeMilliseconds))
+            request.deadline = Timestamp.wallClock().adding(milliseconds: lifetime.wholeMilliseconds)
+            timeout = lifetime
         }
-        let reply = try await call(request, timeout: timeout)
+        let reply: Reply
+        do {
+            reply = try await call(request, timeout: timeout)
+        } catch let error as CancellationError {
+            settle(request)  // it may still be granted when its turn comes: released then
+            throw error
+        }
         switch reply.status {
         case .granted: return .granted(try makeLease(from: reply))
         case .denied: return .denied(try holding(from: reply) ?? { throw bad(reply) }())
@@ -434,6 +444,10 @@ public final class BatonClient: Sendable {
         }
 
         var backoff = Backoff(initial: .milliseconds(50), maximum: .seconds(1))
+        // A waiting claim's answer comes when it leaves the line; a lost request or reply shows as the
+        // connection ending (which wakes every call at once), so its resends only back that up and
+        // grow to at most 15 s instead of repeating the claim every `resendAfter` while it waits.
+        var resendInterval = resendAfter
         var attempts = 0
         var blocked: String?
         var connectFailure: (any Error)?
@@ -461,7 +475,18 @@ public final class BatonClient: Sendable {
                 _ = await pending.wait(until: min(deadline, .now + backoff.next()))
                 continue
             }
-            switch await pending.wait(until: min(deadline, .now + resendAfter)) {
+            let waitedUntil = min(deadline, .now + resendInterval)
+            let answer: Result<Reply, BatonClientError>?
+            if request.waiting != nil {
+                resendInterval = min(resendInterval * 2, max(resendAfter, .seconds(15)))
+                // A waiting claim may wait minutes: a cancelled caller stops waiting at once.
+                if Task.isCancelled { throw CancellationError() }
+                answer = await withTaskCancellationHandler { await pending.wait(until: waitedUntil) } onCancel: { pending.wake() }
+                if answer == nil, Task.isCancelled { throw CancellationError() }
+            } else {
+                answer = await pending.wait(until: waitedUntil)
+            }
+            switch answer {
             case .success(let reply)?:
                 if reply.status == .error {
                     throw BatonClientError(code: .rejected, message: reply.error?.message ?? "rejected", requestID: request.requestID, errorCode: reply.error?.code)
@@ -706,13 +731,16 @@ public final class BatonClient: Sendable {
             queue: ProtocolV1.directReplyTo, noAck: true,
             onDeliveries: { [weak self] batch in self?.dispatch(batch) },
             onEnd: { [weak self] _ in
-                // The connection ended: the next call reconnects.
-                self?.state.withLock { state in
+                // The connection ended: the next call reconnects, and every call waiting for a reply
+                // publishes again now (a reply sent to this connection's reply address is lost).
+                let calls = self?.state.withLock { state -> [PendingCall] in
                     if state.link?.connection === connection {
                         state.link = nil
                         state.brokerNode = (node + 1) % urls.count
                     }
+                    return state.pending.values.map(\.call)
                 }
+                for call in calls ?? [] { call.wake() }
             }
         )
         try await channel.onReturn { [weak self] messageID, code, text in
@@ -816,6 +844,16 @@ private final class Waiter<Value: Sendable>: Sendable {
     func wakeIfDue(_ now: ContinuousClock.Instant) {
         let waiter = state.withLock { state -> CheckedContinuation<Value?, Never>? in
             guard let wakeAt = state.wakeAt, wakeAt <= now else { return nil }
+            state.wakeAt = nil
+            defer { state.waiter = nil }
+            return state.waiter
+        }
+        waiter?.resume(returning: nil)
+    }
+
+    /// Wakes the waiter now, without the value.
+    func wake() {
+        let waiter = state.withLock { state -> CheckedContinuation<Value?, Never>? in
             state.wakeAt = nil
             defer { state.waiter = nil }
             return state.waiter

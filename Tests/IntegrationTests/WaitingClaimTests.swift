@@ -75,6 +75,88 @@ import Testing
         _ = await standby.stop(grace: .seconds(5))
     }
 
+    @Test func aKeptLeaseWaitsInLineAndIsKeptFromARenewalAfterALongWait() async throws {
+        let deployment = try await Deployment.make(partitions: 2)
+        let worker = deployment.startWorker()
+        let client = deployment.client()
+        let buffer = "line/\(UUID().uuidString)"
+        guard case .granted(let first) = try await client.claim(buffer, user: "holder", connection: "h") else { throw TestFailure("not granted") }
+        let keeping = Task { try await client.keep(buffer, user: "w", connection: "w", keeping: LeaseKeeping(lease: .seconds(1)), wait: .seconds(30)) }
+        #expect(try await Deployment.eventually { try await self.lineLength(deployment, buffer) == 1 })
+        // Released after more than the lease's renewal time: the grant's lease is older than its answer on
+        // the client's clock, so the keeper renews before it hands the lease over.
+        try await Task.sleep(for: .milliseconds(1500))
+        _ = try await client.release(buffer, connection: "h", token: first.token)
+        guard case .kept(let lease) = try await keeping.value else { throw TestFailure("the waiter was not granted") }
+        #expect(lease.token == first.token + 1)
+        guard case .held(_, let safeUntil) = lease.state else { throw TestFailure("not held: \(lease.state)") }
+        #expect(safeUntil > .now + .milliseconds(500), "kept from the renewal just sent, not from the claim sent 1.5 s earlier")
+        try await Task.sleep(for: .milliseconds(3500))  // several lease lengths
+        #expect(lease.state.isHeld)
+        let status = try await client.inspect(buffer)
+        #expect(status.holder?.token == lease.token && status.holder?.holder.user == "w")
+        try await lease.release()
+        let audit = try await deployment.audit()
+        #expect(audit.changes.filter { $0.buffer == buffer }.map(\.kind) == [.granted, .released, .granted, .released], "held through its renewals, then released")
+        await client.close()
+        await worker.stop()
+    }
+
+    @Test func aCancelledWaitingClaimReturnsAtOnceAndWhatItIsGrantedLaterIsReleased() async throws {
+        let deployment = try await Deployment.make(partitions: 2)
+        let worker = deployment.startWorker()
+        let client = deployment.client()
+        let buffer = "line/\(UUID().uuidString)"
+        guard case .granted(let first) = try await client.claim(buffer, user: "holder", connection: "h") else { throw TestFailure("not granted") }
+        let waiting = Task { try await client.claim(buffer, user: "w", connection: "w", wait: .seconds(60)) }
+        #expect(try await Deployment.eventually { try await self.lineLength(deployment, buffer) == 1 })
+        let cancelled = ContinuousClock.now
+        waiting.cancel()
+        let result = await waiting.result
+        #expect(ContinuousClock.now - cancelled < .seconds(1), "the wait ended at once")
+        #expect(throws: CancellationError.self) { try result.get() }
+        // Still in line (only its connection's release_connection could take it out); its turn comes, and
+        // the client releases the grant nobody waits for any more.
+        _ = try await client.release(buffer, connection: "h", token: first.token)
+        #expect(try await Deployment.eventually(.seconds(15)) { try await client.inspect(buffer).holder == nil })
+        let audit = try await deployment.audit()
+        let changes = audit.changes.filter { $0.buffer == buffer }.map { "\($0.kind) \($0.holder.user)" }
+        #expect(changes == ["granted holder", "released holder", "granted w", "released w"], "\(changes)")
+        await client.close()
+        await worker.stop()
+    }
+
+    @Test func aWaiterWhoseConnectionIsClosedGetsItsAnswerOnItsNewOne() async throws {
+        let deployment = try await Deployment.make(partitions: 2)
+        let worker = deployment.startWorker()
+        let holderClient = deployment.client()
+        var configuration = BatonClientConfiguration(amqpURL: deployment.frontendURL, partitioner: deployment.partitioner)
+        configuration.timeout = .seconds(10)
+        configuration.resendAfter = .seconds(20)  // no resend during the test: only the connection's end repeats the claim
+        configuration.name = "test waiter"
+        let waiterClient = BatonClient(configuration: configuration, logger: TestDatabase.logger)
+        let buffer = "line/\(UUID().uuidString)"
+        guard case .granted(let first) = try await holderClient.claim(buffer, user: "holder", connection: "h") else { throw TestFailure("not granted") }
+        let waiting = Task { try await waiterClient.claim(buffer, user: "w", connection: "w", wait: .seconds(60)) }
+        #expect(try await Deployment.eventually { try await self.lineLength(deployment, buffer) == 1 })
+        // The broker closes the waiter's connection: its reply address dies with it. The client reconnects
+        // and repeats the claim at once, which moves the answer to its new reply address.
+        let admin = try TestBroker.admin()
+        #expect(try await Deployment.eventually {
+            try await admin.closeConnections(named: "test waiter", in: deployment.namespace.virtualHost) >= 1
+        })
+        try await Task.sleep(for: .milliseconds(500))
+        let released = ContinuousClock.now
+        _ = try await holderClient.release(buffer, connection: "h", token: first.token)
+        guard case .granted(let lease) = try await waiting.value else { throw TestFailure("the waiter was not granted") }
+        #expect(lease.token == first.token + 1)
+        #expect(ContinuousClock.now - released < .seconds(1), "answered on the new connection, not found by a later resend")
+        #expect(try await lineLength(deployment, buffer) == 0)
+        await waiterClient.close()
+        await holderClient.close()
+        await worker.stop()
+    }
+
     /// How many claims wait in `buffer`'s line, read from the database.
     func lineLength(_ deployment: Deployment, _ buffer: String) async throws -> Int {
         let store = try await TestDatabase.store(deployment.databaseURL, partitions: deployment.partitioner.count)
