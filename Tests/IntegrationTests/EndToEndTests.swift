@@ -430,6 +430,34 @@ import Testing
         #expect(FileManager.default.fileExists(atPath: output.appendingPathComponent("results.svg").path))
     }
 
+    @Test func benchOneBufferWorkloadsCompareWaitingWithPolling() async throws {
+        let deployment = try await Deployment.make(partitions: 4)
+        let output = FileManager.default.temporaryDirectory.appendingPathComponent("baton-bench-line-\(UUID().uuidString)")
+        let log = output.appendingPathExtension("log")
+        let process = try deployment.launchBaton(
+            ["bench", "--duration", "2", "--workload", "one-buffer-wait", "--workload", "one-buffer-poll", "--system", "baton", "--system", "echo",
+             "--clients", "8", "--partitions", "4", "--output", output.path],
+            log: log
+        )
+        let status = await process.wait(timeout: .seconds(150))
+        let text = (try? String(contentsOf: log, encoding: .utf8)) ?? ""
+        #expect(status == 0, "baton bench failed: \(text)")
+        #expect(text.contains("echo      not run"), "the echo worker has no line: \(text)")
+        let data = try Data(contentsOf: output.appendingPathComponent("results.json"))
+        let json = try #require(try JSONSerialization.jsonObject(with: data) as? [String: Any])
+        let workloads = try #require(json["workloads"] as? [String: [String: Any]])
+        for name in ["one-buffer-wait", "one-buffer-poll"] {
+            let baton = try #require((workloads[name]?["systems"] as? [String: [String: Any]])?["baton"], "\(name)")
+            #expect(baton["double_grants"] as? Int == 0 && baton["errors"] as? Int == 0, "\(name): \(baton)")
+            let claims = try #require(baton["claims_per_grant"] as? Double, "\(name)")
+            // Waiting: one claim per grant (a wait of 30 s never runs out here); polling: denials first.
+            #expect(name == "one-buffer-wait" ? claims == 1 : claims > 1, "\(name): \(claims) claims per grant")
+            let handoffs = try #require(baton["release_to_grant_ms"] as? [String: Any], "\(name)")
+            #expect((handoffs["count"] as? Int ?? 0) > 0 && (handoffs["p50"] as? Double ?? 0) > 0)
+        }
+        #expect((json["baton_waiting_vs_polling"] as? Double ?? 0) > 0)
+    }
+
     @Test func metricsAndHealthEndpoints() async throws {
         let deployment = try await Deployment.make(partitions: 4)
         let port = Int.random(in: 20_000...40_000)

@@ -37,6 +37,9 @@ struct SystemResult: Sendable {
         var text = String(format: "%9.0f ops/s  p50 %6.2f ms  p99 %6.2f ms  p99.9 %7.2f ms  errors %d",
                           measurement.perSecond, measurement.percentile(0.5), measurement.percentile(0.99), measurement.percentile(0.999), measurement.errors)
         text += "  double grants \(measurement.doubleGrants.map(String.init) ?? "-")"
+        if let claims = measurement.claimsPerOperation {
+            text += String(format: "  | %.2f claims/grant, release→grant p50 %.2f ms p99 %.2f ms", claims, measurement.handoffPercentile(0.5), measurement.handoffPercentile(0.99))
+        }
         if let halfPeak {
             text += String(format: "  | at %.0f/s: p50 %.2f ms p99 %.2f ms", halfPeak.rate, halfPeak.measurement.percentile(0.5), halfPeak.measurement.percentile(0.99))
         }
@@ -76,6 +79,12 @@ struct SystemResult: Sendable {
                 "p99_ms": round3(halfPeak.measurement.percentile(0.99)),
                 "p999_ms": round3(halfPeak.measurement.percentile(0.999)),
                 "errors": halfPeak.measurement.errors,
+            ]
+        }
+        if let claims = measurement.claimsPerOperation {
+            object["claims_per_grant"] = round3(claims)
+            object["release_to_grant_ms"] = [
+                "p50": round3(measurement.handoffPercentile(0.5)), "p99": round3(measurement.handoffPercentile(0.99)), "count": measurement.handoffs.count,
             ]
         }
         if let cpu = workerCPUPerOperation { object["worker_cpu_us_per_op"] = round1(cpu) }
@@ -122,6 +131,26 @@ public struct BenchReport: Sendable {
         return echo / ceiling
     }
 
+    /// Baton's waiting claims against its polling claims (and direct PostgreSQL polling), one buffer.
+    func waitingVersusPolling() -> String? {
+        guard let waiting = workloads[Workload.oneBufferWait.rawValue]?.systems["baton"],
+              let polling = workloads[Workload.oneBufferPoll.rawValue]?.systems["baton"], polling.measurement.perSecond > 0
+        else { return nil }
+        func messages(_ result: SystemResult) -> String { result.brokerMessagesPerOperation.map { String(format: "%.1f", $0) } ?? "-" }
+        var text = String(
+            format: "one buffer, waiting against polling (Baton): grants/s %.0f vs %.0f (%.2fx); broker messages per grant %@ vs %@; claims per grant %.2f vs %.2f; release→next grant p50 %.2f vs %.2f ms, p99 %.2f vs %.2f ms",
+            waiting.measurement.perSecond, polling.measurement.perSecond, waiting.measurement.perSecond / polling.measurement.perSecond,
+            messages(waiting), messages(polling), waiting.measurement.claimsPerOperation ?? 0, polling.measurement.claimsPerOperation ?? 0,
+            waiting.measurement.handoffPercentile(0.5), polling.measurement.handoffPercentile(0.5),
+            waiting.measurement.handoffPercentile(0.99), polling.measurement.handoffPercentile(0.99)
+        )
+        if let direct = workloads[Workload.oneBufferPoll.rawValue]?.systems["postgres"], direct.measurement.perSecond > 0 {
+            text += String(format: "\n  direct PostgreSQL polling: %.0f grants/s (Baton waiting %.2fx), release→next grant p50 %.2f ms",
+                           direct.measurement.perSecond, waiting.measurement.perSecond / direct.measurement.perSecond, direct.measurement.handoffPercentile(0.5))
+        }
+        return text
+    }
+
     static let order = ["baton", "postgres", "naive", "echo"]
     static let colors = ["baton": "#2b6cb0", "postgres": "#2f855a", "naive": "#c53030", "echo": "#805ad5"]
 
@@ -154,6 +183,10 @@ public struct BenchReport: Sendable {
             workloadsObject[name] = ["systems": result.systems.mapValues { $0.json() }, "ratios": ratios]
         }
         var object: [String: Any] = ["workloads": workloadsObject, "machine": machine, "command": command]
+        if let waiting = workloads[Workload.oneBufferWait.rawValue]?.systems["baton"]?.measurement.perSecond,
+           let polling = workloads[Workload.oneBufferPoll.rawValue]?.systems["baton"]?.measurement.perSecond, polling > 0 {
+            object["baton_waiting_vs_polling"] = round3(waiting / polling)
+        }
         if !ceiling.isEmpty { object["rpc_ceiling"] = ceiling.map(\.json) }
         return try JSONSerialization.data(withJSONObject: object, options: [.prettyPrinted, .sortedKeys])
     }
@@ -166,6 +199,7 @@ public struct BenchReport: Sendable {
             for run in ceiling { lines.append("  \(run.summary)") }
             lines.append("")
         }
+        if let waiting = waitingVersusPolling() { lines.append(waiting + "\n") }
         for name in workloads.keys.sorted() {
             let result = workloads[name]!
             lines.append("\(name)")
@@ -180,6 +214,12 @@ public struct BenchReport: Sendable {
             let ad = result.ratio("baton", "echo").map { String(format: "%.0f%%", $0 * 100) } ?? "-"
             let ac = echoVersusCeiling(result).map { String(format: "   echo/rpc-ceiling(64 in flight) %.0f%%", $0 * 100) } ?? ""
             lines.append("  baton/postgres \(ab)   baton/echo \(ad)\(ac)")
+            for system in Self.order {
+                guard let value = result.systems[system], let claims = value.measurement.claimsPerOperation else { continue }
+                let messages = value.brokerMessagesPerOperation.map { String(format: "%.1f", $0) } ?? "-"
+                lines.append(String(format: "  %@ per grant: %.2f claims, %@ broker messages; release→next grant p50 %.2f ms, p99 %.2f ms",
+                                    system, claims, messages, value.measurement.handoffPercentile(0.5), value.measurement.handoffPercentile(0.99)))
+            }
             if let half = result.systems["baton"]?.halfPeak {
                 lines.append(String(format: "  baton at half peak (%.0f/s): p50 %.2f ms, p99 %.2f ms, p99.9 %.2f ms", half.rate, half.measurement.percentile(0.5), half.measurement.percentile(0.99), half.measurement.percentile(0.999)))
             }

@@ -13,18 +13,37 @@ public enum Workload: String, CaseIterable, Sendable {
     /// The incident's shape: hundreds of users per frontend open files in pairs (two users claim the
     /// same file within 100 ms, one must win), hold them briefly and close them.
     case incident
+    /// Every client wants one buffer, again and again, and waits in its line (`wait_ms`): claim, hold
+    /// about 1 ms, release. Baton only (nothing else here has a line).
+    case oneBufferWait = "one-buffer-wait"
+    /// The same, polling: a denied client sleeps the poll interval (jittered ±50 %) and claims again.
+    case oneBufferPoll = "one-buffer-poll"
 
     /// Distinct buffers when none are given.
     public var defaultBuffers: Int {
         switch self {
         case .openStorm: 100_000
         case .hot: 8
+        case .oneBufferWait, .oneBufferPoll: 1
         case .renewHeavy, .incident: 0  // one buffer per client, or a fresh file per pair and step
         }
     }
 
     /// Concurrent clients when none are given.
     public var defaultClients: Int { self == .incident ? 1024 : 64 }
+
+    /// Whether every client contends for one buffer, one grant after another.
+    public var isLine: Bool { self == .oneBufferWait || self == .oneBufferPoll }
+
+    /// Whether `system` can run this workload (waiting claims are Baton's; the echo worker grants
+    /// everything, and naive check-then-act is no lock to wait for).
+    public func runs(on system: String) -> Bool {
+        switch self {
+        case .oneBufferWait: system == "baton"
+        case .oneBufferPoll: system == "baton" || system == "postgres"
+        default: true
+        }
+    }
 }
 
 /// What one system did under one workload.
@@ -34,13 +53,21 @@ struct Measurement: Sendable {
     var seconds = 0.0
     var latencies: [Double] = []  // milliseconds, sorted
     var doubleGrants: Int?
+    /// Claims sent (first sends, not resends) per operation: one-buffer workloads, where an operation is a grant.
+    var claimsPerOperation: Double?
+    /// One-buffer workloads: from each release's send to the next grant's answer, milliseconds, sorted.
+    var handoffs: [Double] = []
 
     var perSecond: Double { seconds > 0 ? Double(operations) / seconds : 0 }
 
-    func percentile(_ q: Double) -> Double {
-        guard !latencies.isEmpty else { return 0 }
-        let index = min(latencies.count - 1, max(0, Int((Double(latencies.count) * q).rounded(.up)) - 1))
-        return latencies[index]
+    func percentile(_ q: Double) -> Double { Self.percentile(q, of: latencies) }
+
+    func handoffPercentile(_ q: Double) -> Double { Self.percentile(q, of: handoffs) }
+
+    private static func percentile(_ q: Double, of sorted: [Double]) -> Double {
+        guard !sorted.isEmpty else { return 0 }
+        let index = min(sorted.count - 1, max(0, Int((Double(sorted.count) * q).rounded(.up)) - 1))
+        return sorted[index]
     }
 
     /// The latency CDF as (milliseconds, fraction) points, at most `points` of them.
@@ -61,6 +88,10 @@ struct BenchRunner: Sendable {
     let buffers: Int
     let label: String
     let runID: String
+    /// How long a polling client sleeps after a denial (one-buffer-poll), jittered ±50 %.
+    var pollInterval: Duration = .milliseconds(20)
+    /// How long a waiting claim waits (one-buffer-wait); one whose wait runs out claims again.
+    var wait: Duration = .seconds(30)
 
     private final class Counters: Sendable {
         let next = Atomic<Int>(0)
@@ -69,6 +100,11 @@ struct BenchRunner: Sendable {
         let latencies = Mutex<[Double]>([])
         /// Each client's next step (incident).
         let steps = Mutex<[Int: Int]>([:])
+        /// One-buffer workloads: claims sent, the last release's send (taken by the next grant), and the
+        /// handoff times.
+        let claims = Atomic<Int>(0)
+        let lastRelease = Mutex<ContinuousClock.Instant?>(nil)
+        let handoffs = Mutex<[Double]>([])
     }
 
     /// Claims each client's own buffer before a renew-heavy run; returns the tokens.
@@ -122,6 +158,27 @@ struct BenchRunner: Sendable {
                 try await Task.sleep(for: .milliseconds(1))
                 try await system.release(client: client, buffer: buffer, token: token)
             }
+            return latency
+        case .oneBufferWait, .oneBufferPoll:
+            let buffer = "line/\(runID)"
+            var token: Int64?
+            while token == nil {
+                counters.claims.add(1, ordering: .relaxed)
+                if workload == .oneBufferWait {
+                    token = try await system.claim(client: client, buffer: buffer, wait: wait)  // nil: the wait ran out
+                } else {
+                    token = try await system.claim(client: client, buffer: buffer)
+                    if token == nil { try await Task.sleep(for: pollInterval * Double.random(in: 0.5...1.5)) }
+                }
+            }
+            let latency = elapsed()
+            let granted = ContinuousClock.now
+            if let released = counters.lastRelease.withLock({ last in defer { last = nil }; return last }) {
+                counters.handoffs.withLock { $0.append((granted - released).milliseconds) }
+            }
+            try await Task.sleep(for: .milliseconds(1))
+            counters.lastRelease.withLock { $0 = .now }
+            try await system.release(client: client, buffer: buffer, token: token!)
             return latency
         }
     }
@@ -185,6 +242,10 @@ struct BenchRunner: Sendable {
         result.errors = counters.errors.load(ordering: .relaxed)
         result.seconds = seconds
         result.latencies = counters.latencies.withLock { $0 }.sorted()
+        if workload.isLine {
+            result.handoffs = counters.handoffs.withLock { $0 }.sorted()
+            if result.operations > 0 { result.claimsPerOperation = Double(counters.claims.load(ordering: .relaxed)) / Double(result.operations) }
+        }
         return result
     }
 

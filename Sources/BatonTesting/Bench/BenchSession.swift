@@ -32,6 +32,8 @@ public struct BenchSettings: Sendable {
     public var workerLog: URL?
     /// Whether Baton also runs at a fixed rate of half its peak.
     public var halfPeak = true
+    /// How long a polling client sleeps after a denial (one-buffer-poll), jittered ±50 %.
+    public var pollInterval: Duration = .milliseconds(20)
     /// The PostgreSQL server (the scratch database `<database>_bench` is made on it).
     public var serverURL: PostgresURL
     /// The broker as the worker user, and as the frontend user (pointed into the scratch virtual host).
@@ -91,10 +93,21 @@ public struct BenchSession: Sendable {
         for workload in workloads {
             let buffers = settings.buffers ?? workload.defaultBuffers
             let clients = settings.clients(workload)
-            say("\n\(workload.rawValue): \(workload == .renewHeavy ? "\(clients) holders renewing" : workload == .incident ? "\(clients) users opening files in pairs within 100 ms" : "\(buffers) buffers")")
+            let shape = switch workload {
+            case .renewHeavy: "\(clients) holders renewing"
+            case .incident: "\(clients) users opening files in pairs within 100 ms"
+            case .oneBufferWait: "\(clients) clients wanting one buffer, waiting in its line"
+            case .oneBufferPoll: "\(clients) clients wanting one buffer, polling every \(settings.pollInterval) ±50 %"
+            default: "\(buffers) buffers"
+            }
+            say("\n\(workload.rawValue): \(shape)")
             try await ScratchDeployment.reset(database: scratch, server: serverURL, amqpURL: amqpURL, partitionCount: partitioner.count, logger: logger)
             var results: [String: SystemResult] = [:]
             for system in systems {
+                guard workload.runs(on: system) else {
+                    say("  \(system.padding(toLength: 9, withPad: " ", startingAt: 0)) not run: \(workload == .oneBufferWait ? "only Baton has a line to wait in" : "no lock to poll")")
+                    continue
+                }
                 results[system] = try await measure(
                     system: system, workload: workload, buffers: buffers, scratch: scratch, amqpURL: amqpURL, clientURL: clientURL,
                     partitioner: partitioner, runID: runID
@@ -123,14 +136,14 @@ public struct BenchSession: Sendable {
             if settings.poolSize == nil, system == "postgres" {
                 for candidate in BenchSettings.poolSizes {
                     sweep[candidate] = try await SQLSystem.with(style: .conditional, url: scratch, poolSize: candidate, logger: logger) { sql in
-                        let runner = BenchRunner(workload: workload, system: sql, clients: clients, buffers: buffers, label: "\(label) pool \(candidate)", runID: runID + "s\(candidate)")
+                        let runner = BenchRunner(workload: workload, system: sql, clients: clients, buffers: buffers, label: "\(label) pool \(candidate)", runID: runID + "s\(candidate)", pollInterval: settings.pollInterval)
                         return await runner.closedLoop(duration: .seconds(max(2, duration / 3)), tokens: try await runner.prepare()).perSecond
                     }
                 }
                 size = sweep.max { $0.value < $1.value }?.key ?? size
             }
             let measurement = try await SQLSystem.with(style: system == "postgres" ? .conditional : .naive, url: scratch, poolSize: size, logger: logger) { sql in
-                let runner = BenchRunner(workload: workload, system: sql, clients: clients, buffers: buffers, label: label, runID: runID)
+                let runner = BenchRunner(workload: workload, system: sql, clients: clients, buffers: buffers, label: label, runID: runID, pollInterval: settings.pollInterval)
                 var measurement = await runner.closedLoop(duration: .seconds(duration), tokens: try await runner.prepare())
                 measurement.doubleGrants = try await sql.doubleGrants()
                 return measurement
@@ -180,7 +193,7 @@ public struct BenchSession: Sendable {
         let batonClients = baton.clients
         try await worker.waitUntilServing(batonClients[0])
         for client in batonClients { _ = try await client.inspect("bench/warm-up") }
-        let runner = BenchRunner(workload: workload, system: baton, clients: clients, buffers: buffers, label: label, runID: runID)
+        let runner = BenchRunner(workload: workload, system: baton, clients: clients, buffers: buffers, label: label, runID: runID, pollInterval: settings.pollInterval)
         let tokens = try await runner.prepare()
         let sampler = sampleMemory(worker)
         let cpuBefore = worker.cpuMicroseconds
@@ -202,7 +215,7 @@ public struct BenchSession: Sendable {
         if let before = publishedBefore, let after = try? await namespace.admin.publishedMessages(in: namespace.virtualHost), measurement.operations > 0 {
             result.brokerMessagesPerOperation = Double(after - before) / Double(measurement.operations)
         }
-        if settings.halfPeak && measurement.perSecond > 0 {
+        if settings.halfPeak && measurement.perSecond > 0 && !workload.isLine {
             let rate = measurement.perSecond / 2
             let half = await BenchRunner(workload: workload, system: baton, clients: clients, buffers: buffers, label: "\(label) at half peak", runID: runID + "h")
                 .openLoop(rate: rate, duration: .seconds(max(1, duration / 2)), tokens: tokens)

@@ -8,6 +8,8 @@ import Logging
 protocol BenchSystem: Sendable {
     /// Claims `buffer` for client `client`; returns the token when granted, nil when denied.
     func claim(client: Int, buffer: String) async throws -> Int64?
+    /// Claims `buffer`, waiting in its line up to `wait`; nil when the wait ran out.
+    func claim(client: Int, buffer: String, wait: Duration) async throws -> Int64?
     /// Releases a lease.
     func release(client: Int, buffer: String, token: Int64) async throws
     /// Renews a lease; false when no longer the owner.
@@ -29,6 +31,13 @@ struct BatonSystem: BenchSystem {
 
     func claim(client index: Int, buffer: String) async throws -> Int64? {
         switch try await client(index).claim(buffer, user: "bench", connection: "bench-\(index)", lease: benchLease) {
+        case .granted(let lease): lease.token
+        case .denied: nil
+        }
+    }
+
+    func claim(client index: Int, buffer: String, wait: Duration) async throws -> Int64? {
+        switch try await client(index).claim(buffer, user: "bench", connection: "bench-\(index)", lease: benchLease, wait: wait) {
         case .granted(let lease): lease.token
         case .denied: nil
         }
@@ -174,6 +183,10 @@ struct SQLSystem: BenchSystem {
                 try session.query(act, [buffer, owner]).first().flatMap(Int64.init)
             }
         }
+    }
+
+    func claim(client: Int, buffer: String, wait: Duration) async throws -> Int64? {
+        throw ScratchError("PostgreSQL without Baton has no line to wait in (\(table))")
     }
 
     func release(client: Int, buffer: String, token: Int64) async throws {

@@ -16,7 +16,7 @@ struct Bench: AsyncParsableCommand {
     @OptionGroup var broker: BrokerOptions
     @OptionGroup var scratchOptions: ScratchOptions
 
-    @Option(name: .customLong("workload"), help: "open-storm, hot or renew-heavy; repeat for several (default: all).")
+    @Option(name: .customLong("workload"), help: "open-storm, hot, renew-heavy, incident, one-buffer-wait or one-buffer-poll; repeat for several (default: all).")
     var workloadNames: [String] = []
 
     @Option(name: .customLong("system"), help: "baton, postgres, naive or echo; repeat for several (default: all).")
@@ -52,6 +52,9 @@ struct Bench: AsyncParsableCommand {
     @Option(name: .customLong("worker-log"), help: "Append the bench workers' logs (level info: batches, commit times at exit) to this file.")
     var workerLog: String?
 
+    @Option(name: .customLong("poll-interval"), help: "Milliseconds a polling client of one-buffer-poll sleeps after a denial (jittered ±50 %), 1-10000.")
+    var pollInterval = 20
+
     @Flag(name: .customLong("no-half-peak"), help: "Skip the fixed-rate run at half of Baton's peak.")
     var noHalfPeak = false
 
@@ -68,6 +71,7 @@ struct Bench: AsyncParsableCommand {
         guard (1...10_000).contains(batchSize) else { throw ValidationError("--batch-size \(batchSize) is not allowed: use 1 to 10000") }
         guard (1...64).contains(connections) else { throw ValidationError("--connections \(connections) is not allowed: use 1 to 64") }
         if let poolSize = poolSizeFlag, !(1...256).contains(poolSize) { throw ValidationError("--pool-size \(poolSize) is not allowed: use 1 to 256") }
+        guard (1...10_000).contains(pollInterval) else { throw ValidationError("--poll-interval \(pollInterval) is not allowed: use 1 to 10000 milliseconds") }
         if let buffers, buffers < 1 { throw ValidationError("--buffers \(buffers) is not allowed: use 1 or more") }
     }
 
@@ -89,6 +93,7 @@ struct Bench: AsyncParsableCommand {
         settings.rpcCeiling = rpcCeiling
         settings.workerLog = workerLog.map { URL(fileURLWithPath: $0) }
         settings.halfPeak = !noHalfPeak
+        settings.pollInterval = .milliseconds(pollInterval)
         settings.command = CommandLine.arguments.map { $0.contains(" ") ? "'\($0)'" : $0 }.joined(separator: " ")
         // A virtual host of its own: the bench's workers and clients never touch a deployment's queues.
         let report = try await ScratchBroker.with(purpose: "bench", admin: try scratchOptions.admin()) { namespace in
