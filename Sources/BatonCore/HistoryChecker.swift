@@ -15,6 +15,9 @@ public enum HistoryChecker {
             case tokenRegressed = "token_regressed"
             /// A release or expiry that closes no grant, or closes it before it began.
             case unmatchedClose = "unmatched_close"
+            /// Fair waiting (protocol section 19): a buffer was granted to someone other than the head of
+            /// its line while an earlier waiter still waited.
+            case lineJumped = "line_jumped"
         }
 
         /// Which invariant.
@@ -111,5 +114,85 @@ public enum HistoryChecker {
             }
         }
         return report
+    }
+
+    /// A claim seen waiting in a buffer's line (a row of `baton_waiters`), at database time `seenAt`.
+    public struct LineSighting: Sendable, Hashable {
+        public var buffer: String
+        /// Its place: positions grow in the order claims joined.
+        public var position: Int64
+        /// Its claim's request id: the audit trail names it on the waiter's grant.
+        public var requestID: String
+        public var holder: Holder
+        /// When its wait runs out (database time).
+        public var waitUntil: Timestamp
+        /// When it was seen in line (database time): it joined before then.
+        public var seenAt: Timestamp
+
+        public init(buffer: String, position: Int64, requestID: String, holder: Holder, waitUntil: Timestamp, seenAt: Timestamp) {
+            self.buffer = buffer
+            self.position = position
+            self.requestID = requestID
+            self.holder = holder
+            self.waitUntil = waitUntil
+            self.seenAt = seenAt
+        }
+    }
+
+    /// Checks the FIFO property of lines (protocol section 19) over the audit trail and waiters seen in
+    /// line: whenever a buffer is granted, no waiter that joined earlier and whose wait had not run out is
+    /// still in line. A grant to a waiter is matched by its request id (``OwnershipChange/requestID``).
+    ///
+    /// `waitingHolders` are the holders that only make waiting claims: a grant to any other holder is a
+    /// direct grant, which must find the line empty of waiters seen before it; a grant to a waiting holder
+    /// never seen in line has no known position and is not judged (it waited too briefly to be seen).
+    public static func checkLines(_ changes: [OwnershipChange], sightings: [LineSighting], waitingHolders: Set<Holder>) -> [Violation] {
+        struct Waiter {
+            var position: Int64
+            var holder: Holder
+            var waitUntil: Int64
+            var firstSeen: Int64
+            var grantedAt: Int64?
+        }
+        var violations: [Violation] = []
+        let grantsByBuffer = Dictionary(grouping: changes.filter { $0.kind == .granted }) { ExactString($0.buffer) }
+        let sightingsByBuffer = Dictionary(grouping: sightings) { ExactString($0.buffer) }
+        for (key, seen) in sightingsByBuffer {
+            let grants = (grantsByBuffer[key] ?? []).sorted { $0.token < $1.token }
+            // One waiter per position, first seen at its earliest sighting.
+            var waiters: [Int64: Waiter] = [:]
+            for sighting in seen {
+                let firstSeen = min(waiters[sighting.position]?.firstSeen ?? .max, sighting.seenAt.milliseconds)
+                waiters[sighting.position] = Waiter(
+                    position: sighting.position, holder: sighting.holder, waitUntil: sighting.waitUntil.milliseconds, firstSeen: firstSeen
+                )
+            }
+            // Match each waiter to its grant.
+            var positionOfGrant: [Int64: Int64] = [:]  // token -> position
+            let positionOfRequest = Dictionary(seen.map { ($0.requestID, $0.position) }, uniquingKeysWith: { first, _ in first })
+            for grant in grants {
+                guard let requestID = grant.requestID, let position = positionOfRequest[requestID], waiters[position]?.grantedAt == nil else { continue }
+                waiters[position]!.grantedAt = grant.at.milliseconds
+                positionOfGrant[grant.token] = position
+            }
+            for grant in grants {
+                let at = grant.at.milliseconds
+                let own = positionOfGrant[grant.token]
+                if own == nil, waitingHolders.contains(grant.holder) { continue }  // a waiter never seen: position unknown
+                // Waiters certainly in line at `at`: joined before it (an earlier position than this grant's
+                // waiter, or seen before it), not yet granted, and waiting past it (1 ms for the rounding of
+                // both times to milliseconds).
+                let ahead = waiters.values.filter { waiter in
+                    let joinedBefore = own.map { waiter.position < $0 } ?? (waiter.firstSeen + 1 < at)
+                    return joinedBefore && waiter.waitUntil > at + 1 && (waiter.grantedAt.map { $0 > at } ?? true)
+                }
+                guard let first = ahead.min(by: { $0.position < $1.position }) else { continue }
+                violations.append(Violation(
+                    kind: .lineJumped, buffer: key.string,
+                    detail: "token \(grant.token) granted to \(grant.holder) at \(grant.at)\(own.map { " (line position \($0))" } ?? " (a claim without wait)") while \(first.holder) (line position \(first.position), waiting until \(Timestamp(milliseconds: first.waitUntil))) was ahead of it"
+                ))
+            }
+        }
+        return violations.sorted { ($0.buffer, $0.detail) < ($1.buffer, $1.detail) }
     }
 }

@@ -385,9 +385,13 @@ public struct OwnershipChange: Sendable, Hashable {
     /// The principal of the request that made the change (nil for expiries); kept in the audit trail, not
     /// published in events.
     public var principal: String?
+    /// The request that made the change (for a grant to a waiter, its waiting claim; nil for expiries);
+    /// read from the audit trail only, never published.
+    public var requestID: String?
 
     /// Creates a change.
-    public init(kind: ChangeKind, buffer: String, holder: Holder, token: Int64, at: Timestamp, expiresAt: Timestamp, forced: Bool = false, principal: String? = nil) {
+    public init(kind: ChangeKind, buffer: String, holder: Holder, token: Int64, at: Timestamp, expiresAt: Timestamp, forced: Bool = false, principal: String? = nil, requestID: String? = nil) {
+        self.requestID = requestID
         self.kind = kind
         self.buffer = buffer
         self.holder = holder

@@ -77,6 +77,19 @@ public struct Outcome: Sendable, Hashable {
     }
 }
 
+extension Outcome {
+    /// The changes with the request each is recorded under: a grant to a waiter under its waiting claim's
+    /// request id, everything else under `requestID` (the request decided; nil for a sweep).
+    public func attributedChanges(to requestID: String?) -> [(change: OwnershipChange, requestID: String?)] {
+        changes.map { change in
+            guard change.kind == .granted, let answer = answers.first(where: {
+                $0.reply.status == .granted && $0.reply.token == change.token && $0.waiter.holder == change.holder && $0.reply.buffer == change.buffer
+            }) else { return (change, requestID) }
+            return (change, answer.waiter.requestID)
+        }
+    }
+}
+
 extension OwnershipRules {
     /// Settles `buffer` at `now` (docs/design/fair-waiting.md, rule 1): waiters whose wait ran out leave the
     /// line, denied; then, if no live lease holds it, the head of the line is granted with the next token

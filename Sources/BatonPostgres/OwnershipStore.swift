@@ -354,7 +354,7 @@ public final class OwnershipStore: Sendable {
                     continue
                 }
                 let outcome = state.decide(request, at: now)
-                changes += outcome.changes.map { ($0, request.requestID) }
+                changes += outcome.attributedChanges(to: request.requestID)
                 for answer in outcome.answers {
                     // A waiter's answer is recorded under its own request id, as if it were a reply.
                     stored[ExactString(answer.waiter.requestID)] = (answer.reply, answer.waiter.fingerprint)
@@ -472,7 +472,7 @@ public final class OwnershipStore: Sendable {
             let outcome = state.sweepWithLines(at: now)
             let plan = BatchPlan(
                 partition: partition, epoch: epoch, now: now, initial: initial, versions: versions, after: state.buffers,
-                changes: outcome.changes.map { ($0, nil) }, answers: outcome.answers
+                changes: outcome.attributedChanges(to: nil), answers: outcome.answers
             )
             let result = plan.result(outboxIDs: try plan.write(session), attempt: 1)
             return (result.changes, result.answers)
@@ -535,9 +535,13 @@ public final class OwnershipStore: Sendable {
         try await connection.withSession { session in
             let changes = try session.query("""
                 SELECT kind, buffer, holder_user, holder_connection, token,
-                       (extract(epoch FROM at) * 1000)::int8, (extract(epoch FROM expires_at) * 1000)::int8, forced, principal
+                       (extract(epoch FROM at) * 1000)::int8, (extract(epoch FROM expires_at) * 1000)::int8, forced, principal, request_id
                 FROM baton_outbox ORDER BY id
-                """).decode(from: "baton_outbox") { try OwnershipChange(row: $0, from: 0, principal: true) }
+                """).decode(from: "baton_outbox") { row in
+                var change = try OwnershipChange(row: row, from: 0, principal: true)
+                change.requestID = try row.optional(9, "request_id")
+                return change
+            }
             var tokens: [ExactString: Int64] = [:]
             for (buffer, token) in try session.query("SELECT buffer, token FROM baton_buffers").decode(from: "baton_buffers", { row in
                 (try row.decode(0, "buffer", as: String.self), try row.decode(1, "token", as: Int64.self))

@@ -38,11 +38,18 @@ public enum ChaosChecker {
         public var crashes: Int
         /// Malformed messages sent with a `reply_to` that got no error reply (invariant 5).
         public var unansweredMalformed: Int
+        /// Claims seen waiting in line during the run, and the holders that only wait (fair waiting's FIFO
+        /// property, ``HistoryChecker/checkLines(_:sightings:waitingHolders:)``).
+        public var sightings: [HistoryChecker.LineSighting]
+        public var waitingHolders: Set<Holder>
 
         public init(
             changes: [OwnershipChange], finalTokens: [ExactString: Int64], observedGrants: [ObservedGrant], operations: Int,
-            unanswered: Int, faults: Int, crashes: Int = 0, unansweredMalformed: Int = 0
+            unanswered: Int, faults: Int, crashes: Int = 0, unansweredMalformed: Int = 0,
+            sightings: [HistoryChecker.LineSighting] = [], waitingHolders: Set<Holder> = []
         ) {
+            self.sightings = sightings
+            self.waitingHolders = waitingHolders
             self.changes = changes
             self.finalTokens = finalTokens
             self.observedGrants = observedGrants
@@ -62,12 +69,14 @@ public enum ChaosChecker {
         public var doubleGrants: Int
         public var lostGrants: Int
         public var unanswered: Int
-        /// Invariant violations found in the audit trail, for the report.
+        /// Grants that skipped a waiter ahead in the buffer's line.
+        public var lineJumps: Int = 0
+        /// Invariant violations found in the audit trail (and the lines), for the report.
         public var violations: [HistoryChecker.Violation]
 
         /// The machine-readable last line.
         public var description: String {
-            "verdict=\(passed ? "PASS" : "FAIL") operations=\(operations) faults=\(faults) double_grants=\(doubleGrants) lost_grants=\(lostGrants) unanswered=\(unanswered)"
+            "verdict=\(passed ? "PASS" : "FAIL") operations=\(operations) faults=\(faults) double_grants=\(doubleGrants) lost_grants=\(lostGrants) unanswered=\(unanswered) line_jumps=\(lineJumps)"
         }
     }
 
@@ -87,11 +96,12 @@ public enum ChaosChecker {
         }
         let observedDoubles = holdersByToken.values.filter { $0.count > 1 }.count
         let doubleGrants = report.doubleGrants + observedDoubles
+        let lineJumps = HistoryChecker.checkLines(history.changes, sightings: history.sightings, waitingHolders: history.waitingHolders)
         let passed = report.passed && doubleGrants == 0 && lost == 0 && history.unanswered == 0
-            && history.crashes == 0 && history.unansweredMalformed == 0
+            && history.crashes == 0 && history.unansweredMalformed == 0 && lineJumps.isEmpty
         return Verdict(
             passed: passed, operations: history.operations, faults: history.faults, doubleGrants: doubleGrants,
-            lostGrants: lost, unanswered: history.unanswered, violations: report.violations
+            lostGrants: lost, unanswered: history.unanswered, lineJumps: lineJumps.count, violations: report.violations + lineJumps
         )
     }
 }

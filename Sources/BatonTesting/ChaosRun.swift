@@ -19,6 +19,9 @@ public struct ChaosSettings: Sendable {
     public var faults = ChaosSettings.allFaults
     public var partitions = 4
     public var clients = 8
+    /// How many of the clients make waiting claims (`wait_ms`, on the first fifth of the buffers, so that
+    /// lines form); nil: half of them.
+    public var waitingClients: Int?
     /// Hot buffers the clients contend for.
     public var buffers = 20
     /// Seconds of load before the first fault and after each one.
@@ -84,7 +87,12 @@ public struct ChaosRun: Sendable {
     final class Recorder: Sendable {
         let calls = Mutex<[Call]>([])
         let stop = Atomic<Bool>(false)
+        let waitingGrants = Atomic<Int>(0)
+        let waitingDenials = Atomic<Int>(0)
     }
+
+    /// Load client `index`'s holder (one claim at a time each, which the line check relies on).
+    static func holder(_ index: Int) -> Holder { Holder(user: "user-\(index)", connection: "chaos-\(index)") }
 
     /// Runs the load and the faults; returns the verdict (its description is the verdict line).
     public func run() async throws -> ChaosChecker.Verdict {
@@ -141,12 +149,21 @@ public struct ChaosRun: Sendable {
         _ = try await clientPool[0].inspect("chaos/warm-up")
 
         let recorder = Recorder()
+        let waiting = min(clients, settings.waitingClients ?? clients / 2)
+        let lined = max(1, buffers / 5)
         let load = (0..<clients).map { index in
             Task {
-                await Self.loadLoop(client: clientPool[index % clientPool.count], index: index, buffers: buffers, partitioner: partitioner, recorder: recorder)
+                let client = clientPool[index % clientPool.count]
+                if index < waiting {
+                    await Self.waitingLoop(client: client, index: index, buffers: lined, partitioner: partitioner, recorder: recorder)
+                } else {
+                    await Self.loadLoop(client: client, index: index, buffers: buffers, partitioner: partitioner, recorder: recorder)
+                }
             }
         }
-        say("chaos: \(clients) clients over \(buffers) hot buffers, \(partitioner.count) partitions, faults: \(faults.joined(separator: ", "))")
+        let lines = LineWatcher(scratch: scratch, logger: logger)
+        let watching = Task { await lines.run(until: recorder) }
+        say("chaos: \(clients) clients over \(buffers) hot buffers (\(waiting) of them waiting in line for the first \(lined)), \(partitioner.count) partitions, faults: \(faults.joined(separator: ", "))")
         try await Task.sleep(for: .seconds(settle))
 
         var injected: [(String, ContinuousClock.Instant)] = []
@@ -209,16 +226,19 @@ public struct ChaosRun: Sendable {
 
         recorder.stop.store(true, ordering: .relaxed)
         for task in load { await task.value }
+        await watching.value
         for client in clientPool { await client.close() }
         let crashes = await workers.stopAll()
 
         // Judge.
         let calls = recorder.calls.withLock { $0 }
         let audit = try await Self.audit(scratch, partitioner: partitioner, logger: logger)
+        let sightings = Array(lines.sightings.withLock { $0 }.values)
         let verdict = ChaosChecker.judge(.init(
             changes: audit.changes, finalTokens: audit.finalTokens, observedGrants: calls.compactMap(\.granted),
             operations: calls.count, unanswered: calls.filter { $0.failed != nil }.count, faults: injected.count,
-            crashes: crashes, unansweredMalformed: unansweredMalformed
+            crashes: crashes, unansweredMalformed: unansweredMalformed,
+            sightings: sightings, waitingHolders: Set((0..<waiting).map(Self.holder))
         ))
         say("")
         for ((name, at), end) in zip(injected, faultEnds) {
@@ -229,6 +249,8 @@ public struct ChaosRun: Sendable {
         }
         say("  fenced out: \(fenced) late batch or sweep writes of a worker that had lost its partition (worker logs: \(workers.logs.map(\.path).joined(separator: ", ")))")
         say("  audit: \(audit.changes.count) changes, \(verdict.violations.count) invariant violations; grants seen by clients: \(calls.compactMap(\.granted).count); worker crashes: \(crashes); malformed without a reply: \(unansweredMalformed)")
+        let waiters = Set(sightings.map { "\($0.buffer)#\($0.position)" }).count
+        say("  lines: \(waiters) waiting claims seen in line (\(sightings.count) sightings, \(lines.failures.load(ordering: .relaxed)) failed looks), \(recorder.waitingGrants.load(ordering: .relaxed)) waiting claims granted, \(recorder.waitingDenials.load(ordering: .relaxed)) denied when their wait ran out; line jumps: \(verdict.lineJumps)")
         for violation in verdict.violations.prefix(5) { say("    \(violation)") }
         for failure in Set(calls.compactMap(\.failed)).prefix(5) { say("    unanswered: \(failure)") }
         if let history = settings.history {
@@ -282,20 +304,24 @@ public struct ChaosRun: Sendable {
         String(format: "%.3f s", Double(duration.components.seconds) + Double(duration.components.attoseconds) / 1e18)
     }
 
-    /// Claim a hot buffer, hold it briefly, release it; record every call.
-    static func loadLoop(client: BatonClient, index: Int, buffers: Int, partitioner: Partitioner, recorder: Recorder) async {
-        let holder = Holder(user: "user-\(index)", connection: "chaos-\(index)")
+    /// Claim a hot buffer, hold it briefly, release it; record every call. Waiting clients wait in the
+    /// buffer's line up to 3 s and hold it 20 ms.
+    static func loadLoop(client: BatonClient, index: Int, buffers: Int, partitioner: Partitioner, recorder: Recorder, wait: Duration? = nil) async {
+        let holder = holder(index)
         while !recorder.stop.load(ordering: .relaxed) {
             let buffer = "chaos/\(Int.random(in: 0..<buffers))"
             let partition = partitioner.partition(of: buffer)
             let started = ContinuousClock.now
             do {
-                let result = try await client.claim(buffer, user: holder.user, connection: holder.connection, lease: .seconds(30))
+                let result = try await client.claim(buffer, user: holder.user, connection: holder.connection, lease: .seconds(30), wait: wait)
                 var call = Call(partition: partition, started: started, finished: .now)
+                if wait != nil {
+                    if case .granted = result { recorder.waitingGrants.add(1, ordering: .relaxed) } else { recorder.waitingDenials.add(1, ordering: .relaxed) }
+                }
                 if case .granted(let lease) = result {
                     call.granted = ChaosChecker.ObservedGrant(buffer: buffer, holder: holder, token: lease.token)
                     recorder.calls.withLock { $0.append(call) }
-                    try? await Task.sleep(for: .milliseconds(5))
+                    try? await Task.sleep(for: wait == nil ? .milliseconds(5) : .milliseconds(20))
                     let releaseStarted = ContinuousClock.now
                     do {
                         _ = try await client.release(buffer, connection: holder.connection, token: lease.token)
@@ -310,6 +336,10 @@ public struct ChaosRun: Sendable {
                 recorder.calls.withLock { $0.append(Call(partition: partition, started: started, finished: .now, failed: "\(error)")) }
             }
         }
+    }
+
+    static func waitingLoop(client: BatonClient, index: Int, buffers: Int, partitioner: Partitioner, recorder: Recorder) async {
+        await loadLoop(client: client, index: index, buffers: buffers, partitioner: partitioner, recorder: recorder, wait: .seconds(3))
     }
 
     /// Publishes malformed and oversize requests; returns how many of those with a reply_to got no error reply.
@@ -440,4 +470,60 @@ final class ChaosWorkers: Sendable {
         }
         return crashes
     }
+}
+
+/// Looks at every line in the scratch database every 20 ms during a chaos run (the waiters and when they
+/// were seen, in database time), for the FIFO check; looks that fail (the database is restarting) are
+/// counted and skipped.
+final class LineWatcher: Sendable {
+    let scratch: PostgresURL
+    let logger: Logger
+    /// The first sighting of each waiter, by buffer and position.
+    let sightings = Mutex<[String: HistoryChecker.LineSighting]>([:])
+    let failures = Atomic<Int>(0)
+
+    init(scratch: PostgresURL, logger: Logger) {
+        self.scratch = scratch
+        self.logger = logger
+    }
+
+    func run(until recorder: ChaosRun.Recorder) async {
+        var connection: PostgresConnection?
+        while !recorder.stop.load(ordering: .relaxed) {
+            do {
+                if connection == nil { connection = try await PostgresConnection.connect(to: scratch, logger: logger) }
+                // clock_timestamp() is read after the statement's snapshot: every row shown joined before it.
+                let seen = try await connection!.withSession { session in
+                    try session.query("""
+                        SELECT buffer, position, holder_user, holder_connection, (extract(epoch FROM wait_until) * 1000)::int8,
+                               (extract(epoch FROM clock_timestamp()) * 1000)::int8, request_id
+                        FROM baton_waiters
+                        """).decode(from: "baton_waiters") { row in
+                        HistoryChecker.LineSighting(
+                            buffer: try row.decode(0, "buffer", as: String.self), position: try row.decode(1, "position", as: Int64.self),
+                            requestID: try row.decode(6, "request_id", as: String.self),
+                            holder: Holder(user: try row.decode(2, "holder_user", as: String.self), connection: try row.decode(3, "holder_connection", as: String.self)),
+                            waitUntil: Timestamp(milliseconds: try row.decode(4, "wait_until", as: Int64.self)),
+                            seenAt: Timestamp(milliseconds: try row.decode(5, "now", as: Int64.self))
+                        )
+                    }
+                }
+                sightings.withLock { known in
+                    // The first sighting of each waiter is all the check needs (it joined before then).
+                    for sighting in seen where !known.keys.contains(sighting.key) { known[sighting.key] = sighting }
+                }
+            } catch {
+                failures.add(1, ordering: .relaxed)
+                if let stale = connection { await stale.close() }
+                connection = nil
+                try? await Task.sleep(for: .milliseconds(200))
+            }
+            try? await Task.sleep(for: .milliseconds(20))
+        }
+        if let connection { await connection.close() }
+    }
+}
+
+extension HistoryChecker.LineSighting {
+    fileprivate var key: String { "\(position)#\(buffer)" }
 }

@@ -11,7 +11,7 @@ struct Chaos: AsyncParsableCommand {
             Works in a scratch database (<database>_chaos) and a virtual host of its own (made through the management API), \
             with two workers it starts itself (active and standby) that die with it; a deployment's queues are never touched. \
             Broker and database faults use scripts/services (or BATON_SERVICES_SCRIPT) and affect the whole broker and server. Ends with \
-            one line: verdict=PASS|FAIL operations=N faults=F double_grants=D lost_grants=L unanswered=U (exit 1 on FAIL).
+            one line: verdict=PASS|FAIL operations=N faults=F double_grants=D lost_grants=L unanswered=U line_jumps=J (exit 1 on FAIL).
 
             With --cluster the services are those of `scripts/services cluster` (three RabbitMQ nodes, a PostgreSQL \
             primary and its synchronous standby; the URLs list every node) and the faults are: leader-kill (SIGKILL of the \
@@ -40,6 +40,7 @@ struct Chaos: AsyncParsableCommand {
 
     @Option(help: "Partitions of the scratch deployment, 1-1024.") var partitions = 4
     @Option(help: "Concurrent clients, 1-256.") var clients = 8
+    @Option(name: .customLong("waiting-clients"), help: "How many of the clients wait in line (wait_ms, up to 3 s, on the first fifth of the buffers), 0 to --clients (default: half).") var waitingClients: Int?
     @Option(help: "Hot buffers the clients contend for.") var buffers = 20
     @Option(name: .customLong("settle-seconds"), help: "Load before the first fault and after each one, 1-600.") var settle = 5
     @Option(name: .customLong("pause-seconds"), help: "How long the active worker stays SIGSTOPped, more than twice its heartbeat (2 s), 5-600.") var pause = 8
@@ -56,6 +57,9 @@ struct Chaos: AsyncParsableCommand {
         guard (1...256).contains(clients) else { throw ValidationError("--clients \(clients) is not allowed: use 1 to 256") }
         guard (1...600).contains(settle) else { throw ValidationError("--settle-seconds \(settle) is not allowed: use 1 to 600") }
         guard (5...600).contains(pause) else { throw ValidationError("--pause-seconds \(pause) is not allowed: use 5 to 600") }
+        if let waitingClients, !(0...clients).contains(waitingClients) {
+            throw ValidationError("--waiting-clients \(waitingClients) is not allowed: use 0 to --clients (\(clients))")
+        }
         guard buffers >= 1 else { throw ValidationError("--buffers \(buffers) is not allowed: use 1 or more") }
     }
 
@@ -83,6 +87,7 @@ struct Chaos: AsyncParsableCommand {
         if !fault.isEmpty { settings.faults = fault }
         settings.partitions = partitions
         settings.clients = clients
+        settings.waitingClients = waitingClients
         settings.buffers = buffers
         settings.settle = settle
         settings.pause = pause

@@ -186,6 +186,56 @@ private func request(_ command: Command, id: String = "r") -> Request { Request(
         #expect(report.grants == 3 && report.closes == 2 && report.doubleGrants == 0)
     }
 
+    private func seen(_ holder: Holder, position: Int64, at: Int64, until: Int64 = 9_000) -> HistoryChecker.LineSighting {
+        HistoryChecker.LineSighting(
+            buffer: "b", position: position, requestID: "r-\(holder.user)", holder: holder, waitUntil: Timestamp(milliseconds: until), seenAt: Timestamp(milliseconds: at)
+        )
+    }
+
+    /// A grant made by `holder`'s waiting claim (request `r-<user>`, as ``seen(_:position:at:until:)`` names it).
+    private func waiterGrant(_ holder: Holder, token: Int64, at: Int64) -> OwnershipChange {
+        var grant = change(.granted, holder, token: token, at: at)
+        grant.requestID = "r-\(holder.user)"
+        return grant
+    }
+
+    @Test func waitersGrantedInTheOrderTheyJoinedPassTheLineCheck() {
+        let holder = Holder(user: "h", connection: "h")
+        let changes = [
+            change(.granted, holder, token: 1, at: 1_000), change(.released, holder, token: 1, at: 2_000),
+            waiterGrant(ann, token: 2, at: 2_000), change(.released, ann, token: 2, at: 2_100),
+            waiterGrant(bob, token: 3, at: 2_100),
+        ]
+        let sightings = [seen(ann, position: 7, at: 1_010), seen(bob, position: 9, at: 1_020), seen(ann, position: 7, at: 1_500)]
+        #expect(HistoryChecker.checkLines(changes, sightings: sightings, waitingHolders: [ann, bob]).isEmpty)
+    }
+
+    @Test func theTailGrantedBeforeTheHeadIsALineJump() {
+        let holder = Holder(user: "h", connection: "h")
+        let changes = [
+            change(.granted, holder, token: 1, at: 1_000), change(.released, holder, token: 1, at: 2_000),
+            waiterGrant(bob, token: 2, at: 2_000), change(.released, bob, token: 2, at: 2_100),
+            waiterGrant(ann, token: 3, at: 2_100),
+        ]
+        let violations = HistoryChecker.checkLines(changes, sightings: [seen(ann, position: 7, at: 1_010), seen(bob, position: 9, at: 1_020)], waitingHolders: [ann, bob])
+        #expect(violations.map(\.kind) == [.lineJumped])
+        #expect(violations.first?.detail.contains("token 2") == true, "\(violations)")
+    }
+
+    @Test func aClaimWithoutWaitGrantedPastALiveWaiterIsALineJumpButNotPastAnExpiredOne() {
+        let direct = Holder(user: "d", connection: "d")
+        let changes = [
+            change(.granted, bob, token: 1, at: 1_000), change(.released, bob, token: 1, at: 2_000),
+            change(.granted, direct, token: 2, at: 2_000),
+        ]
+        let live = HistoryChecker.checkLines(changes, sightings: [seen(ann, position: 3, at: 1_500)], waitingHolders: [ann])
+        #expect(live.map(\.kind) == [.lineJumped])
+        // Its wait had run out (and it was answered denied) before the buffer was free.
+        #expect(HistoryChecker.checkLines(changes, sightings: [seen(ann, position: 3, at: 1_500, until: 1_800)], waitingHolders: [ann]).isEmpty)
+        // Seen only after the grant: it may have joined after it.
+        #expect(HistoryChecker.checkLines(changes, sightings: [seen(ann, position: 3, at: 2_500)], waitingHolders: [ann]).isEmpty)
+    }
+
     @Test func grantWhileHeldIsADoubleGrant() {
         let report = HistoryChecker.check([change(.granted, ann, token: 1, at: 0), change(.granted, bob, token: 2, at: 5)])
         #expect(report.doubleGrants == 1)

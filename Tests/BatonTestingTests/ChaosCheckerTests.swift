@@ -18,7 +18,7 @@ import Testing
             operations: 3, unanswered: 0, faults: 5
         ))
         #expect(verdict.passed)
-        #expect(verdict.description == "verdict=PASS operations=3 faults=5 double_grants=0 lost_grants=0 unanswered=0")
+        #expect(verdict.description == "verdict=PASS operations=3 faults=5 double_grants=0 lost_grants=0 unanswered=0 line_jumps=0")
     }
 
     @Test func aDoubleGrantFails() {
