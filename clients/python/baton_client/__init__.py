@@ -1,4 +1,4 @@
-"""Python client of Baton, the buffer ownership/lease service (wire protocol v1, revision 3).
+"""Python client of Baton, the buffer ownership/lease service (wire protocol v1, revision 4).
 
 See ``clients/python/README.md`` and ``docs/protocol.md``.
 """
@@ -33,7 +33,7 @@ from .types import (
 from .watch import Watch
 
 PROTOCOL = 1
-REVISION = 3
+REVISION = 4
 
 __version__ = "0.1.0"
 

@@ -57,7 +57,7 @@ class Call:
     def __init__(self, *, exchange: str, routing_key: str, body: bytes, timeout: float,
                  resend_after: Optional[float], with_user_id: bool = True, expected: int = 0,
                  label: str = "request", request_id: Optional[str] = None,
-                 first_message_only: bool = False):
+                 first_message_only: bool = False, publish_for: Optional[float] = None):
         self.correlation_id = str(uuid.uuid4())
         self.exchange = exchange
         self.routing_key = routing_key
@@ -72,7 +72,12 @@ class Call:
         self.request_id = request_id
         self.first_message_only = first_message_only
         self.created = time.monotonic()
+        # deadline: when the caller stops waiting for the reply. publish_until: after it the
+        # request is no longer published (its ``expiration`` and body ``deadline`` end there).
+        # They differ only for a waiting claim whose deadline was capped (section 19).
         self.deadline = self.created + timeout
+        self.publish_until = self.created + (timeout if publish_for is None
+                                             else min(publish_for, timeout))
         self.first_sent: Optional[float] = None
         self.last_sent: Optional[float] = None
         self.sends = 0
@@ -148,6 +153,7 @@ class IOThread:
         self.connects = 0  # how many times a channel became ready (tests, diagnostics)
         self.last_close_reason: Optional[str] = None
         self.ignore_replies = False  # fault injection for tests: replies are lost
+        self.stray_replies = 0  # replies to no waiting call (late repeats; tests, diagnostics)
 
     # ------------------------------------------------------------------ public (any thread)
 
@@ -398,7 +404,7 @@ class IOThread:
         if ch is None or not self._ready:
             return
         now = time.monotonic()
-        remaining_ms = int((call.deadline - now) * 1000)
+        remaining_ms = int((call.publish_until - now) * 1000)
         if remaining_ms <= 0:
             return
         props = pika.BasicProperties(
@@ -454,6 +460,7 @@ class IOThread:
         call = self._calls.get(corr or "")
         if call is None or call.done:
             self._calls.pop(corr or "", None)
+            self.stray_replies += 1
             return
         try:
             obj = json.loads(body.decode("utf-8"))

@@ -30,6 +30,7 @@ from .requests import (
     REQUESTS_EXCHANGE,
     Request,
     deadline_after,
+    waiting_claim_times,
 )
 from .types import (
     Description,
@@ -45,6 +46,8 @@ __all__ = ["Client", "redact_url"]
 
 #: Deadlines may lie at most 300 s after the database's time (section 3.2).
 MAX_TIMEOUT = 300.0
+#: The revision that brought waiting claims (``wait_ms``, section 19).
+WAIT_REVISION = 4
 
 
 def redact_url(url: str) -> str:
@@ -129,6 +132,8 @@ class Client:
         self.orphan_window = orphan_window
         self.revision: Optional[int] = None
         self.description: Optional[Description] = None
+        # The revision each partition's worker reported (describe answers with its partition).
+        self._revisions: Dict[int, int] = {}
         self._closed = False
         self._background: set = set()
         self._bg_lock = threading.Lock()
@@ -230,8 +235,12 @@ class Client:
     # ------------------------------------------------------------------ low level
 
     def _make_call(self, requests: Union[Request, Sequence[Request]], routing_key: int,
-                   timeout: float, resend_after: Optional[float], label: str) -> Call:
-        deadline = deadline_after(timeout) if self._send_deadline() else None
+                   timeout: float, resend_after: Optional[float], label: str,
+                   publish_for: Optional[float] = None) -> Call:
+        """A call that waits ``timeout`` seconds for its reply; its ``deadline`` and
+        ``expiration`` end ``publish_for`` seconds from now (default: ``timeout``)."""
+        publish = timeout if publish_for is None else min(publish_for, timeout)
+        deadline = deadline_after(publish) if self._send_deadline() else None
         if isinstance(requests, Request):
             body = requests.body(deadline)
             exchange = requests.exchange
@@ -248,7 +257,8 @@ class Client:
             raise ValueError(f"the request body is {len(data)} bytes; at most {MAX_BODY_BYTES} "
                              f"are allowed (section 3.2)")
         return Call(exchange=exchange, routing_key=str(routing_key), body=data, timeout=timeout,
-                    resend_after=resend_after, expected=expected, label=label, request_id=rid)
+                    resend_after=resend_after, expected=expected, label=label, request_id=rid,
+                    publish_for=publish)
 
     def _wait(self, call: Call) -> Any:
         try:
@@ -293,20 +303,43 @@ class Client:
     # ------------------------------------------------------------------ ops
 
     def claim(self, buffer: str, user: str, connection: str, lease_ms: Optional[int] = None, *,
-              request_id: Optional[str] = None, timeout: Optional[float] = None) -> Reply:
+              wait_ms: Optional[int] = None, request_id: Optional[str] = None,
+              timeout: Optional[float] = None) -> Reply:
         """Claim ``buffer`` (section 4). Returns a ``granted`` or ``denied`` reply.
+
+        With ``wait_ms`` (1-300000, revision 4, section 19) a claim that finds the buffer held waits
+        in the buffer's line for up to ``wait_ms`` milliseconds instead of being denied: the call
+        returns ``granted`` when the line reaches it, or ``denied`` when the wait ran out. The call
+        then waits up to ``wait_ms`` plus ``timeout`` for the answer; the request's ``deadline``
+        and ``expiration`` are the same, but at most 299 s ahead (the protocol allows 300 s; the
+        worker then lets the claim wait only until that deadline). A waiting claim is always sent
+        alone and only to a partition whose worker reports revision 4 or later (``describe``);
+        it is resent with the same ``request_id`` and body (every ``resend_after`` and after a
+        reconnect), which moves the answer to the new channel.
 
         If the call times out or is interrupted, the client does not leave the possible grant
         behind (section 9, "Cancelled calls"): in the background it asks again with the same
-        ``request_id`` and body and releases what was granted."""
-        req = Request.claim(buffer, user, connection, lease_ms, request_id=request_id)
+        ``request_id`` and body and releases what was granted (for a waiting claim, for as long
+        as the claim can still be granted)."""
+        req = Request.claim(buffer, user, connection, lease_ms, request_id=request_id,
+                            wait_ms=wait_ms)
         return self._claim(req, timeout)[0]
 
     def _claim(self, req: Request, timeout: Optional[float],
                resend_after: Any = "default") -> "tuple[Reply, Call]":
         t = self._timeout(timeout)
         ra = self.resend_after if resend_after == "default" else resend_after
-        call = self._submit(self._make_call(req, self.partition_of(req.buffer), t, ra, "claim"))
+        p = self.partition_of(req.buffer)
+        if req.waiting:
+            self._check_open()
+            self._require_partition_revision(p, WAIT_REVISION, "a claim with wait_ms")
+            wait_ms = req.fields["wait_ms"]
+            local, publish = waiting_claim_times(wait_ms, t)
+            call = self._make_call(req, p, local, ra, f"claim (waiting up to {wait_ms} ms)",
+                                   publish_for=publish)
+        else:
+            call = self._make_call(req, p, t, ra, "claim")
+        self._submit(call)
         try:
             obj = self._wait(call)
         except (BatonTimeoutError, KeyboardInterrupt, SystemExit, ClientClosedError):
@@ -349,7 +382,35 @@ class Client:
             raise ProtocolError(f"describe was answered with status {d.status!r}")
         self.description = d
         self.revision = d.revision
+        if d.partition is not None:
+            self._revisions[d.partition] = d.revision
         return d
+
+    def _require_partition_revision(self, partition: int, rev: int, what: str) -> None:
+        """Refuse ``what`` unless the worker of ``partition`` reported revision ``rev`` or later
+        (compatibility rules; section 17: during a rolling upgrade, send a revision's fields only
+        to partitions that answered ``describe`` with at least that revision). A partition not
+        yet known (or known below ``rev``, which an upgrade may have changed) is asked once more
+        with ``describe``; only a revision of at least ``rev`` is remembered."""
+        known = self._revisions.get(partition)
+        if known is not None and known >= rev:
+            return
+        try:
+            d = self._single(Request.describe(), partition)
+        except BatonTimeoutError as exc:
+            raise BatonTimeoutError(
+                f"{what} needs protocol revision {rev}, and the revision of partition "
+                f"{partition}'s worker is unknown: describe got no reply ({exc})") from None
+        except RejectedError as exc:
+            if exc.code != "unknown_op":
+                raise
+            d = None  # a worker below revision 3 (section 9, "Discovering the deployment")
+        got = d.revision if isinstance(d, Description) else 2
+        if isinstance(d, Description) and got >= rev:
+            self._revisions[partition] = got
+            return
+        raise BatonError(f"{what} needs protocol revision {rev}; the worker of partition "
+                         f"{partition} speaks revision {got} (describe)")
 
     def events(self, partition: Optional[int] = None, *, buffer: Optional[str] = None,
                after: Optional[int] = None, limit: Optional[int] = None,
@@ -436,6 +497,11 @@ class Client:
         agree), or 0 when no element has a buffer. A batch with a ``force_release`` element goes
         through ``baton.admin``."""
         reqs = list(requests)
+        waiting = [i for i, r in enumerate(reqs) if isinstance(r, Request) and r.waiting]
+        if waiting:
+            raise ValueError(f"the batch's element(s) {waiting} are claims with wait_ms; a waiting "
+                             f"claim must be sent alone, never in a coalesced message (section "
+                             f"19): use client.claim(..., wait_ms=...)")
         if not 1 <= len(reqs) <= 256:
             raise ValueError("a batch holds 1 to 256 requests")
         parts = {self.partition_of(r.buffer) for r in reqs if r.buffer is not None}
@@ -500,9 +566,14 @@ class Client:
             routing_key = call.routing_key if call is not None else str(self.partition_of(req.buffer))
         if body is None:
             body = _dumps(req.body(deadline_after(0.0) if self._send_deadline() else None))
+        window = self.orphan_window
+        if req.waiting and call is not None:
+            # A waiting claim can still be granted until its deadline (section 19): keep asking
+            # until then, and a timeout longer for the answer.
+            window = max(window, call.publish_until - time.monotonic() + self.timeout)
 
         def run() -> None:
-            end = time.monotonic() + self.orphan_window
+            end = time.monotonic() + window
             try:
                 while time.monotonic() < end and not self._closed:
                     probe = Call(exchange=REQUESTS_EXCHANGE, routing_key=routing_key, body=body,
@@ -541,6 +612,34 @@ class Client:
             self._background.add(th)
         th.start()
 
+    def _release_in_background(self, buffer: str, connection: str, token: int) -> None:
+        """Release a grant nobody will use (a lease keeper interrupted while it confirmed a
+        waiting grant), retrying timeouts within the orphan window; ``close()`` waits for it."""
+        if self._closed:
+            return
+        rel = Request.release(buffer, connection, token)
+
+        def run() -> None:
+            end = time.monotonic() + self.orphan_window
+            try:
+                while time.monotonic() < end and not self._closed:
+                    try:
+                        self._single(rel, self.partition_of(rel.buffer),
+                                     min(self.timeout, max(0.5, end - time.monotonic())))
+                        return
+                    except BatonTimeoutError:
+                        continue
+            except BatonError as exc:
+                log.warning("releasing %r (token %s) failed: %s", buffer, token, exc)
+            finally:
+                with self._bg_lock:
+                    self._background.discard(threading.current_thread())
+
+        th = threading.Thread(target=run, name="baton-release", daemon=True)
+        with self._bg_lock:
+            self._background.add(th)
+        th.start()
+
     # ------------------------------------------------------------------ lease keeper, watch
 
     def lease(self, buffer: str, user: str, connection: str, lease_ms: int = 30000, **kw: Any):
@@ -550,7 +649,9 @@ class Client:
                 ...  # write while lease.state is LeaseState.HELD, sending lease.token
 
         Entering claims the buffer (raises :class:`~baton_client.errors.LeaseDeniedError` when
-        another holder has it), renews it in a background thread and releases it on exit."""
+        another holder has it), renews it in a background thread and releases it on exit.
+        ``wait_ms=`` (revision 4) waits in the buffer's line instead (section 19); the grant is
+        then confirmed with an immediate renewal and the lease counts from that renewal."""
         from .lease import Lease
 
         lease = Lease(self, buffer, user=user, connection=connection, lease_ms=lease_ms, **kw)
@@ -560,7 +661,8 @@ class Client:
     def keep(self, buffer: str, user: str, connection: str, lease_ms: int = 30000, **kw: Any):
         """Claim ``buffer`` and keep it renewed; returns the started
         :class:`~baton_client.lease.Lease` (call ``lease.release()`` when done), or raises
-        :class:`~baton_client.errors.LeaseDeniedError`."""
+        :class:`~baton_client.errors.LeaseDeniedError`. Takes the keyword arguments of
+        :class:`~baton_client.lease.Lease`, among them ``wait_ms``."""
         from .lease import Lease
 
         lease = Lease(self, buffer, user=user, connection=connection, lease_ms=lease_ms, **kw)

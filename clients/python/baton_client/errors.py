@@ -114,12 +114,19 @@ class ClientClosedError(BatonError):
 
 
 class LeaseDeniedError(BatonError):
-    """``Client.lease(...)`` could not claim the buffer: another holder has it.
+    """``Client.lease(...)`` could not claim the buffer: another holder has it (or, with
+    ``wait_ms``, still had it when the wait ran out).
 
     ``reply`` is the ``denied`` reply (``reply.holder``, ``reply.token``, ``reply.expires_at``)."""
 
     def __init__(self, reply: "Reply"):
         h = reply.holder
-        who = f"{h.user!r} on connection {h.connection!r}" if h else "another holder"
-        super().__init__(f"buffer {reply.buffer!r} is held by {who} (token {reply.token})")
+        if h is not None:
+            msg = (f"buffer {reply.buffer!r} is held by {h.user!r} on connection "
+                   f"{h.connection!r} (token {reply.token})")
+        else:
+            # A waiting claim whose wait ran out while the buffer was free at that moment
+            # (section 19, rule 1), or a holder the reply does not name.
+            msg = f"buffer {reply.buffer!r} was not granted: {reply.status} (token {reply.token})"
+        super().__init__(msg)
         self.reply = reply

@@ -10,6 +10,13 @@ compared with it. A lease is
 * ``LOST`` once a renewal was answered ``not_owner`` (or rejected), or once
   ``send_time + lease_ms - margin`` passed without an answer: stop writing at once,
 * ``RELEASED`` after ``release()`` (or leaving the ``with`` block).
+
+A keeper with ``wait_ms`` claims with a waiting claim (section 19). Its grant comes at an unknown
+moment of the wait, so the claim's send time says little about when the lease began (and may lie a
+whole lease or more in the past). The keeper therefore confirms such a grant at once with a renewal
+and counts the lease from the moment that renewal was first sent (section 9: "a renewal that is
+answered ``renewed`` moves ``t0`` to the moment it was first sent"); ``acquire()`` returns once it
+is answered.
 """
 
 from __future__ import annotations
@@ -30,8 +37,8 @@ from .errors import (
     LeaseDeniedError,
     RejectedError,
 )
-from .requests import Request
-from .types import Reply
+from .requests import Request, check_wait_ms
+from .types import Reply, parse_reply
 
 if TYPE_CHECKING:  # pragma: no cover
     from .client import Client
@@ -73,19 +80,24 @@ class Lease:
         of the last confirmed claim/renewal (default 1/3, as the Swift client).
     :param on_change: ``callback(change: LeaseChange)``, called from the keeper's thread (keep it
         short; it must not call ``release()``).
-    :param claim_timeout: timeout of the claim (default: the client's timeout).
+    :param claim_timeout: timeout of the claim (default: the client's timeout); with ``wait_ms``
+        the claim waits ``wait_ms`` plus this for its answer.
+    :param wait_ms: wait up to this many milliseconds (1-300000) in the buffer's line when it is
+        held (section 19, revision 4) instead of being denied. The grant is then confirmed with an
+        immediate renewal, and the lease is measured from that renewal's first send.
     """
 
     def __init__(self, client: "Client", buffer: str, *, user: str, connection: str,
                  lease_ms: int = 30000, margin_ms: Optional[int] = None,
                  renew_fraction: float = 1 / 3,
                  on_change: Optional[Callable[[LeaseChange], None]] = None,
-                 claim_timeout: Optional[float] = None):
+                 claim_timeout: Optional[float] = None, wait_ms: Optional[int] = None):
         if isinstance(lease_ms, bool) or not isinstance(lease_ms, int) or \
                 not 1000 <= lease_ms <= 3_600_000:
             raise ValueError(f"lease_ms must be an integer from 1000 to 3600000, got {lease_ms!r}")
         if not 0 < renew_fraction < 0.5:
             raise ValueError("renew_fraction must be between 0 and 0.5")
+        self.wait_ms = None if wait_ms is None else check_wait_ms(wait_ms)
         self.client = client
         self.buffer = buffer
         self.user = user
@@ -178,29 +190,87 @@ class Lease:
 
     def acquire(self) -> "Lease":
         """Claim the buffer and start renewing it. Raises :class:`LeaseDeniedError` when another
-        holder has it, :class:`~baton_client.errors.BatonTimeoutError` when no answer came (the
-        client then cleans up a possible grant in the background)."""
+        holder has it (with ``wait_ms``: when the wait ran out),
+        :class:`~baton_client.errors.BatonTimeoutError` when no answer came (the client then
+        cleans up a possible grant in the background). With ``wait_ms`` it blocks while the claim
+        waits in line, then confirms the grant with a renewal (see the module's documentation);
+        the lease is returned ``HELD``, or ``LOST`` if that confirmation failed."""
         if self._state is not LeaseState.PENDING:
             raise BatonError(f"this lease is already {self._state.value}")
-        req = Request.claim(self.buffer, self.user, self.connection, self.lease_ms)
+        req = Request.claim(self.buffer, self.user, self.connection, self.lease_ms,
+                            wait_ms=self.wait_ms)
         reply, call = self.client._claim(req, self.claim_timeout)
         if reply.status != "granted":
             raise LeaseDeniedError(reply)
         assert call.first_sent is not None
         self.grant = reply
         self._token = reply.token
-        self._confirmed_send = call.first_sent
-        self._expiry = call.first_sent + self.lease_ms / 1000.0
-        if time.monotonic() >= self._expiry - self.margin:
-            self._owner_lost = False
-            self._set(LeaseState.LOST, "the claim was answered after the lease had run out on "
-                                       "the local clock")
+        if self.wait_ms is not None:
+            self._confirm_waiting_grant(reply)
         else:
-            self._set(LeaseState.HELD, f"granted token {reply.token}")
-        self._thread = threading.Thread(target=self._run, name=f"baton-lease:{self.buffer}",
-                                        daemon=True)
-        self._thread.start()
+            self._confirmed_send = call.first_sent
+            self._expiry = call.first_sent + self.lease_ms / 1000.0
+            if time.monotonic() >= self._expiry - self.margin:
+                self._owner_lost = False
+                self._set(LeaseState.LOST, "the claim was answered after the lease had run out on "
+                                           "the local clock")
+            else:
+                self._set(LeaseState.HELD, f"granted token {reply.token}")
+        if self._state is not LeaseState.LOST:  # (a lost lease keeps its reason; nothing to renew)
+            self._thread = threading.Thread(target=self._run, name=f"baton-lease:{self.buffer}",
+                                            daemon=True)
+            self._thread.start()
         return self
+
+    def _confirm_waiting_grant(self, grant: Reply) -> None:
+        """A waiting claim was granted at some moment between its first send and its answer
+        (section 19), which may be far more than a lease ago: renew at once and count the lease
+        from the renewal's first send, which the renewal's ``renewed`` bounds from below
+        (section 9). Sets HELD, or LOST when the renewal was refused or got no answer."""
+        timeout = self.client._timeout(self.claim_timeout)
+        req = Request.renew(self.buffer, self.connection, grant.token, self.lease_ms)
+        call = self.client._submit(self.client._make_call(
+            req, self.client.partition_of(req.buffer), timeout, self.renew_resend,
+            "renew (confirming a waiting grant)"))
+        # Until the renewal is answered the lease is confirmed by nothing; start the clocks now so
+        # that remaining() and the keeper have a value (replaced below when it is answered).
+        self._confirmed_send = self._expiry = time.monotonic()
+        try:
+            reply: Optional[Reply] = parse_reply(self.client._wait(call))
+        except BatonTimeoutError:
+            reply = None
+        except BaseException as exc:  # interrupted, client closed: acquire() raises
+            self.client._io.cancel(call)
+            self._owner_lost = True  # the release below is the only one
+            self._set(LeaseState.LOST, f"confirming the waiting grant failed: {exc!r}")
+            self.client._release_in_background(self.buffer, self.connection, grant.token)
+            raise
+        if reply is not None and reply.status == "renewed":
+            assert call.first_sent is not None
+            self.renewals += 1
+            self._confirmed_send = call.first_sent
+            self._expiry = call.first_sent + self.lease_ms / 1000.0
+            if time.monotonic() >= self._expiry - self.margin:
+                self._set(LeaseState.LOST, "the renewal confirming the waiting grant was answered "
+                                           "after the lease had run out on the local clock")
+            else:
+                self._set(LeaseState.HELD, f"granted token {grant.token} after waiting in line; "
+                                           f"confirmed by a renewal")
+            return
+        if reply is None:
+            self._set(LeaseState.LOST, f"granted token {grant.token} after waiting in line, but "
+                                       f"the renewal confirming it got no answer within "
+                                       f"{timeout:g} s")
+        elif reply.status == "not_owner":
+            self._owner_lost = True
+            self._set(LeaseState.LOST, f"granted token {grant.token} after waiting in line, but "
+                                       f"the renewal confirming it was answered not_owner (the "
+                                       f"lease had already ended; token now {reply.token})")
+        else:
+            self._set(LeaseState.LOST, f"granted token {grant.token} after waiting in line, but "
+                                       f"the renewal confirming it was answered {reply.status}"
+                                       + (f" ({reply.error.code}: {reply.error.message})"
+                                          if reply.error else ""))
 
     def release(self, timeout: Optional[float] = None) -> Optional[Reply]:
         """Stop renewing and release the buffer (unless the worker already said it is not ours).
@@ -286,8 +356,6 @@ class Lease:
             except FuturesTimeout:  # not answered yet
                 continue
             break
-        from .types import parse_reply
-
         reply = parse_reply(obj)
         if reply.status == "renewed":
             assert call.first_sent is not None

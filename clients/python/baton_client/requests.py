@@ -1,4 +1,4 @@
-"""Request bodies (protocol section 3.2, 12, 15, 17, 18).
+"""Request bodies (protocol section 3.2, 12, 15, 17, 18, 19).
 
 A :class:`Request` is one request object without its ``deadline``; the client adds the deadline
 of the call when it sends it. Build them with the class methods (``Request.claim(...)`` ...) to use
@@ -14,13 +14,20 @@ from datetime import datetime, timedelta, timezone
 from typing import Any, Dict, Optional
 
 __all__ = ["Request", "format_timestamp", "deadline_after", "new_request_id", "ADMIN_EXCHANGE",
-           "REQUESTS_EXCHANGE", "EVENTS_EXCHANGE", "MAX_BODY_BYTES"]
+           "REQUESTS_EXCHANGE", "EVENTS_EXCHANGE", "MAX_BODY_BYTES", "MAX_WAIT_MS",
+           "WAIT_DEADLINE_CAP", "check_wait_ms", "waiting_claim_times"]
 
 REQUESTS_EXCHANGE = "baton.requests"
 ADMIN_EXCHANGE = "baton.admin"
 EVENTS_EXCHANGE = "baton.events"
 MAX_BODY_BYTES = 65536
 MAX_TOKEN = 2**63 - 1
+#: ``wait_ms`` of a waiting claim: 1 to 300000 (section 3.2, section 19; revision 4).
+MAX_WAIT_MS = 300_000
+#: How far ahead a waiting claim's ``deadline`` (and ``expiration``) may lie, in seconds. The
+#: protocol allows at most 300 s after the *database's* time (section 3.2); one second is left for
+#: the difference between this host's clock and the database's.
+WAIT_DEADLINE_CAP = 299.0
 
 
 def new_request_id() -> str:
@@ -52,6 +59,27 @@ def _int(v: Any, name: str, lo: int, hi: int) -> int:
     return v
 
 
+def check_wait_ms(wait_ms: Any) -> int:
+    """``wait_ms`` if it is an integer from 1 to 300000 (section 19), else :class:`ValueError`
+    naming the value and the allowed range."""
+    if isinstance(wait_ms, bool) or not isinstance(wait_ms, int) or not 1 <= wait_ms <= MAX_WAIT_MS:
+        raise ValueError(f"wait_ms must be an integer number of milliseconds from 1 to "
+                         f"{MAX_WAIT_MS} (section 19), got {wait_ms!r}")
+    return wait_ms
+
+
+def waiting_claim_times(wait_ms: int, timeout: float) -> "tuple[float, float]":
+    """``(wait, publish)`` in seconds for a claim that waits ``wait_ms`` with the call timeout
+    ``timeout`` (section 19, "Limits"): the caller waits ``wait_ms`` plus the timeout for the
+    answer, and the request's ``deadline`` and ``expiration`` are that too, but at most
+    :data:`WAIT_DEADLINE_CAP` ahead (the protocol's 300 s). When the cap applies, the worker lets
+    the claim wait only until the deadline (section 19: ``wait_until`` is the earlier of
+    ``now + wait_ms`` and the deadline) and the caller still listens a full timeout after it for
+    the answer."""
+    wait = check_wait_ms(wait_ms) / 1000.0 + float(timeout)
+    return wait, min(wait, WAIT_DEADLINE_CAP)
+
+
 @dataclass(frozen=True)
 class Request:
     """One request object. ``fields`` holds the op's own fields (no ``v``, ``op``, ``request_id``,
@@ -70,6 +98,11 @@ class Request:
         return ADMIN_EXCHANGE if self.op == "force_release" else REQUESTS_EXCHANGE
 
     @property
+    def waiting(self) -> bool:
+        """A claim that waits in line (``wait_ms``, section 19): it must be sent alone."""
+        return self.op == "claim" and "wait_ms" in self.fields
+
+    @property
     def needs_principal(self) -> bool:
         return self.op in ("claim", "renew", "release", "release_connection")
 
@@ -85,11 +118,15 @@ class Request:
 
     @classmethod
     def claim(cls, buffer: str, user: str, connection: str, lease_ms: Optional[int] = None,
-              request_id: Optional[str] = None) -> "Request":
+              request_id: Optional[str] = None, *, wait_ms: Optional[int] = None) -> "Request":
+        """A claim; with ``wait_ms`` (revision 4) one that waits in the buffer's line (section 19).
+        A waiting claim must be sent alone (``Client.claim(..., wait_ms=...)``), never in a batch."""
         f: Dict[str, Any] = {"buffer": _nfc(buffer, "buffer"), "user": _nfc(user, "user"),
                              "connection": _nfc(connection, "connection")}
         if lease_ms is not None:
             f["lease_ms"] = _int(lease_ms, "lease_ms", 1000, 3_600_000)
+        if wait_ms is not None:
+            f["wait_ms"] = check_wait_ms(wait_ms)
         return cls._make("claim", f, request_id)
 
     @classmethod

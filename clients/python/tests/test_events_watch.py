@@ -184,6 +184,11 @@ def test_a_watch_dropped_without_close_ends_its_subscription(client, buf):
     import gc
 
     subscriptions = client._io._subs
+    # Let the I/O thread run what earlier tests queued (an unsubscribe still on its way would
+    # otherwise land between the two counts): a callback queued now runs after them.
+    barrier = threading.Event()
+    client._io._threadsafe(barrier.set)
+    assert barrier.wait(5)
     before = len(subscriptions)
     w = client.watch(buf)
     assert len(subscriptions) == before + 1

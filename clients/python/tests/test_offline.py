@@ -195,7 +195,8 @@ def test_event_schemas():
 
 def test_vectors_file_shape():
     doc = json.loads(VECTORS.read_text(encoding="utf-8"))
-    assert doc["protocol"] == 1 and doc["revision"] == 3
+    # Revision 3 or later: the vectors grow with the protocol's additions (revision 4: wait_ms).
+    assert doc["protocol"] == 1 and doc["revision"] >= 3
     assert 30 <= len(doc["cases"]) <= 50
     names = [c["name"] for c in doc["cases"]]
     assert len(set(names)) == len(names)
