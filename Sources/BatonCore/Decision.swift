@@ -230,8 +230,10 @@ public struct PartitionState: Sendable {
         var next = decision.state
         next.line = line
         outcome.changes += decision.changes
-        if decision.reply.status == .denied, case .claim(_, let holder, let lease) = request.command, let waiting = request.waiting {
-            // Held by someone else: join the end of the line, answered when leaving it.
+        if decision.reply.status == .denied, case .claim(_, let holder, let lease) = request.command, let waiting = request.waiting,
+           line.count < ProtocolV1.maxLineLength {
+            // Held by someone else: join the end of the line, answered when leaving it (a full line denies
+            // at once, below).
             let until = now.adding(milliseconds: waiting.milliseconds)
             next.line.append(Waiter(
                 requestID: request.requestID, holder: holder, principal: request.principal, leaseMilliseconds: lease,

@@ -9,6 +9,10 @@ public enum ProtocolV1 {
     public static let maxEventsPerRead = 256
     /// Allowed `wait_ms` of a claim that waits in line (revision 4): at most a request's lifetime.
     public static let waitRange: ClosedRange<Int64> = 1...300_000
+    /// The most claims one buffer's line holds (revision 4): a waiting claim that finds it full is denied
+    /// at once, as a claim without `wait_ms` would be. It bounds what a frontend can pile onto one buffer,
+    /// and what every decision about that buffer reads.
+    public static let maxLineLength = 256
     /// The largest request body, in bytes; a larger one is answered `payload_too_large` before parsing.
     public static let maxBodyBytes = 64 * 1024
     /// Allowed `lease_ms`.

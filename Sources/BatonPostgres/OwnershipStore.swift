@@ -552,6 +552,13 @@ public final class OwnershipStore: Sendable {
         }
     }
 
+    /// How many claims wait in the lines of `partition` now.
+    public func waiterCount(partition: Int) async throws -> Int {
+        try await connection.withSession { session in
+            try session.query(SQL.waiterCount, [String(partition)]).first().flatMap(Int.init) ?? 0
+        }
+    }
+
     /// Marks outbox rows delivered (their events were published).
     public func markDelivered(_ ids: [Int64]) async throws {
         guard !ids.isEmpty else { return }
@@ -681,6 +688,8 @@ enum SQL {
         """)
 
     // Uses baton_waiters_until, then the primary key of baton_buffers.
+    static let waiterCount = PreparedStatement(name: "baton_waiter_count", sql: "SELECT count(*) FROM baton_waiters WHERE partition = $1")
+
     static let waitingBuffers = PreparedStatement(name: "baton_waiting_buffers", sql: """
         SELECT b.buffer, b.holder_user, b.holder_connection, b.token,
                (extract(epoch FROM b.expires_at) * 1000)::int8, b.version, b.holder_principal

@@ -234,6 +234,7 @@ final class PartitionDriver: Sendable {
         guard report.messages > 0 else { return }
         metrics.batchSize.record(report.requests)
         metrics.requests(report.counts)
+        metrics.lineAnswers(report.lineAnswers)
         metrics.replies.increment(by: replies)
         for reason in report.deadLetters { metrics.deadLetter(reason) }
         metrics.batchDuration.recordNanoseconds(report.duration.nanoseconds)
@@ -286,6 +287,7 @@ final class PartitionDriver: Sendable {
             let (expired, answers) = try await store.sweepWithLines(partition: partition, epoch: epoch)
             // Waiters handed a buffer at a lease's expiry, or whose wait ran out: answered now.
             channels.send(Machine.answerMessages(answers), settle: [])
+            metrics.lineAnswers(Dictionary(answers.map { ($0.reply.status.rawValue, 1) }, uniquingKeysWith: +))
             // Expiries, and any event the pump could not get confirmed (rows older than a few seconds).
             var events = expired
             events += try await store.undelivered(partition: partition, olderThan: .seconds(5), limit: 1000)
@@ -297,6 +299,7 @@ final class PartitionDriver: Sendable {
             if let ready = try? await channels.consume.inspectQueue(configuration.queueName(partition)).messages {
                 metrics.queueReady.record(ready)
             }
+            if let waiting = try? await store.waiterCount(partition: partition) { metrics.waiters.record(waiting) }
             if !expired.isEmpty {
                 metrics.expired.increment(by: expired.count)
                 worker.statistics.withLock { $0.expired += expired.count }

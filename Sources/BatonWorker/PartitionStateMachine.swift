@@ -95,6 +95,8 @@ struct PartitionStateMachine {
         var counts: [String: Int] = [:]
         /// Dead-letter reasons, one per message dead-lettered.
         var deadLetters: [String] = []
+        /// Waiters that left their lines in this batch, by answer (granted or denied).
+        var lineAnswers: [String: Int] = [:]
         var commitTime: Duration = .zero
         var duration: Duration = .zero
     }
@@ -652,6 +654,7 @@ struct PartitionStateMachine {
             }
         }
         batch.publishes += Self.answerMessages(batch.answers)
+        for answer in batch.answers { batch.report.lineAnswers[answer.reply.status.rawValue, default: 0] += 1 }
         for (read, reply) in zip(batch.reads, batch.readReplies ?? []) {
             batch.report.counts["events|\(reply.status.rawValue)", default: 0] += 1
             if let element = read.element {

@@ -26,6 +26,8 @@ struct PartitionMetrics: Sendable {
     let events: Counter
     /// Leases expired by the sweep.
     let expired: Counter
+    /// Claims waiting in the partition's lines, sampled each sweep.
+    let waiters: Gauge
 
     init(partition: Int) {
         self.partition = partition
@@ -41,6 +43,15 @@ struct PartitionMetrics: Sendable {
         queueReady = Gauge(label: "baton_queue_messages_ready", dimensions: dimensions)
         events = Counter(label: "baton_events_published_total", dimensions: dimensions)
         expired = Counter(label: "baton_leases_expired_total", dimensions: dimensions)
+        waiters = Gauge(label: "baton_line_waiters", dimensions: dimensions)
+    }
+
+    /// Counts waiters that left their lines, by answer (`granted`: handed the buffer; `denied`: the wait
+    /// ran out, or their connection was released).
+    func lineAnswers(_ counts: [String: Int]) {
+        for (status, count) in counts {
+            Counter(label: "baton_line_answers_total", dimensions: dimensions + [("status", status)]).increment(by: count)
+        }
     }
 
     /// Counts decided requests by operation and reply status.

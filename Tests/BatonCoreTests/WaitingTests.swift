@@ -41,6 +41,20 @@ import Testing
         #expect(state.state(of: "b").line.isEmpty)
     }
 
+    @Test func aFullLineDeniesAWaitingClaimAtOnce() {
+        var state = PartitionState(partition: 0, partitioner: partitioner)
+        _ = state.decide(claim("a", "ann", "ca"), at: t0)
+        for index in 0..<ProtocolV1.maxLineLength {
+            #expect(state.decide(claim("w\(index)", "u\(index)", "c\(index)", wait: 60_000), at: t0).reply == nil)
+        }
+        let full = state.decide(claim("late", "lee", "cl", wait: 60_000), at: t0.adding(milliseconds: 1))
+        #expect(full.reply?.status == .denied && full.reply?.holder?.user == "ann", "denied at once, with the holder")
+        #expect(state.state(of: "b").line.count == ProtocolV1.maxLineLength && state.state(of: "b").line.last?.requestID == "w\(ProtocolV1.maxLineLength - 1)")
+        // A repeat of a waiter already in line is still a repeat, not a new claim refused by the full line.
+        #expect(state.decide(claim("w3", "u3", "c3", wait: 60_000, replyTo: "amq.gen-new"), at: t0.adding(milliseconds: 2)).reply == nil)
+        #expect(state.decide(release("r", "ca", token: 1), at: t0.adding(milliseconds: 3)).answers.first?.waiter.requestID == "w0")
+    }
+
     @Test func anExpiredLeaseGoesToTheHeadOfTheLineNotToAClaimThatArrivesLater() {
         var state = PartitionState(partition: 0, partitioner: partitioner)
         _ = state.decide(claim("a", "ann", "ca", lease: 1000), at: t0)

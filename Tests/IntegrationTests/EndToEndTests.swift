@@ -463,8 +463,14 @@ import Testing
         let port = Int.random(in: 20_000...40_000)
         let process = try deployment.spawnWorker(id: "metrics", metricsPort: port)
         let client = deployment.client(timeout: .seconds(20))
-        _ = try await client.claim("metrics.txt", user: "u", connection: "c")
+        guard case .granted(let first) = try await client.claim("metrics.txt", user: "u", connection: "c") else { throw TestFailure("not granted") }
         _ = try await client.claim("metrics.txt", user: "v", connection: "d")
+        // One waiter handed the buffer, one whose wait runs out.
+        let waiting = Task { try await client.claim("metrics.txt", user: "w", connection: "e", wait: .seconds(30)) }
+        try await Task.sleep(for: .milliseconds(500))
+        _ = try await client.release("metrics.txt", connection: "c", token: first.token)
+        _ = try await waiting.value
+        _ = try await client.claim("metrics.txt", user: "x", connection: "f", wait: .milliseconds(300))
 
         func get(_ path: String) async throws -> (Int, String) {
             let (data, response) = try await URLSession.shared.data(from: URL(string: "http://127.0.0.1:\(port)\(path)")!)
@@ -473,15 +479,21 @@ import Testing
         let (liveStatus, _) = try await get("/health/live")
         #expect(liveStatus == 200)
         #expect(await Deployment.eventually { (try? await get("/health/ready").0) == 200 })
+        let p = deployment.partitioner.partition(of: "metrics.txt")
+        // The line gauge is sampled by the sweep.
+        #expect(await Deployment.eventually { (try? await get("/metrics").1.contains(#"baton_line_waiters{partition="\#(p)"} 0"#)) == true })
         let (metricsStatus, metrics) = try await get("/metrics")
         #expect(metricsStatus == 200)
-        let p = deployment.partitioner.partition(of: "metrics.txt")
         for expected in [
             #"baton_requests_total{partition="\#(p)",op="claim",status="granted"} 1"#,
             #"baton_requests_total{partition="\#(p)",op="claim",status="denied"} 1"#,
             #"baton_partition_active{partition="\#(p)"} 1"#,
             "baton_batch_size_bucket", "baton_commit_duration_seconds_bucket", "baton_batch_duration_seconds_bucket",
             "baton_replies_total", "baton_partition_epoch",
+            #"baton_requests_total{partition="\#(p)",op="claim",status="waiting"} 2"#,
+            #"baton_line_answers_total{partition="\#(p)",status="granted"} 1"#,
+            #"baton_line_answers_total{partition="\#(p)",status="denied"} 1"#,
+            #"baton_line_waiters{partition="\#(p)"} 0"#,
         ] {
             #expect(metrics.contains(expected), "missing \(expected)")
         }
