@@ -320,6 +320,8 @@ public final class OwnershipStore: Sendable {
                 }
             }
             for (buffer, line) in WaiterRow.lines(waiters) { initial[buffer]?.line = line }
+            // The request ids of claims waiting in line, with their buffers.
+            var waiting = Dictionary(waiters.map { (ExactString($0.waiter.requestID), $0.buffer) }, uniquingKeysWith: { first, _ in first })
             guard let fence else {
                 throw PostgresError(code: .unexpectedResult, message: "the batch read of partition \(partition) returned no fence row")
             }
@@ -348,6 +350,16 @@ public final class OwnershipStore: Sendable {
                     }
                     continue
                 }
+                if let buffer = waiting[ExactString(request.requestID)], request.buffer.map({ ExactString($0) != buffer }) ?? true {
+                    // The request id of a claim waiting in another buffer's line (or a request without a buffer):
+                    // refused, and not recorded, so the waiter's answer can still be recorded under it.
+                    replies.append(Reply.rejection(ProtocolError(
+                        code: .requestIDReused,
+                        message: "request_id '\(LogValue.escape(request.requestID))' belongs to a claim that waits in line for buffer '\(LogValue.escape(buffer.string))': use a new request_id for a new request",
+                        requestID: request.requestID, buffer: request.buffer
+                    ), partition: partition, at: now))
+                    continue
+                }
                 if let refusal = state.deadlineRefusal(request, at: now) {
                     // Not recorded: nothing was decided, and a retry with another deadline may still be decided.
                     replies.append(refusal)
@@ -363,7 +375,13 @@ public final class OwnershipStore: Sendable {
                 answers += outcome.answers
                 guard let reply = outcome.reply else {
                     // Waits in line: answered when it leaves it (nothing recorded now).
+                    if let buffer = request.buffer { waiting[ExactString(request.requestID)] = ExactString(buffer) }
                     replies.append(nil)
+                    continue
+                }
+                if reply.error?.code == .requestIDReused {
+                    // Never recorded: the request id belongs to another request (here, one waiting in line).
+                    replies.append(reply)
                     continue
                 }
                 stored[ExactString(request.requestID)] = (reply, fingerprint)
@@ -653,7 +671,9 @@ enum SQL {
         lines AS (
             SELECT w.* FROM baton_waiters w
             WHERE w.partition = $1 AND (w.buffer = ANY($3::text[]) OR w.holder_connection = ANY($4::text[])
-                OR w.buffer IN (SELECT buffer FROM baton_buffers WHERE partition = $1 AND holder_connection = ANY($4::text[])))
+                OR w.buffer IN (SELECT buffer FROM baton_buffers WHERE partition = $1 AND holder_connection = ANY($4::text[]))
+                -- A waiting claim's request id, whatever buffer the request names: it may not be reused.
+                OR w.request_id = ANY($2::text[]))
         )
         SELECT 'f', (SELECT epoch FROM fence)::text, floor(extract(epoch FROM clock_timestamp()) * 1000)::int8::text,
                NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL

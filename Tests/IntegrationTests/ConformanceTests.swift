@@ -23,6 +23,16 @@ import Testing
         let (_, replies) = try await channel.consume(queue: ProtocolV1.directReplyTo, noAck: true)
         let run = UUID().uuidString.prefix(8).lowercased()
         var passed = 0
+        // Every reply read, by correlation id: a `later` step's answer comes while other steps wait.
+        var received: [String: JSONValue] = [:]
+        func awaitReply(_ correlationID: String, until deadline: ContinuousClock.Instant) async throws -> JSONValue? {
+            while received[correlationID] == nil, ContinuousClock.now < deadline {
+                for message in try await replies.next(max: 16, timeout: .milliseconds(100)) {
+                    if let id = message.properties.correlationID { received[id] = (try? JSONParser.parse(message.body)) ?? .null }
+                }
+            }
+            return received[correlationID]
+        }
         for (index, item) in cases.enumerated() {
             guard case .object(let testCase) = item, case .string(let name)? = testCase["name"], case .array(let steps)? = testCase["steps"] else {
                 Issue.record("case \(index) is not an object with 'name' and 'steps'")
@@ -30,8 +40,24 @@ import Testing
             }
             let names = Placeholders(prefix: "conformance/\(run)/\(index)", connectionPrefix: "conn-\(run)-\(index)")
             var failures: [String] = []
+            var waiting: [String: (correlationID: String, route: Int)] = [:]  // `later` steps by name
             for (number, stepValue) in steps.enumerated() {
                 guard case .object(let step) = stepValue else { failures.append("step \(number) is not an object"); break }
+                if case .string(let name)? = step["answer"] {
+                    // The answer to an earlier `later` step.
+                    guard let earlier = waiting[name] else { failures.append("step \(number): no earlier step is 'later': '\(name)'"); break }
+                    guard let reply = try await awaitReply(earlier.correlationID, until: .now + .seconds(10)) else {
+                        failures.append("step \(number): no answer to '\(name)' within 10 s")
+                        break
+                    }
+                    var problems: [String] = []
+                    Self.match(names.substitute(step["expect"] ?? .object([:])), reply, path: "$", route: earlier.route, partitions: partitions, problems: &problems)
+                    if !problems.isEmpty {
+                        failures.append("step \(number): \(problems.joined(separator: "; ")) in \(Self.encode(reply))")
+                        break
+                    }
+                    continue
+                }
                 let body: [UInt8]
                 let sent: JSONValue?
                 if let value = step["send"] {
@@ -58,14 +84,19 @@ import Testing
                     ),
                     mandatory: true
                 ))
-                var reply: JSONValue?
-                let deadline = ContinuousClock.now + .seconds(10)
-                while reply == nil, ContinuousClock.now < deadline {
-                    for message in try await replies.next(max: 1, timeout: .milliseconds(200)) where message.properties.correlationID == correlationID {
-                        reply = try? JSONParser.parse(message.body)
+                if case .string(let name)? = step["later"] {
+                    // It waits in line: no reply now (none within 300 ms); its answer is a later step's.
+                    if let early = try await awaitReply(correlationID, until: .now + .milliseconds(300)) {
+                        failures.append("step \(number): answered at once, it should wait in line: \(Self.encode(early))")
+                        break
                     }
+                    waiting[name] = (correlationID, route)
+                    continue
                 }
-                guard let reply else { failures.append("step \(number): no reply within 10 s"); break }
+                guard let reply = try await awaitReply(correlationID, until: .now + .seconds(10)) else {
+                    failures.append("step \(number): no reply within 10 s")
+                    break
+                }
                 if let expect = step["expect"] {
                     var problems: [String] = []
                     Self.match(names.substitute(expect), reply, path: "$", route: route, partitions: partitions, problems: &problems)

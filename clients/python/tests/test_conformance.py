@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import re
+import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -110,7 +112,7 @@ def route_of(step, send, n):
 
 
 def test_vectors_cover_enough():
-    assert 30 <= len(CASES) <= 50
+    assert 30 <= len(CASES) <= 80
 
 
 @pytest.mark.parametrize("index", range(len(CASES)), ids=[c["name"] for c in CASES])
@@ -120,28 +122,57 @@ def test_case(index, client, schema_validator):
     n = client.partitions
     if n == 1 and "misrouted" in json.dumps(case):
         pytest.skip("with N = 1 no request can be misrouted")
-    for i, step in enumerate(case["steps"]):
-        if "send_raw" in step:
-            raw = substitute(step["send_raw"], names)
-            try:
-                parsed = json.loads(raw)
-            except ValueError:
-                parsed = None
-            route = route_of(step, parsed, n)
-            body = raw.encode("utf-8")
-            batch = isinstance(parsed, dict) and "batch" in parsed
-        else:
-            send = substitute(step["send"], names)
-            route = route_of(step, send, n)
-            body = json.dumps(send, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-            batch = isinstance(send, dict) and "batch" in send
-        expect = substitute(step["expect"], names)
-        reply = client.send_raw(body, route, with_user_id=step.get("user_id", True) is not False,
-                                timeout=10.0)
-        errors = []
-        match(expect, reply, "reply", {"partition": route, "partitions": n}, errors)
-        schema = "batch-reply.schema.json" if batch else "reply.schema.json"
-        for e in schema_validator(schema).iter_errors(reply):
-            errors.append(f"{schema}: {'/'.join(map(str, e.absolute_path))}: {e.message}")
-        assert not errors, (f"step {i} of {case['name']!r} (routed to {route}):\n  "
-                            + "\n  ".join(errors) + f"\nreply: {json.dumps(reply)}")
+    # `later` steps: published now, answered later (a claim that waits in line); `answer` steps
+    # check that answer (docs/conformance/README.md).
+    pending = {}
+    pool = ThreadPoolExecutor(max_workers=4)
+    try:
+        for i, step in enumerate(case["steps"]):
+            _run_step(client, schema_validator, case, names, n, i, step, pool, pending)
+    finally:
+        # A `later` step whose answer moved to a repeat never gets one: its call times out on its own.
+        pool.shutdown(wait=False)
+
+
+def _check(case, i, route, n, expect, reply, batch, schema_validator):
+    errors = []
+    match(expect, reply, "reply", {"partition": route, "partitions": n}, errors)
+    schema = "batch-reply.schema.json" if batch else "reply.schema.json"
+    for e in schema_validator(schema).iter_errors(reply):
+        errors.append(f"{schema}: {'/'.join(map(str, e.absolute_path))}: {e.message}")
+    assert not errors, (f"step {i} of {case['name']!r} (routed to {route}):\n  "
+                        + "\n  ".join(errors) + f"\nreply: {json.dumps(reply)}")
+
+
+def _run_step(client, schema_validator, case, names, n, i, step, pool, pending):
+    if "answer" in step:
+        future, route, batch = pending[step["answer"]]
+        reply = future.result(timeout=10.0)
+        _check(case, i, route, n, substitute(step["expect"], names), reply, batch, schema_validator)
+        return
+    if "send_raw" in step:
+        raw = substitute(step["send_raw"], names)
+        try:
+            parsed = json.loads(raw)
+        except ValueError:
+            parsed = None
+        route = route_of(step, parsed, n)
+        body = raw.encode("utf-8")
+        batch = isinstance(parsed, dict) and "batch" in parsed
+    else:
+        send = substitute(step["send"], names)
+        route = route_of(step, send, n)
+        body = json.dumps(send, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        batch = isinstance(send, dict) and "batch" in send
+    with_user_id = step.get("user_id", True) is not False
+    if "later" in step:
+        # Published once (no resend: a resend would move the answer back to it), answered later.
+        future = pool.submit(client.send_raw, body, route, with_user_id=with_user_id, timeout=12.0)
+        time.sleep(0.3)
+        assert not future.done(), (f"step {i} of {case['name']!r}: answered at once, it should "
+                                   f"wait in line: {future.result()!r}")
+        pending[step["later"]] = (future, route, batch)
+        return
+    expect = substitute(step["expect"], names)
+    reply = client.send_raw(body, route, with_user_id=with_user_id, timeout=10.0)
+    _check(case, i, route, n, expect, reply, batch, schema_validator)

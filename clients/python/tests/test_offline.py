@@ -197,11 +197,19 @@ def test_vectors_file_shape():
     doc = json.loads(VECTORS.read_text(encoding="utf-8"))
     # Revision 3 or later: the vectors grow with the protocol's additions (revision 4: wait_ms).
     assert doc["protocol"] == 1 and doc["revision"] >= 3
-    assert 30 <= len(doc["cases"]) <= 50
+    assert 30 <= len(doc["cases"]) <= 80
     names = [c["name"] for c in doc["cases"]]
     assert len(set(names)) == len(names)
     for c in doc["cases"]:
+        later = set()
         for s in c["steps"]:
+            if "answer" in s:
+                # The answer to an earlier `later` step of the case (a claim that waited in line).
+                assert set(s) <= {"answer", "expect"} and s["answer"] in later
+                continue
             assert ("send" in s) != ("send_raw" in s)
-            assert set(s) <= {"send", "send_raw", "route", "user_id", "expect"}
+            assert set(s) <= {"send", "send_raw", "route", "user_id", "expect", "later"}
+            assert ("later" in s) != ("expect" in s)
+            if "later" in s:
+                later.add(s["later"])
             assert "force_release" not in json.dumps(s)
