@@ -603,14 +603,8 @@ class Client:
                     return
             except (ClientClosedError, BatonError) as exc:
                 log.warning("clean-up of a cancelled claim of %r failed: %s", req.buffer, exc)
-            finally:
-                with self._bg_lock:
-                    self._background.discard(threading.current_thread())
 
-        th = threading.Thread(target=run, name="baton-claim-cleanup", daemon=True)
-        with self._bg_lock:
-            self._background.add(th)
-        th.start()
+        self._in_background("baton-claim-cleanup", run)
 
     def _release_in_background(self, buffer: str, connection: str, token: int) -> None:
         """Release a grant nobody will use (a lease keeper interrupted while it confirmed a
@@ -631,11 +625,19 @@ class Client:
                         continue
             except BatonError as exc:
                 log.warning("releasing %r (token %s) failed: %s", buffer, token, exc)
+
+        self._in_background("baton-release", run)
+
+    def _in_background(self, name: str, body: Any) -> None:
+        """Run ``body`` on a daemon thread that ``close()`` waits for."""
+        def run() -> None:
+            try:
+                body()
             finally:
                 with self._bg_lock:
                     self._background.discard(threading.current_thread())
 
-        th = threading.Thread(target=run, name="baton-release", daemon=True)
+        th = threading.Thread(target=run, name=name, daemon=True)
         with self._bg_lock:
             self._background.add(th)
         th.start()
