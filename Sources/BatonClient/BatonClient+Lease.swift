@@ -220,6 +220,18 @@ public enum KeepResult: Sendable {
     case denied(Holding)
 }
 
+/// ``BatonClient/withLease(_:user:connection:lease:wait:body:)`` was granted the buffer after a wait,
+/// but the lease was lost before it could be confirmed (its renewal was answered `not_owner`): the body
+/// did not run.
+public struct LeaseLost: Error, Sendable, CustomStringConvertible {
+    /// The buffer.
+    public var buffer: String
+    /// Why it was lost.
+    public var loss: LeaseLoss
+
+    public var description: String { "the lease on '\(buffer)' was lost as soon as it was granted: \(loss)" }
+}
+
 /// ``BatonClient/withLease(_:user:connection:lease:wait:body:)`` could not get the buffer.
 public struct LeaseDenied: Error, Sendable, CustomStringConvertible {
     /// The buffer.
@@ -325,6 +337,11 @@ extension BatonClient {
         case .denied(let holding):
             throw LeaseDenied(buffer: buffer, holding: holding)
         case .kept(let kept):
+            if case .lost(let loss) = kept.state {
+                // Granted after a wait, and lost before it could be renewed: the body never runs.
+                try? await kept.release()
+                throw LeaseLost(buffer: buffer, loss: loss)
+            }
             do {
                 let result = try await body(kept)
                 try await kept.release()

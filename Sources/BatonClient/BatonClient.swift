@@ -333,6 +333,9 @@ public final class BatonClient: Sendable {
         } catch let error as CancellationError {
             settle(request)  // it may still be granted when its turn comes: released then
             throw error
+        } catch let error as BatonClientError where error.code == .timeout && request.waiting != nil {
+            settle(request)  // a grant that comes as the wait ends is released, not left held
+            throw error
         }
         switch reply.status {
         case .granted: return .granted(try makeLease(from: reply))
@@ -585,7 +588,11 @@ public final class BatonClient: Sendable {
             defer { state.lanes[partition] = lane }
             return nextMessage(&lane, partition: partition, state: &state)
         }
-        if let (id, items) = message { publish(id, items, partition: partition, on: link) }
+        if let (id, items) = message {
+            publish(id, items, partition: partition, on: link)
+            // A waiting claim went alone: what waited with it may go now too.
+            if items.first?.alone == true { flush(partition) }
+        }
     }
 
     /// Sends what waits for `partition` if its messages in flight were answered or count as lost.
@@ -595,7 +602,10 @@ public final class BatonClient: Sendable {
             defer { state.lanes[partition] = lane }
             return (link, nextMessage(&lane, partition: partition, state: &state))
         }
-        if let link, let (id, items) = message { publish(id, items, partition: partition, on: link) }
+        if let link, let (id, items) = message {
+            publish(id, items, partition: partition, on: link)
+            if items.first?.alone == true { flush(partition) }
+        }
     }
 
     /// Takes the next message's requests off `lane` when it may send (nothing in flight that still
@@ -603,7 +613,7 @@ public final class BatonClient: Sendable {
     private func nextMessage(_ lane: inout Lane, partition: Int, state: inout ClientState) -> (String, [Queued])? {
         let now = ContinuousClock.now
         lane.inFlight = lane.inFlight.filter { $0.value > now }
-        guard !lane.queued.isEmpty, lane.inFlight.isEmpty || !configuration.coalesce else { return nil }
+        guard !lane.queued.isEmpty else { return nil }
         if let index = lane.queued.firstIndex(where: \.alone) {
             // A waiting claim goes at once, alone, whatever is in flight.
             let item = lane.queued.remove(at: index)
@@ -614,6 +624,7 @@ public final class BatonClient: Sendable {
             state.statistics.requests += 1
             return (id, [item])
         }
+        guard lane.inFlight.isEmpty || !configuration.coalesce else { return nil }
         var count = 0
         var bytes = 32
         let limit = configuration.coalesce ? max(1, min(configuration.maxCoalesced, ProtocolV1.maxBatchCount)) : 1
@@ -825,6 +836,8 @@ private final class Waiter<Value: Sendable>: Sendable {
         var value: Value?
         var waiter: CheckedContinuation<Value?, Never>?
         var wakeAt: ContinuousClock.Instant?
+        /// A ``wake()`` that found nobody waiting: the next wait returns at once.
+        var wakePending = false
     }
 
     private let state = Mutex(State())
@@ -855,6 +868,7 @@ private final class Waiter<Value: Sendable>: Sendable {
     func wake() {
         let waiter = state.withLock { state -> CheckedContinuation<Value?, Never>? in
             state.wakeAt = nil
+            if state.waiter == nil { state.wakePending = true }
             defer { state.waiter = nil }
             return state.waiter
         }
@@ -866,6 +880,10 @@ private final class Waiter<Value: Sendable>: Sendable {
         await withCheckedContinuation { continuation in
             let ready = state.withLock { state -> Value?? in
                 if let value = state.value { return .some(value) }
+                if state.wakePending {
+                    state.wakePending = false
+                    return .some(nil)
+                }
                 if time <= .now { return .some(nil) }
                 state.waiter = continuation
                 state.wakeAt = time

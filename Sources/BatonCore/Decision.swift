@@ -197,6 +197,17 @@ public struct PartitionState: Sendable {
             return Outcome(reply: Reply.rejection(error, partition: partition, at: now))
         }
         let before = state(of: buffer)
+        if let waiter = before.line.first(where: { $0.requestID.exactlyEquals(request.requestID) }),
+           waiter.fingerprint != ProtocolCodec.fingerprint(request) {
+            // Another request under the request id of a claim in this buffer's line (even one whose wait
+            // has just run out, or that the settling below would hand the buffer to): refused before
+            // anything is decided, so that id keeps naming only the waiter and its answer.
+            return Outcome(reply: Reply.rejection(ProtocolError(
+                code: .requestIDReused,
+                message: "request_id '\(request.requestID)' belongs to a claim that waits in line for this buffer; use a new request_id for a new request",
+                requestID: request.requestID, buffer: buffer
+            ), partition: partition, at: now))
+        }
         var (current, outcome) = OwnershipRules.settle(buffer: buffer, state: before, now: now, partition: partition)
 
         if let index = outcome.answers.firstIndex(where: { $0.waiter.requestID.exactlyEquals(request.requestID) }),
@@ -208,18 +219,10 @@ public struct PartitionState: Sendable {
             return outcome
         }
         if let index = current.line.firstIndex(where: { $0.requestID.exactlyEquals(request.requestID) }) {
-            // A repeat of a claim that waits in line: the same claim moves its answer to the new address;
-            // anything else under its request id is refused (and changes nothing).
-            if current.line[index].fingerprint == ProtocolCodec.fingerprint(request) {
-                current.line[index].replyTo = request.waiting?.replyTo
-                current.line[index].correlationID = request.waiting?.correlationID
-            } else {
-                outcome.reply = Reply.rejection(ProtocolError(
-                    code: .requestIDReused,
-                    message: "request_id '\(request.requestID)' belongs to a claim that waits in line for this buffer; use a new request_id for a new request",
-                    requestID: request.requestID, buffer: buffer
-                ), partition: partition, at: now)
-            }
+            // A repeat of a claim that waits in line (anything else under its id was refused above): it
+            // moves the answer to the new address.
+            current.line[index].replyTo = request.waiting?.replyTo
+            current.line[index].correlationID = request.waiting?.correlationID
             store(current, for: buffer, was: before)
             return outcome
         }

@@ -475,8 +475,10 @@ public final class OwnershipStore: Sendable {
                 initial[buffer.buffer] = buffer.state
                 versions[buffer.buffer] = buffer.version
             }
-            // Buffers whose waiters' waits ran out, and the lines of every buffer the sweep looks at.
-            for row in try session.query(SQL.waitingBuffers, [String(partition), String(now.milliseconds), String(limit)]).decode(from: "the waiting read of partition \(partition)", { $0 }) {
+            // Buffers whose waiters' waits ran out (at most 32 lines a sweep, each of at most 256 claims:
+            // waits that all end at once are answered over several sweeps, never in one huge statement),
+            // and the lines of every buffer the sweep looks at.
+            for row in try session.query(SQL.waitingBuffers, [String(partition), String(now.milliseconds), String(min(limit, 32))]).decode(from: "the waiting read of partition \(partition)", { $0 }) {
                 let buffer = try BufferRow(row, from: 0)
                 initial[buffer.buffer] = buffer.state
                 versions[buffer.buffer] = buffer.version
@@ -668,12 +670,18 @@ enum SQL {
             ) b
         ),
         -- Not joined to found: a CTE referenced twice is materialized, and every batch would pay for it.
+        -- One arm per index (an OR of them scans every waiter of the partition); UNION, not UNION ALL,
+        -- so that a waiter found twice is read once.
         lines AS (
+            SELECT w.* FROM baton_waiters w WHERE w.partition = $1 AND w.buffer = ANY($3::text[])
+            UNION
+            SELECT w.* FROM baton_waiters w WHERE w.partition = $1 AND w.holder_connection = ANY($4::text[])
+            UNION
             SELECT w.* FROM baton_waiters w
-            WHERE w.partition = $1 AND (w.buffer = ANY($3::text[]) OR w.holder_connection = ANY($4::text[])
-                OR w.buffer IN (SELECT buffer FROM baton_buffers WHERE partition = $1 AND holder_connection = ANY($4::text[]))
-                -- A waiting claim's request id, whatever buffer the request names: it may not be reused.
-                OR w.request_id = ANY($2::text[]))
+            WHERE w.partition = $1 AND w.buffer IN (SELECT buffer FROM baton_buffers WHERE partition = $1 AND holder_connection = ANY($4::text[]))
+            UNION
+            -- A waiting claim's request id, whatever buffer the request names: it may not be reused.
+            SELECT w.* FROM baton_waiters w WHERE w.partition = $1 AND w.request_id = ANY($2::text[])
         )
         SELECT 'f', (SELECT epoch FROM fence)::text, floor(extract(epoch FROM clock_timestamp()) * 1000)::int8::text,
                NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL
@@ -715,7 +723,7 @@ enum SQL {
                (extract(epoch FROM b.expires_at) * 1000)::int8, b.version, b.holder_principal
         FROM baton_buffers b
         WHERE b.partition = $1 AND b.buffer IN (
-            SELECT buffer FROM baton_waiters
+            SELECT DISTINCT buffer FROM baton_waiters
             WHERE partition = $1 AND wait_until <= timestamptz 'epoch' + $2::int8 * interval '1 millisecond'
             LIMIT $3)
         """)

@@ -269,6 +269,12 @@ final class PartitionDriver: Sendable {
         switch error {
         case let error as StoreError where error.code == .partitionOwnershipLost:
             .ownershipLost
+        case let error as StoreError where error.code == .contention:
+            // The store re-read and retried the write 8 times, and only this worker (it holds the epoch)
+            // writes the partition: retrying the same batch cannot succeed. Splitting it isolates the
+            // request that causes it (answered internal_error and dead-lettered) instead of holding the
+            // partition forever.
+            .data(PostgresError(code: .unexpectedResult, message: error.message))
         case let error as SchemaError:
             .fatal("\(error)")
         case let error as PostgresError where error.isCausedByData || error.code == .unexpectedResult:

@@ -41,6 +41,26 @@ import Testing
         #expect(state.state(of: "b").line.isEmpty)
     }
 
+    @Test func anotherRequestUnderAWaitersIdIsRefusedEvenAsTheWaiterLeavesTheLine() {
+        // The id must keep naming only the waiter: were the other request decided and recorded under it,
+        // the waiter's answer could never be recorded, and every later write of the partition would fail.
+        for leaving in ["the wait ran out", "the lease ran out"] {
+            var state = PartitionState(partition: 0, partitioner: partitioner)
+            _ = state.decide(claim("a", "ann", "ca", lease: 1000), at: t0)
+            _ = state.decide(claim("x", "xia", "cx", wait: leaving == "the wait ran out" ? 100 : 60_000), at: t0.adding(milliseconds: 1))
+            let later = t0.adding(milliseconds: 5000)  // past the wait or the lease, before any sweep
+            let before = state.state(of: "b")
+            let inspect = state.decide(Request(requestID: "x", command: .inspect(buffer: "b"), principal: "p"), at: later)
+            #expect(inspect.reply?.error?.code == .requestIDReused && inspect.answers.isEmpty && inspect.changes.isEmpty, "\(leaving): \(inspect)")
+            let other = state.decide(claim("x", "xia", "cx", lease: 2000, wait: 60_000), at: later)
+            #expect(other.reply?.error?.code == .requestIDReused && other.answers.isEmpty, "\(leaving): a waiting claim with another body")
+            #expect(state.state(of: "b") == before, "\(leaving): nothing decided")
+            // The waiter's own repeat still gets its answer, once.
+            let repeatOutcome = state.decide(claim("x", "xia", "cx", wait: leaving == "the wait ran out" ? 100 : 60_000), at: later)
+            #expect(repeatOutcome.reply?.status == (leaving == "the wait ran out" ? .denied : .granted) && repeatOutcome.answers.isEmpty, "\(leaving): \(repeatOutcome)")
+        }
+    }
+
     @Test func aFullLineDeniesAWaitingClaimAtOnce() {
         var state = PartitionState(partition: 0, partitioner: partitioner)
         _ = state.decide(claim("a", "ann", "ca"), at: t0)
