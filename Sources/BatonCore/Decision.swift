@@ -202,11 +202,9 @@ public struct PartitionState: Sendable {
             // Another request under the request id of a claim in this buffer's line (even one whose wait
             // has just run out, or that the settling below would hand the buffer to): refused before
             // anything is decided, so that id keeps naming only the waiter and its answer.
-            return Outcome(reply: Reply.rejection(ProtocolError(
-                code: .requestIDReused,
-                message: "request_id '\(request.requestID)' belongs to a claim that waits in line for this buffer; use a new request_id for a new request",
-                requestID: request.requestID, buffer: buffer
-            ), partition: partition, at: now))
+            return Outcome(reply: Reply.rejection(
+                .requestIDOfAWaiter(request.requestID, waitingFor: buffer, requestBuffer: buffer), partition: partition, at: now
+            ))
         }
         var (current, outcome) = OwnershipRules.settle(buffer: buffer, state: before, now: now, partition: partition)
 

@@ -77,6 +77,18 @@ public struct Outcome: Sendable, Hashable {
     }
 }
 
+extension ProtocolError {
+    /// A request under the request id of a claim that waits in `buffer`'s line: refused and never
+    /// recorded, so that the id keeps naming only the waiter and its answer.
+    public static func requestIDOfAWaiter(_ requestID: String, waitingFor buffer: String, requestBuffer: String?) -> ProtocolError {
+        ProtocolError(
+            code: .requestIDReused,
+            message: "request_id '\(requestID)' belongs to a claim that waits in line for buffer '\(buffer)': use a new request_id for a new request",
+            requestID: requestID, buffer: requestBuffer
+        )
+    }
+}
+
 extension Outcome {
     /// The changes with the request each is recorded under: a grant to a waiter under its waiting claim's
     /// request id, everything else under `requestID` (the request decided; nil for a sweep).

@@ -353,11 +353,9 @@ public final class OwnershipStore: Sendable {
                 if let buffer = waiting[ExactString(request.requestID)], request.buffer.map({ ExactString($0) != buffer }) ?? true {
                     // The request id of a claim waiting in another buffer's line (or a request without a buffer):
                     // refused, and not recorded, so the waiter's answer can still be recorded under it.
-                    replies.append(Reply.rejection(ProtocolError(
-                        code: .requestIDReused,
-                        message: "request_id '\(LogValue.escape(request.requestID))' belongs to a claim that waits in line for buffer '\(LogValue.escape(buffer.string))': use a new request_id for a new request",
-                        requestID: request.requestID, buffer: request.buffer
-                    ), partition: partition, at: now))
+                    replies.append(Reply.rejection(
+                        .requestIDOfAWaiter(request.requestID, waitingFor: buffer.string, requestBuffer: request.buffer), partition: partition, at: now
+                    ))
                     continue
                 }
                 if let refusal = state.deadlineRefusal(request, at: now) {

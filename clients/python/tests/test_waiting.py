@@ -338,7 +338,7 @@ def test_the_keeper_waits_then_keeps_the_lease(client, live, buf, conn):
     assert client.claim(buf, "holder", conn, 30000).token == 1
     with Client(live["url"], partitions=live["partitions"], timeout=10.0) as kc:
         changes = []
-        lease = kc.lease(buf, user="ann", connection=f"{conn}-k", lease_ms=1000, wait_ms=WAIT,
+        lease = kc.lease(buf, user="ann", connection=f"{conn}-k", lease_ms=2000, wait_ms=WAIT,
                          on_change=changes.append)
         failure = []
 
@@ -355,7 +355,7 @@ def test_the_keeper_waits_then_keeps_the_lease(client, live, buf, conn):
             assert lease.state is LeaseState.PENDING
             # Let it wait longer than a whole lease: counted from the claim's send (section 9),
             # the lease would be over the moment it is granted.
-            wait_until(lambda: time.monotonic() - claim_call.first_sent > 1.2, 5,
+            wait_until(lambda: time.monotonic() - claim_call.first_sent > 2.2, 5,
                        "the claim to wait longer than its lease")
             assert client.release(buf, conn, 1).status == "released"
             assert lease.wait_for(LeaseState.HELD, LeaseState.LOST, timeout=15), lease.state
@@ -365,11 +365,12 @@ def test_the_keeper_waits_then_keeps_the_lease(client, live, buf, conn):
             assert lease.token == 2 and lease.renewals >= 1  # the confirming renewal
             assert "waiting" in lease.reason
             # The lease counts from the confirming renewal, sent after the grant was answered.
-            assert lease._confirmed_send > claim_call.first_sent + 1.2
-            # Kept past several lease lengths (a renewal about every 333 ms).
+            assert lease._confirmed_send > claim_call.first_sent + 2.2
+            # Kept past several lease lengths (a renewal about every 667 ms; a 2 s lease leaves a
+            # loaded machine room to answer each one).
             start = lease.renewals
-            wait_until(lambda: lease.renewals >= start + 10 or lease.state is LeaseState.LOST,
-                       15, "ten more renewals")
+            wait_until(lambda: lease.renewals >= start + 9 or lease.state is LeaseState.LOST,
+                       15, "nine more renewals")
             assert lease.state in (LeaseState.HELD, LeaseState.RENEWING_LATE), lease.reason
             s = client.inspect(buf)
             assert s.holder.connection == f"{conn}-k" and s.token == 2
