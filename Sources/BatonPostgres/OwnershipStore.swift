@@ -60,6 +60,9 @@ public struct BatchResult: Sendable {
     public let attempts: Int
     /// How many partitions' batches were committed in the same transaction as this one (1: alone).
     public var groupSize = 1
+    /// Whether the batch was decided from what the store remembers of its partition, without reading its
+    /// rows first (docs/store.md, "Partition memory").
+    public var fromMemory = false
 }
 
 /// The PostgreSQL backstop: fenced, batched, idempotent ownership decisions, one partition at a time.
@@ -78,6 +81,12 @@ public final class OwnershipStore: Sendable {
     private let logger: Logger
     /// Batches of the partitions sharing the connection, waiting for it (see ``apply(_:partition:epoch:)``).
     private let waiting = Mutex(WaitingBatches())
+    /// What the store remembers of each partition it writes, by partition (docs/store.md, "Partition memory").
+    private let memory = Mutex<[Int: PartitionMemory]>([:])
+    /// The most buffers without a line remembered per partition (buffers with a line are always remembered).
+    public let memoryLimit: Int
+    /// The default of ``memoryLimit``.
+    public static let defaultMemoryLimit = 16_384
 
     /// The shortest idempotency retention allowed: twice the longest a request can live
     /// (``ProtocolV1/maxRequestLifetimeMilliseconds``, enforced by its deadline and the queues' message
@@ -86,17 +95,19 @@ public final class OwnershipStore: Sendable {
 
     /// Creates a store over an open connection after checking the schema and N.
     public static func open(
-        connection: PostgresConnection, partitioner: Partitioner, maxAttempts: Int = 8, logger: Logger = Logger(label: "baton.store")
+        connection: PostgresConnection, partitioner: Partitioner, maxAttempts: Int = 8, memoryLimit: Int = OwnershipStore.defaultMemoryLimit,
+        logger: Logger = Logger(label: "baton.store")
     ) async throws -> OwnershipStore {
         let count = partitioner.count
         try await connection.withSession { session in try Migrator.verify(session, partitionCount: count) }
-        return OwnershipStore(connection: connection, partitioner: partitioner, maxAttempts: maxAttempts, logger: logger)
+        return OwnershipStore(connection: connection, partitioner: partitioner, maxAttempts: maxAttempts, memoryLimit: memoryLimit, logger: logger)
     }
 
-    private init(connection: PostgresConnection, partitioner: Partitioner, maxAttempts: Int, logger: Logger) {
+    private init(connection: PostgresConnection, partitioner: Partitioner, maxAttempts: Int, memoryLimit: Int, logger: Logger) {
         self.connection = connection
         self.partitioner = partitioner
         self.maxAttempts = maxAttempts
+        self.memoryLimit = max(1, memoryLimit)
         self.logger = logger
     }
 
@@ -110,6 +121,8 @@ public final class OwnershipStore: Sendable {
     /// ``StoreError/Code/partitionOwnershipLost``.
     public func takePartition(_ partition: Int, owner: String) async throws -> Int64 {
         let count = partitioner.count
+        // A new epoch: what was remembered under the old one is never used again.
+        forget([partition])
         return try await connection.withSession { session in
             let rows = try session.query(SQL.takePartition, [String(partition), owner])
             guard let epoch = rows.first().flatMap(Int64.init) else {
@@ -196,26 +209,28 @@ public final class OwnershipStore: Sendable {
     }
 
     private func applyGroup(_ group: [WaitingBatch], _ session: PostgresSession) {
-        let partitioner = self.partitioner
-        if group.count > 1 {
-            do {
-                // Sorted by partition: a fixed order keeps two workers' groups from deadlocking on the same rows.
-                let results = try Self.applyPipelined(group, session, partitioner: partitioner)
-                for (batch, result) in zip(group, results) { batch.completion(result) }
-                return
-            } catch let error as PostgresError where error.code == .connectionLost || error.code == .closed {
-                for batch in group { batch.completion(.failure(error)) }
-                return
-            } catch {
-                logger.debug("a group transaction failed; applying its batches one by one", metadata: [
-                    "baton.batches": "\(group.count)", "baton.error": "\(error)",
-                ])
-            }
+        do {
+            let results = try applyPipelined(group, session)
+            for (batch, result) in zip(group, results) { batch.completion(result) }
+            return
+        } catch let error as PostgresError where error.code == .connectionLost || error.code == .closed {
+            // The outcome is unknown: what is remembered may not be what the database holds.
+            forget(group.map(\.partition))
+            for batch in group { batch.completion(.failure(error)) }
+            return
+        } catch {
+            // Nothing of the group was written (a lost compare-and-set, a repeat decided from memory, a
+            // refused write): forget what the group's partitions remember and decide each batch again from a
+            // read, alone, with its own retries and its own error.
+            forget(group.map(\.partition))
+            logger.debug("a group write failed; applying its batches one by one from a read", metadata: [
+                "baton.batches": "\(group.count)", "baton.error": "\(error)",
+            ])
         }
         for batch in group {
             batch.completion(Result {
                 try retrying(session, partition: batch.partition, what: "the batch of \(batch.requests.count) requests") { session, attempt in
-                    try Self.applyOnce(session, batch.requests, partition: batch.partition, epoch: batch.epoch, partitioner: partitioner, attempt: attempt)
+                    try applyOnce(session, batch, attempt: attempt)
                 }
             })
         }
@@ -246,34 +261,153 @@ public final class OwnershipStore: Sendable {
         throw StoreError(code: .contention, partition: partition, message: "\(what) lost \(maxAttempts) compare-and-set races in a row; nothing was written")
     }
 
-    private static func applyOnce(
-        _ session: PostgresSession, _ requests: [Request], partition: Int, epoch: Int64, partitioner: Partitioner, attempt: Int
-    ) throws -> BatchResult {
-        let (read, parameters) = readStatement(requests, partition: partition)
-        let plan = try BatchPlan(read: session.query(read, parameters), requests: requests, partition: partition, epoch: epoch, partitioner: partitioner)
+    /// One batch alone: read, decide, write. Its partition's memory was forgotten before (the group it came
+    /// in failed), so nothing is remembered; the next group loads it again.
+    private func applyOnce(_ session: PostgresSession, _ batch: WaitingBatch, attempt: Int) throws -> BatchResult {
+        forget([batch.partition])
+        let (read, parameters) = Self.readStatement(batch.requests, partition: batch.partition)
+        let plan = try BatchPlan(read: session.query(read, parameters), requests: batch.requests, partition: batch.partition, epoch: batch.epoch, partitioner: partitioner)
         return plan.result(outboxIDs: try plan.write(session), attempt: attempt)
     }
 
-    /// Applies several partitions' batches in two round trips: their reads in one pipeline, their
-    /// writes in another, which commits them in one implicit transaction (one WAL flush). Throws when a
-    /// statement failed (nothing was written; the caller applies each batch alone); a batch whose own
-    /// outcome is an error (its fence was lost) gets it in its place.
-    private static func applyPipelined(_ group: [WaitingBatch], _ session: PostgresSession, partitioner: Partitioner) throws -> [Result<BatchResult, any Error>] {
-        let reads = try session.pipeline(group.map { readStatement($0.requests, partition: $0.partition) })
-        var plans: [BatchPlan] = []
-        for (batch, read) in zip(group, reads) {
-            plans.append(try BatchPlan(read: read.get(), requests: batch.requests, partition: batch.partition, epoch: batch.epoch, partitioner: partitioner))
+    /// Applies several partitions' batches with as few round trips as it can: a batch its partition's memory
+    /// can decide is only written; the others are read first (all reads in one pipeline, with the lines of
+    /// a partition whose memory is not loaded yet), and then every write goes in one pipeline, which commits
+    /// them in one implicit transaction (one WAL flush). Throws when a statement failed (nothing was
+    /// written; the caller applies each batch alone); a batch whose own outcome is an error (its fence was
+    /// lost) gets it in its place.
+    private func applyPipelined(_ group: [WaitingBatch], _ session: PostgresSession) throws -> [Result<BatchResult, any Error>] {
+        let partitioner = self.partitioner
+        var plans: [BatchPlan?] = group.map { memoryPlan($0, at: .now) }
+        var statements: [(PreparedStatement, [String?])] = []
+        var reading: [(index: Int, loads: Bool)] = []
+        for index in group.indices where plans[index] == nil {
+            let batch = group[index]
+            let loads = !remembers(batch.partition, epoch: batch.epoch)
+            if loads { statements.append((SQL.loadLines, [String(batch.partition)])) }
+            statements.append(Self.readStatement(batch.requests, partition: batch.partition))
+            reading.append((index, loads))
         }
-        let writing = plans.indices.filter { !plans[$0].write.isEmpty }
-        let writes = try session.pipeline(writing.map { (plans[$0].write.statement, plans[$0].write.parameters) })
+        if !statements.isEmpty {
+            let reads = try session.pipeline(statements)
+            let readAt = ContinuousClock.now
+            var next = reads.makeIterator()
+            for (index, loads) in reading {
+                let batch = group[index]
+                if loads, let lines = next.next() { try load(lines.get(), partition: batch.partition, epoch: batch.epoch, at: readAt) }
+                guard let read = next.next() else { throw PostgresError(code: .unexpectedResult, message: "a read pipeline returned fewer results than it had statements") }
+                let plan = try BatchPlan(read: read.get(), requests: batch.requests, partition: batch.partition, epoch: batch.epoch, partitioner: partitioner)
+                noteRead(plan, partition: batch.partition, epoch: batch.epoch, at: readAt)
+                plans[index] = plan
+            }
+        }
+        let decided = plans.map { $0! }
+        let writing = decided.indices.filter { !decided[$0].write.isEmpty }
+        let writes = try session.pipeline(writing.map { (decided[$0].write.statement, decided[$0].write.parameters) })
+        let writtenAt = ContinuousClock.now
         var rows: [Int: PostgresRow] = [:]
         for (index, write) in zip(writing, writes) { rows[index] = PostgresRow(try write.get().rows.first ?? [], source: "the batch write") }
-        return plans.indices.map { index in
+        return group.indices.map { index in
             Result {
-                var result = plans[index].result(outboxIDs: try rows[index].map(plans[index].write.check) ?? [], attempt: 1)
-                result.groupSize = group.count
-                return result
+                let plan = decided[index]
+                do {
+                    let written = try rows[index].map(plan.write.check)
+                    remember(plan, partition: group[index].partition, epoch: group[index].epoch, clock: written?.clock, at: writtenAt)
+                    var result = plan.result(outboxIDs: written?.ids ?? [], attempt: 1)
+                    result.groupSize = group.count
+                    return result
+                } catch {
+                    forget([group[index].partition])
+                    throw error
+                }
             }
+        }
+    }
+
+    // MARK: - Partition memory
+
+    /// Whether the store remembers `partition` as owner of `epoch` (its lines are loaded).
+    private func remembers(_ partition: Int, epoch: Int64) -> Bool {
+        memory.withLock { $0[partition]?.epoch == epoch }
+    }
+
+    /// Forgets what the store remembers of `partitions`: their next batch loads their lines and reads.
+    private func forget(_ partitions: [Int]) {
+        memory.withLock { memories in
+            for partition in partitions { memories[partition] = nil }
+        }
+    }
+
+    /// Loads a partition's memory from ``SQL/loadLines`` (every line of the partition and its buffer),
+    /// read at or before `local`. Leaves it unloaded when the epoch is not `epoch` (the batch read that
+    /// follows fails the batch).
+    private func load(_ rows: PostgresRows, partition: Int, epoch: Int64, at local: ContinuousClock.Instant) throws {
+        var fence: (epoch: Int64?, clock: Timestamp)?
+        var buffers: [ExactString: RememberedBuffer] = [:]
+        var waiters: [WaiterRow] = []
+        for row in try rows.decode(from: "the lines of partition \(partition)", BatchReadRow.init) {
+            switch row {
+            case .fence(let epoch, let clock): fence = (epoch, clock)
+            case .buffer(let buffer): buffers[buffer.buffer] = RememberedBuffer(state: buffer.state, version: buffer.version)
+            case .waiter(let waiter): waiters.append(waiter)
+            case .stored: break
+            }
+        }
+        guard let fence, fence.epoch == epoch else { return }
+        for (buffer, line) in WaiterRow.lines(waiters) { buffers[buffer]?.state.line = line }
+        var loaded = PartitionMemory(epoch: epoch, lines: buffers, limit: memoryLimit)
+        loaded.read(clock: fence.clock, at: local)
+        memory.withLock { $0[partition] = loaded }
+    }
+
+    /// A batch of `partition` was decided from a read at `local`: its clock reading and decision time.
+    private func noteRead(_ plan: BatchPlan, partition: Int, epoch: Int64, at local: ContinuousClock.Instant) {
+        memory.withLock { memories in
+            guard memories[partition]?.epoch == epoch else { return }
+            memories[partition]?.read(clock: plan.now, at: local)
+        }
+    }
+
+    /// A batch (or sweep) of `partition` was written (or had nothing to write): remember the buffers as it
+    /// left them, and the database clock the write read (at or before `local`).
+    private func remember(_ plan: BatchPlan, partition: Int, epoch: Int64, clock: Timestamp?, at local: ContinuousClock.Instant) {
+        memory.withLock { memories in
+            guard memories[partition]?.epoch == epoch else { return }
+            guard let remembered = plan.remembered else {
+                memories[partition] = nil
+                return
+            }
+            memories[partition]?.remember(remembered)
+            memories[partition]?.decided(at: plan.now)
+            if let clock { memories[partition]?.read(clock: clock, at: local) }
+        }
+    }
+
+    /// The batch decided from what the store remembers of its partition, without a read; nil when the
+    /// memory cannot decide it: not loaded for this epoch, a clock reading too old, a buffer not
+    /// remembered, a `release_connection` (it concerns buffers by holder), or a request the decision
+    /// answers without a record of its own (a repeat must be told apart by its record, which only a read
+    /// or a conflicting write shows).
+    private func memoryPlan(_ batch: WaitingBatch, at local: ContinuousClock.Instant) -> BatchPlan? {
+        let partitioner = self.partitioner
+        return memory.withLock { memories -> BatchPlan? in
+            guard let memory = memories[batch.partition], memory.epoch == batch.epoch, let now = memory.now(at: local) else { return nil }
+            var initial: [ExactString: BufferState] = [:]
+            var versions: [ExactString: Int64] = [:]
+            for request in batch.requests {
+                guard let name = request.buffer else { return nil }
+                let buffer = ExactString(name)
+                guard let remembered = memory[buffer] else { return nil }
+                initial[buffer] = remembered.state
+                versions[buffer] = remembered.version
+            }
+            let plan = BatchPlan(
+                requests: batch.requests, partition: batch.partition, epoch: batch.epoch, now: now, initial: initial, versions: versions,
+                recorded: [:], waiting: memory.lined.isEmpty ? [:] : memory.waiting, partitioner: partitioner, fromMemory: true
+            )
+            guard plan.decision.unrecorded == 0 else { return nil }
+            memories[batch.partition]?.decided(at: now)
+            return plan
         }
     }
 
@@ -292,26 +426,58 @@ public final class OwnershipStore: Sendable {
         ])
     }
 
-    /// A batch decided from its read: the replies, and what to write (buffers by compare-and-set,
-    /// idempotency records, outbox rows) in one fenced statement.
+    /// A batch decided (from a read or from memory, by BatonCore's ``PartitionState/decideBatch(_:at:recorded:waiting:)``),
+    /// and what to write (buffers by compare-and-set, idempotency records, outbox rows) in one fenced statement.
     private struct BatchPlan {
-        /// One per request; nil for a claim that waits in line.
-        var replies: [Reply?] = []
-        var answers: [WaiterAnswer] = []
-        var replayed = 0
+        /// The database time of the decisions.
+        let now: Timestamp
+        let decision: BatchDecision
         /// What the batch writes.
-        var write: BatchWrite
+        let write: BatchWrite
+        /// The buffers as the write leaves them, with their versions then; nil when the plan saw only part
+        /// of some buffer's line (`release_connection` reads the buffers of a connection's waiters with
+        /// that connection's waiters only), so that the partition's memory must be forgotten instead.
+        let remembered: [ExactString: RememberedBuffer]?
+        /// Whether the batch was decided from memory, without a read.
+        let fromMemory: Bool
 
+        /// Decides `requests` over `initial` (the touched buffers as read or remembered, with their row `versions`).
+        init(
+            requests: [Request], partition: Int, epoch: Int64, now: Timestamp, initial: [ExactString: BufferState], versions: [ExactString: Int64],
+            recorded: [ExactString: RecordedReply], waiting: [ExactString: ExactString], partitioner: Partitioner, fromMemory: Bool
+        ) {
+            var state = PartitionState(partition: partition, partitioner: partitioner, buffers: initial)
+            decision = state.decideBatch(requests, at: now, recorded: recorded, waiting: waiting)
+            self.now = now
+            self.fromMemory = fromMemory
+            let changed = Self.changedWrite(
+                partition: partition, epoch: epoch, now: now, initial: initial, versions: versions, after: state.buffers,
+                records: decision.records, changes: decision.changes
+            )
+            write = changed.write
+            if requests.contains(where: { if case .releaseConnection = $0.command { true } else { false } }) {
+                remembered = nil
+            } else {
+                var remembered = changed.remembered
+                // Buffers read and found absent: remembered as never claimed (row version 0).
+                for name in requests.compactMap(\.buffer) where remembered[ExactString(name)] == nil {
+                    remembered[ExactString(name)] = RememberedBuffer(state: .fresh, version: 0)
+                }
+                self.remembered = remembered
+            }
+        }
+
+        /// Decides `requests` from the batch read's rows.
         init(read: PostgresRows, requests: [Request], partition: Int, epoch: Int64, partitioner: Partitioner) throws {
             var fence: (epoch: Int64?, clock: Timestamp)?
-            var stored: [ExactString: (reply: Reply, fingerprint: String?)] = [:]
+            var recorded: [ExactString: RecordedReply] = [:]
             var initial: [ExactString: BufferState] = [:]
             var versions: [ExactString: Int64] = [:]
             var waiters: [WaiterRow] = []
             for row in try read.decode(from: "the batch read of partition \(partition)", BatchReadRow.init) {
                 switch row {
                 case .fence(let epoch, let clock): fence = (epoch, clock)
-                case .stored(let id, let reply, let fingerprint): stored[id] = (reply, fingerprint)
+                case .stored(let id, let reply, let fingerprint): recorded[id] = RecordedReply(reply: reply, fingerprint: fingerprint)
                 case .buffer(let buffer):
                     initial[buffer.buffer] = buffer.state
                     versions[buffer.buffer] = buffer.version
@@ -320,101 +486,61 @@ public final class OwnershipStore: Sendable {
                 }
             }
             for (buffer, line) in WaiterRow.lines(waiters) { initial[buffer]?.line = line }
-            // The request ids of claims waiting in line, with their buffers.
-            var waiting = Dictionary(waiters.map { (ExactString($0.waiter.requestID), $0.buffer) }, uniquingKeysWith: { first, _ in first })
             guard let fence else {
                 throw PostgresError(code: .unexpectedResult, message: "the batch read of partition \(partition) returned no fence row")
             }
             try OwnershipStore.checkEpoch(fence.epoch, partition: partition, epoch: epoch)
-            let now = fence.clock
-            var records: [(id: String, reply: Reply, fingerprint: String)] = []
-            var changes: [(change: OwnershipChange, requestID: String?)] = []
-
-            // Decide in queue order.
-            var state = PartitionState(partition: partition, partitioner: partitioner, buffers: initial)
-            replies.reserveCapacity(requests.count)
-            for request in requests {
-                let fingerprint = ProtocolCodec.fingerprint(request)
-                if let (reply, recorded) = stored[ExactString(request.requestID)] {
-                    // A repeat is answered from its record only when it asks the same thing (records written
-                    // before fingerprints existed have none and are answered as before).
-                    if let recorded, recorded != fingerprint {
-                        replies.append(Reply.rejection(ProtocolError(
-                            code: .requestIDReused,
-                            message: "request_id '\(LogValue.escape(request.requestID))' was already used for a different request (another op, buffer, argument or sender): use a new request_id for a new request; a retry must repeat the original exactly",
-                            requestID: request.requestID, buffer: request.buffer
-                        ), partition: partition, at: now))
-                    } else {
-                        replies.append(reply)
-                        replayed += 1
-                    }
-                    continue
-                }
-                if let buffer = waiting[ExactString(request.requestID)], request.buffer.map({ ExactString($0) != buffer }) ?? true {
-                    // The request id of a claim waiting in another buffer's line (or a request without a buffer):
-                    // refused, and not recorded, so the waiter's answer can still be recorded under it.
-                    replies.append(Reply.rejection(
-                        .requestIDOfAWaiter(request.requestID, waitingFor: buffer.string, requestBuffer: request.buffer), partition: partition, at: now
-                    ))
-                    continue
-                }
-                if let refusal = state.deadlineRefusal(request, at: now) {
-                    // Not recorded: nothing was decided, and a retry with another deadline may still be decided.
-                    replies.append(refusal)
-                    continue
-                }
-                let outcome = state.decide(request, at: now)
-                changes += outcome.attributedChanges(to: request.requestID)
-                for answer in outcome.answers {
-                    // A waiter's answer is recorded under its own request id, as if it were a reply.
-                    stored[ExactString(answer.waiter.requestID)] = (answer.reply, answer.waiter.fingerprint)
-                    records.append((answer.waiter.requestID, answer.reply, answer.waiter.fingerprint))
-                }
-                answers += outcome.answers
-                guard let reply = outcome.reply else {
-                    // Waits in line: answered when it leaves it (nothing recorded now).
-                    if let buffer = request.buffer { waiting[ExactString(request.requestID)] = ExactString(buffer) }
-                    replies.append(nil)
-                    continue
-                }
-                if reply.error?.code == .requestIDReused {
-                    // Never recorded: the request id belongs to another request (here, one waiting in line).
-                    replies.append(reply)
-                    continue
-                }
-                stored[ExactString(request.requestID)] = (reply, fingerprint)
-                records.append((request.requestID, reply, fingerprint))
-                replies.append(reply)
-            }
-            write = Self.changedWrite(partition: partition, epoch: epoch, now: now, initial: initial, versions: versions, after: state.buffers, records: records, changes: changes)
+            self.init(
+                requests: requests, partition: partition, epoch: epoch, now: fence.clock, initial: initial, versions: versions, recorded: recorded,
+                // The request ids of claims waiting in line, with their buffers.
+                waiting: Dictionary(waiters.map { (ExactString($0.waiter.requestID), $0.buffer) }, uniquingKeysWith: { first, _ in first }),
+                partitioner: partitioner, fromMemory: false
+            )
         }
 
         /// A sweep's plan: the buffers it changed (from `initial` to `after`), its changes, and the answers
         /// to waiters it settled (recorded under their request ids), no replies.
         init(
             partition: Int, epoch: Int64, now: Timestamp, initial: [ExactString: BufferState], versions: [ExactString: Int64],
-            after: [ExactString: BufferState], changes: [(change: OwnershipChange, requestID: String?)], answers: [WaiterAnswer] = []
+            after: [ExactString: BufferState], changes: [AttributedChange], answers: [WaiterAnswer] = []
         ) {
-            self.answers = answers
-            write = Self.changedWrite(
-                partition: partition, epoch: epoch, now: now, initial: initial, versions: versions, after: after,
-                records: answers.map { ($0.waiter.requestID, $0.reply, $0.waiter.fingerprint) }, changes: changes
+            var decision = BatchDecision()
+            decision.answers = answers
+            decision.records = answers.map { RequestRecord(id: $0.waiter.requestID, reply: $0.reply, fingerprint: $0.waiter.fingerprint) }
+            decision.changes = changes
+            self.decision = decision
+            self.now = now
+            fromMemory = false
+            let changed = Self.changedWrite(
+                partition: partition, epoch: epoch, now: now, initial: initial, versions: versions, after: after, records: decision.records, changes: changes
             )
+            write = changed.write
+            remembered = changed.remembered
         }
 
-        /// The write of the buffers that differ between `initial` (as read, with `versions`) and `after`.
+        /// The write of the buffers that differ between `initial` (as read, with `versions`) and `after`, and
+        /// every buffer of `after` as the write leaves it.
         private static func changedWrite(
             partition: Int, epoch: Int64, now: Timestamp, initial: [ExactString: BufferState], versions: [ExactString: Int64],
-            after: [ExactString: BufferState], records: [(id: String, reply: Reply, fingerprint: String)], changes: [(change: OwnershipChange, requestID: String?)]
-        ) -> BatchWrite {
-            let changed = after.filter { initial[$0.key] != $0.value }
+            after: [ExactString: BufferState], records: [RequestRecord], changes: [AttributedChange]
+        ) -> (write: BatchWrite, remembered: [ExactString: RememberedBuffer]) {
+            var changed: [(buffer: ExactString, state: BufferState, expectedToken: Int64, expectedVersion: Int64)] = []
+            var remembered: [ExactString: RememberedBuffer] = [:]
+            remembered.reserveCapacity(after.count)
+            for (buffer, state) in after {
+                let version = versions[buffer] ?? 0
+                if initial[buffer] != state {
+                    changed.append((buffer, state, initial[buffer]?.token ?? 0, version))
+                    remembered[buffer] = RememberedBuffer(state: state, version: version + 1)
+                } else {
+                    remembered[buffer] = RememberedBuffer(state: state, version: version)
+                }
+            }
             var write = BatchWrite(
-                partition: partition, epoch: epoch, now: now,
-                buffers: changed.keys.sorted().map { ($0, changed[$0]!, initial[$0]?.token ?? 0, versions[$0] ?? 0) },
-                records: records, changes: changes
+                partition: partition, epoch: epoch, now: now, buffers: changed.sorted { $0.buffer < $1.buffer }, records: records, changes: changes
             )
             write.lines(from: initial)
-            return write
+            return (write, remembered)
         }
 
         /// Writes the plan in one statement, unless there is nothing to write; returns the outbox ids.
@@ -424,7 +550,7 @@ public final class OwnershipStore: Sendable {
         func write(_ session: PostgresSession) throws -> [Int64] {
             guard !write.isEmpty else { return [] }
             do {
-                return try write.check(PostgresRow(session.query(write.statement, write.parameters).rows.first ?? [], source: "the batch write"))
+                return try write.check(PostgresRow(session.query(write.statement, write.parameters).rows.first ?? [], source: "the batch write")).ids
             } catch let error as PostgresError where error.sqlState == "BT001" {
                 throw CompareAndSetMiss(missed: 1)
             }
@@ -432,8 +558,9 @@ public final class OwnershipStore: Sendable {
 
         func result(outboxIDs: [Int64], attempt: Int) -> BatchResult {
             let entries = zip(outboxIDs, write.changes).map { OutboxEntry(id: $0, partition: write.partition, change: $1.change) }
-            var result = BatchResult(replies: replies, changes: entries, replayed: replayed, attempts: attempt)
-            result.answers = answers
+            var result = BatchResult(replies: decision.replies, changes: entries, replayed: decision.replayed, attempts: attempt)
+            result.answers = decision.answers
+            result.fromMemory = fromMemory
             return result
         }
     }
@@ -455,7 +582,7 @@ public final class OwnershipStore: Sendable {
         // No explicit transaction: a read, then the fenced, self-aborting compare-and-set write (one
         // statement). Nothing holds the partition row's lock while waiting on this process, so a worker
         // frozen here cannot stall the next owner's takePartition.
-        return try await retrying(partition: partition, what: "the sweep") { session, _ in
+        return try await retrying(partition: partition, what: "the sweep") { [self] session, _ in
             // Rows of `now, buffer..., epoch`: always one at least, with the clock and the epoch (and a NULL
             // buffer when nothing has expired).
             let rows = try session.query(SQL.expiredBuffers, [String(partition), String(limit)]).decode(from: "the expiry read of partition \(partition)") { $0 }
@@ -490,9 +617,19 @@ public final class OwnershipStore: Sendable {
             let outcome = state.sweepWithLines(at: now)
             let plan = BatchPlan(
                 partition: partition, epoch: epoch, now: now, initial: initial, versions: versions, after: state.buffers,
-                changes: outcome.attributedChanges(to: nil), answers: outcome.answers
+                changes: outcome.attributedChanges(to: nil).map { AttributedChange(change: $0.change, requestID: $0.requestID) }, answers: outcome.answers
             )
-            let result = plan.result(outboxIDs: try plan.write(session), attempt: 1)
+            let ids: [Int64]
+            do {
+                ids = try plan.write(session)
+            } catch {
+                // A lost race or an unknown outcome: what the partition's memory holds may be stale.
+                self.forget([partition])
+                throw error
+            }
+            let result = plan.result(outboxIDs: ids, attempt: 1)
+            // The sweep read every line of the buffers it looked at: remember them as it left them.
+            self.remember(plan, partition: partition, epoch: epoch, clock: nil, at: .now)
             return (result.changes, result.answers)
         }
     }
@@ -695,6 +832,22 @@ enum SQL {
         FROM lines
         """)
 
+    // A partition's memory when it is loaded (after taking the partition, or after a failed write): every
+    // line of the partition, the rows of their buffers, and the epoch and clock, in the rows of the batch
+    // read (`f`, `b`, `w`). Uses the primary keys of baton_waiters and baton_buffers.
+    static let loadLines = PreparedStatement(name: "baton_load_lines", sql: """
+        SELECT 'f', (SELECT epoch FROM baton_partitions WHERE partition = $1)::text,
+               floor(extract(epoch FROM clock_timestamp()) * 1000)::int8::text, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL
+        UNION ALL
+        SELECT 'b', buffer, holder_user, holder_connection, token::text,
+               ((extract(epoch FROM expires_at) * 1000)::int8)::text, version::text, holder_principal, NULL, NULL, NULL, NULL
+        FROM baton_buffers WHERE partition = $1 AND buffer IN (SELECT buffer FROM baton_waiters WHERE partition = $1)
+        UNION ALL
+        SELECT 'w', buffer, request_id, holder_user, holder_connection, principal, lease_ms::text,
+               ((extract(epoch FROM wait_until) * 1000)::int8)::text, reply_to, correlation_id, fingerprint, position::text
+        FROM baton_waiters WHERE partition = $1
+        """)
+
     // Uses baton_buffers_expiry.
     static let expiredBuffers = PreparedStatement(name: "baton_expired_buffers", sql: """
         WITH clock AS (
@@ -828,7 +981,8 @@ enum SQL {
                      AND ((SELECT count(*) FROM updated) + (SELECT count(*) FROM inserted) <> $21
                           OR (SELECT count(*) FROM recorded) <> $22)
                     THEN baton_abort_batch('compare-and-set miss: another writer changed a buffer or recorded a request id first')
-               END
+               END,
+               floor(extract(epoch FROM clock_timestamp()) * 1000)::int8
         """
 
     // Uses baton_outbox_pending.

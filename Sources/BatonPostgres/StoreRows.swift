@@ -127,9 +127,9 @@ struct BatchWrite {
     /// Changed buffers, sorted (a fixed order keeps concurrent writers from deadlocking), with the state
     /// to write and the token and version they had when read (version 0: absent, to be inserted).
     var buffers: [(buffer: ExactString, state: BufferState, expectedToken: Int64, expectedVersion: Int64)] = []
-    var records: [(id: String, reply: Reply, fingerprint: String)] = []
+    var records: [RequestRecord] = []
     /// Changes in decision order, with the request that made each (nil for expiries).
-    var changes: [(change: OwnershipChange, requestID: String?)] = []
+    var changes: [AttributedChange] = []
     /// Waiters that left their lines (by request id), joined them (in order), or moved their reply address.
     var waitersRemoved: [String] = []
     var waitersAdded: [(buffer: String, waiter: Waiter)] = []
@@ -219,18 +219,18 @@ struct BatchWrite {
         ]
     }
 
-    /// Checks the statement's result row (`written, recorded, outbox ids, epoch`) and returns the outbox
-    /// ids, in the order of `changes`.
+    /// Checks the statement's result row (`written, recorded, outbox ids, epoch, abort, clock`) and returns
+    /// the outbox ids, in the order of `changes`, and the database clock read at the statement's end.
     ///
     /// - Throws: ``StoreError`` when the fence was lost, ``CompareAndSetMiss`` when another writer changed
     ///   a buffer or recorded a request id first.
-    func check(_ row: PostgresRow) throws -> [Int64] {
+    func check(_ row: PostgresRow) throws -> (ids: [Int64], clock: Timestamp) {
         try OwnershipStore.checkEpoch(try row.optional(3, "epoch").map { _ in try row.decode(3, "epoch") }, partition: partition, epoch: epoch)
         let written: Int = try row.decode(0, "rows written")
         let recorded: Int = try row.decode(1, "records written")
         guard written == buffers.count, recorded == records.count else {
             throw CompareAndSetMiss(missed: buffers.count - written + records.count - recorded)
         }
-        return PostgresArray.parseIntegers(try row.optional(2, "outbox ids"))
+        return (PostgresArray.parseIntegers(try row.optional(2, "outbox ids")), try row.timestamp(5, "clock"))
     }
 }

@@ -73,6 +73,8 @@ public struct WorkerProcess: Sendable {
         public var meanBatch: Double
         /// Milliseconds per store commit.
         public var meanCommitMilliseconds: Double
+        /// The share of store transactions decided from a partition's memory, without a read (0-1).
+        public var fromMemory: Double?
     }
 
     /// Stops the worker (SIGTERM, then SIGKILL after 10 s); returns its summary line's figures.
@@ -88,6 +90,6 @@ public struct WorkerProcess: Sendable {
             return Double(line[range.upperBound...].prefix { !$0.isWhitespace })
         }
         guard let batch = value("baton.mean_batch"), let commit = value("baton.mean_commit_ms") else { return nil }
-        return Summary(meanBatch: batch, meanCommitMilliseconds: commit)
+        return Summary(meanBatch: batch, meanCommitMilliseconds: commit, fromMemory: value("baton.from_memory"))
     }
 }

@@ -246,6 +246,7 @@ final class PartitionDriver: Sendable {
             $0.rejected += report.rejected
             $0.failed += report.failed
             $0.transactions += report.transactions
+            $0.fromMemory += report.fromMemory
             $0.commitTime += report.commitTime
             $0.batches += 1
         }

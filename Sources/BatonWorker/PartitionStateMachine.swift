@@ -91,6 +91,8 @@ struct PartitionStateMachine {
         var rejected = 0
         var failed = 0
         var transactions = 0
+        /// Transactions decided from the partition's memory, without a read.
+        var fromMemory = 0
         /// Requests by "operation|outcome".
         var counts: [String: Int] = [:]
         /// Dead-letter reasons, one per message dead-lettered.
@@ -225,6 +227,7 @@ struct PartitionStateMachine {
             batch.changes += result.changes
             batch.report.replayed += result.replayed
             batch.report.transactions += 1
+            if result.fromMemory { batch.report.fromMemory += 1 }
             self.batch = batch
             return recovered() + advance(now: now)
         case .failure(.data(let error)):

@@ -186,6 +186,7 @@ public final class Worker: Service, Sendable {
             "baton.rejected": "\(stats.rejected)", "baton.events": "\(stats.events)", "baton.fence_losses": "\(stats.fenceLosses)",
             "baton.expired": "\(stats.expired)", "baton.database_retries": "\(stats.databaseRetries)",
             "baton.mean_batch": "\(stats.batches > 0 ? Double(stats.requests) / Double(stats.batches) : 0)",
+            "baton.from_memory": "\(stats.transactions > 0 ? Double(stats.fromMemory) / Double(stats.transactions) : 0)",
             "baton.mean_commit_ms": "\(stats.batches > 0 ? Double(stats.commitTime.components.attoseconds / 1_000_000_000_000 + stats.commitTime.components.seconds * 1_000_000) / 1000 / Double(stats.batches) : 0)",
         ])
     }
@@ -411,6 +412,8 @@ public struct WorkerStatistics: Sendable {
     public var connections = 0
     /// Time spent in the store's batch transactions.
     public var commitTime: Duration = .zero
+    /// Batch transactions decided from a partition's memory, without reading first.
+    public var fromMemory = 0
 }
 
 struct PartitionSetDescription: CustomStringConvertible {

@@ -1,0 +1,107 @@
+import BatonCore
+
+/// A buffer as the store last read or wrote it: its state (with its line) and its row's version (0: the
+/// buffer has no row yet).
+struct RememberedBuffer: Sendable, Hashable {
+    var state: BufferState
+    var version: Int64
+}
+
+/// What the store keeps of a partition it writes as the fenced owner of `epoch`, so that a batch can be
+/// decided without reading its rows first (docs/store.md, "Partition memory").
+///
+/// Only the owner of the partition's epoch writes its rows, so what it wrote last is what they hold. The
+/// memory is still only a cache in front of the write's safety nets: every buffer a batch changes is
+/// written by compare-and-set on the version remembered here, and every request of a batch decided from
+/// memory has its record in the write, so a stale entry, a repeat or a redelivery makes the write abort
+/// (nothing written); the store then forgets the partition and decides the batch again from a read.
+struct PartitionMemory: Sendable {
+    /// The epoch the memory belongs to: a batch of another epoch never uses it.
+    let epoch: Int64
+    /// Buffers as last read or written. Buffers with a line are always here; the others may be evicted.
+    private(set) var buffers: [ExactString: RememberedBuffer] = [:]
+    /// The buffers whose line is not empty (all of the partition's, since it was loaded).
+    private(set) var lined: Set<ExactString> = []
+    /// The database clock as last read (a reading, and the local instant at or after which it was taken).
+    private var clock: (database: Timestamp, local: ContinuousClock.Instant)?
+    /// The latest database time a decision of the partition was made at: none is made earlier.
+    private(set) var decided = Timestamp(milliseconds: 0)
+    /// The most buffers without a line kept; beyond it, the oldest half goes (see ``evict()``).
+    let limit: Int
+    /// Buffers in the order they were last remembered (for eviction), with their generation.
+    private var order: [ExactString] = []
+
+    /// How long a clock reading is trusted. A decision made from memory takes its time from the last
+    /// reading plus the local time elapsed since, less ``clockMargin``; the two clocks may drift apart
+    /// only so much in this window (500 ppm, the most NTP slews, is 0.5 ms per second).
+    static let clockFreshness: Duration = .seconds(1)
+    /// Taken off the estimated database time, so that a decision is never made ahead of the database.
+    static let clockMarginMilliseconds: Int64 = 1
+
+    /// A memory of `lines` (every line of the partition: loaded right after taking it) at `epoch`.
+    init(epoch: Int64, lines: [ExactString: RememberedBuffer], limit: Int) {
+        self.epoch = epoch
+        self.limit = max(1, limit)
+        for (buffer, remembered) in lines { remember(buffer, remembered) }
+    }
+
+    /// The remembered buffer, if any.
+    subscript(buffer: ExactString) -> RememberedBuffer? { buffers[buffer] }
+
+    /// The request ids of the claims waiting in the partition's lines, with their buffers.
+    var waiting: [ExactString: ExactString] {
+        var waiting: [ExactString: ExactString] = [:]
+        for buffer in lined {
+            for waiter in buffers[buffer]?.state.line ?? [] { waiting[ExactString(waiter.requestID)] = buffer }
+        }
+        return waiting
+    }
+
+    /// Records a reading of the database clock, taken at or before the local instant `local`.
+    mutating func read(clock database: Timestamp, at local: ContinuousClock.Instant) {
+        clock = (database, local)
+        decided = max(decided, database)
+    }
+
+    /// The database time to decide at, at local instant `local`: never before a decision made already, and
+    /// never ahead of the database (nil when the last clock reading is too old to say).
+    func now(at local: ContinuousClock.Instant) -> Timestamp? {
+        guard let clock, local >= clock.local, local - clock.local < Self.clockFreshness else { return nil }
+        let elapsed = (local - clock.local).components
+        let milliseconds = elapsed.seconds * 1000 + elapsed.attoseconds / 1_000_000_000_000_000
+        return max(decided, clock.database.adding(milliseconds: milliseconds - Self.clockMarginMilliseconds))
+    }
+
+    /// A decision was made at `time`.
+    mutating func decided(at time: Timestamp) {
+        decided = max(decided, time)
+    }
+
+    /// Remembers buffers as a committed write left them (or as a read found them).
+    mutating func remember(_ written: [ExactString: RememberedBuffer]) {
+        for (buffer, remembered) in written { remember(buffer, remembered) }
+        if buffers.count > limit + lined.count { evict() }
+    }
+
+    private mutating func remember(_ buffer: ExactString, _ remembered: RememberedBuffer) {
+        if buffers.updateValue(remembered, forKey: buffer) == nil { order.append(buffer) }
+        if remembered.state.line.isEmpty { lined.remove(buffer) } else { lined.insert(buffer) }
+    }
+
+    /// Forgets the oldest half of the buffers without a line (they are read again when next asked about).
+    private mutating func evict() {
+        var kept: [ExactString] = []
+        var dropping = (buffers.count - lined.count) - limit / 2
+        kept.reserveCapacity(buffers.count - max(0, dropping))
+        for buffer in order {
+            guard buffers[buffer] != nil else { continue }
+            if dropping > 0, !lined.contains(buffer) {
+                buffers[buffer] = nil
+                dropping -= 1
+            } else {
+                kept.append(buffer)
+            }
+        }
+        order = kept
+    }
+}

@@ -1,0 +1,137 @@
+import BatonCore
+import BatonPostgres
+import Foundation
+import Testing
+
+/// The store's partition memory (docs/store.md, "Partition memory"): batches decided without a read, and
+/// every way back to a read when the memory cannot be trusted.
+@Suite struct PartitionMemoryTests {
+    @Test func aBatchOnRememberedBuffersIsDecidedWithoutAReadAndAgreesWithTheDatabase() async throws {
+        let url = try await TestDatabase.migrated()
+        let store = try await TestDatabase.store(url)
+        let epoch = try await store.takePartition(2, owner: "test")
+        let b = buffer(in: 2)
+        let first = try await store.apply([.claim(b, user: "ann", connection: "c1")], partition: 2, epoch: epoch)
+        #expect(!first.fromMemory, "the first batch after taking the partition reads")
+        #expect(first.decided.map(\.status) == [.granted])
+
+        let second = try await store.apply([
+            .claim(b, user: "bob", connection: "c2"), .release(b, connection: "c1", token: 1), .claim(b, user: "bob", connection: "c2"),
+        ], partition: 2, epoch: epoch)
+        #expect(second.fromMemory, "every buffer of the batch was remembered")
+        #expect(second.decided.map(\.status) == [.denied, .released, .granted])
+        #expect(second.decided.map(\.token) == [1, 1, 2])
+        #expect(second.decided[0].at! >= first.decided[0].at!, "a decision from memory is never made before an earlier one")
+
+        // What memory decided is what a fresh store reads.
+        let reader = try await TestDatabase.store(url)
+        let inspect = try await reader.apply([Request(requestID: "i", command: .inspect(buffer: b))], partition: 2, epoch: epoch)
+        #expect(!inspect.fromMemory)
+        #expect(inspect.decided[0].holder == Holder(user: "bob", connection: "c2") && inspect.decided[0].token == 2)
+        #expect(inspect.decided[0].expiresAt == second.decided[2].expiresAt)
+        let audit = try await TestDatabase.audit(url)
+        #expect(audit.changes.map(\.kind) == [.granted, .released, .granted])
+        #expect(audit.finalTokens[ExactString(b)] == 2)
+        await store.connection.close()
+        await reader.connection.close()
+    }
+
+    @Test func aRepeatIsAnsweredFromItsRecordNotDecidedAgainFromMemory() async throws {
+        let url = try await TestDatabase.migrated()
+        let store = try await TestDatabase.store(url)
+        let epoch = try await store.takePartition(4, owner: "test")
+        let b = buffer(in: 4)
+        let claim = Request.claim(b, user: "ann", connection: "c1", id: "claim-once")
+        let granted = try await store.apply([claim], partition: 4, epoch: epoch)
+        let release = Request.release(b, connection: "c1", token: 1, id: "release-once")
+        let released = try await store.apply([release], partition: 4, epoch: epoch)
+        #expect(released.fromMemory && released.decided[0].status == .released)
+
+        // Decided from memory, the repeated claim would be granted again (token 2): its record is already
+        // written, so the write aborts and the batch is answered from the records instead.
+        let again = try await store.apply([claim, release], partition: 4, epoch: epoch)
+        #expect(!again.fromMemory)
+        #expect(again.decided == granted.decided + released.decided)
+        #expect(again.replayed == 2 && again.changes.isEmpty)
+        let audit = try await TestDatabase.audit(url)
+        #expect(audit.changes.map(\.kind) == [.granted, .released])
+        #expect(audit.finalTokens[ExactString(b)] == 1)
+        await store.connection.close()
+    }
+
+    @Test func aStaleMemoryLosesItsCompareAndSetAndTheBatchIsDecidedFromARead() async throws {
+        let url = try await TestDatabase.migrated()
+        let store = try await TestDatabase.store(url)
+        // A second writer under the same epoch: what the fence cannot stop (a misconfigured deployment).
+        let rival = try await TestDatabase.store(url)
+        let epoch = try await store.takePartition(6, owner: "test")
+        let b = buffer(in: 6)
+        _ = try await store.apply([.claim(b, user: "ann", connection: "c1")], partition: 6, epoch: epoch)
+        _ = try await store.apply([.claim(b, user: "ann", connection: "c1")], partition: 6, epoch: epoch)
+
+        // Behind the store's back: ann's lease is released and bob is granted token 2.
+        let moved = try await rival.apply([.release(b, connection: "c1", token: 1), .claim(b, user: "bob", connection: "c2")], partition: 6, epoch: epoch)
+        #expect(moved.decided.map(\.status) == [.released, .granted])
+
+        // The store still remembers ann holding token 1: ann's renewal would extend it. The write's
+        // compare-and-set on the remembered version fails, and the read sees bob.
+        let renew = Request(requestID: UUID().uuidString, command: .renew(buffer: b, connection: "c1", token: 1, leaseMilliseconds: 30_000))
+        let result = try await store.apply([renew, .claim(b, user: "cid", connection: "c3")], partition: 6, epoch: epoch)
+        #expect(!result.fromMemory)
+        #expect(result.decided.map(\.status) == [.notOwner, .denied])
+        #expect(result.decided[1].holder == Holder(user: "bob", connection: "c2") && result.decided[1].token == 2)
+        let audit = try await TestDatabase.audit(url)
+        #expect(HistoryChecker.check(audit.changes).doubleGrants == 0)
+        #expect(audit.finalTokens[ExactString(b)] == 2)
+
+        // Reloaded, the memory decides again.
+        let next = try await store.apply([.release(b, connection: "c2", token: 2)], partition: 6, epoch: epoch)
+        #expect(next.decided[0].status == .notOwner || next.decided[0].status == .released)
+        await store.connection.close()
+        await rival.connection.close()
+    }
+
+    @Test func lostFenceForgetsTheMemoryAndANewEpochStartsFromARead() async throws {
+        let url = try await TestDatabase.migrated()
+        let old = try await TestDatabase.store(url)
+        let new = try await TestDatabase.store(url)
+        let oldEpoch = try await old.takePartition(7, owner: "worker-a")
+        let b = buffer(in: 7)
+        _ = try await old.apply([.claim(b, user: "ann", connection: "c1")], partition: 7, epoch: oldEpoch)
+        let newEpoch = try await new.takePartition(7, owner: "worker-b")
+
+        // The old owner's memory would decide this release; the fence in the write refuses it.
+        let error = try await #require(throws: StoreError.self) {
+            try await old.apply([.release(b, connection: "c1", token: 1)], partition: 7, epoch: oldEpoch)
+        }
+        #expect(error.code == .partitionOwnershipLost)
+        let result = try await new.apply([.claim(b, user: "bob", connection: "c2")], partition: 7, epoch: newEpoch)
+        #expect(!result.fromMemory && result.decided[0].status == .denied)
+        #expect(result.decided[0].holder == Holder(user: "ann", connection: "c1"))
+        await old.connection.close()
+        await new.connection.close()
+    }
+
+    @Test func linesAreRememberedAndAWaiterIsGrantedFromMemory() async throws {
+        let url = try await TestDatabase.migrated()
+        let store = try await TestDatabase.store(url)
+        let epoch = try await store.takePartition(9, owner: "test")
+        let b = buffer(in: 9)
+        _ = try await store.apply([.claim(b, user: "ann", connection: "c1")], partition: 9, epoch: epoch)
+        var waiting = Request.claim(b, user: "bob", connection: "c2", id: "bob-waits")
+        waiting.waiting = Waiting(milliseconds: 60_000, replyTo: "amq.gen-bob", correlationID: "bob-1")
+        let joined = try await store.apply([waiting], partition: 9, epoch: epoch)
+        #expect(!joined.fromMemory, "a claim that joins a line is not recorded, so it is decided from a read")
+        #expect(joined.replies == [nil])
+
+        // The release hands the buffer to bob in the same decision, from memory.
+        let released = try await store.apply([.release(b, connection: "c1", token: 1)], partition: 9, epoch: epoch)
+        #expect(released.fromMemory)
+        #expect(released.answers.map(\.reply.status) == [.granted] && released.answers[0].reply.token == 2)
+        // Another request under the waiter's id, on another buffer, before it was answered, would have been
+        // refused; now that it was answered, the id is bob's record.
+        let reuse = try await store.apply([.claim(buffer(in: 9, prefix: "other"), user: "x", connection: "y", id: "bob-waits")], partition: 9, epoch: epoch)
+        #expect(reuse.decided[0].error?.code == .requestIDReused)
+        await store.connection.close()
+    }
+}
