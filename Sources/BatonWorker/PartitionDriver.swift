@@ -80,7 +80,7 @@ final class PartitionDriver: Sendable {
             configuration: Machine.Configuration(
                 partition: partition, batchSize: configuration.batchSize, ackLimit: Int(configuration.prefetch) / 4,
                 sweepInterval: configuration.sweepInterval, tickInterval: max(.seconds(1), configuration.sweepInterval * 3),
-                deciding: store != nil, linger: configuration.linger, wallClock: { Timestamp(milliseconds: Int64(Date().timeIntervalSince1970 * 1000)) },
+                deciding: store != nil, linger: configuration.linger, ackDelay: configuration.ackDelay, wallClock: { Timestamp(milliseconds: Int64(Date().timeIntervalSince1970 * 1000)) },
                 partitions: configuration.partitioner.count
             ),
             logger: logger, now: .now

@@ -29,6 +29,8 @@ struct PartitionStateMachine {
         var deciding = true
         /// How long a batch waits for more deliveries after its first (zero: it starts at once).
         var linger: Duration = .zero
+        /// How long the closing ack may wait for later batches' (``DeferredAck``; zero: at once).
+        var ackDelay: Duration = .zero
         /// The wall clock, for echo replies.
         var wallClock: () -> Timestamp = { Timestamp(milliseconds: 0) }
         /// N, the deployment's partition count (for `describe` and for checking the buffer of `events`).
@@ -162,7 +164,7 @@ struct PartitionStateMachine {
         logger[metadataKey: "baton.partition"] = "\(configuration.partition)"
         self.logger = logger
         nextSweep = now + configuration.sweepInterval
-        acks = DeferredAck(limit: max(1, configuration.ackLimit))
+        acks = DeferredAck(limit: max(1, configuration.ackLimit), delay: configuration.ackDelay)
     }
 
     /// Deliveries waiting for a batch (not yet taken into one).
@@ -184,6 +186,11 @@ struct PartitionStateMachine {
         if configuration.deciding, epoch == nil, !stopping, lastTick.map({ now - $0 >= configuration.tickInterval }) ?? true {
             lastTick = now
             actions.append(.publishTick)
+        }
+        if let settle = acks.due(now: now) {
+            // A deferred ack that waited long enough; it goes the way of every batch's replies and acks,
+            // so it cannot overtake an earlier ack.
+            actions.append(.send(publishes: [], settles: [settle], report: BatchReport()))
         }
         if now >= nextSweep {
             // Advance even while standing by.
@@ -377,7 +384,7 @@ struct PartitionStateMachine {
                 }
                 batch.report.duration = now - batch.started
                 self.batch = nil
-                actions += complete(batch)
+                actions += complete(batch, now: now)
                 continue
             }
             if stopping { return actions + finish(.stopped) }
@@ -419,7 +426,7 @@ struct PartitionStateMachine {
             if configuration.deciding {
                 batch = admit(taken, now: now)
             } else {
-                actions += echo(taken)
+                actions += echo(taken, now: now)
             }
         }
         return actions
@@ -626,7 +633,7 @@ struct PartitionStateMachine {
 
     /// Answers a decided batch: replies (rejections first, so that the closing multiple-ack covers
     /// exactly the accepted deliveries), then its settles, then its events.
-    private mutating func complete(_ batch: Batch) -> [Action] {
+    private mutating func complete(_ batch: Batch, now: ContinuousClock.Instant) -> [Action] {
         var batch = batch
         let partition = configuration.partition
         for (request, (origin, decided)) in zip(batch.requests, zip(batch.origins, batch.replies)) {
@@ -676,14 +683,14 @@ struct PartitionStateMachine {
             }
             batch.lastAck = max(batch.lastAck ?? 0, tag)
         }
-        if let settle = acks.settle(batch.lastAck, count: batch.report.messages, moreWaiting: !pending.isEmpty) { batch.settles.append(settle) }
+        if let settle = acks.settle(batch.lastAck, count: batch.report.messages, moreWaiting: !pending.isEmpty, now: now) { batch.settles.append(settle) }
         var actions: [Action] = [.send(publishes: batch.publishes, settles: batch.settles, report: batch.report)]
         if !batch.changes.isEmpty { actions.append(.publishEvents(batch.changes)) }
         return actions
     }
 
     /// The benchmark's broker ceiling: the same admission, reply and ack path, with no database.
-    private mutating func echo(_ messages: [AMQPMessage]) -> [Action] {
+    private mutating func echo(_ messages: [AMQPMessage], now instant: ContinuousClock.Instant) -> [Action] {
         let partition = configuration.partition
         let now = configuration.wallClock()
         func answer(_ element: Result<Request, ProtocolError>) -> Reply {
@@ -731,7 +738,7 @@ struct PartitionStateMachine {
                 continue
             }
         }
-        let settle = acks.settle(messages.last?.deliveryTag, count: messages.count, moreWaiting: !pending.isEmpty)
+        let settle = acks.settle(messages.last?.deliveryTag, count: messages.count, moreWaiting: !pending.isEmpty, now: instant)
         return [.send(publishes: publishes, settles: settle.map { [$0] } ?? [], report: report)]
     }
 

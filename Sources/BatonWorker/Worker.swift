@@ -28,6 +28,9 @@ public struct WorkerConfiguration: Sendable {
     public var databaseConnections: Int = 4
     /// How long to wait for more requests after the first of a batch.
     public var linger: Duration = .zero
+    /// How long a partition's ack may wait for later batches to share it when nothing else waits (see
+    /// ``DeferredAck``); the ack goes at the first tick after it (ticks come every 50 ms).
+    public var ackDelay: Duration = .milliseconds(20)
     /// Events as one message per commit (`<p>.changes`, the default) or one message per change
     /// (`<p>.<kind>`, for consumers that bind by kind); docs/protocol.md, section 7.
     public var eventsPerCommit = true
@@ -352,24 +355,40 @@ public final class Worker: Service, Sendable {
 
 }
 
-/// The closing ack of a partition's batches, deferred while more deliveries wait: acks are cumulative
-/// (`multiple`), so the next batch's ack covers this one's, and the quorum queue records one settle
-/// command for several batches. At most `limit` deliveries stay unacked this way (a quarter of the
-/// prefetch, so deliveries never stall on it), and the partition acks as soon as it has nothing waiting.
+/// The closing ack of a partition's batches, deferred while more deliveries wait or for up to `delay`:
+/// acks are cumulative (`multiple`), so a later ack covers earlier batches, and the quorum queue records
+/// one settle command for several batches (a settle per message was about a fifth of the broker's CPU
+/// per claim on `hot`, docs/benchmarks.md). Replies leave before their ack, so a deferred ack delays
+/// nobody's answer; a delivery left unacked when the worker dies is redelivered and answered from its
+/// record. At most `limit` deliveries stay unacked this way (a quarter of the prefetch, so deliveries
+/// never stall on it).
 struct DeferredAck {
     let limit: Int
+    /// How long an ack may wait for later batches when nothing else is waiting (zero: it goes at once).
+    let delay: Duration
     private var tag: UInt64?
     private var count = 0
+    /// When the oldest deferred batch was settled.
+    private var since: ContinuousClock.Instant?
 
-    init(limit: Int) {
+    init(limit: Int, delay: Duration = .zero) {
         self.limit = limit
+        self.delay = delay
     }
 
-    /// Records a batch whose accepted deliveries end at `last`; returns the ack to send now, if any.
-    mutating func settle(_ last: UInt64?, count batch: Int, moreWaiting: Bool) -> ChannelAction? {
+    /// Records a batch whose accepted deliveries end at `last` at `now`; returns the ack to send now, if any.
+    mutating func settle(_ last: UInt64?, count batch: Int, moreWaiting: Bool, now: ContinuousClock.Instant) -> ChannelAction? {
         if let last { tag = max(tag ?? 0, last) }
         count += batch
-        guard !moreWaiting || count >= limit else { return nil }
+        if tag != nil, since == nil { since = now }
+        guard count < limit else { return flush() }
+        if moreWaiting { return nil }
+        return due(now: now)
+    }
+
+    /// The deferred ack, if it has waited `delay` at `now`.
+    mutating func due(now: ContinuousClock.Instant) -> ChannelAction? {
+        guard let since, now - since >= delay else { return nil }
         return flush()
     }
 
@@ -378,6 +397,7 @@ struct DeferredAck {
         defer {
             tag = nil
             count = 0
+            since = nil
         }
         return tag.map { .ack(deliveryTag: $0, multiple: true) }
     }

@@ -49,6 +49,9 @@ struct WorkerCommand: AsyncParsableCommand {
     @Option(name: .customLong("linger-us"), help: "How long a partition waits for more requests after the first of a batch, 0-100000 µs (env BATON_LINGER_US; default 0: clients coalesce the calls that wait, and a linger adds its length to every answer at low load).")
     var lingerFlag: Int?
 
+    @Option(name: .customLong("ack-delay-ms"), help: "How long a partition's ack may wait to cover later batches too, 0-1000 ms (env BATON_ACK_DELAY_MS; default 20). Replies never wait for it; one cumulative ack costs the quorum queue one settle command for several messages.")
+    var ackDelayFlag: Int?
+
     @Flag(help: .hidden)
     var echo = false
 
@@ -77,6 +80,7 @@ struct WorkerCommand: AsyncParsableCommand {
         configuration.prefetch = UInt16(try Setting.integer(prefetchFlag, "BATON_PREFETCH", default: 256, range: 1...65_535, name: "prefetch"))
         configuration.echo = echo
         configuration.linger = .microseconds(try Setting.integer(lingerFlag, "BATON_LINGER_US", default: 0, range: 0...100_000, name: "linger"))
+        configuration.ackDelay = .milliseconds(try Setting.integer(ackDelayFlag, "BATON_ACK_DELAY_MS", default: 20, range: 0...1000, name: "ack delay"))
         let events = Setting.text(eventsFlag, "BATON_EVENTS", default: "per-commit")
         guard events == "per-commit" || events == "per-change" else {
             throw ValidationError("events '\(events)' is not allowed: use per-commit or per-change")

@@ -27,11 +27,11 @@ import Testing
         private(set) var ticks = 0
         private(set) var events: [OutboxEntry] = []
 
-        init(deciding: Bool = true, batchSize: Int = 256, ackLimit: Int = 64, linger: Duration = .zero) {
+        init(deciding: Bool = true, batchSize: Int = 256, ackLimit: Int = 64, linger: Duration = .zero, ackDelay: Duration = .zero) {
             machine = Machine(
                 configuration: Machine.Configuration(
                     partition: 3, batchSize: batchSize, ackLimit: ackLimit, sweepInterval: .seconds(1), tickInterval: .seconds(3), deciding: deciding,
-                    linger: linger, wallClock: { Timestamp(milliseconds: 1_000) }, partitions: 4
+                    linger: linger, ackDelay: ackDelay, wallClock: { Timestamp(milliseconds: 1_000) }, partitions: 4
                 ),
                 logger: Logger(label: "test", factory: { _ in SwiftLogNoOpLogHandler() }), now: now
             )
@@ -433,5 +433,25 @@ import Testing
         #expect(!actions.contains { if case .takePartition = $0 { true } else { false } })
         #expect(harness.replies.map(\.status) == [.granted, .granted])
         #expect(harness.unsettled.isEmpty)
+    }
+
+    @Test func aDeferredAckGoesAtTheFirstTickAfterItsDelayAndCoversEveryBatchSinceAfterTheirReplies() {
+        var harness = Harness(ackDelay: .milliseconds(20))
+        harness.deliver([harness.message(Harness.claim("r1"))])
+        var requests = Harness.applied(harness.taken())
+        _ = harness.commit(requests ?? [])
+        #expect(harness.replies.map(\.requestID) == ["r1"], "the reply leaves at once")
+        #expect(harness.unsettled.count == 1, "the ack waits for later batches")
+        harness.now += .milliseconds(5)
+        requests = Harness.applied(harness.deliver([harness.message(Harness.claim("r2", "b"))]))
+        _ = harness.commit(requests ?? [])
+        #expect(harness.replies.map(\.requestID) == ["r1", "r2"])
+        #expect(harness.unsettled.count == 2)
+        harness.tick(after: .milliseconds(10))
+        #expect(harness.unsettled.count == 2, "15 ms after the first batch: not yet")
+        harness.tick(after: .milliseconds(10))
+        #expect(harness.unsettled.isEmpty, "one cumulative ack for both, at the first tick past 20 ms")
+        let acks = harness.actions.filter { if case .send(_, let settles, _) = $0 { !settles.isEmpty } else { false } }
+        #expect(acks.count == 1)
     }
 }
