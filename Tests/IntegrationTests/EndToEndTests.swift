@@ -421,7 +421,15 @@ import Testing
         let json = try #require(try JSONSerialization.jsonObject(with: data) as? [String: Any])
         let hot = try #require((json["workloads"] as? [String: Any])?["hot"] as? [String: Any])
         let systems = try #require(hot["systems"] as? [String: [String: Any]])
-        #expect(Set(systems.keys) == ["baton", "postgres", "naive", "echo"])
+        #expect(Set(systems.keys) == ["baton", "postgres", "postgres-recorded", "naive", "echo"])
+        #expect(systems["postgres-recorded"]?["double_grants"] as? Int == 0)
+        // The whole machine's CPU per claim, by part, and the database's transactions per claim.
+        let cpu = systems["baton"]?["machine_cpu_us_per_op"] as? [String: Double] ?? [:]
+        #expect(["broker", "postgresql", "worker", "load_generator"].allSatisfy { (cpu[$0] ?? 0) > 0 }, "\(cpu)")
+        #expect((cpu["total"] ?? 0) > 0)
+        #expect((systems["postgres"]?["machine_cpu_us_per_op"] as? [String: Double])?["postgresql"] ?? 0 > 0)
+        #expect((systems["baton"]?["database_transactions_per_op"] as? Double ?? 0) > 0)
+        #expect((systems["postgres"]?["database_transactions_per_op"] as? Double ?? 0) >= 1, "one statement per claim, at least")
         #expect(systems["baton"]?["double_grants"] as? Int == 0)
         #expect(systems["baton"]?["errors"] as? Int == 0)
         #expect((systems["baton"]?["claims_per_s"] as? Double ?? 0) > 0)

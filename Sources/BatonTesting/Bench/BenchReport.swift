@@ -20,6 +20,11 @@ struct SystemResult: Sendable {
     var workerMemory: WorkerMemory?
     /// The worker's CPU time per operation, in microseconds (from /proc, over the closed-loop run).
     var workerCPUPerOperation: Double?
+    /// The whole machine's CPU time per operation by part (broker, PostgreSQL, worker, load generator), in
+    /// microseconds, over the closed-loop run (from /proc).
+    var machineCPU: [MachineCPU.Part: Double] = [:]
+    /// PostgreSQL transactions (commits and rollbacks of the run's database) per operation.
+    var databaseTransactionsPerOperation: Double?
     /// Requests per message the clients published (above 1 when calls were coalesced).
     var requestsPerMessage: Double?
     /// Messages the broker took per operation (requests, replies, events; from the management API).
@@ -27,6 +32,8 @@ struct SystemResult: Sendable {
     /// The worker's requests per batch and mean commit time (ms), over its life (closed loop and half peak).
     var meanBatch: Double?
     var meanCommitMilliseconds: Double?
+    /// The share of the worker's store transactions decided from memory, without a read (0-1).
+    var fromMemory: Double?
     /// PostgreSQL connections the worker held during the run.
     var databaseConnections: Int?
     /// The PostgreSQL pool size measured, and the claims/s of each size tried in the sweep.
@@ -47,10 +54,16 @@ struct SystemResult: Sendable {
             text += String(format: "  | worker RSS %.0f→%.0f MiB (max %.0f)", memory.samples.first ?? 0, memory.samples.last ?? 0, max)
         }
         if let cpu = workerCPUPerOperation { text += String(format: "  | worker CPU %.0f µs/op", cpu) }
+        if !machineCPU.isEmpty {
+            let parts = MachineCPU.Part.allCases.compactMap { part in machineCPU[part].map { "\(part.label) " + String(format: "%.0f", $0) } }
+            text += String(format: "  | machine CPU %.0f µs/op (", machineCPU.values.reduce(0, +)) + parts.joined(separator: ", ") + ")"
+        }
+        if let transactions = databaseTransactionsPerOperation { text += String(format: "  | %.2f PostgreSQL transactions/op", transactions) }
         if let ratio = requestsPerMessage { text += String(format: "  | %.2f requests/message", ratio) }
         if let messages = brokerMessagesPerOperation { text += String(format: "  | %.2f broker messages/op", messages) }
         if let batch = meanBatch { text += String(format: "  | batch %.1f", batch) }
         if let commit = meanCommitMilliseconds { text += String(format: " (commit %.1f ms)", commit) }
+        if let fromMemory { text += String(format: ", %.0f %% from memory", fromMemory * 100) }
         if let connections = databaseConnections { text += "  | \(connections) PostgreSQL connections" }
         if let poolSize {
             text += "  | pool \(poolSize)"
@@ -88,10 +101,17 @@ struct SystemResult: Sendable {
             ]
         }
         if let cpu = workerCPUPerOperation { object["worker_cpu_us_per_op"] = round1(cpu) }
+        if !machineCPU.isEmpty {
+            var parts: [String: Any] = ["total": round1(machineCPU.values.reduce(0, +))]
+            for (part, value) in machineCPU { parts[part.rawValue] = round1(value) }
+            object["machine_cpu_us_per_op"] = parts
+        }
+        if let transactions = databaseTransactionsPerOperation { object["database_transactions_per_op"] = round3(transactions) }
         if let ratio = requestsPerMessage { object["requests_per_message"] = round3(ratio) }
         if let messages = brokerMessagesPerOperation { object["broker_messages_per_op"] = round3(messages) }
         if let batch = meanBatch { object["mean_batch"] = round3(batch) }
         if let commit = meanCommitMilliseconds { object["mean_commit_ms"] = round3(commit) }
+        if let fromMemory { object["from_memory"] = round3(fromMemory) }
         if let connections = databaseConnections { object["database_connections"] = connections }
         if let poolSize { object["pool_size"] = poolSize }
         if !poolSweep.isEmpty { object["pool_sweep"] = Dictionary(uniqueKeysWithValues: poolSweep.map { (String($0.key), round1($0.value)) }) }
@@ -151,8 +171,8 @@ public struct BenchReport: Sendable {
         return text
     }
 
-    static let order = ["baton", "postgres", "naive", "echo"]
-    static let colors = ["baton": "#2b6cb0", "postgres": "#2f855a", "naive": "#c53030", "echo": "#805ad5"]
+    static let order = ["baton", "postgres", "postgres-recorded", "naive", "echo"]
+    static let colors = ["baton": "#2b6cb0", "postgres": "#2f855a", "postgres-recorded": "#b7791f", "naive": "#c53030", "echo": "#805ad5"]
 
     static func machine(serverURL: PostgresURL, logger: Logger) async throws -> [String: String] {
         var info: [String: String] = [
@@ -178,6 +198,7 @@ public struct BenchReport: Sendable {
         for (name, result) in workloads {
             var ratios: [String: Any] = [:]
             ratios["baton_vs_postgres"] = result.ratio("baton", "postgres").map { round3($0) as Any } ?? NSNull()
+            ratios["baton_vs_postgres_recorded"] = result.ratio("baton", "postgres-recorded").map { round3($0) as Any } ?? NSNull()
             ratios["baton_vs_echo"] = result.ratio("baton", "echo").map { round3($0) as Any } ?? NSNull()
             ratios["echo_vs_rpc_ceiling_w64"] = echoVersusCeiling(result).map { round3($0) as Any } ?? NSNull()
             workloadsObject[name] = ["systems": result.systems.mapValues { $0.json() }, "ratios": ratios]
@@ -203,17 +224,24 @@ public struct BenchReport: Sendable {
         for name in workloads.keys.sorted() {
             let result = workloads[name]!
             lines.append("\(name)")
-            lines.append("  system       claims/s   p50 ms   p99 ms  p99.9 ms  errors  double grants")
+            lines.append("  system                claims/s   p50 ms   p99 ms  p99.9 ms  errors  double grants  machine CPU µs/op (broker, PostgreSQL, worker, bench)")
             for system in Self.order {
                 guard let value = result.systems[system] else { continue }
                 let m = value.measurement
                 let numbers = String(format: "%11.0f %8.2f %8.2f %9.2f %7d", m.perSecond, m.percentile(0.5), m.percentile(0.99), m.percentile(0.999), m.errors)
-                lines.append("  \(system.padding(toLength: 9, withPad: " ", startingAt: 0))\(numbers)  \(m.doubleGrants.map(String.init) ?? "-")")
+                let grants = (m.doubleGrants.map(String.init) ?? "-").padding(toLength: 13, withPad: " ", startingAt: 0)
+                var cpu = ""
+                if !value.machineCPU.isEmpty {
+                    cpu = String(format: "%.0f (", value.machineCPU.values.reduce(0, +))
+                        + MachineCPU.Part.allCases.map { part in value.machineCPU[part].map { String(format: "%.0f", $0) } ?? "-" }.joined(separator: ", ") + ")"
+                }
+                lines.append("  \(system.padding(toLength: 18, withPad: " ", startingAt: 0))\(numbers)  \(grants)  \(cpu)")
             }
             let ab = result.ratio("baton", "postgres").map { String(format: "%.2fx", $0) } ?? "-"
             let ad = result.ratio("baton", "echo").map { String(format: "%.0f%%", $0 * 100) } ?? "-"
             let ac = echoVersusCeiling(result).map { String(format: "   echo/rpc-ceiling(64 in flight) %.0f%%", $0 * 100) } ?? ""
-            lines.append("  baton/postgres \(ab)   baton/echo \(ad)\(ac)")
+            let recorded = result.ratio("baton", "postgres-recorded").map { String(format: "   baton/postgres-recorded %.2fx", $0) } ?? ""
+            lines.append("  baton/postgres \(ab)\(recorded)   baton/echo \(ad)\(ac)")
             for system in Self.order {
                 guard let value = result.systems[system], let claims = value.measurement.claimsPerOperation else { continue }
                 let messages = value.brokerMessagesPerOperation.map { String(format: "%.1f", $0) } ?? "-"

@@ -32,6 +32,10 @@ public enum Workload: String, CaseIterable, Sendable {
     /// Concurrent clients when none are given.
     public var defaultClients: Int { self == .incident ? 1024 : 64 }
 
+    /// Frontend processes when none are given, each with one `BatonClient` its callers share (a collab
+    /// server runs one per process): the incident's users are on 4 frontends, every other load is one.
+    public var defaultFrontends: Int { self == .incident ? 4 : 1 }
+
     /// Whether every client contends for one buffer, one grant after another.
     public var isLine: Bool { self == .oneBufferWait || self == .oneBufferPoll }
 

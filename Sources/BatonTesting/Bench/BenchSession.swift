@@ -8,7 +8,7 @@ import Logging
 /// What `baton bench` runs: which workloads against which systems, for how long, on what.
 public struct BenchSettings: Sendable {
     /// The systems a bench can measure.
-    public static let systems = ["baton", "postgres", "naive", "echo"]
+    public static let systems = ["baton", "postgres", "postgres-recorded", "naive", "echo"]
     /// Pool sizes direct PostgreSQL is tried at when no pool size is given.
     public static let poolSizes = [8, 16, 32, 64]
 
@@ -22,8 +22,9 @@ public struct BenchSettings: Sendable {
     public var buffers: Int?
     public var partitions = 16
     public var batchSize = 256
-    /// AMQP connections the Baton clients share.
-    public var connections = 4
+    /// Frontends, each one `BatonClient` (one AMQP connection) shared by its callers, as a collab server
+    /// process runs one; nil: each workload's default (``Workload/defaultFrontends``).
+    public var connections: Int?
     /// PostgreSQL connections of the direct and naive systems; nil: direct PostgreSQL at its best size.
     public var poolSize: Int?
     /// The rpc-ceiling tool, run first when given.
@@ -113,7 +114,7 @@ public struct BenchSession: Sendable {
                     partitioner: partitioner, runID: runID
                 )
                 FileHandle.standardError.write(Data("\r\u{1B}[K".utf8))
-                say("  \(system.padding(toLength: 9, withPad: " ", startingAt: 0)) \(results[system]!.summary)")
+                say("  \(system.padding(toLength: 18, withPad: " ", startingAt: 0)) \(results[system]!.summary)")
             }
             report.workloads[workload.rawValue] = WorkloadResult(systems: results)
         }
@@ -128,27 +129,42 @@ public struct BenchSession: Sendable {
         let clients = settings.clients(workload)
         let duration = settings.duration
         switch system {
-        case "postgres", "naive":
+        case "postgres", "postgres-recorded", "naive":
             // Direct PostgreSQL at its own best: unless a pool size is given, a short run at each pool size
             // picks the best one, and that one is measured (so a ratio is never bought with a weak baseline).
             var size = settings.poolSize ?? 16
             var sweep: [Int: Double] = [:]
-            if settings.poolSize == nil, system == "postgres" {
+            if settings.poolSize == nil, system == "postgres" || system == "postgres-recorded" {
                 for candidate in BenchSettings.poolSizes {
-                    sweep[candidate] = try await SQLSystem.with(style: .conditional, url: scratch, poolSize: candidate, logger: logger) { sql in
+                    sweep[candidate] = try await SQLSystem.with(style: system == "postgres" ? .conditional : .recorded, url: scratch, poolSize: candidate, logger: logger) { sql in
                         let runner = BenchRunner(workload: workload, system: sql, clients: clients, buffers: buffers, label: "\(label) pool \(candidate)", runID: runID + "s\(candidate)", pollInterval: settings.pollInterval)
                         return await runner.closedLoop(duration: .seconds(max(2, duration / 3)), tokens: try await runner.prepare()).perSecond
                     }
                 }
                 size = sweep.max { $0.value < $1.value }?.key ?? size
             }
-            let measurement = try await SQLSystem.with(style: system == "postgres" ? .conditional : .naive, url: scratch, poolSize: size, logger: logger) { sql in
+            let style: SQLSystem.Style = switch system {
+            case "postgres": .conditional
+            case "postgres-recorded": .recorded
+            default: .naive
+            }
+            let (measurement, cpu, transactions) = try await SQLSystem.with(style: style, url: scratch, poolSize: size, logger: logger) { sql in
                 let runner = BenchRunner(workload: workload, system: sql, clients: clients, buffers: buffers, label: label, runID: runID, pollInterval: settings.pollInterval)
-                var measurement = await runner.closedLoop(duration: .seconds(duration), tokens: try await runner.prepare())
+                let tokens = try await runner.prepare()
+                let transactionsBefore = try? await Self.transactions(scratch, logger: logger)
+                let cpuBefore = MachineCPU.read(worker: nil)
+                var measurement = await runner.closedLoop(duration: .seconds(duration), tokens: tokens)
+                let cpu = MachineCPU.read(worker: nil).perOperation(since: cpuBefore, operations: measurement.operations)
+                // The statistics of a backend's transactions reach pg_stat_database within a second.
+                try await Task.sleep(for: .milliseconds(1_500))
+                let transactions = try? await Self.transactions(scratch, logger: logger)
                 measurement.doubleGrants = try await sql.doubleGrants()
-                return measurement
+                let perOperation = transactionsBefore.flatMap { before in transactions.map { Double($0 - before) / Double(max(1, measurement.operations)) } }
+                return (measurement, cpu, perOperation)
             }
             var result = SystemResult(measurement: measurement)
+            result.machineCPU = cpu
+            result.databaseTransactionsPerOperation = transactions
             result.poolSize = size
             result.poolSweep = sweep
             return result
@@ -162,7 +178,10 @@ public struct BenchSession: Sendable {
                 var result = try await measureBaton(worker: worker, echo: echo, workload: workload, buffers: buffers, scratch: scratch, clientURL: clientURL, partitioner: partitioner, label: label, runID: runID)
                 if let summary = await worker.stop() {
                     result.meanBatch = summary.meanBatch
-                    if !echo { result.meanCommitMilliseconds = summary.meanCommitMilliseconds }
+                    if !echo {
+                        result.meanCommitMilliseconds = summary.meanCommitMilliseconds
+                        result.fromMemory = summary.fromMemory
+                    }
                 }
                 return result
             } catch {
@@ -179,7 +198,7 @@ public struct BenchSession: Sendable {
         var configuration = BatonClientConfiguration(amqpURL: clientURL, partitioner: partitioner)
         configuration.timeout = .seconds(10)
         configuration.name = "baton bench"
-        let batonClients = (0..<settings.connections).map { _ in BatonClient(configuration: configuration, logger: logger) }
+        let batonClients = (0..<(settings.connections ?? workload.defaultFrontends)).map { _ in BatonClient(configuration: configuration, logger: logger) }
         return try await withClosing(BatonSystem(clients: batonClients, databaseURL: echo ? nil : scratch, logger: logger), close: { await $0.close() }) { baton in
             try await measureBaton(baton, worker: worker, echo: echo, workload: workload, buffers: buffers, scratch: scratch, label: label, runID: runID)
         }
@@ -200,8 +219,11 @@ public struct BenchSession: Sendable {
         let sentBefore = batonClients.reduce(0) { $0 + $1.statistics.messages }
         let callsBefore = batonClients.reduce(0) { $0 + $1.statistics.requests }
         let publishedBefore = try? await namespace.admin.publishedMessages(in: namespace.virtualHost)
+        let transactionsBefore = echo ? nil : try? await Self.transactions(scratch, logger: logger)
+        let machineBefore = MachineCPU.read(worker: worker.process.pid)
         let measurement = await runner.closedLoop(duration: .seconds(duration), tokens: tokens)
         var result = SystemResult(measurement: measurement)
+        result.machineCPU = MachineCPU.read(worker: worker.process.pid).perOperation(since: machineBefore, operations: measurement.operations)
         if let before = cpuBefore, let after = worker.cpuMicroseconds, measurement.operations > 0 {
             result.workerCPUPerOperation = Double(after - before) / Double(measurement.operations)
         }
@@ -214,6 +236,9 @@ public struct BenchSession: Sendable {
         try await Task.sleep(for: .milliseconds(5_500))
         if let before = publishedBefore, let after = try? await namespace.admin.publishedMessages(in: namespace.virtualHost), measurement.operations > 0 {
             result.brokerMessagesPerOperation = Double(after - before) / Double(measurement.operations)
+        }
+        if let before = transactionsBefore, let after = try? await Self.transactions(scratch, logger: logger), measurement.operations > 0 {
+            result.databaseTransactionsPerOperation = Double(after - before) / Double(measurement.operations)
         }
         if settings.halfPeak && measurement.perSecond > 0 && !workload.isLine {
             let rate = measurement.perSecond / 2
@@ -237,6 +262,15 @@ public struct BenchSession: Sendable {
             }
             if let rss = worker.residentMiB { memory.samples.append(rss) }
             return memory
+        }
+    }
+
+    /// Transactions committed and rolled back in the scratch database so far (`pg_stat_database`).
+    private static func transactions(_ url: PostgresURL, logger: Logger) async throws -> Int64 {
+        try await PostgresConnection.withConnection(to: url, logger: logger) { connection in
+            try await connection.withSession { session in
+                try session.query("SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = current_database()").first().flatMap(Int64.init) ?? 0
+            }
         }
     }
 

@@ -3,6 +3,7 @@ import BatonCore
 import BatonPostgres
 import Foundation
 import Logging
+import Synchronization
 
 /// One system under test: the operations a workload needs.
 protocol BenchSystem: Sendable {
@@ -66,13 +67,23 @@ struct BatonSystem: BenchSystem {
     }
 }
 
-/// PostgreSQL without Baton: the usual fix (conditional upsert) or the incident's check-then-act.
+/// PostgreSQL without Baton: the usual fix (conditional upsert), the same with what Baton also writes
+/// per request (an idempotency record with the reply, beside the audit row, in the same transaction), or
+/// the incident's check-then-act.
 struct SQLSystem: BenchSystem {
-    enum Style { case conditional, naive }
+    enum Style { case conditional, recorded, naive }
 
     let style: Style
     let pool: [PostgresConnection]
     let table: String
+    /// Request ids for the idempotency records (``Style/recorded``): a prefix per run and a counter.
+    private let requestIDs = RequestIDs()
+
+    private final class RequestIDs: Sendable {
+        let prefix = String(UInt64.random(in: 0...UInt64.max), radix: 36)
+        let next = Atomic<Int>(0)
+        func make() -> String { "\(prefix)-\(next.add(1, ordering: .relaxed).newValue)" }
+    }
 
     /// Runs `body` with a system of `poolSize` connections, closed afterwards whatever happens.
     static func with<T>(style: Style, url: PostgresURL, poolSize: Int, logger: Logger, _ body: (SQLSystem) async throws -> T) async throws -> T {
@@ -80,7 +91,11 @@ struct SQLSystem: BenchSystem {
     }
 
     private static func make(style: Style, url: PostgresURL, poolSize: Int, logger: Logger) async throws -> SQLSystem {
-        let table = style == .conditional ? "bench_direct" : "bench_naive"
+        let table = switch style {
+        case .conditional: "bench_direct"
+        case .recorded: "bench_recorded"
+        case .naive: "bench_naive"
+        }
         var pool: [PostgresConnection] = []
         do {
         for index in 0..<poolSize {
@@ -91,10 +106,11 @@ struct SQLSystem: BenchSystem {
         try await pool[0].withSession { session in
             try session.execute(script: """
                 SET client_min_messages = warning;
-                DROP TABLE IF EXISTS \(table), \(table)_audit;
+                DROP TABLE IF EXISTS \(table), \(table)_audit, \(table)_requests;
                 CREATE TABLE \(table) (buffer text PRIMARY KEY, owner text, token bigint NOT NULL DEFAULT 0, expires_at timestamptz);
                 CREATE TABLE \(table)_audit (id bigserial PRIMARY KEY, kind text NOT NULL, buffer text NOT NULL, owner text NOT NULL,
                     token bigint NOT NULL, at_ms bigint NOT NULL, expires_ms bigint NOT NULL);
+                CREATE TABLE \(table)_requests (request_id text PRIMARY KEY, reply text NOT NULL, created_at timestamptz NOT NULL DEFAULT clock_timestamp());
                 """)
         }
         } catch {
@@ -163,6 +179,62 @@ struct SQLSystem: BenchSystem {
             """)
     }
 
+    // The usual fix with Baton's per-request record: the conditional upsert, its audit rows, and the
+    // request's idempotency record holding its reply, in one statement (one transaction).
+    private var recordedClaim: PreparedStatement {
+        PreparedStatement(name: "bench_recorded_claim", sql: """
+            WITH old AS (
+                SELECT owner, token, (extract(epoch FROM expires_at) * 1000)::int8 AS expires_ms FROM \(table) WHERE buffer = $1
+            ),
+            g AS (
+                INSERT INTO \(table) AS b (buffer, owner, token, expires_at)
+                VALUES ($1, $2, 1, clock_timestamp() + \(leaseMS) * interval '1 millisecond')
+                ON CONFLICT (buffer) DO UPDATE SET owner = EXCLUDED.owner, token = b.token + 1, expires_at = EXCLUDED.expires_at
+                    WHERE b.owner IS NULL OR b.expires_at <= clock_timestamp()
+                RETURNING token, (extract(epoch FROM expires_at) * 1000)::int8 AS expires_ms
+            ),
+            closed AS (
+                INSERT INTO \(table)_audit (kind, buffer, owner, token, at_ms, expires_ms)
+                SELECT 'expired', $1, old.owner, old.token, \(now), old.expires_ms FROM old, g
+                WHERE old.owner IS NOT NULL AND g.token = old.token + 1 AND old.expires_ms <= \(now)
+            ),
+            recorded AS (
+                INSERT INTO \(table)_requests (request_id, reply)
+                SELECT $3, coalesce((SELECT '{"status":"granted","token":' || token || ',"expires_ms":' || expires_ms || '}' FROM g),
+                                    (SELECT '{"status":"denied","holder":' || to_json(owner) || ',"token":' || token || '}' FROM old), '{"status":"denied"}')
+            )
+            INSERT INTO \(table)_audit (kind, buffer, owner, token, at_ms, expires_ms)
+            SELECT 'granted', $1, $2, token, \(now), expires_ms FROM g RETURNING token
+            """)
+    }
+
+    private var recordedRelease: PreparedStatement {
+        PreparedStatement(name: "bench_recorded_release", sql: """
+            WITH r AS (
+                UPDATE \(table) SET owner = NULL, expires_at = NULL WHERE buffer = $1 AND owner = $2 AND token = $3 RETURNING token
+            ),
+            recorded AS (
+                INSERT INTO \(table)_requests (request_id, reply)
+                SELECT $4, CASE WHEN EXISTS (SELECT 1 FROM r) THEN '{"status":"released"}' ELSE '{"status":"not_owner"}' END
+            )
+            INSERT INTO \(table)_audit (kind, buffer, owner, token, at_ms, expires_ms) SELECT 'released', $1, $2, token, \(now), \(now) FROM r
+            """)
+    }
+
+    private var recordedRenew: PreparedStatement {
+        PreparedStatement(name: "bench_recorded_renew", sql: """
+            WITH r AS (
+                UPDATE \(table) SET expires_at = clock_timestamp() + \(leaseMS) * interval '1 millisecond'
+                WHERE buffer = $1 AND owner = $2 AND token = $3 AND expires_at > clock_timestamp() RETURNING 1
+            ),
+            recorded AS (
+                INSERT INTO \(table)_requests (request_id, reply)
+                SELECT $4, CASE WHEN EXISTS (SELECT 1 FROM r) THEN '{"status":"renewed"}' ELSE '{"status":"not_owner"}' END
+            )
+            SELECT count(*) FROM r
+            """)
+    }
+
     func connection(_ client: Int) -> PostgresConnection { pool[client % pool.count] }
 
     func claim(client: Int, buffer: String) async throws -> Int64? {
@@ -172,6 +244,12 @@ struct SQLSystem: BenchSystem {
             let statement = conditionalClaim
             return try await connection(client).withSession { session in
                 try session.query(statement, [buffer, owner]).first().flatMap(Int64.init)
+            }
+        case .recorded:
+            let statement = recordedClaim
+            let id = requestIDs.make()
+            return try await connection(client).withSession { session in
+                try session.query(statement, [buffer, owner, id]).first().flatMap(Int64.init)
             }
         case .naive:
             let (check, act) = (naiveCheck, naiveAct)
@@ -190,11 +268,19 @@ struct SQLSystem: BenchSystem {
     }
 
     func release(client: Int, buffer: String, token: Int64) async throws {
-        let statement = releaseStatement
-        _ = try await connection(client).withSession { session in try session.query(statement, [buffer, "bench-\(client)", String(token)]) }
+        let (statement, parameters) = style == .recorded
+            ? (recordedRelease, [buffer, "bench-\(client)", String(token), requestIDs.make()])
+            : (releaseStatement, [buffer, "bench-\(client)", String(token)])
+        _ = try await connection(client).withSession { session in try session.query(statement, parameters) }
     }
 
     func renew(client: Int, buffer: String, token: Int64) async throws -> Bool {
+        if style == .recorded {
+            let (statement, id) = (recordedRenew, requestIDs.make())
+            return try await connection(client).withSession { session in
+                try session.query(statement, [buffer, "bench-\(client)", String(token), id]).first() == "1"
+            }
+        }
         let statement = renewStatement
         return try await connection(client).withSession { session in
             try session.query(statement, [buffer, "bench-\(client)", String(token)]).affectedRows == 1

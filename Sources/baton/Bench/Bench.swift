@@ -19,7 +19,7 @@ struct Bench: AsyncParsableCommand {
     @Option(name: .customLong("workload"), help: "open-storm, hot, renew-heavy, incident, one-buffer-wait or one-buffer-poll; repeat for several (default: all).")
     var workloadNames: [String] = []
 
-    @Option(name: .customLong("system"), help: "baton, postgres, naive or echo; repeat for several (default: all).")
+    @Option(name: .customLong("system"), help: "baton, postgres, postgres-recorded (direct PostgreSQL with an idempotency record per request, as Baton writes), naive or echo; repeat for several (default: all).")
     var systemNames: [String] = []
 
     @Option(help: "Seconds each system runs each workload, 1-3600.")
@@ -37,8 +37,8 @@ struct Bench: AsyncParsableCommand {
     @Option(name: .customLong("batch-size"), help: "The worker's batch size, 1-10000.")
     var batchSize = 256
 
-    @Option(help: "AMQP connections the Baton clients share, 1-64.")
-    var connections = 4
+    @Option(help: "Frontends: Baton clients (one AMQP connection each) that the load's callers share, as a collab server process runs one, 1-64 (default: 1; incident 4).")
+    var connections: Int?
 
     @Option(name: .customLong("pool-size"), help: "PostgreSQL connections of the direct and naive systems, 1-256 (default: direct PostgreSQL runs at the best of 8, 16, 32 and 64, found by a short run of each; naive at 16).")
     var poolSizeFlag: Int?
@@ -69,7 +69,7 @@ struct Bench: AsyncParsableCommand {
         if let clients = clientsFlag, !(1...4096).contains(clients) { throw ValidationError("--clients \(clients) is not allowed: use 1 to 4096") }
         guard (1...1024).contains(partitions) else { throw ValidationError("--partitions \(partitions) is not allowed: use 1 to 1024") }
         guard (1...10_000).contains(batchSize) else { throw ValidationError("--batch-size \(batchSize) is not allowed: use 1 to 10000") }
-        guard (1...64).contains(connections) else { throw ValidationError("--connections \(connections) is not allowed: use 1 to 64") }
+        if let connections, !(1...64).contains(connections) { throw ValidationError("--connections \(connections) is not allowed: use 1 to 64") }
         if let poolSize = poolSizeFlag, !(1...256).contains(poolSize) { throw ValidationError("--pool-size \(poolSize) is not allowed: use 1 to 256") }
         guard (1...10_000).contains(pollInterval) else { throw ValidationError("--poll-interval \(pollInterval) is not allowed: use 1 to 10000 milliseconds") }
         if let buffers, buffers < 1 { throw ValidationError("--buffers \(buffers) is not allowed: use 1 or more") }
