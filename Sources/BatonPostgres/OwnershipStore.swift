@@ -83,6 +83,19 @@ public final class OwnershipStore: Sendable {
     private let waiting = Mutex(WaitingBatches())
     /// What the store remembers of each partition it writes, by partition (docs/store.md, "Partition memory").
     private let memory = Mutex<[Int: PartitionMemory]>([:])
+    /// The names of each partition's stored buffers, by partition, loaded once per epoch and kept when the
+    /// memory is forgotten (a failed write inserted nothing; one whose outcome is unknown may have, and the
+    /// insert's compare-and-set catches a name missing here).
+    private let names = Mutex<[Int: KnownNames]>([:])
+    /// The most buffer names loaded into a partition's filter; a partition with more decides buffers it
+    /// does not remember from a read.
+    public static let maxFilterNames = 1_000_000
+
+    private struct KnownNames {
+        let epoch: Int64
+        /// Nil when the partition has more names than ``OwnershipStore/maxFilterNames``.
+        var filter: BufferFilter?
+    }
     /// The most buffers without a line remembered per partition (buffers with a line are always remembered).
     public let memoryLimit: Int
     /// The default of ``memoryLimit``.
@@ -123,6 +136,7 @@ public final class OwnershipStore: Sendable {
         let count = partitioner.count
         // A new epoch: what was remembered under the old one is never used again.
         forget([partition])
+        names.withLock { $0[partition] = nil }
         return try await connection.withSession { session in
             let rows = try session.query(SQL.takePartition, [String(partition), owner])
             guard let epoch = rows.first().flatMap(Int64.init) else {
@@ -280,21 +294,24 @@ public final class OwnershipStore: Sendable {
         let partitioner = self.partitioner
         var plans: [BatchPlan?] = group.map { memoryPlan($0, at: .now) }
         var statements: [(PreparedStatement, [String?])] = []
-        var reading: [(index: Int, loads: Bool)] = []
+        var reading: [(index: Int, loads: Bool, loadsNames: Bool)] = []
         for index in group.indices where plans[index] == nil {
             let batch = group[index]
             let loads = !remembers(batch.partition, epoch: batch.epoch)
+            let loadsNames = loads && !knowsNames(batch.partition, epoch: batch.epoch)
             if loads { statements.append((SQL.loadLines, [String(batch.partition)])) }
+            if loadsNames { statements.append((SQL.loadNames, [String(batch.partition), String(Self.maxFilterNames + 1)])) }
             statements.append(Self.readStatement(batch.requests, partition: batch.partition))
-            reading.append((index, loads))
+            reading.append((index, loads, loadsNames))
         }
         if !statements.isEmpty {
             let reads = try session.pipeline(statements)
             let readAt = ContinuousClock.now
             var next = reads.makeIterator()
-            for (index, loads) in reading {
+            for (index, loads, loadsNames) in reading {
                 let batch = group[index]
                 if loads, let lines = next.next() { try load(lines.get(), partition: batch.partition, epoch: batch.epoch, at: readAt) }
+                if loadsNames, let stored = next.next() { try loadNames(stored.get(), partition: batch.partition, epoch: batch.epoch) }
                 guard let read = next.next() else { throw PostgresError(code: .unexpectedResult, message: "a read pipeline returned fewer results than it had statements") }
                 let plan = try BatchPlan(read: read.get(), requests: batch.requests, partition: batch.partition, epoch: batch.epoch, partitioner: partitioner)
                 noteRead(plan, partition: batch.partition, epoch: batch.epoch, at: readAt)
@@ -329,6 +346,23 @@ public final class OwnershipStore: Sendable {
     /// Whether the store remembers `partition` as owner of `epoch` (its lines are loaded).
     private func remembers(_ partition: Int, epoch: Int64) -> Bool {
         memory.withLock { $0[partition]?.epoch == epoch }
+    }
+
+    /// Whether the store has the names of `partition`'s buffers for `epoch`.
+    private func knowsNames(_ partition: Int, epoch: Int64) -> Bool {
+        names.withLock { $0[partition]?.epoch == epoch }
+    }
+
+    /// Loads a partition's buffer names (``SQL/loadNames``) into a filter, or notes that it has too many.
+    private func loadNames(_ rows: PostgresRows, partition: Int, epoch: Int64) throws {
+        let stored = try rows.decode(from: "the buffer names of partition \(partition)") { ExactString(try $0.decode(0, "buffer")) }
+        var filter: BufferFilter?
+        if stored.count <= Self.maxFilterNames {
+            var names = BufferFilter(expected: stored.count * 2)
+            for name in stored { names.insert(name) }
+            filter = names
+        }
+        names.withLock { $0[partition] = KnownNames(epoch: epoch, filter: filter) }
     }
 
     /// Forgets what the store remembers of `partitions`: their next batch loads their lines and reads.
@@ -381,6 +415,14 @@ public final class OwnershipStore: Sendable {
             memories[partition]?.decided(at: plan.now)
             if let clock { memories[partition]?.read(clock: clock, at: local) }
         }
+        let stored = plan.remembered?.filter { $0.value.version > 0 }.map(\.key) ?? []
+        guard !stored.isEmpty else { return }
+        names.withLock { known in
+            guard known[partition]?.epoch == epoch, known[partition]?.filter != nil else { return }
+            for name in stored where !known[partition]!.filter!.mightContain(name) { known[partition]!.filter!.insert(name) }
+            // Past a tenth of its bits, the filter's false positives grow: load a larger one.
+            if known[partition]!.filter!.isFull { known[partition] = nil }
+        }
     }
 
     /// The batch decided from what the store remembers of its partition, without a read; nil when the
@@ -390,6 +432,7 @@ public final class OwnershipStore: Sendable {
     /// or a conflicting write shows).
     private func memoryPlan(_ batch: WaitingBatch, at local: ContinuousClock.Instant) -> BatchPlan? {
         let partitioner = self.partitioner
+        let filter = names.withLock { known in known[batch.partition].flatMap { $0.epoch == batch.epoch ? $0.filter : nil } }
         return memory.withLock { memories -> BatchPlan? in
             guard let memory = memories[batch.partition], memory.epoch == batch.epoch, let now = memory.now(at: local) else { return nil }
             var initial: [ExactString: BufferState] = [:]
@@ -397,9 +440,16 @@ public final class OwnershipStore: Sendable {
             for request in batch.requests {
                 guard let name = request.buffer else { return nil }
                 let buffer = ExactString(name)
-                guard let remembered = memory[buffer] else { return nil }
-                initial[buffer] = remembered.state
-                versions[buffer] = remembered.version
+                if let remembered = memory[buffer] {
+                    initial[buffer] = remembered.state
+                    versions[buffer] = remembered.version
+                } else if let filter, !filter.mightContain(buffer) {
+                    // Never stored: a buffer nobody ever claimed, inserted only if still absent.
+                    initial[buffer] = .fresh
+                    versions[buffer] = 0
+                } else {
+                    return nil
+                }
             }
             let plan = BatchPlan(
                 requests: batch.requests, partition: batch.partition, epoch: batch.epoch, now: now, initial: initial, versions: versions,
@@ -846,6 +896,11 @@ enum SQL {
         SELECT 'w', buffer, request_id, holder_user, holder_connection, principal, lease_ms::text,
                ((extract(epoch FROM wait_until) * 1000)::int8)::text, reply_to, correlation_id, fingerprint, position::text
         FROM baton_waiters WHERE partition = $1
+        """)
+
+    // Every buffer name of a partition (an index-only scan of the primary key), for its filter; $2 caps it.
+    static let loadNames = PreparedStatement(name: "baton_load_names", sql: """
+        SELECT buffer FROM baton_buffers WHERE partition = $1 LIMIT $2
         """)
 
     // Uses baton_buffers_expiry.

@@ -105,3 +105,68 @@ struct PartitionMemory: Sendable {
         order = kept
     }
 }
+
+/// The names of every buffer of a partition that has a row, as a Bloom filter: a name it does not
+/// contain was never stored, so a batch about it can be decided from memory (as a buffer never claimed,
+/// inserted only if still absent) without a read. A name it may contain is read. It never forgets (a
+/// buffer's row is never deleted); when it fills past a tenth of its bits it reports itself full, and
+/// the store loads a larger one.
+///
+/// Names are hashed with FNV-1a 64 (the partitioner's hash) through a 64-bit finalizer: the names of one
+/// partition share their FNV residue modulo N, so the raw hash would fill only a fraction of the bits.
+struct BufferFilter: Sendable {
+    private var bits: [UInt64]
+    private let mask: UInt64
+    private static let hashes = 6
+    /// Names inserted (as loaded, then as written).
+    private(set) var count = 0
+
+    /// A filter for about `expected` names (at least 2^20 bits; 16 bits per name expected).
+    init(expected: Int) {
+        var size: UInt64 = 1 << 20
+        while size < UInt64(max(1, expected)) * 16 { size <<= 1 }
+        bits = Array(repeating: 0, count: Int(size / 64))
+        mask = size - 1
+    }
+
+    /// Whether more names went in than the filter keeps a low false-positive rate for (a tenth of its bits).
+    var isFull: Bool { UInt64(count) * 10 > mask + 1 }
+
+    /// Adds `name`.
+    mutating func insert(_ name: ExactString) {
+        var (h1, h2) = Self.hash(name)
+        for _ in 0..<Self.hashes {
+            let bit = h1 & mask
+            bits[Int(bit >> 6)] |= 1 << (bit & 63)
+            h1 &+= h2
+        }
+        count += 1
+    }
+
+    /// False when `name` was certainly never inserted.
+    func mightContain(_ name: ExactString) -> Bool {
+        var (h1, h2) = Self.hash(name)
+        for _ in 0..<Self.hashes {
+            let bit = h1 & mask
+            if bits[Int(bit >> 6)] & (1 << (bit & 63)) == 0 { return false }
+            h1 &+= h2
+        }
+        return true
+    }
+
+    private static func hash(_ name: ExactString) -> (UInt64, UInt64) {
+        let base = Partitioner.fnv1a64(name.string)
+        return (mix(base), mix(base ^ 0x9E37_79B9_7F4A_7C15) | 1)
+    }
+
+    /// MurmurHash3's 64-bit finalizer.
+    private static func mix(_ value: UInt64) -> UInt64 {
+        var x = value
+        x ^= x >> 33
+        x &*= 0xFF51_AFD7_ED55_8CCD
+        x ^= x >> 33
+        x &*= 0xC4CE_B9FE_1A85_EC53
+        x ^= x >> 33
+        return x
+    }
+}

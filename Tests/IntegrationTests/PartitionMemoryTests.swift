@@ -135,3 +135,33 @@ import Testing
         await store.connection.close()
     }
 }
+
+extension PartitionMemoryTests {
+    @Test func aNeverStoredBufferIsDecidedFromMemoryAndOneStoredBehindTheFiltersBackIsRead() async throws {
+        let url = try await TestDatabase.migrated()
+        let store = try await TestDatabase.store(url)
+        let rival = try await TestDatabase.store(url)
+        let epoch = try await store.takePartition(11, owner: "test")
+        // Loads the partition's lines and names (none yet).
+        _ = try await store.apply([.claim(buffer(in: 11, prefix: "warm"), user: "ann", connection: "c1")], partition: 11, epoch: epoch)
+
+        let fresh = buffer(in: 11, prefix: "fresh")
+        let first = try await store.apply([.claim(fresh, user: "ann", connection: "c1")], partition: 11, epoch: epoch)
+        #expect(first.fromMemory, "a name the filter never saw was never stored: no read")
+        #expect(first.decided[0].status == .granted && first.decided[0].token == 1)
+
+        // Behind the store's back (a second writer under the same epoch), a buffer the filter does not know
+        // is stored and granted. The store decides it as never claimed; the insert finds the row, the write
+        // aborts, and the read answers.
+        let hidden = buffer(in: 11, prefix: "hidden")
+        _ = try await rival.apply([.claim(hidden, user: "bob", connection: "c2")], partition: 11, epoch: epoch)
+        let result = try await store.apply([.claim(hidden, user: "cid", connection: "c3")], partition: 11, epoch: epoch)
+        #expect(!result.fromMemory)
+        #expect(result.decided[0].status == .denied && result.decided[0].holder == Holder(user: "bob", connection: "c2"))
+        let audit = try await TestDatabase.audit(url)
+        #expect(HistoryChecker.check(audit.changes).doubleGrants == 0)
+        #expect(audit.finalTokens[ExactString(hidden)] == 1)
+        await store.connection.close()
+        await rival.connection.close()
+    }
+}

@@ -1,0 +1,62 @@
+import BatonCore
+@testable import BatonPostgres
+import Testing
+
+/// The store's partition memory and its filter of stored names, without a database.
+@Suite struct PartitionMemoryUnitTests {
+    /// Names that all hash to partition 5 of 16, as one partition's names do.
+    static let names: [ExactString] = {
+        let partitioner = try! Partitioner(count: 16)
+        return (0..<400_000).map { "project/\($0)/file.swift" }.filter { partitioner.partition(of: $0) == 5 }.map { ExactString($0) }
+    }()
+
+    @Test func theFilterNeverForgetsANameAndRarelyClaimsOneItWasNotGiven() {
+        let names = Self.names
+        let half = names.count / 2
+        var filter = BufferFilter(expected: half)
+        for name in names[..<half] { filter.insert(name) }
+        #expect(names[..<half].allSatisfy(filter.mightContain), "no false negatives")
+        let falsePositives = names[half...].filter(filter.mightContain).count
+        // One partition's names share their FNV residue modulo 16: unmixed, they would fill a sixteenth of the bits.
+        #expect(Double(falsePositives) / Double(names.count - half) < 0.01, "\(falsePositives) false positives of \(names.count - half)")
+        #expect(!filter.isFull)
+    }
+
+    @Test func theFilterReportsItselfFullPastATenthOfItsBits() {
+        var filter = BufferFilter(expected: 1)
+        var inserted = 0
+        while !filter.isFull {
+            filter.insert(ExactString("n\(inserted)"))
+            inserted += 1
+        }
+        #expect(inserted == (1 << 20) / 10 + 1, "2^20 bits at least; full past a tenth")
+    }
+
+    @Test func theClockIsNeverAheadOfTheDatabaseNorBeforeADecisionAndGoesStale() {
+        var memory = PartitionMemory(epoch: 1, lines: [:], limit: 10)
+        let local = ContinuousClock.now
+        #expect(memory.now(at: local) == nil, "no reading yet")
+        memory.read(clock: Timestamp(milliseconds: 10_000), at: local)
+        #expect(memory.now(at: local + .milliseconds(250)) == Timestamp(milliseconds: 10_249), "the reading plus the time elapsed, less 1 ms")
+        memory.decided(at: Timestamp(milliseconds: 10_400))
+        #expect(memory.now(at: local + .milliseconds(250)) == Timestamp(milliseconds: 10_400), "never before a decision made already")
+        #expect(memory.now(at: local + .seconds(1)) == nil, "a reading a second old is not used")
+        #expect(memory.now(at: local - .milliseconds(1)) == nil)
+    }
+
+    @Test func evictionKeepsEveryBufferWithALineAndForgetsTheOldestOthers() {
+        var memory = PartitionMemory(epoch: 1, lines: [:], limit: 4)
+        let waiter = Waiter(
+            requestID: "w", holder: Holder(user: "u", connection: "c"), principal: nil, leaseMilliseconds: 1000,
+            waitUntil: Timestamp(milliseconds: 1), replyTo: nil, correlationID: nil, fingerprint: "f"
+        )
+        var lined = BufferState(holder: Holder(user: "h", connection: "hc"), token: 1, expiresAt: Timestamp(milliseconds: 5))
+        lined.line = [waiter]
+        memory.remember([ExactString("lined"): RememberedBuffer(state: lined, version: 1)])
+        for index in 0..<5 { memory.remember([ExactString("b\(index)"): RememberedBuffer(state: .fresh, version: 0)]) }
+        #expect(memory[ExactString("lined")] != nil, "a buffer with a line is never evicted")
+        #expect(memory.lined == [ExactString("lined")])
+        #expect(memory.waiting == [ExactString("w"): ExactString("lined")])
+        #expect(memory[ExactString("b0")] == nil && memory[ExactString("b4")] != nil, "the oldest went first")
+    }
+}
