@@ -106,7 +106,7 @@ public struct BenchSession: Sendable {
             var results: [String: SystemResult] = [:]
             for system in systems {
                 guard workload.runs(on: system) else {
-                    say("  \(system.padding(toLength: 9, withPad: " ", startingAt: 0)) not run: \(workload == .oneBufferWait ? "only Baton has a line to wait in" : "no lock to poll")")
+                    say("  \(system.padding(toLength: 18, withPad: " ", startingAt: 0)) not run: \(workload == .oneBufferWait ? "only Baton has a line to wait in" : "no lock to poll")")
                     continue
                 }
                 results[system] = try await measure(
