@@ -281,6 +281,7 @@ public final class OwnershipStore: Sendable {
         forget([batch.partition])
         let (read, parameters) = Self.readStatement(batch.requests, partition: batch.partition)
         let plan = try BatchPlan(read: session.query(read, parameters), requests: batch.requests, partition: batch.partition, epoch: batch.epoch, partitioner: partitioner)
+        noteInserted(plan.write, epoch: batch.epoch)
         return plan.result(outboxIDs: try plan.write(session), attempt: attempt)
     }
 
@@ -298,7 +299,7 @@ public final class OwnershipStore: Sendable {
         for index in group.indices where plans[index] == nil {
             let batch = group[index]
             let loads = !remembers(batch.partition, epoch: batch.epoch)
-            let loadsNames = loads && !knowsNames(batch.partition, epoch: batch.epoch)
+            let loadsNames = !knowsNames(batch.partition, epoch: batch.epoch)
             if loads { statements.append((SQL.loadLines, [String(batch.partition)])) }
             if loadsNames { statements.append((SQL.loadNames, [String(batch.partition), String(Self.maxFilterNames + 1)])) }
             statements.append(Self.readStatement(batch.requests, partition: batch.partition))
@@ -320,6 +321,7 @@ public final class OwnershipStore: Sendable {
         }
         let decided = plans.map { $0! }
         let writing = decided.indices.filter { !decided[$0].write.isEmpty }
+        for index in writing { noteInserted(decided[index].write, epoch: group[index].epoch) }
         let writes = try session.pipeline(writing.map { (decided[$0].write.statement, decided[$0].write.parameters) })
         let writtenAt = ContinuousClock.now
         var rows: [Int: PostgresRow] = [:]
@@ -415,13 +417,20 @@ public final class OwnershipStore: Sendable {
             memories[partition]?.decided(at: plan.now)
             if let clock { memories[partition]?.read(clock: clock, at: local) }
         }
-        let stored = plan.remembered?.filter { $0.value.version > 0 }.map(\.key) ?? []
-        guard !stored.isEmpty else { return }
+    }
+
+    /// Adds the names `write` inserts to its partition's filter, before it is sent: whether it commits,
+    /// fails or ends with its outcome unknown, the filter never lacks a stored name through it (a name
+    /// that was not stored after all only costs a read).
+    private func noteInserted(_ write: BatchWrite, epoch: Int64) {
+        let inserted = write.buffers.filter { $0.expectedVersion == 0 }.map(\.buffer)
+        guard !inserted.isEmpty else { return }
         names.withLock { known in
-            guard known[partition]?.epoch == epoch, known[partition]?.filter != nil else { return }
-            for name in stored where !known[partition]!.filter!.mightContain(name) { known[partition]!.filter!.insert(name) }
+            guard known[write.partition]?.epoch == epoch, var filter = known[write.partition]?.filter else { return }
+            known[write.partition]?.filter = nil  // uniquely referenced while it is changed
+            for name in inserted where !filter.mightContain(name) { filter.insert(name) }
             // Past a tenth of its bits, the filter's false positives grow: load a larger one.
-            if known[partition]!.filter!.isFull { known[partition] = nil }
+            known[write.partition] = filter.isFull ? nil : KnownNames(epoch: epoch, filter: filter)
         }
     }
 
@@ -437,6 +446,7 @@ public final class OwnershipStore: Sendable {
             guard let memory = memories[batch.partition], memory.epoch == batch.epoch, let now = memory.now(at: local) else { return nil }
             var initial: [ExactString: BufferState] = [:]
             var versions: [ExactString: Int64] = [:]
+            var unstored: Set<ExactString> = []
             for request in batch.requests {
                 guard let name = request.buffer else { return nil }
                 let buffer = ExactString(name)
@@ -444,9 +454,10 @@ public final class OwnershipStore: Sendable {
                     initial[buffer] = remembered.state
                     versions[buffer] = remembered.version
                 } else if let filter, !filter.mightContain(buffer) {
-                    // Never stored: a buffer nobody ever claimed, inserted only if still absent.
+                    // Never stored, as far as the filter knows: a buffer nobody ever claimed.
                     initial[buffer] = .fresh
                     versions[buffer] = 0
+                    unstored.insert(buffer)
                 } else {
                     return nil
                 }
@@ -456,6 +467,13 @@ public final class OwnershipStore: Sendable {
                 recorded: [:], waiting: memory.lined.isEmpty ? [:] : memory.waiting, partitioner: partitioner, fromMemory: true
             )
             guard plan.decision.unrecorded == 0 else { return nil }
+            // What the filter says is only trusted where the write checks it: every buffer taken as never
+            // stored must be inserted by this write (only if still absent, or the write aborts). A decision
+            // that writes no such buffer (an inspect, a renewal or a release of an unknown name) is read.
+            if !unstored.isEmpty {
+                let inserted = Set(plan.write.buffers.filter { $0.expectedVersion == 0 }.map(\.buffer))
+                guard unstored.isSubset(of: inserted) else { return nil }
+            }
             memories[batch.partition]?.decided(at: now)
             return plan
         }

@@ -26,17 +26,19 @@ struct PartitionMemory: Sendable {
     private var clock: (database: Timestamp, local: ContinuousClock.Instant)?
     /// The latest database time a decision of the partition was made at: none is made earlier.
     private(set) var decided = Timestamp(milliseconds: 0)
-    /// The most buffers without a line kept; beyond it, the oldest half goes (see ``evict()``).
+    /// The most buffers without a line kept; beyond it, half of them go, first remembered first (see
+    /// ``evict()``).
     let limit: Int
-    /// Buffers in the order they were last remembered (for eviction), with their generation.
+    /// Buffers in the order they were first remembered (for eviction: first in, first out).
     private var order: [ExactString] = []
 
     /// How long a clock reading is trusted. A decision made from memory takes its time from the last
-    /// reading plus the local time elapsed since, less ``clockMargin``; the two clocks may drift apart
-    /// only so much in this window (500 ppm, the most NTP slews, is 0.5 ms per second).
+    /// reading plus the local time elapsed since, less ``clockMarginMilliseconds``; the two clocks may
+    /// drift apart only so much in this window (NTP slews each by at most 500 ppm: 1 ms per second if the
+    /// database's and the worker's are slewed in opposite directions).
     static let clockFreshness: Duration = .seconds(1)
     /// Taken off the estimated database time, so that a decision is never made ahead of the database.
-    static let clockMarginMilliseconds: Int64 = 1
+    static let clockMarginMilliseconds: Int64 = 2
 
     /// A memory of `lines` (every line of the partition: loaded right after taking it) at `epoch`.
     init(epoch: Int64, lines: [ExactString: RememberedBuffer], limit: Int) {
@@ -88,7 +90,8 @@ struct PartitionMemory: Sendable {
         if remembered.state.line.isEmpty { lined.remove(buffer) } else { lined.insert(buffer) }
     }
 
-    /// Forgets the oldest half of the buffers without a line (they are read again when next asked about).
+    /// Forgets half of the buffers without a line, those remembered first (a buffer still in use is read
+    /// again when next asked about, and remembered anew).
     private mutating func evict() {
         var kept: [ExactString] = []
         var dropping = (buffers.count - lined.count) - limit / 2

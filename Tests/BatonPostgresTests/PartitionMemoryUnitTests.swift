@@ -37,7 +37,7 @@ import Testing
         let local = ContinuousClock.now
         #expect(memory.now(at: local) == nil, "no reading yet")
         memory.read(clock: Timestamp(milliseconds: 10_000), at: local)
-        #expect(memory.now(at: local + .milliseconds(250)) == Timestamp(milliseconds: 10_249), "the reading plus the time elapsed, less 1 ms")
+        #expect(memory.now(at: local + .milliseconds(250)) == Timestamp(milliseconds: 10_248), "the reading plus the time elapsed, less 2 ms")
         memory.decided(at: Timestamp(milliseconds: 10_400))
         #expect(memory.now(at: local + .milliseconds(250)) == Timestamp(milliseconds: 10_400), "never before a decision made already")
         #expect(memory.now(at: local + .seconds(1)) == nil, "a reading a second old is not used")

@@ -161,6 +161,19 @@ extension PartitionMemoryTests {
         let audit = try await TestDatabase.audit(url)
         #expect(HistoryChecker.check(audit.changes).doubleGrants == 0)
         #expect(audit.finalTokens[ExactString(hidden)] == 1)
+
+        // A decision that writes no row (a renewal, an inspect) never rests on the filter: with a name
+        // stored where the filter cannot see it, it would answer not_owner to the real holder and record it.
+        let unseen = buffer(in: 11, prefix: "unseen")
+        _ = try await rival.apply([.claim(unseen, user: "dan", connection: "c4")], partition: 11, epoch: epoch)
+        // The abort above made the store forget the partition; a batch on a known buffer loads it again.
+        let reloaded = try await store.apply([.claim(fresh, user: "ann", connection: "c1")], partition: 11, epoch: epoch)
+        #expect(reloaded.decided[0].status == .granted)
+        let renew = Request(requestID: UUID().uuidString, command: .renew(buffer: unseen, connection: "c4", token: 1, leaseMilliseconds: 30_000))
+        let renewed = try await store.apply([renew, Request(requestID: UUID().uuidString, command: .inspect(buffer: unseen))], partition: 11, epoch: epoch)
+        #expect(!renewed.fromMemory, "read, not decided from the filter")
+        #expect(renewed.decided.map(\.status) == [.renewed, .state])
+        #expect(renewed.decided[1].holder == Holder(user: "dan", connection: "c4") && renewed.decided[1].token == 1)
         await store.connection.close()
         await rival.connection.close()
     }
