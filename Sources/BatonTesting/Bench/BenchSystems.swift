@@ -128,6 +128,16 @@ struct SQLSystem: BenchSystem {
         grant(name: "bench_conditional_claim", condition: "WHERE b.owner IS NULL OR b.expires_at <= clock_timestamp()")
     }
 
+    // The usual fix with Baton's per-request record: the same upsert and audit rows, and the request's
+    // idempotency record holding its reply ($3 the request id), in the same statement (one transaction).
+    private var recordedClaim: PreparedStatement {
+        grant(name: "bench_recorded_claim", condition: "WHERE b.owner IS NULL OR b.expires_at <= clock_timestamp()", record: """
+            INSERT INTO \(table)_requests (request_id, reply)
+            SELECT $3, coalesce((SELECT '{"status":"granted","token":' || token || ',"expires_ms":' || expires_ms || '}' FROM g),
+                                (SELECT '{"status":"denied","holder":' || to_json(owner) || ',"token":' || token || '}' FROM old), '{"status":"denied"}')
+            """)
+    }
+
     // The incident: "is it free?" ...
     private var naiveCheck: PreparedStatement {
         PreparedStatement(name: "bench_naive_check", sql: """
@@ -140,8 +150,9 @@ struct SQLSystem: BenchSystem {
         grant(name: "bench_naive_act", condition: "")
     }
 
-    /// An upsert that grants `$1` to `$2`, and audits the grant (closing a lease it replaced as expired).
-    private func grant(name: String, condition: String) -> PreparedStatement {
+    /// An upsert that grants `$1` to `$2`, and audits the grant (closing a lease it replaced as expired);
+    /// `record`, when given, is one more statement in the same one (it may read `old` and `g`).
+    private func grant(name: String, condition: String, record: String? = nil) -> PreparedStatement {
         PreparedStatement(name: name, sql: """
             WITH old AS (
                 SELECT owner, token, (extract(epoch FROM expires_at) * 1000)::int8 AS expires_ms FROM \(table) WHERE buffer = $1
@@ -157,17 +168,25 @@ struct SQLSystem: BenchSystem {
                 INSERT INTO \(table)_audit (kind, buffer, owner, token, at_ms, expires_ms)
                 SELECT 'expired', $1, old.owner, old.token, \(now), old.expires_ms FROM old, g
                 WHERE old.owner IS NOT NULL AND g.token = old.token + 1 AND old.expires_ms <= \(now)
-            )
+            )\(record.map { ",\nrecorded AS (\n\($0)\n)" } ?? "")
             INSERT INTO \(table)_audit (kind, buffer, owner, token, at_ms, expires_ms)
             SELECT 'granted', $1, $2, token, \(now), expires_ms FROM g RETURNING token
             """)
     }
 
-    private var releaseStatement: PreparedStatement {
-        PreparedStatement(name: "bench_release_\(table)", sql: """
+    /// The release (and, with `recorded`, its idempotency record, $4 the request id).
+    private func releaseStatement(recorded: Bool) -> PreparedStatement {
+        let record = !recorded ? "" : """
+            ,
+            recorded AS (
+                INSERT INTO \(table)_requests (request_id, reply)
+                SELECT $4, CASE WHEN EXISTS (SELECT 1 FROM r) THEN '{"status":"released"}' ELSE '{"status":"not_owner"}' END
+            )
+            """
+        return PreparedStatement(name: "bench_release_\(table)", sql: """
             WITH r AS (
                 UPDATE \(table) SET owner = NULL, expires_at = NULL WHERE buffer = $1 AND owner = $2 AND token = $3 RETURNING token
-            )
+            )\(record)
             INSERT INTO \(table)_audit (kind, buffer, owner, token, at_ms, expires_ms) SELECT 'released', $1, $2, token, \(now), \(now) FROM r
             """)
     }
@@ -179,48 +198,7 @@ struct SQLSystem: BenchSystem {
             """)
     }
 
-    // The usual fix with Baton's per-request record: the conditional upsert, its audit rows, and the
-    // request's idempotency record holding its reply, in one statement (one transaction).
-    private var recordedClaim: PreparedStatement {
-        PreparedStatement(name: "bench_recorded_claim", sql: """
-            WITH old AS (
-                SELECT owner, token, (extract(epoch FROM expires_at) * 1000)::int8 AS expires_ms FROM \(table) WHERE buffer = $1
-            ),
-            g AS (
-                INSERT INTO \(table) AS b (buffer, owner, token, expires_at)
-                VALUES ($1, $2, 1, clock_timestamp() + \(leaseMS) * interval '1 millisecond')
-                ON CONFLICT (buffer) DO UPDATE SET owner = EXCLUDED.owner, token = b.token + 1, expires_at = EXCLUDED.expires_at
-                    WHERE b.owner IS NULL OR b.expires_at <= clock_timestamp()
-                RETURNING token, (extract(epoch FROM expires_at) * 1000)::int8 AS expires_ms
-            ),
-            closed AS (
-                INSERT INTO \(table)_audit (kind, buffer, owner, token, at_ms, expires_ms)
-                SELECT 'expired', $1, old.owner, old.token, \(now), old.expires_ms FROM old, g
-                WHERE old.owner IS NOT NULL AND g.token = old.token + 1 AND old.expires_ms <= \(now)
-            ),
-            recorded AS (
-                INSERT INTO \(table)_requests (request_id, reply)
-                SELECT $3, coalesce((SELECT '{"status":"granted","token":' || token || ',"expires_ms":' || expires_ms || '}' FROM g),
-                                    (SELECT '{"status":"denied","holder":' || to_json(owner) || ',"token":' || token || '}' FROM old), '{"status":"denied"}')
-            )
-            INSERT INTO \(table)_audit (kind, buffer, owner, token, at_ms, expires_ms)
-            SELECT 'granted', $1, $2, token, \(now), expires_ms FROM g RETURNING token
-            """)
-    }
-
-    private var recordedRelease: PreparedStatement {
-        PreparedStatement(name: "bench_recorded_release", sql: """
-            WITH r AS (
-                UPDATE \(table) SET owner = NULL, expires_at = NULL WHERE buffer = $1 AND owner = $2 AND token = $3 RETURNING token
-            ),
-            recorded AS (
-                INSERT INTO \(table)_requests (request_id, reply)
-                SELECT $4, CASE WHEN EXISTS (SELECT 1 FROM r) THEN '{"status":"released"}' ELSE '{"status":"not_owner"}' END
-            )
-            INSERT INTO \(table)_audit (kind, buffer, owner, token, at_ms, expires_ms) SELECT 'released', $1, $2, token, \(now), \(now) FROM r
-            """)
-    }
-
+    /// The renewal with its idempotency record ($4 the request id); returns the rows renewed.
     private var recordedRenew: PreparedStatement {
         PreparedStatement(name: "bench_recorded_renew", sql: """
             WITH r AS (
@@ -268,23 +246,20 @@ struct SQLSystem: BenchSystem {
     }
 
     func release(client: Int, buffer: String, token: Int64) async throws {
-        let (statement, parameters) = style == .recorded
-            ? (recordedRelease, [buffer, "bench-\(client)", String(token), requestIDs.make()])
-            : (releaseStatement, [buffer, "bench-\(client)", String(token)])
+        let recorded = style == .recorded
+        let statement = releaseStatement(recorded: recorded)
+        let parameters = [buffer, "bench-\(client)", String(token)] + (recorded ? [requestIDs.make()] : [])
         _ = try await connection(client).withSession { session in try session.query(statement, parameters) }
     }
 
     func renew(client: Int, buffer: String, token: Int64) async throws -> Bool {
+        let owner = "bench-\(client)"
         if style == .recorded {
             let (statement, id) = (recordedRenew, requestIDs.make())
-            return try await connection(client).withSession { session in
-                try session.query(statement, [buffer, "bench-\(client)", String(token), id]).first() == "1"
-            }
+            return try await connection(client).withSession { session in try session.query(statement, [buffer, owner, String(token), id]).first() == "1" }
         }
         let statement = renewStatement
-        return try await connection(client).withSession { session in
-            try session.query(statement, [buffer, "bench-\(client)", String(token)]).affectedRows == 1
-        }
+        return try await connection(client).withSession { session in try session.query(statement, [buffer, owner, String(token)]).affectedRows == 1 }
     }
 
     func doubleGrants() async throws -> Int? {
