@@ -239,6 +239,8 @@ final class PartitionDriver: Sendable {
         for reason in report.deadLetters { metrics.deadLetter(reason) }
         metrics.batchDuration.recordNanoseconds(report.duration.nanoseconds)
         if report.transactions > 0 { metrics.commitDuration.recordNanoseconds(report.commitTime.nanoseconds) }
+        if report.fromMemory > 0 { metrics.memoryTransactions.increment(by: report.fromMemory) }
+        if report.transactions > report.fromMemory { metrics.readTransactions.increment(by: report.transactions - report.fromMemory) }
         worker.statistics.withLock {
             $0.requests += report.requests
             $0.messages += report.messages

@@ -28,6 +28,9 @@ struct PartitionMetrics: Sendable {
     let expired: Counter
     /// Claims waiting in the partition's lines, sampled each sweep.
     let waiters: Gauge
+    /// Store transactions by how they were decided: `memory` (no read) or `read`.
+    let memoryTransactions: Counter
+    let readTransactions: Counter
 
     init(partition: Int) {
         self.partition = partition
@@ -44,6 +47,8 @@ struct PartitionMetrics: Sendable {
         events = Counter(label: "baton_events_published_total", dimensions: dimensions)
         expired = Counter(label: "baton_leases_expired_total", dimensions: dimensions)
         waiters = Gauge(label: "baton_line_waiters", dimensions: dimensions)
+        memoryTransactions = Counter(label: "baton_store_transactions_total", dimensions: dimensions + [("decided_from", "memory")])
+        readTransactions = Counter(label: "baton_store_transactions_total", dimensions: dimensions + [("decided_from", "read")])
     }
 
     /// Counts waiters that left their lines, by answer (`granted`: handed the buffer; `denied`: the wait

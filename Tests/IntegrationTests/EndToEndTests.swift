@@ -502,6 +502,9 @@ import Testing
             #"baton_line_answers_total{partition="\#(p)",status="granted"} 1"#,
             #"baton_line_answers_total{partition="\#(p)",status="denied"} 1"#,
             #"baton_line_waiters{partition="\#(p)"} 0"#,
+            // The first batch after taking the partition reads; the denied claim on the remembered buffer does not.
+            #"baton_store_transactions_total{partition="\#(p)",decided_from="read"}"#,
+            #"baton_store_transactions_total{partition="\#(p)",decided_from="memory"}"#,
         ] {
             #expect(metrics.contains(expected), "missing \(expected)")
         }
