@@ -223,23 +223,27 @@ public final class OwnershipStore: Sendable {
     }
 
     private func applyGroup(_ group: [WaitingBatch], _ session: PostgresSession) {
-        do {
-            let results = try applyPipelined(group, session)
-            for (batch, result) in zip(group, results) { batch.completion(result) }
-            return
-        } catch let error as PostgresError where error.code == .connectionLost || error.code == .closed {
-            // The outcome is unknown: what is remembered may not be what the database holds.
-            forget(group.map(\.partition))
-            for batch in group { batch.completion(.failure(error)) }
-            return
-        } catch {
-            // Nothing of the group was written (a lost compare-and-set, a repeat decided from memory, a
-            // refused write): forget what the group's partitions remember and decide each batch again from a
-            // read, alone, with its own retries and its own error.
-            forget(group.map(\.partition))
-            logger.debug("a group write failed; applying its batches one by one from a read", metadata: [
-                "baton.batches": "\(group.count)", "baton.error": "\(error)",
-            ])
+        for attempt in 1...2 {
+            do {
+                let results = try applyPipelined(group, session)
+                for (batch, result) in zip(group, results) { batch.completion(result) }
+                return
+            } catch let error as PostgresError where error.code == .connectionLost || error.code == .closed {
+                // The outcome is unknown: what is remembered may not be what the database holds.
+                forget(group.map(\.partition))
+                for batch in group { batch.completion(.failure(error)) }
+                return
+            } catch {
+                // Nothing of the group was written. Most often a batch decided from memory held a repeat (its
+                // record was taken) or met a stale entry: forget the group's partitions, and the same group,
+                // decided from reads this time, answers it. If that fails too (a lost fence, a write the
+                // database refuses), each batch is decided alone, with its own retries and its own error.
+                forget(group.map(\.partition))
+                logger.debug("a group write failed", metadata: [
+                    "baton.batches": "\(group.count)", "baton.attempt": "\(attempt)", "baton.error": "\(error)",
+                ])
+                if group.count == 1 { break }
+            }
         }
         for batch in group {
             batch.completion(Result {

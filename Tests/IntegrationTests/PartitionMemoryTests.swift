@@ -178,3 +178,36 @@ extension PartitionMemoryTests {
         await rival.connection.close()
     }
 }
+
+extension PartitionMemoryTests {
+    @Test func aRepeatInOneBatchOfAGroupDoesNotSendTheOthersAlone() async throws {
+        let url = try await TestDatabase.migrated()
+        let store = try await TestDatabase.store(url)
+        var epochs: [Int: Int64] = [:]
+        for partition in 0..<3 { epochs[partition] = try await store.takePartition(partition, owner: "test") }
+        let claims = (0..<3).map { Request.claim(buffer(in: $0, prefix: "g"), user: "ann", connection: "c1", id: "first-\($0)") }
+        for partition in 0..<3 { _ = try await store.apply([claims[partition]], partition: partition, epoch: epochs[partition]!) }
+        let knownEpochs = epochs
+
+        // Hold the connection so that the three batches wait for it together; partition 0's is a repeat,
+        // which memory decides as a new claim and whose record is taken: the group's write aborts.
+        let holding = Task { try await store.connection.withSession { session in try session.query("SELECT pg_sleep(0.3)") } }
+        try await Task.sleep(for: .milliseconds(50))
+        let results = try await withThrowingTaskGroup(of: (Int, BatchResult).self) { group in
+            for partition in 0..<3 {
+                group.addTask {
+                    let request = partition == 0 ? claims[0] : Request.release(buffer(in: partition, prefix: "g"), connection: "c1", token: 1)
+                    return (partition, try await store.apply([request], partition: partition, epoch: knownEpochs[partition]!))
+                }
+            }
+            return try await group.reduce(into: [Int: BatchResult]()) { $0[$1.0] = $1.1 }
+        }
+        try await holding.value
+        #expect(results[0]?.replayed == 1 && results[0]?.decided[0].token == 1, "the repeat is answered from its record")
+        #expect(results[1]?.decided[0].status == .released && results[2]?.decided[0].status == .released)
+        #expect(results.values.map(\.groupSize) == [3, 3, 3], "decided again as one group from reads, not alone")
+        let audit = try await TestDatabase.audit(url)
+        #expect(audit.changes.map(\.kind).filter { $0 == .granted }.count == 3 && audit.changes.map(\.kind).filter { $0 == .released }.count == 2)
+        await store.connection.close()
+    }
+}
