@@ -66,7 +66,7 @@ let package = Package(
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
             ]
         ),
-        // Operations: Prometheus metrics and health endpoints over HTTP (hummingbird).
+        // Operations: Prometheus metrics and health endpoints over HTTP (hummingbird), and the log formats.
         .target(
             name: "BatonOperations",
             dependencies: [
@@ -74,6 +74,7 @@ let package = Package(
                 .product(name: "Hummingbird", package: "hummingbird"),
                 .product(name: "Prometheus", package: "swift-prometheus"),
                 .product(name: "Metrics", package: "swift-metrics"),
+                .product(name: "Logging", package: "swift-log"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
             ]
         ),

@@ -1,5 +1,6 @@
 import ArgumentParser
 import BatonCore
+import BatonOperations
 import BatonPostgres
 import BatonAMQP
 import Foundation

@@ -37,7 +37,7 @@ struct ClientOptions: ParsableArguments {
     /// not the owner (for force-release: nobody held the buffer), 2 on any error.
     ///
     /// A failed call prints `error: <code>: <message>` on standard error, or with `--json` a reply-shaped
-    /// object on standard output (``errorReply(_:to:)``), so a script reads one JSON object either way.
+    /// object on standard output (``CallFailure/reply(to:partition:)``), so a script reads one JSON object either way.
     func send(_ command: Command, partition: Int? = nil) async throws {
         let client = try client(command.operation == .forceRelease ? .operator : .frontend)
         let request = Request(requestID: requestID ?? UUID().uuidString, command: command)
@@ -52,9 +52,10 @@ struct ClientOptions: ParsableArguments {
         } catch {
             // Every failure exits 2, whatever threw it: exit 1 means denied, never "did not work".
             await client.close()
-            let failure = ClientFailure(error)
+            let failure = CallFailure(error)
             if json {
-                print(errorReply(failure, to: request))
+                let partition = request.buffer.flatMap { buffer in try? database.partitioner().partition(of: buffer) }
+                print(failure.reply(to: request, partition: partition))
             } else {
                 FileHandle.standardError.write(Data("error: \(failure.code): \(failure.message)\n".utf8))
             }
@@ -66,32 +67,6 @@ struct ClientOptions: ParsableArguments {
         case .denied, .notOwner: throw ClientExit.refused.code
         default: return
         }
-    }
-
-    /// `failure` as a reply to `request`: the fields of a protocol reply (docs/protocol.md, `null` where
-    /// there is no value), `status` `error`, the request's buffer and the partition it was routed to, and
-    /// `error` with the failure's code and message.
-    func errorReply(_ failure: ClientFailure, to request: Request) -> String {
-        let partition = request.buffer.flatMap { buffer in try? database.partitioner().partition(of: buffer) }
-        var bytes: [UInt8] = Array(#"{"v":"#.utf8) + Array(String(ProtocolV1.version).utf8)
-        func field(_ name: String, _ value: String?) {
-            bytes += ",\"\(name)\":".utf8
-            if let value { JSONText.appendString(value, to: &bytes) } else { bytes += "null".utf8 }
-        }
-        field("request_id", request.requestID)
-        field("status", ReplyStatus.error.rawValue)
-        field("buffer", request.buffer)
-        field("holder", nil)
-        field("token", nil)
-        field("expires_at", nil)
-        field("at", nil)
-        bytes += #","partition":"#.utf8 + (partition.map { Array(String($0).utf8) } ?? Array("null".utf8))
-        bytes += #","error":{"code":"#.utf8
-        JSONText.appendString(failure.code, to: &bytes)
-        bytes += #","message":"#.utf8
-        JSONText.appendString(failure.message, to: &bytes)
-        bytes += "}}".utf8
-        return String(decoding: bytes, as: UTF8.self)
     }
 }
 
@@ -108,41 +83,6 @@ enum ClientExit: Int32 {
     case error = 2
 
     var code: ExitCode { ExitCode(rawValue) }
-}
-
-/// Why a call failed, as the command line reports it: a code and a message (passwords redacted).
-struct ClientFailure: Sendable {
-    /// The worker's protocol error code for a rejected request (`invalid_request`, `request_id_reused`, ...);
-    /// otherwise the client's: a ``BatonClientError/Code`` (`timeout`, `unroutable`, `forbidden`, `blocked`,
-    /// `closed`, `bad_reply`) or an ``AMQPError/Code`` (`connection_failed`, ...), spaces as underscores.
-    var code: String
-    /// A message for a person.
-    var message: String
-
-    init(_ error: any Error) {
-        switch error {
-        case let error as BatonClientError:
-            if error.code == .rejected, let protocolCode = error.errorCode {
-                code = protocolCode.rawValue
-            } else {
-                code = Self.name(error.code.description)
-            }
-            message = error.message
-        case let error as AMQPError:
-            code = Self.name(error.code.description)
-            message = error.description
-        case is CancellationError:
-            code = "cancelled"
-            message = "the call was cancelled before a reply came"
-        default:
-            code = "client_error"
-            message = "\(error)"
-        }
-    }
-
-    private static func name(_ description: String) -> String {
-        description.replacingOccurrences(of: " ", with: "_")
-    }
 }
 
 /// `--lease-ms` of claim and renew.
@@ -348,7 +288,7 @@ struct Watch: AsyncParsableCommand {
             }
         } catch {
             await client.close()
-            FileHandle.standardError.write(Data("error: \(ClientFailure(error).code): \(ClientFailure(error).message)\n".utf8))
+            FileHandle.standardError.write(Data("error: \(CallFailure(error).code): \(CallFailure(error).message)\n".utf8))
             throw ClientExit.error.code
         }
         await client.close()

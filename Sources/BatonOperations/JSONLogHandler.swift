@@ -1,4 +1,3 @@
-import ArgumentParser
 import BatonCore
 import Logging
 import Synchronization
@@ -7,16 +6,16 @@ import Glibc
 #endif
 
 /// How the command line writes its logs (`--log-format`, `BATON_LOG_FORMAT`): both go to standard error.
-enum LogFormat: String, CaseIterable, Sendable {
+public enum LogFormat: String, CaseIterable, Sendable {
     /// swift-log's `StreamLogHandler`: `2026-11-28T00:57:02+0000 info baton.worker: key=value [Module] message`.
     case text
     /// One JSON object per line (``JSONLogHandler``).
     case json
 
     /// The format that `text` names (in any case); the error names the value and what is allowed.
-    init(parsing text: String) throws {
+    public init(parsing text: String) throws(InvalidSetting) {
         guard let format = LogFormat(rawValue: text.lowercased()) else {
-            throw ValidationError("log format '\(text)' is not allowed: use \(Self.allCases.map(\.rawValue).joined(separator: " or "))")
+            throw InvalidSetting(description: "log format '\(text)' is not allowed: use \(Self.allCases.map(\.rawValue).joined(separator: " or "))")
         }
         self = format
     }
@@ -25,7 +24,7 @@ enum LogFormat: String, CaseIterable, Sendable {
 
     /// Makes every logger of the process, the command's and the libraries' alike, write in this format
     /// at `level`. swift-log allows one bootstrap per process: calls after the first do nothing.
-    func bootstrap(level: Logger.Level) {
+    public func bootstrap(level: Logger.Level) {
         let first = Self.bootstrapped.withLock { done in
             defer { done = true }
             return !done
@@ -48,6 +47,11 @@ enum LogFormat: String, CaseIterable, Sendable {
     }
 }
 
+/// A setting whose value is not allowed; the description names the value and what is allowed.
+public struct InvalidSetting: Error, CustomStringConvertible {
+    public let description: String
+}
+
 /// A swift-log handler that writes each entry as one JSON object on a line of its own, to standard
 /// error (where the text format writes too):
 ///
@@ -65,16 +69,16 @@ enum LogFormat: String, CaseIterable, Sendable {
 /// Strings are JSON-escaped (quotes, backslashes, every control character); other characters stay
 /// as UTF-8. The handler prints messages and values exactly as the text format does, so what is
 /// redacted there is redacted here: URLs describe themselves with their password as `********`.
-struct JSONLogHandler: LogHandler {
+public struct JSONLogHandler: LogHandler {
     /// The logger's label.
-    let label: String
-    var logLevel: Logger.Level = .info
-    var metadata: Logger.Metadata = [:]
-    var metadataProvider: Logger.MetadataProvider?
+    public let label: String
+    public var logLevel: Logger.Level = .info
+    public var metadata: Logger.Metadata = [:]
+    public var metadataProvider: Logger.MetadataProvider?
     private let output: @Sendable ([UInt8]) -> Void
 
     /// A handler writing to `output` (default: standard error, one whole line per write).
-    init(
+    public init(
         label: String, metadataProvider: Logger.MetadataProvider? = LoggingSystem.metadataProvider,
         output: @escaping @Sendable ([UInt8]) -> Void = { StandardError.write($0) }
     ) {
@@ -83,12 +87,12 @@ struct JSONLogHandler: LogHandler {
         self.output = output
     }
 
-    subscript(metadataKey key: String) -> Logger.Metadata.Value? {
+    public subscript(metadataKey key: String) -> Logger.Metadata.Value? {
         get { metadata[key] }
         set { metadata[key] = newValue }
     }
 
-    func log(event: LogEvent) {
+    public func log(event: LogEvent) {
         // Merged as StreamLogHandler merges: the handler's, then the provider's, then the entry's.
         var merged = metadata
         if let provided = metadataProvider?.get(), !provided.isEmpty { merged.merge(provided) { $1 } }
@@ -157,39 +161,12 @@ struct JSONLogHandler: LogHandler {
     }
 }
 
-/// JSON text for the command line's own output (log lines, error replies).
-enum JSONText {
-    /// Appends `text` as a JSON string: quotes, backslashes and control characters escaped, the rest as UTF-8.
-    static func appendString(_ text: String, to bytes: inout [UInt8]) {
-        let hex = Array("0123456789abcdef".utf8)
-        bytes.append(UInt8(ascii: "\""))
-        for byte in text.utf8 {
-            switch byte {
-            case UInt8(ascii: "\""): bytes += #"\""#.utf8
-            case UInt8(ascii: "\\"): bytes += #"\\"#.utf8
-            case 0x0A: bytes += #"\n"#.utf8
-            case 0x0D: bytes += #"\r"#.utf8
-            case 0x09: bytes += #"\t"#.utf8
-            case 0x08: bytes += #"\b"#.utf8
-            case 0x0C: bytes += #"\f"#.utf8
-            case 0x00..<0x20, 0x7F:
-                bytes += #"\u00"#.utf8
-                bytes.append(hex[Int(byte >> 4)])
-                bytes.append(hex[Int(byte & 0x0F)])
-            default:
-                bytes.append(byte)
-            }
-        }
-        bytes.append(UInt8(ascii: "\""))
-    }
-}
-
 /// Standard error, written a whole line at a time so that lines from several threads never interleave.
-enum StandardError {
+public enum StandardError {
     private static let lock = Mutex(())
 
     /// Writes `bytes` to file descriptor 2, retrying short writes; gives up silently if it is closed.
-    static func write(_ bytes: [UInt8]) {
+    public static func write(_ bytes: [UInt8]) {
         lock.withLock { _ in
             bytes.withUnsafeBytes { buffer in
                 guard let base = buffer.baseAddress else { return }
