@@ -418,6 +418,7 @@ public final class OwnershipStore: Sendable {
                 return
             }
             memories[partition]?.remember(remembered)
+            memories[partition]?.recorded(plan.write.records.map(\.id))
             memories[partition]?.decided(at: plan.now)
             if let clock { memories[partition]?.read(clock: clock, at: local) }
         }
@@ -452,7 +453,9 @@ public final class OwnershipStore: Sendable {
             var versions: [ExactString: Int64] = [:]
             var unstored: Set<ExactString> = []
             for request in batch.requests {
-                guard let name = request.buffer else { return nil }
+                // A resend or redelivery of a request recorded lately: its record answers it, from a read
+                // (decided from memory, it would abort the group's write on its taken record).
+                guard let name = request.buffer, !memory.recorded(ExactString(request.requestID)) else { return nil }
                 let buffer = ExactString(name)
                 if let remembered = memory[buffer] {
                     initial[buffer] = remembered.state

@@ -31,6 +31,13 @@ struct PartitionMemory: Sendable {
     let limit: Int
     /// Buffers in the order they were first remembered (for eviction: first in, first out).
     private var order: [ExactString] = []
+    /// The request ids this memory recorded last (at most ``recentLimit``), oldest first: a resend or a
+    /// redelivery of one is decided from a read at once instead of aborting its group's write.
+    private var recent: Set<ExactString> = []
+    private var recentOrder: [ExactString] = []
+    private var recentStart = 0
+    /// How many recorded request ids are kept per partition.
+    static let recentLimit = 8192
 
     /// How long a clock reading is trusted. A decision made from memory takes its time from the last
     /// reading plus the local time elapsed since, less ``clockMarginMilliseconds``; the two clocks may
@@ -77,6 +84,26 @@ struct PartitionMemory: Sendable {
     /// A decision was made at `time`.
     mutating func decided(at time: Timestamp) {
         decided = max(decided, time)
+    }
+
+    /// Whether `requestID` was recorded lately by this memory's writes.
+    func recorded(_ requestID: ExactString) -> Bool { recent.contains(requestID) }
+
+    /// Notes the request ids a committed write recorded.
+    mutating func recorded(_ ids: [String]) {
+        for id in ids {
+            let key = ExactString(id)
+            guard recent.insert(key).inserted else { continue }
+            recentOrder.append(key)
+        }
+        while recentOrder.count - recentStart > Self.recentLimit {
+            recent.remove(recentOrder[recentStart])
+            recentStart += 1
+        }
+        if recentStart > Self.recentLimit {
+            recentOrder.removeFirst(recentStart)
+            recentStart = 0
+        }
     }
 
     /// Remembers buffers as a committed write left them (or as a read found them).

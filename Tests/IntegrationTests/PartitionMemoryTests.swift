@@ -183,10 +183,15 @@ extension PartitionMemoryTests {
     @Test func aRepeatInOneBatchOfAGroupDoesNotSendTheOthersAlone() async throws {
         let url = try await TestDatabase.migrated()
         let store = try await TestDatabase.store(url)
+        let rival = try await TestDatabase.store(url)
         var epochs: [Int: Int64] = [:]
         for partition in 0..<3 { epochs[partition] = try await store.takePartition(partition, owner: "test") }
         let claims = (0..<3).map { Request.claim(buffer(in: $0, prefix: "g"), user: "ann", connection: "c1", id: "first-\($0)") }
-        for partition in 0..<3 { _ = try await store.apply([claims[partition]], partition: partition, epoch: epochs[partition]!) }
+        // The store remembers partition 0's buffer as never claimed; its claim is recorded behind its back
+        // (a request id the store never recorded itself, as after a takeover), the others through it.
+        _ = try await store.apply([Request(requestID: "look", command: .inspect(buffer: claims[0].buffer!))], partition: 0, epoch: epochs[0]!)
+        _ = try await rival.apply([claims[0]], partition: 0, epoch: epochs[0]!)
+        for partition in 1..<3 { _ = try await store.apply([claims[partition]], partition: partition, epoch: epochs[partition]!) }
         let knownEpochs = epochs
 
         // Hold the connection so that the three batches wait for it together; partition 0's is a repeat,
@@ -208,6 +213,24 @@ extension PartitionMemoryTests {
         #expect(results.values.map(\.groupSize) == [3, 3, 3], "decided again as one group from reads, not alone")
         let audit = try await TestDatabase.audit(url)
         #expect(audit.changes.map(\.kind).filter { $0 == .granted }.count == 3 && audit.changes.map(\.kind).filter { $0 == .released }.count == 2)
+        await store.connection.close()
+        await rival.connection.close()
+    }
+
+    @Test func aResendOfARequestRecordedLatelyIsReadWithoutAbortingTheWrite() async throws {
+        let url = try await TestDatabase.migrated()
+        let store = try await TestDatabase.store(url)
+        let epoch = try await store.takePartition(8, owner: "test")
+        let b = buffer(in: 8)
+        let claim = Request.claim(b, user: "ann", connection: "c1", id: "resent")
+        _ = try await store.apply([claim], partition: 8, epoch: epoch)
+        _ = try await store.apply([.claim(b, user: "bob", connection: "c2")], partition: 8, epoch: epoch)
+        let again = try await store.apply([claim], partition: 8, epoch: epoch)
+        #expect(!again.fromMemory && again.replayed == 1)
+        // Had it been decided from memory, its write would have aborted on the taken record and the
+        // partition's memory been forgotten: the next batch would read.
+        let next = try await store.apply([.claim(b, user: "bob", connection: "c2")], partition: 8, epoch: epoch)
+        #expect(next.fromMemory, "no write aborted: the memory was kept")
         await store.connection.close()
     }
 }
