@@ -86,14 +86,14 @@ private final class Watcher: Sendable {
     /// The partitions watched.
     var partitions: [Int] {
         switch scope {
-        case .buffer(let buffer): [client.configuration.partitioner.partition(of: buffer)]
+        case .buffer(let buffer): [client.configuration.partitioner.partition(of: UnicodeForm.nfc(buffer))]
         case .partition(let partition): [partition]
         case .all: Array(0..<client.configuration.partitioner.count)
         }
     }
 
     var buffer: String? {
-        if case .buffer(let buffer) = scope { buffer } else { nil }
+        if case .buffer(let buffer) = scope { UnicodeForm.nfc(buffer) } else { nil }
     }
 
     /// Signals from the live stream: a partition with news, or nil when the connection ended.

@@ -419,10 +419,12 @@ public final class BatonClient: Sendable {
     ///     ``BatonClientConfiguration/resendAfter``.
     public func call(_ request: Request, partition explicit: Int? = nil, timeout: Duration? = nil, resendAfter: Duration? = nil) async throws -> Reply {
         let resendAfter = resendAfter ?? configuration.resendAfter
+        // Names go out in NFC, the one form the worker accepts, and are routed by it: two spellings of a
+        // name are one buffer (docs/protocol.md 3.2).
+        var request = request.inNFC()
         let partition = explicit ?? request.buffer.map(configuration.partitioner.partition(of:)) ?? 0
         let timeout = timeout ?? configuration.timeout
         let deadline = ContinuousClock.now + timeout
-        var request = request
         if request.deadline == nil {
             let lifetime = min(max(1, timeout.wholeMilliseconds), ProtocolV1.maxRequestLifetimeMilliseconds)
             request.deadline = Timestamp.wallClock().adding(milliseconds: lifetime)

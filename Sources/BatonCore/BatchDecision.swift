@@ -90,7 +90,7 @@ extension PartitionState {
                 decision.unrecorded += 1
                 // A repeat is answered from its record only when it asks the same thing (records written
                 // before fingerprints existed have none and are answered as before).
-                if let known = record.fingerprint, known != fingerprint {
+                if let known = record.fingerprint, !known.exactlyEquals(fingerprint) {
                     decision.replies.append(Reply.rejection(ProtocolError(
                         code: .requestIDReused,
                         message: "request_id '\(LogValue.escape(request.requestID))' was already used for a different request (another op, buffer, argument or sender): use a new request_id for a new request; a retry must repeat the original exactly",

@@ -53,10 +53,10 @@ public enum ProtocolCodec {
     static func decodeRequest(fields: [String: JSONValue]) throws(ProtocolError) -> Request {
         // Read what can identify the request first, so that every later error can carry it.
         var reader = FieldReader(fields: fields)
-        if case .string(let id)? = fields["request_id"], validateName(id, scalars: ProtocolV1.requestIDLength) == nil {
+        if case .string(let id)? = fields["request_id"], validateName(id, scalars: ProtocolV1.requestIDLength, form: false) == nil {
             reader.requestID = id
         }
-        if case .string(let buffer)? = fields["buffer"], validateBuffer(buffer) == nil {
+        if case .string(let buffer)? = fields["buffer"], validateBuffer(buffer, form: false) == nil {
             reader.buffer = buffer
         }
 
@@ -116,7 +116,7 @@ public enum ProtocolCodec {
             command = .releaseConnection(connection: try reader.name("connection", scalars: ProtocolV1.nameLength))
         case .forceRelease:
             let buffer = try reader.buffer("buffer")
-            let reason = fields["reason"] == nil ? nil : try reader.name("reason", scalars: ProtocolV1.nameLength)
+            let reason = fields["reason"] == nil ? nil : try reader.name("reason", scalars: ProtocolV1.nameLength, form: false)
             command = .forceRelease(buffer: buffer, reason: reason)
         case .describe:
             command = .describe
@@ -135,7 +135,8 @@ public enum ProtocolCodec {
     }
 
     /// Why `value` is not a valid `user`, `connection` or `request_id`, or nil when it is.
-    static func validateName(_ value: String, scalars range: ClosedRange<Int>) -> String? {
+    /// With `form`, a name not in NFC is refused too (a reply still echoes such a request id or buffer).
+    static func validateName(_ value: String, scalars range: ClosedRange<Int>, form: Bool = true) -> String? {
         let count = value.unicodeScalars.count
         if !range.contains(count) {
             return "must be a string of \(range.lowerBound) to \(range.upperBound) characters"
@@ -143,18 +144,18 @@ public enum ProtocolCodec {
         if value.unicodeScalars.contains("\u{0}") {
             return "must not contain U+0000"
         }
-        return nil
+        return form ? UnicodeForm.problem(value) : nil
     }
 
     /// Why `value` is not a valid `buffer`, or nil when it is.
-    static func validateBuffer(_ value: String) -> String? {
+    static func validateBuffer(_ value: String, form: Bool = true) -> String? {
         if !ProtocolV1.bufferBytes.contains(value.utf8.count) {
             return "must be a string of \(ProtocolV1.bufferBytes.lowerBound) to \(ProtocolV1.bufferBytes.upperBound) UTF-8 bytes"
         }
         if value.unicodeScalars.contains("\u{0}") {
             return "must not contain U+0000"
         }
-        return nil
+        return form ? UnicodeForm.problem(value) : nil
     }
 
     /// Reads and validates the fields of one request object.
@@ -179,9 +180,9 @@ public enum ProtocolCodec {
             }
         }
 
-        func name(_ name: String, scalars range: ClosedRange<Int>) throws(ProtocolError) -> String {
+        func name(_ name: String, scalars range: ClosedRange<Int>, form: Bool = true) throws(ProtocolError) -> String {
             let value = try string(name)
-            if let problem = ProtocolCodec.validateName(value, scalars: range) {
+            if let problem = ProtocolCodec.validateName(value, scalars: range, form: form) {
                 throw error(.invalidRequest, "field '\(name)' \(problem), got \(JSONValue.string(value).excerpt)")
             }
             return value

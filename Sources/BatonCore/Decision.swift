@@ -198,7 +198,7 @@ public struct PartitionState: Sendable {
         }
         let before = state(of: buffer)
         if let waiter = before.line.first(where: { $0.requestID.exactlyEquals(request.requestID) }),
-           waiter.fingerprint != ProtocolCodec.fingerprint(request) {
+           !waiter.fingerprint.exactlyEquals(ProtocolCodec.fingerprint(request)) {
             // Another request under the request id of a claim in this buffer's line (even one whose wait
             // has just run out, or that the settling below would hand the buffer to): refused before
             // anything is decided, so that id keeps naming only the waiter and its answer.
@@ -209,7 +209,7 @@ public struct PartitionState: Sendable {
         var (current, outcome) = OwnershipRules.settle(buffer: buffer, state: before, now: now, partition: partition)
 
         if let index = outcome.answers.firstIndex(where: { $0.waiter.requestID.exactlyEquals(request.requestID) }),
-           outcome.answers[index].waiter.fingerprint == ProtocolCodec.fingerprint(request) {
+           outcome.answers[index].waiter.fingerprint.exactlyEquals(ProtocolCodec.fingerprint(request)) {
             // A repeat of a claim that has just left the line (granted, or its wait ran out): the repeat
             // gets that answer, once, and is not decided again.
             outcome.reply = outcome.answers.remove(at: index).reply

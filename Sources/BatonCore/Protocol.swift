@@ -3,8 +3,9 @@ public enum ProtocolV1 {
     /// The only version this implementation speaks.
     public static let version = 1
     /// The revision of version 1 this implementation speaks (docs/protocol.md, "Revisions"): 3 added
-    /// `describe`, `events` and the `seq` and `partition` of events.
-    public static let revision = 4
+    /// `describe`, `events` and the `seq` and `partition` of events; 4 claims that wait in line; 5 refuses
+    /// names that are not in Unicode NFC.
+    public static let revision = 5
     /// The most events one `events` reply lists (and the default `limit`).
     public static let maxEventsPerRead = 256
     /// Allowed `wait_ms` of a claim that waits in line (revision 4): at most a request's lifetime.

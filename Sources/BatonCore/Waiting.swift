@@ -95,7 +95,7 @@ extension Outcome {
     public func attributedChanges(to requestID: String?) -> [(change: OwnershipChange, requestID: String?)] {
         changes.map { change in
             guard change.kind == .granted, let answer = answers.first(where: {
-                $0.reply.status == .granted && $0.reply.token == change.token && $0.waiter.holder == change.holder && $0.reply.buffer == change.buffer
+                $0.reply.status == .granted && $0.reply.token == change.token && $0.waiter.holder == change.holder && ($0.reply.buffer.map { $0.exactlyEquals(change.buffer) } ?? false)
             }) else { return (change, requestID) }
             return (change, answer.waiter.requestID)
         }

@@ -40,7 +40,7 @@ struct ClientOptions: ParsableArguments {
     /// object on standard output (``CallFailure/reply(to:partition:)``), so a script reads one JSON object either way.
     func send(_ command: Command, partition: Int? = nil) async throws {
         let client = try client(command.operation == .forceRelease ? .operator : .frontend)
-        let request = Request(requestID: requestID ?? UUID().uuidString, command: command)
+        let request = Request(requestID: requestID ?? UUID().uuidString, command: command).inNFC()
         let reply: Reply
         do {
             if case .releaseConnection(let connection) = command {
@@ -211,7 +211,7 @@ struct Events: AsyncParsableCommand {
     }
 
     func run() async throws {
-        let target = try partition ?? options.database.partitioner().partition(of: buffer ?? "")
+        let target = try partition ?? options.database.partitioner().partition(of: UnicodeForm.nfc(buffer ?? ""))
         try await options.send(.events(buffer: buffer, after: after, limit: limit), partition: target)
     }
 }

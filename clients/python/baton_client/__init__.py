@@ -1,4 +1,4 @@
-"""Python client of Baton, the buffer ownership/lease service (wire protocol v1, revision 4).
+"""Python client of Baton, the buffer ownership/lease service (wire protocol v1, revision 5).
 
 See ``clients/python/README.md`` and ``docs/protocol.md``.
 """
