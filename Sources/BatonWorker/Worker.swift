@@ -152,7 +152,7 @@ public final class Worker: Service, Sendable {
                 group.addTask {
                     await connections.replies.maintain(
                         url: connections.url, name: BrokerConnections.replyConnectionName(self.configuration), logger: self.logger,
-                        while: { !self.isStopping && connections.isOpen }
+                        while: { !self.isStopping && connections.isOpen }, refused: { self.statistics.withLock { $0.replySendersRefused += 1 } }
                     )
                 }
                 // Stop every runner promptly on shutdown: they finish their batch in hand and close their channel.
@@ -430,6 +430,9 @@ public struct WorkerStatistics: Sendable {
     public var databaseRetries = 0
     /// AMQP connections made.
     public var connections = 0
+    /// Reply senders (a broker node or an address) whose reply made the broker close the probe
+    /// connection (``ReplyLink``): their replies are dropped for a while.
+    public var replySendersRefused = 0
     /// Time spent in the store's batch transactions.
     public var commitTime: Duration = .zero
     /// Batch transactions decided from a partition's memory, without reading first.

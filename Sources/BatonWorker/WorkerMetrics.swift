@@ -78,5 +78,9 @@ enum WorkerMetrics {
     static let reconnects = Counter(label: "baton_amqp_reconnects_total")
     /// Reply connections replaced while the consumers went on (``ReplyLink``).
     static let replyReconnects = Counter(label: "baton_amqp_reply_reconnects_total")
+    /// Replies not published because their address made the broker close the probe connection lately (``ReplyLink``).
+    static let repliesDropped = Counter(label: "baton_replies_dropped_total")
+    /// Reply senders (a broker node, or an address) refused after their reply closed the probe connection.
+    static let replySendersRefused = Counter(label: "baton_reply_senders_refused_total")
     static let databaseRetries = Counter(label: "baton_database_retries_total")
 }

@@ -52,4 +52,76 @@ import Testing
         await linux.close()
         await worker.stop()
     }
+
+    /// The direct reply-to address RabbitMQ gives `channel` (which consumes `amq.rabbitmq.reply-to`):
+    /// what a worker sees in a request's `reply_to`.
+    static func directReplyToAddress(of channel: AMQPChannel, setup: AMQPChannel) async throws -> String {
+        let queue = "baton.test.address-\(UInt32.random(in: 0...UInt32.max))"
+        _ = try await setup.declareQueue(queue, arguments: ["x-queue-type": .string("quorum")])
+        try await channel.publish(OutgoingMessage(exchange: "", routingKey: queue, body: [], properties: AMQPProperties(replyTo: ProtocolV1.directReplyTo)))
+        let (_, deliveries) = try await setup.consume(queue: queue, noAck: true)
+        let message = try #require(try await deliveries.next(max: 1, timeout: .seconds(5)).first)
+        try await setup.deleteQueue(queue)
+        return try #require(message.properties.replyTo)
+    }
+
+    /// `address` with the node part of its encoded channel changed: well formed, but naming no running
+    /// node (RabbitMQ 3.10 encodes `reply@<hash of the node name>`).
+    static func unresolvable(_ address: String) throws -> String {
+        let suffix = address.dropFirst("amq.rabbitmq.reply-to.".count)
+        let parts = suffix.split(separator: ".", maxSplits: 1)
+        var bytes = try #require(Data(base64Encoded: String(parts[0])))
+        let at = try #require(bytes.firstIndex(of: UInt8(ascii: "@")))
+        // The first digit of the hash, changed: another node's hash, of the same length.
+        bytes[at + 1] = bytes[at + 1] == UInt8(ascii: "9") ? UInt8(ascii: "1") : bytes[at + 1] + 1
+        return "amq.rabbitmq.reply-to.\(bytes.base64EncodedString()).\(parts[1])"
+    }
+
+    /// Finding 3: RabbitMQ 3.10 closes the connection that publishes to a direct reply-to address it
+    /// cannot resolve. One frontend's stream of such addresses must not cost another its replies.
+    @Test func aFrontendsUnresolvableReplyAddressesDoNotDelayAnothersReplies() async throws {
+        let deployment = try await Deployment.make(partitions: 4)
+        let running = deployment.startWorker()
+        let honest = deployment.client(timeout: .seconds(10))
+        _ = try await honest.inspect("warm-up")
+        let raw = try await deployment.connect("unresolvable reply-to", as: deployment.frontendURL)
+        let channel = try await raw.openChannel()
+        // A real address (from a connection allowed to publish to the default exchange), then changed.
+        let setup = try await deployment.connect("reply-to address")
+        let probe = try await setup.openChannel()
+        let (_, ownReplies) = try await probe.consume(queue: ProtocolV1.directReplyTo, noAck: true)
+        let address = try await Self.directReplyToAddress(of: probe, setup: try await setup.openChannel())
+        let addresses = [try Self.unresolvable(address), "amq.rabbitmq.reply-to.Zm9v.YmFy", "amq.rabbitmq.reply-to.g2gC.x"]
+        let flood = Task {
+            var index = 0
+            while !Task.isCancelled {
+                let buffer = "flood-\(index % 64).txt"
+                try? await channel.publish(OutgoingMessage(
+                    exchange: ProtocolV1.requestsExchange, routingKey: String(deployment.partitioner.partition(of: buffer)),
+                    body: ProtocolCodec.encode(Request(requestID: "flood-\(index)", command: .inspect(buffer: buffer))),
+                    properties: AMQPProperties(correlationID: "\(index)", replyTo: addresses[index % addresses.count], userID: deployment.frontendURL.user)
+                ))
+                index += 1
+                try? await Task.sleep(for: .milliseconds(5))
+            }
+        }
+        var slowest = Duration.zero
+        for index in 0..<150 {
+            let started = ContinuousClock.now
+            guard case .granted = try await honest.claim("honest-\(index).txt", user: "u", connection: "c") else {
+                Issue.record("claim \(index) not granted")
+                break
+            }
+            slowest = max(slowest, ContinuousClock.now - started)
+        }
+        flood.cancel()
+        _ = ownReplies
+        #expect(slowest < .seconds(1), "an honest call waited \(slowest) while another frontend sent unresolvable reply addresses")
+        #expect(running.worker.stats.connections == 1, "the consumers' connection survived")
+        #expect(running.worker.stats.replySendersRefused >= 3, "each unresolvable sender was refused: \(running.worker.stats.replySendersRefused)")
+        await honest.close()
+        await raw.close()
+        await setup.close()
+        await running.stop()
+    }
 }
