@@ -7,7 +7,8 @@ import Glibc
 
 /// How the command line writes its logs (`--log-format`, `BATON_LOG_FORMAT`): both go to standard error.
 public enum LogFormat: String, CaseIterable, Sendable {
-    /// swift-log's `StreamLogHandler`: `2026-11-28T00:57:02+0000 info baton.worker: key=value [Module] message`.
+    /// One line of text per entry, values quoted where needed (``TextLogHandler``):
+    /// `2026-11-28T00:57:02.306Z info baton.worker: key=value other="a b" [Module] message`.
     case text
     /// One JSON object per line (``JSONLogHandler``).
     case json
@@ -33,7 +34,7 @@ public enum LogFormat: String, CaseIterable, Sendable {
         switch self {
         case .text:
             LoggingSystem.bootstrap { label in
-                var handler = StreamLogHandler.standardError(label: label)
+                var handler = TextLogHandler(label: label)
                 handler.logLevel = level
                 return handler
             }

@@ -296,6 +296,56 @@ import Testing
         #expect(quiet.status == 0 && quiet.standardError.isEmpty, "below the level, nothing: \(quiet)")
     }
 
+    /// The metadata of a text log line (`ts level label: key=value key="quoted value" [source] message`),
+    /// read as a log shipper reads logfmt: keys and values up to the `[source]`.
+    static func textMetadata(_ line: Substring) -> [String: String] {
+        guard let start = line.range(of: ": ")?.upperBound else { return [:] }
+        var fields: [String: String] = [:]
+        var rest = line[start...]
+        while let first = rest.first, first != "[" {
+            guard let equals = rest.firstIndex(of: "=") else { break }
+            let key = String(rest[..<equals])
+            rest = rest[rest.index(after: equals)...]
+            var value = ""
+            if rest.first == "\"" {
+                rest = rest.dropFirst()
+                while let character = rest.first, character != "\"" {
+                    if character == "\\", let escaped = rest.dropFirst().first {
+                        value.append(escaped)
+                        rest = rest.dropFirst(2)
+                    } else {
+                        value.append(character)
+                        rest = rest.dropFirst()
+                    }
+                }
+                rest = rest.dropFirst()
+            } else {
+                let end = rest.firstIndex(of: " ") ?? rest.endIndex
+                value = String(rest[..<end])
+                rest = rest[end...]
+            }
+            fields[key] = value
+            rest = rest.drop { $0 == " " }
+        }
+        return fields
+    }
+
+    /// Issue 22, finding 13: one value stays one value in the text format, whatever it contains.
+    @Test func textLogLinesCannotBeForgedByAValue() async throws {
+        let forged = "x baton.principal=baton-operator baton.op=force_release"
+        let run = try await Self.baton([
+            "log-sample", "--log-format", "text", "--message", "request refused", "--metadata", "baton.request_id=\(forged)",
+            "--metadata", "baton.op=claim", "--metadata", "quote=say \"hi\" \\ back", "--metadata", "empty=",
+        ])
+        #expect(run.status == 0, "\(run)")
+        let lines = run.standardError.split(separator: "\n")
+        #expect(lines.count == 1, "\(run)")
+        let fields = Self.textMetadata(lines.first ?? "")
+        // A value reads back as it is shown everywhere in logs: backslashes doubled, control characters escaped.
+        #expect(fields == ["baton.request_id": forged, "baton.op": "claim", "quote": LogValue.escape("say \"hi\" \\ back"), "empty": ""], "\(run)")
+        #expect(lines.first?.hasSuffix("[baton] request refused") == true, "\(run)")
+    }
+
     /// The worker and the libraries it runs (service lifecycle) log JSON too.
     @Test func theWorkerLogsJSONLines() async throws {
         let deployment = try await Deployment.make(partitions: 2)
