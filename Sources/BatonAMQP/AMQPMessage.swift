@@ -2,8 +2,15 @@
 public struct AMQPProperties: Sendable, Hashable {
     /// `content_type`, e.g. `application/json`.
     public var contentType: String?
-    /// `correlation_id`, copied from request to reply.
-    public var correlationID: String?
+    /// `correlation_id` as the broker carries it (a short string: any bytes, up to 255), copied from
+    /// request to reply unchanged, binary ones included.
+    public var correlationIDBytes: [UInt8]?
+    /// ``correlationIDBytes`` as text (invalid UTF-8 decoded with replacement characters, so a binary
+    /// id reads differently from what it is: copy the bytes).
+    public var correlationID: String? {
+        get { correlationIDBytes.map { String(decoding: $0, as: UTF8.self) } }
+        set { correlationIDBytes = newValue.map { Array($0.utf8) } }
+    }
     /// `reply_to`: a queue name or `amq.rabbitmq.reply-to`.
     public var replyTo: String?
     /// `message_id`; Baton matches `basic.return`s to publishes by it.
@@ -25,7 +32,7 @@ public struct AMQPProperties: Sendable, Hashable {
     ) {
         self.userID = userID
         self.contentType = contentType
-        self.correlationID = correlationID
+        self.correlationIDBytes = correlationID.map { Array($0.utf8) }
         self.replyTo = replyTo
         self.messageID = messageID
         self.expiration = expiration

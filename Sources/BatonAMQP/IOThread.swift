@@ -335,7 +335,7 @@ final class IOThread: @unchecked Sendable {
         var properties = AMQPProperties()
         func has(_ flag: Int32) -> Bool { Int32(bitPattern: raw._flags) & flag != 0 }
         if has(AMQP_BASIC_CONTENT_TYPE_FLAG) { properties.contentType = raw.content_type.string }
-        if has(AMQP_BASIC_CORRELATION_ID_FLAG) { properties.correlationID = raw.correlation_id.string }
+        if has(AMQP_BASIC_CORRELATION_ID_FLAG) { properties.correlationIDBytes = raw.correlation_id.array }
         if has(AMQP_BASIC_REPLY_TO_FLAG) { properties.replyTo = raw.reply_to.string }
         if has(AMQP_BASIC_MESSAGE_ID_FLAG) { properties.messageID = raw.message_id.string }
         if has(AMQP_BASIC_EXPIRATION_FLAG) { properties.expiration = raw.expiration.string }
@@ -533,7 +533,7 @@ final class IOThread: @unchecked Sendable {
         var flags: Int32 = 0
         let p = message.properties
         if let value = p.contentType { raw.content_type = arena.bytes(value); flags |= AMQP_BASIC_CONTENT_TYPE_FLAG }
-        if let value = p.correlationID { raw.correlation_id = arena.bytes(value); flags |= AMQP_BASIC_CORRELATION_ID_FLAG }
+        if let value = p.correlationIDBytes { raw.correlation_id = arena.bytes(value); flags |= AMQP_BASIC_CORRELATION_ID_FLAG }
         if let value = p.replyTo { raw.reply_to = arena.bytes(value); flags |= AMQP_BASIC_REPLY_TO_FLAG }
         if let value = p.messageID { raw.message_id = arena.bytes(value); flags |= AMQP_BASIC_MESSAGE_ID_FLAG }
         if let value = p.expiration { raw.expiration = arena.bytes(value); flags |= AMQP_BASIC_EXPIRATION_FLAG }

@@ -500,7 +500,11 @@ struct PartitionStateMachine {
         }
         request.principal = message.properties.userID
         if request.waiting != nil {
-            // A waiting claim is answered later, at the reply address of the delivery that asked last.
+            // A waiting claim is answered later, at the reply address of the delivery that asked last,
+            // which the store keeps as text: refused here when it cannot hold them exactly.
+            if let problem = storedPropertyProblem(message.properties) {
+                return .failure(ProtocolError(code: .invalidRequest, message: problem, requestID: request.requestID, buffer: request.buffer))
+            }
             request.waiting?.replyTo = message.properties.replyTo
             request.waiting?.correlationID = message.properties.correlationID
         }
@@ -512,6 +516,18 @@ struct PartitionStateMachine {
             ))
         }
         return .success(request)
+    }
+
+    /// Why a waiting claim's `reply_to` or `correlation_id` cannot be kept with it in the store (text
+    /// without U+0000), or nil.
+    static func storedPropertyProblem(_ properties: AMQPProperties) -> String? {
+        if let bytes = properties.correlationIDBytes, bytes.contains(0) || String(validating: bytes, as: UTF8.self) == nil {
+            return "a claim with wait_ms needs a correlation_id of UTF-8 text without U+0000 (it is kept with the claim until its answer), got \(bytes.count) bytes that are not: use a text correlation_id, or no wait_ms"
+        }
+        if let replyTo = properties.replyTo, replyTo.utf8.contains(0) {
+            return "a claim with wait_ms needs a reply_to without U+0000 (it is kept with the claim until its answer): use the reply address the broker gave you"
+        }
+        return nil
     }
 
     /// Starts a batch: admits each delivery, answers (and dead-letters) what is refused, and lines up the
@@ -759,10 +775,8 @@ struct PartitionStateMachine {
     /// the worker refuses to send).
     private static func replyMessage(_ body: [UInt8], to message: AMQPMessage) -> OutgoingMessage? {
         guard let replyTo = message.properties.replyTo, ProtocolV1.isAcceptedReplyTo(replyTo) else { return nil }
-        return OutgoingMessage(
-            exchange: "", routingKey: replyTo, body: body,
-            properties: AMQPProperties(contentType: ProtocolV1.contentType, correlationID: message.properties.correlationID),
-            mandatory: false
-        )
+        var properties = AMQPProperties(contentType: ProtocolV1.contentType)
+        properties.correlationIDBytes = message.properties.correlationIDBytes  // unchanged, binary or not (3.1)
+        return OutgoingMessage(exchange: "", routingKey: replyTo, body: body, properties: properties, mandatory: false)
     }
 }

@@ -124,4 +124,55 @@ import Testing
         await setup.close()
         await running.stop()
     }
+
+    /// Finding 12: a waiting claim whose reply address or correlation id the store cannot hold is refused
+    /// at admission with a clear error (it was answered internal_error with an SQL message, dead-lettered).
+    @Test func aWaitingClaimWithPropertiesTheStoreCannotHoldIsRefusedClearly() async throws {
+        let deployment = try await Deployment.make(partitions: 2)
+        let running = deployment.startWorker()
+        let client = deployment.client()
+        guard case .granted = try await client.claim("held.txt", user: "ann", connection: "c-ann") else {
+            Issue.record("not granted")
+            return
+        }
+        let raw = try await deployment.connect("nul properties", as: deployment.frontendURL)
+        let channel = try await raw.openChannel()
+        let (_, replies) = try await channel.consume(queue: ProtocolV1.directReplyTo, noAck: true)
+        var request = Request(requestID: "wait-nul", command: .claim(buffer: "held.txt", holder: Holder(user: "bob", connection: "c-bob"), leaseMilliseconds: 1000))
+        request.waiting = Waiting(milliseconds: 5000)
+        try await channel.publish(OutgoingMessage(
+            exchange: ProtocolV1.requestsExchange, routingKey: String(deployment.partitioner.partition(of: "held.txt")), body: ProtocolCodec.encode(request),
+            properties: AMQPProperties(correlationID: "a\u{0}b", replyTo: ProtocolV1.directReplyTo, userID: deployment.frontendURL.user)
+        ))
+        let answer = try #require(try await replies.next(max: 1, timeout: .seconds(10)).first)
+        let reply = try ProtocolCodec.decodeReply(answer.body)
+        #expect(reply.error?.code == .invalidRequest, "\(String(describing: reply.error))")
+        #expect(reply.error?.message.contains("correlation_id") == true, "\(String(describing: reply.error))")
+        #expect(answer.properties.correlationIDBytes == Array("a\u{0}b".utf8), "the correlation id came back unchanged")
+        #expect(running.worker.stats.failed == 0, "nothing reached the store")
+        await raw.close()
+        await client.close()
+        await running.stop()
+    }
+
+    /// Finding 12: a binary correlation id comes back byte for byte (protocol 3.1: copied).
+    @Test func aBinaryCorrelationIDComesBackUnchanged() async throws {
+        let deployment = try await Deployment.make(partitions: 2)
+        let running = deployment.startWorker()
+        let raw = try await deployment.connect("binary correlation", as: deployment.frontendURL)
+        let channel = try await raw.openChannel()
+        let (_, replies) = try await channel.consume(queue: ProtocolV1.directReplyTo, noAck: true)
+        let binary: [UInt8] = [0xFF, 0x00, 0x80, 0x41, 0xC3, 0x28, 0xFE]
+        var properties = AMQPProperties(replyTo: ProtocolV1.directReplyTo, userID: deployment.frontendURL.user)
+        properties.correlationIDBytes = binary
+        try await channel.publish(OutgoingMessage(
+            exchange: ProtocolV1.requestsExchange, routingKey: String(deployment.partitioner.partition(of: "binary.txt")),
+            body: ProtocolCodec.encode(Request(requestID: "binary", command: .inspect(buffer: "binary.txt"))), properties: properties
+        ))
+        let answer = try #require(try await replies.next(max: 1, timeout: .seconds(10)).first)
+        #expect(try ProtocolCodec.decodeReply(answer.body).status == .state)
+        #expect(answer.properties.correlationIDBytes == binary, "\(String(describing: answer.properties.correlationIDBytes))")
+        await raw.close()
+        await running.stop()
+    }
 }
