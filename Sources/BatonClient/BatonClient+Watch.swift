@@ -111,6 +111,9 @@ private final class Watcher: Sendable {
                 let (opened, reached) = try await AMQPConnection.connect(toFirstOf: urls, from: node, name: "\(configuration.name) watch", logger: client.logger)
                 connection = opened
                 node = reached
+                if case .all = scope {
+                    try await client.checkPartitionCount(via: 0, timeout: configuration.timeout)
+                }
                 try await subscribe(on: opened, signal: signal)
                 // Catch up from the saved positions (or learn where "now" is), then follow the signals.
                 for partition in partitions { try await read(partition) }
@@ -132,6 +135,9 @@ private final class Watcher: Sendable {
                 break
             } catch let error as BatonClientError where error.code == .closed {
                 break
+            } catch let error as BatonClientError where error.code == .misconfigured {
+                output.finish(throwing: error)
+                return
             } catch {
                 client.logger.debug("watch failed; resubscribing", metadata: ["baton.error": "\(error)"])
                 node = (node + 1) % urls.count

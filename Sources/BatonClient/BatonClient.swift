@@ -55,6 +55,9 @@ public struct BatonClientError: Error, Sendable, CustomStringConvertible {
         /// The broker blocked publishing on this client's connection (a memory or disk alarm) for the whole
         /// timeout, so the request was never sent; retrying later with the same request id is safe.
         public static let blocked = Code("blocked")
+        /// The client routes with another partition count than the deployment's (`describe`): nothing was
+        /// sent, since a request routed with the wrong N lands on the wrong partition.
+        public static let misconfigured = Code("misconfigured")
         public var description: String { name }
     }
 
@@ -194,6 +197,16 @@ public final class BatonClient: Sendable {
         var closed = false
         /// The number of the last message sent (see ``messagePrefix``).
         var nextMessage: UInt64 = 0
+        /// Whether the deployment's N (`describe`) was found equal to the configured one; or why not.
+        var partitionCount: PartitionCountCheck = .unknown
+        /// `describe` calls in flight to check N, by the partition they went to.
+        var partitionChecks: [Int: Task<Void, any Error>] = [:]
+    }
+
+    private enum PartitionCountCheck {
+        case unknown
+        case verified
+        case mismatch(BatonClientError)
     }
 
     /// One connection with its RPC channel.
@@ -375,6 +388,8 @@ public final class BatonClient: Sendable {
     /// all N partitions with one request id, answers merged.
     public func releaseConnection(_ connection: String, requestID: String = BatonClient.newRequestID()) async throws -> ReleasedBuffers {
         let request = Request(requestID: requestID, command: .releaseConnection(connection: connection))
+        // Every partition must answer, and "every" must be the deployment's N.
+        try await checkPartitionCount(via: 0, timeout: configuration.timeout)
         return try await withThrowingTaskGroup(of: ReleasedBuffers.self) { group in
             for partition in 0..<configuration.partitioner.count {
                 group.addTask {
@@ -405,6 +420,62 @@ public final class BatonClient: Sendable {
         }
     }
 
+    /// Makes sure the deployment has the configured N, asking `describe` of `partition` once: before
+    /// anything goes to every partition (`release_connection`, a watch of all partitions), where a wrong
+    /// N would silently leave partitions out, and when a request routed by its buffer comes back
+    /// `misrouted`. After a mismatch every call fails at once with ``BatonClientError/Code/misconfigured``.
+    /// A worker below revision 3 does not know `describe`: N cannot be checked, and is trusted.
+    func checkPartitionCount(via partition: Int, timeout: Duration) async throws {
+        let check = state.withLock { state -> Result<Task<Void, any Error>?, BatonClientError> in
+            switch state.partitionCount {
+            case .verified: return .success(nil)
+            case .mismatch(let error): return .failure(error)
+            case .unknown: break
+            }
+            if let running = state.partitionChecks[partition] { return .success(running) }
+            let task = Task { try await self.describePartitionCount(via: partition, timeout: timeout) }
+            state.partitionChecks[partition] = task
+            return .success(task)
+        }
+        guard let task = try check.get() else { return }
+        do {
+            try await task.value
+            state.withLock { state in
+                state.partitionCount = .verified
+                state.partitionChecks[partition] = nil
+            }
+        } catch let error as BatonClientError where error.code == .misconfigured {
+            state.withLock { state in
+                state.partitionCount = .mismatch(error)
+                state.partitionChecks[partition] = nil
+            }
+            throw error
+        } catch {
+            // No answer (the partition's worker is down, a timeout): the call could not have been answered
+            // either; the next call asks again.
+            state.withLock { $0.partitionChecks[partition] = nil }
+            throw error
+        }
+    }
+
+    private func describePartitionCount(via partition: Int, timeout: Duration) async throws {
+        let reply: Reply
+        do {
+            reply = try await call(Request(requestID: Self.newRequestID(), command: .describe), partition: partition, timeout: timeout)
+        } catch let error as BatonClientError where error.errorCode == .unknownOp {
+            return
+        }
+        guard reply.status == .description, let deployment = reply.deployment else { throw bad(reply) }
+        let configured = configuration.partitioner.count
+        guard deployment.partitions == configured else {
+            throw BatonClientError(
+                code: .misconfigured,
+                message: "this client routes with \(configured) partitions, but the deployment has \(deployment.partitions) (describe): "
+                    + "configure \(deployment.partitions) (BatonClientConfiguration.partitioner, --partition-count, BATON_PARTITION_COUNT); nothing was sent"
+            )
+        }
+    }
+
     /// Sends a request and returns the raw reply (status `error` becomes ``BatonClientError/Code/rejected``).
     ///
     /// The request carries a `deadline` (now + the timeout, at most the protocol's request lifetime) in its
@@ -425,6 +496,9 @@ public final class BatonClient: Sendable {
         let partition = explicit ?? request.buffer.map(configuration.partitioner.partition(of:)) ?? 0
         let timeout = timeout ?? configuration.timeout
         let deadline = ContinuousClock.now + timeout
+        if case .mismatch(let error) = state.withLock({ $0.partitionCount }) {
+            throw error  // a request routed with the wrong N would land on the wrong partition
+        }
         if request.deadline == nil {
             let lifetime = min(max(1, timeout.wholeMilliseconds), ProtocolV1.maxRequestLifetimeMilliseconds)
             request.deadline = Timestamp.wallClock().adding(milliseconds: lifetime)
@@ -494,6 +568,10 @@ public final class BatonClient: Sendable {
             switch answer {
             case .success(let reply)?:
                 if reply.status == .error {
+                    if reply.error?.code == .misrouted, explicit == nil {
+                        // Routed by its buffer and refused as misrouted: the deployment's N is not this client's.
+                        try await checkPartitionCount(via: partition, timeout: max(.seconds(1), deadline - .now))
+                    }
                     throw BatonClientError(code: .rejected, message: reply.error?.message ?? "rejected", requestID: request.requestID, errorCode: reply.error?.code)
                 }
                 return reply

@@ -175,4 +175,50 @@ import Testing
         await raw.close()
         await running.stop()
     }
+
+    /// Finding 2: a client configured with another N than the deployment's refuses to route, and
+    /// release_connection does not report success while partitions it never asked still hold buffers.
+    @Test func aClientWithTheWrongPartitionCountRefusesToRoute() async throws {
+        let deployment = try await Deployment.make(partitions: 8)
+        let running = deployment.startWorker()
+        let right = deployment.client()
+        // Buffers held by connection "c" on partitions the wrong N never reaches (4-7).
+        let high = (0..<500).map { "high-\($0).txt" }.filter { deployment.partitioner.partition(of: $0) >= 4 }.prefix(3)
+        for buffer in high {
+            guard case .granted = try await right.claim(buffer, user: "u", connection: "c") else { Issue.record("not granted"); return }
+        }
+        var configuration = BatonClientConfiguration(amqpURL: deployment.frontendURL, partitioner: try Partitioner(count: 4))
+        configuration.timeout = .seconds(10)
+        let wrong = BatonClient(configuration: configuration, logger: TestDatabase.logger)
+        do {
+            let released = try await wrong.releaseConnection("c")
+            Issue.record("release_connection with N = 4 on a deployment of 8 reported success: \(released)")
+        } catch let error as BatonClientError {
+            #expect(error.code == .misconfigured, "\(error)")
+            #expect(error.message.contains("the deployment has 8"), "\(error)")
+        }
+        do {
+            let result = try await wrong.claim("any.txt", user: "u", connection: "c2")
+            Issue.record("a claim was routed with the wrong N: \(result)")
+        } catch let error as BatonClientError {
+            #expect(error.code == .misconfigured, "\(error)")
+        }
+        // A fresh client with the wrong N learns it from its first misrouted request, and stops routing.
+        let fresh = BatonClient(configuration: configuration, logger: TestDatabase.logger)
+        let wrongHome = try #require((0..<500).map { "moved-\($0).txt" }.first { try! Partitioner(count: 4).partition(of: $0) != deployment.partitioner.partition(of: $0) })
+        for attempt in 0..<2 {
+            do {
+                let result = try await fresh.inspect(wrongHome)
+                Issue.record("attempt \(attempt): routed with the wrong N: \(result)")
+            } catch let error as BatonClientError {
+                #expect(error.code == .misconfigured, "attempt \(attempt): \(error)")
+            }
+        }
+        await fresh.close()
+        for buffer in high { #expect(try await right.inspect(buffer).holder != nil, "\(buffer) is still held, and nobody said it was released") }
+        #expect(try await right.releaseConnection("c").count == high.count, "the right N releases them all")
+        await wrong.close()
+        await right.close()
+        await running.stop()
+    }
 }
