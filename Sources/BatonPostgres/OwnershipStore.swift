@@ -491,13 +491,19 @@ public final class OwnershipStore: Sendable {
     /// and the clock.
     private static func readStatement(_ requests: [Request], partition: Int) -> (PreparedStatement, [String?]) {
         let buffers = Set(requests.compactMap { request in request.buffer.map { ExactString($0) } })
-        let connections = Set(requests.compactMap { request -> ExactString? in
-            if case .releaseConnection(let connection) = request.command { return ExactString(connection) }
-            return nil
-        })
+        // release_connection concerns only the requester's own holdings and waiters: read those, not every
+        // buffer of a connection id that any frontend can name.
+        struct Owned: Hashable {
+            let connection: ExactString
+            let principal: ExactString?
+        }
+        let owned = Array(Set(requests.compactMap { request -> Owned? in
+            guard case .releaseConnection(let connection) = request.command else { return nil }
+            return Owned(connection: ExactString(connection), principal: request.principal.map { ExactString($0) })
+        }))
         return (SQL.readBatch, [
             String(partition), PostgresArray.text(Set(requests.map { ExactString($0.requestID) }).map(\.string)),
-            PostgresArray.text(buffers.map(\.string)), PostgresArray.text(connections.map(\.string)),
+            PostgresArray.text(buffers.map(\.string)), PostgresArray.text(owned.map { $0.connection.string }), PostgresArray.text(owned.map { $0.principal?.string }),
         ])
     }
 
@@ -853,7 +859,7 @@ enum SQL {
     //   never earlier than the commit of any change it saw;
     // - `r`: replies already given to the batch's request ids (baton_requests primary key);
     // - `b`: the rows of the batch's buffers (baton_buffers primary key) and of the buffers held by
-    //   release_connection's connections (baton_buffers_connection).
+    //   release_connection's connections and principals (baton_buffers_connection, filtered by holder_principal: only the requester's own).
     // Lookups are unnest + LATERAL probes: an `= ANY($n)` filter let the planner scan the whole
     // partition when statistics lagged behind a young, fast-growing table (seen in the benchmark).
     static let readBatch = PreparedStatement(name: "baton_read_batch", sql: """
@@ -868,15 +874,17 @@ enum SQL {
             SELECT b.* FROM unnest($3::text[]) AS wanted(buffer)
             CROSS JOIN LATERAL (SELECT * FROM baton_buffers WHERE partition = $1 AND buffer = wanted.buffer) b
             UNION
-            SELECT b.* FROM unnest($4::text[]) AS wanted(connection)
+            SELECT b.* FROM unnest($4::text[], $5::text[]) AS wanted(connection, principal)
             CROSS JOIN LATERAL (
                 SELECT * FROM baton_buffers WHERE partition = $1 AND holder_connection IS NOT NULL AND holder_connection = wanted.connection
+                    AND holder_principal IS NOT DISTINCT FROM wanted.principal
             ) b
             UNION
-            SELECT b.* FROM unnest($4::text[]) AS wanted(connection)
+            SELECT b.* FROM unnest($4::text[], $5::text[]) AS wanted(connection, principal)
             CROSS JOIN LATERAL (
                 SELECT * FROM baton_buffers WHERE partition = $1 AND buffer IN (
-                    SELECT buffer FROM baton_waiters WHERE partition = $1 AND holder_connection = wanted.connection)
+                    SELECT buffer FROM baton_waiters WHERE partition = $1 AND holder_connection = wanted.connection
+                        AND principal IS NOT DISTINCT FROM wanted.principal)
             ) b
         ),
         -- Not joined to found: a CTE referenced twice is materialized, and every batch would pay for it.
@@ -885,10 +893,17 @@ enum SQL {
         lines AS (
             SELECT w.* FROM baton_waiters w WHERE w.partition = $1 AND w.buffer = ANY($3::text[])
             UNION
-            SELECT w.* FROM baton_waiters w WHERE w.partition = $1 AND w.holder_connection = ANY($4::text[])
+            SELECT w.* FROM unnest($4::text[], $5::text[]) AS wanted(connection, principal)
+            CROSS JOIN LATERAL (
+                SELECT * FROM baton_waiters WHERE partition = $1 AND holder_connection = wanted.connection AND principal IS NOT DISTINCT FROM wanted.principal
+            ) w
             UNION
-            SELECT w.* FROM baton_waiters w
-            WHERE w.partition = $1 AND w.buffer IN (SELECT buffer FROM baton_buffers WHERE partition = $1 AND holder_connection = ANY($4::text[]))
+            SELECT w.* FROM unnest($4::text[], $5::text[]) AS wanted(connection, principal)
+            CROSS JOIN LATERAL (
+                SELECT * FROM baton_waiters WHERE partition = $1 AND buffer IN (
+                    SELECT buffer FROM baton_buffers WHERE partition = $1 AND holder_connection = wanted.connection
+                        AND holder_principal IS NOT DISTINCT FROM wanted.principal)
+            ) w
             UNION
             -- A waiting claim's request id, whatever buffer the request names: it may not be reused.
             SELECT w.* FROM baton_waiters w WHERE w.partition = $1 AND w.request_id = ANY($2::text[])
