@@ -232,7 +232,7 @@ public struct PartitionState: Sendable {
         next.line = line
         outcome.changes += decision.changes
         if decision.reply.status == .denied, case .claim(_, let holder, let lease) = request.command, let waiting = request.waiting,
-           line.count < ProtocolV1.maxLineLength {
+           line.count < ProtocolV1.maxLineLength, Self.mayJoin(line, holder: holder, principal: request.principal) {
             // Held by someone else: join the end of the line, answered when leaving it (a full line denies
             // at once, below).
             let until = now.adding(milliseconds: waiting.milliseconds)
@@ -249,6 +249,18 @@ public struct PartitionState: Sendable {
         outcome.answers += handoff.answers
         store(settled, for: buffer, was: before)
         return outcome
+    }
+
+    /// Whether a claim of `holder` by `principal` may take a place in `line`: one place per principal and
+    /// connection, and at most ``ProtocolV1/maxLinePlacesPerPrincipal`` per principal, so that one frontend
+    /// cannot fill a line (everyone else denied) and take the buffer at its release.
+    static func mayJoin(_ line: [Waiter], holder: Holder, principal: String?) -> Bool {
+        var places = 0
+        for waiter in line where OwnershipRules.samePrincipal(waiter.principal, principal) {
+            if waiter.holder.connection.exactlyEquals(holder.connection) { return false }
+            places += 1
+        }
+        return places < ProtocolV1.maxLinePlacesPerPrincipal
     }
 
     private mutating func store(_ state: BufferState, for buffer: String, was before: BufferState) {

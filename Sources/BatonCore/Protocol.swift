@@ -14,6 +14,9 @@ public enum ProtocolV1 {
     /// at once, as a claim without `wait_ms` would be. It bounds what a frontend can pile onto one buffer,
     /// and what every decision about that buffer reads.
     public static let maxLineLength = 256
+    /// The most places one principal (`user_id`) holds in one buffer's line, and it holds one per
+    /// connection: a frontend that queues more is denied at once, so one frontend cannot fill a line.
+    public static let maxLinePlacesPerPrincipal = 64
     /// The largest request body, in bytes; a larger one is answered `payload_too_large` before parsing.
     public static let maxBodyBytes = 64 * 1024
     /// Allowed `lease_ms`.

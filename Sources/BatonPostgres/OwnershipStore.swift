@@ -655,10 +655,16 @@ public final class OwnershipStore: Sendable {
         try await sweepWithLines(partition: partition, epoch: epoch, limit: limit).changes
     }
 
+    /// How many lines with waits that ran out one sweep settles at most (each of at most 256 claims):
+    /// waits that all end at once are answered over several sweeps, never in one huge statement.
+    public static let linesPerSweep = 32
+
     /// The sweep with lines (docs/design/fair-waiting.md): leases that ran out are expired and their
     /// buffers handed to the heads of their lines; waits that ran out are denied. Returns the changes and
-    /// the answers to waiters (recorded under their request ids), to publish.
-    public func sweepWithLines(partition: Int, epoch: Int64, limit: Int = 1000) async throws -> (changes: [OutboxEntry], answers: [WaiterAnswer]) {
+    /// the answers to waiters (recorded under their request ids), to publish. Lines are settled in the
+    /// order their waits ran out, at most ``linesPerSweep`` a call; `more` says that others are due (the
+    /// caller sweeps again at once).
+    public func sweepWithLines(partition: Int, epoch: Int64, limit: Int = 1000) async throws -> (changes: [OutboxEntry], answers: [WaiterAnswer], more: Bool) {
         let partitioner = self.partitioner
         // No explicit transaction: a read, then the fenced, self-aborting compare-and-set write (one
         // statement). Nothing holds the partition row's lock while waiting on this process, so a worker
@@ -681,10 +687,12 @@ public final class OwnershipStore: Sendable {
                 initial[buffer.buffer] = buffer.state
                 versions[buffer.buffer] = buffer.version
             }
-            // Buffers whose waiters' waits ran out (at most 32 lines a sweep, each of at most 256 claims:
-            // waits that all end at once are answered over several sweeps, never in one huge statement),
-            // and the lines of every buffer the sweep looks at.
-            for row in try session.query(SQL.waitingBuffers, [String(partition), String(now.milliseconds), String(min(limit, 32))]).decode(from: "the waiting read of partition \(partition)", { $0 }) {
+            // Buffers whose waiters' waits ran out, those that ran out first first (``linesPerSweep`` at
+            // most), and the lines of every buffer the sweep looks at.
+            let linesLimit = min(limit, Self.linesPerSweep)
+            let due = try session.query(SQL.waitingBuffers, [String(partition), String(now.milliseconds), String(linesLimit)])
+                .decode(from: "the waiting read of partition \(partition)", { $0 })
+            for row in due {
                 let buffer = try BufferRow(row, from: 0)
                 initial[buffer.buffer] = buffer.state
                 versions[buffer.buffer] = buffer.version
@@ -711,7 +719,7 @@ public final class OwnershipStore: Sendable {
             let result = plan.result(outboxIDs: ids, attempt: 1)
             // The sweep read every line of the buffers it looked at: remember them as it left them.
             self.remember(plan, partition: partition, epoch: epoch, clock: nil, at: .now)
-            return (result.changes, result.answers)
+            return (result.changes, result.answers, due.count == linesLimit)
         }
     }
 
@@ -969,9 +977,12 @@ enum SQL {
                (extract(epoch FROM b.expires_at) * 1000)::int8, b.version, b.holder_principal
         FROM baton_buffers b
         WHERE b.partition = $1 AND b.buffer IN (
-            SELECT DISTINCT buffer FROM baton_waiters
-            WHERE partition = $1 AND wait_until <= timestamptz 'epoch' + $2::int8 * interval '1 millisecond'
-            LIMIT $3)
+            SELECT buffer FROM (
+                SELECT buffer, wait_until FROM baton_waiters
+                WHERE partition = $1 AND wait_until <= timestamptz 'epoch' + $2::int8 * interval '1 millisecond'
+                ORDER BY wait_until LIMIT $3::int8 * 16
+            ) due
+            GROUP BY buffer ORDER BY min(wait_until) LIMIT $3)
         """)
 
     // Uses the primary key of baton_waiters.

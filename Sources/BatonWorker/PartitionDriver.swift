@@ -293,10 +293,18 @@ final class PartitionDriver: Sendable {
         guard let store else { return false }
         let configuration = worker.configuration
         do {
-            let (expired, answers) = try await store.sweepWithLines(partition: partition, epoch: epoch)
-            // Waiters handed a buffer at a lease's expiry, or whose wait ran out: answered now.
-            channels.send(Machine.answerMessages(answers), settle: [])
-            metrics.lineAnswers(Dictionary(answers.map { ($0.reply.status.rawValue, 1) }, uniquingKeysWith: +))
+            // Waits that ran out are settled oldest first; while more are due than one sweep settles, the
+            // sweep goes on (for up to a quarter of the interval) so that the answers keep up with them.
+            var expired: [OutboxEntry] = []
+            let started = ContinuousClock.now
+            while true {
+                let (changes, answers, more) = try await store.sweepWithLines(partition: partition, epoch: epoch)
+                expired += changes
+                // Waiters handed a buffer at a lease's expiry, or whose wait ran out: answered now.
+                channels.send(Machine.answerMessages(answers), settle: [])
+                metrics.lineAnswers(Dictionary(answers.map { ($0.reply.status.rawValue, 1) }, uniquingKeysWith: +))
+                if !more || ContinuousClock.now - started > configuration.sweepInterval / 4 { break }
+            }
             // Expiries, and any event the pump could not get confirmed (rows older than a few seconds).
             var events = expired
             events += try await store.undelivered(partition: partition, olderThan: .seconds(5), limit: 1000)

@@ -41,6 +41,26 @@ import Testing
         #expect(state.state(of: "b").line.isEmpty)
     }
 
+    /// Issue 22, finding 10: one principal cannot fill a line and take the buffer from everyone else.
+    @Test func onePrincipalHasOnePlacePerConnectionAndAShareOfALine() {
+        var state = PartitionState(partition: 0, partitioner: partitioner)
+        _ = state.decide(claim("a", "ann", "ca"), at: t0)
+        // A second waiting claim from the same principal and connection is denied at once.
+        #expect(state.decide(claim("m0", "mal", "cm", wait: 60_000, principal: "mallory"), at: t0).reply == nil)
+        #expect(state.decide(claim("m0b", "mal", "cm", wait: 60_000, principal: "mallory"), at: t0).reply?.status == .denied)
+        // Many connections of one principal: at most its share of the line.
+        var joined = 1
+        for index in 1..<ProtocolV1.maxLineLength {
+            if state.decide(claim("m\(index)", "mal", "cm\(index)", wait: 60_000, principal: "mallory"), at: t0).reply == nil { joined += 1 }
+        }
+        #expect(joined == ProtocolV1.maxLinePlacesPerPrincipal, "\(joined)")
+        // Others still get in line.
+        #expect(state.decide(claim("b", "bob", "cb", wait: 60_000, principal: "bob"), at: t0).reply == nil, "another principal joins")
+        #expect(state.state(of: "b").line.count == ProtocolV1.maxLinePlacesPerPrincipal + 1)
+        // The same connection id under another principal is another place.
+        #expect(state.decide(claim("c", "cid", "cm", wait: 60_000, principal: "cid"), at: t0).reply == nil)
+    }
+
     @Test func anotherRequestUnderAWaitersIdIsRefusedEvenAsTheWaiterLeavesTheLine() {
         // The id must keep naming only the waiter: were the other request decided and recorded under it,
         // the waiter's answer could never be recorded, and every later write of the partition would fail.
@@ -64,14 +84,16 @@ import Testing
     @Test func aFullLineDeniesAWaitingClaimAtOnce() {
         var state = PartitionState(partition: 0, partitioner: partitioner)
         _ = state.decide(claim("a", "ann", "ca"), at: t0)
+        // Filled by four principals, each to its share.
+        let principals = ProtocolV1.maxLineLength / ProtocolV1.maxLinePlacesPerPrincipal
         for index in 0..<ProtocolV1.maxLineLength {
-            #expect(state.decide(claim("w\(index)", "u\(index)", "c\(index)", wait: 60_000), at: t0).reply == nil)
+            #expect(state.decide(claim("w\(index)", "u\(index)", "c\(index)", wait: 60_000, principal: "p\(index % principals)"), at: t0).reply == nil)
         }
-        let full = state.decide(claim("late", "lee", "cl", wait: 60_000), at: t0.adding(milliseconds: 1))
+        let full = state.decide(claim("late", "lee", "cl", wait: 60_000, principal: "other"), at: t0.adding(milliseconds: 1))
         #expect(full.reply?.status == .denied && full.reply?.holder?.user == "ann", "denied at once, with the holder")
         #expect(state.state(of: "b").line.count == ProtocolV1.maxLineLength && state.state(of: "b").line.last?.requestID == "w\(ProtocolV1.maxLineLength - 1)")
         // A repeat of a waiter already in line is still a repeat, not a new claim refused by the full line.
-        #expect(state.decide(claim("w3", "u3", "c3", wait: 60_000, replyTo: "amq.gen-new"), at: t0.adding(milliseconds: 2)).reply == nil)
+        #expect(state.decide(claim("w3", "u3", "c3", wait: 60_000, replyTo: "amq.gen-new", principal: "p\(3 % principals)"), at: t0.adding(milliseconds: 2)).reply == nil)
         #expect(state.decide(release("r", "ca", token: 1), at: t0.adding(milliseconds: 3)).answers.first?.waiter.requestID == "w0")
     }
 

@@ -269,4 +269,54 @@ import Testing
         await ann.close()
         await running.stop()
     }
+
+    /// Finding 11: waits that ran out are answered in the order they ran out, and the sweep keeps up with
+    /// a backlog: an honest 1 s wait behind 256 shorter ones is denied about when it ends, not seconds later.
+    @Test func anExpiredWaitIsAnsweredOnTimeBehindHundredsOfOthers() async throws {
+        let deployment = try await Deployment.make(partitions: 2)
+        let running = deployment.startWorker { $0.sweepInterval = .seconds(1) }
+        let holder = deployment.client(timeout: .seconds(30))
+        let names = (0..<2000).map { "line-\($0).txt" }.filter { deployment.partitioner.partition(of: $0) == 0 }
+        let squatted = Array(names.prefix(256))
+        let honest = try #require(names.last { $0 > squatted.last! })
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            for name in squatted + [honest] {
+                group.addTask {
+                    guard case .granted = try await holder.claim(name, user: "h", connection: "c-h", lease: .seconds(60)) else {
+                        throw BatonClientError(code: .rejected, message: "not granted")
+                    }
+                }
+            }
+            try await group.waitForAll()
+        }
+        // Every claim is published once, as a frontend that does not resend would (a resend settles its
+        // buffer on arrival and would hide how late the sweep is).
+        let raw = try await deployment.connect("waiters", as: deployment.frontendURL)
+        let channel = try await raw.openChannel()
+        let (_, replies) = try await channel.consume(queue: ProtocolV1.directReplyTo, noAck: true)
+        func wait(_ name: String, id: String, milliseconds: Int64) async throws {
+            var request = Request(requestID: id, command: .claim(buffer: name, holder: Holder(user: "w", connection: "c-\(id)"), leaseMilliseconds: 1000))
+            request.waiting = Waiting(milliseconds: milliseconds)
+            try await channel.publish(OutgoingMessage(
+                exchange: ProtocolV1.requestsExchange, routingKey: "0", body: ProtocolCodec.encode(request),
+                properties: AMQPProperties(correlationID: id, replyTo: ProtocolV1.directReplyTo, userID: deployment.frontendURL.user)
+            ))
+        }
+        for (index, name) in squatted.enumerated() { try await wait(name, id: "squat-\(index)", milliseconds: 500) }
+        let started = ContinuousClock.now
+        try await wait(honest, id: "honest", milliseconds: 1000)
+        var took: Duration?
+        while took == nil, ContinuousClock.now - started < .seconds(15) {
+            for message in try await replies.next(max: 64, timeout: .seconds(1)) where message.properties.correlationID == "honest" {
+                #expect(try ProtocolCodec.decodeReply(message.body).status == .denied)
+                took = ContinuousClock.now - started
+            }
+        }
+        await raw.close()
+        let elapsed = try #require(took, "no answer within 15 s")
+        // Its wait (1 s), plus at most one sweep interval (1 s), plus slack; 7 s was measured before.
+        #expect(elapsed < .milliseconds(2500), "a 1 s wait was answered after \(elapsed)")
+        await holder.close()
+        await running.stop()
+    }
 }
