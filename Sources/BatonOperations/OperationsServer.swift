@@ -1,3 +1,4 @@
+import BatonCore
 import BatonWorker
 import Foundation
 import Hummingbird
@@ -10,8 +11,10 @@ import ServiceLifecycle
 ///
 /// - `GET /metrics`: every swift-metrics metric, in Prometheus text format.
 /// - `GET /health/live`: 200 while the process serves HTTP.
-/// - `GET /health/ready`: 200 when the worker is connected to RabbitMQ and PostgreSQL and consumes
-///   every partition it serves (as active consumer or hot standby), 503 otherwise, with the details as JSON.
+/// - `GET /health/ready`: 200 when the worker is connected to RabbitMQ (its reply connection included) and
+///   PostgreSQL, consumes every partition it serves (as active consumer or hot standby), no partition is
+///   stalled and the broker does not block its publishing; 503 otherwise. The body says which
+///   (``readinessBody(_:)``).
 public enum OperationsServer {
     /// Creates the Prometheus registry and makes it swift-metrics' backend. Call once, at start.
     public static func bootstrapMetrics() -> PrometheusCollectorRegistry {
@@ -43,12 +46,7 @@ public enum OperationsServer {
         }
         router.get("health/ready") { _, _ -> Response in
             let state = readiness()
-            let missing = Set(state.partitions).subtracting(state.consuming).sorted()
-            let body = """
-                {"status":"\(state.isReady ? "ready" : "not_ready")","broker_connected":\(state.brokerConnected),\
-                "database_connected":\(state.databaseConnected),"partitions":\(state.partitions.count),\
-                "partitions_not_consumed":\(missing)}
-                """
+            let body = readinessBody(state)
             return Response(
                 status: state.isReady ? .ok : .serviceUnavailable, headers: [.contentType: "application/json"],
                 body: .init(byteBuffer: ByteBuffer(string: body))
@@ -59,6 +57,33 @@ public enum OperationsServer {
             configuration: ApplicationConfiguration(address: .hostname(host, port: port), serverName: "baton"),
             logger: logger
         )
+    }
+
+    /// The JSON of `/health/ready`: the verdict and every reason behind it.
+    ///
+    /// ```json
+    /// {"status":"not_ready","broker_connected":true,"database_connected":true,"reply_connected":true,"partitions":16,
+    ///  "partitions_not_consumed":[],"partitions_stalled":{"3":"the database refused ..."},"publishing_blocked":null}
+    /// ```
+    public static func readinessBody(_ state: WorkerReadiness) -> String {
+        var bytes: [UInt8] = []
+        func string(_ value: String) { JSONText.appendString(value, to: &bytes) }
+        bytes += #"{"status":"#.utf8
+        string(state.isReady ? "ready" : "not_ready")
+        bytes += #","broker_connected":\#(state.brokerConnected),"database_connected":\#(state.databaseConnected)"#.utf8
+        bytes += #","reply_connected":\#(state.replyConnected),"partitions":\#(state.partitions.count)"#.utf8
+        bytes += #","partitions_not_consumed":\#(Set(state.partitions).subtracting(state.consuming).sorted())"#.utf8
+        bytes += #","partitions_stalled":{"#.utf8
+        for (index, (partition, reason)) in state.stalled.sorted(by: { $0.key < $1.key }).enumerated() {
+            if index > 0 { bytes.append(UInt8(ascii: ",")) }
+            string(String(partition))
+            bytes.append(UInt8(ascii: ":"))
+            string(reason)
+        }
+        bytes += #"},"publishing_blocked":"#.utf8
+        if let blocked = state.publishingBlocked { string(blocked) } else { bytes += "null".utf8 }
+        bytes += "}".utf8
+        return String(decoding: bytes, as: UTF8.self)
     }
 
     /// Runs `worker` until SIGTERM or SIGINT (it then finishes its batch in hand and closes), with the

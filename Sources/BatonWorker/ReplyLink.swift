@@ -105,6 +105,9 @@ final class ReplyLink: Sendable {
         if probing { wake.yield() }
     }
 
+    /// Whether the main reply connection is open now.
+    var isOpen: Bool { link.withLock { $0?.connection.isOpen ?? false } }
+
     /// Returns once everything handed over before the call is written (or has failed); replies waiting
     /// for a probe are not waited for.
     func barrier() async {

@@ -159,7 +159,11 @@ public final class Worker: Service, Sendable {
                 group.addTask {
                     while !self.isStopping, connections.isOpen {
                         let blocked = connections.publisher.blockedReason
-                        self.health.withLock { $0.publishingBlocked = blocked }
+                        let replying = connections.replies.isOpen
+                        self.health.withLock {
+                            $0.publishingBlocked = blocked
+                            $0.replyConnected = replying
+                        }
                         await self.sleep(.milliseconds(50))
                     }
                     // One of the two connections died: end the other too, so that every runner stops
@@ -175,6 +179,7 @@ public final class Worker: Service, Sendable {
             }
             health.withLock {
                 $0.brokerConnected = false
+                $0.replyConnected = false
                 $0.publishingBlocked = nil
                 $0.consuming.removeAll()
             }
@@ -461,11 +466,13 @@ public struct WorkerReadiness: Sendable, Hashable {
     public var stalled: [Int: String] = [:]
     /// The broker's reason while it blocks this worker's publishing (a resource alarm), else nil.
     public var publishingBlocked: String?
+    /// The connection that carries replies is open (it is replaced on its own when the broker closes it).
+    public var replyConnected = false
 
     /// Ready: both services connected, every served partition consumed and making progress, and the
     /// broker not blocking replies.
     public var isReady: Bool {
-        brokerConnected && databaseConnected && Set(partitions).isSubset(of: consuming) && stalled.isEmpty && publishingBlocked == nil
+        brokerConnected && databaseConnected && replyConnected && Set(partitions).isSubset(of: consuming) && stalled.isEmpty && publishingBlocked == nil
     }
 }
 

@@ -487,6 +487,12 @@ import Testing
         let (liveStatus, _) = try await get("/health/live")
         #expect(liveStatus == 200)
         #expect(await Deployment.eventually { (try? await get("/health/ready").0) == 200 })
+        // Readiness says why (issue 22, finding 15): stalled partitions, a blocked publisher, the reply link.
+        let ready = try JSONSerialization.jsonObject(with: Data(try await get("/health/ready").1.utf8)) as? [String: Any] ?? [:]
+        #expect(ready["partitions_stalled"] as? [String: String] == [:], "\(ready)")
+        #expect(ready["publishing_blocked"] is NSNull, "\(ready)")
+        #expect(ready["reply_connected"] as? Bool == true, "\(ready)")
+        #expect(ready["partitions_not_consumed"] as? [Int] == [], "\(ready)")
         let p = deployment.partitioner.partition(of: "metrics.txt")
         // The line gauge is sampled by the sweep.
         #expect(await Deployment.eventually { (try? await get("/metrics").1.contains(#"baton_line_waiters{partition="\#(p)"} 0"#)) == true })
