@@ -17,6 +17,9 @@ public enum ProtocolV1 {
     /// The most places one principal (`user_id`) holds in one buffer's line, and it holds one per
     /// connection: a frontend that queues more is denied at once, so one frontend cannot fill a line.
     public static let maxLinePlacesPerPrincipal = 64
+    /// The most reply bytes a worker publishes for one request message (`events` reads are cut to fit,
+    /// with `more`): a frontend cannot make the broker hold megabytes for the few kilobytes it sent.
+    public static let maxReplyBytesPerMessage = 1024 * 1024
     /// The largest request body, in bytes; a larger one is answered `payload_too_large` before parsing.
     public static let maxBodyBytes = 64 * 1024
     /// Allowed `lease_ms`.

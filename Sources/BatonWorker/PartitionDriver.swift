@@ -182,12 +182,12 @@ final class PartitionDriver: Sendable {
                     handle { $0.applied(outcome, now: $1) }
                 }
             }
-        case .read(let requests):
+        case .read(let requests, let messages):
             guard let store else { return }
             Task {
                 let result: Result<[Reply], Machine.Failure>
                 do {
-                    result = .success(try await read(requests, from: store))
+                    result = .success(try await read(requests, messages: messages, from: store))
                 } catch {
                     result = .failure(Self.classify(error))
                 }
@@ -255,14 +255,34 @@ final class PartitionDriver: Sendable {
     }
 
     /// Answers `events` requests from the partition's history, one read each, in order.
-    private func read(_ requests: [Request], from store: OwnershipStore) async throws -> [Reply] {
+    /// How long the `events` reads of one batch may hold the partition: reads past it are answered with
+    /// no events and `more` (read again from the same position), and are served in later batches, so that
+    /// a message of reads never holds other frontends' decisions up for long.
+    static let readBudget = Duration.milliseconds(50)
+
+    /// Reads what `requests` (`events`, from the deliveries `messages`) ask for, within ``readBudget`` and
+    /// ``ProtocolV1/maxReplyBytesPerMessage`` per delivery.
+    private func read(_ requests: [Request], messages: [UInt64], from store: OwnershipStore) async throws -> [Reply] {
         var replies: [Reply] = []
-        for request in requests {
+        var bytesLeft: [UInt64: Int] = [:]
+        let started = ContinuousClock.now
+        var lastRead: Timestamp?
+        for (request, message) in zip(requests, messages) {
             guard case .events(let buffer, let after, let limit) = request.command else { continue }
+            let left = bytesLeft[message, default: ProtocolV1.maxReplyBytesPerMessage]
+            if let after, let at = lastRead, ContinuousClock.now - started > Self.readBudget || left < ProtocolCodec.maxEventsReplyBytes {
+                // Deferred: nothing read, nothing missed; the reader asks again from where it was.
+                replies.append(Reply(
+                    requestID: request.requestID, status: .events, buffer: buffer, at: at, partition: partition,
+                    events: EventPage(events: [], position: after, more: true, missed: false)
+                ))
+                continue
+            }
             let (page, at) = try await store.events(partition: partition, after: after, buffer: buffer, limit: limit)
-            replies.append(Reply(
-                requestID: request.requestID, status: .events, buffer: buffer, at: at, partition: partition, events: ProtocolCodec.fitting(page)
-            ))
+            lastRead = at
+            let reply = Reply(requestID: request.requestID, status: .events, buffer: buffer, at: at, partition: partition, events: ProtocolCodec.fitting(page))
+            bytesLeft[message] = left - ProtocolCodec.encode(reply).count
+            replies.append(reply)
         }
         return replies
     }

@@ -67,7 +67,7 @@ struct PartitionStateMachine {
         /// Apply `requests` (in order) as owner of `epoch`; report with ``applied(_:now:)``.
         case apply(requests: [Request], epoch: Int64)
         /// Read the history the `events` requests ask for, after the batch's decisions; report with ``read(_:now:)``.
-        case read(requests: [Request])
+        case read(requests: [Request], messages: [UInt64])
         /// Call ``retryDue()`` after `delay` (a store call failed for now).
         case retry(after: Duration, error: String)
         /// Call ``wake(now:)`` after `delay` (the linger of a batch).
@@ -379,7 +379,7 @@ struct PartitionStateMachine {
                 }
                 if !batch.reads.isEmpty, batch.readReplies == nil {
                     operation = .reading
-                    actions.append(.read(requests: batch.reads.map(\.request)))
+                    actions.append(.read(requests: batch.reads.map(\.request), messages: batch.reads.map(\.message.deliveryTag)))
                     return actions
                 }
                 batch.report.duration = now - batch.started

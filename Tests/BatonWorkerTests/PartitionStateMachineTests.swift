@@ -144,7 +144,7 @@ import Testing
     }
 
     static func read(_ actions: [Machine.Action]) -> [Request]? {
-        for case .read(let requests) in actions { return requests }
+        for case .read(let requests, _) in actions { return requests }
         return nil
     }
 

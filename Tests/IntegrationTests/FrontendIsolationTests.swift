@@ -319,4 +319,72 @@ import Testing
         await holder.close()
         await running.stop()
     }
+
+    /// Findings 7 and 8: a message of 256 `events` reads neither holds its partition up for other
+    /// frontends (filtered to a buffer without history, each read scanned up to 4,096 changes) nor makes
+    /// the worker publish megabytes for a few kilobytes asked (unfiltered, each read filled 60 KiB).
+    @Test func aMessageOfReadsNeitherHoldsThePartitionNorFloodsTheBroker() async throws {
+        let deployment = try await Deployment.make(partitions: 2)
+        let running = deployment.startWorker()
+        let client = deployment.client(timeout: .seconds(30))
+        // History: 4,096 grants on partition 0.
+        let names = (0..<9000).map { "history-\($0)-with-a-longer-name-to-fill-events.txt" }.filter { deployment.partitioner.partition(of: $0) == 0 }.prefix(4096)
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            for worker in 0..<64 {
+                group.addTask {
+                    for name in names.dropFirst(worker).enumerated().filter({ $0.offset % 64 == 0 }).map(\.element) {
+                        _ = try await client.claim(name, user: "user-with-a-long-name", connection: "connection-with-a-long-name", lease: .seconds(600))
+                    }
+                }
+            }
+            try await group.waitForAll()
+        }
+        let raw = try await deployment.connect("reads", as: deployment.frontendURL)
+        let channel = try await raw.openChannel()
+        let (_, replies) = try await channel.consume(queue: ProtocolV1.directReplyTo, noAck: true)
+        func publishReads(_ id: String, buffer: String?) async throws -> [UInt8] {
+            let reads = (0..<256).map { Request(requestID: "\(id)-\($0)", command: .events(buffer: buffer, after: 0, limit: 256)) }
+            let body = ProtocolCodec.encodeBatch(reads)
+            try await channel.publish(OutgoingMessage(
+                exchange: ProtocolV1.requestsExchange, routingKey: "0", body: body,
+                properties: AMQPProperties(correlationID: id, replyTo: ProtocolV1.directReplyTo, userID: deployment.frontendURL.user)
+            ))
+            return body
+        }
+        /// Reads every reply to `id` until its 256 elements are answered: the bytes of its messages.
+        func collect(_ id: String) async throws -> Int {
+            var answered = 0
+            var bytes = 0
+            let started = ContinuousClock.now
+            while answered < 256, ContinuousClock.now - started < .seconds(60) {
+                for message in try await replies.next(max: 64, timeout: .seconds(1)) where message.properties.correlationID == id {
+                    bytes += message.body.count
+                    answered += try ProtocolCodec.decodeReplies(message.body).count
+                }
+            }
+            #expect(answered == 256)
+            return bytes
+        }
+
+        // Filtered to a buffer with no history: another frontend's claim on the partition is not held up.
+        _ = try await publishReads("filtered", buffer: "no-history-here")
+        try await Task.sleep(for: .milliseconds(100))  // the reads have started
+        let started = ContinuousClock.now
+        let honestName = try #require((0..<100).map { "honest-\($0).txt" }.first { deployment.partitioner.partition(of: $0) == 0 })
+        guard case .granted = try await client.claim(honestName, user: "bob", connection: "c-bob") else {
+            Issue.record("not granted")
+            return
+        }
+        let honest = ContinuousClock.now - started
+        _ = try await collect("filtered")
+        #expect(honest < .milliseconds(400), "a claim waited \(honest) behind a message of 256 filtered reads")
+
+        // Unfiltered: the replies to one message are bounded.
+        let asked = try await publishReads("unfiltered", buffer: nil)
+        let answeredBytes = try await collect("unfiltered")
+        #expect(answeredBytes <= ProtocolV1.maxReplyBytesPerMessage + 64 * 1024, "\(asked.count) bytes asked were answered with \(answeredBytes) bytes")
+        await raw.close()
+        await client.close()
+        await running.stop()
+    }
 }
