@@ -236,11 +236,13 @@ public final class BatonClient: Sendable {
         var queued: [Queued] = []
     }
 
-    /// A message in flight: which calls it carries.
+    /// A message in flight: which calls it carries (in the order of its batch), and how many of their
+    /// replies came (a batch reply may come in several parts).
     private struct SentMessage {
         let partition: Int
         let keys: [String]
         let expires: ContinuousClock.Instant
+        var answered = 0
     }
 
     /// Wakes waits whose time passed and sends what waited behind messages now counted as lost;
@@ -250,7 +252,7 @@ public final class BatonClient: Sendable {
         let (closed, pending, stalled) = state.withLock { state in
             state.sent = state.sent.filter { $0.value.expires > now }
             let stalled = state.lanes.compactMap { partition, lane in
-                !lane.queued.isEmpty && lane.inFlight.values.contains { $0 <= now } ? partition : nil
+                !lane.queued.isEmpty && (lane.inFlight.isEmpty || lane.inFlight.values.contains { $0 <= now }) ? partition : nil
             }
             return (state.closed, state.pending.values.map(\.call), stalled)
         }
@@ -678,7 +680,10 @@ public final class BatonClient: Sendable {
     /// Sends what waits for `partition` if its messages in flight were answered or count as lost.
     private func flush(_ partition: Int) {
         let (link, message) = state.withLock { state -> (Link?, (String, [Queued])?) in
-            guard let link = state.link, var lane = state.lanes[partition] else { return (nil, nil) }
+            // Called on the connection's I/O thread when a reply frees a lane: a write into a connection
+            // the broker blocked (a resource alarm) could block that thread, and no reply would be read
+            // any more. What waits goes once the broker unblocks (the reaper flushes idle lanes).
+            guard let link = state.link, link.connection.blockedReason == nil, var lane = state.lanes[partition] else { return (nil, nil) }
             defer { state.lanes[partition] = lane }
             return (link, nextMessage(&lane, partition: partition, state: &state))
         }
@@ -859,27 +864,43 @@ public final class BatonClient: Sendable {
         var freed = Set<Int>()
         for message in batch {
             guard let correlationID = message.properties.correlationID else { continue }
+            let decoded: (first: Int?, replies: [Reply])?
+            let failure: ReplyDecodingError?
+            do {
+                decoded = try ProtocolCodec.decodeReplyMessage(message.body)
+                failure = nil
+            } catch {
+                decoded = nil
+                failure = error
+            }
+            // The record stays until every element of its batch is answered: a batch reply over 64 KiB
+            // comes in parts, and an element refused without a request id is matched by its place.
             let record = state.withLock { state -> SentMessage? in
-                guard let record = state.sent.removeValue(forKey: correlationID) else { return nil }
+                guard var record = state.sent[correlationID] else { return nil }
                 state.lanes[record.partition]?.inFlight.removeValue(forKey: correlationID)
+                record.answered += decoded?.replies.count ?? record.keys.count
+                if decoded?.first == nil || record.answered >= record.keys.count {
+                    state.sent.removeValue(forKey: correlationID)
+                } else {
+                    state.sent[correlationID] = record
+                }
                 return record
             }
             if let record { freed.insert(record.partition) }
-            let replies: [Reply]
-            do {
-                replies = try ProtocolCodec.decodeReplies(message.body)
-            } catch {
+            guard let (first, replies) = decoded else {
                 let calls = state.withLock { state in (record?.keys ?? []).compactMap { state.pending[$0]?.call } }
-                for call in calls { call.resolve(.failure(BatonClientError(code: .badReply, message: "the reply could not be decoded: \(error)"))) }
+                for call in calls { call.resolve(.failure(BatonClientError(code: .badReply, message: "the reply could not be decoded: \(failure.map { "\($0)" } ?? "")"))) }
                 continue
             }
             let resolved = state.withLock { state -> [(PendingCall, Reply)] in
-                replies.flatMap { reply -> [(PendingCall, Reply)] in
+                replies.enumerated().flatMap { offset, reply -> [(PendingCall, Reply)] in
                     let keys: [String]
                     if let id = reply.requestID, let partition = record?.partition ?? reply.partition {
                         keys = ["\(partition)|\(id)"]
+                    } else if let first, let record, record.keys.indices.contains(first + offset) {
+                        keys = [record.keys[first + offset]]  // a batch element refused without a request id
                     } else {
-                        keys = record?.keys ?? []  // a late answer to a call that already returned has no record
+                        keys = record?.keys ?? []  // a message refused as a whole; a late answer has no record
                     }
                     return keys.compactMap { key in state.pending[key].map { ($0.call, reply) } }
                 }

@@ -137,13 +137,22 @@ extension ProtocolCodec {
 
     /// Decodes a reply message: one reply, or the replies to a batch in its order.
     public static func decodeReplies(_ body: some Collection<UInt8>) throws(ReplyDecodingError) -> [Reply] {
+        try decodeReplyMessage(body).replies
+    }
+
+    /// The replies a reply message carries and, for a part of a batch reply, the batch element its first
+    /// reply answers (`first`; nil for a reply to a single request or to a message refused whole).
+    public static func decodeReplyMessage(_ body: some Collection<UInt8>) throws(ReplyDecodingError) -> (first: Int?, replies: [Reply]) {
         let object = try replyObject(body)
-        guard case .string("batch")? = object["status"] else { return [try reply(from: object)] }
+        guard case .string("batch")? = object["status"] else { return (nil, [try reply(from: object)]) }
         guard case .array(let items)? = object["replies"] else { throw ReplyDecodingError("a batch reply without a 'replies' array") }
-        return try items.map { item throws(ReplyDecodingError) in
+        var first = 0
+        if case .integer(let value)? = object["first"], value >= 0, value < Int64(ProtocolV1.maxBatchCount) { first = Int(value) }
+        let replies = try items.map { item throws(ReplyDecodingError) in
             guard case .object(let fields) = item else { throw ReplyDecodingError("a batch reply element is \(item.kindDescription), not an object") }
             return try reply(from: fields)
         }
+        return (first, replies)
     }
 
     private static func replyObject(_ body: some Collection<UInt8>) throws(ReplyDecodingError) -> [String: JSONValue] {

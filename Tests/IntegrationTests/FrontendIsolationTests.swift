@@ -387,4 +387,51 @@ import Testing
         await client.close()
         await running.stop()
     }
+
+    /// Finding 5: a batch reply split over several messages answers every call of the batch, an element
+    /// refused without a `request_id` in a later part included (by its place: `first` + index). The test
+    /// plays the worker on the real broker, to send exactly those parts.
+    @Test func aSplitBatchReplyAnswersEveryCallOfTheBatch() async throws {
+        let deployment = try await Deployment.make(partitions: 1)
+        let client = deployment.client(timeout: .seconds(10))
+        let worker = try await deployment.connect("a worker by hand")
+        let channel = try await worker.openChannel()
+        try await channel.qos(prefetch: 16)
+        let (_, deliveries) = try await channel.consume(queue: ProtocolV1.requestQueue(0))
+        let publisher = try await worker.openChannel()
+        func answer(_ message: AMQPMessage, _ body: [UInt8]) async throws {
+            var properties = AMQPProperties(contentType: ProtocolV1.contentType)
+            properties.correlationIDBytes = message.properties.correlationIDBytes
+            try await publisher.publish(OutgoingMessage(exchange: "", routingKey: message.properties.replyTo ?? "", body: body, properties: properties))
+        }
+        // The first call goes alone; the next three wait for its reply and then go as one batch.
+        let first = Task { try await client.inspect("a") }
+        let firstMessage = try #require(try await deliveries.next(max: 1, timeout: .seconds(5)).first)
+        let calls = ["b", "c", "d"].map { name in Task { try await client.inspect(name, requestID: "id-\(name)") } }
+        try await Task.sleep(for: .milliseconds(200))
+        try await answer(firstMessage, ProtocolCodec.encode(Reply(requestID: try ProtocolCodec.decodeRequest(firstMessage.body).requestID, status: .state, buffer: "a", token: 0, at: Timestamp(milliseconds: 1), partition: 0)))
+        _ = try await first.value
+        let batch = try #require(try await deliveries.next(max: 1, timeout: .seconds(5)).first)
+        guard case .batch(let elements) = try ProtocolCodec.decodeMessage(batch.body) else { Issue.record("not a batch"); return }
+        #expect(elements.count == 3)
+        func state(_ id: String, _ buffer: String) -> [UInt8] {
+            ProtocolCodec.encode(Reply(requestID: id, status: .state, buffer: buffer, token: 0, at: Timestamp(milliseconds: 1), partition: 0))
+        }
+        let refused = ProtocolCodec.encode(Reply(requestID: nil, status: .error, partition: 0, error: ReplyError(code: .invalidRequest, message: "refused by hand")))
+        // Two parts: element 0 in the first, elements 1 and 2 in the second, element 2 without a request id.
+        try await answer(batch, Array(#"{"v":1,"status":"batch","first":0,"replies":["#.utf8) + state("id-b", "b") + Array("]}".utf8))
+        try await answer(batch, Array(#"{"v":1,"status":"batch","first":1,"replies":["#.utf8) + state("id-c", "c") + Array(",".utf8) + refused + Array("]}".utf8))
+        #expect(try await calls[0].value.lastToken == 0)
+        #expect(try await calls[1].value.lastToken == 0)
+        let started = ContinuousClock.now
+        do {
+            _ = try await calls[2].value
+            Issue.record("the refused element was answered as a success")
+        } catch let error as BatonClientError {
+            #expect(error.code == .rejected && error.errorCode == .invalidRequest, "\(error)")
+        }
+        #expect(ContinuousClock.now - started < .seconds(1), "the element refused in the second part was answered at once, not at its timeout")
+        await client.close()
+        await worker.close()
+    }
 }
