@@ -482,7 +482,8 @@ public final class BatonClient: Sendable {
     ///
     /// The request carries a `deadline` (now + the timeout, at most the protocol's request lifetime) in its
     /// body and as the message's `expiration`, so a worker never decides it after this call gave up. While
-    /// no reply has come, it is published again every ``BatonClientConfiguration/resendAfter`` with the same
+    /// no reply has come, it is published again after ``BatonClientConfiguration/resendAfter``, then after
+    /// intervals that double (with ±20 % jitter, at most 15 s, never past the deadline), with the same
     /// `request_id` and correlation id, and the reply to any attempt answers the call.
     ///
     /// - Parameters:
@@ -525,9 +526,8 @@ public final class BatonClient: Sendable {
         }
 
         var backoff = Backoff(initial: .milliseconds(50), maximum: .seconds(1))
-        // A waiting claim's answer comes when it leaves the line; a lost request or reply shows as the
-        // connection ending (which wakes every call at once), so its resends only back that up and
-        // grow to at most 15 s instead of repeating the claim every `resendAfter` while it waits.
+        // Resends back off. A waiting claim's answer comes when it leaves the line; a lost request or reply
+        // shows as the connection ending (which wakes every call at once), so its resends only back that up.
         var resendInterval = resendAfter
         var attempts = 0
         var blocked: String?
@@ -558,8 +558,11 @@ public final class BatonClient: Sendable {
             }
             let waitedUntil = min(deadline, .now + resendInterval)
             let answer: Result<Reply, BatonClientError>?
+            // The next resend comes later each time (doubled, with ±20 % jitter, at most 15 s, never past
+            // the deadline): a reply lost in a failover is still asked for again after `resendAfter`, and
+            // an overloaded worker does not get every call again every `resendAfter`.
+            resendInterval = min(resendInterval * 2, max(resendAfter, .seconds(15))) * Double.random(in: 0.8...1.2)
             if request.waiting != nil {
-                resendInterval = min(resendInterval * 2, max(resendAfter, .seconds(15)))
                 // A waiting claim may wait minutes: a cancelled caller stops waiting at once.
                 if Task.isCancelled { throw CancellationError() }
                 answer = await withTaskCancellationHandler { await pending.wait(until: waitedUntil) } onCancel: { pending.wake() }
