@@ -25,6 +25,16 @@ public struct BatonClientConfiguration: Sendable {
     public var coalesce = true
     /// The most requests one coalesced message carries (1-256).
     public var maxCoalesced = ProtocolV1.maxBatchCount
+    /// While the client is busy (``busyCalls`` calls or more wait for replies), a call that finds its
+    /// partition's lane idle waits up to this long for others to go with it (until ``lingerTarget``
+    /// have queued), instead of going alone: under load, calls answered together come back together, and
+    /// the first of them would otherwise take a message of its own. A lone call always goes at once.
+    /// Zero turns it off.
+    public var linger: Duration = .microseconds(500)
+    /// How many calls waiting for replies make the client busy (see ``linger``).
+    public var busyCalls = 16
+    /// How many queued calls end a linger at once.
+    public var lingerTarget = 8
 
     /// Creates a configuration.
     public init(amqpURL: AMQPURL, partitioner: Partitioner) {
@@ -234,6 +244,12 @@ public final class BatonClient: Sendable {
     private struct Lane {
         var inFlight: [String: ContinuousClock.Instant] = [:]
         var queued: [Queued] = []
+        /// When the oldest of ``queued`` was queued.
+        var queuedSince: ContinuousClock.Instant?
+        /// When the last reply freed the lane.
+        var freedAt: ContinuousClock.Instant?
+        /// A flush is scheduled for the end of a linger.
+        var lingering = false
     }
 
     /// A message in flight: which calls it carries (in the order of its batch), and how many of their
@@ -669,6 +685,7 @@ public final class BatonClient: Sendable {
     private func send(_ request: Queued, partition: Int, on link: Link) {
         let message = state.withLock { state -> (String, [Queued])? in
             var lane = state.lanes[partition] ?? Lane()
+            if lane.queued.isEmpty { lane.queuedSince = .now }
             lane.queued.append(request)
             defer { state.lanes[partition] = lane }
             return nextMessage(&lane, partition: partition, state: &state)
@@ -678,6 +695,12 @@ public final class BatonClient: Sendable {
             // A waiting claim went alone: what waited with it may go now too.
             if items.first?.alone == true { flush(partition) }
         }
+    }
+
+    /// A linger ended: sends what waited.
+    private func endLinger(_ partition: Int) {
+        state.withLock { $0.lanes[partition]?.lingering = false }
+        flush(partition)
     }
 
     /// Sends what waits for `partition` if its messages in flight were answered or count as lost.
@@ -713,6 +736,19 @@ public final class BatonClient: Sendable {
             return (id, [item])
         }
         guard lane.inFlight.isEmpty || !configuration.coalesce else { return nil }
+        if configuration.coalesce, configuration.linger > .zero, lane.queued.count < configuration.lingerTarget,
+           state.pending.count >= configuration.busyCalls, let since = [lane.freedAt, lane.queuedSince].compactMap({ $0 }).max(),
+           now < since + configuration.linger {
+            if !lane.lingering {
+                lane.lingering = true
+                let until = since + configuration.linger
+                Task { [weak self] in
+                    try? await Task.sleep(until: until, tolerance: .microseconds(100))
+                    self?.endLinger(partition)
+                }
+            }
+            return nil
+        }
         var count = 0
         var bytes = 32
         let limit = configuration.coalesce ? max(1, min(configuration.maxCoalesced, ProtocolV1.maxBatchCount)) : 1
@@ -722,6 +758,7 @@ public final class BatonClient: Sendable {
         }
         let items = Array(lane.queued.prefix(count))
         lane.queued.removeFirst(count)
+        lane.queuedSince = lane.queued.isEmpty ? nil : now
         // Unique per client run without a random source per message: a prefix drawn once, and a counter.
         state.nextMessage += 1
         let id = "\(messagePrefix)-\(state.nextMessage)"
@@ -880,7 +917,11 @@ public final class BatonClient: Sendable {
             // comes in parts, and an element refused without a request id is matched by its place.
             let record = state.withLock { state -> SentMessage? in
                 guard var record = state.sent[correlationID] else { return nil }
-                state.lanes[record.partition]?.inFlight.removeValue(forKey: correlationID)
+                if state.lanes[record.partition]?.inFlight.removeValue(forKey: correlationID) != nil {
+                    // The calls answered now come back soon with their next requests: under load, the
+                    // lane lingers for them (``BatonClientConfiguration/linger``).
+                    state.lanes[record.partition]?.freedAt = .now
+                }
                 record.answered += decoded?.replies.count ?? record.keys.count
                 if decoded?.first == nil || record.answered >= record.keys.count {
                     state.sent.removeValue(forKey: correlationID)
