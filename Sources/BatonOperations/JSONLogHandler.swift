@@ -34,13 +34,13 @@ public enum LogFormat: String, CaseIterable, Sendable {
         switch self {
         case .text:
             LoggingSystem.bootstrap { label in
-                var handler = TextLogHandler(label: label)
+                var handler = LineLogHandler(label: label, format: .text)
                 handler.logLevel = level
                 return handler
             }
         case .json:
             LoggingSystem.bootstrap { label in
-                var handler = JSONLogHandler(label: label)
+                var handler = LineLogHandler(label: label, format: .json)
                 handler.logLevel = level
                 return handler
             }
@@ -53,8 +53,8 @@ public struct InvalidSetting: Error, CustomStringConvertible {
     public let description: String
 }
 
-/// A swift-log handler that writes each entry as one JSON object on a line of its own, to standard
-/// error (where the text format writes too):
+/// The JSON log format (``LineLogHandler`` with ``LogFormat/json``): each entry one JSON object on a
+/// line of its own, to standard error (where the text format writes too):
 ///
 /// ```json
 /// {"ts":"2026-11-28T00:57:02.306Z","level":"info","label":"baton.migrate","message":"applied migration","source":"BatonPostgres","metadata":{"baton.migration":"1 ownership store"}}
@@ -70,43 +70,7 @@ public struct InvalidSetting: Error, CustomStringConvertible {
 /// Strings are JSON-escaped (quotes, backslashes, every control character); other characters stay
 /// as UTF-8. The handler prints messages and values exactly as the text format does, so what is
 /// redacted there is redacted here: URLs describe themselves with their password as `********`.
-public struct JSONLogHandler: LogHandler {
-    /// The logger's label.
-    public let label: String
-    public var logLevel: Logger.Level = .info
-    public var metadata: Logger.Metadata = [:]
-    public var metadataProvider: Logger.MetadataProvider?
-    private let output: @Sendable ([UInt8]) -> Void
-
-    /// A handler writing to `output` (default: standard error, one whole line per write).
-    public init(
-        label: String, metadataProvider: Logger.MetadataProvider? = LoggingSystem.metadataProvider,
-        output: @escaping @Sendable ([UInt8]) -> Void = { StandardError.write($0) }
-    ) {
-        self.label = label
-        self.metadataProvider = metadataProvider
-        self.output = output
-    }
-
-    public subscript(metadataKey key: String) -> Logger.Metadata.Value? {
-        get { metadata[key] }
-        set { metadata[key] = newValue }
-    }
-
-    public func log(event: LogEvent) {
-        // Merged as StreamLogHandler merges: the handler's, then the provider's, then the entry's.
-        var merged = metadata
-        if let provided = metadataProvider?.get(), !provided.isEmpty { merged.merge(provided) { $1 } }
-        if let explicit = event.metadata, !explicit.isEmpty { merged.merge(explicit) { $1 } }
-        if let error = event.error {
-            merged["error.message"] = "\(error)"
-            merged["error.type"] = "\(String(reflecting: type(of: error)))"
-        }
-        output(Self.line(
-            at: Self.now(), level: event.level, label: label, message: event.message.description, source: event.source, metadata: merged
-        ))
-    }
-
+public enum JSONLogHandler {
     /// One entry as a line: the JSON object and `\n`.
     static func line(at time: Timestamp, level: Logger.Level, label: String, message: String, source: String, metadata: Logger.Metadata) -> [UInt8] {
         var bytes: [UInt8] = []
@@ -159,6 +123,53 @@ public struct JSONLogHandler: LogHandler {
         var time = timespec()
         clock_gettime(CLOCK_REALTIME, &time)
         return Timestamp(milliseconds: Int64(time.tv_sec) * 1000 + Int64(time.tv_nsec) / 1_000_000)
+    }
+}
+
+/// The swift-log handler of both formats: merges an entry's metadata as `StreamLogHandler` does (the
+/// handler's, the provider's, the entry's, and an error as `error.message` and `error.type`) and writes
+/// it as one line of ``LogFormat`` (``JSONLogHandler`` or ``TextLogHandler``).
+public struct LineLogHandler: LogHandler {
+    /// The logger's label.
+    public let label: String
+    /// The line format.
+    public let format: LogFormat
+    public var logLevel: Logger.Level = .info
+    public var metadata: Logger.Metadata = [:]
+    public var metadataProvider: Logger.MetadataProvider?
+    private let output: @Sendable ([UInt8]) -> Void
+
+    /// A handler writing to `output` (default: standard error, one whole line per write).
+    public init(
+        label: String, format: LogFormat, metadataProvider: Logger.MetadataProvider? = LoggingSystem.metadataProvider,
+        output: @escaping @Sendable ([UInt8]) -> Void = { StandardError.write($0) }
+    ) {
+        self.label = label
+        self.format = format
+        self.metadataProvider = metadataProvider
+        self.output = output
+    }
+
+    public subscript(metadataKey key: String) -> Logger.Metadata.Value? {
+        get { metadata[key] }
+        set { metadata[key] = newValue }
+    }
+
+    public func log(event: LogEvent) {
+        var merged = metadata
+        if let provided = metadataProvider?.get(), !provided.isEmpty { merged.merge(provided) { $1 } }
+        if let explicit = event.metadata, !explicit.isEmpty { merged.merge(explicit) { $1 } }
+        if let error = event.error {
+            merged["error.message"] = "\(error)"
+            merged["error.type"] = "\(String(reflecting: type(of: error)))"
+        }
+        let time = JSONLogHandler.now()
+        let message = event.message.description
+        let line = switch format {
+        case .json: JSONLogHandler.line(at: time, level: event.level, label: label, message: message, source: event.source, metadata: merged)
+        case .text: TextLogHandler.line(at: time, level: event.level, label: label, message: message, source: event.source, metadata: merged)
+        }
+        output(line)
     }
 }
 

@@ -1,9 +1,9 @@
 import BatonCore
 import Logging
 
-/// A swift-log handler that writes each entry as one line of text to standard error, in the layout of
-/// swift-log's `StreamLogHandler` but with every metadata value that could be mistaken for more than
-/// one value quoted (logfmt):
+/// The text log format (``LineLogHandler`` with ``LogFormat/text``): each entry one line of text to
+/// standard error, in the layout of swift-log's `StreamLogHandler` but with every metadata value that
+/// could be mistaken for more than one value quoted (logfmt):
 ///
 /// ```
 /// 2026-11-28T00:57:02.306Z info baton.worker: baton.op=claim baton.request_id="x y=z" [BatonWorker] request refused
@@ -14,40 +14,7 @@ import Logging
 /// or holds a space, `=`, `"` or `\` is written in double quotes with `"` and `\` escaped; control and
 /// format characters are escaped in values and the message alike (``LogValue/escape(_:)``), so an entry
 /// is always one line. Keys are sorted; nested metadata is flattened as ``JSONLogHandler`` does.
-public struct TextLogHandler: LogHandler {
-    /// The logger's label.
-    public let label: String
-    public var logLevel: Logger.Level = .info
-    public var metadata: Logger.Metadata = [:]
-    public var metadataProvider: Logger.MetadataProvider?
-    private let output: @Sendable ([UInt8]) -> Void
-
-    /// A handler writing to `output` (default: standard error, one whole line per write).
-    public init(
-        label: String, metadataProvider: Logger.MetadataProvider? = LoggingSystem.metadataProvider,
-        output: @escaping @Sendable ([UInt8]) -> Void = { StandardError.write($0) }
-    ) {
-        self.label = label
-        self.metadataProvider = metadataProvider
-        self.output = output
-    }
-
-    public subscript(metadataKey key: String) -> Logger.Metadata.Value? {
-        get { metadata[key] }
-        set { metadata[key] = newValue }
-    }
-
-    public func log(event: LogEvent) {
-        var merged = metadata
-        if let provided = metadataProvider?.get(), !provided.isEmpty { merged.merge(provided) { $1 } }
-        if let explicit = event.metadata, !explicit.isEmpty { merged.merge(explicit) { $1 } }
-        if let error = event.error {
-            merged["error.message"] = "\(error)"
-            merged["error.type"] = "\(String(reflecting: type(of: error)))"
-        }
-        output(Self.line(at: JSONLogHandler.now(), level: event.level, label: label, message: event.message.description, source: event.source, metadata: merged))
-    }
-
+public enum TextLogHandler {
     /// One entry as a line, `\n` included.
     static func line(at time: Timestamp, level: Logger.Level, label: String, message: String, source: String, metadata: Logger.Metadata) -> [UInt8] {
         var text = "\(time.rfc3339) \(level) \(LogValue.escape(label)):"
