@@ -499,7 +499,8 @@ public final class BatonClient: Sendable {
     /// The request carries a `deadline` (now + the timeout, at most the protocol's request lifetime) in its
     /// body and as the message's `expiration`, so a worker never decides it after this call gave up. While
     /// no reply has come, it is published again after ``BatonClientConfiguration/resendAfter``, then after
-    /// intervals that double (with ±20 % jitter, at most 15 s, never past the deadline), with the same
+    /// twice that (with ±20 % jitter, never past the deadline; a waiting claim's interval doubles up to
+    /// 15 s), with the same
     /// `request_id` and correlation id, and the reply to any attempt answers the call.
     ///
     /// - Parameters:
@@ -574,10 +575,13 @@ public final class BatonClient: Sendable {
             }
             let waitedUntil = min(deadline, .now + resendInterval)
             let answer: Result<Reply, BatonClientError>?
-            // The next resend comes later each time (doubled, with ±20 % jitter, at most 15 s, never past
-            // the deadline): a reply lost in a failover is still asked for again after `resendAfter`, and
-            // an overloaded worker does not get every call again every `resendAfter`.
-            resendInterval = min(resendInterval * 2, max(resendAfter, .seconds(15))) * Double.random(in: 0.8...1.2)
+            // The next resend comes later (doubled, with ±20 % jitter, never past the deadline): at most
+            // twice `resendAfter` for a call, so a request lost in a failover is asked for again within 3 s
+            // of the fault clearing (a cluster chaos run with a longer cap had a call wait 11.6 s around a
+            // queue leader's death), while an overloaded worker gets each call again half as often; at
+            // most 15 s for a waiting claim, whose answer may take minutes anyway.
+            let cap = request.waiting != nil ? max(resendAfter, .seconds(15)) : resendAfter * 2
+            resendInterval = min(resendInterval * 2, cap) * Double.random(in: 0.8...1.2)
             if request.waiting != nil {
                 // A waiting claim may wait minutes: a cancelled caller stops waiting at once.
                 if Task.isCancelled { throw CancellationError() }
