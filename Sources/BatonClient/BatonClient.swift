@@ -577,8 +577,7 @@ public final class BatonClient: Sendable {
             let answer: Result<Reply, BatonClientError>?
             // The next resend comes later (doubled, with ±20 % jitter, never past the deadline): at most
             // twice `resendAfter` for a call, so a request lost in a failover is asked for again within 3 s
-            // of the fault clearing (a cluster chaos run with a longer cap had a call wait 11.6 s around a
-            // queue leader's death), while an overloaded worker gets each call again half as often; at
+            // of the fault clearing, while an overloaded worker gets each call again half as often; at
             // most 15 s for a waiting claim, whose answer may take minutes anyway.
             let cap = request.waiting != nil ? max(resendAfter, .seconds(15)) : resendAfter * 2
             resendInterval = min(resendInterval * 2, cap) * Double.random(in: 0.8...1.2)
