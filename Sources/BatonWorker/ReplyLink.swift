@@ -35,6 +35,19 @@ final class ReplyLink: Sendable {
         var refused: [ReplySender: ContinuousClock.Instant] = [:]
         /// Replies waiting for their sender's probe, in arrival order.
         var waiting: [(sender: ReplySender, message: OutgoingMessage)] = []
+        /// The sender of each reply address seen lately (parsing one decodes base64): nil for an address
+        /// that is no sender (a server-named queue). Emptied when it grows past ``knownLimit``.
+        var known: [String: ReplySender?] = [:]
+
+        static let knownLimit = 65_536
+
+        mutating func sender(of address: String) -> ReplySender? {
+            if let sender = known[address] { return sender }
+            if known.count >= Self.knownLimit { known.removeAll(keepingCapacity: true) }
+            let sender = ReplySender(address: address)
+            known[address] = sender
+            return sender
+        }
     }
 
     /// How long a sender whose reply closed the probe connection gets no replies.
@@ -80,7 +93,7 @@ final class ReplyLink: Sendable {
         senders.withLock { senders in
             var now: ContinuousClock.Instant?
             for action in publishes {
-                guard case .publish(let message) = action, let sender = ReplySender(address: message.routingKey), !senders.trusted.contains(sender) else {
+                guard case .publish(let message) = action, let sender = senders.sender(of: message.routingKey), !senders.trusted.contains(sender) else {
                     trusted.append(action)
                     continue
                 }
