@@ -725,12 +725,24 @@ public final class OwnershipStore: Sendable {
 
     // MARK: - Outbox and retention
 
-    /// Up to `limit` changes of `partition` decided at least `olderThan` ago and not yet marked delivered, oldest first.
-    public func undelivered(partition: Int, olderThan: Duration = .zero, limit: Int = 1000) async throws -> [OutboxEntry] {
+    /// Up to `limit` changes of `partition` not yet published (after its delivered position), oldest first.
+    public func undelivered(partition: Int, limit: Int = 1000) async throws -> [OutboxEntry] {
+        try await outbox(partition: partition, after: deliveredThrough(partition: partition), limit: limit)
+    }
+
+    /// Up to `limit` changes of `partition` after position `after`, oldest first.
+    public func outbox(partition: Int, after: Int64, limit: Int) async throws -> [OutboxEntry] {
         try await connection.withSession { session in
-            try session.query(SQL.undelivered, [String(partition), String(limit), String(olderThan.wholeMilliseconds)]).decode(from: "baton_outbox") { row in
+            try session.query(SQL.outboxAfter, [String(partition), String(after), String(limit)]).decode(from: "baton_outbox") { row in
                 OutboxEntry(id: try row.decode(0, "id"), partition: partition, change: try OwnershipChange(row: row, from: 1, principal: false))
             }
+        }
+    }
+
+    /// The position up to which every change of `partition` was published (0: none yet).
+    public func deliveredThrough(partition: Int) async throws -> Int64 {
+        try await connection.withSession { session in
+            try session.query(SQL.deliveredThrough, [String(partition)]).decode(from: "baton_outbox_delivery") { try $0.decode(0, "through", as: Int64.self) }.first ?? 0
         }
     }
 
@@ -803,15 +815,15 @@ public final class OwnershipStore: Sendable {
         }
     }
 
-    /// Marks outbox rows delivered (their events were published).
-    public func markDelivered(_ ids: [Int64]) async throws {
-        guard !ids.isEmpty else { return }
+    /// Records that every change of `partition` up to position `through` was published (the position
+    /// never moves back).
+    public func markDelivered(partition: Int, through: Int64) async throws {
         _ = try await connection.withSession { session in
-            try session.query(SQL.markDelivered, [PostgresArray.integers(ids.map { Optional($0) })])
+            try session.query(SQL.markDelivered, [String(partition), String(through)])
         }
     }
 
-    /// Deletes idempotency records older than `retention` and delivered outbox rows delivered longer than `retention` ago.
+    /// Deletes idempotency records older than `retention` and published outbox rows decided longer than `retention` ago.
     ///
     /// - Returns: how many requests and outbox rows were deleted.
     @discardableResult
@@ -831,7 +843,7 @@ public final class OwnershipStore: Sendable {
             while true {
                 let deleted = try session.query(SQL.pruneOutbox, [milliseconds, String(chunk)]).decode(from: "baton_outbox") { try $0.decode(0, "count", as: Int.self) }.first ?? 0
                 outbox += deleted
-                if deleted < chunk { break }
+                if deleted == 0 { break }
             }
             return (requests, outbox)
         }
@@ -1091,22 +1103,27 @@ enum SQL {
                floor(extract(epoch FROM clock_timestamp()) * 1000)::int8
         """
 
-    // Uses baton_outbox_pending.
-    static let undelivered = PreparedStatement(name: "baton_undelivered", sql: """
+    // Uses baton_outbox_position.
+    static let outboxAfter = PreparedStatement(name: "baton_outbox_after", sql: """
         SELECT id, kind, buffer, holder_user, holder_connection, token,
                (extract(epoch FROM at) * 1000)::int8, (extract(epoch FROM expires_at) * 1000)::int8, forced
         FROM baton_outbox
-        WHERE partition = $1 AND delivered_at IS NULL AND at <= clock_timestamp() - $3::int8 * interval '1 millisecond'
-        ORDER BY id LIMIT $2
+        WHERE partition = $1 AND id > $2::int8
+        ORDER BY id LIMIT $3
         """)
 
-    // A lost mark only republishes an event (events are at least once), so this commit does not wait
+    static let deliveredThrough = PreparedStatement(name: "baton_delivered_through", sql: """
+        SELECT through FROM baton_outbox_delivery WHERE partition = $1
+        """)
+
+    // A lost mark only republishes events (events are at least once), so this commit does not wait
     // for its WAL flush: set_config(..., true) lasts until the end of the statement's own transaction,
     // and a commit reads synchronous_commit before the setting reverts. It saves an fsync per mark
     // on a connection the partitions' batches share.
     static let markDelivered = PreparedStatement(name: "baton_mark_delivered", sql: """
         WITH relaxed AS (SELECT set_config('synchronous_commit', 'off', true))
-        UPDATE baton_outbox SET delivered_at = clock_timestamp() FROM relaxed WHERE id = ANY($1::int8[]) AND delivered_at IS NULL
+        INSERT INTO baton_outbox_delivery (partition, through) SELECT $1, $2::int8 FROM relaxed
+        ON CONFLICT (partition) DO UPDATE SET through = GREATEST(baton_outbox_delivery.through, EXCLUDED.through)
         """)
 
     // Uses baton_requests_created.
@@ -1116,13 +1133,27 @@ enum SQL {
             WHERE created_at < clock_timestamp() - $1::int8 * interval '1 millisecond' LIMIT $2))
         """)
 
-    // Uses baton_outbox_delivered. Records, per partition, the highest position deleted (events reads from
-    // an older position report missed changes).
+    // Per partition, the $2 rows after its pruned position (baton_outbox_position): of those, the ones
+    // published (up to the delivered position) and decided before the retention, up to the first that is
+    // not (rows are decided in position order, so the scan starts where the last prune ended and stops at
+    // the first row to keep). Records, per partition, the highest position deleted (events reads from an
+    // older position report missed changes).
     static let pruneOutbox = PreparedStatement(name: "baton_prune_outbox", sql: """
-        WITH deleted AS (
-            DELETE FROM baton_outbox WHERE ctid = ANY(ARRAY(
-                SELECT ctid FROM baton_outbox
-                WHERE delivered_at IS NOT NULL AND delivered_at < clock_timestamp() - $1::int8 * interval '1 millisecond' LIMIT $2))
+        WITH doomed AS (
+            SELECT o.ctid
+            FROM baton_outbox_delivery d
+            CROSS JOIN LATERAL (
+                SELECT w.ctid, w.id, min(w.id) FILTER (WHERE w.keep) OVER () AS stop
+                FROM (SELECT ctid, id, id > d.through OR at >= clock_timestamp() - $1::int8 * interval '1 millisecond' AS keep
+                      FROM baton_outbox
+                      WHERE partition = d.partition
+                        AND id > coalesce((SELECT through FROM baton_outbox_pruned p WHERE p.partition = d.partition), 0)
+                      ORDER BY id LIMIT $2) w
+            ) o
+            WHERE o.stop IS NULL OR o.id < o.stop
+        ),
+        deleted AS (
+            DELETE FROM baton_outbox WHERE ctid = ANY(ARRAY(SELECT ctid FROM doomed))
             RETURNING partition, id
         ),
         marked AS (

@@ -11,7 +11,7 @@ public struct PartitionStatus: Sendable, Hashable {
     public var liveHolders: Int
     /// Leases expired and not yet swept.
     public var expiredPending: Int
-    /// Outbox rows not yet marked delivered.
+    /// Outbox rows not yet published (after the partition's delivered position).
     public var undeliveredEvents: Int
 }
 
@@ -45,7 +45,8 @@ extension SQL {
                     AND b.holder_connection IS NOT NULL AND b.expires_at > clock_timestamp()),
                (SELECT count(*) FROM baton_buffers b WHERE b.partition = p.partition
                     AND b.holder_connection IS NOT NULL AND b.expires_at <= clock_timestamp()),
-               (SELECT count(*) FROM baton_outbox o WHERE o.partition = p.partition AND o.delivered_at IS NULL)
+               (SELECT count(*) FROM baton_outbox o WHERE o.partition = p.partition
+                    AND o.id > coalesce((SELECT d.through FROM baton_outbox_delivery d WHERE d.partition = p.partition), 0))
         FROM baton_partitions p ORDER BY p.partition
         """)
 

@@ -4,93 +4,206 @@ import BatonPostgres
 import Logging
 import Synchronization
 
-/// Publishes a partition's committed ownership changes off the decision path.
+/// Publishes a partition's committed ownership changes in position order, off the decision path, and
+/// records how far they were published: the partition's delivered position (docs/store.md, "Events").
 ///
-/// The runner hands over each batch's outbox entries and moves on; the pump publishes
-/// everything waiting in one confirm window, and marks the confirmed rows delivered in
-/// bulk at most every `markInterval`. Rows that never get confirmed stay undelivered and
-/// the sweep republishes them (events are at least once).
+/// Once the partition is taken (``start()``), the pump first publishes what the partition's history holds
+/// after its delivered position (changes a previous owner committed but never got confirmed), then the
+/// changes each commit hands over (``send(_:)``), in commit order. The delivered position moves forward (at
+/// most every `markInterval`, one row per partition) through the changes the broker confirmed, never past
+/// one it did not: when a publish fails or is refused, the pump reads the history again from the delivered
+/// position (events are at least once). What commits hand over meanwhile is kept, up to ``liveLimit``
+/// changes; past that it is dropped and read back from the history.
 final class EventPump: Sendable {
-    private final class Queue: Sendable {
-        let entries = Mutex<[OutboxEntry]>([])
+    private struct State {
+        /// Changes handed over by commits, in commit order, not yet taken for publishing.
+        var live: [OutboxEntry] = []
+        /// Whether ``live`` holds every change committed since the last history read began (false after
+        /// an overflow: the history is read again before the pump relies on it).
+        var complete = true
+        var started = false
+        var finishing = false
     }
 
-    private let pending = Queue()
+    /// How many handed-over changes are kept while the pump cannot publish.
+    static let liveLimit = 65_536
+    /// How many changes one history read takes.
+    static let readLimit = 1_000
+
+    private final class Shared: Sendable {
+        let state = Mutex(State())
+    }
+
+    private let shared = Shared()
     private let wake: AsyncStream<Void>.Continuation
     private let task: Task<Void, Never>
 
     init(
         partition: Int, store: OwnershipStore, channel: AMQPChannel, perCommit: Bool, logger: Logger, markInterval: Duration = .milliseconds(200),
-        delivered: @escaping @Sendable (Int) -> Void
+        retryDelay: Duration = .seconds(1), delivered: @escaping @Sendable (Int) -> Void
     ) {
         let (signals, wake) = AsyncStream.makeStream(of: Void.self, bufferingPolicy: .bufferingNewest(1))
         self.wake = wake
-        let pending = self.pending
+        let shared = self.shared
         task = Task {
-            var confirmed: [Int64] = []
-            var lastMark = ContinuousClock.now
-            func mark() async {
-                guard !confirmed.isEmpty else { return }
-                do {
-                    try await store.markDelivered(confirmed)
-                    delivered(confirmed.count)
-                } catch {
-                    logger.warning("marking events delivered failed; the sweep will republish them", metadata: ["baton.error": "\(error)"])
-                }
-                confirmed.removeAll()
-                lastMark = ContinuousClock.now
-            }
+            var cursor = Cursor(partition: partition, store: store, logger: logger, markInterval: markInterval)
+            var catchingUp = true
             var markArmed = false
             for await _ in signals {
                 while true {
-                    let entries = pending.entries.withLock { entries in
-                        defer { entries.removeAll() }
-                        return entries
+                    let (started, finishing) = shared.state.withLock { ($0.started, $0.finishing) }
+                    guard started else { break }
+                    do {
+                        try await cursor.load()
+                        if catchingUp {
+                            // Changes handed over from here on are kept; those committed before are in the read.
+                            shared.state.withLock { state in
+                                if !state.complete {
+                                    state.live.removeAll()
+                                    state.complete = true
+                                }
+                            }
+                            let rows = try await store.outbox(partition: partition, after: cursor.through, limit: Self.readLimit)
+                            let confirmed = await Self.publish(rows, partition: partition, channel: channel, perCommit: perCommit, logger: logger)
+                            cursor.advance(through: rows.prefix(confirmed))
+                            delivered(confirmed)
+                            if confirmed < rows.count { throw PumpRetry() }
+                            if rows.count < Self.readLimit { catchingUp = false }
+                        } else {
+                            let taken = shared.state.withLock { state -> [OutboxEntry]? in
+                                guard state.complete else { return nil }
+                                defer { state.live.removeAll() }
+                                return state.live
+                            }
+                            guard let taken else {
+                                catchingUp = true
+                                continue
+                            }
+                            // Already published by a history read when they committed before it.
+                            let entries = taken.filter { $0.id > cursor.through }
+                            if entries.isEmpty { break }
+                            let confirmed = await Self.publish(entries, partition: partition, channel: channel, perCommit: perCommit, logger: logger)
+                            cursor.advance(through: entries.prefix(confirmed))
+                            delivered(confirmed)
+                            if confirmed < entries.count {
+                                catchingUp = true
+                                throw PumpRetry()
+                            }
+                        }
+                        if cursor.markDue { await cursor.mark() }
+                    } catch {
+                        if !(error is PumpRetry) {
+                            logger.warning("reading the partition's history of changes failed; will retry", metadata: ["baton.error": "\(error)"])
+                        }
+                        if finishing { break }
+                        try? await Task.sleep(for: retryDelay)
                     }
-                    if entries.isEmpty { break }
-                    confirmed += await Self.publish(entries, partition: partition, channel: channel, perCommit: perCommit, logger: logger)
-                    if ContinuousClock.now - lastMark >= markInterval {
-                        await mark()
-                        markArmed = false
-                    }
+                    if finishing, catchingUp { break }
                 }
                 // Marks are one statement per markInterval at most, not one per batch: the database
                 // connection is shared with the partitions' decisions. What is left is marked when the
                 // interval has passed (a wake-up is armed for it), or at the end.
-                if ContinuousClock.now - lastMark >= markInterval {
-                    await mark()
+                if cursor.markDue {
+                    await cursor.mark()
                     markArmed = false
-                } else if !confirmed.isEmpty, !markArmed {
+                } else if cursor.unmarked, !markArmed {
                     markArmed = true
-                    let delay = markInterval - (ContinuousClock.now - lastMark)
+                    let delay = cursor.untilMark
                     Task {
                         try? await Task.sleep(for: delay)
                         wake.yield()
                     }
+                } else if !cursor.unmarked {
+                    markArmed = false
                 }
             }
-            await mark()
+            await cursor.mark()
         }
     }
 
-    /// Queues committed changes for publishing.
-    func send(_ entries: [OutboxEntry]) {
-        guard !entries.isEmpty else { return }
-        pending.entries.withLock { $0 += entries }
+    /// The partition was taken: publish its history after the delivered position, then what commits hand over.
+    func start() {
+        shared.state.withLock { $0.started = true }
         wake.yield()
     }
 
-    /// Publishes what is queued, marks it, and ends.
+    /// Queues committed changes (in commit order) for publishing.
+    func send(_ entries: [OutboxEntry]) {
+        guard !entries.isEmpty else { return }
+        shared.state.withLock { state in
+            guard state.complete else { return }
+            if state.live.count + entries.count > Self.liveLimit {
+                state.live.removeAll()
+                state.complete = false
+            } else {
+                state.live += entries
+            }
+        }
+        wake.yield()
+    }
+
+    /// Publishes what is queued, records the delivered position, and ends.
     func finish() async {
+        shared.state.withLock { $0.finishing = true }
+        wake.yield()
         wake.finish()
         await task.value
     }
 
-    /// Publishes with confirms, in order: all of `entries` in as few messages as fit (`perCommit`), or one
-    /// message per change. Returns the ids the broker confirmed.
-    static func publish(_ entries: [OutboxEntry], partition: Int, channel: AMQPChannel, perCommit: Bool, logger: Logger) async -> [Int64] {
+    private struct PumpRetry: Error {}
+
+    /// The pump's delivered position: how far it published (`through`) and how far it recorded (`marked`).
+    private struct Cursor {
+        let partition: Int
+        let store: OwnershipStore
+        let logger: Logger
+        let markInterval: Duration
+        private(set) var through: Int64 = 0
+        private var marked: Int64 = 0
+        private var loaded = false
+        private var lastMark = ContinuousClock.now
+
+        init(partition: Int, store: OwnershipStore, logger: Logger, markInterval: Duration) {
+            self.partition = partition
+            self.store = store
+            self.logger = logger
+            self.markInterval = markInterval
+        }
+
+        /// Reads the delivered position once.
+        mutating func load() async throws {
+            guard !loaded else { return }
+            through = try await store.deliveredThrough(partition: partition)
+            marked = through
+            loaded = true
+        }
+
+        mutating func advance(through published: ArraySlice<OutboxEntry>) {
+            if let last = published.last { through = max(through, last.id) }
+        }
+
+        var unmarked: Bool { loaded && through > marked }
+        var markDue: Bool { unmarked && ContinuousClock.now - lastMark >= markInterval }
+        var untilMark: Duration { max(.zero, markInterval - (ContinuousClock.now - lastMark)) }
+
+        mutating func mark() async {
+            guard unmarked else { return }
+            do {
+                try await store.markDelivered(partition: partition, through: through)
+                marked = through
+            } catch {
+                logger.warning("recording the delivered position failed; events after it are published again", metadata: ["baton.error": "\(error)"])
+            }
+            lastMark = ContinuousClock.now
+        }
+    }
+
+    /// Publishes `entries` with confirms, in order: in as few messages as fit (`perCommit`), or one message
+    /// per change. Returns how many of them, from the first, the broker confirmed.
+    static func publish(_ entries: [OutboxEntry], partition: Int, channel: AMQPChannel, perCommit: Bool, logger: Logger) async -> Int {
+        guard !entries.isEmpty else { return 0 }
         var messages: [OutgoingMessage] = []
-        var covered: [ArraySlice<OutboxEntry>] = []
+        var covered: [Int] = []
         if perCommit {
             var start = entries.startIndex
             for (body, count) in ProtocolCodec.encodeEvents(partition: partition, entries.map(\.positioned)) where count > 0 {
@@ -100,25 +213,30 @@ final class EventPump: Sendable {
                     exchange: ProtocolV1.eventsExchange, routingKey: ProtocolV1.eventsRoutingKey(partition: partition), body: body,
                     properties: AMQPProperties(contentType: ProtocolV1.contentType, messageID: "\(slice.first!.id)-\(slice.last!.id)", deliveryMode: 2)
                 ))
-                covered.append(slice)
+                covered.append(count)
             }
         } else {
-            for (index, entry) in entries.enumerated() {
+            for entry in entries {
                 messages.append(OutgoingMessage(
                     exchange: ProtocolV1.eventsExchange,
                     routingKey: ProtocolV1.eventRoutingKey(partition: partition, kind: entry.change.kind),
                     body: ProtocolCodec.encodeEvent(entry.positioned),
                     properties: AMQPProperties(contentType: ProtocolV1.contentType, messageID: String(entry.id), deliveryMode: 2)
                 ))
-                covered.append(entries[index...index])
+                covered.append(1)
             }
         }
         do {
             let outcomes = try await channel.publishConfirmed(messages)
-            return zip(covered, outcomes).filter { $0.1 != .nacked }.flatMap { $0.0.map(\.id) }
+            var confirmed = 0
+            for (count, outcome) in zip(covered, outcomes) {
+                guard outcome != .nacked else { break }
+                confirmed += count
+            }
+            return confirmed
         } catch {
-            logger.warning("publishing events failed; they stay in the outbox for the sweep", metadata: ["baton.error": "\(error)"])
-            return []
+            logger.warning("publishing events failed; they are published again from the partition's history", metadata: ["baton.error": "\(error)"])
+            return 0
         }
     }
 }

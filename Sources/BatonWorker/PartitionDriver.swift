@@ -216,6 +216,7 @@ final class PartitionDriver: Sendable {
                 handle { $0.swept(lost: lost, now: $1) }
             }
         case .active(let epoch):
+            if epoch != nil { pump?.start() }
             metrics.epoch.record(epoch ?? 0)
             metrics.active.record(epoch == nil ? 0 : 1)
         case .stalled(let reason):
@@ -307,8 +308,7 @@ final class PartitionDriver: Sendable {
         }
     }
 
-    /// Expires leases and republishes events that were never confirmed. Returns true when the partition
-    /// was lost.
+    /// Expires leases. Returns true when the partition was lost.
     private func sweep(epoch: Int64) async -> Bool {
         guard let store else { return false }
         let configuration = worker.configuration
@@ -325,14 +325,8 @@ final class PartitionDriver: Sendable {
                 metrics.lineAnswers(Dictionary(answers.map { ($0.reply.status.rawValue, 1) }, uniquingKeysWith: +))
                 if !more || ContinuousClock.now - started > configuration.sweepInterval / 4 { break }
             }
-            // Expiries, and any event the pump could not get confirmed (rows older than a few seconds).
-            var events = expired
-            events += try await store.undelivered(partition: partition, olderThan: .seconds(5), limit: 1000)
-            if !events.isEmpty {
-                let confirmed = await EventPump.publish(events, partition: partition, channel: channels.publish, perCommit: configuration.eventsPerCommit, logger: logger)
-                try await store.markDelivered(confirmed)
-                worker.statistics.withLock { $0.events += confirmed.count }
-            }
+            // Expiries are changes like any other: the pump publishes them in position order.
+            pump?.send(expired)
             if let ready = try? await channels.consume.inspectQueue(configuration.queueName(partition)).messages {
                 metrics.queueReady.record(ready)
             }

@@ -76,7 +76,7 @@ struct PartitionStateMachine {
         case send(publishes: [ChannelAction], settles: [ChannelAction], report: BatchReport)
         /// Publish committed ownership changes as events (off the decision path).
         case publishEvents([OutboxEntry])
-        /// Expire leases and republish undelivered events; report with ``swept(_:)``.
+        /// Expire leases; report with ``swept(_:)``.
         case sweep(epoch: Int64)
         /// Took the partition at `epoch` (or, nil, stands by again).
         case active(epoch: Int64?)

@@ -34,7 +34,7 @@ public struct WorkerConfiguration: Sendable {
     /// Events as one message per commit (`<p>.changes`, the default) or one message per change
     /// (`<p>.<kind>`, for consumers that bind by kind); docs/protocol.md, section 7.
     public var eventsPerCommit = true
-    /// How often each partition expires leases and republishes undelivered events.
+    /// How often each partition expires leases (and settles waits that ran out).
     public var sweepInterval: Duration = .seconds(1)
     /// How long to wait before consuming a partition again after losing it.
     public var rejoinDelay: Duration = .seconds(2)

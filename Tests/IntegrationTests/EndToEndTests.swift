@@ -117,6 +117,47 @@ import Testing
         await subscriber.close()
     }
 
+    @Test func changesAnOwnerCommittedButNeverPublishedArePublishedInOrderByTheNextOwner() async throws {
+        let deployment = try await Deployment.make(partitions: 1)
+        let subscriber = try await deployment.connect("events")
+        let channel = try await subscriber.openChannel()
+        let queue = "baton.test.events.\(UUID().uuidString)"
+        try await channel.declareQueue(queue, durable: false, arguments: ["x-expires": .int(60_000)])
+        try await channel.bindQueue(queue, exchange: ProtocolV1.eventsExchange, routingKey: "#")
+        let (_, events) = try await channel.consume(queue: queue, noAck: true)
+
+        // An owner that committed 1,500 changes (more than one history read) and died before publishing any.
+        let store = try await TestDatabase.store(deployment.databaseURL, partitions: 1)
+        let epoch = try await store.takePartition(0, owner: "crashed")
+        var committed: [Int64] = []
+        for chunk in 0..<3 {
+            let result = try await store.apply(
+                (0..<500).map { .claim("old/\(chunk)/\($0)", user: "u", connection: "c", id: "old-\(chunk)-\($0)") }, partition: 0, epoch: epoch
+            )
+            committed += result.changes.map(\.id)
+        }
+        #expect(try await store.undelivered(partition: 0, limit: 2_000).count == 1_500)
+
+        let worker = deployment.startWorker()
+        let client = deployment.client()
+        _ = try await client.claim("new", user: "u", connection: "c")
+        var seen: [Int64] = []
+        let deadline = ContinuousClock.now + .seconds(20)
+        while seen.count < 1_501, ContinuousClock.now < deadline {
+            for message in try await events.next(max: 64, timeout: .milliseconds(500)) {
+                let object = try #require(try JSONSerialization.jsonObject(with: Data(message.body)) as? [String: Any])
+                seen += try #require(object["events"] as? [[String: Any]]).compactMap { ($0["seq"] as? Int).map(Int64.init) }
+            }
+        }
+        #expect(Array(seen.prefix(1_500)) == committed, "the history after the delivered position first, in position order")
+        #expect(seen.count == 1_501 && seen.last! > committed.last!, "then the new owner's own change")
+        #expect(await Deployment.eventually { (try? await store.undelivered(partition: 0).isEmpty) == true }, "and the delivered position moved past all of it")
+        await store.connection.close()
+        await client.close()
+        await worker.stop()
+        await subscriber.close()
+    }
+
     @Test func idlePartitionsAreTakenAndSweptAfterARestart() async throws {
         let deployment = try await Deployment.make(partitions: 4)
         let first = deployment.startWorker(id: "first")

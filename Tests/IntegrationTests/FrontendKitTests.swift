@@ -87,9 +87,9 @@ import Testing
         // Age the published rows past a retention and prune them, as `baton prune` does.
         let store = try await TestDatabase.store(deployment.databaseURL, partitions: 1)
         #expect(try await Deployment.eventually {
-            try await store.connection.withSession { try $0.query("SELECT count(*) FROM baton_outbox WHERE delivered_at IS NULL").first() } == "0"
+            try await store.undelivered(partition: 0).isEmpty
         }, "the events were published and marked delivered")
-        _ = try await store.connection.withSession { try $0.query("UPDATE baton_outbox SET delivered_at = delivered_at - interval '2 hours'") }
+        _ = try await store.connection.withSession { try $0.query("UPDATE baton_outbox SET at = at - interval '2 hours'") }
         #expect(try await store.prune(retention: .seconds(3600)).outbox == 3)
         _ = try await client.claim("new", user: "u", connection: "c")
 

@@ -269,17 +269,42 @@ func buffer(in partition: Int, count: Int = 16, prefix: String = "buf") -> Strin
             partition: 4, epoch: epoch
         )
         #expect(try await store.undelivered(partition: 4).map(\.id) == result.changes.map(\.id))
-        try await store.markDelivered(Array(result.changes.map(\.id).prefix(3)))
+        try await store.markDelivered(partition: 4, through: result.changes[2].id)
         #expect(try await store.undelivered(partition: 4).count == 2)
+        try await store.markDelivered(partition: 4, through: result.changes[0].id)
+        #expect(try await store.undelivered(partition: 4).count == 2, "the delivered position never moves back")
 
-        // Age two idempotency records and the delivered outbox rows past the retention.
+        // Age two idempotency records and every outbox row past the retention.
         _ = try await store.connection.withSession { s in
             try s.query("UPDATE baton_requests SET created_at = created_at - interval '2 hours' WHERE request_id IN ('req-0', 'req-1')")
-            try s.query("UPDATE baton_outbox SET delivered_at = delivered_at - interval '2 hours' WHERE delivered_at IS NOT NULL")
+            try s.query("UPDATE baton_outbox SET at = at - interval '2 hours'")
         }
         let pruned = try await store.prune(retention: .seconds(3600), chunk: 1)
         #expect(pruned.requests == 2)
-        #expect(pruned.outbox == 3)
+        #expect(pruned.outbox == 3, "only the published rows")
         #expect(try await store.undelivered(partition: 4).count == 2, "undelivered rows are never pruned")
+    }
+
+    @Test func pruneWalksTheHistoryInPositionOrderAndStopsAtTheFirstRowToKeep() async throws {
+        let url = try await TestDatabase.migrated()
+        let store = try await TestDatabase.store(url)
+        let epoch = try await store.takePartition(4, owner: "test")
+        let result = try await store.apply(
+            (0..<5).map { .claim(buffer(in: 4, prefix: "w\($0)"), user: "u", connection: "c", id: "walk-\($0)") },
+            partition: 4, epoch: epoch
+        )
+        let ids = result.changes.map(\.id)
+        try await store.markDelivered(partition: 4, through: ids[4])
+        // Rows 0, 1, 3 and 4 are old; row 2 was decided within the retention.
+        _ = try await store.connection.withSession { s in
+            try s.query("UPDATE baton_outbox SET at = at - interval '2 hours' WHERE id <> \(ids[2])")
+        }
+        #expect(try await store.prune(retention: .seconds(3600), chunk: 10).outbox == 2)
+        let left = try await store.connection.withSession { s in
+            try s.query("SELECT id FROM baton_outbox WHERE partition = 4 ORDER BY id").decode(from: "baton_outbox") { try $0.decode(0, "id", as: Int64.self) }
+        }
+        #expect(left == Array(ids[2...]), "the walk stops at the first row to keep, and the next prune starts there")
+        let (page, _) = try await store.events(partition: 4, after: 0, buffer: nil, limit: 10)
+        #expect(page.missed && page.events.map(\.seq) == Array(ids[2...]))
     }
 }
