@@ -3,9 +3,28 @@ import Foundation
 import Logging
 
 /// The fixed-rate run at half of Baton's closed-loop peak.
-struct HalfPeak: Sendable {
+struct OpenLoopRun: Sendable {
+    /// Operations started per second, whatever the answers.
     var rate: Double
     var measurement: Measurement
+    /// Requests the frontends published per operation (1 when no call was resent).
+    var requestsPerCall: Double? = nil
+    /// For an overload run: the peak it doubles (the most answers per second seen open loop).
+    var peak: Double? = nil
+
+    var json: [String: Any] {
+        var object: [String: Any] = [
+            "rate_per_s": round1(rate),
+            "achieved_per_s": round1(measurement.perSecond),
+            "p50_ms": round3(measurement.percentile(0.5)),
+            "p99_ms": round3(measurement.percentile(0.99)),
+            "p999_ms": round3(measurement.percentile(0.999)),
+            "errors": measurement.errors,
+        ]
+        if let requestsPerCall { object["requests_per_call"] = round3(requestsPerCall) }
+        if let peak { object["peak_per_s"] = round1(peak) }
+        return object
+    }
 }
 
 /// The bench worker's resident memory, sampled every second.
@@ -16,7 +35,9 @@ struct WorkerMemory: Sendable {
 /// One system's numbers under one workload.
 struct SystemResult: Sendable {
     var measurement: Measurement
-    var halfPeak: HalfPeak?
+    var halfPeak: OpenLoopRun?
+    /// An open-loop run at twice the closed loop's peak (`--overload`).
+    var overload: OpenLoopRun?
     var workerMemory: WorkerMemory?
     /// The worker's CPU time per operation, in microseconds (from /proc, over the closed-loop run).
     var workerCPUPerOperation: Double?
@@ -49,6 +70,13 @@ struct SystemResult: Sendable {
         }
         if let halfPeak {
             text += String(format: "  | at %.0f/s: p50 %.2f ms p99 %.2f ms", halfPeak.rate, halfPeak.measurement.percentile(0.5), halfPeak.measurement.percentile(0.99))
+        }
+        if let overload {
+            text += String(
+                format: "  | at twice the open-loop peak of %.0f/s (%.0f/s offered): %.0f answered/s (%.0f %% of the peak), %d errors, p50 %.0f ms p99 %.0f ms, %.2f requests sent per call",
+                overload.peak ?? 0, overload.rate, overload.measurement.perSecond, 100 * overload.measurement.perSecond / max(1, overload.peak ?? 0),
+                overload.measurement.errors, overload.measurement.percentile(0.5), overload.measurement.percentile(0.99), overload.requestsPerCall ?? .nan
+            )
         }
         if let memory = workerMemory, let max = memory.samples.max() {
             text += String(format: "  | worker RSS %.0f→%.0f MiB (max %.0f)", memory.samples.first ?? 0, memory.samples.last ?? 0, max)
@@ -84,16 +112,8 @@ struct SystemResult: Sendable {
             "seconds": round3(measurement.seconds),
             "latency_cdf": measurement.cdf().map { [round3($0.0), round3($0.1)] },
         ]
-        if let halfPeak {
-            object["half_peak"] = [
-                "rate_per_s": round1(halfPeak.rate),
-                "achieved_per_s": round1(halfPeak.measurement.perSecond),
-                "p50_ms": round3(halfPeak.measurement.percentile(0.5)),
-                "p99_ms": round3(halfPeak.measurement.percentile(0.99)),
-                "p999_ms": round3(halfPeak.measurement.percentile(0.999)),
-                "errors": halfPeak.measurement.errors,
-            ]
-        }
+        if let halfPeak { object["half_peak"] = halfPeak.json }
+        if let overload { object["overload"] = overload.json }
         if let claims = measurement.claimsPerOperation {
             object["claims_per_grant"] = round3(claims)
             object["release_to_grant_ms"] = [

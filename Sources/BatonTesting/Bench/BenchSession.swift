@@ -33,6 +33,8 @@ public struct BenchSettings: Sendable {
     public var workerLog: URL?
     /// Whether Baton also runs at a fixed rate of half its peak.
     public var halfPeak = true
+    /// After the closed loop, an open-loop run at twice its peak (does the throughput hold?).
+    public var overload = false
     /// How long a polling client sleeps after a denial (one-buffer-poll), jittered ±50 %.
     public var pollInterval: Duration = .milliseconds(20)
     /// The PostgreSQL server (the scratch database `<database>_bench` is made on it).
@@ -244,7 +246,29 @@ public struct BenchSession: Sendable {
             let rate = measurement.perSecond / 2
             let half = await BenchRunner(workload: workload, system: baton, clients: clients, buffers: buffers, label: "\(label) at half peak", runID: runID + "h")
                 .openLoop(rate: rate, duration: .seconds(max(1, duration / 2)), tokens: tokens)
-            result.halfPeak = HalfPeak(rate: rate, measurement: half)
+            result.halfPeak = OpenLoopRun(rate: rate, measurement: half)
+        }
+        if settings.overload && measurement.perSecond > 0 && !workload.isLine {
+            // The closed loop's callers are bound by their own round trips, so Baton's peak is found open
+            // loop: the rate doubles (short runs) until the answers fall behind it. Then operations start
+            // at twice that peak whatever the answers: calls queue in the frontends and time out (errors);
+            // what matters is that the answers per second hold near the peak instead of collapsing under
+            // resends.
+            var rate = measurement.perSecond * 2
+            var peak = measurement.perSecond
+            for step in 0..<5 {
+                let probe = await BenchRunner(workload: workload, system: baton, clients: clients, buffers: buffers, label: "\(label) at \(Int(rate))/s", runID: runID + "p\(step)")
+                    .openLoop(rate: rate, duration: .seconds(max(1, duration / 4)), tokens: tokens)
+                peak = max(peak, probe.perSecond)
+                if probe.perSecond < rate * 0.9 || probe.errors > 0 { break }
+                rate *= 2
+            }
+            let sentBefore = batonClients.reduce(0) { $0 + $1.statistics.requests }
+            let over = await BenchRunner(workload: workload, system: baton, clients: clients, buffers: buffers, label: "\(label) at twice the peak", runID: runID + "o")
+                .openLoop(rate: peak * 2, duration: .seconds(max(1, duration / 2)), tokens: tokens)
+            let sent = batonClients.reduce(0) { $0 + $1.statistics.requests } - sentBefore
+            let calls = over.operations + over.errors
+            result.overload = OpenLoopRun(rate: peak * 2, measurement: over, requestsPerCall: calls > 0 ? Double(sent) / Double(calls) : nil, peak: peak)
         }
         sampler.cancel()
         result.workerMemory = await sampler.value

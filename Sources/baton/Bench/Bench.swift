@@ -58,6 +58,9 @@ struct Bench: AsyncParsableCommand {
     @Flag(name: .customLong("no-half-peak"), help: "Skip the fixed-rate run at half of Baton's peak.")
     var noHalfPeak = false
 
+    @Flag(help: "After each Baton run, a fixed-rate run at twice its peak for half the duration: answers per second, errors, latency and requests sent per call under overload.")
+    var overload = false
+
     func validate() throws {
         for name in workloadNames where Workload(rawValue: name) == nil {
             throw ValidationError("workload '\(name)' is unknown: use \(Workload.allCases.map(\.rawValue).joined(separator: ", "))")
@@ -93,6 +96,7 @@ struct Bench: AsyncParsableCommand {
         settings.rpcCeiling = rpcCeiling
         settings.workerLog = workerLog.map { URL(fileURLWithPath: $0) }
         settings.halfPeak = !noHalfPeak
+        settings.overload = overload
         settings.pollInterval = .milliseconds(pollInterval)
         settings.command = CommandLine.arguments.map { $0.contains(" ") ? "'\($0)'" : $0 }.joined(separator: " ")
         // A virtual host of its own: the bench's workers and clients never touch a deployment's queues.
