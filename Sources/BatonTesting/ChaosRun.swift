@@ -390,7 +390,7 @@ public struct ChaosRun: Sendable {
         let object: [String: Any] = [
             "faults": faults.map { ["fault": $0.0, "at_s": offset($0.1)] },
             "calls": calls.map { call -> [String: Any] in
-                var entry: [String: Any] = ["start_s": offset(call.started), "end_s": offset(call.finished)]
+                var entry: [String: Any] = ["start_s": offset(call.started), "end_s": offset(call.finished), "partition": call.partition]
                 if let grant = call.granted { entry["granted"] = ["buffer": grant.buffer, "user": grant.holder.user, "connection": grant.holder.connection, "token": grant.token] }
                 if let failed = call.failed { entry["failed"] = failed }
                 return entry
