@@ -76,8 +76,12 @@ extension PartitionState {
     ///   - waiting: the request ids of claims waiting in any line of the partition, with their buffers (a
     ///     request under such an id on another buffer, or without one, is `request_id_reused` and never
     ///     recorded, so that the waiter's answer still can be).
+    ///   - latest: the latest the database time may be, when `now` is an estimate (a decision from the
+    ///     partition's memory knows the time within a margin): a deadline at or before it counts as passed,
+    ///     so that no request is decided after its deadline, whatever the estimate's error.
     public mutating func decideBatch(
-        _ requests: [Request], at now: Timestamp, recorded: [ExactString: RecordedReply] = [:], waiting: [ExactString: ExactString] = [:]
+        _ requests: [Request], at now: Timestamp, recorded: [ExactString: RecordedReply] = [:], waiting: [ExactString: ExactString] = [:],
+        latest: Timestamp? = nil
     ) -> BatchDecision {
         var decision = BatchDecision()
         var recorded = recorded
@@ -111,7 +115,7 @@ extension PartitionState {
                 ))
                 continue
             }
-            if let refusal = deadlineRefusal(request, at: now) {
+            if let refusal = deadlineRefusal(request, at: max(now, latest ?? now)) {
                 // Not recorded: nothing was decided, and a retry with another deadline may still be decided.
                 decision.unrecorded += 1
                 decision.replies.append(refusal)

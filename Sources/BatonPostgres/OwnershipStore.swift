@@ -528,7 +528,10 @@ public final class OwnershipStore: Sendable {
             recorded: [ExactString: RecordedReply], waiting: [ExactString: ExactString], partitioner: Partitioner, fromMemory: Bool
         ) {
             var state = PartitionState(partition: partition, partitioner: partitioner, buffers: initial)
-            decision = state.decideBatch(requests, at: now, recorded: recorded, waiting: waiting)
+            // From memory, `now` trails the database's clock by up to the memory's margin (and the drift
+            // of a reading at most a second old): deadlines are checked against the latest it may be.
+            let latest = fromMemory ? now.adding(milliseconds: PartitionMemory.clockMarginMilliseconds + PartitionMemory.clockDriftMilliseconds) : nil
+            decision = state.decideBatch(requests, at: now, recorded: recorded, waiting: waiting, latest: latest)
             self.now = now
             self.fromMemory = fromMemory
             let changed = Self.changedWrite(

@@ -46,6 +46,9 @@ struct PartitionMemory: Sendable {
     static let clockFreshness: Duration = .seconds(1)
     /// Taken off the estimated database time, so that a decision is never made ahead of the database.
     static let clockMarginMilliseconds: Int64 = 2
+    /// How far the two clocks may drift apart within ``clockFreshness`` (rounded up): the database's time
+    /// is at most the estimate plus the margin plus this.
+    static let clockDriftMilliseconds: Int64 = 1
 
     /// A memory of `lines` (every line of the partition: loaded right after taking it) at `epoch`.
     init(epoch: Int64, lines: [ExactString: RememberedBuffer], limit: Int) {

@@ -68,6 +68,20 @@ import Testing
         #expect(reuse.replies[0]?.error?.code == .requestIDReused && reuse.records.isEmpty && reuse.unrecorded == 1)
     }
 
+    @Test func aDeadlineTheEstimatedTimeMayHavePassedIsRefused() {
+        // Decided from memory, the time is an estimate that trails the database's by a margin: a request
+        // whose deadline lies between the estimate and the latest the time may be is refused, not decided
+        // after its deadline.
+        var state = PartitionState(partition: 0, partitioner: partitioner)
+        var close = claim("close", "ann", "c1")
+        close.deadline = t0.adding(milliseconds: 2)
+        let estimated = state.decideBatch([close], at: t0, latest: t0.adding(milliseconds: 3))
+        #expect(estimated.replies[0]?.error?.code == .deadlineExceeded && estimated.changes.isEmpty && estimated.records.isEmpty)
+        // The same request at a time read from the database is decided: its deadline has not passed.
+        let read = state.decideBatch([close], at: t0)
+        #expect(read.replies[0]?.status == .granted)
+    }
+
     @Test func aWaitersAnswerIsRecordedUnderItsOwnRequestID() {
         var state = PartitionState(partition: 0, partitioner: partitioner)
         _ = state.decideBatch([claim("a", "ann", "c1"), claim("w", "bob", "c2", wait: 60_000)], at: t0)

@@ -63,15 +63,20 @@ import Testing
         await worker.stop()
     }
 
-    @Test(arguments: [true, false])
-    func ownershipChangesArePublishedAsEventsAndMarkedDelivered(perCommit: Bool) async throws {
-        let deployment = try await Deployment.make(partitions: 4)
+    /// A connection with a queue of its own bound to every event, and that queue's deliveries.
+    private func subscribeToEveryEvent(_ deployment: Deployment) async throws -> (AMQPConnection, DeliveryQueue) {
         let subscriber = try await deployment.connect("events")
         let channel = try await subscriber.openChannel()
         let queue = "baton.test.events.\(UUID().uuidString)"
         try await channel.declareQueue(queue, durable: false, arguments: ["x-expires": .int(60_000)])
         try await channel.bindQueue(queue, exchange: ProtocolV1.eventsExchange, routingKey: "#")
-        let (_, events) = try await channel.consume(queue: queue, noAck: true)
+        return (subscriber, try await channel.consume(queue: queue, noAck: true).deliveries)
+    }
+
+    @Test(arguments: [true, false])
+    func ownershipChangesArePublishedAsEventsAndMarkedDelivered(perCommit: Bool) async throws {
+        let deployment = try await Deployment.make(partitions: 4)
+        let (subscriber, events) = try await subscribeToEveryEvent(deployment)
 
         let worker = deployment.startWorker { $0.eventsPerCommit = perCommit }
         let client = deployment.client()
@@ -119,12 +124,7 @@ import Testing
 
     @Test func changesAnOwnerCommittedButNeverPublishedArePublishedInOrderByTheNextOwner() async throws {
         let deployment = try await Deployment.make(partitions: 1)
-        let subscriber = try await deployment.connect("events")
-        let channel = try await subscriber.openChannel()
-        let queue = "baton.test.events.\(UUID().uuidString)"
-        try await channel.declareQueue(queue, durable: false, arguments: ["x-expires": .int(60_000)])
-        try await channel.bindQueue(queue, exchange: ProtocolV1.eventsExchange, routingKey: "#")
-        let (_, events) = try await channel.consume(queue: queue, noAck: true)
+        let (subscriber, events) = try await subscribeToEveryEvent(deployment)
 
         // An owner that committed 1,500 changes (more than one history read) and died before publishing any.
         let store = try await TestDatabase.store(deployment.databaseURL, partitions: 1)
