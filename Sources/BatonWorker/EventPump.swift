@@ -48,7 +48,8 @@ final class EventPump: Sendable {
         task = Task {
             var cursor = Cursor(partition: partition, store: store, logger: logger, markInterval: markInterval)
             var catchingUp = true
-            var markArmed = false
+            // When the wake-up armed for the next record is due (a wake-up in the past has fired).
+            var armedUntil: ContinuousClock.Instant?
             for await _ in signals {
                 while true {
                     let (started, finishing) = shared.state.withLock { ($0.started, $0.finishing) }
@@ -105,16 +106,13 @@ final class EventPump: Sendable {
                 // interval has passed (a wake-up is armed for it), or at the end.
                 if cursor.markDue {
                     await cursor.mark()
-                    markArmed = false
-                } else if cursor.unmarked, !markArmed {
-                    markArmed = true
+                } else if cursor.unmarked, armedUntil.map({ $0 <= .now }) ?? true {
                     let delay = cursor.untilMark
+                    armedUntil = .now + delay
                     Task {
                         try? await Task.sleep(for: delay)
                         wake.yield()
                     }
-                } else if !cursor.unmarked {
-                    markArmed = false
                 }
             }
             await cursor.mark()
