@@ -19,8 +19,7 @@ public struct BatonClientConfiguration: Sendable {
     public var resendAfter: Duration = .milliseconds(1500)
     /// When a message of a partition has had no reply for this long, and nothing else of that partition
     /// was answered since it was sent, the client sends on a new channel of its connection (default 3 s;
-    /// `.zero` never), and sends that partition's calls again on it at once (a partition that answers
-    /// nothing at all therefore gets about one more resend per 3 s than its backoff). A RabbitMQ 3.10 channel keeps sending a quorum
+    /// `.zero` never), and that partition's calls go again at once. A RabbitMQ 3.10 channel keeps sending a quorum
     /// queue's messages to the leader it knew: when that leader's node froze (a stopped VM), the channel's
     /// messages wait for the node to come back, while a new channel finds the leader the queue elected
     /// meanwhile (docs/operations.md, "What is not survived"). The old channel stays open 30 s for late
@@ -312,11 +311,9 @@ public final class BatonClient: Sendable {
         return (link, stalled.partition)
     }
 
-    /// Opens a new channel on `link`'s connection and sends the stalled partition's calls again on it at
-    /// once (the other calls' next resends go on it too); the old channel stays open a while for late
-    /// replies. When the channel cannot be opened, the connection goes. Sending again at once matters: a
-    /// channel opened before the queue elected a new leader is as stale as the old one, and waiting for the
-    /// calls' next scheduled resend left the slowest call around a frozen node at the whole freeze.
+    /// Opens a new channel on `link`'s connection and sends the stalled partition's calls again on it (the
+    /// others' next resends go on it too); the old channel stays open a while for late replies. When the
+    /// channel cannot be opened, the connection goes.
     private func refreshChannel(of link: Link, stalledPartition: Int) async {
         logger.warning("no reply from partition \(stalledPartition) for \(configuration.freshChannelAfter): sending again on a new channel", metadata: [
             "baton.partition": "\(stalledPartition)",
@@ -328,8 +325,8 @@ public final class BatonClient: Sendable {
                 guard state.link?.channel === link.channel else { return nil }
                 state.link = Link(connection: link.connection, channel: channel, node: link.node)
                 state.statistics.freshChannels += 1
-                // The stalled partition's calls go again now, on the new channel (each such resend also
-                // moves the call's own resend schedule on); the others keep their schedule.
+                // The stalled partition's calls go again at once (the queue may have a new leader by now);
+                // the others keep their schedule.
                 let prefix = "\(stalledPartition)|"
                 return state.pending.filter { $0.key.hasPrefix(prefix) }.map(\.value.call)
             }

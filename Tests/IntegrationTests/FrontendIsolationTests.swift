@@ -439,12 +439,7 @@ import Testing
     /// 3 s), not every 1.5 s: under overload, resends must not multiply the load.
     @Test func resendsBackOff() async throws {
         let deployment = try await Deployment.make(partitions: 1)  // no worker: nothing answers
-        // The backoff alone: a partition that answers nothing for 3 s also gets a new channel and a resend
-        // on it (`freshChannelAfter`, tested below), which this count would include.
-        var configuration = BatonClientConfiguration(amqpURL: deployment.frontendURL, partitioner: deployment.partitioner)
-        configuration.timeout = .seconds(10)
-        configuration.freshChannelAfter = .zero
-        let client = BatonClient(configuration: configuration, logger: TestDatabase.logger)
+        let client = deployment.client(timeout: .seconds(10))
         do {
             let result = try await client.inspect("nobody-answers.txt")
             Issue.record("answered: \(result)")
