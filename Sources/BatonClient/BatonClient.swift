@@ -17,14 +17,6 @@ public struct BatonClientConfiguration: Sendable {
     public var timeout: Duration = .seconds(5)
     /// How long to wait for a reply before publishing the request again with the same `request_id` (default 1.5 s).
     public var resendAfter: Duration = .milliseconds(1500)
-    /// When a message of a partition has had no reply for this long, and nothing else of that partition
-    /// was answered since it was sent, the client sends on a new channel of its connection (default 3 s;
-    /// `.zero` never), and that partition's calls go again at once. A RabbitMQ 3.10 channel keeps sending a quorum
-    /// queue's messages to the leader it knew: when that leader's node froze (a stopped VM), the channel's
-    /// messages wait for the node to come back, while a new channel finds the leader the queue elected
-    /// meanwhile (docs/operations.md, "What is not survived"). The old channel stays open 30 s for late
-    /// replies. Waiting claims never count.
-    public var freshChannelAfter: Duration = .seconds(3)
     /// A name for the connection in the broker's list.
     public var name: String = "baton client"
     /// Carry calls to one partition together (docs/protocol.md, "Coalesced requests"): a lone call is
@@ -200,8 +192,6 @@ public final class BatonClient: Sendable {
     private struct ClientState {
         var link: Link?
         var connecting: Task<Link, any Error>?
-        /// A new channel is being opened for ``link`` (``freshChannelAfter``).
-        var refreshing = false
         /// The index, in the configured broker URLs, of the node to try first: the one reached last, or the
         /// next one once its connection has died (a frozen node still accepts TCP connections and would
         /// hold each attempt for the whole connect timeout).
@@ -233,10 +223,6 @@ public final class BatonClient: Sendable {
     private struct Link: Sendable {
         let connection: AMQPConnection
         let channel: AMQPChannel
-        /// The index of its node in the configured URLs.
-        let node: Int
-        /// When ``channel`` was opened.
-        var since = ContinuousClock.now
     }
 
     /// One call waiting for the reply to any of its attempts, or for its next resend time (the reaper
@@ -262,8 +248,6 @@ public final class BatonClient: Sendable {
         var queuedSince: ContinuousClock.Instant?
         /// When the last reply freed the lane.
         var freedAt: ContinuousClock.Instant?
-        /// When the last reply for the partition came (on any message).
-        var answeredAt: ContinuousClock.Instant?
         /// A flush is scheduled for the end of a linger.
         var lingering = false
     }
@@ -274,9 +258,6 @@ public final class BatonClient: Sendable {
         let partition: Int
         let keys: [String]
         let expires: ContinuousClock.Instant
-        /// When it was published, and whether it carries a waiting claim (answered when the claim leaves its line).
-        var sentAt = ContinuousClock.now
-        var waits = false
         var answered = 0
     }
 
@@ -284,66 +265,16 @@ public final class BatonClient: Sendable {
     /// returns false once the client is closed.
     private func reapOverdue() -> Bool {
         let now = ContinuousClock.now
-        let (closed, pending, stalled, stale) = state.withLock { state in
+        let (closed, pending, stalled) = state.withLock { state in
             state.sent = state.sent.filter { $0.value.expires > now }
             let stalled = state.lanes.compactMap { partition, lane in
                 !lane.queued.isEmpty && (lane.inFlight.isEmpty || lane.inFlight.values.contains { $0 <= now }) ? partition : nil
             }
-            return (state.closed, state.pending.values.map(\.call), stalled, Self.staleChannel(&state, now: now, after: configuration.freshChannelAfter))
+            return (state.closed, state.pending.values.map(\.call), stalled)
         }
-        if let (link, partition) = stale { Task { await self.refreshChannel(of: link, stalledPartition: partition) } }
         for call in pending { call.wakeIfDue(now) }
         for partition in stalled { flush(partition) }
         return !closed
-    }
-
-    /// The link whose channel no longer reaches a partition, and that partition: a message sent on the
-    /// channel at least `after` ago, unanswered, with no reply for its partition since (a reply lost to a
-    /// failover is not a stall: the call's resend is answered). Marks the link as being refreshed.
-    private static func staleChannel(_ state: inout ClientState, now: ContinuousClock.Instant, after: Duration) -> (Link, Int)? {
-        guard after > .zero, !state.refreshing, let link = state.link, now - link.since >= after else { return nil }
-        let stalled = state.sent.values.first { message in
-            !message.waits && message.answered == 0 && message.sentAt >= link.since && now - message.sentAt >= after
-                && (state.lanes[message.partition]?.answeredAt.map { $0 < message.sentAt } ?? true)
-        }
-        guard let stalled else { return nil }
-        state.refreshing = true
-        return (link, stalled.partition)
-    }
-
-    /// Opens a new channel on `link`'s connection and sends the stalled partition's calls again on it (the
-    /// others' next resends go on it too); the old channel stays open a while for late replies. When the
-    /// channel cannot be opened, the connection goes.
-    private func refreshChannel(of link: Link, stalledPartition: Int) async {
-        logger.warning("no reply from partition \(stalledPartition) for \(configuration.freshChannelAfter): sending again on a new channel", metadata: [
-            "baton.partition": "\(stalledPartition)",
-        ])
-        do {
-            let channel = try await openRPCChannel(on: link.connection, node: link.node)
-            let calls = state.withLock { state -> [PendingCall]? in
-                state.refreshing = false
-                guard state.link?.channel === link.channel else { return nil }
-                state.link = Link(connection: link.connection, channel: channel, node: link.node)
-                state.statistics.freshChannels += 1
-                // The stalled partition's calls go again at once (the queue may have a new leader by now);
-                // the others keep their schedule.
-                let prefix = "\(stalledPartition)|"
-                return state.pending.filter { $0.key.hasPrefix(prefix) }.map(\.value.call)
-            }
-            guard let calls else {
-                await channel.close()
-                return
-            }
-            for call in calls { call.wake() }
-            Task {
-                try? await Task.sleep(for: .seconds(30))
-                await link.channel.close()
-            }
-        } catch {
-            state.withLock { $0.refreshing = false }
-            logger.warning("cannot open a new channel; reconnecting", metadata: ["baton.error": "\(error)"])
-            dropLink()
-        }
     }
 
     /// Creates a client; it connects on first use.
@@ -377,8 +308,6 @@ public final class BatonClient: Sendable {
         public var requests = 0
         /// Event messages received by this client's watches (``watch(_:from:)``).
         public var eventMessages = 0
-        /// New channels opened because a partition stopped answering (``BatonClientConfiguration/freshChannelAfter``).
-        public var freshChannels = 0
     }
 
     /// What this client has sent so far.
@@ -804,7 +733,7 @@ public final class BatonClient: Sendable {
             let item = lane.queued.remove(at: index)
             state.nextMessage += 1
             let id = "\(messagePrefix)-\(state.nextMessage)"
-            state.sent[id] = SentMessage(partition: partition, keys: [item.key], expires: item.deadline + .seconds(1), waits: true)
+            state.sent[id] = SentMessage(partition: partition, keys: [item.key], expires: item.deadline + .seconds(1))
             state.statistics.messages += 1
             state.statistics.requests += 1
             return (id, [item])
@@ -934,20 +863,6 @@ public final class BatonClient: Sendable {
         let urls = [configuration.amqpURL] + configuration.amqpAlternates
         let (connection, node) = try await AMQPConnection.connect(toFirstOf: urls, from: state.withLock { $0.brokerNode }, name: configuration.name, logger: logger)
         state.withLock { $0.brokerNode = node }
-        do {
-            let channel = try await openRPCChannel(on: connection, node: node)
-            logger.debug("client connected", metadata: ["baton.amqp": "\(urls[node])"])
-            return Link(connection: connection, channel: channel, node: node)
-        } catch {
-            await connection.close()
-            throw error
-        }
-    }
-
-    /// Opens the channel calls are published on, consuming its direct reply-to address (replies come on
-    /// the channel that published).
-    private func openRPCChannel(on connection: AMQPConnection, node: Int) async throws -> AMQPChannel {
-        let urls = [configuration.amqpURL] + configuration.amqpAlternates
         let channel = try await connection.openChannel()
         // Replies are dispatched on the connection's I/O thread as they are read: the calls they answer
         // resume from there, and what waited for their partition is published from there at once.
@@ -956,10 +871,8 @@ public final class BatonClient: Sendable {
             onDeliveries: { [weak self] batch in self?.dispatch(batch) },
             onEnd: { [weak self] _ in
                 // The connection ended: the next call reconnects, and every call waiting for a reply
-                // publishes again now (a reply sent to this connection's reply address is lost). A channel
-                // replaced by a new one (``BatonClientConfiguration/freshChannelAfter``) ends quietly.
+                // publishes again now (a reply sent to this connection's reply address is lost).
                 let calls = self?.state.withLock { state -> [PendingCall] in
-                    guard state.link == nil || state.link?.channel === channel || state.link?.connection === connection && !connection.isOpen else { return [] }
                     if state.link?.connection === connection {
                         state.link = nil
                         state.brokerNode = (node + 1) % urls.count
@@ -983,7 +896,9 @@ public final class BatonClient: Sendable {
                 )))
             }
         }
-        return channel
+        let link = Link(connection: connection, channel: channel)
+        logger.debug("client connected", metadata: ["baton.amqp": "\(urls[node])"])
+        return link
     }
 
     /// Answers the calls a reply message carries replies for (by request id; a reply without one, to a
@@ -1005,7 +920,6 @@ public final class BatonClient: Sendable {
             // comes in parts, and an element refused without a request id is matched by its place.
             let record = state.withLock { state -> SentMessage? in
                 guard var record = state.sent[correlationID] else { return nil }
-                state.lanes[record.partition]?.answeredAt = .now
                 if state.lanes[record.partition]?.inFlight.removeValue(forKey: correlationID) != nil {
                     // The calls answered now come back soon with their next requests: under load, the
                     // lane lingers for them (``BatonClientConfiguration/linger``).

@@ -452,38 +452,4 @@ import Testing
         }
         await client.close()
     }
-
-    /// A RabbitMQ 3.10 channel keeps sending a quorum queue's messages to the leader it knew, so a partition
-    /// that stops answering makes the client send again on a new channel (docs/operations.md: a frozen node
-    /// stalled calls for its whole pause before). Here the stall is a partition nobody serves: the client
-    /// opens new channels, the other partition's calls are not disturbed, and the stalled call is answered
-    /// once a worker serves its partition.
-    @Test func aPartitionThatStopsAnsweringGetsANewChannelAndCostsOtherPartitionsNothing() async throws {
-        let deployment = try await Deployment.make(partitions: 2)
-        let first = deployment.startWorker { $0.partitions = [0] }
-        let client = deployment.client(timeout: .seconds(30))
-        let busy = buffer(in: 0, count: 2, prefix: "busy")
-        let quiet = buffer(in: 1, count: 2, prefix: "quiet")
-        _ = try await client.inspect(busy)
-        let stalled = Task { try await client.claim(quiet, user: "ann", connection: "c1") }
-        let start = ContinuousClock.now
-        var slowest = Duration.zero
-        while ContinuousClock.now - start < .seconds(7) {
-            let started = ContinuousClock.now
-            _ = try await client.inspect(busy)
-            slowest = max(slowest, .now - started)
-            try await Task.sleep(for: .milliseconds(50))
-        }
-        #expect(client.statistics.freshChannels >= 1, "no reply from partition 1 for 3 s: a new channel")
-        #expect(slowest < .seconds(1), "partition 0's calls went on meanwhile (slowest \(slowest))")
-        let second = deployment.startWorker { $0.partitions = [1] }
-        guard case .granted(let lease) = try await stalled.value else {
-            Issue.record("the stalled claim was not granted once its partition was served")
-            return
-        }
-        #expect(lease.token == 1)
-        await client.close()
-        await first.stop()
-        await second.stop()
-    }
 }
