@@ -195,11 +195,21 @@ def test_cancelled_claim_leaves_no_grant(live, buf, conn):
         assert s.holder is None and s.token == 1, s  # granted (token 1), then released
 
 
-def test_claim_that_was_never_decided_stays_undecided(live, buf, conn):
+def test_claim_that_was_never_decided_stays_undecided(live, buf, conn, monkeypatch):
+    # A claim that reaches the worker after its deadline is never decided. With a 1 ms timeout alone the
+    # request could still arrive in time on a fast machine (and be granted, rightly), so its deadline is
+    # set in the past, as for a request delayed in transit past its caller's timeout.
+    import baton_client.client as client_module
+    from datetime import datetime, timedelta, timezone
+    from baton_client.errors import BatonError
+    from baton_client.requests import format_timestamp
+    monkeypatch.setattr(client_module, "deadline_after",
+                        lambda seconds: format_timestamp(datetime.now(timezone.utc) - timedelta(seconds=1)))
     with Client(live["url"], partitions=live["partitions"], timeout=5.0) as c:
-        with pytest.raises(BatonTimeoutError):
-            c.claim(buf, "ann", conn, timeout=0.001)  # times out before it is published
-        time.sleep(1.0)
+        with pytest.raises(BatonError):
+            c.claim(buf, "ann", conn, timeout=0.5)
+    monkeypatch.undo()
+    with Client(live["url"], partitions=live["partitions"], timeout=5.0) as c:
         s = c.inspect(buf)
         assert s.holder is None and s.token == 0
 
