@@ -1154,6 +1154,8 @@ enum SQL {
                       ORDER BY id LIMIT $2) w
             ) o
             WHERE o.stop IS NULL OR o.id < o.stop
+            -- At most $2 rows per statement in all, each partition's still a prefix of its history.
+            ORDER BY d.partition, o.id LIMIT $2
         ),
         deleted AS (
             DELETE FROM baton_outbox WHERE ctid = ANY(ARRAY(SELECT ctid FROM doomed))
