@@ -135,6 +135,7 @@ public final class AMQPChannel: Sendable {
     /// The channel number.
     public let number: UInt16
     let io: IOThread
+    let unconfirmed = UnconfirmedPublishes()
 
     init(number: UInt16, io: IOThread) {
         self.number = number
@@ -217,15 +218,26 @@ public final class AMQPChannel: Sendable {
         }
     }
 
-    /// Puts the channel in publisher-confirm mode (``publishConfirmed(_:)``).
-    public func enableConfirms() async throws {
+    /// Puts the channel in publisher-confirm mode (``publishConfirmed(_:)``). With `tracking`, the
+    /// publishes nobody awaits (``publish(_:completion:)``, ``enqueue(_:queued:completion:)``) are tracked
+    /// until the broker confirms them: ``oldestUnconfirmedPublish``.
+    public func enableConfirms(tracking: Bool = false) async throws {
         let channel = number
+        let unconfirmed = tracking ? self.unconfirmed : nil
         try await io.run { io throws(AMQPError) in
             amqp_confirm_select(io.conn, channel)
             try io.check(amqp_get_rpc_reply(io.conn), channel: channel, doing: "enable publisher confirms")
             io.channels[channel]?.confirmMode = true
+            io.channels[channel]?.unconfirmed = unconfirmed
         }
     }
+
+    /// When the oldest publish of this channel still waiting for its broker confirm was sent (nil when
+    /// none waits, or the channel does not track them: ``enableConfirms(tracking:)``). The broker confirms
+    /// once the message is in its queues, whatever their consumers do: a publish unconfirmed for long
+    /// means the broker cannot reach the queue (on a RabbitMQ 3.10 cluster, a channel that keeps sending
+    /// to a quorum queue leader whose node froze).
+    public var oldestUnconfirmedPublish: ContinuousClock.Instant? { unconfirmed.oldest }
 
     /// Starts a consumer; its deliveries arrive in the returned queue.
     public func consume(queue: String, noAck: Bool = false, exclusive: Bool = false, arguments: [String: AMQPValue] = [:]) async throws -> (consumerTag: String, deliveries: DeliveryQueue) {

@@ -53,6 +53,8 @@ final class ChannelState {
     var returned: [UInt64: PublishOutcome] = [:]
     var consumers: [String: any DeliverySink] = [:]
     var returnHandler: (@Sendable (String?, Int, String) -> Void)?
+    /// Publishes without a ``ConfirmWait``, tracked for ``AMQPChannel/oldestUnconfirmedPublish`` (confirm mode only).
+    var unconfirmed: UnconfirmedPublishes?
 
     init(number: UInt16) {
         self.number = number
@@ -60,6 +62,7 @@ final class ChannelState {
 
     /// Fails everything pending on the channel.
     func fail(_ error: AMQPError, consumersToo: Bool = true) {
+        unconfirmed?.clear()
         for wait in confirmWaits.values { wait.resolve(.failure(error)) }
         confirmWaits.removeAll()
         tagsByMessageID.removeAll()
@@ -423,6 +426,7 @@ final class IOThread: @unchecked Sendable {
 
     private func confirm(channel number: UInt16, tag: UInt64, multiple: Bool, outcome: PublishOutcome) {
         guard let state = channels[number] else { return }
+        state.unconfirmed?.answered(tag, multiple: multiple)
         let tags = multiple ? state.confirmWaits.keys.filter { $0 <= tag } : [tag]
         for confirmed in tags {
             let final = outcome == .confirmed ? (state.returned.removeValue(forKey: confirmed) ?? outcome) : outcome
@@ -555,7 +559,9 @@ final class IOThread: @unchecked Sendable {
     func perform(_ actions: [ChannelAction], channel: UInt16) throws(AMQPError) {
         for action in actions {
             switch action {
-            case .publish(let message): _ = try publish(message, channel: channel)
+            case .publish(let message):
+                let tag = try publish(message, channel: channel)
+                if let unconfirmed = channels[channel]?.unconfirmed { unconfirmed.sent(tag, at: .now) }
             case .ack(let tag, let multiple): try status(amqp_basic_ack(conn, channel, tag, multiple ? 1 : 0), doing: "ack")
             case .reject(let tag, let requeue): try status(amqp_basic_reject(conn, channel, tag, requeue ? 1 : 0), doing: "reject")
             }

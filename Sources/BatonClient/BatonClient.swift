@@ -17,6 +17,14 @@ public struct BatonClientConfiguration: Sendable {
     public var timeout: Duration = .seconds(5)
     /// How long to wait for a reply before publishing the request again with the same `request_id` (default 1.5 s).
     public var resendAfter: Duration = .milliseconds(1500)
+    /// When a request published on the client's channel has had no broker confirm for this long, the
+    /// client opens a new channel on its connection and sends every waiting call again on it (default
+    /// 1 s; `.zero` never, and the channel is not in confirm mode). The broker confirms a request once its partition's queue holds it, however
+    /// slow the workers are: a missing confirm means the broker cannot reach the queue. On a RabbitMQ
+    /// 3.10 cluster a channel keeps sending a quorum queue's messages to the leader it first knew, even
+    /// after the queue elected another because that leader's node froze; a new channel finds the new
+    /// leader (docs/operations.md, "A frozen broker node"). The old channel stays open 30 s for late replies.
+    public var staleChannelAfter: Duration = .seconds(1)
     /// A name for the connection in the broker's list.
     public var name: String = "baton client"
     /// Carry calls to one partition together (docs/protocol.md, "Coalesced requests"): a lone call is
@@ -192,6 +200,8 @@ public final class BatonClient: Sendable {
     private struct ClientState {
         var link: Link?
         var connecting: Task<Link, any Error>?
+        /// A new channel is being opened for ``link`` (``BatonClientConfiguration/staleChannelAfter``).
+        var refreshing = false
         /// The index, in the configured broker URLs, of the node to try first: the one reached last, or the
         /// next one once its connection has died (a frozen node still accepts TCP connections and would
         /// hold each attempt for the whole connect timeout).
@@ -223,6 +233,8 @@ public final class BatonClient: Sendable {
     private struct Link: Sendable {
         let connection: AMQPConnection
         let channel: AMQPChannel
+        /// The index of its node among the configured URLs.
+        let node: Int
     }
 
     /// One call waiting for the reply to any of its attempts, or for its next resend time (the reaper
@@ -265,16 +277,73 @@ public final class BatonClient: Sendable {
     /// returns false once the client is closed.
     private func reapOverdue() -> Bool {
         let now = ContinuousClock.now
-        let (closed, pending, stalled) = state.withLock { state in
+        let (closed, pending, stalled, stale) = state.withLock { state in
             state.sent = state.sent.filter { $0.value.expires > now }
             let stalled = state.lanes.compactMap { partition, lane in
                 !lane.queued.isEmpty && (lane.inFlight.isEmpty || lane.inFlight.values.contains { $0 <= now }) ? partition : nil
             }
-            return (state.closed, state.pending.values.map(\.call), stalled)
+            return (state.closed, state.pending.values.map(\.call), stalled, staleLink(&state, now: now))
         }
+        if let stale { Task { await self.refreshChannel(of: stale) } }
         for call in pending { call.wakeIfDue(now) }
         for partition in stalled { flush(partition) }
         return !closed
+    }
+
+    /// The link whose channel has a publish unconfirmed for ``BatonClientConfiguration/staleChannelAfter``
+    /// (not while the broker blocks the connection: an alarm holds confirms back too); marks it as being
+    /// refreshed.
+    private func staleLink(_ state: inout ClientState, now: ContinuousClock.Instant) -> Link? {
+        let after = configuration.staleChannelAfter
+        guard after > .zero, !state.refreshing, !state.closed, let link = state.link, link.connection.blockedReason == nil,
+            let oldest = link.channel.oldestUnconfirmedPublish, now - oldest >= after
+        else { return nil }
+        state.refreshing = true
+        return link
+    }
+
+    /// Opens a new channel on `link`'s connection and sends every waiting call again on it; the old
+    /// channel stays open a while for late replies. When no channel opens within
+    /// ``BatonClientConfiguration/staleChannelAfter`` (the connection's node itself froze: its heartbeats
+    /// would tell only later), the connection goes and the next call connects to the next node.
+    private func refreshChannel(of link: Link) async {
+        logger.warning("a request had no broker confirm for \(configuration.staleChannelAfter): sending the waiting calls again on a new channel", metadata: [
+            "baton.amqp": "\(([configuration.amqpURL] + configuration.amqpAlternates)[link.node])",
+        ])
+        do {
+            let channel = try await Self.before(.now + configuration.staleChannelAfter) {
+                try await self.openRPCChannel(on: link.connection, node: link.node)
+            }
+            let calls = state.withLock { state -> [PendingCall]? in
+                state.refreshing = false
+                guard state.link?.channel === link.channel else { return nil }
+                state.link = Link(connection: link.connection, channel: channel, node: link.node)
+                state.statistics.freshChannels += 1
+                // What was in flight on the old channel is resent: its lanes are free again.
+                for partition in state.lanes.keys { state.lanes[partition]?.inFlight.removeAll() }
+                return state.pending.values.map(\.call)
+            }
+            guard let calls else {
+                await channel.close()
+                return
+            }
+            for call in calls { call.wake() }
+            Task {
+                try? await Task.sleep(for: .seconds(30))
+                await link.channel.close()
+            }
+        } catch {
+            let urls = [configuration.amqpURL] + configuration.amqpAlternates
+            state.withLock { state in
+                state.refreshing = false
+                if state.link?.connection === link.connection { state.brokerNode = (link.node + 1) % urls.count }
+            }
+            logger.warning("cannot open a new channel; reconnecting", metadata: ["baton.error": "\(error is DeadlinePassed ? "no answer within \(configuration.staleChannelAfter)" : "\(error)")"])
+            dropLink()
+            // Closing a frozen node's connection ends only when its heartbeats run out: the waiting calls
+            // connect to the next node now.
+            for call in state.withLock({ $0.pending.values.map(\.call) }) { call.wake() }
+        }
     }
 
     /// Creates a client; it connects on first use.
@@ -308,6 +377,8 @@ public final class BatonClient: Sendable {
         public var requests = 0
         /// Event messages received by this client's watches (``watch(_:from:)``).
         public var eventMessages = 0
+        /// New channels opened because a request had no broker confirm (``BatonClientConfiguration/staleChannelAfter``).
+        public var freshChannels = 0
     }
 
     /// What this client has sent so far.
@@ -549,10 +620,15 @@ public final class BatonClient: Sendable {
         var attempts = 0
         var blocked: String?
         var connectFailure: (any Error)?
+        // The channel the last attempt went on: on a new one (a reconnect, or a channel that had stopped
+        // reaching its queue), the resend schedule starts over, since the last attempts may have been lost.
+        var lastChannel: AMQPChannel?
         while ContinuousClock.now < deadline {
             do {
                 let existing = state.withLock { $0.link }
                 let link = if let existing { existing } else { try await Self.before(deadline) { try await self.currentLink() } }
+                if let last = lastChannel, last !== link.channel { resendInterval = resendAfter }
+                lastChannel = link.channel
                 if let reason = link.connection.blockedReason {
                     // Publishing now would only queue the request in a socket the broker does not read.
                     blocked = reason
@@ -863,7 +939,22 @@ public final class BatonClient: Sendable {
         let urls = [configuration.amqpURL] + configuration.amqpAlternates
         let (connection, node) = try await AMQPConnection.connect(toFirstOf: urls, from: state.withLock { $0.brokerNode }, name: configuration.name, logger: logger)
         state.withLock { $0.brokerNode = node }
+        do {
+            let channel = try await openRPCChannel(on: connection, node: node)
+            logger.debug("client connected", metadata: ["baton.amqp": "\(urls[node])"])
+            return Link(connection: connection, channel: channel, node: node)
+        } catch {
+            await connection.close()
+            throw error
+        }
+    }
+
+    /// Opens the channel calls are published on (in confirm mode, its publishes tracked until confirmed),
+    /// consuming its direct reply-to address: replies come on the channel that published.
+    private func openRPCChannel(on connection: AMQPConnection, node: Int) async throws -> AMQPChannel {
+        let urls = [configuration.amqpURL] + configuration.amqpAlternates
         let channel = try await connection.openChannel()
+        if configuration.staleChannelAfter > .zero { try await channel.enableConfirms(tracking: true) }
         // Replies are dispatched on the connection's I/O thread as they are read: the calls they answer
         // resume from there, and what waited for their partition is published from there at once.
         _ = try await channel.consume(
@@ -871,8 +962,10 @@ public final class BatonClient: Sendable {
             onDeliveries: { [weak self] batch in self?.dispatch(batch) },
             onEnd: { [weak self] _ in
                 // The connection ended: the next call reconnects, and every call waiting for a reply
-                // publishes again now (a reply sent to this connection's reply address is lost).
+                // publishes again now (a reply sent to this connection's reply address is lost). A channel
+                // replaced by a new one (``BatonClientConfiguration/staleChannelAfter``) ends quietly.
                 let calls = self?.state.withLock { state -> [PendingCall] in
+                    guard state.link == nil || state.link?.channel === channel else { return [] }
                     if state.link?.connection === connection {
                         state.link = nil
                         state.brokerNode = (node + 1) % urls.count
@@ -896,9 +989,7 @@ public final class BatonClient: Sendable {
                 )))
             }
         }
-        let link = Link(connection: connection, channel: channel)
-        logger.debug("client connected", metadata: ["baton.amqp": "\(urls[node])"])
-        return link
+        return channel
     }
 
     /// Answers the calls a reply message carries replies for (by request id; a reply without one, to a

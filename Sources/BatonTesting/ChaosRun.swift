@@ -30,7 +30,7 @@ public struct ChaosSettings: Sendable {
     public var pause = 8
     /// Whether the services are the three broker nodes and the PostgreSQL pair of `scripts/services cluster`.
     public var cluster = false
-    /// Seconds a broker node stays SIGSTOPped (`node-pause`): past the cluster's net tick (10 s).
+    /// Seconds a broker node stays SIGSTOPped (`node-pause`): past the cluster's net tick (4 s).
     public var nodePause = 20
     /// Run with asynchronous replication (the negative control): `db-failover` repeats up to
     /// ``failovers`` times, until a grant is lost or issued twice.
@@ -267,7 +267,7 @@ public struct ChaosRun: Sendable {
         case "leader-kill": ("SIGKILL of RabbitMQ node \(node) (it leads partition 0's quorum queue), started again after 5 s", "kill", "start", 5)
         case "node-stop": ("rabbitmqctl stop_app on node \(node) (it leads partition 0's quorum queue), start_app after 5 s", "stop-app", "start-app", 5)
         default: (
-            "SIGSTOP of node \(node) (it leads partition 0's quorum queue) for \(settings.nodePause) s, past the 10 s net tick, then SIGCONT",
+            "SIGSTOP of node \(node) (it leads partition 0's quorum queue) for \(settings.nodePause) s, past the 4 s net tick, then SIGCONT",
             "pause", "resume", settings.nodePause
         )
         }

@@ -16,7 +16,7 @@ struct Chaos: AsyncParsableCommand {
             With --cluster the services are those of `scripts/services cluster` (three RabbitMQ nodes, a PostgreSQL \
             primary and its synchronous standby; the URLs list every node) and the faults are: leader-kill (SIGKILL of the \
             node leading partition 0's quorum queue, restarted after 5 s), node-stop (stop_app/start_app of that node), \
-            node-pause (SIGSTOP of that node past the 10 s net tick) and db-failover (SIGKILL of the primary, pg_ctl \
+            node-pause (SIGSTOP of that node past the 4 s net tick) and db-failover (SIGKILL of the primary, pg_ctl \
             promote of the standby, the old primary rebuilt as the new standby). --async-replication is the negative \
             control: the same failover with asynchronous replication, repeated (--failovers) until a grant is lost.
             """
@@ -35,7 +35,7 @@ struct Chaos: AsyncParsableCommand {
     var asyncReplication = false
     @Option(help: "How many times db-failover runs, 1-50 (default 1; 10 with --async-replication, which stops at the first lost grant).")
     var failovers: Int?
-    @Option(name: .customLong("node-pause-seconds"), help: "How long node-pause keeps a broker node SIGSTOPped, past its 10 s net tick: 15-300.")
+    @Option(name: .customLong("node-pause-seconds"), help: "How long node-pause keeps a broker node SIGSTOPped, past its 4 s net tick: 15-300.")
     var nodePause = 20
 
     @Option(help: "Partitions of the scratch deployment, 1-1024.") var partitions = 4

@@ -100,6 +100,57 @@ import Testing
     }
 
 
+    /// Issue 22, finding 4: a RabbitMQ 3.10 channel keeps sending a quorum queue's messages to the leader
+    /// it knew, and when that leader's node froze, nothing it sends is confirmed or delivered until the
+    /// node resumes. The client tells that from a slow partition by the broker's confirms: a request
+    /// unconfirmed for a second gets a new channel and every waiting call is sent again on it. Here the
+    /// queue's Raft server is suspended (a single node cannot elect another leader, so the call is
+    /// answered once it resumes); the cluster chaos run's node-pause shows the time it saves.
+    @Test func aQueueThatConfirmsNothingGetsANewChannel() async throws {
+        let deployment = try await Deployment.make(partitions: 2)
+        let worker = deployment.startWorker()
+        let client = deployment.client(timeout: .seconds(20))
+        let (first, second) = AdversarialTests.samePartition(deployment.partitioner, "frozen")
+        let partition = deployment.partitioner.partition(of: first)
+        _ = try await client.claim(first, user: "u", connection: "c")
+        #expect(client.statistics.freshChannels == 0)
+        let queue = ProtocolV1.requestQueue(partition)
+        try await Deployment.services("queue-freeze", deployment.amqpURL.virtualHost, queue, "on")
+        let answered = Shared(false)
+        let call = Task {
+            defer { answered.update { $0 = true } }
+            return try await client.claim(second, user: "u", connection: "c")
+        }
+        let refreshed = await Deployment.eventually(.seconds(6)) { client.statistics.freshChannels >= 1 }
+        let heldWhileFrozen = !answered.value
+        try await Deployment.services("queue-freeze", deployment.amqpURL.virtualHost, queue, "off")
+        #expect(refreshed, "a request the broker did not confirm for a second made the client open a new channel")
+        #expect(heldWhileFrozen, "the frozen queue held the claim")
+        guard case .granted = try await call.value else {
+            Issue.record("the claim was not granted once the queue resumed")
+            return
+        }
+        await client.close()
+        await worker.stop()
+    }
+
+    /// The other side of the same rule: a partition that answers nothing because no worker serves it
+    /// (or its worker is slow) has its requests confirmed by the broker, so the client opens no new
+    /// channel and resends on its backoff schedule only (the reason a rule on missing replies was
+    /// reverted: it resent into slow partitions).
+    @Test func aPartitionThatAnswersNothingKeepsItsChannel() async throws {
+        let deployment = try await Deployment.make(partitions: 2)
+        let client = deployment.client(timeout: .seconds(4))
+        do {
+            let reply = try await client.claim("unserved/a", user: "u", connection: "c")
+            Issue.record("a claim was answered with no worker running: \(reply)")
+        } catch let error as BatonClientError {
+            #expect(error.code == .timeout, "\(error)")
+        }
+        #expect(client.statistics.freshChannels == 0, "no new channel for a partition whose requests the broker confirmed")
+        await client.close()
+    }
+
     @Test(.timeLimit(.minutes(3))) func shortChaosRunPasses() async throws {
         let log = FileManager.default.temporaryDirectory.appendingPathComponent("baton-chaos-test-\(UUID().uuidString).log")
         // The services' own URLs, as scripts/chaos passes them: scripts/services controls only the local

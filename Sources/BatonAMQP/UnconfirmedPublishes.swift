@@ -1,0 +1,62 @@
+import Synchronization
+
+/// The publishes of a confirm-mode channel that no caller awaits one by one (``AMQPChannel/publish(_:completion:)``
+/// and ``AMQPChannel/enqueue(_:queued:completion:)``), tracked so that another thread can ask how long the
+/// oldest has waited for its confirm (``AMQPChannel/oldestUnconfirmedPublish``).
+///
+/// A broker confirms a publish once the queues it was routed to hold it, whoever consumes them: a slow
+/// consumer never delays a confirm, a broker that cannot reach the queue's leader does. Nacks count as
+/// answers too. The I/O thread records publishes and confirms; readers take the same lock.
+final class UnconfirmedPublishes: Sendable {
+    private struct Pending {
+        /// Delivery tags and send times, in publish order; entries before `head` are confirmed.
+        var tags: [UInt64] = []
+        var times: [ContinuousClock.Instant] = []
+        var head = 0
+
+        var isEmpty: Bool { head == tags.count }
+
+        mutating func compact() {
+            guard head > 1024, head * 2 > tags.count else { return }
+            tags.removeFirst(head)
+            times.removeFirst(head)
+            head = 0
+        }
+    }
+
+    private let pending = Mutex(Pending())
+
+    /// The publish with delivery tag `tag` left at `time`.
+    func sent(_ tag: UInt64, at time: ContinuousClock.Instant) {
+        pending.withLock { pending in
+            pending.tags.append(tag)
+            pending.times.append(time)
+        }
+    }
+
+    /// The broker answered `tag` (and, when `multiple`, every tag before it).
+    func answered(_ tag: UInt64, multiple: Bool) {
+        pending.withLock { pending in
+            if multiple {
+                while !pending.isEmpty, pending.tags[pending.head] <= tag { pending.head += 1 }
+            } else if !pending.isEmpty, pending.tags[pending.head] == tag {
+                pending.head += 1
+            } else if let index = pending.tags[pending.head...].firstIndex(of: tag) {
+                // Out of order (a broker may confirm single tags in any order): drop it where it is.
+                pending.tags.remove(at: index)
+                pending.times.remove(at: index)
+            }
+            pending.compact()
+        }
+    }
+
+    /// Forgets every publish (the channel closed: none will be confirmed).
+    func clear() {
+        pending.withLock { $0 = Pending() }
+    }
+
+    /// When the oldest publish still waiting for its confirm left, if any does.
+    var oldest: ContinuousClock.Instant? {
+        pending.withLock { $0.isEmpty ? nil : $0.times[$0.head] }
+    }
+}
