@@ -12,6 +12,10 @@ entry point of pika) and ``concurrent.futures.Future`` objects. It
 * keeps calls across a dropped channel or connection: it reconnects (with backoff), consumes
   direct reply-to on the new channel and publishes every waiting call again (section 9);
 * does not publish while the broker has blocked the connection (resource alarm);
+* when a request has had no broker confirm for ``stale_after`` seconds, publishes every waiting call
+  again on a new channel (section 9, "Publisher confirms": a RabbitMQ 3.10 channel keeps sending to a
+  quorum queue leader whose node froze, and the broker confirms whatever the workers do, so a missing
+  confirm is never a slow worker); the old channel stays open a while for late replies;
 * runs the event subscriptions of watches (section 18), each on a channel of its own, and
   re-declares them after a reconnect.
 """
@@ -25,7 +29,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import Future
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import pika
 from pika.adapters.select_connection import IOLoop
@@ -126,12 +130,14 @@ class Subscription:
 
 class IOThread:
     def __init__(self, params: pika.URLParameters, *, user: str, redacted_url: str,
-                 secret: str, confirms: bool = True, name: str = "baton-io"):
+                 secret: str, confirms: bool = True, stale_after: float = 1.0, name: str = "baton-io"):
         self._params = params
         self.user = user
         self.redacted_url = redacted_url
         self._secret = secret
         self._confirms = confirms
+        self._stale_after = stale_after if confirms else 0.0
+        self._refreshing = False
         self._ioloop = IOLoop()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._conn: Any = None
@@ -142,7 +148,8 @@ class IOThread:
         self._stopped = threading.Event()
         self._channel_gen = 0
         self._next_tag = 0
-        self._unconfirmed: Dict[int, str] = {}
+        # Delivery tag -> (correlation id, when it was published), in publish order.
+        self._unconfirmed: Dict[int, Tuple[str, float]] = {}
         self._calls: Dict[str, Call] = {}
         self._subs: Dict[int, Subscription] = {}
         self._backoff = 0.2
@@ -151,6 +158,7 @@ class IOThread:
         self._first_error: Optional[BaseException] = None
         self._state_lock = threading.Lock()
         self.connects = 0  # how many times a channel became ready (tests, diagnostics)
+        self.fresh_channels = 0  # new channels opened for requests without a confirm (stale_after)
         self.last_close_reason: Optional[str] = None
         self.ignore_replies = False  # fault injection for tests: replies are lost
         self.stray_replies = 0  # replies to no waiting call (late repeats; tests, diagnostics)
@@ -294,6 +302,7 @@ class IOThread:
         self._channel = None
         self._ready = False
         self._blocked = False
+        self._refreshing = False
         self._unconfirmed.clear()
         self.last_close_reason = self.sanitize(repr(reason))
         for sub in self._subs.values():
@@ -320,7 +329,7 @@ class IOThread:
         ch.add_on_close_callback(self._on_channel_closed)
         ch.add_on_return_callback(self._on_return)
         if self._confirms:
-            ch.confirm_delivery(ack_nack_callback=self._on_confirm,
+            ch.confirm_delivery(ack_nack_callback=lambda frame: self._on_confirm(ch, frame),
                                 callback=lambda _frame: self._consume_replies(ch))
         else:
             self._consume_replies(ch)
@@ -335,6 +344,7 @@ class IOThread:
         self._channel_gen += 1
         self._next_tag = 0
         self._unconfirmed.clear()
+        self._refreshing = False
         self._ready = True
         self._backoff = 0.2
         self.connects += 1
@@ -427,15 +437,18 @@ class IOThread:
         call.channel_gen = self._channel_gen
         if self._confirms:
             self._next_tag += 1
-            self._unconfirmed[self._next_tag] = call.correlation_id
+            self._unconfirmed[self._next_tag] = (call.correlation_id, now)
 
-    def _on_confirm(self, frame: Any) -> None:
+    def _on_confirm(self, ch: Any, frame: Any) -> None:
+        if ch is not self._channel:
+            return  # a channel replaced by a fresh one: its tags are not this one's
         method = frame.method
         tag = method.delivery_tag
         tags = [t for t in self._unconfirmed if t <= tag] if method.multiple else [tag]
         nack = isinstance(method, pika.spec.Basic.Nack)
         for t in tags:
-            corr = self._unconfirmed.pop(t, None)
+            entry = self._unconfirmed.pop(t, None)
+            corr = entry[0] if entry is not None else None
             if nack and corr is not None:
                 call = self._calls.get(corr)
                 if call is not None and not call.done:
@@ -504,8 +517,40 @@ class IOThread:
                 self._publish(call)
             elif call.resend_after is not None and now - call.last_sent >= call.resend_after:
                 self._publish(call)
+        self._refresh_if_stale(now)
         if not self._closing:
             self._ioloop.call_later(_TICK, self._tick)
+
+    def _refresh_if_stale(self, now: float) -> None:
+        """Opens a new channel when the oldest request has had no confirm for ``stale_after``
+        seconds; every waiting call is published again on it once it consumes its replies."""
+        if (self._stale_after <= 0 or self._refreshing or not self._ready or self._blocked
+                or not self._unconfirmed or self._conn is None or self._closing):
+            return
+        _corr, sent = next(iter(self._unconfirmed.values()))
+        if now - sent < self._stale_after:
+            return
+        log.warning("a request had no broker confirm for %g s: sending the waiting calls again on a "
+                    "new channel", self._stale_after)
+        old = self._channel
+        self._refreshing = True
+        self._ready = False  # nothing is published until the new channel consumes its replies
+        self.fresh_channels += 1
+        try:
+            self._conn.channel(on_open_callback=self._on_channel_open)
+        except Exception as exc:
+            self._refreshing = False
+            self._ready = old is not None
+            log.warning("cannot open a channel: %s", self.sanitize(repr(exc)))
+            return
+        if old is not None:
+            def close_old() -> None:
+                if old.is_open:
+                    try:
+                        old.close()
+                    except Exception:
+                        pass
+            self._ioloop.call_later(30.0, close_old)
 
     def _partial(self, call: Call) -> Any:
         if call.expected:

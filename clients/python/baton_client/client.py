@@ -100,11 +100,16 @@ class Client:
     :param resend_after: resend an unanswered request (same body, same ``request_id``) every this
         many seconds; ``None`` never resends.
     :param confirms: publish in publisher-confirm mode (a nack resends at once).
+    :param stale_after: with confirms, when a request has had no broker confirm for this many
+        seconds, every waiting call is published again on a new channel (0 never). The broker
+        confirms once the partition's queue holds the request, whatever the workers do; a missing
+        confirm means it cannot reach the queue (a RabbitMQ 3.10 channel keeps sending to a quorum
+        queue leader whose node froze; docs/protocol.md, section 9).
     """
 
     def __init__(self, url: str, partitions: Optional[int] = None, timeout: float = 5.0,
                  resend_after: Optional[float] = 1.5, *, confirms: bool = True,
-                 connection_name: Optional[str] = None, connect_timeout: Optional[float] = None,
+                 stale_after: float = 1.0, connection_name: Optional[str] = None, connect_timeout: Optional[float] = None,
                  orphan_window: float = 120.0):
         if not 0 < timeout <= MAX_TIMEOUT:
             raise ValueError(f"timeout must be in (0, {MAX_TIMEOUT:g}] seconds, got {timeout!r}")
@@ -139,8 +144,10 @@ class Client:
         self._bg_lock = threading.Lock()
         self._leases: "weakref.WeakSet[Any]" = weakref.WeakSet()
         self._watches: "weakref.WeakSet[Any]" = weakref.WeakSet()
+        if not stale_after >= 0:
+            raise ValueError(f"stale_after must be 0 or more seconds, got {stale_after!r}")
         self._io = IOThread(params, user=user, redacted_url=self.url_redacted, secret=secret,
-                            confirms=confirms)
+                            confirms=confirms, stale_after=float(stale_after))
         self._io.start()
         try:
             self._io.wait_connected(connect_timeout if connect_timeout is not None else timeout)

@@ -81,3 +81,48 @@ def test_watch_survives_a_reconnect(live, buf, conn):
             assert ev is not None and (ev.kind, ev.token) == ("released", 1)
             assert w.subscriptions > subs
             assert w.get(0.5) is None
+
+
+def _queue_freeze(url, queue, state):
+    """scripts/services queue-freeze: suspends (on) or resumes (off) one quorum queue's Raft server
+    on the local broker the services script started. Returns False when it cannot (another broker)."""
+    import os
+    import subprocess
+    from urllib.parse import unquote, urlsplit
+
+    from conftest import REPO_ROOT
+
+    vhost = unquote(urlsplit(url).path[1:]) or "/"
+    done = subprocess.run([str(REPO_ROOT / "scripts" / "services"), "queue-freeze", vhost, queue, state],
+                          capture_output=True, text=True, timeout=60)
+    if done.returncode != 0 and os.environ.get("CI"):
+        raise AssertionError(f"queue-freeze {state} failed: {done.stderr}")
+    return done.returncode == 0
+
+
+def test_a_queue_that_confirms_nothing_gets_a_new_channel(live, buf, conn):
+    """Section 9, "Publisher confirms": a request the broker does not confirm for stale_after (here a
+    quorum queue whose Raft server is suspended, as a leader whose node froze) makes the client
+    publish the waiting calls again on a new channel; the call is answered once the queue resumes."""
+    with Client(live["url"], partitions=live["partitions"], timeout=20.0) as c:
+        queue = f"baton.requests.{c.partition_of(buf)}"
+        c.inspect(buf)
+        assert c._io.fresh_channels == 0
+        if not _queue_freeze(live["url"], queue, "on"):
+            pytest.skip("the broker was not started by scripts/services")
+        result = {}
+        try:
+            t = threading.Thread(target=lambda: result.setdefault("r", c.claim(buf, "ann", conn)))
+            t.start()
+            end = time.monotonic() + 6.0
+            while c._io.fresh_channels == 0 and time.monotonic() < end:
+                time.sleep(0.05)
+            refreshed = c._io.fresh_channels >= 1
+            held = "r" not in result
+        finally:
+            _queue_freeze(live["url"], queue, "off")
+        t.join(20)
+        assert refreshed, "a request unconfirmed for a second made the client open a new channel"
+        assert held, "the frozen queue held the claim"
+        r = result.get("r")
+        assert r is not None and r.granted and r.token == 1
