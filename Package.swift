@@ -110,8 +110,11 @@ let package = Package(
                 "BatonCore", "BatonPostgres", "BatonAMQP", "BatonWorker", "BatonClient", "BatonOperations", "BatonTesting",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
-            ]
+            ],
+            // `baton --version` and `baton_build_info`: the git commit and build date.
+            plugins: [.plugin(name: "BuildInfoPlugin")]
         ),
+        .plugin(name: "BuildInfoPlugin", capability: .buildTool()),
         .testTarget(
             name: "BatonCoreTests",
             dependencies: [

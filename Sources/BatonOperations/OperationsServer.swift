@@ -9,7 +9,8 @@ import ServiceLifecycle
 
 /// The worker's operations endpoint: Prometheus metrics and health checks over HTTP.
 ///
-/// - `GET /metrics`: every swift-metrics metric, in Prometheus text format.
+/// - `GET /metrics`: every swift-metrics metric, in Prometheus text format, with the process's own
+///   (``ProcessMetrics``: memory, CPU seconds, descriptors, start time) and `baton_build_info`.
 /// - `GET /health/live`: 200 while the process serves HTTP.
 /// - `GET /health/ready`: 200 when the worker is connected to RabbitMQ (its reply connection included) and
 ///   PostgreSQL, consumes every partition it serves (as active consumer or hot standby), no partition is
@@ -31,10 +32,13 @@ public enum OperationsServer {
 
     /// The HTTP application, to run in the worker's `ServiceGroup`.
     public static func application(
-        host: String, port: Int, registry: PrometheusCollectorRegistry, readiness: @escaping @Sendable () -> WorkerReadiness, logger: Logger
+        host: String, port: Int, registry: PrometheusCollectorRegistry, build: BuildLabels? = nil, readiness: @escaping @Sendable () -> WorkerReadiness,
+        logger: Logger
     ) -> some Service {
         let router = Router()
+        let process = build.map { ProcessMetrics(registry: registry, build: $0) }
         router.get("metrics") { _, _ -> Response in
+            process?.update()
             var buffer = ByteBuffer()
             buffer.writeBytes(registry.emitToBuffer())
             return Response(
@@ -88,11 +92,11 @@ public enum OperationsServer {
 
     /// Runs `worker` until SIGTERM or SIGINT (it then finishes its batch in hand and closes), with the
     /// operations endpoint on `host:port` beside it unless `port` is 0.
-    public static func serve(_ worker: Worker, host: String, port: Int, logger: Logger) async throws {
+    public static func serve(_ worker: Worker, host: String, port: Int, build: BuildLabels, logger: Logger) async throws {
         var services: [ServiceGroupConfiguration.ServiceConfiguration] = [.init(service: worker)]
         if port > 0 {
             let registry = bootstrapMetrics()
-            services.append(.init(service: application(host: host, port: port, registry: registry, readiness: { worker.readiness }, logger: logger)))
+            services.append(.init(service: application(host: host, port: port, registry: registry, build: build, readiness: { worker.readiness }, logger: logger)))
         }
         let group = ServiceGroup(configuration: ServiceGroupConfiguration(services: services, gracefulShutdownSignals: [.sigterm, .sigint], logger: logger))
         try await group.run()

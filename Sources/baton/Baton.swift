@@ -17,6 +17,7 @@ struct Baton: AsyncParsableCommand {
             any other command; 2 an error of a request command (rejected, timed out, broker unreachable; with --json \
             a reply-shaped error on standard output); 64 a usage error.
             """,
+        version: BatonVersion.description,
         subcommands: [
             WorkerCommand.self, Migrate.self, Topology.self, Claim.self, Renew.self, Release.self, Inspect.self,
             ReleaseConnection.self, ForceRelease.self, Describe.self, Events.self, Watch.self, Demo.self, Bench.self, Chaos.self, Status.self, Prune.self, BenchStore.self,

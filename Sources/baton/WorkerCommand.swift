@@ -106,7 +106,7 @@ struct WorkerCommand: AsyncParsableCommand {
         let worker = Worker(configuration: try workerConfiguration(), logger: logger)
         if exitWithParent { ChildProcess.exitWithParent { logger.warning("the parent process is gone (standard input closed): stopping") } }
         do {
-            try await OperationsServer.serve(worker, host: Setting.text(metricsHostFlag, "BATON_METRICS_HOST", default: "0.0.0.0"), port: try metricsPort(), logger: logger)
+            try await OperationsServer.serve(worker, host: Setting.text(metricsHostFlag, "BATON_METRICS_HOST", default: "0.0.0.0"), port: try metricsPort(), build: BatonVersion.labels, logger: logger)
         } catch where format == .json {
             // A log shipper reading JSON lines gets the reason as one too, not argument-parser's plain `Error:` line.
             logger.critical("worker failed", metadata: ["baton.error": "\(error)"])

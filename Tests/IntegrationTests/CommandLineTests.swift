@@ -99,6 +99,20 @@ import Testing
         return line
     }
 
+    // MARK: - Version
+
+    /// `baton --version`: the release, the git commit the binary was built from (this checkout's, so not
+    /// `unknown`) and the build date.
+    @Test func versionNamesTheReleaseTheCommitAndTheBuildDate() async throws {
+        let version = try await Self.baton(["--version"])
+        #expect(version.status == 0, "\(version)")
+        let line = version.standardOutput.trimmingCharacters(in: .whitespacesAndNewlines)
+        #expect(line.hasPrefix("baton 0."), "\(line)")
+        let commit = try #require(line.firstRange(of: "(commit ").map { line[$0.upperBound...].prefix { $0 != "," } })
+        #expect(commit.count >= 12 && commit.prefix(12).allSatisfy(\.isHexDigit), "a git commit, not \(commit)")
+        #expect(line.range(of: #"built \d{4}-\d{2}-\d{2}\)$"#, options: .regularExpression) != nil, "\(line)")
+    }
+
     // MARK: - Usage errors
 
     @Test func usageErrorsExit64WithTheReasonOnStandardErrorAndNothingOnStandardOutput() async throws {

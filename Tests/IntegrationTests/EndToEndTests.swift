@@ -552,6 +552,9 @@ import Testing
             // The first batch after taking the partition reads; the denied claim on the remembered buffer does not.
             #"baton_store_transactions_total{partition="\#(p)",decided_from="read"}"#,
             #"baton_store_transactions_total{partition="\#(p)",decided_from="memory"}"#,
+            // The process's own and the build's.
+            "process_resident_memory_bytes ", "process_cpu_seconds_total ", "process_open_fds ", "process_start_time_seconds ",
+            #"baton_build_info{version="0."#,
         ] {
             #expect(metrics.contains(expected), "missing \(expected)")
         }

@@ -1,0 +1,13 @@
+import BatonOperations
+
+/// Baton's version: the release it is (CHANGELOG.md), the commit it was built from and when.
+enum BatonVersion {
+    /// The release; `-dev` until it is tagged.
+    static let release = "0.1.0-dev"
+
+    /// `baton 0.1.0-dev (commit 1a2b3c4d5e6f, built 2026-12-07)`.
+    static var description: String { "baton \(release) (commit \(BuildInfo.commit), built \(BuildInfo.date))" }
+
+    /// The labels of `baton_build_info`.
+    static var labels: BuildLabels { BuildLabels(version: release, commit: BuildInfo.commit, date: BuildInfo.date) }
+}
