@@ -422,13 +422,7 @@ public final class BatonClient: Sendable {
         requestID: String = BatonClient.newRequestID()
     ) async throws -> ClaimResult {
         var request = Request(requestID: requestID, command: .claim(buffer: buffer, holder: Holder(user: user, connection: connection), leaseMilliseconds: lease.wholeMilliseconds))
-        var timeout: Duration?
-        if let wait {
-            request.waiting = Waiting(milliseconds: max(1, wait.wholeMilliseconds))
-            let lifetime = min(wait + configuration.timeout, .milliseconds(ProtocolV1.maxRequestLifetimeMilliseconds))
-            request.deadline = Timestamp.wallClock().adding(milliseconds: lifetime.wholeMilliseconds)
-            timeout = lifetime
-        }
+        let timeout = wait.map { waitInLine(&request, for: $0) }
         let reply: Reply
         do {
             reply = try await call(request, timeout: timeout)
@@ -444,6 +438,16 @@ public final class BatonClient: Sendable {
         case .denied: return .denied(try holding(from: reply) ?? { throw bad(reply) }())
         default: throw bad(reply)
         }
+    }
+
+    /// Makes `request`, a claim, wait in line for up to `wait` (protocol section 19): sets its `wait_ms`
+    /// and a deadline that covers the wait and this client's timeout (at most a request's lifetime), and
+    /// returns that as the timeout to ``call(_:partition:timeout:resendAfter:)`` it with.
+    public func waitInLine(_ request: inout Request, for wait: Duration) -> Duration {
+        request.waiting = Waiting(milliseconds: max(1, wait.wholeMilliseconds))
+        let lifetime = min(wait + configuration.timeout, .milliseconds(ProtocolV1.maxRequestLifetimeMilliseconds))
+        request.deadline = Timestamp.wallClock().adding(milliseconds: lifetime.wholeMilliseconds)
+        return lifetime
     }
 
     /// Extends your lease on `buffer` (connection and token must match the live holder's).

@@ -38,16 +38,20 @@ struct ClientOptions: ParsableArguments {
     ///
     /// A failed call prints `error: <code>: <message>` on standard error, or with `--json` a reply-shaped
     /// object on standard output (``CallFailure/reply(to:partition:)``), so a script reads one JSON object either way.
-    func send(_ command: Command, partition: Int? = nil) async throws {
+    ///
+    /// With `waiting`, a claim waits in line for up to that long (protocol section 19) and the call's
+    /// timeout is the wait plus `--timeout-ms`.
+    func send(_ command: Command, partition: Int? = nil, waiting: Duration? = nil) async throws {
         let client = try client(command.operation == .forceRelease ? .operator : .frontend)
-        let request = Request(requestID: requestID ?? UUID().uuidString, command: command).inNFC()
+        var request = Request(requestID: requestID ?? UUID().uuidString, command: command).inNFC()
+        let timeout = waiting.map { client.waitInLine(&request, for: $0) }
         let reply: Reply
         do {
             if case .releaseConnection(let connection) = command {
                 let released = try await client.releaseConnection(connection, requestID: request.requestID)
                 reply = Reply(requestID: request.requestID, status: .releasedConnection, buffers: released.buffers, releasedCount: released.count)
             } else {
-                reply = try await client.call(request, partition: partition)
+                reply = try await client.call(request, partition: partition, timeout: timeout)
             }
         } catch {
             // Every failure exits 2, whatever threw it: exit 1 means denied, never "did not work".
@@ -105,9 +109,23 @@ struct Claim: AsyncParsableCommand {
     @Option(help: "The user claiming.") var user: String
     @Option(help: "The editor connection claiming (unique per live connection).") var connection: String
     @OptionGroup var lease: LeaseOption
+    @Option(
+        name: .customLong("wait-ms"),
+        help: "Wait in line up to this long while another connection holds the buffer, 1-300000 ms (protocol section 19): granted in turn when it is released or expires, denied when the wait ends. The reply may take that long plus --timeout-ms."
+    )
+    var waitMilliseconds: Int?
+
+    func validate() throws {
+        if let wait = waitMilliseconds, !ProtocolV1.waitRange.contains(Int64(wait)) {
+            throw ValidationError("--wait-ms \(wait) is not allowed: use \(ProtocolV1.waitRange.lowerBound) to \(ProtocolV1.waitRange.upperBound)")
+        }
+    }
 
     func run() async throws {
-        try await options.send(.claim(buffer: buffer, holder: Holder(user: user, connection: connection), leaseMilliseconds: lease.milliseconds))
+        try await options.send(
+            .claim(buffer: buffer, holder: Holder(user: user, connection: connection), leaseMilliseconds: lease.milliseconds),
+            waiting: waitMilliseconds.map { .milliseconds($0) }
+        )
     }
 }
 

@@ -219,6 +219,34 @@ import Testing
         #expect((reply["error"] as? [String: Any])?["code"] as? String == ErrorCode.requestIDReused.rawValue, "\(reply)")
     }
 
+    /// `claim --wait-ms`: the claim waits in line behind the holder and is granted when the holder
+    /// releases; out of range, a usage error.
+    @Test func aClaimFromTheCommandLineWaitsInLine() async throws {
+        let deployment = try await Deployment.make(partitions: 4)
+        let environment = deployment.environment()
+        let common = ["--partition-count", "4", "--timeout-ms", "10000"]
+        let worker = deployment.startWorker()
+        let first = try await Self.baton(["claim", "line.txt", "--user", "ann", "--connection", "c1"] + common, environment: environment)
+        #expect(first.status == 0 && first.standardOutput.hasPrefix("granted 'line.txt' to ann@c1: token 1"), "\(first)")
+        let started = ContinuousClock.now
+        let waiting = Task {
+            try await Self.baton(["claim", "line.txt", "--user", "bob", "--connection", "c2", "--wait-ms", "20000", "--json"] + common, environment: environment, timeout: .seconds(40))
+        }
+        try await Task.sleep(for: .seconds(1))
+        let release = try await Self.baton(["release", "line.txt", "--connection", "c1", "--token", "1"] + common, environment: environment)
+        #expect(release.status == 0, "\(release)")
+        let granted = try await waiting.value
+        let took = ContinuousClock.now - started
+        await worker.stop()
+        #expect(granted.status == 0, "\(granted)")
+        let reply = try #require((try? JSONSerialization.jsonObject(with: Data(granted.standardOutput.utf8))) as? [String: Any], "\(granted)")
+        #expect(reply["status"] as? String == "granted" && reply["token"] as? Int == 2, "\(reply)")
+        #expect(took >= .seconds(1) && took < .seconds(15), "granted when ann released, not when the wait ended (\(took))")
+
+        let range = try await Self.baton(["claim", "b", "--user", "u", "--connection", "c", "--wait-ms", "0"])
+        #expect(range.status == 64 && range.standardError.contains("--wait-ms 0 is not allowed: use 1 to 300000"), "\(range)")
+    }
+
     @Test func describeEventsAndWatchFromTheCommandLine() async throws {
         let deployment = try await Deployment.make(partitions: 4)
         let environment = deployment.environment()
