@@ -830,6 +830,28 @@ public final class OwnershipStore: Sendable {
     ///
     /// - Returns: how many requests and outbox rows were deleted.
     @discardableResult
+    /// ``prune(retention:chunk:)``, unless another session is pruning the same database now: returns nil
+    /// then. A session advisory lock (``pruneLockKey``) is held for the run, so that workers pruning on a
+    /// schedule never prune at once (a `baton prune` from cron does not take it).
+    public func pruneAlone(retention: Duration, chunk: Int = 10_000) async throws -> (requests: Int, outbox: Int)? {
+        let key = [String(Self.pruneLockKey)]
+        let locked = try await connection.withSession { session in
+            try session.query("SELECT pg_try_advisory_lock($1::int8)::int", key).decode(from: "the prune lock") { try $0.decode(0, "locked", as: Int.self) }.first == 1
+        }
+        guard locked else { return nil }
+        let result: Result<(requests: Int, outbox: Int), any Error>
+        do {
+            result = .success(try await prune(retention: retention, chunk: chunk))
+        } catch {
+            result = .failure(error)
+        }
+        _ = try? await connection.withSession { session in try session.query("SELECT pg_advisory_unlock($1::int8)", key) }
+        return try result.get()
+    }
+
+    /// The advisory lock key of ``pruneAlone(retention:chunk:)`` ("batonpru").
+    public static let pruneLockKey: Int64 = 0x6261_746F_6E70_7275
+
     public func prune(retention: Duration, chunk: Int = 10_000) async throws -> (requests: Int, outbox: Int) {
         guard retention >= Self.minimumRetention else {
             throw StoreError(code: .invalidArgument, partition: -1, message: "retention \(retention) is too short: it must be at least \(Self.minimumRetention) so that retries see their original reply")

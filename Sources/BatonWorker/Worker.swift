@@ -36,6 +36,10 @@ public struct WorkerConfiguration: Sendable {
     public var eventsPerCommit = true
     /// How often each partition expires leases (and settles waits that ran out).
     public var sweepInterval: Duration = .seconds(1)
+    /// Prune idempotency records and published events older than `retention` every `interval`, on a
+    /// connection of its own (``OwnershipStore/pruneAlone(retention:chunk:)``: one worker at a time); nil
+    /// leaves pruning to `baton prune`.
+    public var prune: (interval: Duration, retention: Duration)?
     /// How long to wait before consuming a partition again after losing it.
     public var rejoinDelay: Duration = .seconds(2)
     /// This worker's name in `baton_partitions.owner` and in the broker's connection list.
@@ -121,6 +125,8 @@ public final class Worker: Service, Sendable {
         }
         let stores = configuration.echo ? [:] : try await openStores()
         health.withLock { $0.databaseConnected = true }
+        let pruner = configuration.echo ? nil : configuration.prune.map { prune in Task { await self.pruneEvery(prune.interval, retention: prune.retention) } }
+        defer { pruner?.cancel() }
         var backoff = Backoff()
         while !isStopping {
             let connections: BrokerConnections
@@ -262,6 +268,35 @@ public final class Worker: Service, Sendable {
                     logger.warning("partition runner failed; restarting it", metadata: ["baton.error": "\(error)"])
                     await sleep(.milliseconds(500))
                 }
+            }
+        }
+    }
+
+    /// Prunes every `interval` (the first after one interval, each with ±10 % jitter so that workers
+    /// started together spread out) until the worker stops; a failure is logged and retried next time.
+    private func pruneEvery(_ interval: Duration, retention: Duration) async {
+        while !isStopping, !Task.isCancelled {
+            await sleep(interval * Double.random(in: 0.9...1.1))
+            if isStopping || Task.isCancelled { return }
+            let started = ContinuousClock.now
+            do {
+                let pruned = try await PostgresConnection.withConnection(
+                    to: configuration.databaseURL, options: PostgresConnectionOptions(applicationName: "baton worker prune"), logger: logger
+                ) { connection in
+                    try await OwnershipStore.open(connection: connection, partitioner: configuration.partitioner, logger: logger)
+                        .pruneAlone(retention: retention)
+                }
+                if let (requests, outbox) = pruned {
+                    WorkerMetrics.pruned.increment(by: requests + outbox)
+                    logger.info("pruned", metadata: [
+                        "baton.requests": "\(requests)", "baton.events": "\(outbox)", "baton.retention": "\(retention)",
+                        "baton.took": "\(ContinuousClock.now - started)",
+                    ])
+                } else {
+                    logger.debug("another session is pruning; skipped")
+                }
+            } catch {
+                logger.warning("pruning failed; will try again", metadata: ["baton.error": "\(error)", "baton.retry_in": "\(interval)"])
             }
         }
     }

@@ -83,4 +83,6 @@ enum WorkerMetrics {
     /// Reply senders (a broker node, or an address) refused after their reply closed the probe connection.
     static let replySendersRefused = Counter(label: "baton_reply_senders_refused_total")
     static let databaseRetries = Counter(label: "baton_database_retries_total")
+    /// Idempotency records and events the worker's scheduled prune deleted (``WorkerConfiguration/prune``).
+    static let pruned = Counter(label: "baton_pruned_rows_total")
 }

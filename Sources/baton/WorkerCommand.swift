@@ -52,6 +52,12 @@ struct WorkerCommand: AsyncParsableCommand {
     @Option(name: .customLong("ack-delay-ms"), help: "How long a partition's ack may wait to cover later batches too, 0-1000 ms (env BATON_ACK_DELAY_MS; default 20). Replies never wait for it; one cumulative ack costs the quorum queue one settle command for several messages.")
     var ackDelayFlag: Int?
 
+    @Option(name: .customLong("prune-every-minutes"), help: "Delete idempotency records and published events older than --retention-minutes this often, 1-10080, as `baton prune` does (one worker at a time; env BATON_PRUNE_EVERY_MINUTES; default 0: never, leave it to `baton prune`).")
+    var pruneEveryFlag: Int?
+
+    @Option(name: .customLong("retention-minutes"), help: "What the scheduled prune keeps, 10-525600 minutes (env BATON_RETENTION_MINUTES; default 1440, one day).")
+    var retentionFlag: Int?
+
     @Flag(help: .hidden)
     var echo = false
 
@@ -86,6 +92,9 @@ struct WorkerCommand: AsyncParsableCommand {
             throw ValidationError("events '\(events)' is not allowed: use per-commit or per-change")
         }
         configuration.eventsPerCommit = events == "per-commit"
+        let pruneEvery = try Setting.integer(pruneEveryFlag, "BATON_PRUNE_EVERY_MINUTES", default: 0, range: 0...10_080, name: "prune interval")
+        let retention = try Setting.integer(retentionFlag, "BATON_RETENTION_MINUTES", default: 1440, range: 10...525_600, name: "retention")
+        if pruneEvery > 0 { configuration.prune = (interval: .seconds(pruneEvery * 60), retention: .seconds(retention * 60)) }
         configuration.sweepInterval = .milliseconds(try Setting.integer(sweepFlag, "BATON_SWEEP_INTERVAL_MS", default: 1000, range: 100...60_000, name: "sweep interval"))
         return configuration
     }

@@ -507,6 +507,36 @@ import Testing
         #expect((json["baton_waiting_vs_polling"] as? Double ?? 0) > 0)
     }
 
+    /// `baton worker --prune-every-minutes`: the worker deletes records and published events past the
+    /// retention on its own, as `baton prune` would.
+    @Test func aWorkerPrunesOnASchedule() async throws {
+        let deployment = try await Deployment.make(partitions: 2)
+        let client = deployment.client()
+        let first = deployment.startWorker()
+        _ = try await client.claim("prune/a", user: "u", connection: "c")
+        _ = try await client.claim("prune/b", user: "u", connection: "c")
+        await first.stop()
+        let database = try await PostgresConnection.connect(to: deployment.databaseURL, logger: TestDatabase.logger)
+        func count(_ table: String) async throws -> Int {
+            try await database.withSession { s in
+                try s.query("SELECT count(*) FROM \(table)").decode(from: table) { try $0.decode(0, "count", as: Int.self) }.first ?? 0
+            }
+        }
+        #expect(try await count("baton_requests") >= 2)
+        // Two hours old: past the one-hour retention of the worker below.
+        _ = try await database.withSession { s in
+            try s.query("UPDATE baton_requests SET created_at = created_at - interval '2 hours'")
+            try s.query("UPDATE baton_outbox SET at = at - interval '2 hours'")
+        }
+        let worker = deployment.startWorker { $0.prune = (interval: .milliseconds(300), retention: .seconds(3600)) }
+        #expect(await Deployment.eventually(.seconds(10)) { (try? await count("baton_requests")) == 0 }, "the worker pruned the old records")
+        #expect(await Deployment.eventually(.seconds(10)) { (try? await count("baton_outbox")) == 0 }, "and the published events")
+        _ = try await client.inspect("prune/a")
+        await client.close()
+        await worker.stop()
+        await database.close()
+    }
+
     @Test func metricsAndHealthEndpoints() async throws {
         let deployment = try await Deployment.make(partitions: 4)
         let port = Int.random(in: 20_000...40_000)

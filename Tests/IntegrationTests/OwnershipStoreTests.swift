@@ -285,6 +285,24 @@ func buffer(in partition: Int, count: Int = 16, prefix: String = "buf") -> Strin
         #expect(try await store.undelivered(partition: 4).count == 2, "undelivered rows are never pruned")
     }
 
+    /// Workers prune on a schedule with `pruneAlone`: while another session holds the prune lock it
+    /// skips (nil), and it releases the lock after its own run.
+    @Test func pruneAloneSkipsWhileAnotherSessionPrunes() async throws {
+        let url = try await TestDatabase.migrated()
+        let store = try await TestDatabase.store(url)
+        let other = try await TestDatabase.store(url)
+        let key = String(OwnershipStore.pruneLockKey)
+        _ = try await other.connection.withSession { s in try s.query("SELECT pg_advisory_lock(\(key))") }
+        #expect(try await store.pruneAlone(retention: .seconds(3600)) == nil, "another session prunes: skipped")
+        _ = try await other.connection.withSession { s in try s.query("SELECT pg_advisory_unlock(\(key))") }
+        let pruned = try #require(try await store.pruneAlone(retention: .seconds(3600)), "alone: it prunes")
+        #expect(pruned.requests == 0 && pruned.outbox == 0)
+        let free = try await other.connection.withSession { s in
+            try s.query("SELECT pg_try_advisory_lock(\(key))::int").decode(from: "lock") { try $0.decode(0, "locked", as: Int.self) }.first
+        }
+        #expect(free == 1, "the prune released its lock")
+    }
+
     @Test func pruneWalksTheHistoryInPositionOrderAndStopsAtTheFirstRowToKeep() async throws {
         let url = try await TestDatabase.migrated()
         let store = try await TestDatabase.store(url)
