@@ -37,8 +37,10 @@ public enum OperationsServer {
     ) -> some Service {
         let router = Router()
         let process = build.map { ProcessMetrics(registry: registry, build: $0) }
+        let ready = ReadinessMetrics(registry: registry)
         router.get("metrics") { _, _ -> Response in
             process?.update()
+            ready.update(readiness())
             var buffer = ByteBuffer()
             buffer.writeBytes(registry.emitToBuffer())
             return Response(

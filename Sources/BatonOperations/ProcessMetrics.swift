@@ -1,3 +1,4 @@
+import BatonWorker
 import Foundation
 import Prometheus
 
@@ -89,5 +90,33 @@ public struct BuildLabels: Sendable {
         self.version = version
         self.commit = commit
         self.date = date
+    }
+}
+
+/// `/health/ready`'s answer as gauges, set at each scrape, so that Prometheus can alert on it:
+/// `baton_ready` (1 or 0), `baton_partitions_stalled` (partitions whose database calls keep failing),
+/// `baton_partitions_not_consumed`, `baton_publishing_blocked` (1 while the broker's alarm blocks the
+/// worker's publishing) and `baton_reply_connected` (1 while the reply connection is open).
+final class ReadinessMetrics: Sendable {
+    private let ready: Gauge
+    private let stalled: Gauge
+    private let notConsumed: Gauge
+    private let blocked: Gauge
+    private let replyConnected: Gauge
+
+    init(registry: PrometheusCollectorRegistry) {
+        ready = registry.makeGauge(name: "baton_ready", help: "1 when /health/ready answers 200.")
+        stalled = registry.makeGauge(name: "baton_partitions_stalled", help: "Served partitions whose database calls keep failing.")
+        notConsumed = registry.makeGauge(name: "baton_partitions_not_consumed", help: "Served partitions without a live consumer.")
+        blocked = registry.makeGauge(name: "baton_publishing_blocked", help: "1 while the broker blocks the worker's publishing (resource alarm).")
+        replyConnected = registry.makeGauge(name: "baton_reply_connected", help: "1 while the connection that carries replies is open.")
+    }
+
+    func update(_ state: WorkerReadiness) {
+        ready.set(to: state.isReady ? 1 : 0)
+        stalled.set(to: Double(state.stalled.count))
+        notConsumed.set(to: Double(Set(state.partitions).subtracting(state.consuming).count))
+        blocked.set(to: state.publishingBlocked == nil ? 0 : 1)
+        replyConnected.set(to: state.replyConnected ? 1 : 0)
     }
 }

@@ -812,6 +812,15 @@ public final class OwnershipStore: Sendable {
     }
 
     /// How many claims wait in the lines of `partition` now.
+    /// The claims waiting in `partition`'s lines, and how many wait in its longest line.
+    public func lineSizes(partition: Int) async throws -> (waiters: Int, longest: Int) {
+        try await connection.withSession { session in
+            try session.query(SQL.lineSizes, [String(partition)]).decode(from: "the lines of partition \(partition)") {
+                (try $0.decode(0, "waiters", as: Int.self), try $0.decode(1, "longest", as: Int.self))
+            }.first ?? (0, 0)
+        }
+    }
+
     public func waiterCount(partition: Int) async throws -> Int {
         try await connection.withSession { session in
             try session.query(SQL.waiterCount, [String(partition)]).first().flatMap(Int.init) ?? 0
@@ -1008,6 +1017,10 @@ enum SQL {
 
     // Uses baton_waiters_until, then the primary key of baton_buffers.
     static let waiterCount = PreparedStatement(name: "baton_waiter_count", sql: "SELECT count(*) FROM baton_waiters WHERE partition = $1")
+    static let lineSizes = PreparedStatement(name: "baton_line_sizes", sql: """
+        SELECT coalesce(sum(n), 0)::int8, coalesce(max(n), 0)::int8
+        FROM (SELECT count(*) AS n FROM baton_waiters WHERE partition = $1 GROUP BY buffer) lines
+        """)
 
     static let waitingBuffers = PreparedStatement(name: "baton_waiting_buffers", sql: """
         SELECT b.buffer, b.holder_user, b.holder_connection, b.token,

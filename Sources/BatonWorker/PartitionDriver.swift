@@ -330,7 +330,10 @@ final class PartitionDriver: Sendable {
             if let ready = try? await channels.consume.inspectQueue(configuration.queueName(partition)).messages {
                 metrics.queueReady.record(ready)
             }
-            if let waiting = try? await store.waiterCount(partition: partition) { metrics.waiters.record(waiting) }
+            if let lines = try? await store.lineSizes(partition: partition) {
+                metrics.waiters.record(lines.waiters)
+                metrics.longestLine.record(lines.longest)
+            }
             if !expired.isEmpty {
                 metrics.expired.increment(by: expired.count)
                 worker.statistics.withLock { $0.expired += expired.count }

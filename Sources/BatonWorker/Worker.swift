@@ -120,6 +120,7 @@ public final class Worker: Service, Sendable {
     var isStopping: Bool { stopping.load(ordering: .relaxed) }
 
     private func serve() async throws {
+        WorkerMetrics.register()
         if configuration.echo, !configuration.amqpURL.virtualHost.hasPrefix("baton-scratch-") {
             throw EchoRefused(virtualHost: configuration.amqpURL.virtualHost)
         }

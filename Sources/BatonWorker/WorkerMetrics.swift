@@ -28,6 +28,8 @@ struct PartitionMetrics: Sendable {
     let expired: Counter
     /// Claims waiting in the partition's lines, sampled each sweep.
     let waiters: Gauge
+    /// Claims waiting in the partition's longest line (each holds at most ``ProtocolV1/maxLineLength``).
+    let longestLine: Gauge
     /// Store transactions by how they were decided: `memory` (no read) or `read`.
     let memoryTransactions: Counter
     let readTransactions: Counter
@@ -47,6 +49,7 @@ struct PartitionMetrics: Sendable {
         events = Counter(label: "baton_events_published_total", dimensions: dimensions)
         expired = Counter(label: "baton_leases_expired_total", dimensions: dimensions)
         waiters = Gauge(label: "baton_line_waiters", dimensions: dimensions)
+        longestLine = Gauge(label: "baton_line_longest", dimensions: dimensions)
         memoryTransactions = Counter(label: "baton_store_transactions_total", dimensions: dimensions + [("decided_from", "memory")])
         readTransactions = Counter(label: "baton_store_transactions_total", dimensions: dimensions + [("decided_from", "read")])
     }
@@ -85,4 +88,11 @@ enum WorkerMetrics {
     static let databaseRetries = Counter(label: "baton_database_retries_total")
     /// Idempotency records and events the worker's scheduled prune deleted (``WorkerConfiguration/prune``).
     static let pruned = Counter(label: "baton_pruned_rows_total")
+
+    /// Creates the worker-wide counters (Swift makes a `static let` on first use), so that they are
+    /// exported at 0 from the start: a counter that first appears at 1 hides that increment from
+    /// Prometheus's `rate` and `increase`, which the alert rules use.
+    static func register() {
+        _ = [reconnects, replyReconnects, repliesDropped, replySendersRefused, databaseRetries, pruned]
+    }
 }

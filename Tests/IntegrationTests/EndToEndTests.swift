@@ -585,9 +585,18 @@ import Testing
             // The process's own and the build's.
             "process_resident_memory_bytes ", "process_cpu_seconds_total ", "process_open_fds ", "process_start_time_seconds ",
             #"baton_build_info{version="0."#,
+            // Readiness as gauges, and the longest line.
+            "baton_ready 1", "baton_partitions_stalled 0", "baton_partitions_not_consumed 0", "baton_publishing_blocked 0", "baton_reply_connected 1",
+            #"baton_line_longest{partition="\#(p)"} 0"#,
         ] {
             #expect(metrics.contains(expected), "missing \(expected)")
         }
+        // Every metric the shipped alert rules use is one the worker exports from the start (at 0 if it
+        // has counted nothing yet), but the dead letters, which get a series per reason when one comes.
+        let rules = try String(contentsOf: Deployment.repositoryRoot.appendingPathComponent("deploy/prometheus/baton-alerts.yml"), encoding: .utf8)
+        let used = Set(rules.matches(of: #/baton_[a-z_]+/#).map { String($0.output) }).subtracting(["baton_dead_letters_total"])
+        #expect(used.count >= 10, "\(used)")
+        for name in used { #expect(metrics.contains("\n\(name)") || metrics.contains("# TYPE \(name) "), "the alert rules use \(name), which /metrics does not have") }
         await client.close()
         await process.stop()
     }
