@@ -13,7 +13,7 @@ ARG RUNTIME_IMAGE=debian:bookworm-slim
 
 FROM ${SWIFT_IMAGE} AS build
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends libpq-dev librabbitmq-dev \
+    && apt-get install -y --no-install-recommends libpq-dev librabbitmq-dev libcurl4-openssl-dev \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 # The manifest names every target, the tests' too: SwiftPM wants their folders to load the package.
@@ -30,7 +30,8 @@ FROM ${RUNTIME_IMAGE}
 RUN apt-get update \
     && apt-get install -y --no-install-recommends libpq5 librabbitmq4 libcurl4 ca-certificates curl \
     && rm -rf /var/lib/apt/lists/* \
-    && useradd --system --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin baton
+    && groupadd --system --gid 10001 baton \
+    && useradd --system --uid 10001 --gid 10001 --no-create-home --shell /usr/sbin/nologin baton
 COPY --from=build /out/baton /usr/local/bin/baton
 USER 10001:10001
 # /metrics, /health/live, /health/ready (BATON_METRICS_PORT).
