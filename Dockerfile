@@ -16,11 +16,12 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends libpq-dev librabbitmq-dev libcurl4-openssl-dev \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
-# The manifest names every target, the tests' too: SwiftPM wants their folders to load the package.
+# The manifest names every target, the tests' and the example's too: SwiftPM wants their folders.
 COPY Package.swift ./
 COPY Sources Sources
 COPY Plugins Plugins
 COPY Tests Tests
+COPY examples/swift examples/swift
 # No .git in the build context (.dockerignore): the commit comes in as an argument (BuildInfoPlugin).
 ARG BATON_COMMIT=unknown
 RUN BATON_COMMIT="${BATON_COMMIT}" swift build -c release --product baton --static-swift-stdlib \

@@ -115,6 +115,13 @@ let package = Package(
             plugins: [.plugin(name: "BuildInfoPlugin")]
         ),
         .plugin(name: "BuildInfoPlugin", capability: .buildTool()),
+        // examples/: a collab server's ownership with the resource-side fencing check (README, "Why
+        // Baton, and when not"); IntegrationTests run it against a worker.
+        .executableTarget(
+            name: "collab-server-example",
+            dependencies: ["BatonClient", "BatonCore", "BatonAMQP"],
+            path: "examples/swift"
+        ),
         .testTarget(
             name: "BatonCoreTests",
             dependencies: [

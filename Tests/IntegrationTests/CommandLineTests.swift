@@ -26,7 +26,8 @@ import Testing
     /// `environment`; standard output and error are kept apart. Kills it after `timeout`.
     /// With `interruptAfter`, it is interrupted (SIGINT, as ctrl-C) then instead, and its run returned.
     static func baton(
-        _ arguments: [String], environment extra: [String: String] = [:], timeout: Duration = .seconds(20), interruptAfter: Duration? = nil
+        _ arguments: [String], environment extra: [String: String] = [:], timeout: Duration = .seconds(20), interruptAfter: Duration? = nil,
+        executable: URL = Deployment.batonExecutable
     ) async throws -> Run {
         let folder = FileManager.default.temporaryDirectory
         let name = "baton-cli-\(getpid())-\(UInt64.random(in: 0...UInt64.max))"
@@ -43,7 +44,7 @@ import Testing
         environment["BATON_LOG_LEVEL"] = nil
         environment.merge(extra) { $1 }
         let process = Process()
-        process.executableURL = Deployment.batonExecutable
+        process.executableURL = executable
         process.arguments = arguments
         process.environment = environment
         process.standardInput = FileHandle.nullDevice
@@ -111,6 +112,22 @@ import Testing
         let commit = try #require(line.firstRange(of: "(commit ").map { line[$0.upperBound...].prefix { $0 != "," } })
         #expect(commit.count >= 12 && commit.prefix(12).allSatisfy(\.isHexDigit), "a git commit, not \(commit)")
         #expect(line.range(of: #"built \d{4}-\d{2}-\d{2}\)$"#, options: .regularExpression) != nil, "\(line)")
+    }
+
+    // MARK: - Examples
+
+    /// examples/swift: two servers and a store that checks fencing tokens; the stalled server's write
+    /// with its old token is refused once the other was granted the buffer.
+    @Test func theCollabServerExampleRefusesAStaleWrite() async throws {
+        let deployment = try await Deployment.make(partitions: 4)
+        let worker = deployment.startWorker()
+        let example = Deployment.batonExecutable.deletingLastPathComponent().appendingPathComponent("collab-server-example")
+        let run = try await Self.baton([deployment.frontendURL.connectionString, "4"], timeout: .seconds(40), executable: example)
+        await worker.stop()
+        #expect(run.status == 0, "\(run)")
+        #expect(run.standardOutput.contains("A holds examples/") && run.standardOutput.contains("with token 1"), "\(run)")
+        #expect(run.standardOutput.contains("refused (token 1 is older than 2"), "\(run)")
+        #expect(run.standardOutput.contains("the buffer holds: 'bob's edit'"), "\(run)")
     }
 
     // MARK: - Usage errors
