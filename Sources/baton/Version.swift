@@ -2,10 +2,10 @@ import BatonOperations
 
 /// Baton's version: the release it is (CHANGELOG.md), the commit it was built from and when.
 enum BatonVersion {
-    /// The release; `-dev` until it is tagged.
-    static let release = "0.1.0-dev"
+    /// The release (CHANGELOG.md); a build between releases says so by its commit, `-dirty` or not.
+    static let release = "0.1.0"
 
-    /// `baton 0.1.0-dev (commit 1a2b3c4d5e6f, built 2026-12-07)`.
+    /// `baton 0.1.0 (commit 1a2b3c4d5e6f, built 2026-12-07)`.
     static var description: String { "baton \(release) (commit \(BuildInfo.commit), built \(BuildInfo.date))" }
 
     /// The labels of `baton_build_info`.
