@@ -198,7 +198,11 @@ class IOThread:
 
     def cancel(self, call: Call) -> None:
         call.future.cancel()
-        self._threadsafe(lambda: self._calls.pop(call.correlation_id, None))
+
+        def forget() -> None:
+            self._calls.pop(call.correlation_id, None)
+
+        self._threadsafe(forget)
 
     def subscribe(self, sub: Subscription) -> None:
         self._threadsafe(lambda: self._add_sub(sub))
@@ -283,8 +287,8 @@ class IOThread:
         conn.add_on_connection_unblocked_callback(self._on_unblocked)
         self._open_channel()
 
-    def _on_conn_open_error(self, conn: Any, err: BaseException) -> None:
-        self._first_error = err
+    def _on_conn_open_error(self, conn: Any, err: "str | Exception") -> None:
+        self._first_error = err if isinstance(err, BaseException) else BatonConnectionError(err)
         self.last_close_reason = self.sanitize(repr(err))
         if isinstance(err, (ProbableAuthenticationError, ProbableAccessDeniedError)):
             log.error("broker refused the login at %s: %s", self.redacted_url,
@@ -489,7 +493,8 @@ class IOThread:
         # A coalesced message's reply (section 15), possibly split over several messages.
         if isinstance(obj, dict) and obj.get("status") == "batch" and \
                 isinstance(obj.get("replies"), list):
-            first = obj.get("first") if isinstance(obj.get("first"), int) else 0
+            first_raw = obj.get("first")
+            first = first_raw if isinstance(first_raw, int) else 0
             for i, r in enumerate(obj["replies"]):
                 call.parts[first + i] = r
             if all(i in call.parts for i in range(call.expected)):

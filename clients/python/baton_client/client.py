@@ -10,7 +10,7 @@ import unicodedata
 import weakref
 from concurrent.futures import CancelledError
 from concurrent.futures import TimeoutError as FuturesTimeout
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Union
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import pika
@@ -39,6 +39,11 @@ from .types import (
     Reply,
     parse_reply,
 )
+
+
+if TYPE_CHECKING:  # imported at run time inside the methods (they import this module)
+    from .lease import Lease, LeaseChange
+    from .watch import Watch
 
 log = logging.getLogger("baton_client")
 
@@ -140,7 +145,7 @@ class Client:
         # The revision each partition's worker reported (describe answers with its partition).
         self._revisions: Dict[int, int] = {}
         self._closed = False
-        self._background: set = set()
+        self._background: Set[threading.Thread] = set()
         self._bg_lock = threading.Lock()
         self._leases: "weakref.WeakSet[Any]" = weakref.WeakSet()
         self._watches: "weakref.WeakSet[Any]" = weakref.WeakSet()
@@ -180,6 +185,7 @@ class Client:
         except BaseException:
             self._io.close(1.0)
             raise
+        assert partitions is not None  # given, or described (every path without either raised)
         self.partitions: int = partitions
 
     # ------------------------------------------------------------------ lifecycle
@@ -219,6 +225,12 @@ class Client:
     def partition_of(self, buffer: str) -> int:
         """The partition of ``buffer`` in its NFC form, as requests carry it (section 3.2)."""
         return _partition(unicodedata.normalize("NFC", buffer), self.partitions)
+
+    def _route(self, req: Request) -> int:
+        """The partition of a request about one buffer."""
+        if req.buffer is None:
+            raise ValueError(f"a {req.op} request names no buffer: give its partition")
+        return self.partition_of(req.buffer)
 
     def _check_open(self) -> None:
         if self._closed:
@@ -336,7 +348,7 @@ class Client:
                resend_after: Any = "default") -> "tuple[Reply, Call]":
         t = self._timeout(timeout)
         ra = self.resend_after if resend_after == "default" else resend_after
-        p = self.partition_of(req.buffer)
+        p = self._route(req)
         if req.waiting:
             self._check_open()
             self._require_partition_revision(p, WAIT_REVISION, "a claim with wait_ms")
@@ -359,18 +371,18 @@ class Client:
               request_id: Optional[str] = None, timeout: Optional[float] = None) -> Reply:
         """Renew a lease (section 4): ``renewed`` or ``not_owner``."""
         req = Request.renew(buffer, connection, token, lease_ms, request_id=request_id)
-        return self._single(req, self.partition_of(req.buffer), timeout)
+        return self._single(req, self._route(req), timeout)
 
     def release(self, buffer: str, connection: str, token: int, *,
                 request_id: Optional[str] = None, timeout: Optional[float] = None) -> Reply:
         """Release a lease (section 4): ``released`` or ``not_owner``."""
         req = Request.release(buffer, connection, token, request_id=request_id)
-        return self._single(req, self.partition_of(req.buffer), timeout)
+        return self._single(req, self._route(req), timeout)
 
     def inspect(self, buffer: str, *, timeout: Optional[float] = None) -> Reply:
         """The buffer's ``state`` (section 4)."""
         req = Request.inspect(buffer)
-        return self._single(req, self.partition_of(req.buffer), timeout)
+        return self._single(req, self._route(req), timeout)
 
     def force_release(self, buffer: str, reason: Optional[str] = None, *,
                       request_id: Optional[str] = None,
@@ -379,7 +391,7 @@ class Client:
         operator's broker user. ``released`` or ``not_owner``; raises
         :class:`~baton_client.errors.ForbiddenError` when the broker refuses the publish."""
         req = Request.force_release(buffer, reason, request_id=request_id)
-        return self._single(req, self.partition_of(req.buffer), timeout)
+        return self._single(req, self._route(req), timeout)
 
     def describe(self, *, partition: int = 0, timeout: Optional[float] = None) -> Description:
         """Describe the deployment (section 17); also records ``revision`` on the client."""
@@ -570,7 +582,7 @@ class Client:
         if body is None and call is not None:
             body = call.body
         if routing_key is None:
-            routing_key = call.routing_key if call is not None else str(self.partition_of(req.buffer))
+            routing_key = call.routing_key if call is not None else str(self._route(req))
         if body is None:
             body = _dumps(req.body(deadline_after(0.0) if self._send_deadline() else None))
         window = self.orphan_window
@@ -625,7 +637,7 @@ class Client:
             try:
                 while time.monotonic() < end and not self._closed:
                     try:
-                        self._single(rel, self.partition_of(rel.buffer),
+                        self._single(rel, self._route(rel),
                                      min(self.timeout, max(0.5, end - time.monotonic())))
                         return
                     except BatonTimeoutError:
@@ -651,7 +663,10 @@ class Client:
 
     # ------------------------------------------------------------------ lease keeper, watch
 
-    def lease(self, buffer: str, user: str, connection: str, lease_ms: int = 30000, **kw: Any):
+    def lease(self, buffer: str, user: str, connection: str, lease_ms: int = 30000, *,
+              margin_ms: Optional[int] = None, renew_fraction: float = 1 / 3,
+              on_change: "Optional[Callable[[LeaseChange], None]]" = None,
+              claim_timeout: Optional[float] = None, wait_ms: Optional[int] = None) -> "Lease":
         """A lease keeper as a context manager (section 9, "Keeping a lease")::
 
             with client.lease("doc:1", user="ann", connection=conn, lease_ms=30000) as lease:
@@ -663,25 +678,30 @@ class Client:
         then confirmed with an immediate renewal and the lease counts from that renewal."""
         from .lease import Lease
 
-        lease = Lease(self, buffer, user=user, connection=connection, lease_ms=lease_ms, **kw)
+        lease = Lease(self, buffer, user=user, connection=connection, lease_ms=lease_ms, margin_ms=margin_ms,
+                      renew_fraction=renew_fraction, on_change=on_change, claim_timeout=claim_timeout, wait_ms=wait_ms)
         self._leases.add(lease)
         return lease
 
-    def keep(self, buffer: str, user: str, connection: str, lease_ms: int = 30000, **kw: Any):
+    def keep(self, buffer: str, user: str, connection: str, lease_ms: int = 30000, *,
+             margin_ms: Optional[int] = None, renew_fraction: float = 1 / 3,
+             on_change: "Optional[Callable[[LeaseChange], None]]" = None,
+             claim_timeout: Optional[float] = None, wait_ms: Optional[int] = None) -> "Lease":
         """Claim ``buffer`` and keep it renewed; returns the started
         :class:`~baton_client.lease.Lease` (call ``lease.release()`` when done), or raises
         :class:`~baton_client.errors.LeaseDeniedError`. Takes the keyword arguments of
         :class:`~baton_client.lease.Lease`, among them ``wait_ms``."""
         from .lease import Lease
 
-        lease = Lease(self, buffer, user=user, connection=connection, lease_ms=lease_ms, **kw)
+        lease = Lease(self, buffer, user=user, connection=connection, lease_ms=lease_ms, margin_ms=margin_ms,
+                      renew_fraction=renew_fraction, on_change=on_change, claim_timeout=claim_timeout, wait_ms=wait_ms)
         self._leases.add(lease)
         lease.acquire()
         return lease
 
     def watch(self, buffer: Optional[str] = None, *, partition: Optional[int] = None,
               partitions: Optional[Iterable[int]] = None,
-              positions: Optional[Mapping[int, int]] = None, limit: Optional[int] = None):
+              positions: Optional[Mapping[int, int]] = None, limit: Optional[int] = None) -> "Watch":
         """Follow changes in order and without gaps (section 18): one buffer (``buffer``), one
         partition (``partition``), several (``partitions``), or everything (no argument). Returns
         a :class:`~baton_client.watch.Watch`, an iterator of

@@ -35,6 +35,7 @@ from .errors import (
     BatonTimeoutError,
     ClientClosedError,
     LeaseDeniedError,
+    ProtocolError,
     RejectedError,
 )
 from .requests import Request, check_wait_ms
@@ -203,6 +204,8 @@ class Lease:
         if reply.status != "granted":
             raise LeaseDeniedError(reply)
         assert call.first_sent is not None
+        if reply.token is None:
+            raise ProtocolError(f"a granted reply without a token: {reply.raw!r}")
         self.grant = reply
         self._token = reply.token
         if self.wait_ms is not None:
@@ -216,7 +219,7 @@ class Lease:
                                            "the local clock")
             else:
                 self._set(LeaseState.HELD, f"granted token {reply.token}")
-        if self._state is not LeaseState.LOST:  # (a lost lease keeps its reason; nothing to renew)
+        if self.state is not LeaseState.LOST:  # (a lost lease keeps its reason; nothing to renew)
             self._thread = threading.Thread(target=self._run, name=f"baton-lease:{self.buffer}",
                                             daemon=True)
             self._thread.start()
@@ -228,9 +231,11 @@ class Lease:
         from the renewal's first send, which the renewal's ``renewed`` bounds from below
         (section 9). Sets HELD, or LOST when the renewal was refused or got no answer."""
         timeout = self.client._timeout(self.claim_timeout)
-        req = Request.renew(self.buffer, self.connection, grant.token, self.lease_ms)
+        token = grant.token
+        assert token is not None  # acquire() checked it
+        req = Request.renew(self.buffer, self.connection, token, self.lease_ms)
         call = self.client._submit(self.client._make_call(
-            req, self.client.partition_of(req.buffer), timeout, self.renew_resend,
+            req, self.client._route(req), timeout, self.renew_resend,
             "renew (confirming a waiting grant)"))
         # Until the renewal is answered the lease is confirmed by nothing; start the clocks now so
         # that remaining() and the keeper have a value (replaced below when it is answered).
@@ -243,7 +248,7 @@ class Lease:
             self.client._io.cancel(call)
             self._owner_lost = True  # the release below is the only one
             self._set(LeaseState.LOST, f"confirming the waiting grant failed: {exc!r}")
-            self.client._release_in_background(self.buffer, self.connection, grant.token)
+            self.client._release_in_background(self.buffer, self.connection, token)
             raise
         if reply is not None and reply.status == "renewed":
             assert call.first_sent is not None
@@ -323,12 +328,12 @@ class Lease:
 
     def _renew_once(self, lost_at: float) -> bool:
         """One renewal (resent until answered or lost). False when the keeper must stop."""
+        assert self._token is not None and self._expiry is not None  # the keeper runs once granted
         req = Request.renew(self.buffer, self.connection, self._token, self.lease_ms)
-        assert self._expiry is not None
         late_at = self._expiry - self.lease_ms / 2000.0
         timeout = min(max(0.05, lost_at - time.monotonic()), 300.0)
         call = self.client._submit(self.client._make_call(
-            req, self.client.partition_of(req.buffer), timeout, self.renew_resend, "renew"))
+            req, self.client._route(req), timeout, self.renew_resend, "renew"))
         while True:
             now = time.monotonic()
             if self._stop.is_set():

@@ -7,7 +7,7 @@ kept in ``raw``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, TypedDict
 
 __all__ = [
     "Holder",
@@ -48,7 +48,8 @@ class Holder:
     @classmethod
     def parse(cls, value: Any) -> "Optional[Holder]":
         if isinstance(value, dict):
-            return cls(user=value.get("user"), connection=value.get("connection"))
+            user, connection = value.get("user"), value.get("connection")
+            return cls(user=user if isinstance(user, str) else "", connection=connection if isinstance(connection, str) else "")
         return None
 
 
@@ -103,7 +104,7 @@ class ReleasedConnection(Reply):
 
     buffers: Tuple[str, ...] = ()
     released_count: int = 0
-    replies: Tuple["ReleasedConnection", ...] = field(default=(), repr=False)
+    replies: Tuple[Reply, ...] = field(default=(), repr=False)
 
     @property
     def complete(self) -> bool:
@@ -167,8 +168,8 @@ def _str_or_none(v: Any) -> Optional[str]:
 
 def parse_event(obj: Dict[str, Any]) -> Event:
     return Event(
-        kind=obj.get("kind") if isinstance(obj.get("kind"), str) else "",
-        buffer=obj.get("buffer") if isinstance(obj.get("buffer"), str) else "",
+        kind=_str_or_none(obj.get("kind")) or "",
+        buffer=_str_or_none(obj.get("buffer")) or "",
         holder=Holder.parse(obj.get("holder")),
         token=_int_or_none(obj.get("token")),
         at=_str_or_none(obj.get("at")),
@@ -191,6 +192,23 @@ def events_of_message(body: Any) -> List[Dict[str, Any]]:
     return []
 
 
+class _Common(TypedDict):
+    """The fields every reply may carry, as :func:`parse_reply` passes them on."""
+
+    request_id: Optional[str]
+    buffer: Optional[str]
+    holder: Optional[Holder]
+    token: Optional[int]
+    expires_at: Optional[str]
+    at: Optional[str]
+    partition: Optional[int]
+    raw: Dict[str, Any]
+
+
+def _list(v: Any) -> List[Any]:
+    return v if isinstance(v, list) else []
+
+
 def parse_reply(obj: Any) -> Reply:
     """Turn a reply object into the typed reply of its status."""
     if not isinstance(obj, dict):
@@ -198,7 +216,7 @@ def parse_reply(obj: Any) -> Reply:
 
         raise ProtocolError(f"a reply must be a JSON object, got {type(obj).__name__}")
     status = obj.get("status")
-    common = dict(
+    common = _Common(
         request_id=_str_or_none(obj.get("request_id")),
         buffer=_str_or_none(obj.get("buffer")),
         holder=Holder.parse(obj.get("holder")),
@@ -216,7 +234,7 @@ def parse_reply(obj: Any) -> Reply:
             info = ErrorInfo("internal_error", f"reply with unknown status {status!r}")
         return Reply(status="error", error=info, **common)
     if status == "released_connection":
-        buffers = obj.get("buffers") if isinstance(obj.get("buffers"), list) else []
+        buffers = _list(obj.get("buffers"))
         count = _int_or_none(obj.get("released_count"))
         return ReleasedConnection(
             status=status,
@@ -230,11 +248,11 @@ def parse_reply(obj: Any) -> Reply:
             protocol=_int_or_none(obj.get("protocol")) or 0,
             revision=_int_or_none(obj.get("revision")) or 0,
             partitions=_int_or_none(obj.get("partitions")) or 0,
-            ops=tuple(o for o in (obj.get("ops") or []) if isinstance(o, str)),
+            ops=tuple(o for o in _list(obj.get("ops")) if isinstance(o, str)),
             **common,
         )
     if status == "events":
-        evs = obj.get("events") if isinstance(obj.get("events"), list) else []
+        evs = _list(obj.get("events"))
         return EventsPage(
             status=status,
             events=tuple(parse_event(e) for e in evs if isinstance(e, dict)),
