@@ -29,7 +29,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import Future
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import pika
 from pika.adapters.select_connection import IOLoop
@@ -129,12 +129,18 @@ class Subscription:
 
 
 class IOThread:
-    def __init__(self, params: pika.URLParameters, *, user: str, redacted_url: str,
-                 secret: str, confirms: bool = True, stale_after: float = 1.0, name: str = "baton-io"):
-        self._params = params
+    def __init__(self, params: "pika.URLParameters | Sequence[pika.URLParameters]", *, user: str,
+                 redacted_url: "str | Sequence[str]", secret: "str | Sequence[str]", confirms: bool = True,
+                 stale_after: float = 1.0, name: str = "baton-io"):
+        # The nodes of one broker (cluster): connect to the current one; when its connection fails or
+        # dies, the next one is tried first (a frozen node still accepts TCP connections).
+        self._nodes: List[pika.URLParameters] = [params] if isinstance(params, pika.URLParameters) else list(params)
+        self._redacted: List[str] = [redacted_url] if isinstance(redacted_url, str) else list(redacted_url)
+        if not self._nodes or len(self._redacted) != len(self._nodes):
+            raise ValueError("one redacted URL per broker node is needed")
+        self._node = 0
         self.user = user
-        self.redacted_url = redacted_url
-        self._secret = secret
+        self._secrets: List[str] = [secret] if isinstance(secret, str) else list(secret)
         self._confirms = confirms
         self._stale_after = stale_after if confirms else 0.0
         self._refreshing = False
@@ -225,10 +231,21 @@ class IOThread:
         if self._thread.is_alive():
             log.warning("the I/O thread of %s did not end within %g s of close()", self.redacted_url, timeout)
 
+    @property
+    def redacted_url(self) -> str:
+        """The URL of the node this client connects to now, its password redacted."""
+        return self._redacted[self._node]
+
     def sanitize(self, text: str) -> str:
-        if self._secret and len(self._secret) >= 1:
-            text = text.replace(self._secret, "********")
+        for secret in self._secrets:
+            if secret:
+                text = text.replace(secret, "********")
         return text
+
+    def _next_node(self) -> None:
+        if len(self._nodes) > 1:
+            self._node = (self._node + 1) % len(self._nodes)
+            log.info("trying broker node %s next", self.redacted_url)
 
     # ------------------------------------------------------------------ I/O thread
 
@@ -261,7 +278,7 @@ class IOThread:
             return
         try:
             pika.SelectConnection(
-                parameters=self._params,
+                parameters=self._nodes[self._node],
                 on_open_callback=self._on_conn_open,
                 on_open_error_callback=self._on_conn_open_error,
                 on_close_callback=self._on_conn_closed,
@@ -297,6 +314,7 @@ class IOThread:
                 self._first_outcome.set()  # the constructor fails now, not at its timeout
         else:
             log.warning("cannot connect to %s: %s", self.redacted_url, self.sanitize(repr(err)))
+        self._next_node()
         self._schedule_reconnect()
 
     def _on_conn_closed(self, conn: Any, reason: BaseException) -> None:
@@ -318,6 +336,7 @@ class IOThread:
             return
         log.warning("connection to %s closed (%s); reconnecting", self.redacted_url,
                     self.last_close_reason)
+        self._next_node()
         self._schedule_reconnect()
 
     def _open_channel(self) -> None:

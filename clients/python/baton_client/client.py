@@ -98,8 +98,11 @@ class Client:
     iterated by the thread that iterates them. Close the client (or use it as a context manager)
     to stop the I/O thread.
 
-    :param url: ``amqp://user:password@host:port/vhost`` (the vhost percent-encoded). The URL's user
-        is sent as ``user_id``, the principal (section 3.1).
+    :param url: ``amqp://user:password@host:port/vhost`` (the vhost percent-encoded; ``amqps://`` for
+        TLS, with pika's ``ssl_options``). The URL's user is sent as ``user_id``, the principal
+        (section 3.1). Several comma-separated URLs name the nodes of one broker cluster, all with
+        the same user: the client connects to the first that answers and, when its connection fails
+        or dies, tries the next one first (a comma in a password is written ``%2C``).
     :param partitions: N. When ``None``, N is discovered with ``describe`` (section 17).
     :param timeout: default timeout of a call, in seconds (at most 300, the deadline limit).
     :param resend_after: resend an unanswered request (same body, same ``request_id``) every this
@@ -122,20 +125,35 @@ class Client:
                                        not isinstance(partitions, int) or
                                        not 1 <= partitions <= 1024):
             raise ValueError(f"partitions must be an integer from 1 to 1024, got {partitions!r}")
-        self.url_redacted = redact_url(url)
-        parts = urlsplit(url)
-        secret = unquote(parts.password or "")
-        try:
-            params = pika.URLParameters(url)
-        except Exception as exc:
-            raise ValueError(f"invalid AMQP URL {self.url_redacted}: "
-                             f"{type(exc).__name__}") from None
-        user = getattr(params.credentials, "username", None) or unquote(parts.username or "")
-        if not user:
-            raise ValueError(f"the AMQP URL {self.url_redacted} names no user; the user is the "
-                             f"principal sent as user_id")
-        params.client_properties = {"connection_name": connection_name or f"baton-python:{user}",
-                                    "product": "baton_client (python)"}
+        # Several comma-separated URLs name the nodes of one broker cluster (a comma in a password is
+        # written %2C): the client connects to the first that answers and moves on when it dies.
+        urls = [u.strip() for u in url.split(",")]
+        self.url_redacted = ",".join(redact_url(u) for u in urls)
+        nodes: List[pika.URLParameters] = []
+        secrets: List[str] = []
+        users: List[str] = []
+        for one in urls:
+            redacted = redact_url(one)
+            if not one:
+                raise ValueError(f"an empty broker URL in {self.url_redacted!r}")
+            parts = urlsplit(one)
+            try:
+                params = pika.URLParameters(one)
+            except Exception as exc:
+                raise ValueError(f"invalid AMQP URL {redacted}: {type(exc).__name__}") from None
+            node_user = getattr(params.credentials, "username", None) or unquote(parts.username or "")
+            if not node_user:
+                raise ValueError(f"the AMQP URL {redacted} names no user; the user is the "
+                                 f"principal sent as user_id")
+            params.client_properties = {"connection_name": connection_name or f"baton-python:{node_user}",
+                                        "product": "baton_client (python)"}
+            nodes.append(params)
+            secrets.append(unquote(parts.password or ""))
+            users.append(node_user)
+        if len(set(users)) > 1:
+            raise ValueError(f"the broker URLs name different users ({', '.join(sorted(set(users)))}): the user "
+                             f"is the principal sent as user_id, one per client")
+        user = users[0]
         self.user = user
         self.timeout = float(timeout)
         self.resend_after = resend_after
@@ -151,7 +169,7 @@ class Client:
         self._watches: "weakref.WeakSet[Any]" = weakref.WeakSet()
         if not stale_after >= 0:
             raise ValueError(f"stale_after must be 0 or more seconds, got {stale_after!r}")
-        self._io = IOThread(params, user=user, redacted_url=self.url_redacted, secret=secret,
+        self._io = IOThread(nodes, user=user, redacted_url=[redact_url(u) for u in urls], secret=secrets,
                             confirms=confirms, stale_after=float(stale_after))
         self._io.start()
         try:

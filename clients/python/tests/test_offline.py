@@ -213,3 +213,9 @@ def test_vectors_file_shape():
             if "later" in s:
                 later.add(s["later"])
             assert "force_release" not in json.dumps(s)
+
+
+def test_broker_urls_of_different_users_are_refused():
+    """Several URLs name one broker's nodes for one principal (the user is sent as user_id)."""
+    with pytest.raises(ValueError, match="different users"):
+        Client("amqp://ann:x@127.0.0.1:1/%2F,amqp://bob:y@127.0.0.1:2/%2F", partitions=4, timeout=1.0)

@@ -126,3 +126,18 @@ def test_a_queue_that_confirms_nothing_gets_a_new_channel(live, buf, conn):
         assert held, "the frozen queue held the claim"
         r = result.get("r")
         assert r is not None and r.granted and r.token == 1
+
+
+def test_several_broker_urls_connect_to_the_first_node_that_answers(live, buf, conn):
+    """A comma-separated list names the nodes of one broker: a node that refuses connections is
+    skipped and the next one is used, as the Swift client does."""
+    import re
+
+    dead = re.sub(r"@[^/@]+/", "@127.0.0.1:1/", live["url"], count=1)
+    assert dead != live["url"]
+    with Client(f"{dead},{live['url']}", partitions=live["partitions"], timeout=10.0,
+                connect_timeout=20.0) as c:
+        r = c.claim(buf, "ann", conn)
+        assert r.granted and r.token == 1
+        assert c.url_redacted.count(",") == 1 and "127.0.0.1:1/" in c.url_redacted
+        assert c.release(buf, conn, r.token).status == "released"
