@@ -4,6 +4,7 @@ See ``clients/python/README.md`` and ``docs/protocol.md``.
 """
 
 from ._partition import fnv1a64, partition
+from .aio import AsyncClient, AsyncLease, AsyncWatch
 from .client import Client, redact_url
 from .errors import (
     BatonConnectionError,
@@ -38,6 +39,9 @@ REVISION = 4
 __version__ = "0.1.0"
 
 __all__ = [
+    "AsyncClient",
+    "AsyncLease",
+    "AsyncWatch",
     "PROTOCOL",
     "REVISION",
     "partition",
