@@ -135,10 +135,12 @@ struct Topology: AsyncParsableCommand {
     func run() async throws {
         let logger = try database.logger("baton.topology")
         let partitioner = try database.partitioner()
-        let url = try broker.amqpURL()
-        try await AMQPConnection.withConnection(to: url, name: "baton topology", logger: logger) { connection in
+        // The nodes of a cluster, as workers take them: the first that answers.
+        let urls = try broker.amqpURLs()
+        let (connection, node) = try await AMQPConnection.connect(toFirstOf: urls, name: "baton topology", logger: logger)
+        try await withClosing(connection, close: { await $0.close() }) { connection in
             try await BatonWorker.Topology.declare(on: connection, partitionCount: partitioner.count)
         }
-        print("declared \(ProtocolV1.requestsExchange), \(ProtocolV1.eventsExchange), \(ProtocolV1.deadLetterExchange) and \(partitioner.count) partition queues on \(url)")
+        print("declared \(ProtocolV1.requestsExchange), \(ProtocolV1.eventsExchange), \(ProtocolV1.deadLetterExchange) and \(partitioner.count) partition queues on \(urls[node])")
     }
 }

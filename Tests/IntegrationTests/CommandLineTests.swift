@@ -130,6 +130,21 @@ import Testing
         #expect(run.standardOutput.contains("the buffer holds: 'bob's edit'"), "\(run)")
     }
 
+    /// `baton topology` takes a cluster's node list as the workers do: a node that does not answer is
+    /// skipped (the compose cluster profile's one-shot `migrate` runs it).
+    @Test func topologyDeclaresThroughTheFirstNodeThatAnswers() async throws {
+        let deployment = try await Deployment.make(partitions: 4)
+        var dead = deployment.amqpURL
+        dead.port = 1
+        let run = try await Self.baton(
+            ["topology", "--partition-count", "4", "--amqp-url", "\(dead.connectionString),\(deployment.amqpURL.connectionString)"],
+            environment: deployment.environment()
+        )
+        #expect(run.status == 0, "\(run)")
+        #expect(run.standardOutput.contains("partition queues on amqp://") && run.standardOutput.contains(":\(deployment.amqpURL.port)/"), "\(run)")
+        #expect(!run.standardOutput.contains(":1/"), "\(run)")
+    }
+
     // MARK: - Usage errors
 
     @Test func usageErrorsExit64WithTheReasonOnStandardErrorAndNothingOnStandardOutput() async throws {
