@@ -76,7 +76,9 @@ let package = Package(
                 .product(name: "Metrics", package: "swift-metrics"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
-            ]
+            ],
+            // `baton --version` and `baton_build_info`: the git commit and build date (BatonVersion).
+            plugins: [.plugin(name: "BuildInfoPlugin")]
         ),
         // What a frontend links: typed claim/renew/release/inspect/releaseConnection over AMQP RPC.
         .target(
@@ -110,9 +112,7 @@ let package = Package(
                 "BatonCore", "BatonPostgres", "BatonAMQP", "BatonWorker", "BatonClient", "BatonOperations", "BatonTesting",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
-            ],
-            // `baton --version` and `baton_build_info`: the git commit and build date.
-            plugins: [.plugin(name: "BuildInfoPlugin")]
+            ]
         ),
         .plugin(name: "BuildInfoPlugin", capability: .buildTool()),
         // examples/: a collab server's ownership with the resource-side fencing check (README, "Why

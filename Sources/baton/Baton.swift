@@ -150,33 +150,6 @@ struct ScratchOptions: ParsableArguments {
     }
 }
 
-/// Which broker user a command acts as (docs/operations.md, "Broker permissions").
-enum BrokerRole {
-    /// Workers, topology and status: `BATON_AMQP_URL`.
-    case worker
-    /// Frontends (claim, renew, release, inspect, release-connection, demo): `BATON_FRONTEND_AMQP_URL`.
-    case frontend
-    /// Operators (force-release): `BATON_OPERATOR_AMQP_URL`.
-    case `operator`
-
-    var variable: String {
-        switch self {
-        case .worker: "BATON_AMQP_URL"
-        case .frontend: "BATON_FRONTEND_AMQP_URL"
-        case .operator: "BATON_OPERATOR_AMQP_URL"
-        }
-    }
-
-    /// The URL of the local services' user for this role (scripts/services, docker-compose.yml).
-    var defaultURL: String {
-        switch self {
-        case .worker: "amqp://baton-worker:baton-worker@127.0.0.1:55672/%2F"
-        case .frontend: "amqp://baton-frontend:baton-frontend@127.0.0.1:55672/%2F"
-        case .operator: "amqp://baton-operator:baton-operator@127.0.0.1:55672/%2F"
-        }
-    }
-}
-
 /// Settings of commands that talk to RabbitMQ. Flag first, then the role's environment variable, then
 /// the local services' default for that role.
 struct BrokerOptions: ParsableArguments {

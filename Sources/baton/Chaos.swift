@@ -1,3 +1,4 @@
+import BatonOperations
 import ArgumentParser
 import Foundation
 import BatonTesting

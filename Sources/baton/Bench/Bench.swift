@@ -1,3 +1,4 @@
+import BatonOperations
 import ArgumentParser
 import BatonTesting
 import Foundation
