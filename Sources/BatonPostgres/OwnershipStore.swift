@@ -821,12 +821,6 @@ public final class OwnershipStore: Sendable {
         }
     }
 
-    public func waiterCount(partition: Int) async throws -> Int {
-        try await connection.withSession { session in
-            try session.query(SQL.waiterCount, [String(partition)]).first().flatMap(Int.init) ?? 0
-        }
-    }
-
     /// Records that every change of `partition` up to position `through` was published (the position
     /// never moves back).
     public func markDelivered(partition: Int, through: Int64) async throws {
@@ -1016,7 +1010,6 @@ enum SQL {
         """)
 
     // Uses baton_waiters_until, then the primary key of baton_buffers.
-    static let waiterCount = PreparedStatement(name: "baton_waiter_count", sql: "SELECT count(*) FROM baton_waiters WHERE partition = $1")
     static let lineSizes = PreparedStatement(name: "baton_line_sizes", sql: """
         SELECT coalesce(sum(n), 0)::int8, coalesce(max(n), 0)::int8
         FROM (SELECT count(*) AS n FROM baton_waiters WHERE partition = $1 GROUP BY buffer) lines
