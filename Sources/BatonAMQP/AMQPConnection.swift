@@ -239,6 +239,13 @@ public final class AMQPChannel: Sendable {
     /// to a quorum queue leader whose node froze).
     public var oldestUnconfirmedPublish: ContinuousClock.Instant? { unconfirmed.oldest }
 
+    /// How many tracked publishes the broker nacked since the last call (``enableConfirms(tracking:)``),
+    /// and starts counting again. A nack means the broker did not store the message: on a RabbitMQ 3.10
+    /// cluster, a channel that cannot register with a quorum queue's new leader nacks everything it
+    /// publishes to that queue until the old leader's node returns, while a new channel reaches the new
+    /// leader.
+    public func takeNacks() -> Int { unconfirmed.takeNacks() }
+
     /// Starts a consumer; its deliveries arrive in the returned queue.
     public func consume(queue: String, noAck: Bool = false, exclusive: Bool = false, arguments: [String: AMQPValue] = [:]) async throws -> (consumerTag: String, deliveries: DeliveryQueue) {
         let deliveries = DeliveryQueue()

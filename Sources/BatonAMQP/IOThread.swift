@@ -426,7 +426,7 @@ final class IOThread: @unchecked Sendable {
 
     private func confirm(channel number: UInt16, tag: UInt64, multiple: Bool, outcome: PublishOutcome) {
         guard let state = channels[number] else { return }
-        state.unconfirmed?.answered(tag, multiple: multiple)
+        state.unconfirmed?.answered(tag, multiple: multiple, nacked: outcome == .nacked)
         let tags = multiple ? state.confirmWaits.keys.filter { $0 <= tag } : [tag]
         for confirmed in tags {
             let final = outcome == .confirmed ? (state.returned.removeValue(forKey: confirmed) ?? outcome) : outcome

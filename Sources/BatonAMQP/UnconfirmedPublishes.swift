@@ -6,13 +6,19 @@ import Synchronization
 ///
 /// A broker confirms a publish once the queues it was routed to hold it, whoever consumes them: a slow
 /// consumer never delays a confirm, a broker that cannot reach the queue's leader does. Nacks count as
-/// answers too. The I/O thread records publishes and confirms; readers take the same lock.
+/// answers too, and are counted apart (``takeNacks()``): RabbitMQ 3.10 nacks at once what a channel
+/// publishes to a quorum queue whose leader it cannot register with (a channel that first published to
+/// the queue while the queue's record still named a leader on a node just killed), and keeps nacking on
+/// that channel until the node returns. The I/O thread records publishes and confirms; readers take the
+/// same lock.
 final class UnconfirmedPublishes: Sendable {
     private struct Pending {
         /// Delivery tags and send times, in publish order; entries before `head` are confirmed.
         var tags: [UInt64] = []
         var times: [ContinuousClock.Instant] = []
         var head = 0
+        /// Publishes the broker nacked since ``UnconfirmedPublishes/takeNacks()`` last asked.
+        var nacks = 0
 
         var isEmpty: Bool { head == tags.count }
 
@@ -34,9 +40,10 @@ final class UnconfirmedPublishes: Sendable {
         }
     }
 
-    /// The broker answered `tag` (and, when `multiple`, every tag before it).
-    func answered(_ tag: UInt64, multiple: Bool) {
+    /// The broker answered `tag` (and, when `multiple`, every tag before it), with a nack when `nacked`.
+    func answered(_ tag: UInt64, multiple: Bool, nacked: Bool = false) {
         pending.withLock { pending in
+            let before = pending.tags.count - pending.head
             if multiple {
                 while !pending.isEmpty, pending.tags[pending.head] <= tag { pending.head += 1 }
             } else if !pending.isEmpty, pending.tags[pending.head] == tag {
@@ -46,13 +53,26 @@ final class UnconfirmedPublishes: Sendable {
                 pending.tags.remove(at: index)
                 pending.times.remove(at: index)
             }
+            if nacked { pending.nacks += max(1, before - (pending.tags.count - pending.head)) }
             pending.compact()
         }
     }
 
-    /// Forgets every publish (the channel closed: none will be confirmed).
+    /// How many publishes the broker nacked since the last call, and starts counting again.
+    func takeNacks() -> Int {
+        pending.withLock { pending in
+            defer { pending.nacks = 0 }
+            return pending.nacks
+        }
+    }
+
+    /// Forgets every publish (the channel closed: none will be confirmed); nacks already counted stay.
     func clear() {
-        pending.withLock { $0 = Pending() }
+        pending.withLock { pending in
+            let nacks = pending.nacks
+            pending = Pending()
+            pending.nacks = nacks
+        }
     }
 
     /// When the oldest publish still waiting for its confirm left, if any does.

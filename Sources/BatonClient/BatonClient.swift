@@ -24,7 +24,15 @@ public struct BatonClientConfiguration: Sendable {
     /// 3.10 cluster a channel keeps sending a quorum queue's messages to the leader it first knew, even
     /// after the queue elected another because that leader's node froze; a new channel finds the new
     /// leader (docs/operations.md, "A frozen broker node"). The old channel stays open 30 s for late replies.
+    /// A request the broker nacks gets the same treatment at once (at most every
+    /// ``nackedChannelSpacing``): RabbitMQ 3.10 nacks everything a channel publishes to a quorum queue
+    /// whose new leader it could not register with (a channel that first published to the queue just after
+    /// the node of its old leader died), until that node returns, while a new channel reaches the new leader.
     public var staleChannelAfter: Duration = .seconds(1)
+    /// The least time between two new channels opened because the broker nacked requests (default 250 ms):
+    /// a channel opened before the queue's record names its new leader is nacked too, and is replaced
+    /// after this long.
+    public var nackedChannelSpacing: Duration = .milliseconds(250)
     /// A name for the connection in the broker's list.
     public var name: String = "baton client"
     /// Carry calls to one partition together (docs/protocol.md, "Coalesced requests"): a lone call is
@@ -202,6 +210,8 @@ public final class BatonClient: Sendable {
         var connecting: Task<Link, any Error>?
         /// A new channel is being opened for ``link`` (``BatonClientConfiguration/staleChannelAfter``).
         var refreshing = false
+        /// When the last new channel for nacked requests was opened (``BatonClientConfiguration/nackedChannelSpacing``).
+        var nackRefreshAt: ContinuousClock.Instant?
         /// The index, in the configured broker URLs, of the node to try first: the one reached last, or the
         /// next one once its connection has died (a frozen node still accepts TCP connections and would
         /// hold each attempt for the whole connect timeout).
@@ -284,30 +294,51 @@ public final class BatonClient: Sendable {
             }
             return (state.closed, state.pending.values.map(\.call), stalled, staleLink(&state, now: now))
         }
-        if let stale { Task { await self.refreshChannel(of: stale) } }
+        if let (link, reason) = stale { Task { await self.refreshChannel(of: link, reason: reason) } }
         for call in pending { call.wakeIfDue(now) }
         for partition in stalled { flush(partition) }
         return !closed
     }
 
+    /// Why a channel is replaced.
+    private enum StaleReason {
+        case unconfirmed
+        case nacked(Int)
+    }
+
     /// The link whose channel has a publish unconfirmed for ``BatonClientConfiguration/staleChannelAfter``
-    /// (not while the broker blocks the connection: an alarm holds confirms back too); marks it as being
+    /// (not while the broker blocks the connection: an alarm holds confirms back too), or had publishes
+    /// nacked (at most every ``BatonClientConfiguration/nackedChannelSpacing``); marks it as being
     /// refreshed.
-    private func staleLink(_ state: inout ClientState, now: ContinuousClock.Instant) -> Link? {
+    private func staleLink(_ state: inout ClientState, now: ContinuousClock.Instant) -> (Link, StaleReason)? {
         let after = configuration.staleChannelAfter
-        guard after > .zero, !state.refreshing, !state.closed, let link = state.link, link.connection.blockedReason == nil,
-            let oldest = link.channel.oldestUnconfirmedPublish, now - oldest >= after
-        else { return nil }
-        state.refreshing = true
-        return link
+        guard after > .zero, !state.refreshing, !state.closed, let link = state.link, link.connection.blockedReason == nil else { return nil }
+        if let oldest = link.channel.oldestUnconfirmedPublish, now - oldest >= after {
+            state.refreshing = true
+            return (link, .unconfirmed)
+        }
+        // Nacks wait (counted) until the spacing allows the next channel.
+        if state.nackRefreshAt.map({ now - $0 >= configuration.nackedChannelSpacing }) ?? true {
+            let nacks = link.channel.takeNacks()
+            if nacks > 0 {
+                state.refreshing = true
+                state.nackRefreshAt = now
+                return (link, .nacked(nacks))
+            }
+        }
+        return nil
     }
 
     /// Opens a new channel on `link`'s connection and sends every waiting call again on it; the old
     /// channel stays open a while for late replies. When no channel opens within
     /// ``BatonClientConfiguration/staleChannelAfter`` (the connection's node itself froze: its heartbeats
     /// would tell only later), the connection goes and the next call connects to the next node.
-    private func refreshChannel(of link: Link) async {
-        logger.warning("a request had no broker confirm for \(configuration.staleChannelAfter): sending the waiting calls again on a new channel", metadata: [
+    private func refreshChannel(of link: Link, reason: StaleReason) async {
+        let why = switch reason {
+        case .unconfirmed: "a request had no broker confirm for \(configuration.staleChannelAfter)"
+        case .nacked(let count): "the broker nacked \(count) request message\(count == 1 ? "" : "s") (it did not store them)"
+        }
+        logger.warning("\(why): sending the waiting calls again on a new channel", metadata: [
             "baton.amqp": "\(([configuration.amqpURL] + configuration.amqpAlternates)[link.node])",
         ])
         do {
@@ -974,6 +1005,8 @@ public final class BatonClient: Sendable {
                         state.link = nil
                         state.brokerNode = (node + 1) % urls.count
                     }
+                    // What was in flight went with the connection: its lanes are free for the resends.
+                    for partition in state.lanes.keys { state.lanes[partition]?.inFlight.removeAll() }
                     return state.pending.values.map(\.call)
                 }
                 for call in calls ?? [] { call.wake() }

@@ -91,6 +91,19 @@ public struct BrokerAdmin: Sendable {
         return matching.count
     }
 
+    /// Sets the policy `name` of `virtualHost` on the queues whose names match `pattern` (a regular
+    /// expression) to `definition` (for example `["max-length": 0, "overflow": "reject-publish"]`).
+    public func setQueuePolicy(_ name: String, in virtualHost: String, pattern: String, definition: [String: Any]) async throws {
+        try await send("PUT", "policies/\(Self.segment(virtualHost))/\(Self.segment(name))", json: [
+            "pattern": pattern, "definition": definition, "apply-to": "queues", "priority": 0,
+        ])
+    }
+
+    /// Removes the policy `name` of `virtualHost` (nothing when it does not exist).
+    public func clearPolicy(_ name: String, in virtualHost: String) async throws {
+        try await send("DELETE", "policies/\(Self.segment(virtualHost))/\(Self.segment(name))", accept: [200, 204, 404])
+    }
+
     /// The names of every virtual host.
     public func virtualHosts() async throws -> [String] {
         let data = try await send("GET", "vhosts?columns=name")

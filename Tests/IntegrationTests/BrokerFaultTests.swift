@@ -134,6 +134,50 @@ import Testing
         await worker.stop()
     }
 
+    /// Issue 22, finding 4 (leader-kill): a RabbitMQ 3.10 channel that first publishes to a quorum queue
+    /// just after the node of its leader died cannot register with the new leader, and the broker nacks
+    /// everything it publishes to that queue until the node returns (8-12 s of unanswered calls in the
+    /// cluster chaos run). A nack means the broker did not store the request: the client sends the
+    /// waiting calls again on a new channel at once (at most every 250 ms), instead of on its resend
+    /// schedule (1.5 s, then about 3 s). Here the partition's queue nacks by policy (`max-length` 0,
+    /// `reject-publish`, with a request in it and no worker draining it) for two seconds; then the policy
+    /// goes, a worker starts, and both calls are answered.
+    @Test func aNackedRequestIsSentAgainOnANewChannelAtOnce() async throws {
+        let deployment = try await Deployment.make(partitions: 2)
+        let client = deployment.client(timeout: .seconds(30))
+        let (first, second) = AdversarialTests.samePartition(deployment.partitioner, "nacked")
+        let partition = deployment.partitioner.partition(of: first)
+        let admin = deployment.namespace.admin
+        let virtualHost = deployment.amqpURL.virtualHost
+        try await admin.setQueuePolicy(
+            "nack-requests", in: virtualHost, pattern: "^" + NSRegularExpression.escapedPattern(for: ProtocolV1.requestQueue(partition)) + "$",
+            definition: ["max-length": 0, "overflow": "reject-publish"]
+        )
+        try await Task.sleep(for: .milliseconds(300))
+        // A quorum queue takes the first message over its limit, then rejects while it holds it.
+        let absorbed = Task { try await client.claim(first, user: "u", connection: "c") }
+        try await Task.sleep(for: .milliseconds(300))
+        let before = client.statistics
+        let answered = Shared(false)
+        let call = Task {
+            defer { answered.update { $0 = true } }
+            return try await client.claim(second, user: "u", connection: "c")
+        }
+        try await Task.sleep(for: .seconds(2))
+        let after = client.statistics
+        #expect(!answered.value, "no worker runs: nothing answers the call")
+        #expect(after.freshChannels - before.freshChannels >= 3, "every nack (at most every 250 ms) made the client open a new channel and send the call again: \(after.freshChannels - before.freshChannels) new channels in 2 s")
+        #expect(after.messages - before.messages >= 4, "the nacked call was published again on each new channel: \(after.messages - before.messages) messages in 2 s")
+        try await admin.clearPolicy("nack-requests", in: virtualHost)
+        let worker = deployment.startWorker()
+        guard case .granted = try await absorbed.value, case .granted = try await call.value else {
+            Issue.record("the calls were not granted once the queue took requests and a worker ran")
+            return
+        }
+        await client.close()
+        await worker.stop()
+    }
+
     /// The other side of the same rule: a partition that answers nothing because no worker serves it
     /// (or its worker is slow) has its requests confirmed by the broker, so the client opens no new
     /// channel and resends on its backoff schedule only (the reason a rule on missing replies was

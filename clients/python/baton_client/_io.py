@@ -15,7 +15,10 @@ entry point of pika) and ``concurrent.futures.Future`` objects. It
 * when a request has had no broker confirm for ``stale_after`` seconds, publishes every waiting call
   again on a new channel (section 9, "Publisher confirms": a RabbitMQ 3.10 channel keeps sending to a
   quorum queue leader whose node froze, and the broker confirms whatever the workers do, so a missing
-  confirm is never a slow worker); the old channel stays open a while for late replies;
+  confirm is never a slow worker); the old channel stays open a while for late replies; a nack gets
+  the same at once, at most every ``NACK_SPACING`` seconds (a RabbitMQ 3.10 channel that could not
+  register with a quorum queue's new leader nacks everything it sends to it, and a channel whose queue
+  rejected publishes keeps that status, while a new channel starts afresh);
 * runs the event subscriptions of watches (section 18), each on a channel of its own, and
   re-declares them after a reconnect.
 """
@@ -53,6 +56,7 @@ log = logging.getLogger("baton_client")
 
 DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
 _TICK = 0.05  # seconds between resend/timeout scans
+NACK_SPACING = 0.25  # least seconds between two new channels opened for nacked requests
 
 
 class Call:
@@ -144,6 +148,8 @@ class IOThread:
         self._confirms = confirms
         self._stale_after = stale_after if confirms else 0.0
         self._refreshing = False
+        self._nacks = 0  # nacked requests not yet sent again on a new channel
+        self._nack_refresh_at: Optional[float] = None
         self._ioloop = IOLoop()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._conn: Any = None
@@ -164,7 +170,7 @@ class IOThread:
         self._first_error: Optional[BaseException] = None
         self._state_lock = threading.Lock()
         self.connects = 0  # how many times a channel became ready (tests, diagnostics)
-        self.fresh_channels = 0  # new channels opened for requests without a confirm (stale_after)
+        self.fresh_channels = 0  # new channels opened for requests without a confirm (stale_after) or nacked
         self.last_close_reason: Optional[str] = None
         self.ignore_replies = False  # fault injection for tests: replies are lost
         self.stray_replies = 0  # replies to no waiting call (late repeats; tests, diagnostics)
@@ -367,6 +373,7 @@ class IOThread:
         self._channel_gen += 1
         self._next_tag = 0
         self._unconfirmed.clear()
+        self._nacks = 0  # every waiting call is published again below
         self._refreshing = False
         self._ready = True
         self._backoff = 0.2
@@ -475,8 +482,9 @@ class IOThread:
             if nack and corr is not None:
                 call = self._calls.get(corr)
                 if call is not None and not call.done:
-                    # Section 9: a nack means the broker may not have stored it: publish again.
-                    self._publish(call)
+                    # Section 9: a nack means the broker did not store it: publish again, on a new
+                    # channel (the tick opens it, spaced by NACK_SPACING).
+                    self._nacks += 1
 
     def _on_return(self, _ch: Any, method: Any, props: Any, _body: bytes) -> None:
         call = self._calls.pop(getattr(props, "correlation_id", None) or "", None)
@@ -547,15 +555,24 @@ class IOThread:
 
     def _refresh_if_stale(self, now: float) -> None:
         """Opens a new channel when the oldest request has had no confirm for ``stale_after``
-        seconds; every waiting call is published again on it once it consumes its replies."""
-        if (self._stale_after <= 0 or self._refreshing or not self._ready or self._blocked
-                or not self._unconfirmed or self._conn is None or self._closing):
+        seconds, or requests were nacked (at most every ``NACK_SPACING`` seconds); every waiting call
+        is published again on it once it consumes its replies."""
+        if (not self._confirms or self._refreshing or not self._ready or self._blocked
+                or self._conn is None or self._closing):
             return
-        _corr, sent = next(iter(self._unconfirmed.values()))
-        if now - sent < self._stale_after:
-            return
-        log.warning("a request had no broker confirm for %g s: sending the waiting calls again on a "
-                    "new channel", self._stale_after)
+        if self._stale_after > 0 and self._unconfirmed:
+            _corr, sent = next(iter(self._unconfirmed.values()))
+            if now - sent >= self._stale_after:
+                self._refresh_channel(f"a request had no broker confirm for {self._stale_after:g} s")
+                return
+        if self._nacks and (self._nack_refresh_at is None or now - self._nack_refresh_at >= NACK_SPACING):
+            count, self._nacks = self._nacks, 0
+            self._nack_refresh_at = now
+            self._refresh_channel(f"the broker nacked {count} request message{'' if count == 1 else 's'} "
+                                  "(it did not store them)")
+
+    def _refresh_channel(self, why: str) -> None:
+        log.warning("%s: sending the waiting calls again on a new channel", why)
         old = self._channel
         self._refreshing = True
         self._ready = False  # nothing is published until the new channel consumes its replies
