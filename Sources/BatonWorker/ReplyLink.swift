@@ -253,6 +253,12 @@ final class ReplyLink: Sendable {
         return next
     }
 
+    /// Ends both connections at once, without the closing handshake.
+    func closeSoon() {
+        link.withLock { $0 }?.connection.closeSoon()
+        probe.withLock { $0 }?.connection.closeSoon()
+    }
+
     func close() async {
         let old = link.withLock { link in
             defer { link = nil }

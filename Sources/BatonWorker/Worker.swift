@@ -173,12 +173,14 @@ public final class Worker: Service, Sendable {
                         }
                         await self.sleep(.milliseconds(50))
                     }
-                    // One of the two connections died: end the other too, so that every runner stops
-                    // (their unacked deliveries go back to the queues) and the worker reconnects both,
+                    // One of the two connections died: end the others too, so that every runner stops
+                    // (their unacked deliveries go back to the queues) and the worker reconnects them all,
                     // trying the next node first: a node that froze (a stopped VM) still accepts TCP
-                    // connections and would hold each attempt for the whole connect timeout.
+                    // connections and would hold each attempt for the whole connect timeout. Without a
+                    // closing handshake: the node that lost one connection may be frozen, and a graceful
+                    // close of the others would wait for their heartbeats (a second in the chaos run).
                     if !self.isStopping {
-                        await connections.close()
+                        connections.abandon()
                         self.brokerNode.store((connections.node + 1) % (1 + self.configuration.amqpAlternates.count), ordering: .relaxed)
                     }
                 }
@@ -563,6 +565,13 @@ struct BrokerConnections: Sendable {
         await consumer.close()
         await publisher.close()
         await replies.close()
+    }
+
+    /// Ends every connection at once, without the closing handshake (see ``AMQPConnection/closeSoon()``).
+    func abandon() {
+        consumer.closeSoon()
+        publisher.closeSoon()
+        replies.closeSoon()
     }
 }
 
