@@ -6,9 +6,9 @@ import Testing
 @Suite struct ChaosRecoveryTests {
     let start = ContinuousClock.now
 
-    func call(_ partition: Int, from: Int, to: Int, failed: Bool = false) -> ChaosRun.Call {
+    func call(_ partition: Int, from: Int, to: Int, failed: Bool = false, waits: Bool = false) -> ChaosRun.Call {
         ChaosRun.Call(
-            partition: partition, started: start + .milliseconds(from), finished: start + .milliseconds(to), failed: failed ? "timeout" : nil
+            partition: partition, started: start + .milliseconds(from), finished: start + .milliseconds(to), failed: failed ? "timeout" : nil, waits: waits
         )
     }
 
@@ -22,7 +22,19 @@ import Testing
         let line = ChaosRun.recovery(calls, at: start + .milliseconds(100), end: start + .milliseconds(300), partitions: 2)
         #expect(line.hasPrefix("recovery 2.000 s"), "\(line)")
         #expect(line.contains("partition 1 last"))
-        #expect(line.hasSuffix("slowest call around it 2.080 s"), "\(line)")  // 120 ms → 2,200 ms
+        #expect(line.hasSuffix("slowest call around it 2.080 s (2.080 s not counting claims that wait in line)"), "\(line)")  // 120 ms → 2,200 ms
+    }
+
+    /// A claim that waits in line is answered when it leaves it: the line reports the slowest call
+    /// without such claims too.
+    @Test func claimsThatWaitInLineAreReportedApart() {
+        let calls = [
+            call(0, from: 110, to: 600),
+            call(1, from: 105, to: 1_100),
+            call(1, from: 120, to: 4_120, waits: true),  // waited 3 s in line after the fault
+        ]
+        let line = ChaosRun.recovery(calls, at: start + .milliseconds(100), end: start + .milliseconds(300), partitions: 2)
+        #expect(line.hasSuffix("slowest call around it 4.000 s (0.995 s not counting claims that wait in line)"), "\(line)")
     }
 
     @Test func aPartitionWithoutAnAnswerNeverRecovered() {
