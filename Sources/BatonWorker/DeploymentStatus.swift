@@ -36,16 +36,21 @@ public struct DeploymentStatus: Sendable {
     public var rows: [Row]
     /// Why the broker's columns are empty, when it could not be reached.
     public var brokerError: String?
+    /// The broker node the queue columns were read through.
+    public var brokerURL: AMQPURL?
 
-    /// Reads the store at `databaseURL` (checking the schema and N) and the partition queues through `amqpURL`.
-    public static func read(databaseURL: PostgresURL, amqpURL: AMQPURL, partitioner: Partitioner, logger: Logger) async throws -> DeploymentStatus {
+    /// Reads the store at `databaseURL` (checking the schema and N) and the partition queues through the
+    /// first of `amqpURLs` (a cluster's nodes) that answers.
+    public static func read(databaseURL: PostgresURL, amqpURLs: [AMQPURL], partitioner: Partitioner, logger: Logger) async throws -> DeploymentStatus {
         let count = partitioner.count
         let options = PostgresConnectionOptions(applicationName: "baton status")
         var status = DeploymentStatus(rows: try await PostgresConnection.withConnection(to: databaseURL, options: options, logger: logger) { connection in
             try await OwnershipStore.status(on: connection, partitionCount: count).map { Row(store: $0) }
         })
         do {
-            try await AMQPConnection.withConnection(to: amqpURL, name: "baton status", logger: logger) { amqp in
+            let (connection, node) = try await AMQPConnection.connect(toFirstOf: amqpURLs, name: "baton status", logger: logger)
+            status.brokerURL = amqpURLs[node]
+            try await withClosing(connection, close: { await $0.close() }) { amqp in
                 var channel = try await amqp.openChannel()
                 for index in status.rows.indices {
                     do {

@@ -5,6 +5,19 @@ import BatonWorker
 import Foundation
 
 struct Status: AsyncParsableCommand {
+    /// What `--json` prints: the rows, the node the queue columns came through, and why they are empty
+    /// when the broker could not be reached (keys left out when nil).
+    struct Output: Encodable {
+        let partitions: [DeploymentStatus.Row]
+        let broker: String?
+        let brokerError: String?
+
+        enum CodingKeys: String, CodingKey {
+            case partitions, broker
+            case brokerError = "broker_error"
+        }
+    }
+
     static let configuration = CommandConfiguration(
         abstract: "One row per partition: queue backlog and consumers (broker), owner, epoch, live holders, expired leases, undelivered events (database)."
     )
@@ -17,17 +30,19 @@ struct Status: AsyncParsableCommand {
 
     func run() async throws {
         let partitioner = try database.partitioner()
+        // The nodes of a cluster, as workers take them: the first that answers.
         let status = try await DeploymentStatus.read(
-            databaseURL: try database.databaseURL(), amqpURL: try broker.amqpURL(.worker), partitioner: partitioner, logger: try database.logger("baton.status")
+            databaseURL: try database.databaseURL(), amqpURLs: try broker.amqpURLs(.worker), partitioner: partitioner, logger: try database.logger("baton.status")
         )
         if json {
             let encoder = JSONEncoder()
             encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
-            print(String(decoding: try encoder.encode(["partitions": status.rows]), as: UTF8.self))
+            print(String(decoding: try encoder.encode(Output(partitions: status.rows, broker: status.brokerURL?.description, brokerError: status.brokerError)), as: UTF8.self))
             return
         }
         print("Baton at \(try database.databaseURL()): \(partitioner.count) partitions, schema version \(Migrator.latestVersion)")
         if let brokerError = status.brokerError { print("broker unreachable (queue columns empty): \(brokerError)") }
+        if let broker = status.brokerURL { print("queues read through \(broker)") }
         for line in status.table() { print(line) }
     }
 }

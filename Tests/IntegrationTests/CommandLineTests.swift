@@ -145,6 +145,27 @@ import Testing
         #expect(!run.standardOutput.contains(":1/"), "\(run)")
     }
 
+    /// `baton status` reads the queues through the first node of the list that answers, as workers do
+    /// (it used the first URL only), and says which node that was (its password redacted).
+    @Test func statusReadsTheQueuesThroughTheFirstNodeThatAnswers() async throws {
+        let deployment = try await Deployment.make(partitions: 4)
+        var dead = deployment.amqpURL
+        dead.port = 1
+        let run = try await Self.baton(
+            ["status", "--json", "--partition-count", "4", "--amqp-url", "\(dead.connectionString),\(deployment.amqpURL.connectionString)"],
+            environment: deployment.environment()
+        )
+        #expect(run.status == 0, "\(run)")
+        let output = try JSONSerialization.jsonObject(with: Data(run.standardOutput.utf8)) as? [String: Any]
+        let rows = output?["partitions"] as? [[String: Any]] ?? []
+        #expect(rows.count == 4, "\(run)")
+        #expect(rows.allSatisfy { $0["consumers"] is Int && $0["messages_ready"] is Int }, "the queue columns were read: \(run)")
+        #expect(output?["broker_error"] == nil, "\(run)")
+        let broker = output?["broker"] as? String ?? ""
+        #expect(broker.contains(":\(deployment.amqpURL.port)/") && !broker.contains(":1/"), "\(run)")
+        #expect(broker.contains(":********@"), "the node's password is redacted: \(broker)")
+    }
+
     // MARK: - Usage errors
 
     @Test func usageErrorsExit64WithTheReasonOnStandardErrorAndNothingOnStandardOutput() async throws {
