@@ -367,6 +367,7 @@ public final class BatonClient: Sendable {
             let urls = [configuration.amqpURL] + configuration.amqpAlternates
             state.withLock { state in
                 state.refreshing = false
+                state.statistics.droppedConnections += 1
                 if state.link?.connection === link.connection { state.brokerNode = (link.node + 1) % urls.count }
             }
             logger.warning("cannot open a new channel; reconnecting", metadata: ["baton.error": "\(error is DeadlinePassed ? "no answer within \(configuration.staleChannelAfter)" : "\(error)")"])
@@ -408,8 +409,11 @@ public final class BatonClient: Sendable {
         public var requests = 0
         /// Event messages received by this client's watches (``watch(_:from:)``).
         public var eventMessages = 0
-        /// New channels opened because a request had no broker confirm (``BatonClientConfiguration/staleChannelAfter``).
+        /// New channels opened because a request had no broker confirm or was nacked
+        /// (``BatonClientConfiguration/staleChannelAfter``).
         public var freshChannels = 0
+        /// Connections dropped because even a new channel did not open in time (their node froze).
+        public var droppedConnections = 0
     }
 
     /// What this client has sent so far.

@@ -178,6 +178,31 @@ import Testing
         await worker.stop()
     }
 
+    /// Issue 22, finding 4: when even the new channel does not open within `staleChannelAfter` (the
+    /// connection's own node froze), the client drops the connection and reconnects at once instead of
+    /// waiting for its heartbeats; the call is answered once the node resumes. Here the whole (single)
+    /// broker is frozen with SIGSTOP for four seconds.
+    @Test func aChannelThatDoesNotOpenDropsTheConnection() async throws {
+        let deployment = try await Deployment.make(partitions: 2)
+        let worker = deployment.startWorker()
+        let client = deployment.client(timeout: .seconds(30))
+        _ = try await client.claim("frozen-node/warm", user: "u", connection: "c")
+        try await Deployment.services("broker-freeze", "on")
+        let started = ContinuousClock.now
+        let call = Task { try await client.claim("frozen-node/a", user: "u", connection: "c") }
+        let dropped = await Deployment.eventually(.seconds(4)) { client.statistics.droppedConnections >= 1 }
+        let droppedAfter = ContinuousClock.now - started
+        try await Task.sleep(for: .milliseconds(500))
+        try await Deployment.services("broker-freeze", "off")
+        #expect(dropped, "the client dropped the frozen node's connection within 4 s (after \(droppedAfter)); its heartbeats take 20 s")
+        guard case .granted = try await call.value else {
+            Issue.record("the claim was not granted once the broker resumed")
+            return
+        }
+        await client.close()
+        await worker.stop()
+    }
+
     /// The other side of the same rule: a partition that answers nothing because no worker serves it
     /// (or its worker is slow) has its requests confirmed by the broker, so the client opens no new
     /// channel and resends on its backoff schedule only (the reason a rule on missing replies was

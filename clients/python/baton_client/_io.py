@@ -574,6 +574,7 @@ class IOThread:
     def _refresh_channel(self, why: str) -> None:
         log.warning("%s: sending the waiting calls again on a new channel", why)
         old = self._channel
+        conn = self._conn
         self._refreshing = True
         self._ready = False  # nothing is published until the new channel consumes its replies
         self.fresh_channels += 1
@@ -584,6 +585,15 @@ class IOThread:
             self._ready = old is not None
             log.warning("cannot open a channel: %s", self.sanitize(repr(exc)))
             return
+
+        def opened_in_time() -> None:
+            # A channel that does not open within stale_after means the connection's own node froze: its
+            # heartbeats would tell only much later. Drop the connection; the reconnect tries the next
+            # node first and publishes every waiting call again (as the Swift client does).
+            if self._refreshing and self._conn is conn and conn is not None and not self._closing:
+                log.warning("cannot open a new channel within %g s; reconnecting", self._stale_after or 1.0)
+                self._drop_connection()
+        self._ioloop.call_later(self._stale_after or 1.0, opened_in_time)
         if old is not None:
             def close_old() -> None:
                 if old.is_open:
@@ -623,13 +633,15 @@ class IOThread:
         if conn is None:
             return
         try:
-            sock = conn._transport._sock  # noqa: SLF001 - deliberate fault injection
+            # Shut the socket down rather than close the connection: a frozen node never answers the
+            # closing handshake (also the tests' fault injection).
+            sock = conn._transport._sock  # noqa: SLF001
             import socket
 
             sock.shutdown(socket.SHUT_RDWR)
         except Exception:
             try:
-                conn.close(320, "dropped by baton_client (test)")
+                conn.close(320, "dropped by baton_client")
             except Exception:
                 pass
 

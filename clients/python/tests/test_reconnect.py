@@ -128,6 +128,49 @@ def test_a_queue_that_confirms_nothing_gets_a_new_channel(live, buf, conn):
         assert r is not None and r.granted and r.token == 1
 
 
+def _broker_freeze(state):
+    """scripts/services broker-freeze: SIGSTOP (on) or SIGCONT (off) of the local RabbitMQ node, as a
+    frozen VM. Returns False when it cannot (a broker the script did not start)."""
+    import os
+    import subprocess
+
+    from conftest import REPO_ROOT
+
+    done = subprocess.run([str(REPO_ROOT / "scripts" / "services"), "broker-freeze", state],
+                          capture_output=True, text=True, timeout=60)
+    if done.returncode != 0 and os.environ.get("CI"):
+        raise AssertionError(f"broker-freeze {state} failed: {done.stderr}")
+    return done.returncode == 0
+
+
+def test_a_channel_that_does_not_open_drops_the_connection(live, buf, conn):
+    """Section 9, "Publisher confirms": when even the new channel does not open within stale_after
+    (the connection's own node froze), the client drops the connection at once and reconnects, instead
+    of waiting for heartbeats that tell only much later; the call is answered once the node resumes."""
+    with Client(live["url"], partitions=live["partitions"], timeout=30.0) as c:
+        c.inspect(buf)
+        assert c._io.last_close_reason is None
+        if not _broker_freeze("on"):
+            pytest.skip("the broker was not started by scripts/services")
+        result = {}
+        try:
+            started = time.monotonic()
+            t = threading.Thread(target=lambda: result.setdefault("r", c.claim(buf, "ann", conn)))
+            t.start()
+            end = started + 8.0
+            while c._io.last_close_reason is None and time.monotonic() < end:
+                time.sleep(0.05)
+            dropped_after = time.monotonic() - started if c._io.last_close_reason is not None else None
+        finally:
+            _broker_freeze("off")
+        t.join(30)
+        # One second without a confirm, one more for the new channel that does not open, and slack.
+        assert dropped_after is not None and dropped_after < 4.0, \
+            f"the connection was dropped {dropped_after} s after the call (heartbeats would take a minute)"
+        r = result.get("r")
+        assert r is not None and r.granted and r.token == 1
+
+
 def test_several_broker_urls_connect_to_the_first_node_that_answers(live, buf, conn):
     """A comma-separated list names the nodes of one broker: a node that refuses connections is
     skipped and the next one is used, as the Swift client does."""
