@@ -135,9 +135,7 @@ public struct Roster: Sendable, Hashable {
     /// Ends the live membership of `connection` holding `token` at once, freeing its id; nil (nothing
     /// changed) when there is none.
     public mutating func leave(connection: String, token: Int64, principal: String?, now: Timestamp) -> MembershipChange? {
-        guard let index = members.firstIndex(where: {
-            $0.connection.exactlyEquals(connection) && $0.token == token && now < $0.expiresAt && OwnershipRules.samePrincipal($0.principal, principal)
-        }) else { return nil }
+        guard let index = liveIndex(connection: connection, token: token, principal: principal, now: now) else { return nil }
         let member = members.remove(at: index)
         return MembershipChange(kind: .left, member: member, at: now)
     }
@@ -145,9 +143,7 @@ public struct Roster: Sendable, Hashable {
     /// Extends the live membership of `connection` holding `token` to `now + leaseMilliseconds`; nil
     /// when there is none.
     public mutating func renew(connection: String, token: Int64, principal: String?, leaseMilliseconds: Int64, now: Timestamp) -> Member? {
-        guard let index = members.firstIndex(where: {
-            $0.connection.exactlyEquals(connection) && $0.token == token && now < $0.expiresAt && OwnershipRules.samePrincipal($0.principal, principal)
-        }) else { return nil }
+        guard let index = liveIndex(connection: connection, token: token, principal: principal, now: now) else { return nil }
         members[index].expiresAt = max(members[index].expiresAt, now.adding(milliseconds: leaseMilliseconds))
         return members[index]
     }
@@ -178,6 +174,13 @@ public struct Roster: Sendable, Hashable {
             changes.append(MembershipChange(kind: .released, member: member, at: now, reservedUntil: now < until ? until : nil))
         }
         return changes
+    }
+
+    /// The live membership of `connection` holding `token`, joined by `principal`.
+    private func liveIndex(connection: String, token: Int64, principal: String?, now: Timestamp) -> Int? {
+        members.firstIndex {
+            $0.connection.exactlyEquals(connection) && $0.token == token && now < $0.expiresAt && OwnershipRules.samePrincipal($0.principal, principal)
+        }
     }
 
     // MARK: - Ids
