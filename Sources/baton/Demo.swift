@@ -30,7 +30,7 @@ struct Demo: AsyncParsableCommand {
         if naive {
             result = try await race.runNaive(url: try database.databaseURL(), runID: String(runID), logger: try database.logger("baton.demo"))
         } else {
-            result = try await race.runBaton(amqpURL: try broker.amqpURL(.frontend), partitioner: try database.partitioner(), runID: String(runID), logger: try database.logger("baton.demo"))
+            result = try await race.runBaton(amqpURLs: try broker.amqpURLs(.frontend), partitioner: try database.partitioner(), runID: String(runID), logger: try database.logger("baton.demo"))
         }
         print("\(naive ? "naive check-then-act" : "baton"): \(result.rounds) rounds of two users opening one new buffer within \(spread) ms")
         print("  grants:        \(result.grants) (expected \(result.rounds), one per round)")

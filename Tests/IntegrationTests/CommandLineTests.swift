@@ -166,6 +166,22 @@ import Testing
         #expect(broker.contains(":********@"), "the node's password is redacted: \(broker)")
     }
 
+    /// `baton demo` connects its two clients to the first node of the list that answers (it used the
+    /// first URL only) and races through a running worker with no double grant.
+    @Test func demoRacesThroughTheFirstNodeThatAnswers() async throws {
+        let deployment = try await Deployment.make(partitions: 4)
+        let worker = deployment.startWorker()
+        var dead = deployment.frontendURL
+        dead.port = 1
+        let run = try await Self.baton(
+            ["demo", "--rounds", "20", "--partition-count", "4", "--amqp-url", "\(dead.connectionString),\(deployment.frontendURL.connectionString)"],
+            environment: deployment.environment()
+        )
+        await worker.stop()
+        #expect(run.status == 0, "\(run)")
+        #expect(run.standardOutput.contains("grants:        20 (expected 20") && run.standardOutput.contains("double grants: 0"), "\(run)")
+    }
+
     // MARK: - Usage errors
 
     @Test func usageErrorsExit64WithTheReasonOnStandardErrorAndNothingOnStandardOutput() async throws {
