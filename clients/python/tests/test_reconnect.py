@@ -83,21 +83,27 @@ def test_watch_survives_a_reconnect(live, buf, conn):
             assert w.get(0.5) is None
 
 
-def _queue_freeze(url, queue, state):
-    """scripts/services queue-freeze: suspends (on) or resumes (off) one quorum queue's Raft server
-    on the local broker the services script started. Returns False when it cannot (another broker)."""
+def _services(*args):
+    """Runs scripts/services with `args` (a fault on the local broker it started). Returns False when it
+    cannot (another broker); with CI set, that fails the test instead."""
     import os
     import subprocess
-    from urllib.parse import unquote, urlsplit
 
     from conftest import REPO_ROOT
 
-    vhost = unquote(urlsplit(url).path[1:]) or "/"
-    done = subprocess.run([str(REPO_ROOT / "scripts" / "services"), "queue-freeze", vhost, queue, state],
+    done = subprocess.run([str(REPO_ROOT / "scripts" / "services"), *args],
                           capture_output=True, text=True, timeout=60)
     if done.returncode != 0 and os.environ.get("CI"):
-        raise AssertionError(f"queue-freeze {state} failed: {done.stderr}")
+        raise AssertionError(f"scripts/services {' '.join(args)} failed: {done.stderr}")
     return done.returncode == 0
+
+
+def _queue_freeze(url, queue, state):
+    """scripts/services queue-freeze: suspends (on) or resumes (off) one quorum queue's Raft server."""
+    from urllib.parse import unquote, urlsplit
+
+    vhost = unquote(urlsplit(url).path[1:]) or "/"
+    return _services("queue-freeze", vhost, queue, state)
 
 
 def test_a_queue_that_confirms_nothing_gets_a_new_channel(live, buf, conn):
@@ -130,17 +136,8 @@ def test_a_queue_that_confirms_nothing_gets_a_new_channel(live, buf, conn):
 
 def _broker_freeze(state):
     """scripts/services broker-freeze: SIGSTOP (on) or SIGCONT (off) of the local RabbitMQ node, as a
-    frozen VM. Returns False when it cannot (a broker the script did not start)."""
-    import os
-    import subprocess
-
-    from conftest import REPO_ROOT
-
-    done = subprocess.run([str(REPO_ROOT / "scripts" / "services"), "broker-freeze", state],
-                          capture_output=True, text=True, timeout=60)
-    if done.returncode != 0 and os.environ.get("CI"):
-        raise AssertionError(f"broker-freeze {state} failed: {done.stderr}")
-    return done.returncode == 0
+    frozen VM."""
+    return _services("broker-freeze", state)
 
 
 def test_a_channel_that_does_not_open_drops_the_connection(live, buf, conn):
