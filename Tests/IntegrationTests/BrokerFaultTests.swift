@@ -166,8 +166,9 @@ import Testing
         try await Task.sleep(for: .seconds(2))
         let after = client.statistics
         #expect(!answered.value, "no worker runs: nothing answers the call")
-        #expect(after.freshChannels - before.freshChannels >= 3, "every nack (at most every 250 ms) made the client open a new channel and send the call again: \(after.freshChannels - before.freshChannels) new channels in 2 s")
-        #expect(after.messages - before.messages >= 4, "the nacked call was published again on each new channel: \(after.messages - before.messages) messages in 2 s")
+        let fresh = after.freshChannels - before.freshChannels
+        #expect(fresh >= 2, "the nacks made the client open new channels and send the call again: \(fresh) new channels in 2 s")
+        #expect(after.messages - before.messages >= 3, "the nacked call was published again on each new channel: \(after.messages - before.messages) messages in 2 s")
         try await admin.clearPolicy("nack-requests", in: virtualHost)
         let worker = deployment.startWorker()
         guard case .granted = try await absorbed.value, case .granted = try await call.value else {
