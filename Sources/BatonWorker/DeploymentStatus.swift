@@ -1,6 +1,7 @@
 import BatonAMQP
 import BatonCore
 import BatonPostgres
+import Foundation
 import Logging
 
 /// One row per partition of a deployment as `baton status` shows it: the store's view (epoch, owner,
@@ -66,6 +67,24 @@ public struct DeploymentStatus: Sendable {
             status.brokerError = "\(error)"
         }
         return status
+    }
+
+    /// What `baton status --json` prints: the rows, the node the queue columns came through (its password
+    /// redacted) and why they are empty when the broker could not be reached (keys left out when nil).
+    public func json() throws -> String {
+        struct Output: Encodable {
+            let partitions: [Row]
+            let broker: String?
+            let brokerError: String?
+
+            enum CodingKeys: String, CodingKey {
+                case partitions, broker
+                case brokerError = "broker_error"
+            }
+        }
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+        return String(decoding: try encoder.encode(Output(partitions: rows, broker: brokerURL?.description, brokerError: brokerError)), as: UTF8.self)
     }
 
     /// The rows as a table, with a total line.

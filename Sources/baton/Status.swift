@@ -5,19 +5,6 @@ import BatonWorker
 import Foundation
 
 struct Status: AsyncParsableCommand {
-    /// What `--json` prints: the rows, the node the queue columns came through, and why they are empty
-    /// when the broker could not be reached (keys left out when nil).
-    struct Output: Encodable {
-        let partitions: [DeploymentStatus.Row]
-        let broker: String?
-        let brokerError: String?
-
-        enum CodingKeys: String, CodingKey {
-            case partitions, broker
-            case brokerError = "broker_error"
-        }
-    }
-
     static let configuration = CommandConfiguration(
         abstract: "One row per partition: queue backlog and consumers (broker), owner, epoch, live holders, expired leases, undelivered events (database)."
     )
@@ -35,9 +22,7 @@ struct Status: AsyncParsableCommand {
             databaseURL: try database.databaseURL(), amqpURLs: try broker.amqpURLs(.worker), partitioner: partitioner, logger: try database.logger("baton.status")
         )
         if json {
-            let encoder = JSONEncoder()
-            encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
-            print(String(decoding: try encoder.encode(Output(partitions: status.rows, broker: status.brokerURL?.description, brokerError: status.brokerError)), as: UTF8.self))
+            print(try status.json())
             return
         }
         print("Baton at \(try database.databaseURL()): \(partitioner.count) partitions, schema version \(Migrator.latestVersion)")
