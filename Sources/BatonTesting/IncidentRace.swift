@@ -106,11 +106,13 @@ public struct IncidentRace: Sendable {
 }
 
 extension IncidentRace {
-    /// Races through Baton: each user on a client of their own, as two collab servers would be.
     /// Races through Baton: two clients (one per user, as two collab servers would have), connected to
-    /// the first of `amqpURLs` (a cluster's nodes) that answers.
-    public func runBaton(amqpURLs: [AMQPURL], partitioner: Partitioner, runID: String, logger: Logger) async throws -> Result {
+    /// the first of `amqpURLs` (a cluster's nodes) that answers; each call may take `timeout`.
+    public func runBaton(
+        amqpURLs: [AMQPURL], partitioner: Partitioner, timeout: Duration = .seconds(5), runID: String, logger: Logger
+    ) async throws -> Result {
         var configuration = BatonClientConfiguration(amqpURL: amqpURLs[0], partitioner: partitioner)
+        configuration.timeout = timeout
         configuration.amqpAlternates = Array(amqpURLs.dropFirst())
         configuration.name = "baton demo"
         // Each user has their own connection, as two collab servers would.

@@ -174,8 +174,8 @@ import Testing
         var dead = deployment.frontendURL
         dead.port = 1
         let run = try await Self.baton(
-            ["demo", "--rounds", "20", "--partition-count", "4", "--amqp-url", "\(dead.connectionString),\(deployment.frontendURL.connectionString)"],
-            environment: deployment.environment()
+            ["demo", "--rounds", "20", "--partition-count", "4", "--timeout-ms", "15000", "--amqp-url", "\(dead.connectionString),\(deployment.frontendURL.connectionString)"],
+            environment: deployment.environment(), timeout: .seconds(40)
         )
         await worker.stop()
         #expect(run.status == 0, "\(run)")
