@@ -17,8 +17,10 @@ public struct ExactString: Hashable, Comparable, Sendable, CustomStringConvertib
     }
 
     public func hash(into hasher: inout Hasher) {
-        var copy = string
-        copy.withUTF8 { hasher.combine(bytes: UnsafeRawBufferPointer($0)) }
+        if string.utf8.withContiguousStorageIfAvailable({ hasher.combine(bytes: UnsafeRawBufferPointer($0)) }) == nil {
+            var copy = string
+            copy.withUTF8 { hasher.combine(bytes: UnsafeRawBufferPointer($0)) }
+        }
     }
 
     /// Byte order (what PostgreSQL's "C" collation does).
@@ -32,7 +34,14 @@ public struct ExactString: Hashable, Comparable, Sendable, CustomStringConvertib
 extension String {
     /// True when both strings have the same UTF-8 bytes (not merely canonically equivalent).
     public func exactlyEquals(_ other: String) -> Bool {
-        utf8.elementsEqual(other.utf8)
+        // Lengths first (O(1) for native strings), then the bytes in place: comparing `utf8` views
+        // element by element walks String indices, and this runs for every dictionary probe of a name.
+        guard utf8.count == other.utf8.count else { return false }
+        let inPlace = utf8.withContiguousStorageIfAvailable { mine in
+            other.utf8.withContiguousStorageIfAvailable { theirs in mine.elementsEqual(theirs) }
+        }
+        if let inPlace, let equal = inPlace { return equal }
+        return utf8.elementsEqual(other.utf8)
     }
 }
 

@@ -21,6 +21,24 @@ import Testing
         #expect(!composed.exactlyEquals(decomposed))
     }
 
+    /// Exact comparison and hashing agree with the bytes for small (inline) and large strings, for strings
+    /// of one length that differ in one byte, and for a string that is not native (a substring's copy).
+    @Test func exactComparisonAndHashingFollowTheBytes() {
+        let long = String(repeating: "project:42/src/", count: 8) + "main.rs"
+        let pairs: [(String, String, Bool)] = [
+            ("", "", true), ("a", "a", true), ("a", "b", false), ("ab", "a", false),
+            (long, String(long.utf8.map { Character(UnicodeScalar($0)) }), true),
+            (long, String(long.dropLast()) + "t", false), (long, String(long.dropLast()), false),
+            (composed, decomposed, false), (composed, "caf\u{E9}.md", true),
+        ]
+        for (left, right, equal) in pairs {
+            #expect(left.exactlyEquals(right) == equal, "\(left) and \(right)")
+            #expect((ExactString(left) == ExactString(right)) == equal)
+            if equal { #expect(ExactString(left).hashValue == ExactString(right).hashValue) }
+        }
+        #expect(Set([ExactString(composed), ExactString(decomposed), ExactString(long), ExactString(String(long.utf8.map { Character(UnicodeScalar($0)) }))]).count == 3)
+    }
+
     @Test func everyNameFieldRefusesAFormOtherThanNFC() throws {
         let nfd = decomposed
         let cases: [(field: String, json: String)] = [
