@@ -12,6 +12,8 @@ struct PartitionChannels: Sendable {
     let publish: AMQPChannel
     /// Replies, without confirms (the broker would confirm each one), on their own connection.
     let reply: ReplyLink
+    /// The queue's depth for the metric, read off the consumer connection (``QueueDepthProbe``).
+    let depths: QueueDepthProbe
 
     /// Publishes a batch's replies and settles its deliveries, without waiting for either. The two go to
     /// different connections, so an ack may leave before its reply, and a reply may be lost while its
@@ -327,9 +329,8 @@ final class PartitionDriver: Sendable {
             }
             // Expiries are changes like any other: the pump publishes them in position order.
             pump?.send(expired)
-            if let ready = try? await channels.consume.inspectQueue(configuration.queueName(partition)).messages {
-                metrics.queueReady.record(ready)
-            }
+            let gauge = metrics.queueReady
+            channels.depths.sample(partition) { gauge.record($0) }
             if let lines = try? await store.lineSizes(partition: partition) {
                 metrics.waiters.record(lines.waiters)
                 metrics.longestLine.record(lines.longest)

@@ -162,6 +162,7 @@ public final class Worker: Service, Sendable {
                         while: { !self.isStopping && connections.isOpen }, refused: { self.statistics.withLock { $0.replySendersRefused += 1 } }
                     )
                 }
+                group.addTask { await connections.depths.run() }
                 // Stop every runner promptly on shutdown: they finish their batch in hand and close their channel.
                 group.addTask {
                     while !self.isStopping, connections.isOpen {
@@ -179,6 +180,7 @@ public final class Worker: Service, Sendable {
                     // connections and would hold each attempt for the whole connect timeout. Without a
                     // closing handshake: the node that lost one connection may be frozen, and a graceful
                     // close of the others would wait for their heartbeats (a second in the chaos run).
+                    connections.depths.stop()
                     if !self.isStopping {
                         connections.abandon()
                         self.brokerNode.store((connections.node + 1) % (1 + self.configuration.amqpAlternates.count), ordering: .relaxed)
@@ -333,7 +335,7 @@ public final class Worker: Service, Sendable {
                 await consume.close()
                 throw error
             }
-            let channels = PartitionChannels(consume: consume, publish: publish, reply: connections.replies)
+            let channels = PartitionChannels(consume: consume, publish: publish, reply: connections.replies, depths: connections.depths)
             let exit: PartitionStateMachine.Exit
             let driver: PartitionDriver
             do {
@@ -529,6 +531,8 @@ struct BrokerConnections: Sendable {
     let publisher: AMQPConnection
     /// Replies, on a connection of their own that is replaced when it dies (``ReplyLink``).
     let replies: ReplyLink
+    /// The request queues' depths, read on a connection of its own (opened on the first sample).
+    let depths: QueueDepthProbe
     /// The node both are connected to: its index among the configured URLs, and its URL.
     let node: Int
     let url: AMQPURL
@@ -544,7 +548,10 @@ struct BrokerConnections: Sendable {
             let publisher = try await AMQPConnection.connect(to: urls[node], name: "baton worker \(configuration.workerID) publish", logger: logger)
             do {
                 let replies = try await ReplyLink.open(url: urls[node], name: replyConnectionName(configuration), logger: logger)
-                return BrokerConnections(consumer: consumer, publisher: publisher, replies: replies, node: node, url: urls[node])
+                let depths = QueueDepthProbe(
+                    url: urls[node], name: "baton worker \(configuration.workerID) inspect", queueName: configuration.queueName, logger: logger
+                )
+                return BrokerConnections(consumer: consumer, publisher: publisher, replies: replies, depths: depths, node: node, url: urls[node])
             } catch {
                 await publisher.close()
                 throw error
@@ -562,6 +569,7 @@ struct BrokerConnections: Sendable {
     var isOpen: Bool { consumer.isOpen && publisher.isOpen }
 
     func close() async {
+        depths.stop()
         await consumer.close()
         await publisher.close()
         await replies.close()
@@ -569,6 +577,7 @@ struct BrokerConnections: Sendable {
 
     /// Ends every connection at once, without the closing handshake (see ``AMQPConnection/closeSoon()``).
     func abandon() {
+        depths.stop()
         consumer.closeSoon()
         publisher.closeSoon()
         replies.closeSoon()

@@ -3,7 +3,7 @@ import BatonAMQP
 import BatonCore
 import BatonPostgres
 import BatonTesting
-import BatonWorker
+@testable import BatonWorker
 import Foundation
 import Logging
 import Synchronization
@@ -596,6 +596,32 @@ final class CapturedLogs: LogHandler, Sendable {
 
 /// What a worker costs the database (issue 9, item 1: connections do not grow with partitions).
 @Suite(.timeLimit(.minutes(3))) struct WorkerShapeTests {
+    /// The queue-depth gauge is read on a connection of its own (``QueueDepthProbe``), off the consumer
+    /// connection: it reads a queue's ready messages, goes on after a queue that does not exist (the
+    /// broker closes the channel on it) and stops at once.
+    @Test func theQueueDepthProbeReadsOnAConnectionOfItsOwn() async throws {
+        let deployment = try await Deployment.make(partitions: 2)
+        let raw = try await deployment.connect("depth publisher")
+        let channel = try await raw.openChannel()
+        try await channel.enableConfirms()
+        for _ in 0..<3 {
+            try await channel.publish(OutgoingMessage(exchange: "", routingKey: ProtocolV1.requestQueue(1), body: Array("{}".utf8), properties: AMQPProperties(), mandatory: false))
+        }
+        await raw.close()
+        let probe = QueueDepthProbe(
+            url: deployment.amqpURL, name: "test inspect", queueName: { $0 < 2 ? ProtocolV1.requestQueue($0) : "baton.test.missing-\($0)" }, logger: TestDatabase.logger
+        )
+        let running = Task { await probe.run() }
+        let seen = Shared<[Int: Int]>([:])
+        for partition in [5, 1, 0] { probe.sample(partition) { depth in seen.update { $0[partition] = depth } } }
+        #expect(await Deployment.eventually(.seconds(10)) { seen.value[1] == 3 && seen.value[0] == 0 }, "\(seen.value)")
+        #expect(seen.value[5] == nil, "a queue that does not exist gives no sample")
+        let stopping = ContinuousClock.now
+        probe.stop()
+        await running.value
+        #expect(ContinuousClock.now - stopping < .seconds(1), "the probe stopped at once")
+    }
+
     @Test func sixtyFourPartitionsShareFourDatabaseConnections() async throws {
         let deployment = try await Deployment.make(partitions: 64)
         let worker = deployment.startWorker()

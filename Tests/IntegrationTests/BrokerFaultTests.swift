@@ -134,6 +134,42 @@ import Testing
         await worker.stop()
     }
 
+    /// A partition whose quorum queue stalls (its Raft server suspended, as when its leader's node froze)
+    /// must not delay the other partitions' answers: the worker's checks of that queue (its sweep reads the
+    /// queue's depth for a metric) must not hold the connection the other partitions consume on.
+    @Test func aStalledPartitionQueueDoesNotDelayTheOtherPartitions() async throws {
+        let deployment = try await Deployment.make(partitions: 4)
+        let worker = deployment.startWorker()
+        let client = deployment.client(timeout: .seconds(20))
+        let stalled = 0
+        let others = (0..<400).map { "stall/\($0)" }.filter { deployment.partitioner.partition(of: $0) != stalled }
+        for buffer in others.prefix(8) { _ = try await client.claim(buffer, user: "u", connection: "c") }
+        let connections = worker.worker.stats.connections
+        let queue = ProtocolV1.requestQueue(stalled)
+        try await Deployment.services("queue-freeze", deployment.amqpURL.virtualHost, queue, "on")
+        var slowest = Duration.zero
+        var calls = 0
+        let started = ContinuousClock.now
+        do {
+            // Several sweep intervals (200 ms here) of calls to the other three partitions, one at a time.
+            while ContinuousClock.now - started < .seconds(8) {
+                let call = ContinuousClock.now
+                _ = try await client.claim(others[calls % others.count], user: "u", connection: "c")
+                slowest = max(slowest, ContinuousClock.now - call)
+                calls += 1
+            }
+        } catch {
+            try await Deployment.services("queue-freeze", deployment.amqpURL.virtualHost, queue, "off")
+            throw error
+        }
+        try await Deployment.services("queue-freeze", deployment.amqpURL.virtualHost, queue, "off")
+        print("stalled partition queue: \(calls) calls to the other partitions in 8 s, slowest \(slowest), worker connections \(connections) → \(worker.worker.stats.connections)")
+        #expect(slowest < .seconds(1), "the other partitions' calls were answered at once (slowest \(slowest))")
+        #expect(worker.worker.stats.connections == connections, "the worker kept its connections")
+        await client.close()
+        await worker.stop()
+    }
+
     /// Issue 22, finding 4 (leader-kill): a RabbitMQ 3.10 channel that first publishes to a quorum queue
     /// just after the node of its leader died cannot register with the new leader, and the broker nacks
     /// everything it publishes to that queue until the node returns (8-12 s of unanswered calls in the

@@ -567,6 +567,8 @@ import Testing
         let p = deployment.partitioner.partition(of: "metrics.txt")
         // The line gauge is sampled by the sweep.
         #expect(await Deployment.eventually { (try? await get("/metrics").1.contains(#"baton_line_waiters{partition="\#(p)"} 0"#)) == true })
+        // So is the queue's depth, read on the worker's own inspection connection (QueueDepthProbe).
+        #expect(await Deployment.eventually { (try? await get("/metrics").1.contains(#"baton_queue_messages_ready{partition="\#(p)"} 0"#)) == true })
         let (metricsStatus, metrics) = try await get("/metrics")
         #expect(metricsStatus == 200)
         for expected in [
