@@ -267,17 +267,27 @@ public final class AMQPChannel: Sendable {
         try await consume(queue: queue, noAck: noAck, exclusive: exclusive, arguments: arguments, into: DeliveryHandler(onDeliveries: onDeliveries, onEnd: onEnd))
     }
 
+    /// Starts a consumer without holding the connection while the broker answers (a quorum queue answers
+    /// from its leader, which may be stalled): when no answer comes within the connection's timeout, this
+    /// channel is closed and the call fails with ``AMQPError/Code/timeout``; the connection and its other
+    /// channels go on.
     private func consume(queue: String, noAck: Bool, exclusive: Bool, arguments: [String: AMQPValue], into sink: any DeliverySink) async throws -> String {
         let channel = number
-        return try await io.run { io throws(AMQPError) in
-            let arena = CArena()
-            let ok = amqp_basic_consume(io.conn, channel, arena.bytes(queue), amqp_empty_bytes, 0, noAck ? 1 : 0, exclusive ? 1 : 0, arena.table(arguments))
-            try io.check(amqp_get_rpc_reply(io.conn), channel: channel, doing: "consume from '\(queue)'")
-            guard let tag = ok?.pointee.consumer_tag.string, let state = io.channels[channel] else {
-                throw AMQPError(code: .channelClosed, message: "channel \(channel) closed while consuming from '\(queue)'")
+        let wait = ReplyWait<String>()
+        try await io.run { io throws(AMQPError) in
+            try io.startConsume(queue: queue, noAck: noAck, exclusive: exclusive, arguments: arguments, channel: channel, sink: sink, wait: wait)
+        }
+        let milliseconds = io.url.connectionTimeoutMilliseconds
+        do {
+            return try await wait.value(
+                timeout: .milliseconds(milliseconds),
+                timedOut: AMQPError(code: .timeout, message: "consume from '\(queue)': the broker did not answer within \(milliseconds) ms (channel \(channel) closed; the connection goes on)")
+            )
+        } catch {
+            if error.code == .timeout {
+                io.submit({ io in io.abandonConsume(channel: channel, wait: wait, error: error) }, refused: {})
             }
-            state.consumers[tag] = sink
-            return tag
+            throw error
         }
     }
 

@@ -8,31 +8,39 @@ import Glibc
 #endif
 
 /// The outcome of one confirm-mode publish, resolved by the I/O thread.
-final class ConfirmWait: Sendable {
+typealias ConfirmWait = ReplyWait<PublishOutcome>
+
+/// The broker's answer to one request the I/O thread sent without waiting for it (a publisher confirm, a
+/// `basic.consume-ok`), resolved once, by the answer, a failure or the caller's timeout.
+final class ReplyWait<Value: Sendable>: Sendable {
     private struct State {
-        var result: Result<PublishOutcome, AMQPError>?
-        var continuation: CheckedContinuation<Result<PublishOutcome, AMQPError>, Never>?
+        var result: Result<Value, AMQPError>?
+        var continuation: CheckedContinuation<Result<Value, AMQPError>, Never>?
     }
 
     private let state = Mutex(State())
 
-    func resolve(_ result: Result<PublishOutcome, AMQPError>) {
-        let continuation = state.withLock { state -> CheckedContinuation<Result<PublishOutcome, AMQPError>, Never>? in
-            guard state.result == nil else { return nil }
+    /// Resolves the wait; false when it was resolved before (only the first result counts).
+    @discardableResult
+    func resolve(_ result: Result<Value, AMQPError>) -> Bool {
+        let (taken, continuation) = state.withLock { state -> (Bool, CheckedContinuation<Result<Value, AMQPError>, Never>?) in
+            guard state.result == nil else { return (false, nil) }
             state.result = result
             defer { state.continuation = nil }
-            return state.continuation
+            return (true, state.continuation)
         }
         continuation?.resume(returning: result)
+        return taken
     }
 
-    func value(timeout: Duration) async throws(AMQPError) -> PublishOutcome {
+    /// The answer, or `timedOut` once `timeout` has passed without one.
+    func value(timeout: Duration, timedOut: @autoclosure @escaping @Sendable () -> AMQPError) async throws(AMQPError) -> Value {
         let timer = WaitTimer.shared.schedule(after: timeout) { [weak self] in
-            self?.resolve(.failure(AMQPError(code: .timeout, message: "no publisher confirm within \(timeout)")))
+            self?.resolve(.failure(timedOut()))
         }
         defer { WaitTimer.shared.cancel(timer) }
-        let result = await withCheckedContinuation { (continuation: CheckedContinuation<Result<PublishOutcome, AMQPError>, Never>) in
-            let ready = state.withLock { state -> Result<PublishOutcome, AMQPError>? in
+        let result = await withCheckedContinuation { (continuation: CheckedContinuation<Result<Value, AMQPError>, Never>) in
+            let ready = state.withLock { state -> Result<Value, AMQPError>? in
                 if let result = state.result { return result }
                 state.continuation = continuation
                 return nil
@@ -40,6 +48,12 @@ final class ConfirmWait: Sendable {
             if let ready { continuation.resume(returning: ready) }
         }
         return try result.get()
+    }
+}
+
+extension ReplyWait where Value == PublishOutcome {
+    func value(timeout: Duration) async throws(AMQPError) -> PublishOutcome {
+        try await value(timeout: timeout, timedOut: AMQPError(code: .timeout, message: "no publisher confirm within \(timeout)"))
     }
 }
 
@@ -55,6 +69,9 @@ final class ChannelState {
     var returnHandler: (@Sendable (String?, Int, String) -> Void)?
     /// Publishes without a ``ConfirmWait``, tracked for ``AMQPChannel/oldestUnconfirmedPublish`` (confirm mode only).
     var unconfirmed: UnconfirmedPublishes?
+    /// A `basic.consume` sent without waiting (``IOThread/startConsume``): the consumer it starts, and
+    /// who waits for its tag.
+    var pendingConsume: (sink: any DeliverySink, wait: ReplyWait<String>)?
 
     init(number: UInt16) {
         self.number = number
@@ -62,6 +79,9 @@ final class ChannelState {
 
     /// Fails everything pending on the channel.
     func fail(_ error: AMQPError, consumersToo: Bool = true) {
+        // A consumer that never started is not ended: its caller gets the error instead of a tag.
+        pendingConsume?.wait.resolve(.failure(error))
+        pendingConsume = nil
         unconfirmed?.clear()
         for wait in confirmWaits.values { wait.resolve(.failure(error)) }
         confirmWaits.removeAll()
@@ -98,6 +118,9 @@ final class IOThread: @unchecked Sendable {
     var conn: amqp_connection_state_t?
     var failure: AMQPError?
     var channels: [UInt16: ChannelState] = [:]
+    /// Channels this side closed without waiting (``abandonChannel(_:error:)``): their numbers are not
+    /// used again until the broker's close-ok.
+    private var closingChannels: Set<UInt16> = []
     private var nextChannel: UInt16 = 1
     private var pendingDeliveries: [ObjectIdentifier: (any DeliverySink, [AMQPMessage])] = [:]
     /// The thread's id once it runs (0 before): jobs submitted from the thread itself run at once.
@@ -282,6 +305,7 @@ final class IOThread: @unchecked Sendable {
         }
         for channel in channels.values { channel.fail(error) }
         channels.removeAll()
+        closingChannels.removeAll()
         flushDeliveries()
         let (waiters, reason) = lock.withLock { () -> ([CheckedContinuation<AMQPError?, Never>], AMQPError?) in
             if !ended {
@@ -400,10 +424,24 @@ final class IOThread: @unchecked Sendable {
             channels[channelNumber]?.consumers.removeValue(forKey: tag)?.finish(AMQPError(
                 code: .consumerCancelled, message: "the broker cancelled consumer \(tag) (its queue was deleted or is unavailable)"
             ))
+        case AMQP_BASIC_CONSUME_OK_METHOD:
+            let tag = method.decoded.assumingMemoryBound(to: amqp_basic_consume_ok_t.self).pointee.consumer_tag.string
+            guard let state = channels[channelNumber], let pending = state.pendingConsume else { return }
+            state.pendingConsume = nil
+            if pending.wait.resolve(.success(tag)) {
+                state.consumers[tag] = pending.sink
+            } else {
+                // The caller gave up waiting: nobody takes these deliveries, so the channel goes (and with
+                // it the consumer; the broker returns what it delivered to the queue).
+                abandonChannel(channelNumber, error: AMQPError(code: .channelClosed, message: "channel \(channelNumber) was closed: its consume was answered after the caller gave up"))
+            }
+        case AMQP_CHANNEL_CLOSE_OK_METHOD:
+            closingChannels.remove(channelNumber)
         case AMQP_CHANNEL_CLOSE_METHOD:
             let close = method.decoded.assumingMemoryBound(to: amqp_channel_close_t.self).pointee
             var ok = amqp_channel_close_ok_t(dummy: 0)
             amqp_send_method(conn, channelNumber, AMQP_CHANNEL_CLOSE_OK_METHOD, &ok)
+            closingChannels.remove(channelNumber)
             let error = AMQPError(code: .channelClosed, message: "the broker closed channel \(channelNumber): \(close.reply_text.string)", replyCode: Int(close.reply_code))
             channels.removeValue(forKey: channelNumber)?.fail(error)
         case AMQP_CONNECTION_CLOSE_METHOD:
@@ -502,7 +540,7 @@ final class IOThread: @unchecked Sendable {
 
     func openChannel() throws(AMQPError) -> UInt16 {
         var number = nextChannel
-        while channels[number] != nil { number = number == UInt16.max ? 1 : number + 1 }
+        while channels[number] != nil || closingChannels.contains(number) { number = number == UInt16.max ? 1 : number + 1 }
         nextChannel = number == UInt16.max ? 1 : number + 1
         amqp_channel_open(conn, number)
         try check(amqp_get_rpc_reply(conn), channel: number, doing: "open channel \(number)")
@@ -518,6 +556,46 @@ final class IOThread: @unchecked Sendable {
         let reply = amqp_channel_close(conn, number, AMQP_REPLY_SUCCESS)
         if reply.reply_type == AMQP_RESPONSE_LIBRARY_EXCEPTION {
             fail(AMQPError(code: .connectionClosed, message: "closing channel \(number) failed: \(statusText(reply.library_error))"))
+        }
+    }
+
+    /// Sends `basic.consume` on `channel` without waiting for its answer: the I/O thread goes on with the
+    /// other channels, and `basic.consume-ok` (handled as it arrives) starts `sink` and resolves `wait`
+    /// with the tag. A quorum queue answers a consume from its leader, so a stalled leader would
+    /// otherwise hold the whole connection (every other channel's deliveries and acks) until it answers.
+    func startConsume(
+        queue: String, noAck: Bool, exclusive: Bool, arguments: [String: AMQPValue], channel number: UInt16, sink: any DeliverySink, wait: ReplyWait<String>
+    ) throws(AMQPError) {
+        guard let state = channels[number], state.pendingConsume == nil else {
+            throw AMQPError(code: .channelClosed, message: "channel \(number) is closed or already starting a consumer")
+        }
+        let arena = CArena()
+        var method = amqp_basic_consume_t(
+            ticket: 0, queue: arena.bytes(queue), consumer_tag: amqp_empty_bytes, no_local: 0, no_ack: noAck ? 1 : 0,
+            exclusive: exclusive ? 1 : 0, nowait: 0, arguments: arena.table(arguments)
+        )
+        try status(amqp_send_method(conn, number, AMQP_BASIC_CONSUME_METHOD, &method), doing: "consume from '\(queue)'")
+        state.pendingConsume = (sink, wait)
+    }
+
+    /// The caller of ``startConsume`` stopped waiting for `wait`: when the consume is still unanswered,
+    /// its channel is closed without waiting (``abandonChannel(_:error:)``).
+    func abandonConsume(channel number: UInt16, wait: ReplyWait<String>, error: AMQPError) {
+        guard let pending = channels[number]?.pendingConsume, pending.wait === wait else { return }
+        abandonChannel(number, error: error)
+    }
+
+    /// Closes `number` without waiting for the broker's close-ok (which a channel stuck on a stalled
+    /// queue sends late): everything pending on it fails with `error` now, and its number stays unused
+    /// until the close-ok arrives.
+    func abandonChannel(_ number: UInt16, error: AMQPError) {
+        guard let conn, failure == nil, let state = channels.removeValue(forKey: number) else { return }
+        state.fail(error)
+        closingChannels.insert(number)
+        var close = amqp_channel_close_t(reply_code: UInt16(AMQP_REPLY_SUCCESS), reply_text: amqp_empty_bytes, class_id: 0, method_id: 0)
+        let sent = amqp_send_method(conn, number, AMQP_CHANNEL_CLOSE_METHOD, &close)
+        if sent != AMQP_STATUS_OK.rawValue {
+            fail(AMQPError(code: .connectionClosed, message: "closing channel \(number) failed: \(statusText(sent))"))
         }
     }
 

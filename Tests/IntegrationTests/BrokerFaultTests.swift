@@ -170,6 +170,47 @@ import Testing
         await worker.stop()
     }
 
+    /// A worker that starts while one partition's queue is stalled serves the other partitions: taking
+    /// the stalled queue (its `basic.consume`, answered by the queue's leader) must not hold the others.
+    @Test func aWorkerStartingWhileOnePartitionQueueIsStalledServesTheOthers() async throws {
+        let deployment = try await Deployment.make(partitions: 4)
+        let stalled = 0
+        let others = (0..<400).map { "stall-start/\($0)" }.filter { deployment.partitioner.partition(of: $0) != stalled }
+        let queue = ProtocolV1.requestQueue(stalled)
+        try await Deployment.services("queue-freeze", deployment.amqpURL.virtualHost, queue, "on")
+        let worker = deployment.startWorker()
+        let client = deployment.client(timeout: .seconds(20))
+        var slowest = Duration.zero
+        var calls = 0
+        var failure: (any Error)?
+        let started = ContinuousClock.now
+        while ContinuousClock.now - started < .seconds(8) {
+            let call = ContinuousClock.now
+            do {
+                _ = try await client.claim(others[calls % others.count], user: "u", connection: "c")
+            } catch {
+                failure = error
+                break
+            }
+            slowest = max(slowest, ContinuousClock.now - call)
+            calls += 1
+        }
+        try await Deployment.services("queue-freeze", deployment.amqpURL.virtualHost, queue, "off")
+        print("worker started with a stalled partition queue: \(calls) calls in 8 s, slowest \(slowest), worker connections \(worker.worker.stats.connections), failure \(String(describing: failure))")
+        #expect(failure == nil)
+        #expect(calls > 100, "the other partitions were served while one queue stalled (\(calls) calls)")
+        #expect(worker.worker.stats.connections == 1, "on the worker's first connection")
+        // Once the queue answers again, its partition is taken too (a consume that timed out closed only
+        // its own channel).
+        let own = (0..<400).map { "stall-start/\($0)" }.first { deployment.partitioner.partition(of: $0) == stalled }!
+        guard case .granted = try await client.claim(own, user: "u", connection: "c") else {
+            Issue.record("the stalled partition was not served once its queue resumed")
+            return
+        }
+        await client.close()
+        await worker.stop()
+    }
+
     /// Issue 22, finding 4 (leader-kill): a RabbitMQ 3.10 channel that first publishes to a quorum queue
     /// just after the node of its leader died cannot register with the new leader, and the broker nacks
     /// everything it publishes to that queue until the node returns (8-12 s of unanswered calls in the
