@@ -211,6 +211,50 @@ import Testing
         await worker.stop()
     }
 
+    /// A partition that stops (another owner took its fence) while its queue stalls closes its channels
+    /// without holding the connection the other partitions consume on.
+    @Test func aPartitionStoppingWhileItsQueueStallsDoesNotHoldTheOthers() async throws {
+        let deployment = try await Deployment.make(partitions: 4)
+        let worker = deployment.startWorker()
+        let client = deployment.client(timeout: .seconds(20))
+        let stalled = 0
+        let names = (0..<400).map { "stall-stop/\($0)" }
+        let others = names.filter { deployment.partitioner.partition(of: $0) != stalled }
+        let own = names.first { deployment.partitioner.partition(of: $0) == stalled }!
+        _ = try await client.claim(own, user: "u", connection: "c")
+        for buffer in others.prefix(8) { _ = try await client.claim(buffer, user: "u", connection: "c") }
+        let connections = worker.worker.stats.connections
+        let queue = ProtocolV1.requestQueue(stalled)
+        try await Deployment.services("queue-freeze", deployment.amqpURL.virtualHost, queue, "on")
+        var slowest = Duration.zero
+        var calls = 0
+        do {
+            // Another owner takes the stalled partition's fence: the worker finds out at its next sweep and
+            // stops the partition, closing its channels.
+            let database = try await PostgresConnection.connect(to: deployment.databaseURL, options: .worker(applicationName: "usurper"), logger: TestDatabase.logger)
+            let store = try await OwnershipStore.open(connection: database, partitioner: deployment.partitioner, logger: TestDatabase.logger)
+            _ = try await store.takePartition(stalled, owner: "usurper")
+            await database.close()
+            let started = ContinuousClock.now
+            while ContinuousClock.now - started < .seconds(8) {
+                let call = ContinuousClock.now
+                _ = try await client.claim(others[calls % others.count], user: "u", connection: "c")
+                slowest = max(slowest, ContinuousClock.now - call)
+                calls += 1
+            }
+        } catch {
+            try await Deployment.services("queue-freeze", deployment.amqpURL.virtualHost, queue, "off")
+            throw error
+        }
+        try await Deployment.services("queue-freeze", deployment.amqpURL.virtualHost, queue, "off")
+        print("partition stopped while its queue stalled: \(calls) calls to the others in 8 s, slowest \(slowest), fence losses \(worker.worker.stats.fenceLosses), worker connections \(connections) → \(worker.worker.stats.connections)")
+        #expect(worker.worker.stats.fenceLosses >= 1, "the worker stopped the partition whose fence it lost")
+        #expect(slowest < .seconds(1), "the other partitions' calls were answered at once (slowest \(slowest))")
+        #expect(worker.worker.stats.connections == connections, "the worker kept its connections")
+        await client.close()
+        await worker.stop()
+    }
+
     /// Issue 22, finding 4 (leader-kill): a RabbitMQ 3.10 channel that first publishes to a quorum queue
     /// just after the node of its leader died cannot register with the new leader, and the broker nacks
     /// everything it publishes to that queue until the node returns (8-12 s of unanswered calls in the
