@@ -178,14 +178,38 @@ public final class AMQPChannel: Sendable {
         try await queueDeclare(name, passive: true, durable: true, arguments: [:])
     }
 
+    /// Declares (or with `passive`, checks) a queue without holding the connection while the broker
+    /// answers (see ``request(doing:_:)``).
     private func queueDeclare(_ name: String, passive: Bool, durable: Bool, arguments: [String: AMQPValue]) async throws -> (messages: Int, consumers: Int) {
         let channel = number
-        return try await io.run { io throws(AMQPError) in
-            let arena = CArena()
-            let ok = amqp_queue_declare(io.conn, channel, arena.bytes(name), passive ? 1 : 0, durable ? 1 : 0, 0, 0, arena.table(arguments))
-            try io.check(amqp_get_rpc_reply(io.conn), channel: channel, doing: "declare queue '\(name)'")
-            guard let ok else { return (0, 0) }
-            return (Int(ok.pointee.message_count), Int(ok.pointee.consumer_count))
+        let counts = try await request(doing: "declare queue '\(name)'") { (io, wait: ReplyWait<QueueCounts>) throws(AMQPError) in
+            try io.startDeclare(queue: name, passive: passive, durable: durable, arguments: arguments, channel: channel, wait: wait)
+        }
+        return (counts.messages, counts.consumers)
+    }
+
+    /// Sends a request with `send` on the I/O thread and waits for its answer off it: a quorum queue
+    /// answers consumes and declares from its leader, which may be stalled. When no answer comes within
+    /// the connection's timeout, this channel is closed and the call fails with
+    /// ``AMQPError/Code/timeout``; the connection and its other channels go on.
+    private func request<T: Sendable>(
+        doing what: String, _ send: @escaping @Sendable (IOThread, ReplyWait<T>) throws(AMQPError) -> Void
+    ) async throws -> T {
+        let channel = number
+        let wait = ReplyWait<T>()
+        try await io.run { io throws(AMQPError) in try send(io, wait) }
+        let milliseconds = io.url.connectionTimeoutMilliseconds
+        do {
+            return try await wait.value(
+                timeout: .milliseconds(milliseconds),
+                timedOut: AMQPError(code: .timeout, message: "\(what): the broker did not answer within \(milliseconds) ms (channel \(channel) closed; the connection goes on)")
+            )
+        } catch {
+            if error.code == .timeout {
+                let id = ObjectIdentifier(wait)
+                io.submit({ io in io.abandon(id, channel: channel, error: error) }, refused: {})
+            }
+            throw error
         }
     }
 
@@ -267,27 +291,11 @@ public final class AMQPChannel: Sendable {
         try await consume(queue: queue, noAck: noAck, exclusive: exclusive, arguments: arguments, into: DeliveryHandler(onDeliveries: onDeliveries, onEnd: onEnd))
     }
 
-    /// Starts a consumer without holding the connection while the broker answers (a quorum queue answers
-    /// from its leader, which may be stalled): when no answer comes within the connection's timeout, this
-    /// channel is closed and the call fails with ``AMQPError/Code/timeout``; the connection and its other
-    /// channels go on.
+    /// Starts a consumer without holding the connection while the broker answers (see ``request(doing:_:)``).
     private func consume(queue: String, noAck: Bool, exclusive: Bool, arguments: [String: AMQPValue], into sink: any DeliverySink) async throws -> String {
         let channel = number
-        let wait = ReplyWait<String>()
-        try await io.run { io throws(AMQPError) in
+        return try await request(doing: "consume from '\(queue)'") { (io, wait: ReplyWait<String>) throws(AMQPError) in
             try io.startConsume(queue: queue, noAck: noAck, exclusive: exclusive, arguments: arguments, channel: channel, sink: sink, wait: wait)
-        }
-        let milliseconds = io.url.connectionTimeoutMilliseconds
-        do {
-            return try await wait.value(
-                timeout: .milliseconds(milliseconds),
-                timedOut: AMQPError(code: .timeout, message: "consume from '\(queue)': the broker did not answer within \(milliseconds) ms (channel \(channel) closed; the connection goes on)")
-            )
-        } catch {
-            if error.code == .timeout {
-                io.submit({ io in io.abandonConsume(channel: channel, wait: wait, error: error) }, refused: {})
-            }
-            throw error
         }
     }
 

@@ -57,6 +57,22 @@ extension ReplyWait where Value == PublishOutcome {
     }
 }
 
+/// A request the I/O thread sent on a channel without waiting for its answer: the answer's method, and
+/// what to do with it or with a failure (both on the I/O thread).
+struct PendingReply {
+    /// Which request it is, to abandon it after its caller's timeout.
+    let id: ObjectIdentifier
+    let expected: amqp_method_number_t
+    let answered: (IOThread, ChannelState, amqp_method_t) -> Void
+    let failed: (AMQPError) -> Void
+}
+
+/// A queue's ready messages and consumers, from its declare-ok.
+struct QueueCounts: Sendable {
+    let messages: Int
+    let consumers: Int
+}
+
 /// What the I/O thread knows about one channel.
 final class ChannelState {
     let number: UInt16
@@ -69,9 +85,8 @@ final class ChannelState {
     var returnHandler: (@Sendable (String?, Int, String) -> Void)?
     /// Publishes without a ``ConfirmWait``, tracked for ``AMQPChannel/oldestUnconfirmedPublish`` (confirm mode only).
     var unconfirmed: UnconfirmedPublishes?
-    /// A `basic.consume` sent without waiting (``IOThread/startConsume``): the consumer it starts, and
-    /// who waits for its tag.
-    var pendingConsume: (sink: any DeliverySink, wait: ReplyWait<String>)?
+    /// A request sent without waiting for its answer (``IOThread/send(_:_:expecting:channel:doing:pending:)``).
+    var pending: PendingReply?
 
     init(number: UInt16) {
         self.number = number
@@ -79,9 +94,10 @@ final class ChannelState {
 
     /// Fails everything pending on the channel.
     func fail(_ error: AMQPError, consumersToo: Bool = true) {
-        // A consumer that never started is not ended: its caller gets the error instead of a tag.
-        pendingConsume?.wait.resolve(.failure(error))
-        pendingConsume = nil
+        // A request still unanswered fails (a consumer that never started is not ended: its caller gets
+        // the error instead of a tag).
+        pending?.failed(error)
+        pending = nil
         unconfirmed?.clear()
         for wait in confirmWaits.values { wait.resolve(.failure(error)) }
         confirmWaits.removeAll()
@@ -424,17 +440,10 @@ final class IOThread: @unchecked Sendable {
             channels[channelNumber]?.consumers.removeValue(forKey: tag)?.finish(AMQPError(
                 code: .consumerCancelled, message: "the broker cancelled consumer \(tag) (its queue was deleted or is unavailable)"
             ))
-        case AMQP_BASIC_CONSUME_OK_METHOD:
-            let tag = method.decoded.assumingMemoryBound(to: amqp_basic_consume_ok_t.self).pointee.consumer_tag.string
-            guard let state = channels[channelNumber], let pending = state.pendingConsume else { return }
-            state.pendingConsume = nil
-            if pending.wait.resolve(.success(tag)) {
-                state.consumers[tag] = pending.sink
-            } else {
-                // The caller gave up waiting: nobody takes these deliveries, so the channel goes (and with
-                // it the consumer; the broker returns what it delivered to the queue).
-                abandonChannel(channelNumber, error: AMQPError(code: .channelClosed, message: "channel \(channelNumber) was closed: its consume was answered after the caller gave up"))
-            }
+        case let id where channels[channelNumber]?.pending?.expected == id:
+            guard let state = channels[channelNumber], let pending = state.pending else { return }
+            state.pending = nil
+            pending.answered(self, state, method)
         case AMQP_CHANNEL_CLOSE_OK_METHOD:
             closingChannels.remove(channelNumber)
         case AMQP_CHANNEL_CLOSE_METHOD:
@@ -559,29 +568,73 @@ final class IOThread: @unchecked Sendable {
         }
     }
 
-    /// Sends `basic.consume` on `channel` without waiting for its answer: the I/O thread goes on with the
-    /// other channels, and `basic.consume-ok` (handled as it arrives) starts `sink` and resolves `wait`
-    /// with the tag. A quorum queue answers a consume from its leader, so a stalled leader would
-    /// otherwise hold the whole connection (every other channel's deliveries and acks) until it answers.
+    /// Sends `method` on `channel` without waiting for its answer: the I/O thread goes on with the other
+    /// channels, and the answer (`expecting`, handled as it arrives) goes to `pending`. A quorum queue
+    /// answers a consume or a declare from its leader, so a stalled leader would otherwise hold the whole
+    /// connection (every other channel's deliveries and acks) until it answers.
+    func send(
+        _ id: amqp_method_number_t, _ decoded: UnsafeMutableRawPointer, expecting: amqp_method_number_t, channel number: UInt16, doing what: String,
+        pending: PendingReply
+    ) throws(AMQPError) {
+        guard let state = channels[number], state.pending == nil else {
+            throw AMQPError(code: .channelClosed, message: "\(what): channel \(number) is closed or already waits for an answer")
+        }
+        try status(amqp_send_method(conn, number, id, decoded), doing: what)
+        state.pending = pending
+    }
+
+    /// Sends `basic.consume` without waiting (``send(_:_:expecting:channel:doing:pending:)``): its
+    /// consume-ok starts `sink` and resolves `wait` with the tag.
     func startConsume(
         queue: String, noAck: Bool, exclusive: Bool, arguments: [String: AMQPValue], channel number: UInt16, sink: any DeliverySink, wait: ReplyWait<String>
     ) throws(AMQPError) {
-        guard let state = channels[number], state.pendingConsume == nil else {
-            throw AMQPError(code: .channelClosed, message: "channel \(number) is closed or already starting a consumer")
-        }
         let arena = CArena()
         var method = amqp_basic_consume_t(
             ticket: 0, queue: arena.bytes(queue), consumer_tag: amqp_empty_bytes, no_local: 0, no_ack: noAck ? 1 : 0,
             exclusive: exclusive ? 1 : 0, nowait: 0, arguments: arena.table(arguments)
         )
-        try status(amqp_send_method(conn, number, AMQP_BASIC_CONSUME_METHOD, &method), doing: "consume from '\(queue)'")
-        state.pendingConsume = (sink, wait)
+        let pending = PendingReply(
+            id: ObjectIdentifier(wait), expected: AMQP_BASIC_CONSUME_OK_METHOD,
+            answered: { io, state, method in
+                let tag = method.decoded.assumingMemoryBound(to: amqp_basic_consume_ok_t.self).pointee.consumer_tag.string
+                if wait.resolve(.success(tag)) {
+                    state.consumers[tag] = sink
+                } else {
+                    // The caller gave up waiting: nobody takes these deliveries, so the channel goes (and
+                    // with it the consumer; the broker returns what it delivered to the queue).
+                    io.abandonChannel(state.number, error: AMQPError(code: .channelClosed, message: "channel \(state.number) was closed: its consume was answered after the caller gave up"))
+                }
+            },
+            failed: { wait.resolve(.failure($0)) }
+        )
+        try send(AMQP_BASIC_CONSUME_METHOD, &method, expecting: AMQP_BASIC_CONSUME_OK_METHOD, channel: number, doing: "consume from '\(queue)'", pending: pending)
     }
 
-    /// The caller of ``startConsume`` stopped waiting for `wait`: when the consume is still unanswered,
-    /// its channel is closed without waiting (``abandonChannel(_:error:)``).
-    func abandonConsume(channel number: UInt16, wait: ReplyWait<String>, error: AMQPError) {
-        guard let pending = channels[number]?.pendingConsume, pending.wait === wait else { return }
+    /// Sends `queue.declare` without waiting (``send(_:_:expecting:channel:doing:pending:)``): its
+    /// declare-ok resolves `wait` with the queue's ready messages and consumers.
+    func startDeclare(
+        queue: String, passive: Bool, durable: Bool, arguments: [String: AMQPValue], channel number: UInt16, wait: ReplyWait<QueueCounts>
+    ) throws(AMQPError) {
+        let arena = CArena()
+        var method = amqp_queue_declare_t(
+            ticket: 0, queue: arena.bytes(queue), passive: passive ? 1 : 0, durable: durable ? 1 : 0, exclusive: 0, auto_delete: 0, nowait: 0,
+            arguments: arena.table(arguments)
+        )
+        let pending = PendingReply(
+            id: ObjectIdentifier(wait), expected: AMQP_QUEUE_DECLARE_OK_METHOD,
+            answered: { _, _, method in
+                let ok = method.decoded.assumingMemoryBound(to: amqp_queue_declare_ok_t.self).pointee
+                wait.resolve(.success(QueueCounts(messages: Int(ok.message_count), consumers: Int(ok.consumer_count))))
+            },
+            failed: { wait.resolve(.failure($0)) }
+        )
+        try send(AMQP_QUEUE_DECLARE_METHOD, &method, expecting: AMQP_QUEUE_DECLARE_OK_METHOD, channel: number, doing: "declare queue '\(queue)'", pending: pending)
+    }
+
+    /// The caller of ``send(_:_:expecting:channel:doing:pending:)`` stopped waiting for request `id`: when
+    /// it is still unanswered, its channel is closed without waiting (``abandonChannel(_:error:)``).
+    func abandon(_ id: ObjectIdentifier, channel number: UInt16, error: AMQPError) {
+        guard channels[number]?.pending?.id == id else { return }
         abandonChannel(number, error: error)
     }
 

@@ -121,6 +121,28 @@ enum TestBroker {
         await connection.close()
     }
 
+    /// Declares and consumes are answered off the I/O thread (the connection is not held while a queue's
+    /// leader answers): their answers and the broker's refusals still reach the caller.
+    @Test func declaresAndConsumesAreAnsweredAndRefusedOnTheirChannel() async throws {
+        let connection = try await TestBroker.connect()
+        let name = "baton.test.declare.\(UUID().uuidString)"
+        var channel = try await connection.openChannel()
+        try await channel.declareQueue(name, arguments: ["x-queue-type": .string("quorum")])
+        #expect(try await channel.inspectQueue(name) == (messages: 0, consumers: 0))
+        // The same queue with other arguments: 406 closes that channel, not the connection.
+        let error = try await #require(throws: AMQPError.self) { try await channel.declareQueue(name, arguments: ["x-queue-type": .string("classic")]) }
+        #expect(error.code == .channelClosed && error.replyCode == 406, "\(error)")
+        channel = try await connection.openChannel()
+        let (tag, _) = try await channel.consume(queue: name)
+        #expect(!tag.isEmpty)
+        #expect(try await channel.inspectQueue(name).consumers == 1)
+        let missing = try await connection.openChannel()
+        let refused = try await #require(throws: AMQPError.self) { try await missing.consume(queue: "\(name).missing") }
+        #expect(refused.code == .channelClosed && refused.replyCode == 404, "\(refused)")
+        try await channel.deleteQueue(name)
+        await connection.close()
+    }
+
     @Test func wrongPasswordFailsClearlyWithoutEchoingIt() async throws {
         var url = try await TestBroker.url()
         url.password = "definitely-wrong-pw"
