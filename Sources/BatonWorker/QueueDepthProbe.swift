@@ -5,14 +5,15 @@ import Synchronization
 /// Reads the depth of the request queues a worker decides for (the `baton_queue_messages_ready` gauge)
 /// on a broker connection of its own, off every partition's path.
 ///
-/// A passive declare of a quorum queue is answered by the queue's leader, and rabbitmq-c waits for the
-/// answer on the connection's I/O thread. When that leader stalls (its node froze, its Raft server is
-/// suspended), the declare holds the thread until the broker answers or the call times out. Asked on the
-/// consumer connection, as the sweeps did, it held every partition's deliveries and acks with it: one
-/// stalled queue cost the other partitions' callers seconds per call. Here a stall delays the gauge
-/// only; the next sample waits for the connection, and one that failed is opened again on the next.
+/// The sweeps asked with a passive declare on the partition's consume channel. While the partition's
+/// queue stalls (its leader's node froze, its Raft server is suspended), that channel stops answering,
+/// and rabbitmq-c waited for the answer on the consumer connection's I/O thread: every partition's
+/// deliveries and acks waited with it (one stalled queue cost the other partitions' callers seconds per
+/// call; `aStalledPartitionQueueDoesNotDelayTheOtherPartitions`). Declares no longer hold a connection's
+/// thread (a timeout closes only their channel), and here a stall delays the gauge only: the next
+/// sample waits, and a connection that failed is opened again for the one after.
 ///
-/// Partitions ask with ``sample(_:)`` (it never waits); samples asked for while one is read are kept,
+/// Partitions ask with ``sample(_:record:)`` (it never waits); samples asked for while one is read are kept,
 /// one per partition, and read in turn.
 final class QueueDepthProbe: Sendable {
     private struct State {
