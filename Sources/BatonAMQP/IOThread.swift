@@ -408,6 +408,12 @@ final class IOThread: @unchecked Sendable {
         guard frame.frame_type == UInt8(AMQP_FRAME_METHOD) else { return }
         let channelNumber = frame.channel
         let method = frame.payload.method
+        // The answer to a request sent without waiting (a consume, a declare).
+        if let state = channels[channelNumber], let pending = state.pending, pending.expected == method.id {
+            state.pending = nil
+            pending.answered(self, state, method)
+            return
+        }
         switch method.id {
         case AMQP_BASIC_ACK_METHOD:
             let ack = method.decoded.assumingMemoryBound(to: amqp_basic_ack_t.self).pointee
@@ -440,10 +446,6 @@ final class IOThread: @unchecked Sendable {
             channels[channelNumber]?.consumers.removeValue(forKey: tag)?.finish(AMQPError(
                 code: .consumerCancelled, message: "the broker cancelled consumer \(tag) (its queue was deleted or is unavailable)"
             ))
-        case let id where channels[channelNumber]?.pending?.expected == id:
-            guard let state = channels[channelNumber], let pending = state.pending else { return }
-            state.pending = nil
-            pending.answered(self, state, method)
         case AMQP_CHANNEL_CLOSE_OK_METHOD:
             closingChannels.remove(channelNumber)
         case AMQP_CHANNEL_CLOSE_METHOD:

@@ -134,6 +134,47 @@ import Testing
         await worker.stop()
     }
 
+    /// Runs `body` while the queue of `partition` is frozen (its Raft server suspended, as when its
+    /// leader's node froze), resuming it however `body` ends.
+    private static func whileQueueFrozen<T>(_ deployment: Deployment, partition: Int, _ body: () async throws -> T) async throws -> T {
+        let queue = ProtocolV1.requestQueue(partition)
+        try await Deployment.services("queue-freeze", deployment.amqpURL.virtualHost, queue, "on")
+        let result: T
+        do {
+            result = try await body()
+        } catch {
+            try await Deployment.services("queue-freeze", deployment.amqpURL.virtualHost, queue, "off")
+            throw error
+        }
+        try await Deployment.services("queue-freeze", deployment.amqpURL.virtualHost, queue, "off")
+        return result
+    }
+
+    /// Claims `buffers` in turn, one call at a time, for `duration`: the calls answered, the slowest, and
+    /// the error that ended the run early, if one did.
+    private static func claimInTurn(_ client: BatonClient, _ buffers: [String], for duration: Duration) async -> (calls: Int, slowest: Duration, failure: (any Error)?) {
+        var slowest = Duration.zero
+        var calls = 0
+        let started = ContinuousClock.now
+        while ContinuousClock.now - started < duration {
+            let call = ContinuousClock.now
+            do {
+                _ = try await client.claim(buffers[calls % buffers.count], user: "u", connection: "c")
+            } catch {
+                return (calls, slowest, error)
+            }
+            slowest = max(slowest, ContinuousClock.now - call)
+            calls += 1
+        }
+        return (calls, slowest, nil)
+    }
+
+    /// Names with `prefix` on partition `stalled` (`own`) and on the others.
+    private static func names(_ prefix: String, _ deployment: Deployment, stalled: Int) -> (own: String, others: [String]) {
+        let names = (0..<400).map { "\(prefix)/\($0)" }
+        return (names.first { deployment.partitioner.partition(of: $0) == stalled }!, names.filter { deployment.partitioner.partition(of: $0) != stalled })
+    }
+
     /// A partition whose quorum queue stalls (its Raft server suspended, as when its leader's node froze)
     /// must not delay the other partitions' answers: the worker's checks of that queue (its sweep reads the
     /// queue's depth for a metric) must not hold the connection the other partitions consume on.
@@ -141,28 +182,12 @@ import Testing
         let deployment = try await Deployment.make(partitions: 4)
         let worker = deployment.startWorker()
         let client = deployment.client(timeout: .seconds(20))
-        let stalled = 0
-        let others = (0..<400).map { "stall/\($0)" }.filter { deployment.partitioner.partition(of: $0) != stalled }
+        let others = Self.names("stall", deployment, stalled: 0).others
         for buffer in others.prefix(8) { _ = try await client.claim(buffer, user: "u", connection: "c") }
         let connections = worker.worker.stats.connections
-        let queue = ProtocolV1.requestQueue(stalled)
-        try await Deployment.services("queue-freeze", deployment.amqpURL.virtualHost, queue, "on")
-        var slowest = Duration.zero
-        var calls = 0
-        let started = ContinuousClock.now
-        do {
-            // Several sweep intervals (200 ms here) of calls to the other three partitions, one at a time.
-            while ContinuousClock.now - started < .seconds(8) {
-                let call = ContinuousClock.now
-                _ = try await client.claim(others[calls % others.count], user: "u", connection: "c")
-                slowest = max(slowest, ContinuousClock.now - call)
-                calls += 1
-            }
-        } catch {
-            try await Deployment.services("queue-freeze", deployment.amqpURL.virtualHost, queue, "off")
-            throw error
-        }
-        try await Deployment.services("queue-freeze", deployment.amqpURL.virtualHost, queue, "off")
+        // Several sweep intervals (200 ms here) of calls to the other three partitions, one at a time.
+        let (calls, slowest, failure) = try await Self.whileQueueFrozen(deployment, partition: 0) { await Self.claimInTurn(client, others, for: .seconds(8)) }
+        if let failure { throw failure }
         print("stalled partition queue: \(calls) calls to the other partitions in 8 s, slowest \(slowest), worker connections \(connections) → \(worker.worker.stats.connections)")
         #expect(slowest < .seconds(1), "the other partitions' calls were answered at once (slowest \(slowest))")
         #expect(worker.worker.stats.connections == connections, "the worker kept its connections")
@@ -174,35 +199,18 @@ import Testing
     /// the stalled queue (its `basic.consume`, answered by the queue's leader) must not hold the others.
     @Test func aWorkerStartingWhileOnePartitionQueueIsStalledServesTheOthers() async throws {
         let deployment = try await Deployment.make(partitions: 4)
-        let stalled = 0
-        let others = (0..<400).map { "stall-start/\($0)" }.filter { deployment.partitioner.partition(of: $0) != stalled }
-        let queue = ProtocolV1.requestQueue(stalled)
-        try await Deployment.services("queue-freeze", deployment.amqpURL.virtualHost, queue, "on")
-        let worker = deployment.startWorker()
-        let client = deployment.client(timeout: .seconds(20))
-        var slowest = Duration.zero
-        var calls = 0
-        var failure: (any Error)?
-        let started = ContinuousClock.now
-        while ContinuousClock.now - started < .seconds(8) {
-            let call = ContinuousClock.now
-            do {
-                _ = try await client.claim(others[calls % others.count], user: "u", connection: "c")
-            } catch {
-                failure = error
-                break
-            }
-            slowest = max(slowest, ContinuousClock.now - call)
-            calls += 1
+        let (own, others) = Self.names("stall-start", deployment, stalled: 0)
+        let (worker, client, (calls, slowest, failure)) = try await Self.whileQueueFrozen(deployment, partition: 0) {
+            let worker = deployment.startWorker()
+            let client = deployment.client(timeout: .seconds(20))
+            return (worker, client, await Self.claimInTurn(client, others, for: .seconds(8)))
         }
-        try await Deployment.services("queue-freeze", deployment.amqpURL.virtualHost, queue, "off")
         print("worker started with a stalled partition queue: \(calls) calls in 8 s, slowest \(slowest), worker connections \(worker.worker.stats.connections), failure \(String(describing: failure))")
         #expect(failure == nil)
         #expect(calls > 100, "the other partitions were served while one queue stalled (\(calls) calls)")
         #expect(worker.worker.stats.connections == 1, "on the worker's first connection")
         // Once the queue answers again, its partition is taken too (a consume that timed out closed only
         // its own channel).
-        let own = (0..<400).map { "stall-start/\($0)" }.first { deployment.partitioner.partition(of: $0) == stalled }!
         guard case .granted = try await client.claim(own, user: "u", connection: "c") else {
             Issue.record("the stalled partition was not served once its queue resumed")
             return
@@ -217,36 +225,20 @@ import Testing
         let deployment = try await Deployment.make(partitions: 4)
         let worker = deployment.startWorker()
         let client = deployment.client(timeout: .seconds(20))
-        let stalled = 0
-        let names = (0..<400).map { "stall-stop/\($0)" }
-        let others = names.filter { deployment.partitioner.partition(of: $0) != stalled }
-        let own = names.first { deployment.partitioner.partition(of: $0) == stalled }!
+        let (own, others) = Self.names("stall-stop", deployment, stalled: 0)
         _ = try await client.claim(own, user: "u", connection: "c")
         for buffer in others.prefix(8) { _ = try await client.claim(buffer, user: "u", connection: "c") }
         let connections = worker.worker.stats.connections
-        let queue = ProtocolV1.requestQueue(stalled)
-        try await Deployment.services("queue-freeze", deployment.amqpURL.virtualHost, queue, "on")
-        var slowest = Duration.zero
-        var calls = 0
-        do {
+        let (calls, slowest, failure) = try await Self.whileQueueFrozen(deployment, partition: 0) {
             // Another owner takes the stalled partition's fence: the worker finds out at its next sweep and
             // stops the partition, closing its channels.
             let database = try await PostgresConnection.connect(to: deployment.databaseURL, options: .worker(applicationName: "usurper"), logger: TestDatabase.logger)
             let store = try await OwnershipStore.open(connection: database, partitioner: deployment.partitioner, logger: TestDatabase.logger)
-            _ = try await store.takePartition(stalled, owner: "usurper")
+            _ = try await store.takePartition(0, owner: "usurper")
             await database.close()
-            let started = ContinuousClock.now
-            while ContinuousClock.now - started < .seconds(8) {
-                let call = ContinuousClock.now
-                _ = try await client.claim(others[calls % others.count], user: "u", connection: "c")
-                slowest = max(slowest, ContinuousClock.now - call)
-                calls += 1
-            }
-        } catch {
-            try await Deployment.services("queue-freeze", deployment.amqpURL.virtualHost, queue, "off")
-            throw error
+            return await Self.claimInTurn(client, others, for: .seconds(8))
         }
-        try await Deployment.services("queue-freeze", deployment.amqpURL.virtualHost, queue, "off")
+        if let failure { throw failure }
         print("partition stopped while its queue stalled: \(calls) calls to the others in 8 s, slowest \(slowest), fence losses \(worker.worker.stats.fenceLosses), worker connections \(connections) → \(worker.worker.stats.connections)")
         #expect(worker.worker.stats.fenceLosses >= 1, "the worker stopped the partition whose fence it lost")
         #expect(slowest < .seconds(1), "the other partitions' calls were answered at once (slowest \(slowest))")
