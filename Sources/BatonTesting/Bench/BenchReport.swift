@@ -109,6 +109,7 @@ struct SystemResult: Sendable {
             "errors": measurement.errors,
             "double_grants": measurement.doubleGrants.map { $0 as Any } ?? NSNull(),
             "operations": measurement.operations,
+            "callers": measurement.clients.map { $0 as Any } ?? NSNull(),
             "seconds": round3(measurement.seconds),
             "latency_cdf": measurement.cdf().map { [round3($0.0), round3($0.1)] },
         ]
@@ -162,6 +163,39 @@ public struct BenchReport: Sendable {
     var workloads: [String: WorkloadResult] = [:]
     /// The rpc-ceiling tool's runs in the same bench run (`--rpc-ceiling`).
     var ceiling: [RPCCeiling.Run] = []
+    /// The caller counts of the callers sweep, whose runs are the workloads `hot@N`.
+    var sweep: [Int] = []
+
+    /// The callers sweep on `hot` with the main run's `hot` row first: callers, and each system's result.
+    func sweepRows() -> [(callers: Int, result: WorkloadResult)] {
+        guard !sweep.isEmpty else { return [] }
+        var rows: [(callers: Int, result: WorkloadResult)] = []
+        if let hot = workloads[Workload.hot.rawValue], let callers = hot.systems["baton"]?.measurement.clients { rows.append((callers, hot)) }
+        for callers in sweep.sorted() {
+            if let result = workloads["\(Workload.hot.rawValue)@\(callers)"] { rows.append((callers, result)) }
+        }
+        return rows
+    }
+
+    /// The callers sweep as a table: claims/s, p99 and machine CPU per claim of each system, and the ratios.
+    func sweepTable() -> [String] {
+        let rows = sweepRows()
+        guard !rows.isEmpty else { return [] }
+        var lines = ["hot, callers sweep (one frontend; claims/s, p99 ms, machine CPU µs per claim)"]
+        lines.append("  callers  baton                      postgres                   postgres-recorded          baton/postgres  baton/recorded")
+        for row in rows {
+            func cell(_ system: String) -> String {
+                guard let value = row.result.systems[system] else { return "-".padding(toLength: 27, withPad: " ", startingAt: 0) }
+                let cpu = value.machineCPU.isEmpty ? "-" : String(format: "%.0f", value.machineCPU.values.reduce(0, +))
+                return String(format: "%7.0f/s %7.1f ms %6@ µs  ", value.measurement.perSecond, value.measurement.percentile(0.99), cpu)
+            }
+            let ratios = [row.result.ratio("baton", "postgres"), row.result.ratio("baton", "postgres-recorded")]
+                .map { $0.map { String(format: "%.2fx", $0) } ?? "-" }
+            lines.append(String(format: "  %7d  ", row.callers) + cell("baton") + cell("postgres") + cell("postgres-recorded")
+                + ratios[0].padding(toLength: 16, withPad: " ", startingAt: 0) + ratios[1])
+        }
+        return lines + [""]
+    }
 
     /// Echo against the C ceiling at 64 in flight, one request per message (the bench's 64 clients).
     func echoVersusCeiling(_ result: WorkloadResult) -> Double? {
@@ -229,6 +263,15 @@ public struct BenchReport: Sendable {
             object["baton_waiting_vs_polling"] = round3(waiting / polling)
         }
         if !ceiling.isEmpty { object["rpc_ceiling"] = ceiling.map(\.json) }
+        let sweep = sweepRows()
+        if !sweep.isEmpty {
+            object["callers_sweep"] = sweep.map { row -> [String: Any] in
+                var entry: [String: Any] = ["callers": row.callers, "systems": row.result.systems.mapValues { $0.json() }]
+                entry["baton_vs_postgres"] = row.result.ratio("baton", "postgres").map { round3($0) as Any } ?? NSNull()
+                entry["baton_vs_postgres_recorded"] = row.result.ratio("baton", "postgres-recorded").map { round3($0) as Any } ?? NSNull()
+                return entry
+            }
+        }
         return try JSONSerialization.data(withJSONObject: object, options: [.prettyPrinted, .sortedKeys])
     }
 
@@ -241,6 +284,7 @@ public struct BenchReport: Sendable {
             lines.append("")
         }
         if let waiting = waitingVersusPolling() { lines.append(waiting + "\n") }
+        lines += sweepTable()
         for name in workloads.keys.sorted() {
             let result = workloads[name]!
             lines.append("\(name)")

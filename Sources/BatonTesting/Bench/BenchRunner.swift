@@ -57,6 +57,8 @@ struct Measurement: Sendable {
     var seconds = 0.0
     var latencies: [Double] = []  // milliseconds, sorted
     var doubleGrants: Int?
+    /// Callers of a closed loop (nil for an open loop).
+    var clients: Int?
     /// Claims sent (first sends, not resends) per operation: one-buffer workloads, where an operation is a grant.
     var claimsPerOperation: Double?
     /// One-buffer workloads: from each release's send to the next grant's answer, milliseconds, sorted.
@@ -211,7 +213,9 @@ struct BenchRunner: Sendable {
             for await latencies in group { counters.latencies.withLock { $0 += latencies } }
         }
         live.cancel()
-        return measurement(counters, seconds: (ContinuousClock.now - start).seconds)
+        var result = measurement(counters, seconds: (ContinuousClock.now - start).seconds)
+        result.clients = clients
+        return result
     }
 
     /// Starts operations at `rate` per second for `duration` regardless of answers (latency under a fixed load).

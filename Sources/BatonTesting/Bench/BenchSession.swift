@@ -11,6 +11,8 @@ public struct BenchSettings: Sendable {
     public static let systems = ["baton", "postgres", "postgres-recorded", "naive", "echo"]
     /// Pool sizes direct PostgreSQL is tried at when no pool size is given.
     public static let poolSizes = [8, 16, 32, 64]
+    /// The systems the callers sweep measures.
+    public static let sweepSystems = ["baton", "postgres", "postgres-recorded"]
 
     public var workloads: [Workload] = Workload.allCases
     public var systems: [String] = BenchSettings.systems
@@ -42,6 +44,9 @@ public struct BenchSettings: Sendable {
     /// The broker as the worker user, and as the frontend user (pointed into the scratch virtual host).
     public var workerAMQPURL: AMQPURL
     public var frontendAMQPURL: AMQPURL
+    /// Caller counts of the callers sweep: `hot` again with each count of callers on one frontend, for
+    /// Baton and both direct PostgreSQL systems (empty: no sweep).
+    public var sweepCallers: [Int] = []
     /// The command line, recorded in the results.
     public var command = ""
     /// The `baton` executable the bench workers run.
@@ -120,7 +125,40 @@ public struct BenchSession: Sendable {
             }
             report.workloads[workload.rawValue] = WorkloadResult(systems: results)
         }
+        try await sweep(into: &report, scratch: scratch, amqpURL: amqpURL, clientURL: clientURL, partitioner: partitioner, runID: runID)
         return report
+    }
+
+    /// The callers sweep: `hot` with each of ``BenchSettings/sweepCallers`` callers sharing one frontend,
+    /// for Baton and both direct PostgreSQL systems (closed loop only), reported as the workloads `hot@N`.
+    /// How many requests share a message decides most of Baton's cost; this shows where that pays.
+    private func sweep(
+        into report: inout BenchReport, scratch: PostgresURL, amqpURL: AMQPURL, clientURL: AMQPURL, partitioner: Partitioner, runID: String
+    ) async throws {
+        let systems = settings.systems.filter(BenchSettings.sweepSystems.contains)
+        guard !settings.sweepCallers.isEmpty, !systems.isEmpty else { return }
+        for callers in settings.sweepCallers {
+            var swept = settings
+            swept.clients = callers
+            swept.connections = 1
+            swept.halfPeak = false
+            swept.overload = false
+            let session = BenchSession(settings: swept, namespace: namespace, logger: logger, say: say)
+            let name = "\(Workload.hot.rawValue)@\(callers)"
+            say("\n\(name): \(Workload.hot.defaultBuffers) buffers, \(callers) callers on one frontend")
+            try await ScratchDeployment.reset(database: scratch, server: settings.serverURL, amqpURL: amqpURL, partitionCount: partitioner.count, logger: logger)
+            var results: [String: SystemResult] = [:]
+            for system in systems {
+                results[system] = try await session.measure(
+                    system: system, workload: .hot, buffers: settings.buffers ?? Workload.hot.defaultBuffers, scratch: scratch, amqpURL: amqpURL,
+                    clientURL: clientURL, partitioner: partitioner, runID: runID
+                )
+                FileHandle.standardError.write(Data("\r\u{1B}[K".utf8))
+                say("  \(system.padding(toLength: 18, withPad: " ", startingAt: 0)) \(results[system]!.summary)")
+            }
+            report.workloads[name] = WorkloadResult(systems: results)
+            report.sweep.append(callers)
+        }
     }
 
     private func measure(

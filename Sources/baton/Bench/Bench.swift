@@ -59,6 +59,12 @@ struct Bench: AsyncParsableCommand {
     @Flag(name: .customLong("no-half-peak"), help: "Skip the fixed-rate run at half of Baton's peak.")
     var noHalfPeak = false
 
+    @Option(name: .customLong("sweep-callers"), help: "After the workloads, hot again with this many callers on one frontend, for baton, postgres and postgres-recorded (a callers sweep); repeat for several, 1-4096 (default: 256 and 1024 when every workload runs).")
+    var sweepCallers: [Int] = []
+
+    @Flag(name: .customLong("no-sweep"), help: "Skip the callers sweep.")
+    var noSweep = false
+
     @Flag(help: "After each Baton run, a fixed-rate run at twice its peak for half the duration: answers per second, errors, latency and requests sent per call under overload.")
     var overload = false
 
@@ -76,6 +82,7 @@ struct Bench: AsyncParsableCommand {
         if let connections, !(1...64).contains(connections) { throw ValidationError("--connections \(connections) is not allowed: use 1 to 64") }
         if let poolSize = poolSizeFlag, !(1...256).contains(poolSize) { throw ValidationError("--pool-size \(poolSize) is not allowed: use 1 to 256") }
         guard (1...10_000).contains(pollInterval) else { throw ValidationError("--poll-interval \(pollInterval) is not allowed: use 1 to 10000 milliseconds") }
+        for callers in sweepCallers where !(1...4096).contains(callers) { throw ValidationError("--sweep-callers \(callers) is not allowed: use 1 to 4096") }
         if let buffers, buffers < 1 { throw ValidationError("--buffers \(buffers) is not allowed: use 1 or more") }
     }
 
@@ -98,6 +105,8 @@ struct Bench: AsyncParsableCommand {
         settings.workerLog = workerLog.map { URL(fileURLWithPath: $0) }
         settings.halfPeak = !noHalfPeak
         settings.overload = overload
+        // The sweep is part of a full run; a run of chosen workloads sweeps only when asked to.
+        settings.sweepCallers = noSweep ? [] : !sweepCallers.isEmpty ? sweepCallers : workloadNames.isEmpty ? [256, 1024] : []
         settings.pollInterval = .milliseconds(pollInterval)
         settings.command = CommandLine.arguments.map { $0.contains(" ") ? "'\($0)'" : $0 }.joined(separator: " ")
         // A virtual host of its own: the bench's workers and clients never touch a deployment's queues.
