@@ -207,6 +207,18 @@ public enum Migrator {
             DROP INDEX baton_outbox_pending;
             DROP INDEX baton_outbox_delivered;
             """),
+        Migration(version: 8, name: "renewals without index writes", sql: """
+            -- The lease sweep reads the rows its worker's schedule says are due (by primary key): the worker,
+            -- the partition's only writer, keeps the schedule (loaded from the live rows through
+            -- baton_buffers_connection when it takes the partition). Without an index on expires_at a renewal
+            -- changes no indexed column and is a heap-only (HOT) update; the free space a page keeps for them.
+            DROP INDEX baton_buffers_expiry;
+            ALTER TABLE baton_buffers SET (fillfactor = 85);
+            -- Records are pruned by age, and rows are appended in about that order: a block-range index is
+            -- enough for the prune, and costs almost nothing per insert.
+            DROP INDEX baton_requests_created;
+            CREATE INDEX baton_requests_created ON baton_requests USING brin (created_at);
+            """),
     ]
 
     /// The newest schema version this code knows.

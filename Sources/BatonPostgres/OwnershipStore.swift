@@ -83,6 +83,10 @@ public final class OwnershipStore: Sendable {
     private let waiting = Mutex(WaitingBatches())
     /// What the store remembers of each partition it writes, by partition (docs/store.md, "Partition memory").
     private let memory = Mutex<[Int: PartitionMemory]>([:])
+    /// The lease sweep's schedule of each partition this store writes (``ExpirySchedule``), by epoch.
+    private let schedules = Mutex<[Int: ExpirySchedule]>([:])
+    /// The database clock as each partition's last sweep read it, and when (to pick the due leases).
+    private let sweepClock = Mutex<[Int: (database: Timestamp, local: ContinuousClock.Instant)]>([:])
     /// The names of each partition's stored buffers, by partition, loaded once per epoch and kept when the
     /// memory is forgotten (a failed write inserted nothing; one whose outcome is unknown may have, and the
     /// insert's compare-and-set catches a name missing here).
@@ -137,6 +141,7 @@ public final class OwnershipStore: Sendable {
         // A new epoch: what was remembered under the old one is never used again.
         forget([partition])
         names.withLock { $0[partition] = nil }
+        schedules.withLock { $0[partition] = nil }
         return try await connection.withSession { session in
             let rows = try session.query(SQL.takePartition, [String(partition), owner])
             guard let epoch = rows.first().flatMap(Int64.init) else {
@@ -286,6 +291,7 @@ public final class OwnershipStore: Sendable {
         let (read, parameters) = Self.readStatement(batch.requests, partition: batch.partition)
         let plan = try BatchPlan(read: session.query(read, parameters), requests: batch.requests, partition: batch.partition, epoch: batch.epoch, partitioner: partitioner)
         noteInserted(plan.write, epoch: batch.epoch)
+        noteLeases(plan.write, epoch: batch.epoch)
         return plan.result(outboxIDs: try plan.write(session), attempt: attempt)
     }
 
@@ -325,7 +331,10 @@ public final class OwnershipStore: Sendable {
         }
         let decided = plans.map { $0! }
         let writing = decided.indices.filter { !decided[$0].write.isEmpty }
-        for index in writing { noteInserted(decided[index].write, epoch: group[index].epoch) }
+        for index in writing {
+            noteInserted(decided[index].write, epoch: group[index].epoch)
+            noteLeases(decided[index].write, epoch: group[index].epoch)
+        }
         let writes = try session.pipeline(writing.map { (decided[$0].write.statement, decided[$0].write.parameters) })
         let writtenAt = ContinuousClock.now
         var rows: [Int: PostgresRow] = [:]
@@ -411,6 +420,12 @@ public final class OwnershipStore: Sendable {
     /// A batch (or sweep) of `partition` was written (or had nothing to write): remember the buffers as it
     /// left them, and the database clock the write read (at or before `local`).
     private func remember(_ plan: BatchPlan, partition: Int, epoch: Int64, clock: Timestamp?, at local: ContinuousClock.Instant) {
+        schedules.withLock { schedules in
+            guard schedules[partition]?.epoch == epoch else { return }
+            for written in plan.write.buffers {
+                schedules[partition]?.set(written.buffer, written.state.holder == nil ? nil : written.state.expiresAt?.milliseconds)
+            }
+        }
         memory.withLock { memories in
             guard memories[partition]?.epoch == epoch else { return }
             guard let remembered = plan.remembered else {
@@ -436,6 +451,18 @@ public final class OwnershipStore: Sendable {
             for name in inserted where !filter.mightContain(name) { filter.insert(name) }
             // Past a tenth of its bits, the filter's false positives grow: load a larger one.
             known[write.partition] = filter.isFull ? nil : KnownNames(epoch: epoch, filter: filter)
+        }
+    }
+
+    /// Schedules the leases `write` makes, before it is sent: whether it commits, fails or ends with its
+    /// outcome unknown, the sweep never lacks a lease through it (one that was not made after all only
+    /// costs a look at its row).
+    private func noteLeases(_ write: BatchWrite, epoch: Int64) {
+        schedules.withLock { schedules in
+            guard schedules[write.partition]?.epoch == epoch else { return }
+            for written in write.buffers where written.state.holder != nil {
+                if let end = written.state.expiresAt { schedules[write.partition]?.atMost(written.buffer, end.milliseconds) }
+            }
         }
     }
 
@@ -662,6 +689,15 @@ public final class OwnershipStore: Sendable {
     /// waits that all end at once are answered over several sweeps, never in one huge statement.
     public static let linesPerSweep = 32
 
+    /// How far past the database clock (as last read, plus the time since) the sweep reads due leases.
+    static let sweepSlackMilliseconds: Int64 = 20
+
+    /// Whole milliseconds from `local` to now.
+    static func elapsedMilliseconds(since local: ContinuousClock.Instant) -> Int64 {
+        let elapsed = (ContinuousClock.now - local).components
+        return elapsed.seconds * 1000 + elapsed.attoseconds / 1_000_000_000_000_000
+    }
+
     /// The sweep with lines (docs/design/fair-waiting.md): leases that ran out are expired and their
     /// buffers handed to the heads of their lines; waits that ran out are denied. Returns the changes and
     /// the answers to waiters (recorded under their request ids), to publish. Lines are settled in the
@@ -673,23 +709,56 @@ public final class OwnershipStore: Sendable {
         // statement). Nothing holds the partition row's lock while waiting on this process, so a worker
         // frozen here cannot stall the next owner's takePartition.
         return try await retrying(partition: partition, what: "the sweep") { [self] session, _ in
+            // The schedule of the partition's leases, loaded from its rows the first time in an epoch.
+            if schedules.withLock({ $0[partition]?.epoch != epoch }) {
+                let leases = try session.query(SQL.leases, [String(partition)]).decode(from: "the leases of partition \(partition)") { row in
+                    (buffer: ExactString(try row.decode(0, "buffer")), end: try row.timestamp(1, "expires_at").milliseconds)
+                }
+                schedules.withLock { $0[partition] = ExpirySchedule(epoch: epoch, leases: leases) }
+            }
+            // The buffers whose leases are due by the database clock as last read, with a little slack (a
+            // lease read early is found running and stays scheduled).
+            var estimate = sweepClock.withLock { $0[partition].map { $0.database.milliseconds + Self.elapsedMilliseconds(since: $0.local) } }
+            if estimate == nil {
+                estimate = try session.query(SQL.clock).first().flatMap(Int64.init)
+            }
+            guard let estimate else { throw PostgresError(code: .unexpectedResult, message: "the clock read returned no row") }
+            let candidates = schedules.withLock { $0[partition]?.due(by: estimate &+ Self.sweepSlackMilliseconds, limit: limit) } ?? []
             // Rows of `now, buffer..., epoch`: always one at least, with the clock and the epoch (and a NULL
-            // buffer when nothing has expired).
-            let rows = try session.query(SQL.expiredBuffers, [String(partition), String(limit)]).decode(from: "the expiry read of partition \(partition)") { $0 }
+            // buffer when no candidate is due).
+            let readAt = ContinuousClock.now
+            let rows = try session.query(SQL.dueBuffers, [String(partition), PostgresArray.text(candidates.map(\.string))])
+                .decode(from: "the expiry read of partition \(partition)") { $0 }
             guard let first = rows.first else {
                 throw PostgresError(code: .unexpectedResult, message: "the expiry read of partition \(partition) returned no clock row")
             }
             // An early check, without a lock (the write below is the fence): a worker that lost the
             // partition learns it even when nothing has expired.
-            try Self.checkEpoch(try first.optional(8, "epoch").map { _ in try first.decode(8, "epoch") }, partition: partition, epoch: epoch)
+            do {
+                try Self.checkEpoch(try first.optional(8, "epoch").map { _ in try first.decode(8, "epoch") }, partition: partition, epoch: epoch)
+            } catch {
+                schedules.withLock { $0[partition] = nil }
+                throw error
+            }
             let now = try first.timestamp(0, "clock")
+            sweepClock.withLock { $0[partition] = (now, readAt) }
             var initial: [ExactString: BufferState] = [:]
             var versions: [ExactString: Int64] = [:]
+            // Candidates whose leases are running (or gone): scheduled by what their rows hold, once the
+            // sweep has written (a failed sweep leaves the schedule as it was).
+            var running: [(buffer: ExactString, end: Int64?)] = []
+            var unseen = Set(candidates)
             for row in rows where try row.optional(1, "buffer") != nil {
                 let buffer = try BufferRow(row, from: 1)
-                initial[buffer.buffer] = buffer.state
-                versions[buffer.buffer] = buffer.version
+                unseen.remove(buffer.buffer)
+                if buffer.state.holder != nil, let end = buffer.state.expiresAt, end <= now {
+                    initial[buffer.buffer] = buffer.state
+                    versions[buffer.buffer] = buffer.version
+                } else {
+                    running.append((buffer.buffer, buffer.state.holder == nil ? nil : buffer.state.expiresAt?.milliseconds))
+                }
             }
+            running += unseen.map { ($0, nil) }
             // Buffers whose waiters' waits ran out, those that ran out first first (``linesPerSweep`` at
             // most), and the lines of every buffer the sweep looks at.
             let linesLimit = min(limit, Self.linesPerSweep)
@@ -712,6 +781,7 @@ public final class OwnershipStore: Sendable {
                 changes: outcome.attributedChanges(to: nil).map { AttributedChange(change: $0.change, requestID: $0.requestID) }, answers: outcome.answers
             )
             let ids: [Int64]
+            noteLeases(plan.write, epoch: epoch)
             do {
                 ids = try plan.write(session)
             } catch {
@@ -720,6 +790,10 @@ public final class OwnershipStore: Sendable {
                 throw error
             }
             let result = plan.result(outboxIDs: ids, attempt: 1)
+            schedules.withLock { schedules in
+                guard schedules[partition]?.epoch == epoch else { return }
+                for (buffer, end) in running { schedules[partition]?.set(buffer, end) }
+            }
             // The sweep read every line of the buffers it looked at: remember them as it left them.
             self.remember(plan, partition: partition, epoch: epoch, clock: nil, at: .now)
             return (result.changes, result.answers, due.count == linesLimit)
@@ -991,8 +1065,18 @@ enum SQL {
         SELECT buffer FROM baton_buffers WHERE partition = $1 LIMIT $2
         """)
 
-    // Uses baton_buffers_expiry.
-    static let expiredBuffers = PreparedStatement(name: "baton_expired_buffers", sql: """
+    // The database clock, in milliseconds since the epoch.
+    static let clock = PreparedStatement(name: "baton_clock", sql: "SELECT floor(extract(epoch FROM clock_timestamp()) * 1000)::int8")
+
+    // The partition's leases, for the sweep's schedule (an epoch's first sweep). Uses baton_buffers_connection.
+    static let leases = PreparedStatement(name: "baton_leases", sql: """
+        SELECT buffer, (extract(epoch FROM expires_at) * 1000)::int8
+        FROM baton_buffers WHERE partition = $1 AND holder_connection IS NOT NULL
+        """)
+
+    // The rows of the buffers the sweep's schedule says are due ($2), with the clock and the epoch. Uses the
+    // primary key.
+    static let dueBuffers = PreparedStatement(name: "baton_due_buffers", sql: """
         WITH clock AS (
             SELECT floor(extract(epoch FROM clock_timestamp()) * 1000)::int8 AS now_ms,
                    (SELECT epoch FROM baton_partitions WHERE partition = $1) AS epoch
@@ -1001,11 +1085,7 @@ enum SQL {
                (extract(epoch FROM b.expires_at) * 1000)::int8, b.version, b.holder_principal, c.epoch
         FROM clock c
         LEFT JOIN LATERAL (
-            SELECT * FROM baton_buffers
-            WHERE partition = $1 AND holder_connection IS NOT NULL
-              AND expires_at <= timestamptz 'epoch' + c.now_ms * interval '1 millisecond'
-            ORDER BY expires_at
-            LIMIT $2
+            SELECT * FROM baton_buffers WHERE partition = $1 AND buffer = ANY($2::text[])
         ) b ON true
         """)
 

@@ -1,4 +1,5 @@
 import BatonCore
+import HeapModule
 
 /// A buffer as the store last read or wrote it: its state (with its line) and its row's version (0: the
 /// buffer has no row yet).
@@ -201,5 +202,106 @@ struct BufferFilter: Sendable {
         x &*= 0xC4CE_B9FE_1A85_EC53
         x ^= x >> 33
         return x
+    }
+}
+
+/// When to look at each lease of a partition: the lease sweep's index, kept in the worker instead of in
+/// PostgreSQL, so that a renewal (which changes only `expires_at`) touches no indexed column and is a HOT
+/// update (docs/store.md, "The lease sweep").
+///
+/// It is a schedule of candidates, never an authority: the sweep reads each due buffer's row and expires
+/// it only when the row says its lease ran out on the database clock. What it must never do is miss a
+/// lease: for every lease the partition's rows hold there is an entry due at or before its end. It is
+/// loaded from the rows when the sweep first runs in an epoch (only the epoch's owner writes them
+/// afterwards); a write adds its leases before it is sent (``atMost(_:_:)``: whether it commits, fails or
+/// ends with its outcome unknown, no lease it makes goes unscheduled), and a committed write or a sweep's
+/// read sets the exact end (``set(_:_:)``). A lease renewed without the schedule hearing of it is looked
+/// at on its old end, found running, and scheduled anew.
+struct ExpirySchedule: Sendable {
+    /// The epoch whose writes it follows.
+    let epoch: Int64
+    /// When each scheduled buffer is due (database milliseconds).
+    private var due: [ExactString: Int64] = [:]
+    /// The same, earliest first; entries that no longer match `due` are skipped when they come up.
+    private var heap = Heap<Entry>()
+    private var serial: UInt64 = 0
+
+    private struct Entry: Comparable, Sendable {
+        let at: Int64
+        let serial: UInt64
+        let buffer: ExactString
+        static func < (a: Entry, b: Entry) -> Bool { (a.at, a.serial) < (b.at, b.serial) }
+        static func == (a: Entry, b: Entry) -> Bool { a.serial == b.serial }
+    }
+
+    /// A schedule of `leases` (buffer, end) as the partition's rows hold them, for `epoch`.
+    init(epoch: Int64, leases: [(buffer: ExactString, end: Int64)]) {
+        self.epoch = epoch
+        due.reserveCapacity(leases.count)
+        var entries: [Entry] = []
+        entries.reserveCapacity(leases.count)
+        for lease in leases {
+            due[lease.buffer] = lease.end
+            serial += 1
+            entries.append(Entry(at: lease.end, serial: serial, buffer: lease.buffer))
+        }
+        heap = Heap(entries)
+    }
+
+    /// Buffers scheduled.
+    var count: Int { due.count }
+
+    /// When `buffer` is due, if it is scheduled.
+    subscript(buffer: ExactString) -> Int64? { due[buffer] }
+
+    /// A write about to be sent may give `buffer` a lease ending at `end`: look at it no later than that.
+    mutating func atMost(_ buffer: ExactString, _ end: Int64) {
+        if let current = due[buffer], current <= end { return }
+        schedule(buffer, end)
+    }
+
+    /// The rows say `buffer`'s lease ends at `end` (nil: it has none).
+    mutating func set(_ buffer: ExactString, _ end: Int64?) {
+        guard let end else {
+            due[buffer] = nil
+            compactIfSparse()
+            return
+        }
+        if due[buffer] != end { schedule(buffer, end) }
+    }
+
+    /// The buffers due at or before `time`, earliest first, at most `limit`. They stay scheduled until
+    /// ``set(_:_:)`` says what their rows hold.
+    mutating func due(by time: Int64, limit: Int) -> [ExactString] {
+        var found: [ExactString] = []
+        var seen: Set<ExactString> = []
+        var kept: [Entry] = []
+        while found.count < limit, let first = heap.min, first.at <= time {
+            let entry = heap.removeMin()
+            guard due[entry.buffer] == entry.at else { continue }  // superseded
+            kept.append(entry)
+            if seen.insert(entry.buffer).inserted { found.append(entry.buffer) }
+        }
+        heap.insert(contentsOf: kept)
+        return found
+    }
+
+    private mutating func schedule(_ buffer: ExactString, _ at: Int64) {
+        due[buffer] = at
+        serial += 1
+        heap.insert(Entry(at: at, serial: serial, buffer: buffer))
+        compactIfSparse()
+    }
+
+    /// Rebuilds the heap once most of its entries are superseded (every renewal leaves one behind).
+    private mutating func compactIfSparse() {
+        guard heap.count > 2 * due.count + 1024 else { return }
+        var entries: [Entry] = []
+        entries.reserveCapacity(due.count)
+        for (buffer, at) in due {
+            serial += 1
+            entries.append(Entry(at: at, serial: serial, buffer: buffer))
+        }
+        heap = Heap(entries)
     }
 }

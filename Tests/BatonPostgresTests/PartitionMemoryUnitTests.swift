@@ -60,3 +60,41 @@ import Testing
         #expect(memory[ExactString("b0")] == nil && memory[ExactString("b4")] != nil, "the oldest went first")
     }
 }
+
+/// The lease sweep's schedule (``ExpirySchedule``), without a database.
+@Suite struct ExpiryScheduleTests {
+    @Test func dueLeasesComeEarliestFirstAndStayUntilTheirRowsAreKnown() {
+        var schedule = ExpirySchedule(epoch: 1, leases: [("c", 300), ("a", 100), ("b", 200)])
+        #expect(schedule.due(by: 99, limit: 10).isEmpty)
+        #expect(schedule.due(by: 250, limit: 10) == ["a", "b"])
+        #expect(schedule.due(by: 250, limit: 1) == ["a"], "at most the limit, earliest first")
+        #expect(schedule.due(by: 250, limit: 10) == ["a", "b"], "looking does not unschedule")
+        schedule.set("a", nil)  // swept: no lease any more
+        schedule.set("b", 900)  // renewed: due at its new end
+        #expect(schedule.due(by: 899, limit: 10) == ["c"])
+        #expect(schedule.due(by: 900, limit: 10) == ["c", "b"])
+        #expect(schedule.count == 2)
+    }
+
+    @Test func aWriteAboutToBeSentCanOnlyBringALeaseForward() {
+        var schedule = ExpirySchedule(epoch: 1, leases: [("a", 500)])
+        schedule.atMost("a", 800)
+        #expect(schedule["a"] == 500, "a later end waits for the row (or the commit) to say so")
+        schedule.atMost("a", 200)
+        schedule.atMost("new", 300)
+        #expect(schedule.due(by: 300, limit: 10) == ["a", "new"])
+        schedule.set("a", 800)
+        #expect(schedule.due(by: 799, limit: 10) == ["new"])
+    }
+
+    @Test func renewalsThatSupersedeEntriesNeitherLoseNorDuplicateALease() {
+        var schedule = ExpirySchedule(epoch: 1, leases: (0..<100).map { (ExactString("b\($0)"), Int64(1_000 + $0)) })
+        for round in 1...200 {
+            for index in 0..<100 { schedule.set(ExactString("b\(index)"), Int64(1_000 + round * 1_000 + index)) }
+        }
+        #expect(schedule.count == 100)
+        let due = schedule.due(by: .max, limit: 1_000)
+        #expect(due == (0..<100).map { ExactString("b\($0)") }, "every lease once, in the order of its last end")
+        #expect(schedule.due(by: 201_098, limit: 1_000).count == 99)
+    }
+}

@@ -233,4 +233,55 @@ extension PartitionMemoryTests {
         #expect(next.fromMemory, "no write aborted: the memory was kept")
         await store.connection.close()
     }
+
+    // MARK: - The lease sweep's schedule (migration 8: no index on expires_at)
+
+    @Test func aLeaseOfTheEpochBeforeIsSweptByTheNextOwner() async throws {
+        let url = try await TestDatabase.migrated()
+        let old = try await TestDatabase.store(url)
+        let new = try await TestDatabase.store(url)
+        let b = buffer(in: 4)
+        let oldEpoch = try await old.takePartition(4, owner: "old")
+        _ = try await old.apply([.claim(b, user: "ann", connection: "c1", lease: 300)], partition: 4, epoch: oldEpoch)
+        let epoch = try await new.takePartition(4, owner: "new")
+        try await Task.sleep(for: .milliseconds(400))
+        // The new store never wrote the lease: only the rows can have told its schedule.
+        let swept = try await new.sweep(partition: 4, epoch: epoch)
+        #expect(swept.map(\.change.kind) == [.expired] && swept.map(\.change.buffer) == [b], "the new owner's schedule was loaded from the rows")
+        await old.connection.close()
+        await new.connection.close()
+    }
+
+    @Test func aRenewalIsAHeapOnlyUpdateAndOutlivesTheLeasesOldEnd() async throws {
+        let url = try await TestDatabase.migrated()
+        let store = try await TestDatabase.store(url)
+        let epoch = try await store.takePartition(6, owner: "test")
+        let b = buffer(in: 6)
+        let claimed = try await store.apply([.claim(b, user: "ann", connection: "c1", lease: 400)], partition: 6, epoch: epoch)
+        let token = try #require(claimed.decided.first?.token)
+        #expect(try await store.sweep(partition: 6, epoch: epoch).isEmpty, "scheduled at the claim's end")
+        for index in 0..<20 {
+            // Each renewal to another end (two in one millisecond to the same end would change nothing).
+            let renewed = try await store.apply([
+                Request(requestID: UUID().uuidString, command: .renew(buffer: b, connection: "c1", token: token, leaseMilliseconds: 60_000 + Int64(index) * 10)),
+            ], partition: 6, epoch: epoch)
+            #expect(renewed.decided.first?.status == .renewed)
+        }
+        try await Task.sleep(for: .milliseconds(500))
+        #expect(try await store.sweep(partition: 6, epoch: epoch).isEmpty, "renewed: still held past the claim's end")
+        // A backend's statistics reach the shared ones when it ends.
+        await store.connection.close()
+        let reader = try await PostgresConnection.connect(to: url, logger: TestDatabase.logger)
+        var counts: (updates: Int, heapOnly: Int) = (0, 0)
+        for _ in 0..<40 where counts.updates < 20 {
+            counts = try await reader.withSession { session in
+                let row = try session.query("SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables WHERE relname = 'baton_buffers'").rows.first ?? []
+                return (Int(row.first.flatMap { $0 } ?? "") ?? 0, Int(row.dropFirst().first.flatMap { $0 } ?? "") ?? 0)
+            }
+            if counts.updates < 20 { try await Task.sleep(for: .milliseconds(100)) }
+        }
+        #expect(counts.updates == 20, "one update per renewal")
+        #expect(counts.heapOnly == 20, "every renewal a heap-only update: no index holds a column a renewal changes")
+        await reader.close()
+    }
 }
