@@ -420,12 +420,6 @@ public final class OwnershipStore: Sendable {
     /// A batch (or sweep) of `partition` was written (or had nothing to write): remember the buffers as it
     /// left them, and the database clock the write read (at or before `local`).
     private func remember(_ plan: BatchPlan, partition: Int, epoch: Int64, clock: Timestamp?, at local: ContinuousClock.Instant) {
-        schedules.withLock { schedules in
-            guard schedules[partition]?.epoch == epoch else { return }
-            for written in plan.write.buffers {
-                schedules[partition]?.set(written.buffer, written.state.holder == nil ? nil : written.state.expiresAt?.milliseconds)
-            }
-        }
         memory.withLock { memories in
             guard memories[partition]?.epoch == epoch else { return }
             guard let remembered = plan.remembered else {
@@ -454,14 +448,15 @@ public final class OwnershipStore: Sendable {
         }
     }
 
-    /// Schedules the leases `write` makes, before it is sent: whether it commits, fails or ends with its
-    /// outcome unknown, the sweep never lacks a lease through it (one that was not made after all only
-    /// costs a look at its row).
+    /// Schedules the leases `write` grants (a holder with a new token), before it is sent: whether it
+    /// commits, fails or ends with its outcome unknown, the sweep never lacks a lease through it (one that
+    /// was not granted after all only costs a look at its row). A renewal (same token, a later end) needs
+    /// no entry: the lease's own is due earlier.
     private func noteLeases(_ write: BatchWrite, epoch: Int64) {
         schedules.withLock { schedules in
             guard schedules[write.partition]?.epoch == epoch else { return }
-            for written in write.buffers where written.state.holder != nil {
-                if let end = written.state.expiresAt { schedules[write.partition]?.atMost(written.buffer, end.milliseconds) }
+            for written in write.buffers where written.state.holder != nil && written.state.token != written.expectedToken {
+                if let end = written.state.expiresAt { schedules[write.partition]?.add(written.buffer, end.milliseconds) }
             }
         }
     }
@@ -723,7 +718,18 @@ public final class OwnershipStore: Sendable {
                 estimate = try session.query(SQL.clock).first().flatMap(Int64.init)
             }
             guard let estimate else { throw PostgresError(code: .unexpectedResult, message: "the clock read returned no row") }
-            let candidates = schedules.withLock { $0[partition]?.due(by: estimate &+ Self.sweepSlackMilliseconds, limit: limit) } ?? []
+            let scheduled = schedules.withLock { $0[partition]?.takeDue(by: estimate &+ Self.sweepSlackMilliseconds, limit: limit) }
+            let candidates = scheduled?.buffers ?? []
+            // Until the sweep has written, what it took is put back if anything fails.
+            var finished = false
+            defer {
+                if !finished, let taken = scheduled?.taken, !taken.isEmpty {
+                    schedules.withLock { schedules in
+                        guard schedules[partition]?.epoch == epoch else { return }
+                        schedules[partition]?.restore(taken)
+                    }
+                }
+            }
             // Rows of `now, buffer..., epoch`: always one at least, with the clock and the epoch (and a NULL
             // buffer when no candidate is due).
             let readAt = ContinuousClock.now
@@ -744,21 +750,19 @@ public final class OwnershipStore: Sendable {
             sweepClock.withLock { $0[partition] = (now, readAt) }
             var initial: [ExactString: BufferState] = [:]
             var versions: [ExactString: Int64] = [:]
-            // Candidates whose leases are running (or gone): scheduled by what their rows hold, once the
-            // sweep has written (a failed sweep leaves the schedule as it was).
-            var running: [(buffer: ExactString, end: Int64?)] = []
-            var unseen = Set(candidates)
+            // Candidates whose leases still run (renewed): scheduled at their rows' ends once the sweep has
+            // written. Those without a lease leave the schedule.
+            var running: [(buffer: ExactString, end: Int64)] = []
             for row in rows where try row.optional(1, "buffer") != nil {
                 let buffer = try BufferRow(row, from: 1)
-                unseen.remove(buffer.buffer)
-                if buffer.state.holder != nil, let end = buffer.state.expiresAt, end <= now {
+                guard buffer.state.holder != nil, let end = buffer.state.expiresAt else { continue }
+                if end <= now {
                     initial[buffer.buffer] = buffer.state
                     versions[buffer.buffer] = buffer.version
                 } else {
-                    running.append((buffer.buffer, buffer.state.holder == nil ? nil : buffer.state.expiresAt?.milliseconds))
+                    running.append((buffer.buffer, end.milliseconds))
                 }
             }
-            running += unseen.map { ($0, nil) }
             // Buffers whose waiters' waits ran out, those that ran out first first (``linesPerSweep`` at
             // most), and the lines of every buffer the sweep looks at.
             let linesLimit = min(limit, Self.linesPerSweep)
@@ -790,9 +794,10 @@ public final class OwnershipStore: Sendable {
                 throw error
             }
             let result = plan.result(outboxIDs: ids, attempt: 1)
+            finished = true
             schedules.withLock { schedules in
                 guard schedules[partition]?.epoch == epoch else { return }
-                for (buffer, end) in running { schedules[partition]?.set(buffer, end) }
+                for (buffer, end) in running { schedules[partition]?.add(buffer, end) }
             }
             // The sweep read every line of the buffers it looked at: remember them as it left them.
             self.remember(plan, partition: partition, epoch: epoch, clock: nil, at: .now)
@@ -982,53 +987,58 @@ enum SQL {
     // - `r`: replies already given to the batch's request ids (baton_requests primary key);
     // - `b`: the rows of the batch's buffers (baton_buffers primary key) and of the buffers held by
     //   release_connection's connections and principals (baton_buffers_connection, filtered by holder_principal: only the requester's own).
-    // Lookups are unnest + LATERAL probes: an `= ANY($n)` filter let the planner scan the whole
-    // partition when statistics lagged behind a young, fast-growing table (seen in the benchmark).
+    // Lookups are unnest + LATERAL probes behind `OFFSET 0`, which keeps the planner from pulling a probe
+    // up into a join: a worker plans each statement once, maybe on an empty table, and without statistics
+    // the planner joined the keys to a scan of the whole partition (hash join, or the partition's rows as
+    // the outer side); an `= ANY($n)` filter did the same. Behind the fence each key is one index probe,
+    // whatever the statistics (PartitionMemoryTests, "a write planned on an empty table").
     static let readBatch = PreparedStatement(name: "baton_read_batch", sql: """
         WITH fence AS (SELECT epoch FROM baton_partitions WHERE partition = $1),
         stored AS (
             SELECT r.request_id, r.reply, r.fingerprint FROM unnest($2::text[]) AS wanted(request_id)
             CROSS JOIN LATERAL (
-                SELECT request_id, reply, fingerprint FROM baton_requests WHERE partition = $1 AND request_id = wanted.request_id
+                SELECT request_id, reply, fingerprint FROM baton_requests WHERE partition = $1 AND request_id = wanted.request_id OFFSET 0
             ) r
         ),
         found AS (
             SELECT b.* FROM unnest($3::text[]) AS wanted(buffer)
-            CROSS JOIN LATERAL (SELECT * FROM baton_buffers WHERE partition = $1 AND buffer = wanted.buffer) b
+            CROSS JOIN LATERAL (SELECT * FROM baton_buffers WHERE partition = $1 AND buffer = wanted.buffer OFFSET 0) b
             UNION
             SELECT b.* FROM unnest($4::text[], $5::text[]) AS wanted(connection, principal)
             CROSS JOIN LATERAL (
                 SELECT * FROM baton_buffers WHERE partition = $1 AND holder_connection IS NOT NULL AND holder_connection = wanted.connection
-                    AND holder_principal IS NOT DISTINCT FROM wanted.principal
+                    AND holder_principal IS NOT DISTINCT FROM wanted.principal OFFSET 0
             ) b
             UNION
             SELECT b.* FROM unnest($4::text[], $5::text[]) AS wanted(connection, principal)
             CROSS JOIN LATERAL (
                 SELECT * FROM baton_buffers WHERE partition = $1 AND buffer IN (
                     SELECT buffer FROM baton_waiters WHERE partition = $1 AND holder_connection = wanted.connection
-                        AND principal IS NOT DISTINCT FROM wanted.principal)
+                        AND principal IS NOT DISTINCT FROM wanted.principal OFFSET 0) OFFSET 0
             ) b
         ),
         -- Not joined to found: a CTE referenced twice is materialized, and every batch would pay for it.
         -- One arm per index (an OR of them scans every waiter of the partition); UNION, not UNION ALL,
         -- so that a waiter found twice is read once.
         lines AS (
-            SELECT w.* FROM baton_waiters w WHERE w.partition = $1 AND w.buffer = ANY($3::text[])
+            SELECT w.* FROM unnest($3::text[]) AS wanted(buffer)
+            CROSS JOIN LATERAL (SELECT * FROM baton_waiters WHERE partition = $1 AND buffer = wanted.buffer OFFSET 0) w
             UNION
             SELECT w.* FROM unnest($4::text[], $5::text[]) AS wanted(connection, principal)
             CROSS JOIN LATERAL (
-                SELECT * FROM baton_waiters WHERE partition = $1 AND holder_connection = wanted.connection AND principal IS NOT DISTINCT FROM wanted.principal
+                SELECT * FROM baton_waiters WHERE partition = $1 AND holder_connection = wanted.connection AND principal IS NOT DISTINCT FROM wanted.principal OFFSET 0
             ) w
             UNION
             SELECT w.* FROM unnest($4::text[], $5::text[]) AS wanted(connection, principal)
             CROSS JOIN LATERAL (
                 SELECT * FROM baton_waiters WHERE partition = $1 AND buffer IN (
                     SELECT buffer FROM baton_buffers WHERE partition = $1 AND holder_connection = wanted.connection
-                        AND holder_principal IS NOT DISTINCT FROM wanted.principal)
+                        AND holder_principal IS NOT DISTINCT FROM wanted.principal OFFSET 0) OFFSET 0
             ) w
             UNION
             -- A waiting claim's request id, whatever buffer the request names: it may not be reused.
-            SELECT w.* FROM baton_waiters w WHERE w.partition = $1 AND w.request_id = ANY($2::text[])
+            SELECT w.* FROM unnest($2::text[]) AS wanted(request_id)
+            CROSS JOIN LATERAL (SELECT * FROM baton_waiters WHERE partition = $1 AND request_id = wanted.request_id OFFSET 0) w
         )
         SELECT 'f', (SELECT epoch FROM fence)::text, floor(extract(epoch FROM clock_timestamp()) * 1000)::int8::text,
                NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL
@@ -1074,8 +1084,8 @@ enum SQL {
         FROM baton_buffers WHERE partition = $1 AND holder_connection IS NOT NULL
         """)
 
-    // The rows of the buffers the sweep's schedule says are due ($2), with the clock and the epoch. Uses the
-    // primary key.
+    // The rows of the buffers the sweep's schedule says are due ($2), with the clock and the epoch: one
+    // primary-key probe per name (never `= ANY`, which may scan the whole partition).
     static let dueBuffers = PreparedStatement(name: "baton_due_buffers", sql: """
         WITH clock AS (
             SELECT floor(extract(epoch FROM clock_timestamp()) * 1000)::int8 AS now_ms,
@@ -1085,7 +1095,8 @@ enum SQL {
                (extract(epoch FROM b.expires_at) * 1000)::int8, b.version, b.holder_principal, c.epoch
         FROM clock c
         LEFT JOIN LATERAL (
-            SELECT * FROM baton_buffers WHERE partition = $1 AND buffer = ANY($2::text[])
+            SELECT r.* FROM unnest($2::text[]) AS due(buffer)
+            CROSS JOIN LATERAL (SELECT * FROM baton_buffers WHERE partition = $1 AND buffer = due.buffer OFFSET 0) r
         ) b ON true
         """)
 
@@ -1110,9 +1121,10 @@ enum SQL {
 
     // Uses the primary key of baton_waiters.
     static let lines = PreparedStatement(name: "baton_lines", sql: """
-        SELECT buffer, request_id, holder_user, holder_connection, principal, lease_ms,
-               (extract(epoch FROM wait_until) * 1000)::int8, reply_to, correlation_id, fingerprint, position
-        FROM baton_waiters WHERE partition = $1 AND buffer = ANY($2::text[])
+        SELECT w.buffer, w.request_id, w.holder_user, w.holder_connection, w.principal, w.lease_ms,
+               (extract(epoch FROM w.wait_until) * 1000)::int8, w.reply_to, w.correlation_id, w.fingerprint, w.position
+        FROM unnest($2::text[]) AS wanted(buffer)
+        CROSS JOIN LATERAL (SELECT * FROM baton_waiters WHERE partition = $1 AND buffer = wanted.buffer OFFSET 0) w
         """)
 
     // One statement for every write of a batch, atomic on its own. It is fenced: it locks the
@@ -1136,16 +1148,26 @@ enum SQL {
                 AS i(buffer, holder_user, holder_connection, token, expires_ms, expected_token, expected_version, holder_principal)
             WHERE (SELECT epoch FROM fence) = $20
         ),
+        -- The rows to update, found by one key probe each (see readBatch), and updated by their row id: a
+        -- row changed since (by another writer) is no longer at that id, so it is not updated and the
+        -- compare-and-set counts miss.
+        targets AS (
+            SELECT i.*, r.row_id FROM input i
+            CROSS JOIN LATERAL (
+                SELECT ctid AS row_id FROM baton_buffers
+                WHERE partition = $1 AND buffer = i.buffer AND version = i.expected_version AND token = i.expected_token OFFSET 0
+            ) r
+            WHERE i.expected_version > 0
+        ),
         updated AS (
             UPDATE baton_buffers b
-            SET holder_user = i.holder_user, holder_connection = i.holder_connection, token = i.token,
-                holder_principal = i.holder_principal,
-                expires_at = timestamptz 'epoch' + i.expires_ms * interval '1 millisecond',
+            SET holder_user = t.holder_user, holder_connection = t.holder_connection, token = t.token,
+                holder_principal = t.holder_principal,
+                expires_at = timestamptz 'epoch' + t.expires_ms * interval '1 millisecond',
                 version = b.version + 1,
                 updated_at = timestamptz 'epoch' + $2::int8 * interval '1 millisecond'
-            FROM input i
-            WHERE i.expected_version > 0 AND b.partition = $1 AND b.buffer = i.buffer
-              AND b.version = i.expected_version AND b.token = i.expected_token
+            FROM targets t
+            WHERE b.ctid = t.row_id AND b.buffer = t.buffer AND b.version = t.expected_version AND b.token = t.expected_token
             RETURNING 1
         ),
         inserted AS (
@@ -1179,8 +1201,10 @@ enum SQL {
 
     private static let waiterCTEs = """
         waiters_removed AS (
-            DELETE FROM baton_waiters w USING unnest($27::text[]) AS r(request_id)
-            WHERE (SELECT epoch FROM fence) = $20 AND w.partition = $1 AND w.request_id = r.request_id
+            DELETE FROM baton_waiters w
+            USING unnest($27::text[]) AS r(request_id)
+            CROSS JOIN LATERAL (SELECT ctid AS row_id FROM baton_waiters WHERE partition = $1 AND request_id = r.request_id OFFSET 0) found
+            WHERE (SELECT epoch FROM fence) = $20 AND w.ctid = found.row_id AND w.request_id = r.request_id
             RETURNING 1
         ),
         waiters_added AS (
@@ -1196,7 +1220,8 @@ enum SQL {
         waiters_moved AS (
             UPDATE baton_waiters w SET reply_to = m.reply_to, correlation_id = m.correlation_id
             FROM unnest($38::text[], $39::text[], $40::text[]) AS m(request_id, reply_to, correlation_id)
-            WHERE (SELECT epoch FROM fence) = $20 AND w.partition = $1 AND w.request_id = m.request_id
+            CROSS JOIN LATERAL (SELECT ctid AS row_id FROM baton_waiters WHERE partition = $1 AND request_id = m.request_id OFFSET 0) found
+            WHERE (SELECT epoch FROM fence) = $20 AND w.ctid = found.row_id AND w.request_id = m.request_id
             RETURNING 1
         )
         """

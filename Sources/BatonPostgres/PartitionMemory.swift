@@ -207,101 +207,59 @@ struct BufferFilter: Sendable {
 
 /// When to look at each lease of a partition: the lease sweep's index, kept in the worker instead of in
 /// PostgreSQL, so that a renewal (which changes only `expires_at`) touches no indexed column and is a HOT
-/// update (docs/store.md, "The lease sweep").
+/// update (docs/store.md, "The lease sweep's schedule").
 ///
 /// It is a schedule of candidates, never an authority: the sweep reads each due buffer's row and expires
 /// it only when the row says its lease ran out on the database clock. What it must never do is miss a
 /// lease: for every lease the partition's rows hold there is an entry due at or before its end. It is
 /// loaded from the rows when the sweep first runs in an epoch (only the epoch's owner writes them
-/// afterwards); a write adds its leases before it is sent (``atMost(_:_:)``: whether it commits, fails or
-/// ends with its outcome unknown, no lease it makes goes unscheduled), and a committed write or a sweep's
-/// read sets the exact end (``set(_:_:)``). A lease renewed without the schedule hearing of it is looked
-/// at on its old end, found running, and scheduled anew.
+/// afterwards), and a write adds an entry for every lease it grants before it is sent (``add(_:_:)``:
+/// whether it commits, fails or ends with its outcome unknown, no lease it makes goes unscheduled). A
+/// renewal needs nothing: the lease's entry is due no later than its old end, and the sweep that finds
+/// it running there adds it again at the row's end. An entry of a lease released since costs one look at
+/// its row. So the schedule is a heap of (end, name) alone, about 24 bytes and the name per lease.
 struct ExpirySchedule: Sendable {
     /// The epoch whose writes it follows.
     let epoch: Int64
-    /// When each scheduled buffer is due (database milliseconds).
-    private var due: [ExactString: Int64] = [:]
-    /// The same, earliest first; entries that no longer match `due` are skipped when they come up.
-    private var heap = Heap<Entry>()
-    private var serial: UInt64 = 0
+    /// Leases by end (database milliseconds), earliest first.
+    private var heap: Heap<Entry>
 
-    private struct Entry: Comparable, Sendable {
+    struct Entry: Comparable, Sendable {
         let at: Int64
-        let serial: UInt64
         let buffer: ExactString
-        static func < (a: Entry, b: Entry) -> Bool { (a.at, a.serial) < (b.at, b.serial) }
-        static func == (a: Entry, b: Entry) -> Bool { a.serial == b.serial }
+        static func < (a: Entry, b: Entry) -> Bool { a.at < b.at }
     }
 
     /// A schedule of `leases` (buffer, end) as the partition's rows hold them, for `epoch`.
     init(epoch: Int64, leases: [(buffer: ExactString, end: Int64)]) {
         self.epoch = epoch
-        due.reserveCapacity(leases.count)
-        var entries: [Entry] = []
-        entries.reserveCapacity(leases.count)
-        for lease in leases {
-            due[lease.buffer] = lease.end
-            serial += 1
-            entries.append(Entry(at: lease.end, serial: serial, buffer: lease.buffer))
-        }
-        heap = Heap(entries)
+        heap = Heap(leases.map { Entry(at: $0.end, buffer: $0.buffer) })
     }
 
-    /// Buffers scheduled.
-    var count: Int { due.count }
+    /// Entries scheduled (a buffer may have several).
+    var count: Int { heap.count }
 
-    /// When `buffer` is due, if it is scheduled.
-    subscript(buffer: ExactString) -> Int64? { due[buffer] }
-
-    /// A write about to be sent may give `buffer` a lease ending at `end`: look at it no later than that.
-    mutating func atMost(_ buffer: ExactString, _ end: Int64) {
-        if let current = due[buffer], current <= end { return }
-        schedule(buffer, end)
+    /// `buffer` has (or may get, from a write about to be sent) a lease ending at `end`.
+    mutating func add(_ buffer: ExactString, _ end: Int64) {
+        heap.insert(Entry(at: end, buffer: buffer))
     }
 
-    /// The rows say `buffer`'s lease ends at `end` (nil: it has none).
-    mutating func set(_ buffer: ExactString, _ end: Int64?) {
-        guard let end else {
-            due[buffer] = nil
-            compactIfSparse()
-            return
-        }
-        if due[buffer] != end { schedule(buffer, end) }
-    }
-
-    /// The buffers due at or before `time`, earliest first, at most `limit`. They stay scheduled until
-    /// ``set(_:_:)`` says what their rows hold.
-    mutating func due(by time: Int64, limit: Int) -> [ExactString] {
-        var found: [ExactString] = []
+    /// Takes the entries due at or before `time`, earliest first, until `limit` distinct buffers: the
+    /// buffers, and the entries taken (to ``restore(_:)`` if what follows fails).
+    mutating func takeDue(by time: Int64, limit: Int) -> (buffers: [ExactString], taken: [Entry]) {
+        var buffers: [ExactString] = []
         var seen: Set<ExactString> = []
-        var kept: [Entry] = []
-        while found.count < limit, let first = heap.min, first.at <= time {
+        var taken: [Entry] = []
+        while let first = heap.min, first.at <= time, buffers.count < limit || seen.contains(first.buffer) {
             let entry = heap.removeMin()
-            guard due[entry.buffer] == entry.at else { continue }  // superseded
-            kept.append(entry)
-            if seen.insert(entry.buffer).inserted { found.append(entry.buffer) }
+            taken.append(entry)
+            if seen.insert(entry.buffer).inserted { buffers.append(entry.buffer) }
         }
-        heap.insert(contentsOf: kept)
-        return found
+        return (buffers, taken)
     }
 
-    private mutating func schedule(_ buffer: ExactString, _ at: Int64) {
-        due[buffer] = at
-        serial += 1
-        heap.insert(Entry(at: at, serial: serial, buffer: buffer))
-        compactIfSparse()
-    }
-
-    /// Rebuilds the heap once most of its entries are superseded (every renewal leaves one behind).
-    private mutating func compactIfSparse() {
-        guard heap.count > 2 * due.count + 1024 else { return }
-        var entries: [Entry] = []
-        entries.reserveCapacity(due.count)
-        for (buffer, at) in due {
-            serial += 1
-            entries.append(Entry(at: at, serial: serial, buffer: buffer))
-        }
-        heap = Heap(entries)
+    /// Puts taken entries back (the sweep that took them did not finish).
+    mutating func restore(_ taken: [Entry]) {
+        heap.insert(contentsOf: taken)
     }
 }

@@ -64,9 +64,10 @@ struct Deployment {
     }
 
     /// A client as a frontend (or as `url`'s user).
-    func client(timeout: Duration = .seconds(10), as url: AMQPURL? = nil) -> BatonClient {
+    func client(timeout: Duration = .seconds(10), as url: AMQPURL? = nil, resendAfter: Duration? = nil) -> BatonClient {
         var configuration = BatonClientConfiguration(amqpURL: url ?? frontendURL, partitioner: partitioner)
         configuration.timeout = timeout
+        if let resendAfter { configuration.resendAfter = resendAfter }
         configuration.name = "test client"
         return BatonClient(configuration: configuration, logger: TestDatabase.logger)
     }

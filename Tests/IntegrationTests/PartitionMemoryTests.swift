@@ -284,4 +284,55 @@ extension PartitionMemoryTests {
         #expect(counts.heapOnly == 20, "every renewal a heap-only update: no index holds a column a renewal changes")
         await reader.close()
     }
+
+    /// A worker's statements are planned once, on whatever the table held then. A plan made on an empty
+    /// table once joined the batch write's updates to a scan of the whole partition (until autovacuum
+    /// analyzed the table), so every renewal read every row of its partition: in `open-storm` over
+    /// 1,000,000 buffers, writes took 300-600 ms and calls timed out. Counted, not timed: the rows the
+    /// renewals fetched from `baton_buffers`, from the table's statistics once the backend ended.
+    @Test func aWritePlannedOnAnEmptyTableStillLooksUpItsKeysWhenThePartitionHasGrown() async throws {
+        let url = try await TestDatabase.migrated()
+        let connection = try await PostgresConnection.connect(to: url, options: .worker(applicationName: "baton test"), logger: TestDatabase.logger)
+        let store = try await OwnershipStore.open(connection: connection, partitioner: try Partitioner(count: 16), logger: TestDatabase.logger)
+        let epoch = try await store.takePartition(9, owner: "test")
+        let b = buffer(in: 9)
+        let claimed = try await store.apply([.claim(b, user: "ann", connection: "c1")], partition: 9, epoch: epoch)
+        let token = try #require(claimed.decided.first?.token)
+        // The partition grows by 30,000 rows, with no ANALYZE (autovacuum looks once a minute at most).
+        let partitioner = try Partitioner(count: 16)
+        let grown: [String] = Array((0..<600_000).lazy.map { "grown/\($0)" }.filter { partitioner.partition(of: $0) == 9 }.prefix(30_000))
+        let admin = try await PostgresConnection.connect(to: url, logger: TestDatabase.logger)
+        _ = try await admin.withSession { session in
+            try session.query("""
+                INSERT INTO baton_buffers (partition, buffer, token, version, updated_at)
+                SELECT 9, g, 1, 1, now() FROM unnest($1::text[]) g
+                """, [PostgresArray.text(grown.map { Optional($0) })])
+        }
+        let fetchedBefore = try await Self.rowsFetched(admin)
+        for index in 0..<5 {
+            let renewed = try await store.apply([
+                Request(requestID: UUID().uuidString, command: .renew(buffer: b, connection: "c1", token: token, leaseMilliseconds: 60_000 + Int64(index) * 10)),
+            ], partition: 9, epoch: epoch)
+            #expect(renewed.decided.first?.status == .renewed)
+        }
+        // A claim of a grown buffer: the memory's filter of stored names never saw it, so it is decided as
+        // new, its insert conflicts, and the batch is read (the read planned on the empty table too).
+        let read = try await store.apply([.claim(grown[7], user: "bob", connection: "c2")], partition: 9, epoch: epoch)
+        #expect(read.decided.first?.status == .granted && read.decided.first?.token == 2 && !read.fromMemory)
+        await connection.close()  // its statistics reach the shared ones when the backend ends
+        var fetched = 0
+        for _ in 0..<40 {
+            fetched = try await Self.rowsFetched(admin) - fetchedBefore
+            if fetched >= 6 { break }
+            try await Task.sleep(for: .milliseconds(100))
+        }
+        #expect(fetched >= 6 && fetched < 100, "each write and read fetches its own rows, not the partition's 30,001 (fetched \(fetched))")
+        await admin.close()
+    }
+
+    private static func rowsFetched(_ connection: PostgresConnection) async throws -> Int {
+        try await connection.withSession { session in
+            Int(try session.query("SELECT coalesce(idx_tup_fetch, 0) + coalesce(seq_tup_read, 0) FROM pg_stat_user_tables WHERE relname = 'baton_buffers'").first() ?? "") ?? 0
+        }
+    }
 }

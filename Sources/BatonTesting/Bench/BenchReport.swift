@@ -312,8 +312,9 @@ public struct BenchReport: Sendable {
                 lines.append(String(format: "  %@ per grant: %.2f claims, %@ broker messages; release→next grant p50 %.2f ms, p99 %.2f ms",
                                     system, claims, messages, value.measurement.handoffPercentile(0.5), value.measurement.handoffPercentile(0.99)))
             }
-            if let half = result.systems["baton"]?.halfPeak {
-                lines.append(String(format: "  baton at half peak (%.0f/s): p50 %.2f ms, p99 %.2f ms, p99.9 %.2f ms", half.rate, half.measurement.percentile(0.5), half.measurement.percentile(0.99), half.measurement.percentile(0.999)))
+            for system in Self.order {
+                guard let half = result.systems[system]?.halfPeak else { continue }
+                lines.append(String(format: "  %@ at half peak (%.0f/s): p50 %.2f ms, p99 %.2f ms, p99.9 %.2f ms", system, half.rate, half.measurement.percentile(0.5), half.measurement.percentile(0.99), half.measurement.percentile(0.999)))
             }
             lines.append("")
         }

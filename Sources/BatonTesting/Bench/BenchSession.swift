@@ -188,7 +188,7 @@ public struct BenchSession: Sendable {
             case "postgres-recorded": .recorded
             default: .naive
             }
-            let (measurement, cpu, transactions) = try await SQLSystem.with(style: style, url: scratch, poolSize: size, logger: logger) { sql in
+            let (measurement, cpu, transactions, halfPeak) = try await SQLSystem.with(style: style, url: scratch, poolSize: size, logger: logger) { sql in
                 let runner = BenchRunner(workload: workload, system: sql, clients: clients, buffers: buffers, label: label, runID: runID, pollInterval: settings.pollInterval)
                 let tokens = try await runner.prepare()
                 let transactionsBefore = try? await Self.transactions(scratch, logger: logger)
@@ -200,9 +200,18 @@ public struct BenchSession: Sendable {
                 let transactions = try? await Self.transactions(scratch, logger: logger)
                 measurement.doubleGrants = try await sql.doubleGrants()
                 let perOperation = transactionsBefore.flatMap { before in transactions.map { Double($0 - before) / Double(max(1, measurement.operations)) } }
-                return (measurement, cpu, perOperation)
+                // Direct PostgreSQL at half its own peak too, so that Baton's latency there has its baseline.
+                var halfPeak: OpenLoopRun?
+                if settings.halfPeak, style != .naive, measurement.perSecond > 0, !workload.isLine {
+                    let rate = measurement.perSecond / 2
+                    let half = await BenchRunner(workload: workload, system: sql, clients: clients, buffers: buffers, label: "\(label) at half peak", runID: runID + "h")
+                        .openLoop(rate: rate, duration: .seconds(max(1, duration / 2)), tokens: tokens)
+                    halfPeak = OpenLoopRun(rate: rate, measurement: half)
+                }
+                return (measurement, cpu, perOperation, halfPeak)
             }
             var result = SystemResult(measurement: measurement)
+            result.halfPeak = halfPeak
             result.machineCPU = cpu
             result.databaseTransactionsPerOperation = transactions
             result.poolSize = size

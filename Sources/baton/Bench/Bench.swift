@@ -56,7 +56,7 @@ struct Bench: AsyncParsableCommand {
     @Option(name: .customLong("poll-interval"), help: "Milliseconds a polling client of one-buffer-poll sleeps after a denial (jittered ±50 %), 1-10000.")
     var pollInterval = 20
 
-    @Flag(name: .customLong("no-half-peak"), help: "Skip the fixed-rate run at half of Baton's peak.")
+    @Flag(name: .customLong("no-half-peak"), help: "Skip the fixed-rate runs at half of each system's peak (Baton and both direct PostgreSQL systems).")
     var noHalfPeak = false
 
     @Option(name: .customLong("sweep-callers"), help: "After the workloads, hot again with this many callers on one frontend, for baton, postgres and postgres-recorded (a callers sweep); repeat for several, 1-4096 (default: 256 and 1024 when every workload runs).")
