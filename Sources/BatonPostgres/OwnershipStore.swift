@@ -1061,9 +1061,10 @@ enum SQL {
         SELECT 'f', (SELECT epoch FROM baton_partitions WHERE partition = $1)::text,
                floor(extract(epoch FROM clock_timestamp()) * 1000)::int8::text, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL
         UNION ALL
-        SELECT 'b', buffer, holder_user, holder_connection, token::text,
-               ((extract(epoch FROM expires_at) * 1000)::int8)::text, version::text, holder_principal, NULL, NULL, NULL, NULL
-        FROM baton_buffers WHERE partition = $1 AND buffer IN (SELECT buffer FROM baton_waiters WHERE partition = $1)
+        SELECT 'b', b.buffer, b.holder_user, b.holder_connection, b.token::text,
+               ((extract(epoch FROM b.expires_at) * 1000)::int8)::text, b.version::text, b.holder_principal, NULL, NULL, NULL, NULL
+        FROM (SELECT DISTINCT buffer FROM baton_waiters WHERE partition = $1) lined
+        CROSS JOIN LATERAL (SELECT * FROM baton_buffers WHERE partition = $1 AND buffer = lined.buffer OFFSET 0) b
         UNION ALL
         SELECT 'w', buffer, request_id, holder_user, holder_connection, principal, lease_ms::text,
                ((extract(epoch FROM wait_until) * 1000)::int8)::text, reply_to, correlation_id, fingerprint, position::text
