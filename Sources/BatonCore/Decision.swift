@@ -33,7 +33,7 @@ public enum OwnershipRules {
                     // The previous lease ran out but was never swept: close it before the new grant.
                     changes.append(OwnershipChange(kind: .expired, buffer: buffer, holder: previous, token: state.token, at: now, expiresAt: expiresAt))
                 }
-                next = BufferState(holder: holder, token: state.token + 1, expiresAt: now.adding(milliseconds: lease), principal: request.principal)
+                next = BufferState(holder: holder, token: state.issued + 1, expiresAt: now.adding(milliseconds: lease), principal: request.principal)
                 changes.append(OwnershipChange(
                     kind: .granted, buffer: buffer, holder: holder, token: next.token, at: now, expiresAt: next.expiresAt!, principal: request.principal
                 ))
@@ -53,7 +53,7 @@ public enum OwnershipRules {
         case .release(_, let connection, let token):
             if let holder = state.holder, let expiresAt = state.expiresAt, holder.connection.exactlyEquals(connection), token == state.token,
                samePrincipal(state.principal, request.principal) {
-                next = BufferState(holder: nil, token: state.token, expiresAt: nil)
+                next = state.vacated
                 changes.append(OwnershipChange(
                     kind: .released, buffer: buffer, holder: holder, token: token, at: now, expiresAt: expiresAt, principal: request.principal
                 ))
@@ -67,7 +67,7 @@ public enum OwnershipRules {
 
         case .forceRelease:
             if let holder = state.holder, let expiresAt = state.expiresAt {
-                next = BufferState(holder: nil, token: state.token, expiresAt: nil)
+                next = state.vacated
                 changes.append(OwnershipChange(
                     kind: .released, buffer: buffer, holder: holder, token: state.token, at: now, expiresAt: expiresAt, forced: true,
                     principal: request.principal
@@ -109,7 +109,7 @@ public enum OwnershipRules {
     public static func expire(buffer: String, state: BufferState, now: Timestamp) -> (state: BufferState, change: OwnershipChange)? {
         guard let holder = state.holder, let expiresAt = state.expiresAt, expiresAt <= now else { return nil }
         let change = OwnershipChange(kind: .expired, buffer: buffer, holder: holder, token: state.token, at: now, expiresAt: expiresAt)
-        return (BufferState(holder: nil, token: state.token, expiresAt: nil), change)
+        return (state.vacated, change)
     }
 }
 
@@ -312,7 +312,7 @@ public struct PartitionState: Sendable {
             if let holder = state.holder, let expiresAt = state.expiresAt, holder.connection.exactlyEquals(connection),
                OwnershipRules.samePrincipal(state.principal, request.principal) {
                 let line = state.line
-                state = BufferState(holder: nil, token: state.token, expiresAt: nil)
+                state = state.vacated
                 state.line = line
                 changes.append(OwnershipChange(
                     kind: .released, buffer: buffer.string, holder: holder, token: state.token, at: now, expiresAt: expiresAt, principal: request.principal

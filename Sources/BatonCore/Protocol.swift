@@ -343,8 +343,12 @@ public struct BufferState: Sendable, Hashable {
     /// The principal (broker user) that claimed the holder's lease; nil when nobody holds the buffer,
     /// or for a lease recorded before principals were (such a lease can only expire or be force-released).
     public var principal: String?
-    /// The last token issued for this buffer, 0 if never.
+    /// The holder's token (the last holder's once released), 0 if never claimed.
     public var token: Int64
+    /// The last token issued from the buffer's sequence, at least `token`: a grant takes `issued + 1`.
+    /// Equal to `token` while ownership is all that issues tokens; replica memberships will take theirs
+    /// from the same sequence (docs/design/replica-slots.md).
+    public var issued: Int64
     /// When the holder's lease ends; nil when there is no holder.
     public var expiresAt: Timestamp?
     /// Claims waiting for the buffer, in the order they joined (docs/design/fair-waiting.md).
@@ -353,12 +357,18 @@ public struct BufferState: Sendable, Hashable {
     /// A buffer nobody ever claimed.
     public static let fresh = BufferState(holder: nil, token: 0, expiresAt: nil)
 
-    /// Creates a state.
-    public init(holder: Holder?, token: Int64, expiresAt: Timestamp?, principal: String? = nil) {
+    /// Creates a state; `issued` is at least `token` (by default, `token`).
+    public init(holder: Holder?, token: Int64, expiresAt: Timestamp?, principal: String? = nil, issued: Int64? = nil) {
         self.holder = holder
         self.token = token
+        self.issued = max(token, issued ?? token)
         self.expiresAt = expiresAt
         self.principal = holder == nil ? nil : principal
+    }
+
+    /// The state once the holder's lease ends (released, expired): no holder, the same tokens.
+    public var vacated: BufferState {
+        BufferState(holder: nil, token: token, expiresAt: nil, issued: issued)
     }
 
     /// The holder if their lease has not expired at `now` (`expires_at == now` counts as expired).

@@ -123,7 +123,7 @@ extension OwnershipRules {
             outcome.changes.append(OwnershipChange(kind: .expired, buffer: buffer, holder: previous, token: state.token, at: now, expiresAt: expiresAt))
         }
         let head = state.line.removeFirst()
-        var granted = BufferState(holder: head.holder, token: state.token + 1, expiresAt: now.adding(milliseconds: head.leaseMilliseconds), principal: head.principal)
+        var granted = BufferState(holder: head.holder, token: state.issued + 1, expiresAt: now.adding(milliseconds: head.leaseMilliseconds), principal: head.principal)
         granted.line = state.line
         outcome.changes.append(OwnershipChange(
             kind: .granted, buffer: buffer, holder: head.holder, token: granted.token, at: now, expiresAt: granted.expiresAt!, principal: head.principal

@@ -219,6 +219,14 @@ public enum Migrator {
             DROP INDEX baton_requests_created;
             CREATE INDEX baton_requests_created ON baton_requests USING brin (created_at);
             """),
+        Migration(version: 9, name: "a buffer's token sequence apart from its holder's token", sql: """
+            -- token is the holder's token (the last holder's once released); issued is the last token issued
+            -- from the buffer's sequence, which replica memberships will share (docs/design/replica-slots.md).
+            -- Readers take greatest(issued, token): NULL (every row written before this migration) means token,
+            -- and a worker of an earlier version, which writes token alone, can never make the sequence go
+            -- back. No rewrite of the table.
+            ALTER TABLE baton_buffers ADD COLUMN issued bigint;
+            """),
     ]
 
     /// The newest schema version this code knows.

@@ -741,7 +741,7 @@ public final class OwnershipStore: Sendable {
             // An early check, without a lock (the write below is the fence): a worker that lost the
             // partition learns it even when nothing has expired.
             do {
-                try Self.checkEpoch(try first.optional(8, "epoch").map { _ in try first.decode(8, "epoch") }, partition: partition, epoch: epoch)
+                try Self.checkEpoch(try first.optional(9, "epoch").map { _ in try first.decode(9, "epoch") }, partition: partition, epoch: epoch)
             } catch {
                 schedules.withLock { $0[partition] = nil }
                 throw error
@@ -1046,7 +1046,7 @@ enum SQL {
         SELECT 'r', request_id, reply, fingerprint, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL FROM stored
         UNION ALL
         SELECT 'b', buffer, holder_user, holder_connection, token::text,
-               ((extract(epoch FROM expires_at) * 1000)::int8)::text, version::text, holder_principal, NULL, NULL, NULL, NULL
+               ((extract(epoch FROM expires_at) * 1000)::int8)::text, version::text, holder_principal, greatest(issued, token)::text, NULL, NULL, NULL
         FROM found
         UNION ALL
         SELECT 'w', buffer, request_id, holder_user, holder_connection, principal, lease_ms::text,
@@ -1062,7 +1062,7 @@ enum SQL {
                floor(extract(epoch FROM clock_timestamp()) * 1000)::int8::text, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL
         UNION ALL
         SELECT 'b', b.buffer, b.holder_user, b.holder_connection, b.token::text,
-               ((extract(epoch FROM b.expires_at) * 1000)::int8)::text, b.version::text, b.holder_principal, NULL, NULL, NULL, NULL
+               ((extract(epoch FROM b.expires_at) * 1000)::int8)::text, b.version::text, b.holder_principal, greatest(b.issued, b.token)::text, NULL, NULL, NULL
         FROM (SELECT DISTINCT buffer FROM baton_waiters WHERE partition = $1) lined
         CROSS JOIN LATERAL (SELECT * FROM baton_buffers WHERE partition = $1 AND buffer = lined.buffer OFFSET 0) b
         UNION ALL
@@ -1093,7 +1093,7 @@ enum SQL {
                    (SELECT epoch FROM baton_partitions WHERE partition = $1) AS epoch
         )
         SELECT c.now_ms, b.buffer, b.holder_user, b.holder_connection, b.token,
-               (extract(epoch FROM b.expires_at) * 1000)::int8, b.version, b.holder_principal, c.epoch
+               (extract(epoch FROM b.expires_at) * 1000)::int8, b.version, b.holder_principal, greatest(b.issued, b.token), c.epoch
         FROM clock c
         LEFT JOIN LATERAL (
             SELECT r.* FROM unnest($2::text[]) AS due(buffer)
@@ -1109,7 +1109,7 @@ enum SQL {
 
     static let waitingBuffers = PreparedStatement(name: "baton_waiting_buffers", sql: """
         SELECT b.buffer, b.holder_user, b.holder_connection, b.token,
-               (extract(epoch FROM b.expires_at) * 1000)::int8, b.version, b.holder_principal
+               (extract(epoch FROM b.expires_at) * 1000)::int8, b.version, b.holder_principal, greatest(b.issued, b.token)
         FROM baton_buffers b
         WHERE b.partition = $1 AND b.buffer IN (
             SELECT buffer FROM (
@@ -1145,8 +1145,8 @@ enum SQL {
             SELECT epoch FROM baton_partitions WHERE partition = $1 FOR SHARE
         ),
         input AS (
-            SELECT * FROM unnest($3::text[], $4::text[], $5::text[], $6::int8[], $7::int8[], $8::int8[], $9::int8[], $24::text[])
-                AS i(buffer, holder_user, holder_connection, token, expires_ms, expected_token, expected_version, holder_principal)
+            SELECT * FROM unnest($3::text[], $4::text[], $5::text[], $6::int8[], $7::int8[], $8::int8[], $9::int8[], $24::text[], $27::int8[])
+                AS i(buffer, holder_user, holder_connection, token, expires_ms, expected_token, expected_version, holder_principal, issued)
             WHERE (SELECT epoch FROM fence) = $20
         ),
         -- The rows to update, found by one key probe each (see readBatch), and updated by their row id: a
@@ -1163,7 +1163,7 @@ enum SQL {
         updated AS (
             UPDATE baton_buffers b
             SET holder_user = t.holder_user, holder_connection = t.holder_connection, token = t.token,
-                holder_principal = t.holder_principal,
+                holder_principal = t.holder_principal, issued = t.issued,
                 expires_at = timestamptz 'epoch' + t.expires_ms * interval '1 millisecond',
                 version = b.version + 1,
                 updated_at = timestamptz 'epoch' + $2::int8 * interval '1 millisecond'
@@ -1172,10 +1172,10 @@ enum SQL {
             RETURNING 1
         ),
         inserted AS (
-            INSERT INTO baton_buffers (partition, buffer, holder_user, holder_connection, token, expires_at, version, updated_at, holder_principal)
+            INSERT INTO baton_buffers (partition, buffer, holder_user, holder_connection, token, expires_at, version, updated_at, holder_principal, issued)
             SELECT $1, i.buffer, i.holder_user, i.holder_connection, i.token,
                    timestamptz 'epoch' + i.expires_ms * interval '1 millisecond', 1,
-                   timestamptz 'epoch' + $2::int8 * interval '1 millisecond', i.holder_principal
+                   timestamptz 'epoch' + $2::int8 * interval '1 millisecond', i.holder_principal, i.issued
             FROM input i WHERE i.expected_version = 0
             ON CONFLICT (partition, buffer) DO NOTHING
             RETURNING 1
@@ -1203,7 +1203,7 @@ enum SQL {
     private static let waiterCTEs = """
         waiters_removed AS (
             DELETE FROM baton_waiters w
-            USING unnest($27::text[]) AS r(request_id)
+            USING unnest($28::text[]) AS r(request_id)
             CROSS JOIN LATERAL (SELECT ctid AS row_id FROM baton_waiters WHERE partition = $1 AND request_id = r.request_id OFFSET 0) found
             WHERE (SELECT epoch FROM fence) = $20 AND w.ctid = found.row_id AND w.request_id = r.request_id
             RETURNING 1
@@ -1212,7 +1212,7 @@ enum SQL {
             INSERT INTO baton_waiters (partition, buffer, request_id, holder_user, holder_connection, principal, lease_ms, wait_until, reply_to, correlation_id, fingerprint)
             SELECT $1, a.buffer, a.request_id, a.holder_user, a.holder_connection, a.principal, a.lease_ms,
                    timestamptz 'epoch' + a.until_ms * interval '1 millisecond', a.reply_to, a.correlation_id, a.fingerprint
-            FROM unnest($28::text[], $29::text[], $30::text[], $31::text[], $32::text[], $33::int8[], $34::int8[], $35::text[], $36::text[], $37::text[])
+            FROM unnest($29::text[], $30::text[], $31::text[], $32::text[], $33::text[], $34::int8[], $35::int8[], $36::text[], $37::text[], $38::text[])
                 WITH ORDINALITY AS a(buffer, request_id, holder_user, holder_connection, principal, lease_ms, until_ms, reply_to, correlation_id, fingerprint, n)
             WHERE (SELECT epoch FROM fence) = $20
             ORDER BY a.n
@@ -1220,7 +1220,7 @@ enum SQL {
         ),
         waiters_moved AS (
             UPDATE baton_waiters w SET reply_to = m.reply_to, correlation_id = m.correlation_id
-            FROM unnest($38::text[], $39::text[], $40::text[]) AS m(request_id, reply_to, correlation_id)
+            FROM unnest($39::text[], $40::text[], $41::text[]) AS m(request_id, reply_to, correlation_id)
             CROSS JOIN LATERAL (SELECT ctid AS row_id FROM baton_waiters WHERE partition = $1 AND request_id = m.request_id OFFSET 0) found
             WHERE (SELECT epoch FROM fence) = $20 AND w.ctid = found.row_id AND w.request_id = m.request_id
             RETURNING 1

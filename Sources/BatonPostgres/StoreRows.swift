@@ -28,8 +28,8 @@ extension PostgresRow {
     }
 }
 
-/// A buffer row: `buffer, holder_user, holder_connection, token, expires_ms, version, holder_principal`
-/// from column `offset` on. The holder is present only with both its user and its connection.
+/// A buffer row: `buffer, holder_user, holder_connection, token, expires_ms, version, holder_principal,
+/// issued` from column `offset` on. The holder is present only with both its user and its connection.
 struct BufferRow {
     let buffer: ExactString
     let state: BufferState
@@ -41,7 +41,10 @@ struct BufferRow {
         let connection = try row.optional(offset + 2, "holder_connection")
         let holder = user.flatMap { user in connection.map { Holder(user: user, connection: $0) } }
         let expires = try row.optional(offset + 4, "expires_at").map { _ in try row.timestamp(offset + 4, "expires_at") }
-        state = BufferState(holder: holder, token: try row.decode(offset + 3, "token"), expiresAt: expires, principal: try row.optional(offset + 6, "holder_principal"))
+        state = BufferState(
+            holder: holder, token: try row.decode(offset + 3, "token"), expiresAt: expires, principal: try row.optional(offset + 6, "holder_principal"),
+            issued: try row.decode(offset + 7, "issued")
+        )
         version = try row.decode(offset + 5, "version")
     }
 }
@@ -195,13 +198,14 @@ struct BatchWrite {
             /* $24 */ PostgresArray.text(states.map(\.principal)),
             /* $25 */ PostgresArray.text(records.map(\.fingerprint)),
             /* $26 */ PostgresArray.text(list.map(\.principal)),
+            /* $27 */ PostgresArray.integers(states.map { Optional($0.issued) }),
         ]
     }
 
     private var lineParameters: [String?] {
         [
-            /* $27 */ PostgresArray.text(waitersRemoved),
-            /* $28-$37: waiters that joined */
+            /* $28 */ PostgresArray.text(waitersRemoved),
+            /* $29-$38: waiters that joined */
             PostgresArray.text(waitersAdded.map(\.buffer)),
             PostgresArray.text(waitersAdded.map(\.waiter.requestID)),
             PostgresArray.text(waitersAdded.map(\.waiter.holder.user)),
@@ -212,7 +216,7 @@ struct BatchWrite {
             PostgresArray.text(waitersAdded.map(\.waiter.replyTo)),
             PostgresArray.text(waitersAdded.map(\.waiter.correlationID)),
             PostgresArray.text(waitersAdded.map(\.waiter.fingerprint)),
-            /* $38-$40: waiters that moved their reply address */
+            /* $39-$41: waiters that moved their reply address */
             PostgresArray.text(waitersMoved.map(\.requestID)),
             PostgresArray.text(waitersMoved.map(\.replyTo)),
             PostgresArray.text(waitersMoved.map(\.correlationID)),

@@ -41,17 +41,21 @@ import Testing
             Issue.record("a missing partition is a fence row without an epoch")
             return
         }
-        guard case .buffer(let buffer) = try BatchReadRow(PostgresRow(["b", "a.txt", nil, nil, "9", nil, "2", nil], source: "read")) else {
+        guard case .buffer(let buffer) = try BatchReadRow(PostgresRow(["b", "a.txt", nil, nil, "9", nil, "2", nil, "12"], source: "read")) else {
             Issue.record("not a buffer row")
             return
         }
         #expect(buffer.state.holder == nil && buffer.state.token == 9 && buffer.version == 2 && buffer.state.expiresAt == nil)
+        #expect(buffer.state.issued == 12, "the sequence, read apart from the holder's token")
+        #expect(throws: PostgresError.self, "a buffer row without its sequence is refused, not read as its token") {
+            try BatchReadRow(PostgresRow(["b", "a.txt", nil, nil, "9", nil, "2", nil, nil], source: "read"))
+        }
     }
 
     @Test func theWriteNumbersItsParametersAsTheStatementDoes() {
         let write = BatchWrite(partition: 3, epoch: 7, now: Timestamp(milliseconds: 1000))
         #expect(write.isEmpty)
-        #expect(write.parameters.count == 26, "SQL.write takes $1 to $26")
+        #expect(write.parameters.count == 27, "SQL.write takes $1 to $27")
         #expect(write.parameters[0] == "3" && write.parameters[19] == "7" && write.parameters[20] == "0" && write.parameters[21] == "0")
     }
 }

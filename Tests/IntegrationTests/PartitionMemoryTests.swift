@@ -335,4 +335,53 @@ extension PartitionMemoryTests {
             Int(try session.query("SELECT coalesce(idx_tup_fetch, 0) + coalesce(seq_tup_read, 0) FROM pg_stat_user_tables WHERE relname = 'baton_buffers'").first() ?? "") ?? 0
         }
     }
+
+    // MARK: - The token sequence (migration 9)
+
+    /// The store keeps a buffer's token sequence apart from its holder's token: a sequence that ran ahead
+    /// (as replica memberships will make it) is read back, written, and remembered, and a row written
+    /// before migration 9 (no sequence of its own) reads as its holder's token.
+    @Test func aSequenceAheadOfTheHoldersTokenIsStoredReadAndContinued() async throws {
+        let url = try await TestDatabase.migrated()
+        let b = buffer(in: 3)
+        let first = try await TestDatabase.store(url)
+        let epoch = try await first.takePartition(3, owner: "first")
+        let claimed = try await first.apply([.claim(b, user: "ann", connection: "c1")], partition: 3, epoch: epoch)
+        #expect(claimed.decided.first?.token == 1)
+        let admin = try await PostgresConnection.connect(to: url, logger: TestDatabase.logger)
+        let issued = { () async throws -> String? in
+            try await admin.withSession { session in try session.query("SELECT issued FROM baton_buffers WHERE partition = 3 AND buffer = $1", [b]).first() }
+        }
+        #expect(try await issued() == "1", "written with the grant")
+        // Four tokens issued to others since Ann's grant.
+        _ = try await admin.withSession { session in try session.query("UPDATE baton_buffers SET issued = 5, version = version + 1 WHERE partition = 3 AND buffer = $1", [b]) }
+        await first.connection.close()
+
+        let store = try await TestDatabase.store(url)
+        let next = try await store.takePartition(3, owner: "second")
+        let renewed = try await store.apply([
+            Request(requestID: UUID().uuidString, command: .renew(buffer: b, connection: "c1", token: 1, leaseMilliseconds: 60_000)),
+        ], partition: 3, epoch: next)
+        #expect(renewed.decided.first?.status == .renewed && renewed.decided.first?.token == 1, "renewed with the holder's own token")
+        let released = try await store.apply([.release(b, connection: "c1", token: 1)], partition: 3, epoch: next)
+        #expect(released.decided.first?.status == .released)
+        let regranted = try await store.apply([.claim(b, user: "bob", connection: "c2")], partition: 3, epoch: next)
+        #expect(regranted.fromMemory, "decided from what the store remembered of the read")
+        #expect(regranted.decided.first?.token == 6, "after the sequence, not after Ann's token")
+        #expect(try await issued() == "6")
+
+        // A row from before migration 9: no sequence of its own, read as its token.
+        _ = try await admin.withSession { session in try session.query("UPDATE baton_buffers SET issued = NULL, version = version + 1 WHERE partition = 3 AND buffer = $1", [b]) }
+        let third = try await TestDatabase.store(url)
+        let last = try await third.takePartition(3, owner: "third")
+        let released2 = try await third.apply([.release(b, connection: "c2", token: 6)], partition: 3, epoch: last)
+        #expect(released2.decided.first?.status == .released)
+        let claimedAgain = try await third.apply([.claim(b, user: "cy", connection: "c3")], partition: 3, epoch: last)
+        #expect(claimedAgain.decided.first?.token == 7)
+        let audit = try await TestDatabase.audit(url)
+        #expect(HistoryChecker.check(audit.changes, finalTokens: audit.finalTokens).passed)
+        await store.connection.close()
+        await third.connection.close()
+        await admin.close()
+    }
 }
