@@ -123,6 +123,16 @@ public struct ChaosRun: Sendable {
         }
     }
 
+    /// The number (1-3) of the cluster node that leads `queue` of the scratch virtual host, from
+    /// `scripts/services cluster queue-leader ... --json`.
+    private func queueLeader(_ queue: String) async throws -> String {
+        let line = try await services(["cluster", "queue-leader", namespace.virtualHost, queue, "--json"])
+        guard let object = try? JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any], let node = object["node"] as? Int, (1...3).contains(node) else {
+            throw ChildProcessError("scripts/services cluster queue-leader answered '\(line.prefix(200))', not {\"node\": 1-3}")
+        }
+        return String(node)
+    }
+
     /// Runs `scripts/services` with `arguments`; returns its last line of output.
     @discardableResult
     func services(_ arguments: [String], timeout: Duration = .seconds(300)) async throws -> String {
@@ -263,7 +273,7 @@ public struct ChaosRun: Sendable {
 
     /// A fault on the broker node that leads partition 0's queue; returns when it began.
     private func nodeFault(_ name: String) async throws -> ContinuousClock.Instant {
-        let node = try await services(["cluster", "queue-leader", namespace.virtualHost, ProtocolV1.requestQueue(0)])
+        let node = try await queueLeader(ProtocolV1.requestQueue(0))
         // What the fault does, its command and the one that undoes it, and how long it lasts.
         let (what, action, undo, seconds) = switch name {
         case "leader-kill": ("SIGKILL of RabbitMQ node \(node) (it leads partition 0's quorum queue), started again after 5 s", "kill", "start", 5)
