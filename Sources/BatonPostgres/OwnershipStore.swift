@@ -142,13 +142,17 @@ public final class OwnershipStore: Sendable {
         forget([partition])
         names.withLock { $0[partition] = nil }
         schedules.withLock { $0[partition] = nil }
-        return try await connection.withSession { session in
+        let epoch = try await connection.withSession { session in
             let rows = try session.query(SQL.takePartition, [String(partition), owner])
             guard let epoch = rows.first().flatMap(Int64.init) else {
                 throw StoreError(code: .unknownPartition, partition: partition, message: "partition \(partition) does not exist: this deployment has partitions 0-\(count - 1)")
             }
             return epoch
         }
+        // The epoch's schedule collects the leases of its writes from now on; its first sweep adds the
+        // rows' leases (a write whose outcome was unknown may commit after that read: its entry is here).
+        schedules.withLock { $0[partition] = ExpirySchedule(epoch: epoch, leases: [], loaded: false) }
+        return epoch
     }
 
     // MARK: - Batches
@@ -448,16 +452,15 @@ public final class OwnershipStore: Sendable {
         }
     }
 
-    /// Schedules the leases `write` grants (a holder with a new token), before it is sent: whether it
-    /// commits, fails or ends with its outcome unknown, the sweep never lacks a lease through it (one that
-    /// was not granted after all only costs a look at its row). A renewal (same token, a later end) needs
-    /// no entry: the lease's own is due earlier.
+    /// Schedules the leases `write` makes that the schedule may not cover (``BatchWrite/leases``: grants,
+    /// and leases that now end earlier), before it is sent: whether it commits, fails or ends with its
+    /// outcome unknown, the sweep never lacks a lease through it (one that was not made after all only
+    /// costs a look at its row). A renewal to a later end needs no entry: the lease's own is due earlier.
     private func noteLeases(_ write: BatchWrite, epoch: Int64) {
+        guard !write.leases.isEmpty else { return }
         schedules.withLock { schedules in
             guard schedules[write.partition]?.epoch == epoch else { return }
-            for written in write.buffers where written.state.holder != nil && written.state.token != written.expectedToken {
-                if let end = written.state.expiresAt { schedules[write.partition]?.add(written.buffer, end.milliseconds) }
-            }
+            for lease in write.leases { schedules[write.partition]?.add(lease.buffer, lease.end) }
         }
     }
 
@@ -646,6 +649,14 @@ public final class OwnershipStore: Sendable {
                 partition: partition, epoch: epoch, now: now, buffers: changed.sorted { $0.buffer < $1.buffer }, records: records, changes: changes
             )
             write.lines(from: initial)
+            for (buffer, state, expectedToken, _) in write.buffers where state.holder != nil {
+                guard let end = state.expiresAt else { continue }
+                let before = initial[buffer]
+                // A grant, or a lease that now ends earlier than it did: its entry may be due too late.
+                if state.token != expectedToken || before?.holder == nil || before?.expiresAt.map({ end < $0 }) ?? true {
+                    write.leases.append((buffer, end.milliseconds))
+                }
+            }
             return (write, remembered)
         }
 
@@ -704,12 +715,19 @@ public final class OwnershipStore: Sendable {
         // statement). Nothing holds the partition row's lock while waiting on this process, so a worker
         // frozen here cannot stall the next owner's takePartition.
         return try await retrying(partition: partition, what: "the sweep") { [self] session, _ in
-            // The schedule of the partition's leases, loaded from its rows the first time in an epoch.
-            if schedules.withLock({ $0[partition]?.epoch != epoch }) {
+            // The schedule of the partition's leases: the rows' leases are added the first time in an epoch,
+            // to what the epoch's writes scheduled already.
+            if schedules.withLock({ $0[partition]?.epoch != epoch || $0[partition]?.loaded != true }) {
                 let leases = try session.query(SQL.leases, [String(partition)]).decode(from: "the leases of partition \(partition)") { row in
                     (buffer: ExactString(try row.decode(0, "buffer")), end: try row.timestamp(1, "expires_at").milliseconds)
                 }
-                schedules.withLock { $0[partition] = ExpirySchedule(epoch: epoch, leases: leases) }
+                schedules.withLock { schedules in
+                    if schedules[partition]?.epoch == epoch {
+                        schedules[partition]?.load(leases)
+                    } else {
+                        schedules[partition] = ExpirySchedule(epoch: epoch, leases: leases)
+                    }
+                }
             }
             // The buffers whose leases are due by the database clock as last read, with a little slack (a
             // lease read early is found running and stays scheduled).
@@ -1110,14 +1128,15 @@ enum SQL {
     static let waitingBuffers = PreparedStatement(name: "baton_waiting_buffers", sql: """
         SELECT b.buffer, b.holder_user, b.holder_connection, b.token,
                (extract(epoch FROM b.expires_at) * 1000)::int8, b.version, b.holder_principal, greatest(b.issued, b.token)
-        FROM baton_buffers b
-        WHERE b.partition = $1 AND b.buffer IN (
+        FROM (
             SELECT buffer FROM (
                 SELECT buffer, wait_until FROM baton_waiters
                 WHERE partition = $1 AND wait_until <= timestamptz 'epoch' + $2::int8 * interval '1 millisecond'
                 ORDER BY wait_until LIMIT $3::int8 * 16
             ) due
-            GROUP BY buffer ORDER BY min(wait_until) LIMIT $3)
+            GROUP BY buffer ORDER BY min(wait_until) LIMIT $3
+        ) lined
+        CROSS JOIN LATERAL (SELECT * FROM baton_buffers WHERE partition = $1 AND buffer = lined.buffer OFFSET 0) b
         """)
 
     // Uses the primary key of baton_waiters.
@@ -1149,9 +1168,10 @@ enum SQL {
                 AS i(buffer, holder_user, holder_connection, token, expires_ms, expected_token, expected_version, holder_principal, issued)
             WHERE (SELECT epoch FROM fence) = $20
         ),
-        -- The rows to update, found by one key probe each (see readBatch), and updated by their row id: a
-        -- row changed since (by another writer) is no longer at that id, so it is not updated and the
-        -- compare-and-set counts miss.
+        -- The rows to update, found by one key probe each (see readBatch), and updated by their row id. The
+        -- compare-and-set is the version and token checked again in the UPDATE: under READ COMMITTED a row
+        -- another writer changed since is followed to its newest version and the WHERE clause rechecked,
+        -- and every write moves the version, so such a row is not updated and the counts miss.
         targets AS (
             SELECT i.*, r.row_id FROM input i
             CROSS JOIN LATERAL (

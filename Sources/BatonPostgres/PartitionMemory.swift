@@ -221,6 +221,9 @@ struct BufferFilter: Sendable {
 struct ExpirySchedule: Sendable {
     /// The epoch whose writes it follows.
     let epoch: Int64
+    /// Whether the partition's rows were read into it (its epoch's first sweep); until then it only
+    /// collects what the epoch's writes schedule.
+    private(set) var loaded: Bool
     /// Leases by end (database milliseconds), earliest first.
     private var heap: Heap<Entry>
 
@@ -231,9 +234,16 @@ struct ExpirySchedule: Sendable {
     }
 
     /// A schedule of `leases` (buffer, end) as the partition's rows hold them, for `epoch`.
-    init(epoch: Int64, leases: [(buffer: ExactString, end: Int64)]) {
+    init(epoch: Int64, leases: [(buffer: ExactString, end: Int64)], loaded: Bool = true) {
         self.epoch = epoch
+        self.loaded = loaded
         heap = Heap(leases.map { Entry(at: $0.end, buffer: $0.buffer) })
+    }
+
+    /// Adds the leases the partition's rows hold (read at its epoch's first sweep) to what it collected.
+    mutating func load(_ leases: [(buffer: ExactString, end: Int64)]) {
+        heap.insert(contentsOf: leases.map { Entry(at: $0.end, buffer: $0.buffer) })
+        loaded = true
     }
 
     /// Entries scheduled (a buffer may have several).

@@ -133,6 +133,10 @@ struct BatchWrite {
     var records: [RequestRecord] = []
     /// Changes in decision order, with the request that made each (nil for expiries).
     var changes: [AttributedChange] = []
+    /// Leases this write makes that the lease sweep's schedule may not cover yet: every grant (a new
+    /// token), and every lease whose end moves earlier than it was (a renewal or a re-claim with a shorter
+    /// lease), with their ends (``ExpirySchedule``).
+    var leases: [(buffer: ExactString, end: Int64)] = []
     /// Waiters that left their lines (by request id), joined them (in order), or moved their reply address.
     var waitersRemoved: [String] = []
     var waitersAdded: [(buffer: String, waiter: Waiter)] = []
@@ -163,7 +167,7 @@ struct BatchWrite {
     /// The statement that writes this.
     var statement: PreparedStatement { changesLines ? SQL.writeWithLines : SQL.write }
 
-    /// The parameters of ``statement``, in its numbering.
+    /// The parameters of ``statement``, in its numbering ($1 to $27; with lines, $1 to $41).
     var parameters: [String?] {
         changesLines ? baseParameters + lineParameters : baseParameters
     }

@@ -15,6 +15,10 @@ import Testing
         #expect(Timestamp(rfc3339: text)?.milliseconds == milliseconds)
     }
 
+    @Test func yearsPastFourDigitsAreWrittenInFull() {
+        #expect(Timestamp(milliseconds: 253_402_300_800_000).rfc3339 == "10000-01-01T00:00:00.000Z")
+    }
+
     @Test func agreesWithFoundationOverManyInstants() {
         var generator = SystemRandomNumberGenerator()
         for _ in 0..<2000 {

@@ -84,6 +84,15 @@ import Testing
         #expect(schedule.takeDue(by: 300, limit: 10).buffers == ["a", "b"])
     }
 
+    @Test func whatTheEpochsWritesScheduledBeforeTheLoadIsKept() {
+        var schedule = ExpirySchedule(epoch: 2, leases: [], loaded: false)
+        schedule.add("written", 300)  // a write sent before the epoch's first sweep, whatever its outcome
+        #expect(!schedule.loaded)
+        schedule.load([("read", 200)])
+        #expect(schedule.loaded)
+        #expect(schedule.takeDue(by: 300, limit: 10).buffers == ["read", "written"])
+    }
+
     @Test func aRenewedLeaseIsLookedAtOnItsOldEndAndScheduledAnew() {
         var schedule = ExpirySchedule(epoch: 1, leases: [("a", 1_000)])
         // Renewed to 5,000: nothing is added; the sweep at 1,000 finds the row running and adds its end.

@@ -336,6 +336,27 @@ extension PartitionMemoryTests {
         }
     }
 
+    /// A renewal (or re-claim) may shorten a lease: its end moves earlier than the entry the schedule
+    /// holds for it, so the write schedules the new end (found in review: an hour's lease renewed for a
+    /// second would have been swept only at the hour).
+    @Test func aLeaseRenewedShorterIsSweptAtItsNewEnd() async throws {
+        let url = try await TestDatabase.migrated()
+        let store = try await TestDatabase.store(url)
+        let epoch = try await store.takePartition(5, owner: "test")
+        let b = buffer(in: 5)
+        let claimed = try await store.apply([.claim(b, user: "ann", connection: "c1", lease: 3_600_000)], partition: 5, epoch: epoch)
+        let token = try #require(claimed.decided.first?.token)
+        #expect(try await store.sweep(partition: 5, epoch: epoch).isEmpty, "scheduled at the hour")
+        let renewed = try await store.apply([
+            Request(requestID: UUID().uuidString, command: .renew(buffer: b, connection: "c1", token: token, leaseMilliseconds: 1_000)),
+        ], partition: 5, epoch: epoch)
+        #expect(renewed.decided.first?.status == .renewed)
+        try await Task.sleep(for: .milliseconds(1_200))
+        let swept = try await store.sweep(partition: 5, epoch: epoch)
+        #expect(swept.map(\.change.kind) == [.expired] && swept.map(\.change.buffer) == [b], "swept at the renewal's end, not at the hour")
+        await store.connection.close()
+    }
+
     // MARK: - The token sequence (migration 9)
 
     /// The store keeps a buffer's token sequence apart from its holder's token: a sequence that ran ahead
