@@ -224,8 +224,14 @@ struct ExpirySchedule: Sendable {
     /// Whether the partition's rows were read into it (its epoch's first sweep); until then it only
     /// collects what the epoch's writes schedule.
     private(set) var loaded: Bool
-    /// Leases by end (database milliseconds), earliest first.
-    private var heap: Heap<Entry>
+    /// Each scheduled buffer's one entry: the earliest time to look at it. A later lease of the same
+    /// buffer needs no entry of its own (the look at the earlier time finds it running and schedules its
+    /// end), so a frontend that claims and releases one buffer over and over keeps one entry, not one per
+    /// grant.
+    private var due: [ExactString: Int64] = [:]
+    /// The entries by time, earliest first; one that no longer matches `due` (an earlier one replaced
+    /// it) is skipped when it comes up, and they are dropped together once they outnumber the rest.
+    private var heap = Heap<Entry>()
 
     struct Entry: Comparable, Sendable {
         let at: Int64
@@ -237,39 +243,44 @@ struct ExpirySchedule: Sendable {
     init(epoch: Int64, leases: [(buffer: ExactString, end: Int64)], loaded: Bool = true) {
         self.epoch = epoch
         self.loaded = loaded
-        heap = Heap(leases.map { Entry(at: $0.end, buffer: $0.buffer) })
+        for lease in leases { add(lease.buffer, lease.end) }
     }
 
     /// Adds the leases the partition's rows hold (read at its epoch's first sweep) to what it collected.
     mutating func load(_ leases: [(buffer: ExactString, end: Int64)]) {
-        heap.insert(contentsOf: leases.map { Entry(at: $0.end, buffer: $0.buffer) })
+        for lease in leases { add(lease.buffer, lease.end) }
         loaded = true
     }
 
-    /// Entries scheduled (a buffer may have several).
-    var count: Int { heap.count }
+    /// Buffers scheduled.
+    var count: Int { due.count }
 
-    /// `buffer` has (or may get, from a write about to be sent) a lease ending at `end`.
+    /// `buffer` has (or may get, from a write about to be sent) a lease ending at `end`: it is looked at
+    /// no later than that.
     mutating func add(_ buffer: ExactString, _ end: Int64) {
+        if let current = due[buffer], current <= end { return }
+        due[buffer] = end
         heap.insert(Entry(at: end, buffer: buffer))
+        if heap.count > 2 * due.count + 1024 {
+            heap = Heap(due.map { Entry(at: $0.value, buffer: $0.key) })
+        }
     }
 
-    /// Takes the entries due at or before `time`, earliest first, until `limit` distinct buffers: the
-    /// buffers, and the entries taken (to ``restore(_:)`` if what follows fails).
+    /// Takes the buffers due at or before `time`, earliest first, at most `limit`: the buffers, and the
+    /// entries taken (to ``restore(_:)`` if what follows fails).
     mutating func takeDue(by time: Int64, limit: Int) -> (buffers: [ExactString], taken: [Entry]) {
-        var buffers: [ExactString] = []
-        var seen: Set<ExactString> = []
         var taken: [Entry] = []
-        while let first = heap.min, first.at <= time, buffers.count < limit || seen.contains(first.buffer) {
+        while taken.count < limit, let first = heap.min, first.at <= time {
             let entry = heap.removeMin()
+            guard due[entry.buffer] == entry.at else { continue }  // replaced by an earlier one
+            due[entry.buffer] = nil
             taken.append(entry)
-            if seen.insert(entry.buffer).inserted { buffers.append(entry.buffer) }
         }
-        return (buffers, taken)
+        return (taken.map(\.buffer), taken)
     }
 
     /// Puts taken entries back (the sweep that took them did not finish).
     mutating func restore(_ taken: [Entry]) {
-        heap.insert(contentsOf: taken)
+        for entry in taken { add(entry.buffer, entry.at) }
     }
 }

@@ -65,12 +65,14 @@ import Testing
 @Suite struct ExpiryScheduleTests {
     @Test func dueLeasesComeEarliestFirstOnceEachUpToTheLimit() {
         var schedule = ExpirySchedule(epoch: 1, leases: [("c", 300), ("a", 100), ("b", 200)])
-        schedule.add("a", 150)  // a grant while an older entry of the same buffer is pending
+        schedule.add("a", 150)  // a later grant while an earlier look at the buffer is pending: no entry
+        schedule.add("b", 120)  // an earlier end (a shortened lease) replaces the later entry
+        #expect(schedule.count == 3)
         #expect(schedule.takeDue(by: 99, limit: 10).buffers.isEmpty)
         let first = schedule.takeDue(by: 250, limit: 1)
-        #expect(first.buffers == ["a"], "at most the limit of distinct buffers, earliest first")
-        #expect(first.taken.map(\.at) == [100, 150], "every entry of a buffer taken goes with it")
-        #expect(schedule.takeDue(by: 250, limit: 10).buffers == ["b"])
+        #expect(first.buffers == ["a"], "at most the limit, earliest first")
+        #expect(first.taken.map(\.at) == [100])
+        #expect(schedule.takeDue(by: 250, limit: 10).taken.map(\.at) == [120], "the replaced entry at 200 is skipped")
         #expect(schedule.count == 1)
         #expect(schedule.takeDue(by: .max, limit: 10).buffers == ["c"])
         #expect(schedule.count == 0)
@@ -91,6 +93,17 @@ import Testing
         schedule.load([("read", 200)])
         #expect(schedule.loaded)
         #expect(schedule.takeDue(by: 300, limit: 10).buffers == ["read", "written"])
+    }
+
+    @Test func grantsOfOneBufferOverAndOverKeepOneEntry() {
+        var schedule = ExpirySchedule(epoch: 1, leases: [])
+        for grant in 0..<100_000 { schedule.add("churned", 3_600_000 + Int64(grant)) }
+        #expect(schedule.count == 1)
+        #expect(schedule.takeDue(by: .max, limit: 10).taken.map(\.at) == [3_600_000])
+        // Shortened over and over: the replaced entries are dropped once they outnumber the rest.
+        for step in 0..<10_000 { schedule.add("shortened", 1_000_000 - Int64(step)) }
+        #expect(schedule.count == 1)
+        #expect(schedule.takeDue(by: .max, limit: 10).taken.map(\.at) == [990_001])
     }
 
     @Test func aRenewedLeaseIsLookedAtOnItsOldEndAndScheduledAnew() {
