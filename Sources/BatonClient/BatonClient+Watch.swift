@@ -13,6 +13,28 @@ public enum WatchScope: Sendable, Hashable {
     case all
 }
 
+extension WatchScope {
+    /// Resume positions from `P:SEQ` texts (a partition and the position after which to resume, e.g.
+    /// `3:1843`); nil names the first text that is not one.
+    public static func positions(parsing texts: [String]) -> Result<[Int: Int64], WatchPositionError> {
+        var resume: [Int: Int64] = [:]
+        for text in texts {
+            let parts = text.split(separator: ":", maxSplits: 1)
+            guard parts.count == 2, let partition = Int(parts[0]), let seq = Int64(parts[1]), partition >= 0, seq >= 0 else {
+                return .failure(WatchPositionError(text: text))
+            }
+            resume[partition] = seq
+        }
+        return .success(resume)
+    }
+}
+
+/// A resume position that is not `P:SEQ`.
+public struct WatchPositionError: Error, CustomStringConvertible {
+    public let text: String
+    public var description: String { "'\(text)' is not P:SEQ (a partition and a position, e.g. 3:1843)" }
+}
+
 /// What a watch yields.
 public enum WatchEvent: Sendable, Hashable {
     /// An ownership change, with its position: save `seq` per `partition` to resume from it.

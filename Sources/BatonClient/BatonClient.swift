@@ -485,6 +485,20 @@ public final class BatonClient: Sendable {
         return lifetime
     }
 
+    /// Sends one request as it is and returns its reply, whatever its status: the command line's call.
+    /// `release_connection` goes to every partition and comes back as one `released_connection` reply;
+    /// with `waiting`, a claim waits in line up to that long and the call's timeout is the wait plus the
+    /// configured timeout. The request's strings are put in NFC first.
+    public func reply(to request: Request, partition: Int? = nil, waiting: Duration? = nil) async throws -> Reply {
+        var request = request.inNFC()
+        let timeout = waiting.map { waitInLine(&request, for: $0) }
+        if case .releaseConnection(let connection) = request.command {
+            let released = try await releaseConnection(connection, requestID: request.requestID)
+            return Reply(requestID: request.requestID, status: .releasedConnection, buffers: released.buffers, releasedCount: released.count)
+        }
+        return try await call(request, partition: partition, timeout: timeout)
+    }
+
     /// Extends your lease on `buffer` (connection and token must match the live holder's).
     public func renew(_ buffer: String, connection: String, token: Int64, lease: Duration = .seconds(30), requestID: String = BatonClient.newRequestID()) async throws -> RenewResult {
         let reply = try await call(Request(requestID: requestID, command: .renew(buffer: buffer, connection: connection, token: token, leaseMilliseconds: lease.wholeMilliseconds)))

@@ -49,6 +49,27 @@ public struct ChaosSettings: Sendable {
     /// The `baton` executable the workers run.
     public var executable = WorkerProcess.currentExecutable
 
+    /// Refuses a value out of range, naming it and what is allowed (the command line's names).
+    public func validate() throws(SettingsError) {
+        let known = cluster ? ChaosSettings.clusterFaults + ["kill", "pause", "garbage"] : ChaosSettings.allFaults
+        for name in faults where !known.contains(name) {
+            throw SettingsError("fault '\(name)' is not allowed\(cluster ? " with --cluster" : ""): use \(known.joined(separator: ", "))\(cluster ? "" : " (the faults across nodes need --cluster)")")
+        }
+        if asyncReplication, !cluster { throw SettingsError("--async-replication needs --cluster (the PostgreSQL pair of scripts/services cluster)") }
+        try SettingsError.check(failovers, "--failovers", 1...50)
+        try SettingsError.check(nodePause, "--node-pause-seconds", 15...300)
+        try SettingsError.check(clients, "--clients", 1...256)
+        try SettingsError.check(settle, "--settle-seconds", 1...600)
+        try SettingsError.check(pause, "--pause-seconds", 5...600)
+        if let waitingClients, !(0...clients).contains(waitingClients) {
+            throw SettingsError("--waiting-clients \(waitingClients) is not allowed: use 0 to --clients (\(clients))")
+        }
+        guard buffers >= 1 else { throw SettingsError("--buffers \(buffers) is not allowed: use 1 or more") }
+        if cluster, workerAMQPURLs.count < 2 || frontendAMQPURLs.count < 2 || serverURL.alternates.isEmpty {
+            throw SettingsError("--cluster needs every node in the URLs: eval \"$(scripts/services cluster env)\" (or run scripts/chaos --cluster)")
+        }
+    }
+
     public init(serverURL: PostgresURL, workerAMQPURLs: [AMQPURL], frontendAMQPURLs: [AMQPURL], services: URL) {
         precondition(!workerAMQPURLs.isEmpty && !frontendAMQPURLs.isEmpty, "a chaos run needs a broker")
         self.serverURL = serverURL

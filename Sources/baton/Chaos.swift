@@ -47,45 +47,18 @@ struct Chaos: AsyncParsableCommand {
     @Option(name: .customLong("pause-seconds"), help: "How long the active worker stays SIGSTOPped, more than twice its heartbeat (2 s), 5-600.") var pause = 8
     @Option(help: "Write the history (replies seen, audit rows, faults) as JSON here.") var history: String?
 
-    func validate() throws {
-        let known = cluster ? ChaosSettings.clusterFaults + ["kill", "pause", "garbage"] : ChaosSettings.allFaults
-        for name in fault where !known.contains(name) {
-            throw ValidationError("fault '\(name)' is not allowed\(cluster ? " with --cluster" : ""): use \(known.joined(separator: ", "))\(cluster ? "" : " (the faults across nodes need --cluster)")")
-        }
-        if asyncReplication, !cluster { throw ValidationError("--async-replication needs --cluster (the PostgreSQL pair of scripts/services cluster)") }
-        if let failovers, !(1...50).contains(failovers) { throw ValidationError("--failovers \(failovers) is not allowed: use 1 to 50") }
-        guard (15...300).contains(nodePause) else { throw ValidationError("--node-pause-seconds \(nodePause) is not allowed: use 15 to 300") }
-        guard (1...256).contains(clients) else { throw ValidationError("--clients \(clients) is not allowed: use 1 to 256") }
-        guard (1...600).contains(settle) else { throw ValidationError("--settle-seconds \(settle) is not allowed: use 1 to 600") }
-        guard (5...600).contains(pause) else { throw ValidationError("--pause-seconds \(pause) is not allowed: use 5 to 600") }
-        if let waitingClients, !(0...clients).contains(waitingClients) {
-            throw ValidationError("--waiting-clients \(waitingClients) is not allowed: use 0 to --clients (\(clients))")
-        }
-        guard buffers >= 1 else { throw ValidationError("--buffers \(buffers) is not allowed: use 1 or more") }
-    }
-
-    func run() async throws {
-        var logger = try database.logger("baton.chaos")
-        logger.logLevel = max(logger.logLevel, .warning)
+    /// The run's settings from the arguments; the lab checks them.
+    func settings() throws -> ChaosSettings {
         let services = ProcessInfo.processInfo.environment["BATON_SERVICES_SCRIPT"] ?? "scripts/services"
-        guard FileManager.default.isExecutableFile(atPath: services) else {
-            throw ValidationError("cannot find \(services) (run from the repository or set BATON_SERVICES_SCRIPT): broker and database faults need it")
-        }
         var settings = ChaosSettings(
             serverURL: try database.databaseURL(), workerAMQPURLs: try broker.amqpURLs(), frontendAMQPURLs: try BrokerOptions.environmentURLs(.frontend),
             services: URL(fileURLWithPath: services)
         )
-        if cluster {
-            guard settings.workerAMQPURLs.count > 1, settings.frontendAMQPURLs.count > 1, !settings.serverURL.alternates.isEmpty else {
-                throw ValidationError("--cluster needs every node in the URLs: eval \"$(scripts/services cluster env)\" (or run scripts/chaos --cluster)")
-            }
-            settings.cluster = true
-            settings.faults = asyncReplication ? ["db-failover"] : ChaosSettings.clusterFaults
-        }
+        settings.cluster = cluster
         settings.asyncReplication = asyncReplication
+        settings.faults = !fault.isEmpty ? fault : !cluster ? ChaosSettings.allFaults : asyncReplication ? ["db-failover"] : ChaosSettings.clusterFaults
         settings.failovers = failovers ?? (asyncReplication ? 10 : 1)
         settings.nodePause = nodePause
-        if !fault.isEmpty { settings.faults = fault }
         settings.partitions = partitions
         settings.clients = clients
         settings.waitingClients = waitingClients
@@ -93,6 +66,20 @@ struct Chaos: AsyncParsableCommand {
         settings.settle = settle
         settings.pause = pause
         settings.history = history
+        return settings
+    }
+
+    func validate() throws {
+        do { try settings().validate() } catch let error as SettingsError { throw ValidationError(error.description) }
+    }
+
+    func run() async throws {
+        var logger = try database.logger("baton.chaos")
+        logger.logLevel = max(logger.logLevel, .warning)
+        let settings = try settings()
+        guard FileManager.default.isExecutableFile(atPath: settings.services.path) else {
+            throw ValidationError("cannot find \(settings.services.path) (run from the repository or set BATON_SERVICES_SCRIPT): broker and database faults need it")
+        }
         let verdict = try await ScratchBroker.with(purpose: "chaos", admin: try scratchOptions.admin()) { namespace in
             try await ChaosRun(settings: settings, namespace: namespace, logger: logger, say: { say($0) }).run()
         }

@@ -44,16 +44,10 @@ struct ClientOptions: ParsableArguments {
     /// timeout is the wait plus `--timeout-ms`.
     func send(_ command: Command, partition: Int? = nil, waiting: Duration? = nil) async throws {
         let client = try client(command.operation == .forceRelease ? .operator : .frontend)
-        var request = Request(requestID: requestID ?? UUID().uuidString, command: command).inNFC()
-        let timeout = waiting.map { client.waitInLine(&request, for: $0) }
+        let request = Request(requestID: requestID ?? UUID().uuidString, command: command).inNFC()
         let reply: Reply
         do {
-            if case .releaseConnection(let connection) = command {
-                let released = try await client.releaseConnection(connection, requestID: request.requestID)
-                reply = Reply(requestID: request.requestID, status: .releasedConnection, buffers: released.buffers, releasedCount: released.count)
-            } else {
-                reply = try await client.call(request, partition: partition, timeout: timeout)
-            }
+            reply = try await client.reply(to: request, partition: partition, waiting: waiting)
         } catch {
             // Every failure exits 2, whatever threw it: exit 1 means denied, never "did not work".
             await client.close()
@@ -261,15 +255,7 @@ struct Watch: AsyncParsableCommand {
     }
 
     func resumePositions() throws -> [Int: Int64] {
-        var resume: [Int: Int64] = [:]
-        for text in positions {
-            let parts = text.split(separator: ":", maxSplits: 1)
-            guard parts.count == 2, let partition = Int(parts[0]), let seq = Int64(parts[1]), partition >= 0, seq >= 0 else {
-                throw ValidationError("--from '\(text)' is not P:SEQ (a partition and a position, e.g. 3:1843)")
-            }
-            resume[partition] = seq
-        }
-        return resume
+        try WatchScope.positions(parsing: positions).mapError { ValidationError("--from \($0)") }.get()
     }
 
     func validate() throws {
@@ -284,17 +270,8 @@ struct Watch: AsyncParsableCommand {
     func run() async throws {
         let client = try options.client()
         // Interrupted (ctrl-C) or terminated: what was printed is out, and the watch ends well (exit 0).
-        let stops = [SIGINT, SIGTERM].map { number in
-            signal(number, SIG_IGN)
-            let source = DispatchSource.makeSignalSource(signal: number)
-            source.setEventHandler {
-                fflush(nil)
-                Foundation.exit(0)
-            }
-            source.resume()
-            return source
-        }
-        defer { stops.forEach { $0.cancel() } }
+        let stops = ProcessSignals.exitOnInterrupt()
+        defer { stops.cancel() }
         do {
             for try await event in client.watch(try scope(), from: try resumePositions()) {
                 defer { fflush(nil) }

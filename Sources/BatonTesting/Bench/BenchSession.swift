@@ -58,6 +58,19 @@ public struct BenchSettings: Sendable {
         self.frontendAMQPURL = frontendAMQPURL
     }
 
+    /// Refuses a value out of range, naming it and what is allowed (the command line's names).
+    public func validate() throws(SettingsError) {
+        guard (1...3600).contains(duration) else { throw SettingsError("--duration \(duration) is not allowed: use 1 to 3600 seconds") }
+        try SettingsError.check(clients, "--clients", 1...4096)
+        try SettingsError.check(partitions, "--partitions", 1...1024)
+        try SettingsError.check(batchSize, "--batch-size", 1...10_000)
+        try SettingsError.check(connections, "--connections", 1...64)
+        try SettingsError.check(poolSize, "--pool-size", 1...256)
+        try SettingsError.check(Int(pollInterval.components.seconds * 1000 + pollInterval.components.attoseconds / 1_000_000_000_000_000), "--poll-interval", 1...10_000, unit: " milliseconds")
+        if let buffers, buffers < 1 { throw SettingsError("--buffers \(buffers) is not allowed: use 1 or more") }
+        for callers in sweepCallers { try SettingsError.check(callers, "--sweep-callers", 1...4096) }
+    }
+
     /// The clients of `workload`: the setting, or the workload's default.
     public func clients(_ workload: Workload) -> Int { clients ?? workload.defaultClients }
 }

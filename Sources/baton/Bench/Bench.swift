@@ -75,20 +75,11 @@ struct Bench: AsyncParsableCommand {
         for name in systemNames where !BenchSettings.systems.contains(name) {
             throw ValidationError("system '\(name)' is unknown: use \(BenchSettings.systems.joined(separator: ", "))")
         }
-        guard (1...3600).contains(duration) else { throw ValidationError("--duration \(duration) is not allowed: use 1 to 3600 seconds") }
-        if let clients = clientsFlag, !(1...4096).contains(clients) { throw ValidationError("--clients \(clients) is not allowed: use 1 to 4096") }
-        guard (1...1024).contains(partitions) else { throw ValidationError("--partitions \(partitions) is not allowed: use 1 to 1024") }
-        guard (1...10_000).contains(batchSize) else { throw ValidationError("--batch-size \(batchSize) is not allowed: use 1 to 10000") }
-        if let connections, !(1...64).contains(connections) { throw ValidationError("--connections \(connections) is not allowed: use 1 to 64") }
-        if let poolSize = poolSizeFlag, !(1...256).contains(poolSize) { throw ValidationError("--pool-size \(poolSize) is not allowed: use 1 to 256") }
-        guard (1...10_000).contains(pollInterval) else { throw ValidationError("--poll-interval \(pollInterval) is not allowed: use 1 to 10000 milliseconds") }
-        for callers in sweepCallers where !(1...4096).contains(callers) { throw ValidationError("--sweep-callers \(callers) is not allowed: use 1 to 4096") }
-        if let buffers, buffers < 1 { throw ValidationError("--buffers \(buffers) is not allowed: use 1 or more") }
+        do { try settings().validate() } catch let error as SettingsError { throw ValidationError(error.description) }
     }
 
-    func run() async throws {
-        var logger = try database.logger("baton.bench")
-        logger.logLevel = max(logger.logLevel, .warning)
+    /// The run's settings from the arguments; the lab checks them.
+    func settings() throws -> BenchSettings {
         var settings = BenchSettings(
             serverURL: try database.databaseURL(), workerAMQPURL: try broker.amqpURL(), frontendAMQPURL: try BrokerOptions.environmentURL(.frontend)
         )
@@ -105,10 +96,17 @@ struct Bench: AsyncParsableCommand {
         settings.workerLog = workerLog.map { URL(fileURLWithPath: $0) }
         settings.halfPeak = !noHalfPeak
         settings.overload = overload
+        settings.pollInterval = .milliseconds(pollInterval)
         // The sweep is part of a full run; a run of chosen workloads sweeps only when asked to.
         settings.sweepCallers = noSweep ? [] : !sweepCallers.isEmpty ? sweepCallers : workloadNames.isEmpty ? [256, 1024] : []
-        settings.pollInterval = .milliseconds(pollInterval)
         settings.command = CommandLine.arguments.map { $0.contains(" ") ? "'\($0)'" : $0 }.joined(separator: " ")
+        return settings
+    }
+
+    func run() async throws {
+        var logger = try database.logger("baton.bench")
+        logger.logLevel = max(logger.logLevel, .warning)
+        let settings = try settings()
         // A virtual host of its own: the bench's workers and clients never touch a deployment's queues.
         let report = try await ScratchBroker.with(purpose: "bench", admin: try scratchOptions.admin()) { namespace in
             try await BenchSession(settings: settings, namespace: namespace, logger: logger, say: { say($0) }).run()
