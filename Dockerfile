@@ -1,5 +1,5 @@
 # syntax=docker/dockerfile:1
-# The Baton worker image (also every other `baton` command): built with Swift on Debian, run on a slim
+# The Baton worker image (also every other `baton` command; not the lab, `baton-lab`): built with Swift on Debian, run on a slim
 # Debian with libpq and librabbitmq only, as a non-root user, healthy when /health/ready answers 200.
 #
 #   docker build --build-arg BATON_COMMIT=$(git rev-parse --short=12 HEAD) -t baton .

@@ -9,8 +9,9 @@ let package = Package(
         .library(name: "BatonAMQP", targets: ["BatonAMQP"]),
         .library(name: "BatonWorker", targets: ["BatonWorker"]),
         .library(name: "BatonClient", targets: ["BatonClient"]),
-        .library(name: "BatonTesting", targets: ["BatonTesting"]),
+        .library(name: "BatonLab", targets: ["BatonLab"]),
         .executable(name: "baton", targets: ["baton"]),
+        .executable(name: "baton-lab", targets: ["baton-lab"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.8.2"),
@@ -91,14 +92,13 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
-        // Scratch namespaces (a virtual host of their own, through the management API) and child
-        // processes that die with their parent: for tests, bench, chaos and demo.
-        // What the bench, chaos run, demo and integration tests share, as hummingbird ships
-        // HummingbirdTesting: scratch deployments (database, migration, topology, a virtual host of their
-        // own), worker child processes that die with their parent, the workloads and systems of the bench,
-        // the chaos run, the incident race and the history checkers. Not linked by a deployment's worker or frontend.
+        // Baton's lab: what the bench, the chaos run, the demo and the integration tests share, as
+        // hummingbird ships HummingbirdTesting: scratch deployments (database, migration, topology, a virtual
+        // host of their own), worker child processes that die with their parent, the workloads and systems of
+        // the bench, the chaos run, the incident race and the history checkers. Linked by `baton-lab` and the
+        // tests, never by `baton` (a deployment's worker and commands) or a frontend.
         .target(
-            name: "BatonTesting",
+            name: "BatonLab",
             dependencies: [
                 "BatonCore",
                 "BatonAMQP",
@@ -108,10 +108,30 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
+        // The command line's shared settings: flag, then environment, then default (``Setting``), and the
+        // option groups of the database, the broker and the logs.
+        .target(
+            name: "BatonCommandLine",
+            dependencies: [
+                "BatonCore", "BatonPostgres", "BatonAMQP", "BatonOperations",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        // `baton`: the worker, migrate, topology, status, prune and the request commands; what a deployment runs.
         .executableTarget(
             name: "baton",
             dependencies: [
-                "BatonCore", "BatonPostgres", "BatonAMQP", "BatonWorker", "BatonClient", "BatonOperations", "BatonTesting",
+                "BatonCore", "BatonPostgres", "BatonAMQP", "BatonWorker", "BatonClient", "BatonOperations", "BatonCommandLine",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        // `baton-lab`: bench, chaos, demo, bench-store (`baton bench` runs it when it is beside `baton`).
+        .executableTarget(
+            name: "baton-lab",
+            dependencies: [
+                "BatonCore", "BatonLab", "BatonOperations", "BatonCommandLine",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]
@@ -128,6 +148,8 @@ let package = Package(
             name: "BatonCoreTests",
             dependencies: [
                 "BatonCore",
+                // The history checker, the decisions' oracle in the property tests (pure).
+                "BatonLab",
                 .product(name: "PropertyBased", package: "swift-property-based"),
             ]
         ),
@@ -139,10 +161,10 @@ let package = Package(
             name: "BatonAMQPTests",
             dependencies: ["BatonAMQP"]
         ),
-        // The history checkers of BatonTesting: pure.
+        // The chaos checker and the chaos run's recovery times: pure.
         .testTarget(
-            name: "BatonTestingTests",
-            dependencies: ["BatonTesting", "BatonCore"]
+            name: "BatonLabTests",
+            dependencies: ["BatonLab", "BatonCore"]
         ),
         // The worker's partition state machine and deferred ack: pure, no broker or database.
         .testTarget(
@@ -159,7 +181,7 @@ let package = Package(
         .testTarget(
             name: "IntegrationTests",
             dependencies: [
-                "BatonTesting",
+                "BatonLab",
                 "BatonCore",
                 "BatonPostgres",
                 "BatonAMQP",

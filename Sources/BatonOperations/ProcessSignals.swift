@@ -1,4 +1,7 @@
 import Foundation
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// Process-wide signal handling for the command line's long-running reads.
 public enum ProcessSignals {
@@ -23,5 +26,24 @@ public enum ProcessSignals {
 
         /// Removes the handlers (the signals stay ignored, as before they were installed by nothing else).
         public func cancel() { sources.forEach { $0.cancel() } }
+    }
+
+    /// The child's side of the lifeline: in a process started as a lab's `ChildProcess` (`baton worker
+    /// --exit-with-parent`), stops it gracefully (SIGTERM to itself, after `announce`) when standard input
+    /// reaches end of file, that is when the parent died however it ended, and for good 15 s later.
+    public static func exitWithParent(announce: @escaping @Sendable () -> Void) {
+        let thread = Thread {
+            var buffer = [UInt8](repeating: 0, count: 256)
+            while true {
+                let count = read(0, &buffer, buffer.count)
+                if count == 0 || (count < 0 && errno != EINTR) { break }
+            }
+            announce()
+            kill(getpid(), SIGTERM)
+            sleep(15)
+            _exit(3)
+        }
+        thread.name = "baton.parent-watch"
+        thread.start()
     }
 }

@@ -885,7 +885,7 @@ public final class OwnershipStore: Sendable {
     }
 
     /// Every ownership change in the audit trail (oldest first) and the token each buffer shows now:
-    /// the input of `HistoryChecker` and `ChaosChecker`. Reads the whole table: for tests, benchmarks
+    /// the input of the lab's `HistoryChecker` and `ChaosChecker`. Reads the whole table: for tests, benchmarks
     /// and audits, not for the hot path.
     public func auditTrail() async throws -> (changes: [OwnershipChange], finalTokens: [ExactString: Int64]) {
         try await connection.withSession { session in

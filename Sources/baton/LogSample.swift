@@ -1,3 +1,4 @@
+import BatonCommandLine
 import ArgumentParser
 import Logging
 

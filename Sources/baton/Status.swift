@@ -1,3 +1,4 @@
+import BatonCommandLine
 import BatonOperations
 import ArgumentParser
 import BatonPostgres

@@ -1,8 +1,8 @@
+import BatonCommandLine
 import ArgumentParser
 import BatonAMQP
 import BatonCore
 import BatonOperations
-import BatonTesting
 import BatonWorker
 import Foundation
 import Logging
@@ -113,7 +113,7 @@ struct WorkerCommand: AsyncParsableCommand {
         let logger = try database.logger("baton.worker")
         let format = try database.log.logFormat()
         let worker = Worker(configuration: try workerConfiguration(), logger: logger)
-        if exitWithParent { ChildProcess.exitWithParent { logger.warning("the parent process is gone (standard input closed): stopping") } }
+        if exitWithParent { ProcessSignals.exitWithParent { logger.warning("the parent process is gone (standard input closed): stopping") } }
         do {
             try await OperationsServer.serve(worker, host: Setting.text(metricsHostFlag, "BATON_METRICS_HOST", default: "0.0.0.0"), port: try metricsPort(), build: BatonVersion.labels, logger: logger)
         } catch where format == .json {

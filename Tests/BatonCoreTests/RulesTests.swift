@@ -1,5 +1,6 @@
 import Foundation
 import BatonCore
+import BatonLab
 import Testing
 
 private let ann = Holder(user: "ann", connection: "c-ann")

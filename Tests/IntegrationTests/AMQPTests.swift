@@ -1,5 +1,5 @@
 import BatonAMQP
-import BatonTesting
+import BatonLab
 import Foundation
 import Testing
 

@@ -2,7 +2,7 @@
 import BatonAMQP
 import BatonCore
 import BatonPostgres
-import BatonTesting
+import BatonLab
 @testable import BatonWorker
 import Foundation
 import Logging

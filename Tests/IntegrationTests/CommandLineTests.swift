@@ -114,6 +114,30 @@ import Testing
         #expect(line.range(of: #"built \d{4}-\d{2}-\d{2}\)$"#, options: .regularExpression) != nil, "\(line)")
     }
 
+    // MARK: - The lab
+
+    /// `baton bench` and the other lab commands run the `baton-lab` beside `baton` (its help, its usage
+    /// errors and exit codes); a `baton` alone (a deployment's image) says what is missing and exits 1.
+    @Test func labCommandsRunTheLabBesideBatonOrSayItIsMissing() async throws {
+        let help = try await Self.baton(["bench", "--help"])
+        #expect(help.status == 0 && help.standardOutput.contains("USAGE: baton-lab bench"), "\(help)")
+        let usage = try await Self.baton(["demo", "--rounds", "0"])
+        #expect(usage.status == 64 && usage.standardError.contains("--rounds 0 is not allowed"), "\(usage)")
+        let listed = try await Self.baton(["--help"])
+        #expect(listed.standardOutput.contains("The lab's commands run baton-lab"), "\(listed)")
+
+        let folder = FileManager.default.temporaryDirectory.appendingPathComponent("baton-alone-\(getpid())-\(UInt64.random(in: 0...UInt64.max))")
+        try FileManager.default.createDirectory(at: folder, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: folder) }
+        let alone = folder.appendingPathComponent("baton")
+        try FileManager.default.copyItem(at: Deployment.batonExecutable, to: alone)
+        let missing = try await Self.baton(["chaos", "--settle-seconds", "1"], executable: alone)
+        #expect(missing.status == 1, "\(missing)")
+        #expect(missing.standardError.contains("`baton chaos` is a lab command") && missing.standardError.contains(folder.appendingPathComponent("baton-lab").path), "\(missing)")
+        let version = try await Self.baton(["--version"], executable: alone)
+        #expect(version.status == 0 && version.standardOutput.hasPrefix("baton 0."), "the other commands need no lab: \(version)")
+    }
+
     // MARK: - Examples
 
     /// examples/swift: two servers and a store that checks fencing tokens; the stalled server's write

@@ -2,7 +2,7 @@ import BatonAMQP
 import BatonClient
 import BatonCore
 import BatonPostgres
-import BatonTesting
+import BatonLab
 import BatonWorker
 import Foundation
 import Logging

@@ -7,7 +7,7 @@ import Foundation
 #if canImport(FoundationNetworking)
 import FoundationNetworking
 #endif
-import BatonTesting
+import BatonLab
 import Synchronization
 import Testing
 

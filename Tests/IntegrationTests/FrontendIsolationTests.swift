@@ -1,7 +1,7 @@
 @testable import BatonClient
 import BatonAMQP
 import BatonCore
-import BatonTesting
+import BatonLab
 import Foundation
 import Testing
 

@@ -1,4 +1,5 @@
 import BatonCore
+import BatonLab
 import BatonPostgres
 import Foundation
 import Testing

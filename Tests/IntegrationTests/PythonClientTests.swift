@@ -1,4 +1,4 @@
-import BatonTesting
+import BatonLab
 import Foundation
 import Testing
 

@@ -1,5 +1,6 @@
 import BatonClient
 import BatonCore
+import BatonLab
 import Foundation
 import Testing
 

@@ -47,7 +47,7 @@ public struct ChaosSettings: Sendable {
     /// The script that stops and starts the services (`scripts/services`).
     public var services: URL
     /// The `baton` executable the workers run.
-    public var executable = WorkerProcess.currentExecutable
+    public var executable = WorkerProcess.batonExecutable
 
     /// Refuses a value out of range, naming it and what is allowed (the command line's names).
     public func validate() throws(SettingsError) {

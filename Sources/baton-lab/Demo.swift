@@ -1,6 +1,7 @@
+import BatonCommandLine
 import BatonOperations
 import ArgumentParser
-import BatonTesting
+import BatonLab
 import Foundation
 
 struct Demo: AsyncParsableCommand {

@@ -1,5 +1,5 @@
 import BatonCore
-import BatonTesting
+import BatonLab
 import Testing
 
 @Suite struct ChaosCheckerTests {

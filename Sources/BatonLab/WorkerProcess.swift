@@ -36,8 +36,17 @@ public struct WorkerProcess: Sendable {
         return WorkerProcess(process: process, log: file, removeLog: log == nil)
     }
 
-    /// This executable (to start `baton worker` from `baton bench` and `baton chaos`).
-    public static var currentExecutable: URL { URL(fileURLWithPath: CommandLine.arguments[0]).resolvingSymlinksInPath() }
+    /// The `baton` that lab runs start as their workers: the one beside this executable (`baton-lab`, or a
+    /// test runner built with it), else this executable itself.
+    public static var batonExecutable: URL {
+        #if os(Linux)
+        let current = URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath()
+        #else
+        let current = URL(fileURLWithPath: CommandLine.arguments[0]).resolvingSymlinksInPath()
+        #endif
+        let beside = current.deletingLastPathComponent().appendingPathComponent("baton")
+        return FileManager.default.isExecutableFile(atPath: beside.path) ? beside : current
+    }
 
     /// Returns once the worker answers `client`, or throws when it exits or `timeout` passes first.
     public func waitUntilServing(_ client: BatonClient, timeout: Duration = .seconds(30)) async throws {

@@ -5,16 +5,16 @@ import Foundation
 
 /// Every setting of the command line resolves the same way: the flag, else the environment variable,
 /// else the default; a value that does not parse is refused with its name and what is allowed.
-enum Setting {
-    static var environment: [String: String] { ProcessInfo.processInfo.environment }
+public enum Setting {
+    public static var environment: [String: String] { ProcessInfo.processInfo.environment }
 
     /// The setting's text.
-    static func text(_ flag: String?, _ variable: String, default value: String) -> String {
+    public static func text(_ flag: String?, _ variable: String, default value: String) -> String {
         flag ?? environment[variable] ?? value
     }
 
     /// The setting parsed by `parse`; its error becomes the usage error.
-    static func parse<T>(_ flag: String?, _ variable: String, default value: String, _ parse: (String) throws -> T) throws -> T {
+    public static func parse<T>(_ flag: String?, _ variable: String, default value: String, _ parse: (String) throws -> T) throws -> T {
         do {
             return try parse(text(flag, variable, default: value))
         } catch let error as ValidationError {
@@ -29,7 +29,7 @@ enum Setting {
     }
 
     /// An integer setting within `range`.
-    static func integer(_ flag: Int?, _ variable: String, default value: Int, range: ClosedRange<Int>, name: String) throws -> Int {
+    public static func integer(_ flag: Int?, _ variable: String, default value: Int, range: ClosedRange<Int>, name: String) throws -> Int {
         let raw = text(flag.map(String.init), variable, default: String(value))
         guard let number = Int(raw), range.contains(number) else {
             throw ValidationError("\(name) '\(raw)' is not allowed: use \(range.lowerBound) to \(range.upperBound)")

@@ -105,25 +105,6 @@ public final class ChildProcess: Sendable {
 }
 
 extension ChildProcess {
-    /// The child's side of the lifeline: in a process started as a ``ChildProcess`` (`baton worker
-    /// --exit-with-parent`), stops it gracefully (SIGTERM to itself, after `announce`) when standard input
-    /// reaches end of file, that is when the parent died however it ended, and for good 15 s later.
-    public static func exitWithParent(announce: @escaping @Sendable () -> Void) {
-        let thread = Thread {
-            var buffer = [UInt8](repeating: 0, count: 256)
-            while true {
-                let count = read(0, &buffer, buffer.count)
-                if count == 0 || (count < 0 && errno != EINTR) { break }
-            }
-            announce()
-            kill(getpid(), SIGTERM)
-            sleep(15)
-            _exit(3)
-        }
-        thread.name = "baton.parent-watch"
-        thread.start()
-    }
-
     /// Runs `executable` with `arguments` to its end (without blocking a thread); returns its output
     /// (standard output and error, interleaved). Throws when it exits with a status other than 0 or
     /// outlives `timeout` (it is killed then), with the end of its output.

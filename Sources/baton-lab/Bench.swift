@@ -1,6 +1,7 @@
+import BatonCommandLine
 import BatonOperations
 import ArgumentParser
-import BatonTesting
+import BatonLab
 import Foundation
 
 /// `baton bench`: the same workloads against Baton, direct PostgreSQL, naive SQL and the broker echo.

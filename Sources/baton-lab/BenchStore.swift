@@ -1,5 +1,6 @@
+import BatonCommandLine
 import ArgumentParser
-import BatonTesting
+import BatonLab
 import Foundation
 
 /// Measures the ownership store alone: claims per second with one request per

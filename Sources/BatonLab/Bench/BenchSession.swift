@@ -50,7 +50,7 @@ public struct BenchSettings: Sendable {
     /// The command line, recorded in the results.
     public var command = ""
     /// The `baton` executable the bench workers run.
-    public var executable = WorkerProcess.currentExecutable
+    public var executable = WorkerProcess.batonExecutable
 
     public init(serverURL: PostgresURL, workerAMQPURL: AMQPURL, frontendAMQPURL: AMQPURL) {
         self.serverURL = serverURL

@@ -1,3 +1,5 @@
+import BatonCore
+
 /// Checks guarantees 1-3 of docs/protocol.md (section 11) over a history of ownership changes (the audit rows).
 ///
 /// It is deliberately independent of how the history was produced, so that the

@@ -1,7 +1,8 @@
+import BatonCommandLine
 import BatonOperations
 import ArgumentParser
 import Foundation
-import BatonTesting
+import BatonLab
 
 /// `baton chaos`: a steady load with a history recorder while faults are injected in turn,
 /// then a verdict on invariants 1-5 over the whole history.

@@ -1,4 +1,4 @@
-@testable import BatonTesting
+@testable import BatonLab
 import Testing
 
 /// The recovery time `baton chaos` reports per fault: when every partition has answered a call made
