@@ -54,6 +54,15 @@ extension ProtocolCodec {
             if let buffer { json.string("buffer", buffer) }
             if let after { json.integer("after", after) }
             if limit != ProtocolV1.maxEventsPerRead { json.integer("limit", limit) }
+        case .join(let buffer, let user, let connection, let lease):
+            json.string("buffer", buffer)
+            json.string("user", user)
+            json.string("connection", connection)
+            json.integer("lease_ms", lease)
+        case .leave(let buffer, let connection, let token):
+            json.string("buffer", buffer)
+            json.string("connection", connection)
+            json.integer("token", token)
         }
         return json.finish()
     }
@@ -77,6 +86,11 @@ extension ProtocolCodec {
         if reply.status == .releasedConnection {
             json.strings("buffers", reply.buffers ?? [])
             json.integer("released_count", reply.releasedCount ?? reply.buffers?.count ?? 0)
+        }
+        if let membership = reply.membership {
+            json.integer("replica_id", membership.replicaID)
+            json.integer("members", membership.members)
+            json.bool("reclaimed", membership.reclaimed)
         }
         if reply.status == .error, let error = reply.error {
             json.object("error") { $0.string("code", error.code.rawValue); $0.string("message", error.message) }
@@ -251,10 +265,16 @@ extension ProtocolCodec {
             }
             page = EventPage(events: try items.map(event), position: position, more: more, missed: missed)
         }
+        var membership: MembershipReply?
+        if let replicaID = try integer("replica_id") {
+            let reclaimed: Bool = if case .bool(true)? = fields["reclaimed"] { true } else { false }
+            membership = MembershipReply(replicaID: Int(replicaID), members: Int(try integer("members") ?? 0), reclaimed: reclaimed)
+        }
         return Reply(
             requestID: try string("request_id"), status: status, buffer: try string("buffer"), holder: holder, token: try integer("token"),
             expiresAt: try timestamp("expires_at"), at: try timestamp("at"), partition: try integer("partition").map { Int($0) },
-            buffers: buffers, releasedCount: try integer("released_count").map { Int($0) }, error: error, deployment: deployment, events: page
+            buffers: buffers, releasedCount: try integer("released_count").map { Int($0) }, error: error, deployment: deployment, events: page,
+            membership: membership
         )
     }
 

@@ -19,6 +19,8 @@ public enum ProtocolCodec {
         .forceRelease: ["buffer", "reason"],
         .describe: [],
         .events: ["buffer", "after", "limit"],
+        .join: ["buffer", "user", "connection", "lease_ms"],
+        .leave: ["buffer", "connection", "token"],
     ]
 
     /// Decodes and validates one request body.
@@ -72,8 +74,8 @@ public enum ProtocolCodec {
         }
 
         let opName = try reader.string("op")
-        guard let op = Operation(rawValue: opName) else {
-            let known = Operation.allCases.map(\.rawValue).joined(separator: ", ")
+        guard let op = Operation(rawValue: opName), op.isServed else {
+            let known = Operation.served.map(\.rawValue).joined(separator: ", ")
             throw reader.error(.unknownOp, "op '\(opName.replacingControlCharacters())' is unknown: use one of \(known)")
         }
 
@@ -128,6 +130,15 @@ public enum ProtocolCodec {
                 allowed: "an integer from 1 to \(ProtocolV1.maxEventsPerRead) (omit it for \(ProtocolV1.maxEventsPerRead))"
             )
             command = .events(buffer: buffer, after: after, limit: Int(limit ?? Int64(ProtocolV1.maxEventsPerRead)))
+        case .join:
+            let buffer = try reader.buffer("buffer")
+            let user = try reader.name("user", scalars: ProtocolV1.nameLength)
+            let connection = try reader.name("connection", scalars: ProtocolV1.nameLength)
+            command = .join(buffer: buffer, user: user, connection: connection, leaseMilliseconds: try reader.lease())
+        case .leave:
+            let buffer = try reader.buffer("buffer")
+            let connection = try reader.name("connection", scalars: ProtocolV1.nameLength)
+            command = .leave(buffer: buffer, connection: connection, token: try reader.token())
         }
         var request = Request(requestID: requestID, command: command, deadline: try reader.deadline())
         request.waiting = waiting

@@ -6,6 +6,8 @@ public struct Decision: Sendable, Hashable {
     public var reply: Reply
     /// The ownership changes, in order: an `expired` for a lease that a new grant replaces, a `granted`, a `released`.
     public var changes: [OwnershipChange]
+    /// The roster's changes (`join`, `leave`), in order.
+    public var memberships: [MembershipChange] = []
 }
 
 /// The ownership decision: a pure function of (buffer state, command, database time).
@@ -13,10 +15,13 @@ public struct Decision: Sendable, Hashable {
 /// The rules are docs/protocol.md's section 4, "Semantics"; a lease whose `expires_at` equals `now`
 /// has expired; a re-claim by the current holder keeps the token; tokens only grow.
 public enum OwnershipRules {
-    /// Decides a buffer-scoped command (everything but `release_connection`) against `state` at `now`.
+    /// Decides a buffer-scoped command (everything but `release_connection`) against `state` at `now`;
+    /// memberships that end without a leave keep their id reserved for `graceMilliseconds`.
     ///
     /// - Precondition: `request.command` is not `.releaseConnection`.
-    public static func decide(_ request: Request, state: BufferState, now: Timestamp, partition: Int) -> Decision {
+    public static func decide(
+        _ request: Request, state: BufferState, now: Timestamp, partition: Int, graceMilliseconds: Int64 = Roster.defaultGraceMilliseconds
+    ) -> Decision {
         let live = state.liveHolder(at: now)
         var next = state
         var changes: [OwnershipChange] = []
@@ -33,7 +38,7 @@ public enum OwnershipRules {
                     // The previous lease ran out but was never swept: close it before the new grant.
                     changes.append(OwnershipChange(kind: .expired, buffer: buffer, holder: previous, token: state.token, at: now, expiresAt: expiresAt))
                 }
-                next = BufferState(holder: holder, token: state.issued + 1, expiresAt: now.adding(milliseconds: lease), principal: request.principal)
+                next = state.granted(to: holder, until: now.adding(milliseconds: lease), principal: request.principal)
                 changes.append(OwnershipChange(
                     kind: .granted, buffer: buffer, holder: holder, token: next.token, at: now, expiresAt: next.expiresAt!, principal: request.principal
                 ))
@@ -46,9 +51,62 @@ public enum OwnershipRules {
             if let live, live.connection.exactlyEquals(connection), token == state.token, samePrincipal(state.principal, request.principal) {
                 next.expiresAt = now.adding(milliseconds: lease)
                 status = .renewed
+            } else if let member = next.roster.renew(connection: connection, token: token, principal: request.principal, leaseMilliseconds: lease, now: now) {
+                // One sequence issues both kinds of token, so a token names a lease or a membership, never both.
+                let reply = Reply(
+                    requestID: request.requestID, status: .renewed, buffer: buffer, token: member.token, expiresAt: member.expiresAt, at: now,
+                    partition: partition, membership: MembershipReply(replicaID: member.replicaID, members: next.roster.live(at: now).count)
+                )
+                return Decision(state: next, reply: reply, changes: [])
             } else {
                 status = .notOwner
             }
+
+        case .join(_, let user, let connection, let lease):
+            var issued = state.issued
+            let (result, memberships) = next.roster.join(
+                user: user, connection: connection, principal: request.principal, leaseMilliseconds: lease, now: now, graceMilliseconds: graceMilliseconds,
+                nextToken: {
+                    issued += 1
+                    return issued
+                }
+            )
+            switch result {
+            case .joined(let member, _, let reclaimed):
+                next.issued = issued
+                let reply = Reply(
+                    requestID: request.requestID, status: .joined, buffer: buffer, token: member.token, expiresAt: member.expiresAt, at: now,
+                    partition: partition, membership: MembershipReply(replicaID: member.replicaID, members: next.roster.live(at: now).count, reclaimed: reclaimed)
+                )
+                return Decision(state: next, reply: reply, changes: [], memberships: memberships.map { $0.on(buffer) })
+            case .connectionInUse(let member):
+                // Refused, and nothing changes (the expiries met on the way wait for the next decision).
+                let error = ProtocolError(
+                    code: .invalidRequest,
+                    message: "connection '\(LogValue.escape(connection))' is a live member of buffer '\(LogValue.escape(buffer))' as user '\(LogValue.escape(member.user))' (replica \(member.replicaID)): one connection joins as one user, so leave first or join from another connection",
+                    requestID: request.requestID, buffer: buffer
+                )
+                return Decision(state: state, reply: Reply.rejection(error, partition: partition, at: now), changes: [])
+            case .full:
+                let error = ProtocolError(
+                    code: .membersFull,
+                    message: "buffer '\(LogValue.escape(buffer))' has \(Roster.maxMembers) live members, the most one buffer takes; nothing changed",
+                    requestID: request.requestID, buffer: buffer
+                )
+                return Decision(state: state, reply: Reply.rejection(error, partition: partition, at: now), changes: [])
+            }
+
+        case .leave(_, let connection, let token):
+            let members = { (roster: Roster) in roster.live(at: now).count }
+            guard let left = next.roster.leave(connection: connection, token: token, principal: request.principal, now: now) else {
+                let reply = Reply(requestID: request.requestID, status: .notMember, buffer: buffer, at: now, partition: partition)
+                return Decision(state: state, reply: reply, changes: [])
+            }
+            let reply = Reply(
+                requestID: request.requestID, status: .left, buffer: buffer, token: token, at: now, partition: partition,
+                membership: MembershipReply(replicaID: left.member.replicaID, members: members(next.roster))
+            )
+            return Decision(state: next, reply: reply, changes: [], memberships: [left.on(buffer)])
 
         case .release(_, let connection, let token):
             if let holder = state.holder, let expiresAt = state.expiresAt, holder.connection.exactlyEquals(connection), token == state.token,
@@ -124,12 +182,17 @@ public struct PartitionState: Sendable {
     public let partitioner: Partitioner
     /// The buffers known to this state, by exact name; a buffer not present has never been claimed.
     public private(set) var buffers: [ExactString: BufferState]
+    /// How long a replica id stays reserved for a member that expired or whose connection was released.
+    public let graceMilliseconds: Int64
 
     /// Creates a partition state seeded with known buffers.
-    public init(partition: Int, partitioner: Partitioner, buffers: [ExactString: BufferState] = [:]) {
+    public init(
+        partition: Int, partitioner: Partitioner, buffers: [ExactString: BufferState] = [:], graceMilliseconds: Int64 = Roster.defaultGraceMilliseconds
+    ) {
         self.partition = partition
         self.partitioner = partitioner
         self.buffers = buffers
+        self.graceMilliseconds = graceMilliseconds
     }
 
     /// The state of `buffer` (fresh when never seen).
@@ -227,10 +290,11 @@ public struct PartitionState: Sendable {
 
         let line = current.line
         current.line = []
-        let decision = OwnershipRules.decide(request, state: current, now: now, partition: partition)
+        let decision = OwnershipRules.decide(request, state: current, now: now, partition: partition, graceMilliseconds: graceMilliseconds)
         var next = decision.state
         next.line = line
         outcome.changes += decision.changes
+        outcome.memberships += decision.memberships
         if decision.reply.status == .denied, case .claim(_, let holder, let lease) = request.command, let waiting = request.waiting,
            line.count < ProtocolV1.maxLineLength, Self.mayJoin(line, holder: holder, principal: request.principal) {
             // Held by someone else: join the end of the line, answered when leaving it (a full line denies
@@ -290,6 +354,8 @@ public struct PartitionState: Sendable {
                 outcome.changes += handoff.changes
                 outcome.answers += handoff.answers
             }
+            // Memberships that ran out: their ids reserved for the grace; reservations whose grace ended: gone.
+            outcome.memberships += state.roster.expire(now: now, graceMilliseconds: graceMilliseconds).map { $0.on(buffer.string) }
             if state != before { buffers[buffer] = state }
         }
         return outcome
@@ -298,8 +364,12 @@ public struct PartitionState: Sendable {
     private mutating func releaseConnection(_ connection: String, request: Request, at now: Timestamp) -> Outcome {
         var changes: [OwnershipChange] = []
         var answers: [WaiterAnswer] = []
+        var memberships: [MembershipChange] = []
         for buffer in buffers.keys.sorted() {
             var state = buffers[buffer]!
+            // The connection's memberships end, each id reserved for its user for the grace.
+            memberships += state.roster.releaseConnection(connection, principal: request.principal, now: now, graceMilliseconds: graceMilliseconds)
+                .map { $0.on(buffer.string) }
             // The connection's own waiters leave the line, denied (docs/design/fair-waiting.md, rule 5).
             for waiter in state.line where waiter.holder.connection.exactlyEquals(connection) && OwnershipRules.samePrincipal(waiter.principal, request.principal) {
                 let live = state.liveHolder(at: now)
@@ -338,6 +408,6 @@ public struct PartitionState: Sendable {
             requestID: request.requestID, status: .releasedConnection, at: now, partition: partition,
             buffers: listed, releasedCount: released.count
         )
-        return Outcome(reply: reply, changes: changes, answers: answers)
+        return Outcome(reply: reply, changes: changes, answers: answers, memberships: memberships)
     }
 }

@@ -88,9 +88,21 @@ public enum Operation: String, Sendable, Hashable, CaseIterable, CustomStringCon
     case describe
     /// A partition's history of ownership changes from a position (revision 3). Read-only, never recorded.
     case events
+    /// Become a live collaborator of a buffer with a replica id (docs/design/replica-slots.md). Decided by
+    /// ``PartitionState``; not on the wire yet (``isServed``): the store does not keep rosters.
+    case join
+    /// End a live membership at once, freeing its replica id. Not on the wire yet, as ``join``.
+    case leave
 
     /// Whether a worker answers it without deciding anything (and without an idempotency record).
     public var isRead: Bool { self == .describe || self == .events }
+
+    /// Whether the protocol's current revision has it: a request naming an operation that is not served
+    /// is refused as `unknown_op`, as one naming no operation at all.
+    public var isServed: Bool { self != .join && self != .leave }
+
+    /// The operations of the current revision, as `describe` lists them.
+    public static var served: [Operation] { allCases.filter(\.isServed) }
 
     public var description: String { rawValue }
 }
@@ -171,6 +183,11 @@ public enum Command: Sendable, Hashable {
     /// Read the partition's changes after position `after` (nil: none, just the current position), of
     /// `buffer` only when given, at most `limit`.
     case events(buffer: String?, after: Int64?, limit: Int)
+    /// Join `buffer`'s collaborators as `user` on `connection` until `leaseMilliseconds` from now (or extend
+    /// the membership the connection has).
+    case join(buffer: String, user: String, connection: String, leaseMilliseconds: Int64)
+    /// End the live membership of `connection` holding `token`, freeing its replica id at once.
+    case leave(buffer: String, connection: String, token: Int64)
 
     /// The operation.
     public var operation: Operation {
@@ -183,6 +200,8 @@ public enum Command: Sendable, Hashable {
         case .forceRelease: .forceRelease
         case .describe: .describe
         case .events: .events
+        case .join: .join
+        case .leave: .leave
         }
     }
 
@@ -190,7 +209,7 @@ public enum Command: Sendable, Hashable {
     public var buffer: String? {
         switch self {
         case .claim(let buffer, _, _), .renew(let buffer, _, _, _), .release(let buffer, _, _), .inspect(let buffer),
-             .forceRelease(let buffer, _):
+             .forceRelease(let buffer, _), .join(let buffer, _, _, _), .leave(let buffer, _, _):
             buffer
         case .events(let buffer, _, _):
             buffer
@@ -213,6 +232,13 @@ public enum ReplyStatus: String, Sendable, Hashable, CaseIterable, Codable, Cust
     case description
     /// The answer to `events`.
     case events
+    /// The answer to `join`: the connection is a live member (``Reply/membership``).
+    case joined
+    /// The answer to `leave`: the membership ended and its replica id is free.
+    case left
+    /// The answer to `leave` (or a membership's `renew`) when the connection holds no live membership
+    /// with that token.
+    case notMember = "not_member"
     case error
 
     public var description: String { rawValue }
@@ -235,6 +261,8 @@ public enum ErrorCode: String, Sendable, Hashable, CaseIterable, Codable, Custom
     case internalError = "internal_error"
     /// The message is missing a property the worker needs (`user_id`), or carries one it must refuse.
     case unauthenticated
+    /// A `join` found ``Roster/maxMembers`` live members; nothing changed.
+    case membersFull = "members_full"
 
     public var description: String { rawValue }
 }
@@ -304,13 +332,16 @@ public struct Reply: Sendable, Hashable {
     public var deployment: DeploymentDescription?
     /// For `events`: the changes read and where to read on.
     public var events: EventPage?
+    /// For `joined`, `left` and a membership's `renewed`: the membership (``token`` and ``expiresAt`` are
+    /// the membership's then).
+    public var membership: MembershipReply?
 
     /// Creates a reply.
     public init(
         requestID: String?, status: ReplyStatus, buffer: String? = nil, holder: Holder? = nil,
         token: Int64? = nil, expiresAt: Timestamp? = nil, at: Timestamp? = nil, partition: Int? = nil,
         buffers: [String]? = nil, releasedCount: Int? = nil, error: ReplyError? = nil,
-        deployment: DeploymentDescription? = nil, events: EventPage? = nil
+        deployment: DeploymentDescription? = nil, events: EventPage? = nil, membership: MembershipReply? = nil
     ) {
         self.requestID = requestID
         self.status = status
@@ -325,6 +356,7 @@ public struct Reply: Sendable, Hashable {
         self.error = error
         self.deployment = deployment
         self.events = events
+        self.membership = membership
     }
 
     /// The error reply for a rejected request.
@@ -353,6 +385,9 @@ public struct BufferState: Sendable, Hashable {
     public var expiresAt: Timestamp?
     /// Claims waiting for the buffer, in the order they joined (docs/design/fair-waiting.md).
     public var line: [Waiter] = []
+    /// The buffer's collaborators and the replica ids reserved for returning ones (docs/design/replica-slots.md);
+    /// independent of the holder: a release or expiry of the lease leaves it as it is.
+    public var roster = Roster()
 
     /// A buffer nobody ever claimed.
     public static let fresh = BufferState(holder: nil, token: 0, expiresAt: nil)
@@ -366,9 +401,19 @@ public struct BufferState: Sendable, Hashable {
         self.principal = holder == nil ? nil : principal
     }
 
-    /// The state once the holder's lease ends (released, expired): no holder, the same tokens.
+    /// The state once the holder's lease ends (released, expired): no holder, the same tokens and roster.
     public var vacated: BufferState {
-        BufferState(holder: nil, token: token, expiresAt: nil, issued: issued)
+        var state = BufferState(holder: nil, token: token, expiresAt: nil, issued: issued)
+        state.roster = roster
+        return state
+    }
+
+    /// The state once `holder` is granted the buffer until `expiresAt`: the next token of the sequence; the
+    /// roster as it was; no line (the caller puts back what remains of it).
+    public func granted(to holder: Holder, until expiresAt: Timestamp, principal: String?) -> BufferState {
+        var state = BufferState(holder: holder, token: issued + 1, expiresAt: expiresAt, principal: principal)
+        state.roster = roster
+        return state
     }
 
     /// The holder if their lease has not expired at `now` (`expires_at == now` counts as expired).
@@ -436,7 +481,7 @@ public struct DeploymentDescription: Sendable, Hashable {
     public var ops: [String]
 
     /// Creates a description.
-    public init(protocolVersion: Int = ProtocolV1.version, revision: Int = ProtocolV1.revision, partitions: Int, ops: [String] = Operation.allCases.map(\.rawValue)) {
+    public init(protocolVersion: Int = ProtocolV1.version, revision: Int = ProtocolV1.revision, partitions: Int, ops: [String] = Operation.served.map(\.rawValue)) {
         self.protocolVersion = protocolVersion
         self.revision = revision
         self.partitions = partitions

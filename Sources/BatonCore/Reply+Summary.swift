@@ -30,6 +30,13 @@ extension Reply {
             let lines = page.events.map(Reply.line)
             let tail = "position \(page.position)\(page.more ? ", more after it" : "")\(page.missed ? "; changes before these were pruned (missed)" : "")\(partition)"
             return (lines + [tail]).joined(separator: "\n")
+        case .joined:
+            let membership = reply.membership
+            return "joined \(buffer) as replica \(membership?.replicaID ?? 0)\(membership?.reclaimed == true ? " (reclaimed)" : ""): token \(token)\(until); \(membership?.members ?? 0) member(s)\(partition)"
+        case .left:
+            return "left \(buffer): replica \(reply.membership?.replicaID ?? 0) is free\(partition)"
+        case .notMember:
+            return "not a member of \(buffer) (no live membership of that connection and token)\(partition)"
         case .error:
             return "error \(reply.error?.code.rawValue ?? ""): \(reply.error?.message ?? "")"
         }

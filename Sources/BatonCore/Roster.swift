@@ -57,6 +57,9 @@ public struct Roster: Sendable, Hashable {
 
     /// The most live members of one buffer.
     public static let maxMembers = 1024
+    /// How long an id stays reserved for a member that expired or whose connection was released, unless
+    /// the deployment sets another grace.
+    public static let defaultGraceMilliseconds: Int64 = 30_000
 
     /// Members, by replica id (live ones and expired ones not yet swept).
     public private(set) var members: [Member]
@@ -162,13 +165,15 @@ public struct Roster: Sendable, Hashable {
         }
     }
 
-    /// Ends every membership of `connection` (its connection is gone: `release_connection`), each id
-    /// reserved for its user until `now` plus the grace.
-    public mutating func releaseConnection(_ connection: String, now: Timestamp, graceMilliseconds: Int64) -> [MembershipChange] {
+    /// Ends every membership of `connection` joined by `principal` (its connection is gone:
+    /// `release_connection`, which concerns only the requester's own), each id reserved for its user until
+    /// `now` plus the grace.
+    public mutating func releaseConnection(_ connection: String, principal: String?, now: Timestamp, graceMilliseconds: Int64) -> [MembershipChange] {
         var changes = expire(now: now, graceMilliseconds: graceMilliseconds)
         let until = now.adding(milliseconds: graceMilliseconds)
-        let released = members.filter { $0.connection.exactlyEquals(connection) }
-        members.removeAll { $0.connection.exactlyEquals(connection) }
+        let ends = { (member: Member) in member.connection.exactlyEquals(connection) && OwnershipRules.samePrincipal(member.principal, principal) }
+        let released = members.filter(ends)
+        members.removeAll(where: ends)
         for member in released {
             if now < until { reserve(Reservation(replicaID: member.replicaID, user: member.user, until: until)) }
             changes.append(MembershipChange(kind: .released, member: member, at: now, reservedUntil: now < until ? until : nil))
@@ -204,6 +209,22 @@ public struct Roster: Sendable, Hashable {
     }
 }
 
+/// What a reply says of a membership (`joined`, `left`, a membership's `renewed`).
+public struct MembershipReply: Sendable, Hashable {
+    /// The member's replica id, unique among the buffer's live members.
+    public var replicaID: Int
+    /// How many members are live after the decision.
+    public var members: Int
+    /// Whether a join got back the id its user's earlier membership had (within the grace).
+    public var reclaimed: Bool
+
+    public init(replicaID: Int, members: Int, reclaimed: Bool = false) {
+        self.replicaID = replicaID
+        self.members = members
+        self.reclaimed = reclaimed
+    }
+}
+
 /// A change of a buffer's roster, in decision order (for events).
 public struct MembershipChange: Sendable, Hashable {
     public enum Kind: String, Sendable, Hashable {
@@ -224,11 +245,21 @@ public struct MembershipChange: Sendable, Hashable {
     public var at: Timestamp
     /// Until when the member's id stays reserved for its user (expired and released only).
     public var reservedUntil: Timestamp?
+    /// The buffer (set by the partition's decision; a roster does not know its name).
+    public var buffer: String
 
-    public init(kind: Kind, member: Roster.Member, at: Timestamp, reservedUntil: Timestamp? = nil) {
+    public init(kind: Kind, member: Roster.Member, at: Timestamp, reservedUntil: Timestamp? = nil, buffer: String = "") {
         self.kind = kind
         self.member = member
         self.at = at
         self.reservedUntil = reservedUntil
+        self.buffer = buffer
+    }
+
+    /// The change, attributed to `buffer`.
+    public func on(_ buffer: String) -> MembershipChange {
+        var change = self
+        change.buffer = buffer
+        return change
     }
 }

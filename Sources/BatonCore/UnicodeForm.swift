@@ -72,6 +72,10 @@ extension Request {
             break
         case .events(let buffer, let after, let limit):
             request.command = .events(buffer: buffer.map(n), after: after, limit: limit)
+        case .join(let buffer, let user, let connection, let lease):
+            request.command = .join(buffer: n(buffer), user: n(user), connection: n(connection), leaseMilliseconds: lease)
+        case .leave(let buffer, let connection, let token):
+            request.command = .leave(buffer: n(buffer), connection: n(connection), token: token)
         }
         return request
     }

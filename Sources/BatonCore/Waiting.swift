@@ -68,12 +68,15 @@ public struct Outcome: Sendable, Hashable {
     public var reply: Reply?
     public var changes: [OwnershipChange]
     public var answers: [WaiterAnswer]
+    /// Changes of the buffers' rosters, in decision order.
+    public var memberships: [MembershipChange]
 
     /// Creates an outcome.
-    public init(reply: Reply?, changes: [OwnershipChange] = [], answers: [WaiterAnswer] = []) {
+    public init(reply: Reply?, changes: [OwnershipChange] = [], answers: [WaiterAnswer] = [], memberships: [MembershipChange] = []) {
         self.reply = reply
         self.changes = changes
         self.answers = answers
+        self.memberships = memberships
     }
 }
 
@@ -123,7 +126,7 @@ extension OwnershipRules {
             outcome.changes.append(OwnershipChange(kind: .expired, buffer: buffer, holder: previous, token: state.token, at: now, expiresAt: expiresAt))
         }
         let head = state.line.removeFirst()
-        var granted = BufferState(holder: head.holder, token: state.issued + 1, expiresAt: now.adding(milliseconds: head.leaseMilliseconds), principal: head.principal)
+        var granted = state.granted(to: head.holder, until: now.adding(milliseconds: head.leaseMilliseconds), principal: head.principal)
         granted.line = state.line
         outcome.changes.append(OwnershipChange(
             kind: .granted, buffer: buffer, holder: head.holder, token: granted.token, at: now, expiresAt: granted.expiresAt!, principal: head.principal

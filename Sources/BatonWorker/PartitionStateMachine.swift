@@ -721,6 +721,8 @@ struct PartitionStateMachine {
                 case .forceRelease: .released
                 case .describe: .description
                 case .events: .events
+                case .join: .joined
+                case .leave: .left
                 }
                 if request.operation.isRead {
                     return Reply(

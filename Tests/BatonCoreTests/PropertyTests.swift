@@ -88,7 +88,7 @@ struct Step: Sendable, CustomStringConvertible {
                     #expect(reply.holder == before.liveHolder(at: now))
                 case .releasedConnection:
                     #expect(reply.buffers?.allSatisfy { state.state(of: $0).holder == nil } == true)
-                case .error, .description, .events:
+                case .error, .description, .events, .joined, .left, .notMember:
                     Issue.record("unexpected reply \(reply.status) \(String(describing: reply.error))")
                 }
             }
@@ -113,6 +113,98 @@ struct Step: Sendable, CustomStringConvertible {
             guard let dropped = history.firstIndex(where: { $0.kind != .granted }) else { return }
             history.remove(at: dropped)
             #expect(HistoryChecker.check(history).doubleGrants >= 1)
+        }
+    }
+}
+
+/// Ownership and replica memberships on the same buffers (docs/design/replica-slots.md): one token sequence,
+/// rosters that leases never touch, replica ids unique among live members.
+@Suite struct MembershipPropertyTests {
+    static let codes = Gen.int(in: 0...9_999_999).array(of: 1...300)
+
+    @Test func ownershipAndMembershipsShareOneTokenSequenceAndNeverShareAnID() async {
+        await propertyCheck(count: 300, input: Self.codes) { codes in
+            let partitioner = try! Partitioner(count: 1)
+            var state = PartitionState(partition: 0, partitioner: partitioner, graceMilliseconds: 2_000)
+            var now = Timestamp(milliseconds: 1_700_000_000_000)
+            var history: [OwnershipChange] = []
+            var issuedMax: [String: Int64] = [:]
+            var leaseToken: [String: [Int: Int64]] = [:]
+            var memberToken: [String: [Int: Int64]] = [:]
+            for (index, code) in codes.enumerated() {
+                var rest = code
+                func take(_ n: Int) -> Int { defer { rest /= n }; return rest % n }
+                let op = take(8)
+                let buffer = "buffer-\(take(2))"
+                let c = take(4)
+                let connection = "conn-\(c)"
+                let user = "user-\(c % 3)"
+                let lease = Int64(1 + take(3)) * 1_000
+                now = now.adding(milliseconds: Int64(take(4)) * 600)
+                let command: Command
+                switch op {
+                case 0: command = .claim(buffer: buffer, holder: Holder(user: user, connection: connection), leaseMilliseconds: lease)
+                case 1: command = .release(buffer: buffer, connection: connection, token: leaseToken[buffer]?[c] ?? 1)
+                case 2, 3: command = .join(buffer: buffer, user: user, connection: connection, leaseMilliseconds: lease)
+                case 4: command = .leave(buffer: buffer, connection: connection, token: memberToken[buffer]?[c] ?? 1)
+                case 5:
+                    let token = take(2) == 0 ? leaseToken[buffer]?[c] ?? 1 : memberToken[buffer]?[c] ?? 1
+                    command = .renew(buffer: buffer, connection: connection, token: token, leaseMilliseconds: lease)
+                case 6: command = .releaseConnection(connection: connection)
+                default:
+                    history += state.sweep(at: now)
+                    continue
+                }
+                let before = state.state(of: buffer)
+                let outcome = state.decide(Request(requestID: "r\(index)", command: command, principal: "p"), at: now)
+                history += outcome.changes
+                let after = state.state(of: buffer)
+                guard let reply = outcome.reply else {
+                    Issue.record("every step here is answered")
+                    continue
+                }
+                #expect(after.issued >= after.token && after.issued >= before.issued, "the sequence never goes back")
+                switch reply.status {
+                case .granted:
+                    let token = reply.token!
+                    if token != before.token {
+                        #expect(token > issuedMax[buffer, default: 0], "a new grant takes the next token of the sequence")
+                    }
+                    issuedMax[buffer] = max(issuedMax[buffer, default: 0], token)
+                    leaseToken[buffer, default: [:]][c] = token
+                    #expect(after.roster == before.roster, "a grant leaves the roster")
+                case .joined:
+                    let token = reply.token!
+                    if memberToken[buffer]?[c] != token {
+                        #expect(token > issuedMax[buffer, default: 0], "a new membership takes the next token of the sequence")
+                    }
+                    issuedMax[buffer] = max(issuedMax[buffer, default: 0], token)
+                    memberToken[buffer, default: [:]][c] = token
+                    #expect(after.holder == before.holder && after.expiresAt == before.expiresAt, "a join leaves the lease")
+                    #expect(reply.membership.map { $0.replicaID >= 1 } == true)
+                case .left:
+                    #expect(after.holder == before.holder && after.expiresAt == before.expiresAt, "a leave leaves the lease")
+                    #expect(!after.roster.live(at: now).contains { $0.connection == connection && $0.token == reply.token })
+                case .released:
+                    #expect(after.holder == nil)
+                    #expect(after.roster == before.roster, "a release leaves the roster")
+                case .renewed, .notOwner, .notMember, .releasedConnection, .denied:
+                    break
+                case .error:
+                    #expect(reply.error?.code == .invalidRequest, "\(String(describing: reply.error))")
+                case .state, .description, .events:
+                    Issue.record("unexpected reply \(reply.status)")
+                }
+                for (_, buffered) in state.buffers {
+                    let live = buffered.roster.live(at: now)
+                    #expect(Set(live.map(\.replicaID)).count == live.count, "two live members share a replica id: \(live)")
+                    for reservation in buffered.roster.reservations where now < reservation.until {
+                        #expect(!live.contains { $0.replicaID == reservation.replicaID && $0.user != reservation.user }, "a reserved id went to another user")
+                    }
+                }
+            }
+            let report = HistoryChecker.check(history, finalTokens: state.buffers.mapValues(\.token))
+            #expect(report.passed, "\(report.violations)")
         }
     }
 }

@@ -93,7 +93,7 @@ import Testing
         let tokens = Tokens()
         _ = Self.join(&roster, "ann", "shared", at: Self.t0, tokens: tokens)
         _ = Self.join(&roster, "bob", "b", at: Self.t0, tokens: tokens)
-        let released = roster.releaseConnection("shared", now: Self.t0.adding(milliseconds: 100), graceMilliseconds: Self.grace)
+        let released = roster.releaseConnection("shared", principal: "p", now: Self.t0.adding(milliseconds: 100), graceMilliseconds: Self.grace)
         #expect(released.map(\.kind) == [.released] && released.first?.member.replicaID == 1)
         #expect(roster.live(at: Self.t0.adding(milliseconds: 100)).map(\.replicaID) == [2])
         #expect(Self.member(Self.join(&roster, "cat", "c", at: Self.t0.adding(milliseconds: 200), tokens: tokens))?.replicaID == 3)
@@ -169,7 +169,7 @@ import Testing
                 case 2:
                     _ = roster.renew(connection: connection, token: lastToken[connection] ?? 0, principal: nil, leaseMilliseconds: lease, now: now)
                 case 3:
-                    _ = roster.releaseConnection(connection, now: now, graceMilliseconds: 3_000)
+                    _ = roster.releaseConnection(connection, principal: nil, now: now, graceMilliseconds: 3_000)
                 default:
                     _ = roster.expire(now: now, graceMilliseconds: 3_000)
                 }
