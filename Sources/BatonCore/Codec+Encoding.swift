@@ -131,7 +131,7 @@ extension ProtocolCodec {
         return EventPage(events: Array(page.events.prefix(kept)), position: page.events[kept - 1].seq, more: true, missed: page.missed)
     }
 
-    private static func eventArray(_ bodies: [[UInt8]]) -> [UInt8] {
+    static func eventArray(_ bodies: [[UInt8]]) -> [UInt8] {
         var bytes: [UInt8] = [UInt8(ascii: "[")]
         bytes.reserveCapacity(bodies.reduce(2) { $0 + $1.count + 1 })
         for (index, body) in bodies.enumerated() {

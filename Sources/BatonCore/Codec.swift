@@ -74,8 +74,8 @@ public enum ProtocolCodec {
         }
 
         let opName = try reader.string("op")
-        guard let op = Operation(rawValue: opName), op.isServed else {
-            let known = Operation.served.map(\.rawValue).joined(separator: ", ")
+        guard let op = Operation(rawValue: opName) else {
+            let known = Operation.allCases.map(\.rawValue).joined(separator: ", ")
             throw reader.error(.unknownOp, "op '\(opName.replacingControlCharacters())' is unknown: use one of \(known)")
         }
 

@@ -4,8 +4,8 @@ public enum ProtocolV1 {
     public static let version = 1
     /// The revision of version 1 this implementation speaks (docs/protocol.md, "Revisions"): 3 added
     /// `describe`, `events` and the `seq` and `partition` of events; 4 claims that wait in line; 5 refuses
-    /// names that are not in Unicode NFC.
-    public static let revision = 5
+    /// names that are not in Unicode NFC; 6 replica memberships (`join`, `leave`).
+    public static let revision = 6
     /// The most events one `events` reply lists (and the default `limit`).
     public static let maxEventsPerRead = 256
     /// Allowed `wait_ms` of a claim that waits in line (revision 4): at most a request's lifetime.
@@ -88,21 +88,13 @@ public enum Operation: String, Sendable, Hashable, CaseIterable, CustomStringCon
     case describe
     /// A partition's history of ownership changes from a position (revision 3). Read-only, never recorded.
     case events
-    /// Become a live collaborator of a buffer with a replica id (docs/design/replica-slots.md). Decided by
-    /// ``PartitionState``; not on the wire yet (``isServed``): the store does not keep rosters.
+    /// Become a live collaborator of a buffer with a replica id (revision 5, docs/design/replica-slots.md).
     case join
-    /// End a live membership at once, freeing its replica id. Not on the wire yet, as ``join``.
+    /// End a live membership at once, freeing its replica id (revision 5).
     case leave
 
     /// Whether a worker answers it without deciding anything (and without an idempotency record).
     public var isRead: Bool { self == .describe || self == .events }
-
-    /// Whether the protocol's current revision has it: a request naming an operation that is not served
-    /// is refused as `unknown_op`, as one naming no operation at all.
-    public var isServed: Bool { self != .join && self != .leave }
-
-    /// The operations of the current revision, as `describe` lists them.
-    public static var served: [Operation] { allCases.filter(\.isServed) }
 
     public var description: String { rawValue }
 }
@@ -481,7 +473,7 @@ public struct DeploymentDescription: Sendable, Hashable {
     public var ops: [String]
 
     /// Creates a description.
-    public init(protocolVersion: Int = ProtocolV1.version, revision: Int = ProtocolV1.revision, partitions: Int, ops: [String] = Operation.served.map(\.rawValue)) {
+    public init(protocolVersion: Int = ProtocolV1.version, revision: Int = ProtocolV1.revision, partitions: Int, ops: [String] = Operation.allCases.map(\.rawValue)) {
         self.protocolVersion = protocolVersion
         self.revision = revision
         self.partitions = partitions

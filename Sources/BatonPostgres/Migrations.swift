@@ -227,6 +227,17 @@ public enum Migrator {
             -- back. No rewrite of the table.
             ALTER TABLE baton_buffers ADD COLUMN issued bigint;
             """),
+        Migration(version: 10, name: "replica memberships", sql: """
+            -- A buffer's collaborators and the replica ids reserved for returning ones (docs/design/replica-slots.md),
+            -- written with the buffer's row under its compare-and-set: {"m": [members], "r": [reservations]}
+            -- (BatonCore's Roster.storedText). NULL for a buffer that never had members, so leases pay nothing:
+            -- no index covers a column a lease changes, and a renewal stays a heap-only update.
+            ALTER TABLE baton_buffers ADD COLUMN roster jsonb;
+            -- release_connection finds a connection's memberships by containment (roster @> {"m": [{"c": ...}]}).
+            CREATE INDEX baton_buffers_roster ON baton_buffers USING gin (roster jsonb_path_ops) WHERE roster IS NOT NULL;
+            -- The sweep's schedule is loaded from the partition's rosters when the worker takes a partition.
+            CREATE INDEX baton_buffers_rostered ON baton_buffers (partition) WHERE roster IS NOT NULL;
+            """),
     ]
 
     /// The newest schema version this code knows.

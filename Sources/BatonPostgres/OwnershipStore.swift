@@ -102,6 +102,9 @@ public final class OwnershipStore: Sendable {
     }
     /// The most buffers without a line remembered per partition (buffers with a line are always remembered).
     public let memoryLimit: Int
+    /// How long a replica id stays reserved for its user after the membership expired or its connection
+    /// was released (docs/design/replica-slots.md).
+    public let memberGraceMilliseconds: Int64
     /// The default of ``memoryLimit``.
     public static let defaultMemoryLimit = 16_384
 
@@ -113,18 +116,22 @@ public final class OwnershipStore: Sendable {
     /// Creates a store over an open connection after checking the schema and N.
     public static func open(
         connection: PostgresConnection, partitioner: Partitioner, maxAttempts: Int = 8, memoryLimit: Int = OwnershipStore.defaultMemoryLimit,
-        logger: Logger = Logger(label: "baton.store")
+        memberGraceMilliseconds: Int64 = Roster.defaultGraceMilliseconds, logger: Logger = Logger(label: "baton.store")
     ) async throws -> OwnershipStore {
         let count = partitioner.count
         try await connection.withSession { session in try Migrator.verify(session, partitionCount: count) }
-        return OwnershipStore(connection: connection, partitioner: partitioner, maxAttempts: maxAttempts, memoryLimit: memoryLimit, logger: logger)
+        return OwnershipStore(
+            connection: connection, partitioner: partitioner, maxAttempts: maxAttempts, memoryLimit: memoryLimit,
+            memberGraceMilliseconds: memberGraceMilliseconds, logger: logger
+        )
     }
 
-    private init(connection: PostgresConnection, partitioner: Partitioner, maxAttempts: Int, memoryLimit: Int, logger: Logger) {
+    private init(connection: PostgresConnection, partitioner: Partitioner, maxAttempts: Int, memoryLimit: Int, memberGraceMilliseconds: Int64, logger: Logger) {
         self.connection = connection
         self.partitioner = partitioner
         self.maxAttempts = maxAttempts
         self.memoryLimit = max(1, memoryLimit)
+        self.memberGraceMilliseconds = max(0, memberGraceMilliseconds)
         self.logger = logger
     }
 
@@ -293,7 +300,7 @@ public final class OwnershipStore: Sendable {
     private func applyOnce(_ session: PostgresSession, _ batch: WaitingBatch, attempt: Int) throws -> BatchResult {
         forget([batch.partition])
         let (read, parameters) = Self.readStatement(batch.requests, partition: batch.partition)
-        let plan = try BatchPlan(read: session.query(read, parameters), requests: batch.requests, partition: batch.partition, epoch: batch.epoch, partitioner: partitioner)
+        let plan = try BatchPlan(read: session.query(read, parameters), requests: batch.requests, partition: batch.partition, epoch: batch.epoch, partitioner: partitioner, grace: memberGraceMilliseconds)
         noteInserted(plan.write, epoch: batch.epoch)
         noteLeases(plan.write, epoch: batch.epoch)
         return plan.result(outboxIDs: try plan.write(session), attempt: attempt)
@@ -328,7 +335,7 @@ public final class OwnershipStore: Sendable {
                 if loads, let lines = next.next() { try load(lines.get(), partition: batch.partition, epoch: batch.epoch, at: readAt) }
                 if loadsNames, let stored = next.next() { try loadNames(stored.get(), partition: batch.partition, epoch: batch.epoch) }
                 guard let read = next.next() else { throw PostgresError(code: .unexpectedResult, message: "a read pipeline returned fewer results than it had statements") }
-                let plan = try BatchPlan(read: read.get(), requests: batch.requests, partition: batch.partition, epoch: batch.epoch, partitioner: partitioner)
+                let plan = try BatchPlan(read: read.get(), requests: batch.requests, partition: batch.partition, epoch: batch.epoch, partitioner: partitioner, grace: memberGraceMilliseconds)
                 noteRead(plan, partition: batch.partition, epoch: batch.epoch, at: readAt)
                 plans[index] = plan
             }
@@ -496,7 +503,7 @@ public final class OwnershipStore: Sendable {
             }
             let plan = BatchPlan(
                 requests: batch.requests, partition: batch.partition, epoch: batch.epoch, now: now, initial: initial, versions: versions,
-                recorded: [:], waiting: memory.lined.isEmpty ? [:] : memory.waiting, partitioner: partitioner, fromMemory: true
+                recorded: [:], waiting: memory.lined.isEmpty ? [:] : memory.waiting, partitioner: partitioner, grace: memberGraceMilliseconds, fromMemory: true
             )
             guard plan.decision.unrecorded == 0 else { return nil }
             // What the filter says is only trusted where the write checks it: every buffer taken as never
@@ -550,9 +557,9 @@ public final class OwnershipStore: Sendable {
         /// Decides `requests` over `initial` (the touched buffers as read or remembered, with their row `versions`).
         init(
             requests: [Request], partition: Int, epoch: Int64, now: Timestamp, initial: [ExactString: BufferState], versions: [ExactString: Int64],
-            recorded: [ExactString: RecordedReply], waiting: [ExactString: ExactString], partitioner: Partitioner, fromMemory: Bool
+            recorded: [ExactString: RecordedReply], waiting: [ExactString: ExactString], partitioner: Partitioner, grace: Int64, fromMemory: Bool
         ) {
-            var state = PartitionState(partition: partition, partitioner: partitioner, buffers: initial)
+            var state = PartitionState(partition: partition, partitioner: partitioner, buffers: initial, graceMilliseconds: grace)
             // From memory, `now` trails the database's clock by up to the memory's margin (and the drift
             // of a reading at most a second old): deadlines are checked against the latest it may be.
             let latest = fromMemory ? now.adding(milliseconds: PartitionMemory.clockMarginMilliseconds + PartitionMemory.clockDriftMilliseconds) : nil
@@ -577,7 +584,7 @@ public final class OwnershipStore: Sendable {
         }
 
         /// Decides `requests` from the batch read's rows.
-        init(read: PostgresRows, requests: [Request], partition: Int, epoch: Int64, partitioner: Partitioner) throws {
+        init(read: PostgresRows, requests: [Request], partition: Int, epoch: Int64, partitioner: Partitioner, grace: Int64) throws {
             var fence: (epoch: Int64?, clock: Timestamp)?
             var recorded: [ExactString: RecordedReply] = [:]
             var initial: [ExactString: BufferState] = [:]
@@ -603,7 +610,7 @@ public final class OwnershipStore: Sendable {
                 requests: requests, partition: partition, epoch: epoch, now: fence.clock, initial: initial, versions: versions, recorded: recorded,
                 // The request ids of claims waiting in line, with their buffers.
                 waiting: Dictionary(waiters.map { (ExactString($0.waiter.requestID), $0.buffer) }, uniquingKeysWith: { first, _ in first }),
-                partitioner: partitioner, fromMemory: false
+                partitioner: partitioner, grace: grace, fromMemory: false
             )
         }
 
@@ -649,11 +656,16 @@ public final class OwnershipStore: Sendable {
                 partition: partition, epoch: epoch, now: now, buffers: changed.sorted { $0.buffer < $1.buffer }, records: records, changes: changes
             )
             write.lines(from: initial)
-            for (buffer, state, expectedToken, _) in write.buffers where state.holder != nil {
-                guard let end = state.expiresAt else { continue }
+            for (buffer, state, expectedToken, _) in write.buffers {
                 let before = initial[buffer]
-                // A grant, or a lease that now ends earlier than it did: its entry may be due too late.
-                if state.token != expectedToken || before?.holder == nil || before?.expiresAt.map({ end < $0 }) ?? true {
+                if state.holder != nil, let end = state.expiresAt,
+                   // A grant, or a lease that now ends earlier than it did: its entry may be due too late.
+                   state.token != expectedToken || before?.holder == nil || before?.expiresAt.map({ end < $0 }) ?? true {
+                    write.leases.append((buffer, end.milliseconds))
+                }
+                // A roster whose earliest membership end is new or earlier (a join, a shorter renewal; an
+                // expired member that a sweep turned into a reservation leaves the next one's end).
+                if let end = state.roster.earliestExpiry, before?.roster.earliestExpiry.map({ end < $0 }) ?? true {
                     write.leases.append((buffer, end.milliseconds))
                 }
             }
@@ -759,7 +771,7 @@ public final class OwnershipStore: Sendable {
             // An early check, without a lock (the write below is the fence): a worker that lost the
             // partition learns it even when nothing has expired.
             do {
-                try Self.checkEpoch(try first.optional(9, "epoch").map { _ in try first.decode(9, "epoch") }, partition: partition, epoch: epoch)
+                try Self.checkEpoch(try first.optional(10, "epoch").map { _ in try first.decode(10, "epoch") }, partition: partition, epoch: epoch)
             } catch {
                 schedules.withLock { $0[partition] = nil }
                 throw error
@@ -773,10 +785,13 @@ public final class OwnershipStore: Sendable {
             var running: [(buffer: ExactString, end: Int64)] = []
             for row in rows where try row.optional(1, "buffer") != nil {
                 let buffer = try BufferRow(row, from: 1)
-                guard buffer.state.holder != nil, let end = buffer.state.expiresAt else { continue }
+                // The lease's end and the roster's earliest membership end: due when either has come.
+                let ends = [buffer.state.holder == nil ? nil : buffer.state.expiresAt, buffer.state.roster.earliestExpiry].compactMap { $0 }
+                guard let end = ends.min() else { continue }
                 if end <= now {
                     initial[buffer.buffer] = buffer.state
                     versions[buffer.buffer] = buffer.version
+                    // What still runs after the sweep is scheduled again (below, from the plan's buffers).
                 } else {
                     running.append((buffer.buffer, end.milliseconds))
                 }
@@ -796,8 +811,13 @@ public final class OwnershipStore: Sendable {
                     .decode(from: "the lines of partition \(partition)") { try WaiterRow($0, from: 0) }
                 for (buffer, line) in WaiterRow.lines(waiters) { initial[buffer]?.line = line }
             }
-            var state = PartitionState(partition: partition, partitioner: partitioner, buffers: initial)
+            var state = PartitionState(partition: partition, partitioner: partitioner, buffers: initial, graceMilliseconds: memberGraceMilliseconds)
             let outcome = state.sweepWithLines(at: now)
+            // What the sweep leaves running (a lease, or members, beside what it expired) is looked at again.
+            for (buffer, swept) in state.buffers {
+                if swept.holder != nil, let end = swept.expiresAt, now < end { running.append((buffer, end.milliseconds)) }
+                if let end = swept.roster.earliestExpiry { running.append((buffer, end.milliseconds)) }
+            }
             let plan = BatchPlan(
                 partition: partition, epoch: epoch, now: now, initial: initial, versions: versions, after: state.buffers,
                 changes: outcome.attributedChanges(to: nil).map { AttributedChange(change: $0.change, requestID: $0.requestID) }, answers: outcome.answers
@@ -1028,11 +1048,22 @@ enum SQL {
                     AND holder_principal IS NOT DISTINCT FROM wanted.principal OFFSET 0
             ) b
             UNION
+            -- The buffers of the connection's waiters: a key probe per waiter (a semi-join planned on an empty
+            -- table scans the partition's buffers).
             SELECT b.* FROM unnest($4::text[], $5::text[]) AS wanted(connection, principal)
             CROSS JOIN LATERAL (
-                SELECT * FROM baton_buffers WHERE partition = $1 AND buffer IN (
-                    SELECT buffer FROM baton_waiters WHERE partition = $1 AND holder_connection = wanted.connection
-                        AND principal IS NOT DISTINCT FROM wanted.principal OFFSET 0) OFFSET 0
+                SELECT buffer FROM baton_waiters WHERE partition = $1 AND holder_connection = wanted.connection
+                    AND principal IS NOT DISTINCT FROM wanted.principal OFFSET 0
+            ) waiting
+            CROSS JOIN LATERAL (SELECT * FROM baton_buffers WHERE partition = $1 AND buffer = waiting.buffer OFFSET 0) b
+            UNION
+            -- The connection's memberships, through baton_buffers_roster (partition + 0: the primary key is no
+            -- way to them, so a plan made on an empty table cannot scan the partition instead).
+            SELECT b.* FROM unnest($4::text[]) AS wanted(connection)
+            CROSS JOIN LATERAL (
+                SELECT * FROM baton_buffers WHERE roster IS NOT NULL
+                    AND roster @> jsonb_build_object('m', jsonb_build_array(jsonb_build_object('c', wanted.connection)))
+                    AND partition + 0 = $1 OFFSET 0
             ) b
         ),
         -- Not joined to found: a CTE referenced twice is materialized, and every batch would pay for it.
@@ -1040,23 +1071,24 @@ enum SQL {
         -- so that a waiter found twice is read once.
         lines AS (
             SELECT w.* FROM unnest($3::text[]) AS wanted(buffer)
-            CROSS JOIN LATERAL (SELECT * FROM baton_waiters WHERE partition = $1 AND buffer = wanted.buffer OFFSET 0) w
+            CROSS JOIN LATERAL (SELECT * FROM baton_waiters WHERE partition = $1 AND buffer = wanted.buffer ORDER BY position OFFSET 0) w
             UNION
             SELECT w.* FROM unnest($4::text[], $5::text[]) AS wanted(connection, principal)
             CROSS JOIN LATERAL (
                 SELECT * FROM baton_waiters WHERE partition = $1 AND holder_connection = wanted.connection AND principal IS NOT DISTINCT FROM wanted.principal OFFSET 0
             ) w
             UNION
+            -- The lines of the connection's buffers: a probe per buffer (as above).
             SELECT w.* FROM unnest($4::text[], $5::text[]) AS wanted(connection, principal)
             CROSS JOIN LATERAL (
-                SELECT * FROM baton_waiters WHERE partition = $1 AND buffer IN (
-                    SELECT buffer FROM baton_buffers WHERE partition = $1 AND holder_connection = wanted.connection
-                        AND holder_principal IS NOT DISTINCT FROM wanted.principal OFFSET 0) OFFSET 0
-            ) w
+                SELECT buffer FROM baton_buffers WHERE partition = $1 AND holder_connection IS NOT NULL AND holder_connection = wanted.connection
+                    AND holder_principal IS NOT DISTINCT FROM wanted.principal OFFSET 0
+            ) held
+            CROSS JOIN LATERAL (SELECT * FROM baton_waiters WHERE partition = $1 AND buffer = held.buffer ORDER BY position OFFSET 0) w
             UNION
             -- A waiting claim's request id, whatever buffer the request names: it may not be reused.
             SELECT w.* FROM unnest($2::text[]) AS wanted(request_id)
-            CROSS JOIN LATERAL (SELECT * FROM baton_waiters WHERE partition = $1 AND request_id = wanted.request_id OFFSET 0) w
+            CROSS JOIN LATERAL (SELECT * FROM baton_waiters WHERE partition = $1 AND request_id = wanted.request_id ORDER BY request_id OFFSET 0) w
         )
         SELECT 'f', (SELECT epoch FROM fence)::text, floor(extract(epoch FROM clock_timestamp()) * 1000)::int8::text,
                NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL
@@ -1064,7 +1096,7 @@ enum SQL {
         SELECT 'r', request_id, reply, fingerprint, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL FROM stored
         UNION ALL
         SELECT 'b', buffer, holder_user, holder_connection, token::text,
-               ((extract(epoch FROM expires_at) * 1000)::int8)::text, version::text, holder_principal, greatest(issued, token)::text, NULL, NULL, NULL
+               ((extract(epoch FROM expires_at) * 1000)::int8)::text, version::text, holder_principal, greatest(issued, token)::text, roster::text, NULL, NULL
         FROM found
         UNION ALL
         SELECT 'w', buffer, request_id, holder_user, holder_connection, principal, lease_ms::text,
@@ -1080,7 +1112,7 @@ enum SQL {
                floor(extract(epoch FROM clock_timestamp()) * 1000)::int8::text, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL
         UNION ALL
         SELECT 'b', b.buffer, b.holder_user, b.holder_connection, b.token::text,
-               ((extract(epoch FROM b.expires_at) * 1000)::int8)::text, b.version::text, b.holder_principal, greatest(b.issued, b.token)::text, NULL, NULL, NULL
+               ((extract(epoch FROM b.expires_at) * 1000)::int8)::text, b.version::text, b.holder_principal, greatest(b.issued, b.token)::text, b.roster::text, NULL, NULL
         FROM (SELECT DISTINCT buffer FROM baton_waiters WHERE partition = $1) lined
         CROSS JOIN LATERAL (SELECT * FROM baton_buffers WHERE partition = $1 AND buffer = lined.buffer OFFSET 0) b
         UNION ALL
@@ -1101,6 +1133,10 @@ enum SQL {
     static let leases = PreparedStatement(name: "baton_leases", sql: """
         SELECT buffer, (extract(epoch FROM expires_at) * 1000)::int8
         FROM baton_buffers WHERE partition = $1 AND holder_connection IS NOT NULL
+        UNION ALL
+        -- The earliest end of each roster's memberships (through baton_buffers_rostered).
+        SELECT buffer, (SELECT min((m ->> 'e')::int8) FROM jsonb_array_elements(roster -> 'm') m)
+        FROM baton_buffers WHERE partition = $1 AND roster IS NOT NULL AND jsonb_array_length(roster -> 'm') > 0
         """)
 
     // The rows of the buffers the sweep's schedule says are due ($2), with the clock and the epoch: one
@@ -1111,7 +1147,7 @@ enum SQL {
                    (SELECT epoch FROM baton_partitions WHERE partition = $1) AS epoch
         )
         SELECT c.now_ms, b.buffer, b.holder_user, b.holder_connection, b.token,
-               (extract(epoch FROM b.expires_at) * 1000)::int8, b.version, b.holder_principal, greatest(b.issued, b.token), c.epoch
+               (extract(epoch FROM b.expires_at) * 1000)::int8, b.version, b.holder_principal, greatest(b.issued, b.token), b.roster::text, c.epoch
         FROM clock c
         LEFT JOIN LATERAL (
             SELECT r.* FROM unnest($2::text[]) AS due(buffer)
@@ -1127,7 +1163,7 @@ enum SQL {
 
     static let waitingBuffers = PreparedStatement(name: "baton_waiting_buffers", sql: """
         SELECT b.buffer, b.holder_user, b.holder_connection, b.token,
-               (extract(epoch FROM b.expires_at) * 1000)::int8, b.version, b.holder_principal, greatest(b.issued, b.token)
+               (extract(epoch FROM b.expires_at) * 1000)::int8, b.version, b.holder_principal, greatest(b.issued, b.token), b.roster::text
         FROM (
             SELECT buffer FROM (
                 SELECT buffer, wait_until FROM baton_waiters
@@ -1164,8 +1200,8 @@ enum SQL {
             SELECT epoch FROM baton_partitions WHERE partition = $1 FOR SHARE
         ),
         input AS (
-            SELECT * FROM unnest($3::text[], $4::text[], $5::text[], $6::int8[], $7::int8[], $8::int8[], $9::int8[], $24::text[], $27::int8[])
-                AS i(buffer, holder_user, holder_connection, token, expires_ms, expected_token, expected_version, holder_principal, issued)
+            SELECT * FROM unnest($3::text[], $4::text[], $5::text[], $6::int8[], $7::int8[], $8::int8[], $9::int8[], $24::text[], $27::int8[], $28::text[])
+                AS i(buffer, holder_user, holder_connection, token, expires_ms, expected_token, expected_version, holder_principal, issued, roster)
             WHERE (SELECT epoch FROM fence) = $20
         ),
         -- The rows to update, found by one key probe each (see readBatch), and updated by their row id. The
@@ -1183,7 +1219,7 @@ enum SQL {
         updated AS (
             UPDATE baton_buffers b
             SET holder_user = t.holder_user, holder_connection = t.holder_connection, token = t.token,
-                holder_principal = t.holder_principal, issued = t.issued,
+                holder_principal = t.holder_principal, issued = t.issued, roster = t.roster::jsonb,
                 expires_at = timestamptz 'epoch' + t.expires_ms * interval '1 millisecond',
                 version = b.version + 1,
                 updated_at = timestamptz 'epoch' + $2::int8 * interval '1 millisecond'
@@ -1192,10 +1228,10 @@ enum SQL {
             RETURNING 1
         ),
         inserted AS (
-            INSERT INTO baton_buffers (partition, buffer, holder_user, holder_connection, token, expires_at, version, updated_at, holder_principal, issued)
+            INSERT INTO baton_buffers (partition, buffer, holder_user, holder_connection, token, expires_at, version, updated_at, holder_principal, issued, roster)
             SELECT $1, i.buffer, i.holder_user, i.holder_connection, i.token,
                    timestamptz 'epoch' + i.expires_ms * interval '1 millisecond', 1,
-                   timestamptz 'epoch' + $2::int8 * interval '1 millisecond', i.holder_principal, i.issued
+                   timestamptz 'epoch' + $2::int8 * interval '1 millisecond', i.holder_principal, i.issued, i.roster::jsonb
             FROM input i WHERE i.expected_version = 0
             ON CONFLICT (partition, buffer) DO NOTHING
             RETURNING 1
@@ -1223,7 +1259,7 @@ enum SQL {
     private static let waiterCTEs = """
         waiters_removed AS (
             DELETE FROM baton_waiters w
-            USING unnest($28::text[]) AS r(request_id)
+            USING unnest($29::text[]) AS r(request_id)
             CROSS JOIN LATERAL (SELECT ctid AS row_id FROM baton_waiters WHERE partition = $1 AND request_id = r.request_id OFFSET 0) found
             WHERE (SELECT epoch FROM fence) = $20 AND w.ctid = found.row_id AND w.request_id = r.request_id
             RETURNING 1
@@ -1232,7 +1268,7 @@ enum SQL {
             INSERT INTO baton_waiters (partition, buffer, request_id, holder_user, holder_connection, principal, lease_ms, wait_until, reply_to, correlation_id, fingerprint)
             SELECT $1, a.buffer, a.request_id, a.holder_user, a.holder_connection, a.principal, a.lease_ms,
                    timestamptz 'epoch' + a.until_ms * interval '1 millisecond', a.reply_to, a.correlation_id, a.fingerprint
-            FROM unnest($29::text[], $30::text[], $31::text[], $32::text[], $33::text[], $34::int8[], $35::int8[], $36::text[], $37::text[], $38::text[])
+            FROM unnest($30::text[], $31::text[], $32::text[], $33::text[], $34::text[], $35::int8[], $36::int8[], $37::text[], $38::text[], $39::text[])
                 WITH ORDINALITY AS a(buffer, request_id, holder_user, holder_connection, principal, lease_ms, until_ms, reply_to, correlation_id, fingerprint, n)
             WHERE (SELECT epoch FROM fence) = $20
             ORDER BY a.n
@@ -1240,7 +1276,7 @@ enum SQL {
         ),
         waiters_moved AS (
             UPDATE baton_waiters w SET reply_to = m.reply_to, correlation_id = m.correlation_id
-            FROM unnest($39::text[], $40::text[], $41::text[]) AS m(request_id, reply_to, correlation_id)
+            FROM unnest($40::text[], $41::text[], $42::text[]) AS m(request_id, reply_to, correlation_id)
             CROSS JOIN LATERAL (SELECT ctid AS row_id FROM baton_waiters WHERE partition = $1 AND request_id = m.request_id OFFSET 0) found
             WHERE (SELECT epoch FROM fence) = $20 AND w.ctid = found.row_id AND w.request_id = m.request_id
             RETURNING 1

@@ -41,10 +41,16 @@ struct BufferRow {
         let connection = try row.optional(offset + 2, "holder_connection")
         let holder = user.flatMap { user in connection.map { Holder(user: user, connection: $0) } }
         let expires = try row.optional(offset + 4, "expires_at").map { _ in try row.timestamp(offset + 4, "expires_at") }
-        state = BufferState(
+        var state = BufferState(
             holder: holder, token: try row.decode(offset + 3, "token"), expiresAt: expires, principal: try row.optional(offset + 6, "holder_principal"),
             issued: try row.decode(offset + 7, "issued")
         )
+        do {
+            state.roster = try Roster(storedText: try row.optional(offset + 8, "roster"))
+        } catch {
+            throw PostgresError(code: .unexpectedResult, message: "the roster of buffer '\(LogValue.escape(buffer.string))' in \(row.source) cannot be read: \(error)")
+        }
+        self.state = state
         version = try row.decode(offset + 5, "version")
     }
 }
@@ -161,13 +167,13 @@ struct BatchWrite {
         }
     }
 
-    /// Whether a line changes: then the write is ``SQL/writeWithLines`` ($1 to $40), else ``SQL/write`` ($1 to $26).
+    /// Whether a line changes: then the write is ``SQL/writeWithLines`` ($1 to $42), else ``SQL/write`` ($1 to $28).
     var changesLines: Bool { !(waitersRemoved.isEmpty && waitersAdded.isEmpty && waitersMoved.isEmpty) }
 
     /// The statement that writes this.
     var statement: PreparedStatement { changesLines ? SQL.writeWithLines : SQL.write }
 
-    /// The parameters of ``statement``, in its numbering ($1 to $27; with lines, $1 to $41).
+    /// The parameters of ``statement``, in its numbering ($1 to $28; with lines, $1 to $42).
     var parameters: [String?] {
         changesLines ? baseParameters + lineParameters : baseParameters
     }
@@ -203,13 +209,14 @@ struct BatchWrite {
             /* $25 */ PostgresArray.text(records.map(\.fingerprint)),
             /* $26 */ PostgresArray.text(list.map(\.principal)),
             /* $27 */ PostgresArray.integers(states.map { Optional($0.issued) }),
+            /* $28 */ PostgresArray.text(states.map(\.roster.storedText)),
         ]
     }
 
     private var lineParameters: [String?] {
         [
-            /* $28 */ PostgresArray.text(waitersRemoved),
-            /* $29-$38: waiters that joined */
+            /* $29 */ PostgresArray.text(waitersRemoved),
+            /* $30-$39: waiters that joined */
             PostgresArray.text(waitersAdded.map(\.buffer)),
             PostgresArray.text(waitersAdded.map(\.waiter.requestID)),
             PostgresArray.text(waitersAdded.map(\.waiter.holder.user)),
@@ -220,7 +227,7 @@ struct BatchWrite {
             PostgresArray.text(waitersAdded.map(\.waiter.replyTo)),
             PostgresArray.text(waitersAdded.map(\.waiter.correlationID)),
             PostgresArray.text(waitersAdded.map(\.waiter.fingerprint)),
-            /* $39-$41: waiters that moved their reply address */
+            /* $40-$42: waiters that moved their reply address */
             PostgresArray.text(waitersMoved.map(\.requestID)),
             PostgresArray.text(waitersMoved.map(\.replyTo)),
             PostgresArray.text(waitersMoved.map(\.correlationID)),

@@ -31,6 +31,9 @@ public struct WorkerConfiguration: Sendable {
     /// How long a partition's ack may wait for later batches to share it when nothing else waits (see
     /// ``DeferredAck``); the ack goes at the first tick after it (ticks come every 50 ms).
     public var ackDelay: Duration = .milliseconds(20)
+    /// How long a replica id stays reserved for its user after the membership expired or its connection
+    /// was released (docs/design/replica-slots.md, "reconnect grace").
+    public var memberGrace: Duration = .milliseconds(Roster.defaultGraceMilliseconds)
     /// Events as one message per commit (`<p>.changes`, the default) or one message per change
     /// (`<p>.<kind>`, for consumers that bind by kind); docs/protocol.md, section 7.
     public var eventsPerCommit = true
@@ -223,7 +226,10 @@ public final class Worker: Service, Sendable {
                 let connection = try await PostgresConnection.connect(
                     to: configuration.databaseURL, options: .worker(applicationName: "baton worker \(shared.count + 1)/\(count)"), logger: logger
                 )
-                shared.append(try await OwnershipStore.open(connection: connection, partitioner: configuration.partitioner, logger: logger))
+                shared.append(try await OwnershipStore.open(
+                    connection: connection, partitioner: configuration.partitioner,
+                    memberGraceMilliseconds: configuration.memberGrace.wholeMilliseconds, logger: logger
+                ))
             } catch let error as SchemaError {
                 throw error
             } catch {

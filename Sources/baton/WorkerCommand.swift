@@ -52,6 +52,9 @@ struct WorkerCommand: AsyncParsableCommand {
     @Option(name: .customLong("ack-delay-ms"), help: "How long a partition's ack may wait to cover later batches too, 0-1000 ms (env BATON_ACK_DELAY_MS; default 20). Replies never wait for it; one cumulative ack costs the quorum queue one settle command for several messages.")
     var ackDelayFlag: Int?
 
+    @Option(name: .customLong("member-grace-ms"), help: "How long a collaborator's replica id stays reserved for its user after the membership expired or its connection was released, 0-3600000 ms (env BATON_MEMBER_GRACE_MS; default 30000). A leave has no grace.")
+    var memberGraceFlag: Int?
+
     @Option(name: .customLong("prune-every-minutes"), help: "Delete idempotency records and published events older than --retention-minutes this often, 1-10080, as `baton prune` does (one worker at a time; env BATON_PRUNE_EVERY_MINUTES; default 0: never, leave it to `baton prune`).")
     var pruneEveryFlag: Int?
 
@@ -87,6 +90,9 @@ struct WorkerCommand: AsyncParsableCommand {
         configuration.echo = echo
         configuration.linger = .microseconds(try Setting.integer(lingerFlag, "BATON_LINGER_US", default: 0, range: 0...100_000, name: "linger"))
         configuration.ackDelay = .milliseconds(try Setting.integer(ackDelayFlag, "BATON_ACK_DELAY_MS", default: 20, range: 0...1000, name: "ack delay"))
+        configuration.memberGrace = .milliseconds(try Setting.integer(
+            memberGraceFlag, "BATON_MEMBER_GRACE_MS", default: Int(Roster.defaultGraceMilliseconds), range: 0...3_600_000, name: "member grace"
+        ))
         let events = Setting.text(eventsFlag, "BATON_EVENTS", default: "per-commit")
         guard events == "per-commit" || events == "per-change" else {
             throw ValidationError("events '\(events)' is not allowed: use per-commit or per-change")

@@ -3,8 +3,7 @@ import Testing
 
 /// `join` and `leave` decided by the partition (docs/design/replica-slots.md): the roster's rules inside the
 /// buffer's decision, with tokens from the buffer's one sequence, leases and memberships independent, and
-/// `release_connection` and the sweep ending memberships into their grace. Not on the wire yet: the codec
-/// refuses both ops as `unknown_op` until the store keeps rosters.
+/// `release_connection` and the sweep ending memberships into their grace.
 @Suite struct MembershipDecisionTests {
     let t0 = Timestamp(milliseconds: 1_000_000)
     let partitioner = try! Partitioner(count: 1)
@@ -105,21 +104,23 @@ import Testing
         #expect(refused.reply?.error?.message.contains("1024 live members") == true)
     }
 
-    /// Until the store keeps rosters, `join` and `leave` are not on the wire: refused as an unknown op,
-    /// and `describe` does not list them.
-    @Test func joinAndLeaveAreNotOnTheWireYet() throws {
-        for op in ["join", "leave"] {
-            let body = #"{"v":1,"op":"\#(op)","request_id":"r","buffer":"b","user":"u","connection":"c","token":1,"lease_ms":1000}"#
-            #expect(throws: ProtocolError.self) { try ProtocolCodec.decodeRequest(Array(body.utf8)) }
-            do {
-                _ = try ProtocolCodec.decodeRequest(Array(body.utf8))
-            } catch {
-                let listed = error.message.components(separatedBy: "use one of ").last ?? ""
-                #expect(error.code == .unknownOp && !listed.contains("join") && !listed.contains("leave") && listed.contains("claim"), "\(error)")
-            }
+    /// `join` and `leave` on the wire (revision 6): parsed with their fields, refused with anything else,
+    /// listed by `describe`; a membership's reply written and read back.
+    @Test func joinAndLeaveAreOnTheWire() throws {
+        let join = #"{"v":1,"op":"join","request_id":"r","buffer":"b","user":"u","connection":"c","lease_ms":5000}"#
+        #expect(try ProtocolCodec.decodeRequest(Array(join.utf8)).command == .join(buffer: "b", user: "u", connection: "c", leaseMilliseconds: 5000))
+        let leave = #"{"v":1,"op":"leave","request_id":"r","buffer":"b","connection":"c","token":7}"#
+        #expect(try ProtocolCodec.decodeRequest(Array(leave.utf8)).command == .leave(buffer: "b", connection: "c", token: 7))
+        let withToken = #"{"v":1,"op":"join","request_id":"r","buffer":"b","user":"u","connection":"c","token":1}"#
+        do {
+            _ = try ProtocolCodec.decodeRequest(Array(withToken.utf8))
+            Issue.record("a join with a token was accepted")
+        } catch {
+            #expect(error.code == .invalidRequest && error.message.contains("'token' is not allowed for op 'join'"), "\(error)")
         }
-        #expect(!DeploymentDescription(partitions: 1).ops.contains("join"))
-        // The codec already writes and reads a membership's reply.
+        let request = Request(requestID: "r", command: .join(buffer: "b", user: "u", connection: "c", leaseMilliseconds: 5000))
+        #expect(try ProtocolCodec.decodeRequest(ProtocolCodec.encode(request)) == request)
+        #expect(DeploymentDescription(partitions: 1).ops.suffix(2) == ["join", "leave"])
         let reply = Reply(
             requestID: "r", status: .joined, buffer: "b", token: 7, expiresAt: t0, at: t0, partition: 0,
             membership: MembershipReply(replicaID: 3, members: 5, reclaimed: true)

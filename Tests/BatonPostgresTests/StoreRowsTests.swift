@@ -41,21 +41,44 @@ import Testing
             Issue.record("a missing partition is a fence row without an epoch")
             return
         }
-        guard case .buffer(let buffer) = try BatchReadRow(PostgresRow(["b", "a.txt", nil, nil, "9", nil, "2", nil, "12"], source: "read")) else {
+        guard case .buffer(let buffer) = try BatchReadRow(PostgresRow(["b", "a.txt", nil, nil, "9", nil, "2", nil, "12", nil], source: "read")) else {
             Issue.record("not a buffer row")
             return
         }
         #expect(buffer.state.holder == nil && buffer.state.token == 9 && buffer.version == 2 && buffer.state.expiresAt == nil)
         #expect(buffer.state.issued == 12, "the sequence, read apart from the holder's token")
         #expect(throws: PostgresError.self, "a buffer row without its sequence is refused, not read as its token") {
-            try BatchReadRow(PostgresRow(["b", "a.txt", nil, nil, "9", nil, "2", nil, nil], source: "read"))
+            try BatchReadRow(PostgresRow(["b", "a.txt", nil, nil, "9", nil, "2", nil, nil, nil], source: "read"))
+        }
+        // A roster as jsonb prints it (keys reordered, spaces), read into members and reservations.
+        let stored = #"{"m": [{"c": "c1", "e": 1700000005000, "i": 2, "p": "fe", "t": 12, "u": "ann"}], "r": [{"i": 1, "u": "bob", "x": 1700000009000}]}"#
+        guard case .buffer(let rostered) = try BatchReadRow(PostgresRow(["b", "a.txt", nil, nil, "9", nil, "2", nil, "12", stored], source: "read")) else {
+            Issue.record("not a buffer row")
+            return
+        }
+        #expect(rostered.state.roster == Roster(
+            members: [Roster.Member(replicaID: 2, user: "ann", connection: "c1", token: 12, expiresAt: Timestamp(milliseconds: 1_700_000_005_000), principal: "fe")],
+            reservations: [Roster.Reservation(replicaID: 1, user: "bob", until: Timestamp(milliseconds: 1_700_000_009_000))]
+        ))
+        #expect(try Roster(storedText: rostered.state.roster.storedText) == rostered.state.roster, "what is written reads back")
+        #expect(Roster().storedText == nil, "an empty roster is stored as NULL")
+        #expect(throws: PostgresError.self, "a roster that cannot be read is refused, not read as empty") {
+            try BatchReadRow(PostgresRow(["b", "a.txt", nil, nil, "9", nil, "2", nil, "12", #"{"m": [{"c": "c1"}], "r": []}"#], source: "read"))
         }
     }
 
     @Test func theWriteNumbersItsParametersAsTheStatementDoes() {
         let write = BatchWrite(partition: 3, epoch: 7, now: Timestamp(milliseconds: 1000))
         #expect(write.isEmpty)
-        #expect(write.parameters.count == 27, "SQL.write takes $1 to $27")
+        #expect(write.parameters.count == 28, "SQL.write takes $1 to $28")
+        // The statements' own numbering: the highest parameter each names is the count the write sends.
+        func highest(_ sql: String) -> Int {
+            sql.matches(of: /\$(\d+)/).compactMap { Int($0.output.1) }.max() ?? 0
+        }
+        #expect(highest(SQL.write.sql) == 28 && highest(SQL.writeWithLines.sql) == 42)
+        var lined = BatchWrite(partition: 3, epoch: 7, now: Timestamp(milliseconds: 1000))
+        lined.waitersRemoved = ["w"]
+        #expect(lined.statement == SQL.writeWithLines && lined.parameters.count == 42)
         #expect(write.parameters[0] == "3" && write.parameters[19] == "7" && write.parameters[20] == "0" && write.parameters[21] == "0")
     }
 }

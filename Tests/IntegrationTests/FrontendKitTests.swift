@@ -16,7 +16,7 @@ import Testing
         let description = try await client.describe()
         #expect(description.partitions == 3)
         #expect(description.protocolVersion == 1 && description.revision == ProtocolV1.revision)
-        #expect(Set(description.ops) == Set(Operation.served.map(\.rawValue)))
+        #expect(Set(description.ops) == Set(Operation.allCases.map(\.rawValue)))
         // Any partition answers it, with or without user_id.
         let raw = try await deployment.connect("describe without user_id", as: deployment.frontendURL)
         let reply = try await RawCall.send(#"{"v":1,"op":"describe","request_id":"d1"}"#, routingKey: "2", on: raw, userID: nil)

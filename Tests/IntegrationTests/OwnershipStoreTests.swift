@@ -188,16 +188,16 @@ func buffer(in partition: Int, count: Int = 16, prefix: String = "buf") -> Strin
         let (b1, b2) = (buffer(in: 7, prefix: "a"), buffer(in: 7, prefix: "b"))
         let dbBefore = try await store.connection.withSession { s in Int64(try s.query("SELECT (extract(epoch FROM clock_timestamp())*1000)::int8").first()!)! }
         let claimed = try await store.apply([
-            .claim(b1, user: "ann", connection: "c1", lease: 1000),
+            .claim(b1, user: "ann", connection: "c1", lease: 2000),
             .claim(b2, user: "ann", connection: "c1", lease: 60_000),
         ], partition: 7, epoch: epoch)
         let dbAfter = try await store.connection.withSession { s in Int64(try s.query("SELECT (extract(epoch FROM clock_timestamp())*1000)::int8").first()!)! }
         let at = try #require(claimed.decided[0].at).milliseconds
         #expect(at >= dbBefore - 1 && at <= dbAfter + 1, "decisions are stamped with the database clock")
-        #expect(claimed.decided[0].expiresAt?.milliseconds == at + 1000)
+        #expect(claimed.decided[0].expiresAt?.milliseconds == at + 2000)
 
         #expect(try await store.sweep(partition: 7, epoch: epoch).isEmpty, "nothing has expired yet")
-        try await Task.sleep(for: .milliseconds(1200))
+        try await Task.sleep(for: .milliseconds(2200))
         let swept = try await store.sweep(partition: 7, epoch: epoch)
         #expect(swept.map(\.change.kind) == [.expired])
         #expect(swept.first?.change.buffer == b1)

@@ -258,7 +258,9 @@ extension PartitionMemoryTests {
         let store = try await TestDatabase.store(url)
         let epoch = try await store.takePartition(6, owner: "test")
         let b = buffer(in: 6)
-        let claimed = try await store.apply([.claim(b, user: "ann", connection: "c1", lease: 400)], partition: 6, epoch: epoch)
+        // Long enough that the renewals come before its end even on a loaded machine (the suite runs its
+        // tests side by side on two cores).
+        let claimed = try await store.apply([.claim(b, user: "ann", connection: "c1", lease: 3_000)], partition: 6, epoch: epoch)
         let token = try #require(claimed.decided.first?.token)
         #expect(try await store.sweep(partition: 6, epoch: epoch).isEmpty, "scheduled at the claim's end")
         for index in 0..<20 {
@@ -268,7 +270,7 @@ extension PartitionMemoryTests {
             ], partition: 6, epoch: epoch)
             #expect(renewed.decided.first?.status == .renewed)
         }
-        try await Task.sleep(for: .milliseconds(500))
+        try await Task.sleep(for: .milliseconds(3_100))
         #expect(try await store.sweep(partition: 6, epoch: epoch).isEmpty, "renewed: still held past the claim's end")
         // A backend's statistics reach the shared ones when it ends.
         await store.connection.close()
@@ -331,7 +333,7 @@ extension PartitionMemoryTests {
         await admin.close()
     }
 
-    private static func rowsFetched(_ connection: PostgresConnection) async throws -> Int {
+    static func rowsFetched(_ connection: PostgresConnection) async throws -> Int {
         try await connection.withSession { session in
             Int(try session.query("SELECT coalesce(idx_tup_fetch, 0) + coalesce(seq_tup_read, 0) FROM pg_stat_user_tables WHERE relname = 'baton_buffers'").first() ?? "") ?? 0
         }

@@ -1,0 +1,76 @@
+import BatonAMQP
+import BatonClient
+import BatonCore
+import Foundation
+import Testing
+
+/// Replica memberships end to end (protocol revision 6): frontends join through the broker, the worker
+/// decides in the partition's order and stores the roster; a burst of joins from two frontends never
+/// hands one id to two live members, and an expired member's id waits for its user through the grace.
+@Suite(.serialized) struct MembershipEndToEndTests {
+    @Test func aBurstOfJoinsFromTwoFrontendsGetsDistinctIdsAndTokens() async throws {
+        let deployment = try await Deployment.make(partitions: 2)
+        let worker = deployment.startWorker()
+        let (one, two) = (deployment.client(), deployment.client())
+        let buffer = "project/\(UUID().uuidString)/main.rs"
+        // 40 collaborators at once, half through each frontend, as in the incident's 100 ms.
+        let results = try await withThrowingTaskGroup(of: (Int, Membership).self) { group in
+            for index in 0..<40 {
+                let client = index % 2 == 0 ? one : two
+                group.addTask { (index, try await client.join(buffer, user: "user-\(index)", connection: "conn-\(index)", lease: .seconds(30))) }
+            }
+            return try await group.reduce(into: [Int: Membership]()) { $0[$1.0] = $1.1 }
+        }
+        let joined = Array(results.values)
+        #expect(Set(joined.map(\.replicaID)) == Set(1...40), "the ids are 1 to 40, each once")
+        #expect(Set(joined.map(\.token)).count == 40, "every membership has its own token")
+        #expect(joined.allSatisfy { !$0.reclaimed })
+        // A repeat by a member's connection extends it: same id, same token.
+        let (index, first) = try #require(results.first { $0.value.replicaID == 1 })
+        let again = try await one.join(buffer, user: "user-\(index)", connection: "conn-\(index)")
+        #expect(again.replicaID == 1 && again.token == first.token)
+        // Leaving frees the id at once; the next newcomer gets it.
+        #expect(try await one.leave(buffer, connection: "conn-\(index)", token: first.token) == .left(replicaID: 1))
+        #expect(try await one.leave(buffer, connection: "conn-\(index)", token: first.token) == .notMember)
+        let newcomer = try await two.join(buffer, user: "late", connection: "conn-late")
+        #expect(newcomer.replicaID == 1 && newcomer.members == 40 && newcomer.token > joined.map(\.token).max()!)
+        // A membership renews with its token; a claim of the buffer continues the same sequence.
+        guard case .renewed(let renewed) = try await two.renewMembership(buffer, connection: "conn-late", token: newcomer.token, lease: .seconds(60)) else {
+            Issue.record("the membership was not renewed")
+            return
+        }
+        #expect(renewed.replicaID == 1 && renewed.expiresAt > newcomer.expiresAt)
+        guard case .granted(let lease) = try await one.claim(buffer, user: "ann", connection: "editor-1") else {
+            Issue.record("the buffer was not granted")
+            return
+        }
+        #expect(lease.token == newcomer.token + 1, "one sequence for leases and memberships")
+        await one.close()
+        await two.close()
+        await worker.stop()
+    }
+
+    @Test func anExpiredMembersIdWaitsForItsUserThroughTheGrace() async throws {
+        let deployment = try await Deployment.make(partitions: 1)
+        let worker = deployment.startWorker { $0.memberGrace = .seconds(60) }
+        let client = deployment.client()
+        let buffer = "project/\(UUID().uuidString)/lib.rs"
+        let ann = try await client.join(buffer, user: "ann", connection: "ann-1", lease: .seconds(1))
+        let bob = try await client.join(buffer, user: "bob", connection: "bob-1", lease: .seconds(30))
+        #expect(ann.replicaID == 1 && bob.replicaID == 2)
+        try await Task.sleep(for: .milliseconds(1_600))  // past ann's end and a sweep (every 200 ms here)
+        let cat = try await client.join(buffer, user: "cat", connection: "cat-1")
+        #expect(cat.replicaID == 3, "ann's id is kept for her")
+        let back = try await client.join(buffer, user: "ann", connection: "ann-2")
+        #expect(back.replicaID == 1 && back.reclaimed && back.token > cat.token)
+        // release_connection ends bob's membership into the grace too.
+        let released = try await client.releaseConnection("bob-1")
+        #expect(released.count == 0, "bob held no lease")
+        let dan = try await client.join(buffer, user: "dan", connection: "dan-1")
+        #expect(dan.replicaID == 4)
+        let bobBack = try await client.join(buffer, user: "bob", connection: "bob-2")
+        #expect(bobBack.replicaID == 2 && bobBack.reclaimed)
+        await client.close()
+        await worker.stop()
+    }
+}
