@@ -170,11 +170,15 @@ public struct ReleasedBuffers: Sendable, Hashable {
     /// Their names, sorted; each partition lists at most 16 KiB of names, so for a connection holding very
     /// many buffers this is a prefix (``isComplete`` is false).
     public var buffers: [String]
+    /// How many replica memberships of the connection ended (their ids reserved for their users for the
+    /// deployment's grace); 0 from workers before revision 6.
+    public var endedMemberships: Int
 
     /// Creates a result.
-    public init(count: Int, buffers: [String]) {
+    public init(count: Int, buffers: [String], endedMemberships: Int = 0) {
         self.count = count
         self.buffers = buffers
+        self.endedMemberships = endedMemberships
     }
 
     /// True when ``buffers`` names every released buffer.
@@ -189,6 +193,9 @@ public struct BufferStatus: Sendable, Hashable {
     public var lastToken: Int64
     /// The database time of the answer.
     public var at: Timestamp
+    /// The buffer's live collaborators (``BatonClient/join(_:user:connection:lease:requestID:)``): the first 64
+    /// by replica id and the full count; nil from a worker before revision 6.
+    public var members: RosterView? = nil
 }
 
 /// What a collab frontend links: typed calls over RabbitMQ RPC (direct reply-to).
@@ -523,7 +530,7 @@ public final class BatonClient: Sendable {
     public func inspect(_ buffer: String, requestID: String = BatonClient.newRequestID()) async throws -> BufferStatus {
         let reply = try await call(Request(requestID: requestID, command: .inspect(buffer: buffer)))
         guard reply.status == .state, let at = reply.at else { throw bad(reply) }
-        return BufferStatus(holder: try holding(from: reply), lastToken: reply.token ?? 0, at: at)
+        return BufferStatus(holder: try holding(from: reply), lastToken: reply.token ?? 0, at: at, members: reply.roster)
     }
 
     /// Releases every buffer held by `connection` (and claimed by this client's broker user): broadcast to
@@ -538,14 +545,17 @@ public final class BatonClient: Sendable {
                     let reply = try await self.call(request, partition: partition)
                     guard reply.status == .releasedConnection else { throw self.bad(reply) }
                     let listed = reply.buffers ?? []
-                    return ReleasedBuffers(count: reply.releasedCount ?? listed.count, buffers: listed)
+                    return ReleasedBuffers(count: reply.releasedCount ?? listed.count, buffers: listed, endedMemberships: reply.endedMemberships ?? 0)
                 }
             }
             let merged = try await group.reduce(into: ReleasedBuffers(count: 0, buffers: [])) {
                 $0.count += $1.count
                 $0.buffers += $1.buffers
+                $0.endedMemberships += $1.endedMemberships
             }
-            return ReleasedBuffers(count: merged.count, buffers: merged.buffers.sorted { ExactString($0) < ExactString($1) })
+            return ReleasedBuffers(
+                count: merged.count, buffers: merged.buffers.sorted { ExactString($0) < ExactString($1) }, endedMemberships: merged.endedMemberships
+            )
         }
     }
 

@@ -86,6 +86,18 @@ extension ProtocolCodec {
         if reply.status == .releasedConnection {
             json.strings("buffers", reply.buffers ?? [])
             json.integer("released_count", reply.releasedCount ?? reply.buffers?.count ?? 0)
+            if let ended = reply.endedMemberships { json.integer("ended_memberships", ended) }
+        }
+        if reply.status == .state, let roster = reply.roster {
+            json.integer("members", roster.count)
+            json.raw("roster", eventArray(roster.listed.map { member in
+                var item = JSONWriter(capacity: 96)
+                item.integer("replica_id", member.replicaID)
+                item.string("user", member.user)
+                item.string("connection", member.connection)
+                item.string("expires_at", member.expiresAt.rfc3339)
+                return item.finish()
+            }))
         }
         if let membership = reply.membership {
             json.integer("replica_id", membership.replicaID)
@@ -100,6 +112,7 @@ extension ProtocolCodec {
             json.integer("revision", deployment.revision)
             json.integer("partitions", deployment.partitions)
             json.strings("ops", deployment.ops)
+            if let grace = deployment.memberGraceMilliseconds { json.integer("member_grace_ms", grace) }
         }
         if reply.status == .events {
             let page = reply.events ?? EventPage(events: [], position: 0, more: false, missed: false)
@@ -254,7 +267,7 @@ extension ProtocolCodec {
             }
             deployment = DeploymentDescription(
                 protocolVersion: Int(version), revision: Int(revision), partitions: Int(partitions),
-                ops: ops.compactMap { if case .string(let op) = $0 { op } else { nil } }
+                ops: ops.compactMap { if case .string(let op) = $0 { op } else { nil } }, memberGraceMilliseconds: try integer("member_grace_ms")
             )
         }
         var page: EventPage?
@@ -265,6 +278,18 @@ extension ProtocolCodec {
             }
             page = EventPage(events: try items.map(event), position: position, more: more, missed: missed)
         }
+        var roster: RosterView?
+        if status == .state, let count = try integer("members") {
+            guard case .array(let items)? = fields["roster"] else { throw ReplyDecodingError("a state reply with 'members' needs the array 'roster'") }
+            roster = RosterView(count: Int(count), listed: try items.map { item throws(ReplyDecodingError) in
+                guard case .object(let member) = item, case .integer(let id)? = member["replica_id"], case .string(let user)? = member["user"],
+                      case .string(let connection)? = member["connection"], case .string(let expires)? = member["expires_at"],
+                      let expiresAt = Timestamp(rfc3339: expires) else {
+                    throw ReplyDecodingError("a 'roster' entry needs 'replica_id', 'user', 'connection' and 'expires_at': \(item.excerpt)")
+                }
+                return Roster.Member(replicaID: Int(id), user: user, connection: connection, token: 0, expiresAt: expiresAt)
+            })
+        }
         var membership: MembershipReply?
         if let replicaID = try integer("replica_id") {
             let reclaimed: Bool = if case .bool(true)? = fields["reclaimed"] { true } else { false }
@@ -274,7 +299,7 @@ extension ProtocolCodec {
             requestID: try string("request_id"), status: status, buffer: try string("buffer"), holder: holder, token: try integer("token"),
             expiresAt: try timestamp("expires_at"), at: try timestamp("at"), partition: try integer("partition").map { Int($0) },
             buffers: buffers, releasedCount: try integer("released_count").map { Int($0) }, error: error, deployment: deployment, events: page,
-            membership: membership
+            membership: membership, roster: roster, endedMemberships: try integer("ended_memberships").map { Int($0) }
         )
     }
 

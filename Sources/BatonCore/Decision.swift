@@ -147,7 +147,8 @@ public enum OwnershipRules {
         let holder = next.liveHolder(at: now)
         let reply = Reply(
             requestID: request.requestID, status: status, buffer: buffer, holder: holder,
-            token: next.token, expiresAt: holder == nil ? nil : next.expiresAt, at: now, partition: partition
+            token: next.token, expiresAt: holder == nil ? nil : next.expiresAt, at: now, partition: partition,
+            roster: status == .state ? RosterView(next.roster, at: now) : nil
         )
         return Decision(state: next, reply: reply, changes: changes)
     }
@@ -406,7 +407,7 @@ public struct PartitionState: Sendable {
         }
         let reply = Reply(
             requestID: request.requestID, status: .releasedConnection, at: now, partition: partition,
-            buffers: listed, releasedCount: released.count
+            buffers: listed, releasedCount: released.count, endedMemberships: memberships.filter { $0.kind == .released }.count
         )
         return Outcome(reply: reply, changes: changes, answers: answers, memberships: memberships)
     }

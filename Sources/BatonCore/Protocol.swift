@@ -6,6 +6,8 @@ public enum ProtocolV1 {
     /// `describe`, `events` and the `seq` and `partition` of events; 4 claims that wait in line; 5 refuses
     /// names that are not in Unicode NFC; 6 replica memberships (`join`, `leave`).
     public static let revision = 6
+    /// The most members a `state` reply lists (revision 6); its `members` gives the full count.
+    public static let maxListedMembers = 64
     /// The most events one `events` reply lists (and the default `limit`).
     public static let maxEventsPerRead = 256
     /// Allowed `wait_ms` of a claim that waits in line (revision 4): at most a request's lifetime.
@@ -327,13 +329,19 @@ public struct Reply: Sendable, Hashable {
     /// For `joined`, `left` and a membership's `renewed`: the membership (``token`` and ``expiresAt`` are
     /// the membership's then).
     public var membership: MembershipReply?
+    /// For `state` (revision 6): the buffer's live members, at most ``ProtocolV1/maxListedMembers`` of them
+    /// by replica id, and their full count.
+    public var roster: RosterView?
+    /// For `released_connection` (revision 6): how many memberships of the connection ended.
+    public var endedMemberships: Int?
 
     /// Creates a reply.
     public init(
         requestID: String?, status: ReplyStatus, buffer: String? = nil, holder: Holder? = nil,
         token: Int64? = nil, expiresAt: Timestamp? = nil, at: Timestamp? = nil, partition: Int? = nil,
         buffers: [String]? = nil, releasedCount: Int? = nil, error: ReplyError? = nil,
-        deployment: DeploymentDescription? = nil, events: EventPage? = nil, membership: MembershipReply? = nil
+        deployment: DeploymentDescription? = nil, events: EventPage? = nil, membership: MembershipReply? = nil, roster: RosterView? = nil,
+        endedMemberships: Int? = nil
     ) {
         self.requestID = requestID
         self.status = status
@@ -349,6 +357,8 @@ public struct Reply: Sendable, Hashable {
         self.deployment = deployment
         self.events = events
         self.membership = membership
+        self.roster = roster
+        self.endedMemberships = endedMemberships
     }
 
     /// The error reply for a rejected request.
@@ -471,13 +481,20 @@ public struct DeploymentDescription: Sendable, Hashable {
     public var partitions: Int
     /// Every op the worker accepts.
     public var ops: [String]
+    /// How long a replica id stays reserved for its user after its membership expired or its connection
+    /// was released (revision 6; nil from workers of earlier revisions).
+    public var memberGraceMilliseconds: Int64?
 
     /// Creates a description.
-    public init(protocolVersion: Int = ProtocolV1.version, revision: Int = ProtocolV1.revision, partitions: Int, ops: [String] = Operation.allCases.map(\.rawValue)) {
+    public init(
+        protocolVersion: Int = ProtocolV1.version, revision: Int = ProtocolV1.revision, partitions: Int, ops: [String] = Operation.allCases.map(\.rawValue),
+        memberGraceMilliseconds: Int64? = Roster.defaultGraceMilliseconds
+    ) {
         self.protocolVersion = protocolVersion
         self.revision = revision
         self.partitions = partitions
         self.ops = ops
+        self.memberGraceMilliseconds = memberGraceMilliseconds
     }
 }
 

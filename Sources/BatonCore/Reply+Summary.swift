@@ -16,12 +16,17 @@ extension Reply {
             return "not owner of \(buffer)\(current)\(partition)"
         case .state:
             let holder = reply.holder.map { "held by \($0) with token \(token)\(until)" } ?? "free (last token \(token))"
-            return "\(buffer) is \(holder)\(partition)"
+            let members = reply.roster.map { roster in
+                roster.count == 0 ? "" : "; \(roster.count) member(s): " + roster.listed.map { "\($0.replicaID) \(LogValue.escape($0.user))@\(LogValue.escape($0.connection))" }
+                    .joined(separator: ", ") + (roster.count > roster.listed.count ? " and \(roster.count - roster.listed.count) more" : "")
+            } ?? ""
+            return "\(buffer) is \(holder)\(members)\(partition)"
         case .releasedConnection:
             let buffers = reply.buffers ?? []
             let count = reply.releasedCount ?? buffers.count
             let more = count > buffers.count ? " and \(count - buffers.count) more" : ""
-            return count == 0 ? "released nothing" : "released \(count) buffer(s): \(buffers.map(LogValue.escape).joined(separator: ", "))\(more)"
+            let ended = reply.endedMemberships.map { $0 > 0 ? "; ended \($0) membership(s)" : "" } ?? ""
+            return (count == 0 ? "released nothing" : "released \(count) buffer(s): \(buffers.map(LogValue.escape).joined(separator: ", "))\(more)") + ended
         case .description:
             let deployment = reply.deployment
             return "protocol v\(deployment?.protocolVersion ?? 0) revision \(deployment?.revision ?? 0), \(deployment?.partitions ?? 0) partitions; ops: \(deployment?.ops.joined(separator: ", ") ?? "")"

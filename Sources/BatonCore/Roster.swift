@@ -209,6 +209,29 @@ public struct Roster: Sendable, Hashable {
     }
 }
 
+/// A buffer's live members as `inspect` shows them (revision 6).
+public struct RosterView: Sendable, Hashable {
+    /// How many members are live.
+    public var count: Int
+    /// The first ``ProtocolV1/maxListedMembers`` of them by replica id (the principal is not shown).
+    public var listed: [Roster.Member]
+
+    public init(count: Int, listed: [Roster.Member]) {
+        self.count = count
+        self.listed = listed
+    }
+
+    /// The live members of `roster` at `now`.
+    public init(_ roster: Roster, at now: Timestamp) {
+        let live = roster.live(at: now)
+        self.init(count: live.count, listed: Array(live.prefix(ProtocolV1.maxListedMembers)).map { member in
+            var shown = member
+            shown.principal = nil
+            return shown
+        })
+    }
+}
+
 /// What a reply says of a membership (`joined`, `left`, a membership's `renewed`).
 public struct MembershipReply: Sendable, Hashable {
     /// The member's replica id, unique among the buffer's live members.

@@ -83,7 +83,7 @@ final class PartitionDriver: Sendable {
                 partition: partition, batchSize: configuration.batchSize, ackLimit: Int(configuration.prefetch) / 4,
                 sweepInterval: configuration.sweepInterval, tickInterval: max(.seconds(1), configuration.sweepInterval * 3),
                 deciding: store != nil, linger: configuration.linger, ackDelay: configuration.ackDelay, wallClock: { Timestamp(milliseconds: Int64(Date().timeIntervalSince1970 * 1000)) },
-                partitions: configuration.partitioner.count
+                partitions: configuration.partitioner.count, memberGraceMilliseconds: configuration.memberGrace.wholeMilliseconds
             ),
             logger: logger, now: .now
         )

@@ -35,6 +35,8 @@ struct PartitionStateMachine {
         var wallClock: () -> Timestamp = { Timestamp(milliseconds: 0) }
         /// N, the deployment's partition count (for `describe` and for checking the buffer of `events`).
         var partitions = 1
+        /// The deployment's reconnect grace of replica ids, for `describe`.
+        var memberGraceMilliseconds = Roster.defaultGraceMilliseconds
     }
 
     /// Why the machine finished.
@@ -630,7 +632,7 @@ struct PartitionStateMachine {
         case .describe:
             return .success(Reply(
                 requestID: request.requestID, status: .description, partition: partition,
-                deployment: DeploymentDescription(partitions: configuration.partitions)
+                deployment: DeploymentDescription(partitions: configuration.partitions, memberGraceMilliseconds: configuration.memberGraceMilliseconds)
             ))
         case .events(let buffer?, _, _):
             if let partitioner = try? Partitioner(count: configuration.partitions), partitioner.partition(of: buffer) != partition {

@@ -20,7 +20,7 @@ struct Baton: AsyncParsableCommand {
         commandName: "baton",
         abstract: "Race-free ownership of shared editor buffers, decided per partition and fenced in PostgreSQL.",
         discussion: """
-            Exit codes: 0 success; 1 denied or not the owner (claim, renew, release, force-release), or a failure of \
+            Exit codes: 0 success; 1 denied, not the owner or not a member (claim, renew, release, leave, force-release), or a failure of \
             any other command; 2 an error of a request command (rejected, timed out, broker unreachable; with --json \
             a reply-shaped error on standard output); 64 a usage error.
 
@@ -29,7 +29,7 @@ struct Baton: AsyncParsableCommand {
             """,
         version: BatonVersion.description,
         subcommands: [
-            WorkerCommand.self, Migrate.self, Topology.self, Claim.self, Renew.self, Release.self, Inspect.self,
+            WorkerCommand.self, Migrate.self, Topology.self, Claim.self, Renew.self, Release.self, Join.self, Leave.self, Inspect.self,
             ReleaseConnection.self, ForceRelease.self, Describe.self, Events.self, Watch.self, Status.self, Prune.self, LogSample.self,
         ]
     )

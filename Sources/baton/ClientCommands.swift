@@ -64,7 +64,7 @@ struct ClientOptions: ParsableArguments {
         await client.close()
         print(json ? String(decoding: ProtocolCodec.encode(reply), as: UTF8.self) : reply.summary)
         switch reply.status {
-        case .denied, .notOwner: throw ClientExit.refused.code
+        case .denied, .notOwner, .notMember: throw ClientExit.refused.code
         default: return
         }
     }
@@ -126,7 +126,7 @@ struct Claim: AsyncParsableCommand {
 }
 
 struct Renew: AsyncParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "Extend a lease you hold. Exit 0 renewed, 1 not owner, 2 error.")
+    static let configuration = CommandConfiguration(abstract: "Extend a lease you hold, or a membership (its token). Exit 0 renewed, 1 not owner, 2 error.")
     @OptionGroup var options: ClientOptions
     @Argument(help: "The buffer.") var buffer: String
     @Option(help: "Your editor connection.") var connection: String
@@ -150,8 +150,36 @@ struct Release: AsyncParsableCommand {
     }
 }
 
+struct Join: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Join a buffer's collaborators: get a replica id, unique among its live members. Exit 0 joined, 2 error.",
+        discussion: "A join by a connection that is already a member extends it (same id and token). Renew with `baton renew --token`, end it with `baton leave`; one that expires or whose connection is released keeps its id for the same user for the deployment's grace."
+    )
+    @OptionGroup var options: ClientOptions
+    @Argument(help: "The buffer.") var buffer: String
+    @Option(help: "The user joining.") var user: String
+    @Option(help: "The editor connection joining (unique per live connection).") var connection: String
+    @OptionGroup var lease: LeaseOption
+
+    func run() async throws {
+        try await options.send(.join(buffer: buffer, user: user, connection: connection, leaseMilliseconds: lease.milliseconds))
+    }
+}
+
+struct Leave: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "End your membership of a buffer's collaborators at once, freeing its replica id. Exit 0 left, 1 not a member, 2 error.")
+    @OptionGroup var options: ClientOptions
+    @Argument(help: "The buffer.") var buffer: String
+    @Option(help: "Your editor connection.") var connection: String
+    @Option(help: "Your membership's token.") var token: Int64
+
+    func run() async throws {
+        try await options.send(.leave(buffer: buffer, connection: connection, token: token))
+    }
+}
+
 struct Inspect: AsyncParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "Show who holds a buffer. Exit 0, or 2 on error.")
+    static let configuration = CommandConfiguration(abstract: "Show who holds a buffer and its collaborators. Exit 0, or 2 on error.")
     @OptionGroup var options: ClientOptions
     @Argument(help: "The buffer.") var buffer: String
 

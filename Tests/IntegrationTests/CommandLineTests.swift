@@ -312,6 +312,27 @@ import Testing
         #expect((reply["error"] as? [String: Any])?["code"] as? String == ErrorCode.requestIDReused.rawValue, "\(reply)")
     }
 
+    /// `join` and `leave`: a replica id per collaborator, `inspect` lists them, a second leave exits 1.
+    @Test func joinInspectAndLeaveFromTheCommandLine() async throws {
+        let deployment = try await Deployment.make(partitions: 4)
+        let environment = deployment.environment()
+        let common = ["--partition-count", "4", "--timeout-ms", "10000"]
+        let worker = deployment.startWorker()
+        let ann = try await Self.baton(["join", "team.md", "--user", "ann", "--connection", "c1"] + common, environment: environment)
+        let bob = try await Self.baton(["join", "team.md", "--user", "bob", "--connection", "c2", "--json"] + common, environment: environment)
+        let inspect = try await Self.baton(["inspect", "team.md"] + common, environment: environment)
+        let bobReply = (try? JSONSerialization.jsonObject(with: Data(bob.standardOutput.utf8))) as? [String: Any]
+        let token = try #require(bobReply?["token"] as? Int, "\(bob)")
+        let left = try await Self.baton(["leave", "team.md", "--connection", "c2", "--token", "\(token)"] + common, environment: environment)
+        let again = try await Self.baton(["leave", "team.md", "--connection", "c2", "--token", "\(token)"] + common, environment: environment)
+        await worker.stop()
+        #expect(ann.status == 0 && ann.standardOutput.hasPrefix("joined 'team.md' as replica 1: token 1"), "\(ann)")
+        #expect(bobReply?["status"] as? String == "joined" && bobReply?["replica_id"] as? Int == 2 && bobReply?["members"] as? Int == 2, "\(bob)")
+        #expect(inspect.status == 0 && inspect.standardOutput.contains("2 member(s): 1 ann@c1, 2 bob@c2"), "\(inspect)")
+        #expect(left.status == 0 && left.standardOutput.hasPrefix("left 'team.md': replica 2 is free"), "\(left)")
+        #expect(again.status == 1 && again.standardOutput.hasPrefix("not a member of 'team.md'"), "\(again)")
+    }
+
     /// `claim --wait-ms`: the claim waits in line behind the holder and is granted when the holder
     /// releases; out of range, a usage error.
     @Test func aClaimFromTheCommandLineWaitsInLine() async throws {

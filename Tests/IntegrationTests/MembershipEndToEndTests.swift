@@ -65,11 +65,16 @@ import Testing
         #expect(back.replicaID == 1 && back.reclaimed && back.token > cat.token)
         // release_connection ends bob's membership into the grace too.
         let released = try await client.releaseConnection("bob-1")
-        #expect(released.count == 0, "bob held no lease")
+        #expect(released.count == 0 && released.endedMemberships == 1, "bob held no lease, and one membership")
         let dan = try await client.join(buffer, user: "dan", connection: "dan-1")
         #expect(dan.replicaID == 4)
         let bobBack = try await client.join(buffer, user: "bob", connection: "bob-2")
         #expect(bobBack.replicaID == 2 && bobBack.reclaimed)
+        // inspect lists the live members by id; describe tells the grace.
+        let status = try await client.inspect(buffer)
+        #expect(status.members?.count == 4 && status.members?.listed.map(\.replicaID) == [1, 2, 3, 4] && status.holder == nil)
+        #expect(status.members?.listed.map(\.user) == ["ann", "bob", "cat", "dan"] && status.members?.listed.allSatisfy { $0.principal == nil } == true)
+        #expect(try await client.describe().memberGraceMilliseconds == 60_000)
         await client.close()
         await worker.stop()
     }
