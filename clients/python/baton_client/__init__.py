@@ -1,4 +1,4 @@
-"""Python client of Baton, the buffer ownership/lease service (wire protocol v1, revision 5).
+"""Python client of Baton, the buffer ownership/lease service (wire protocol v1, revision 6).
 
 See ``clients/python/README.md`` and ``docs/protocol.md``.
 """
@@ -25,16 +25,19 @@ from .types import (
     Event,
     EventsPage,
     Holder,
+    Member,
+    Membership,
     Missed,
     ReleasedConnection,
     Reply,
+    State,
     parse_event,
     parse_reply,
 )
 from .watch import Watch
 
 PROTOCOL = 1
-REVISION = 4
+REVISION = 6
 
 __version__ = "0.1.0"
 
@@ -56,6 +59,9 @@ __all__ = [
     "ErrorInfo",
     "ReleasedConnection",
     "Description",
+    "Member",
+    "Membership",
+    "State",
     "EventsPage",
     "Event",
     "Missed",

@@ -25,7 +25,7 @@ from .client import Client
 from .errors import BatonTimeoutError, ClientClosedError
 from .lease import Lease, LeaseChange
 from .requests import Request
-from .types import Description, EventsPage, ReleasedConnection, Reply
+from .types import Description, EventsPage, Membership, ReleasedConnection, Reply
 from .watch import Watch, WatchItem
 
 __all__ = ["AsyncClient", "AsyncLease", "AsyncWatch"]
@@ -104,6 +104,16 @@ class AsyncClient:
                       request_id: Optional[str] = None, timeout: Optional[float] = None) -> Reply:
         """:meth:`Client.release`."""
         return await self._single(Request.release(buffer, connection, token, request_id=request_id), timeout)
+
+    async def join(self, buffer: str, user: str, connection: str, lease_ms: Optional[int] = None, *,
+                   request_id: Optional[str] = None, timeout: Optional[float] = None) -> Membership:
+        """:meth:`Client.join` (on a worker thread: it may ask the partition's revision first)."""
+        return await asyncio.to_thread(self.client.join, buffer, user, connection, lease_ms, request_id=request_id, timeout=timeout)
+
+    async def leave(self, buffer: str, connection: str, token: int, *,
+                    request_id: Optional[str] = None, timeout: Optional[float] = None) -> Reply:
+        """:meth:`Client.leave`."""
+        return await asyncio.to_thread(self.client.leave, buffer, connection, token, request_id=request_id, timeout=timeout)
 
     async def inspect(self, buffer: str, *, timeout: Optional[float] = None) -> Reply:
         """:meth:`Client.inspect`."""

@@ -35,6 +35,7 @@ from .requests import (
 from .types import (
     Description,
     EventsPage,
+    Membership,
     ReleasedConnection,
     Reply,
     parse_reply,
@@ -53,6 +54,8 @@ __all__ = ["Client", "redact_url"]
 MAX_TIMEOUT = 300.0
 #: The revision that brought waiting claims (``wait_ms``, section 19).
 WAIT_REVISION = 4
+#: The revision that added replica memberships (``join``, ``leave``; section 20).
+MEMBERSHIP_REVISION = 6
 
 
 def redact_url(url: str) -> str:
@@ -387,7 +390,8 @@ class Client:
 
     def renew(self, buffer: str, connection: str, token: int, lease_ms: Optional[int] = None, *,
               request_id: Optional[str] = None, timeout: Optional[float] = None) -> Reply:
-        """Renew a lease (section 4): ``renewed`` or ``not_owner``."""
+        """Renew a lease, or a membership by its token (sections 4, 20): ``renewed`` (a
+        :class:`~baton_client.types.Membership` for a membership) or ``not_owner``."""
         req = Request.renew(buffer, connection, token, lease_ms, request_id=request_id)
         return self._single(req, self._route(req), timeout)
 
@@ -397,8 +401,35 @@ class Client:
         req = Request.release(buffer, connection, token, request_id=request_id)
         return self._single(req, self._route(req), timeout)
 
+    def join(self, buffer: str, user: str, connection: str, lease_ms: Optional[int] = None, *,
+             request_id: Optional[str] = None, timeout: Optional[float] = None) -> Membership:
+        """Join ``buffer``'s collaborators (section 20, revision 6): a ``joined``
+        :class:`~baton_client.types.Membership` whose ``replica_id`` is unique among the buffer's
+        live members; a join by a connection that is a member already extends it (same id and
+        token). Sent only to a partition whose worker reports revision 6 or later. Raises
+        :class:`~baton_client.errors.RejectedError` for ``members_full`` or a connection that is
+        a member under another user (``invalid_request``)."""
+        req = Request.join(buffer, user, connection, lease_ms, request_id=request_id)
+        p = self._route(req)
+        self._require_partition_revision(p, MEMBERSHIP_REVISION, "join")
+        reply = self._single(req, p, timeout).raise_for_error()
+        if not isinstance(reply, Membership) or reply.status != "joined":
+            raise ProtocolError(f"join was answered with status {reply.status!r}")
+        return reply
+
+    def leave(self, buffer: str, connection: str, token: int, *, request_id: Optional[str] = None,
+              timeout: Optional[float] = None) -> Reply:
+        """End the membership of ``connection`` holding ``token`` at once (section 20): ``left``
+        (a :class:`~baton_client.types.Membership`; the id is free for the next join) or
+        ``not_member``."""
+        req = Request.leave(buffer, connection, token, request_id=request_id)
+        p = self._route(req)
+        self._require_partition_revision(p, MEMBERSHIP_REVISION, "leave")
+        return self._single(req, p, timeout)
+
     def inspect(self, buffer: str, *, timeout: Optional[float] = None) -> Reply:
-        """The buffer's ``state`` (section 4)."""
+        """The buffer's ``state`` (section 4): a :class:`~baton_client.types.State`, with the
+        buffer's live members from revision 6 workers."""
         req = Request.inspect(buffer)
         return self._single(req, self._route(req), timeout)
 
@@ -516,12 +547,13 @@ class Client:
         per = tuple(r for _, r in sorted(replies.items()))
         bufs = sorted({b for r in per if isinstance(r, ReleasedConnection) for b in r.buffers})
         count = sum(r.released_count for r in per if isinstance(r, ReleasedConnection))
+        ended = sum(r.ended_memberships for r in per if isinstance(r, ReleasedConnection))
         ats = [r.at for r in per if r.at]
         return ReleasedConnection(
             status="released_connection", request_id=req.request_id, buffer=None, holder=None,
             token=None, expires_at=None, at=max(ats) if ats else None, partition=None,
             raw={"replies": [r.raw for r in per]}, buffers=tuple(bufs), released_count=count,
-            replies=per)
+            replies=per, ended_memberships=ended)
 
     def batch(self, requests: Sequence[Request], *, partition: Optional[int] = None,
               timeout: Optional[float] = None) -> List[Reply]:

@@ -24,7 +24,7 @@ __all__ = [
     "KNOWN_ERROR_CODES",
 ]
 
-#: Error codes of protocol version 1 revision 3 (section 5, "Error codes"). A code that is not in
+#: Error codes of protocol version 1 revision 6 (section 5, "Error codes"). A code that is not in
 #: this set is to be treated like ``internal_error`` (compatibility rules).
 KNOWN_ERROR_CODES = frozenset(
     {
@@ -37,6 +37,7 @@ KNOWN_ERROR_CODES = frozenset(
         "request_id_reused",
         "deadline_exceeded",
         "internal_error",
+        "members_full",
     }
 )
 

@@ -156,6 +156,24 @@ class Request:
                          request_id)
 
     @classmethod
+    def join(cls, buffer: str, user: str, connection: str, lease_ms: Optional[int] = None,
+             request_id: Optional[str] = None) -> "Request":
+        """Join a buffer's collaborators (section 20, revision 6)."""
+        f: Dict[str, Any] = {"buffer": _nfc(buffer, "buffer"), "user": _nfc(user, "user"),
+                             "connection": _nfc(connection, "connection")}
+        if lease_ms is not None:
+            f["lease_ms"] = _int(lease_ms, "lease_ms", 1000, 3_600_000)
+        return cls._make("join", f, request_id)
+
+    @classmethod
+    def leave(cls, buffer: str, connection: str, token: int,
+              request_id: Optional[str] = None) -> "Request":
+        """End a membership at once (section 20, revision 6)."""
+        f = {"buffer": _nfc(buffer, "buffer"), "connection": _nfc(connection, "connection"),
+             "token": _int(token, "token", 1, MAX_TOKEN)}
+        return cls._make("leave", f, request_id)
+
+    @classmethod
     def describe(cls, request_id: Optional[str] = None) -> "Request":
         return cls._make("describe", {}, request_id)
 

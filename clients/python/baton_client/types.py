@@ -15,6 +15,9 @@ __all__ = [
     "Reply",
     "ReleasedConnection",
     "Description",
+    "Member",
+    "Membership",
+    "State",
     "EventsPage",
     "Event",
     "Missed",
@@ -35,6 +38,9 @@ KNOWN_STATUSES = frozenset(
         "released_connection",
         "description",
         "events",
+        "joined",
+        "left",
+        "not_member",
         "error",
     }
 )
@@ -105,6 +111,9 @@ class ReleasedConnection(Reply):
     buffers: Tuple[str, ...] = ()
     released_count: int = 0
     replies: Tuple[Reply, ...] = field(default=(), repr=False)
+    #: How many replica memberships of the connection ended, into their grace (revision 6; 0 from
+    #: earlier workers).
+    ended_memberships: int = 0
 
     @property
     def complete(self) -> bool:
@@ -120,6 +129,38 @@ class Description(Reply):
     revision: int = 0
     partitions: int = 0
     ops: Tuple[str, ...] = ()
+    #: How long a replica id stays reserved for its user after the membership expired or its
+    #: connection was released (revision 6; ``None`` from earlier workers).
+    member_grace_ms: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class Member:
+    """A live member of a buffer as ``inspect`` lists it (section 20)."""
+
+    replica_id: int
+    user: str
+    connection: str
+    expires_at: str
+
+
+@dataclass(frozen=True)
+class State(Reply):
+    """``state`` (section 4): the holder in the common fields; from revision 6 workers also the
+    buffer's live members: ``members`` (the count) and ``roster`` (the first 64 by replica id)."""
+
+    members: int = 0
+    roster: Tuple[Member, ...] = ()
+
+
+@dataclass(frozen=True)
+class Membership(Reply):
+    """``joined``, ``left``, or a membership's ``renewed`` (section 20, revision 6): ``token`` and
+    ``expires_at`` are the membership's; ``replica_id`` is unique among the buffer's live members."""
+
+    replica_id: int = 0
+    members: int = 0
+    reclaimed: bool = False
 
 
 @dataclass(frozen=True)
@@ -240,6 +281,7 @@ def parse_reply(obj: Any) -> Reply:
             status=status,
             buffers=tuple(b for b in buffers if isinstance(b, str)),
             released_count=count if count is not None else len(buffers),
+            ended_memberships=_int_or_none(obj.get("ended_memberships")) or 0,
             **common,
         )
     if status == "description":
@@ -249,8 +291,25 @@ def parse_reply(obj: Any) -> Reply:
             revision=_int_or_none(obj.get("revision")) or 0,
             partitions=_int_or_none(obj.get("partitions")) or 0,
             ops=tuple(o for o in _list(obj.get("ops")) if isinstance(o, str)),
+            member_grace_ms=_int_or_none(obj.get("member_grace_ms")),
             **common,
         )
+    if status in ("joined", "left") or (status == "renewed" and "replica_id" in obj):
+        return Membership(
+            status=status,
+            replica_id=_int_or_none(obj.get("replica_id")) or 0,
+            members=_int_or_none(obj.get("members")) or 0,
+            reclaimed=obj.get("reclaimed") is True,
+            **common,
+        )
+    if status == "state":
+        roster = []
+        for m in _list(obj.get("roster")):
+            if isinstance(m, dict) and _int_or_none(m.get("replica_id")) is not None:
+                roster.append(Member(replica_id=m["replica_id"], user=_str_or_none(m.get("user")) or "",
+                                     connection=_str_or_none(m.get("connection")) or "",
+                                     expires_at=_str_or_none(m.get("expires_at")) or ""))
+        return State(status=status, members=_int_or_none(obj.get("members")) or 0, roster=tuple(roster), **common)
     if status == "events":
         evs = _list(obj.get("events"))
         return EventsPage(
