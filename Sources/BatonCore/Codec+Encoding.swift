@@ -323,13 +323,16 @@ extension ProtocolCodec {
               case .string(let buffer)? = fields["buffer"], case .object(let holder)? = fields["holder"],
               case .string(let user)? = holder["user"], case .string(let connection)? = holder["connection"],
               case .integer(let token)? = fields["token"], case .string(let atText)? = fields["at"], let at = Timestamp(rfc3339: atText) else {
-            throw ReplyDecodingError("an event needs 'kind' (granted, released, expired), 'buffer', 'holder', 'token' and 'at'")
+            throw ReplyDecodingError("an event needs 'kind' (\(ChangeKind.allCases.map(\.rawValue).joined(separator: ", "))), 'buffer', 'holder', 'token' and 'at'")
         }
         let seq: Int64 = if case .integer(let value)? = fields["seq"] { value } else { 0 }
         let partition: Int = if case .integer(let value)? = fields["partition"] { Int(value) } else { -1 }
         let forced = if case .bool(true)? = fields["forced"] { true } else { false }
+        let replicaID: Int? = if case .integer(let value)? = fields["replica_id"] { Int(value) } else { nil }
         // Events do not carry the lease's end; `at` stands in for it.
-        let change = OwnershipChange(kind: kind, buffer: buffer, holder: Holder(user: user, connection: connection), token: token, at: at, expiresAt: at, forced: forced)
+        let change = OwnershipChange(
+            kind: kind, buffer: buffer, holder: Holder(user: user, connection: connection), token: token, at: at, expiresAt: at, forced: forced, replicaID: replicaID
+        )
         return PositionedChange(seq: seq, partition: partition, change: change)
     }
 
@@ -346,6 +349,7 @@ extension ProtocolCodec {
         json.integer("token", change.token)
         json.string("at", change.at.rfc3339)
         if change.forced { json.bool("forced", true) }
+        if let replicaID = change.replicaID { json.integer("replica_id", replicaID) }
         json.integer("partition", event.partition)
         json.integer("seq", event.seq)
         return json.finish()

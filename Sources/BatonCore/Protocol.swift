@@ -430,6 +430,19 @@ public enum ChangeKind: String, Sendable, Hashable, CaseIterable, Codable, Custo
     case granted
     case released
     case expired
+    /// A new member of the buffer's collaborators, with a free replica id (revision 6, section 20).
+    case memberJoined = "member_joined"
+    /// A new member with the replica id its user had reserved (within the grace).
+    case memberReclaimed = "member_reclaimed"
+    /// A member left; its id is free at once.
+    case memberLeft = "member_left"
+    /// A membership ran out; its id is reserved for its user for the grace.
+    case memberExpired = "member_expired"
+    /// A member's connection was released; its id is reserved for its user for the grace.
+    case memberReleased = "member_released"
+
+    /// Whether it is a change of the buffer's lease (not of its collaborators).
+    public var isOwnership: Bool { self == .granted || self == .released || self == .expired }
 
     public var description: String { rawValue }
 }
@@ -456,10 +469,16 @@ public struct OwnershipChange: Sendable, Hashable {
     /// The request that made the change (for a grant to a waiter, its waiting claim; nil for expiries);
     /// read from the audit trail only, never published.
     public var requestID: String?
+    /// For a membership's change (the `member_` kinds): the member's replica id.
+    public var replicaID: Int?
 
     /// Creates a change.
-    public init(kind: ChangeKind, buffer: String, holder: Holder, token: Int64, at: Timestamp, expiresAt: Timestamp, forced: Bool = false, principal: String? = nil, requestID: String? = nil) {
+    public init(
+        kind: ChangeKind, buffer: String, holder: Holder, token: Int64, at: Timestamp, expiresAt: Timestamp, forced: Bool = false, principal: String? = nil,
+        requestID: String? = nil, replicaID: Int? = nil
+    ) {
         self.requestID = requestID
+        self.replicaID = replicaID
         self.kind = kind
         self.buffer = buffer
         self.holder = holder

@@ -279,6 +279,22 @@ public struct MembershipChange: Sendable, Hashable {
         self.buffer = buffer
     }
 
+    /// The change as an event of the buffer's history (a `member_` kind): the member as holder, its token,
+    /// and its membership's end (for `member_expired` the end that passed).
+    public var event: OwnershipChange {
+        let kind: ChangeKind = switch self.kind {
+        case .joined: .memberJoined
+        case .reclaimed: .memberReclaimed
+        case .left: .memberLeft
+        case .expired: .memberExpired
+        case .released: .memberReleased
+        }
+        return OwnershipChange(
+            kind: kind, buffer: buffer, holder: Holder(user: member.user, connection: member.connection), token: member.token, at: at,
+            expiresAt: member.expiresAt, principal: member.principal, replicaID: member.replicaID
+        )
+    }
+
     /// The change, attributed to `buffer`.
     public func on(_ buffer: String) -> MembershipChange {
         var change = self

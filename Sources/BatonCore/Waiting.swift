@@ -101,7 +101,7 @@ extension Outcome {
                 $0.reply.status == .granted && $0.reply.token == change.token && $0.waiter.holder == change.holder && ($0.reply.buffer.map { $0.exactlyEquals(change.buffer) } ?? false)
             }) else { return (change, requestID) }
             return (change, answer.waiter.requestID)
-        }
+        } + memberships.map { ($0.event, requestID) }
     }
 }
 

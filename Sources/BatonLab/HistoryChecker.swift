@@ -20,6 +20,14 @@ public enum HistoryChecker {
             /// Fair waiting (protocol section 19): a buffer was granted to someone other than the head of
             /// its line while an earlier waiter still waited.
             case lineJumped = "line_jumped"
+            /// Replica memberships (protocol section 20): a replica id joined while a live member of the
+            /// buffer held it.
+            case duplicateReplicaID = "duplicate_replica_id"
+            /// A replica id handed to another user during its grace, or reclaimed by another user than the
+            /// one it was reserved for.
+            case reservedIDTaken = "reserved_id_taken"
+            /// A membership that ended (left, expired, released) that was not live.
+            case unmatchedMemberEnd = "unmatched_member_end"
         }
 
         /// Which invariant.
@@ -50,7 +58,8 @@ public enum HistoryChecker {
     /// Checks `changes` (in any order) and, when given, the final token the database shows per buffer.
     public static func check(_ changes: [OwnershipChange], finalTokens: [ExactString: Int64]? = nil) -> Report {
         var report = Report()
-        let byBuffer = Dictionary(grouping: changes) { ExactString($0.buffer) }
+        // Invariants 1-3 are about leases; a buffer's members (the `member_` kinds) are checkMemberships'.
+        let byBuffer = Dictionary(grouping: changes.filter(\.kind.isOwnership)) { ExactString($0.buffer) }
         for key in byBuffer.keys.sorted() {
             let buffer = key.string
             let history = byBuffer[key]!.sorted { lhs, rhs in
@@ -106,6 +115,8 @@ public enum HistoryChecker {
                     }
                     open = nil
                     lastClose = change
+                case .memberJoined, .memberReclaimed, .memberLeft, .memberExpired, .memberReleased:
+                    continue  // filtered out above
                 }
             }
             if let finalTokens, let lastGrant, let final = finalTokens[key], final < lastGrant.token {
@@ -196,5 +207,72 @@ public enum HistoryChecker {
             }
         }
         return violations.sorted { ($0.buffer, $0.detail) < ($1.buffer, $1.detail) }
+    }
+
+    /// Checks the membership invariants (protocol section 20) over the `member_` changes of a history, in
+    /// history order (by position): no replica id joined while a live member of the buffer holds it; an id
+    /// reserved for a user (a membership that expired, until its end plus `graceMilliseconds`, or whose
+    /// connection was released, until then plus the grace) goes to nobody else before the grace ends and
+    /// is reclaimed only by that user; every end closes a live membership. Tokens are the leases' concern
+    /// (``check(_:finalTokens:)``), which they share a sequence with.
+    public static func checkMemberships(_ changes: [OwnershipChange], graceMilliseconds: Int64) -> [Violation] {
+        struct Live {
+            var holder: Holder
+            var token: Int64
+        }
+        var violations: [Violation] = []
+        var live: [ExactString: [Int: Live]] = [:]
+        var reserved: [ExactString: [Int: (user: String, until: Int64)]] = [:]
+        for change in changes where !change.kind.isOwnership {
+            let key = ExactString(change.buffer)
+            guard let id = change.replicaID else {
+                violations.append(Violation(kind: .unmatchedMemberEnd, buffer: change.buffer, detail: "\(change.kind) of \(change.holder) at \(change.at) has no replica id"))
+                continue
+            }
+            let at = change.at.milliseconds
+            switch change.kind {
+            case .memberJoined, .memberReclaimed:
+                if let holder = live[key]?[id] {
+                    violations.append(Violation(
+                        kind: .duplicateReplicaID, buffer: change.buffer,
+                        detail: "replica \(id) joined by \(change.holder) (token \(change.token)) at \(change.at) while \(holder.holder) (token \(holder.token)) held it"
+                    ))
+                }
+                if let reservation = reserved[key]?[id], at < reservation.until, !reservation.user.exactlyEquals(change.holder.user) {
+                    violations.append(Violation(
+                        kind: .reservedIDTaken, buffer: change.buffer,
+                        detail: "replica \(id) went to \(change.holder) at \(change.at) while reserved for user '\(reservation.user)' until \(Timestamp(milliseconds: reservation.until))"
+                    ))
+                }
+                if change.kind == .memberReclaimed, reserved[key]?[id].map({ !$0.user.exactlyEquals(change.holder.user) }) ?? true {
+                    violations.append(Violation(
+                        kind: .reservedIDTaken, buffer: change.buffer,
+                        detail: "replica \(id) reclaimed by \(change.holder) at \(change.at) without a reservation of that user"
+                    ))
+                }
+                reserved[key]?[id] = nil
+                live[key, default: [:]][id] = Live(holder: change.holder, token: change.token)
+            case .memberLeft, .memberExpired, .memberReleased:
+                guard let holder = live[key]?[id], holder.holder == change.holder, holder.token == change.token else {
+                    violations.append(Violation(
+                        kind: .unmatchedMemberEnd, buffer: change.buffer,
+                        detail: "\(change.kind) of replica \(id) by \(change.holder) (token \(change.token)) at \(change.at) ends no live membership"
+                    ))
+                    continue
+                }
+                live[key]?[id] = nil
+                switch change.kind {
+                case .memberExpired:
+                    reserved[key, default: [:]][id] = (change.holder.user, change.expiresAt.milliseconds + graceMilliseconds)
+                case .memberReleased:
+                    reserved[key, default: [:]][id] = (change.holder.user, at + graceMilliseconds)
+                default:
+                    break
+                }
+            case .granted, .released, .expired:
+                break
+            }
+        }
+        return violations
     }
 }

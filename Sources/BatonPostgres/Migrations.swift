@@ -238,6 +238,16 @@ public enum Migrator {
             -- The sweep's schedule is loaded from the partition's rosters when the worker takes a partition.
             CREATE INDEX baton_buffers_rostered ON baton_buffers (partition) WHERE roster IS NOT NULL;
             """),
+        Migration(version: 11, name: "membership changes in the history", sql: """
+            -- Joins, leaves, expiries and releases of memberships are events of the partition's history like
+            -- ownership changes (docs/protocol.md, section 20): the member as holder, its token and end, and
+            -- its replica id.
+            ALTER TABLE baton_outbox ADD COLUMN replica_id integer;
+            ALTER TABLE baton_outbox DROP CONSTRAINT baton_outbox_kind_check;
+            ALTER TABLE baton_outbox ADD CONSTRAINT baton_outbox_kind_check CHECK (kind IN (
+                'granted', 'released', 'expired',
+                'member_joined', 'member_reclaimed', 'member_left', 'member_expired', 'member_released'));
+            """),
     ]
 
     /// The newest schema version this code knows.

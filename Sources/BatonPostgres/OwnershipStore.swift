@@ -911,11 +911,11 @@ public final class OwnershipStore: Sendable {
         try await connection.withSession { session in
             let changes = try session.query("""
                 SELECT kind, buffer, holder_user, holder_connection, token,
-                       (extract(epoch FROM at) * 1000)::int8, (extract(epoch FROM expires_at) * 1000)::int8, forced, principal, request_id
+                       (extract(epoch FROM at) * 1000)::int8, (extract(epoch FROM expires_at) * 1000)::int8, forced, replica_id, principal, request_id
                 FROM baton_outbox ORDER BY id
                 """).decode(from: "baton_outbox") { row in
                 var change = try OwnershipChange(row: row, from: 0, principal: true)
-                change.requestID = try row.optional(9, "request_id")
+                change.requestID = try row.optional(10, "request_id")
                 return change
             }
             var tokens: [ExactString: Int64] = [:]
@@ -1244,12 +1244,12 @@ enum SQL {
             RETURNING 1
         ),
         outbox AS (
-            INSERT INTO baton_outbox (partition, kind, buffer, holder_user, holder_connection, token, at, expires_at, request_id, forced, principal)
+            INSERT INTO baton_outbox (partition, kind, buffer, holder_user, holder_connection, token, at, expires_at, request_id, forced, principal, replica_id)
             SELECT $1, o.kind, o.buffer, o.holder_user, o.holder_connection, o.token,
                    timestamptz 'epoch' + o.at_ms * interval '1 millisecond',
-                   timestamptz 'epoch' + o.expires_ms * interval '1 millisecond', o.request_id, o.forced, o.principal
-            FROM unnest($12::text[], $13::text[], $14::text[], $15::text[], $16::int8[], $17::int8[], $18::int8[], $19::text[], $23::bool[], $26::text[])
-                WITH ORDINALITY AS o(kind, buffer, holder_user, holder_connection, token, at_ms, expires_ms, request_id, forced, principal, n)
+                   timestamptz 'epoch' + o.expires_ms * interval '1 millisecond', o.request_id, o.forced, o.principal, o.replica_id
+            FROM unnest($12::text[], $13::text[], $14::text[], $15::text[], $16::int8[], $17::int8[], $18::int8[], $19::text[], $23::bool[], $26::text[], $29::int4[])
+                WITH ORDINALITY AS o(kind, buffer, holder_user, holder_connection, token, at_ms, expires_ms, request_id, forced, principal, replica_id, n)
             WHERE (SELECT epoch FROM fence) = $20
             ORDER BY o.n
             RETURNING id
@@ -1259,7 +1259,7 @@ enum SQL {
     private static let waiterCTEs = """
         waiters_removed AS (
             DELETE FROM baton_waiters w
-            USING unnest($29::text[]) AS r(request_id)
+            USING unnest($30::text[]) AS r(request_id)
             CROSS JOIN LATERAL (SELECT ctid AS row_id FROM baton_waiters WHERE partition = $1 AND request_id = r.request_id OFFSET 0) found
             WHERE (SELECT epoch FROM fence) = $20 AND w.ctid = found.row_id AND w.request_id = r.request_id
             RETURNING 1
@@ -1268,7 +1268,7 @@ enum SQL {
             INSERT INTO baton_waiters (partition, buffer, request_id, holder_user, holder_connection, principal, lease_ms, wait_until, reply_to, correlation_id, fingerprint)
             SELECT $1, a.buffer, a.request_id, a.holder_user, a.holder_connection, a.principal, a.lease_ms,
                    timestamptz 'epoch' + a.until_ms * interval '1 millisecond', a.reply_to, a.correlation_id, a.fingerprint
-            FROM unnest($30::text[], $31::text[], $32::text[], $33::text[], $34::text[], $35::int8[], $36::int8[], $37::text[], $38::text[], $39::text[])
+            FROM unnest($31::text[], $32::text[], $33::text[], $34::text[], $35::text[], $36::int8[], $37::int8[], $38::text[], $39::text[], $40::text[])
                 WITH ORDINALITY AS a(buffer, request_id, holder_user, holder_connection, principal, lease_ms, until_ms, reply_to, correlation_id, fingerprint, n)
             WHERE (SELECT epoch FROM fence) = $20
             ORDER BY a.n
@@ -1276,7 +1276,7 @@ enum SQL {
         ),
         waiters_moved AS (
             UPDATE baton_waiters w SET reply_to = m.reply_to, correlation_id = m.correlation_id
-            FROM unnest($40::text[], $41::text[], $42::text[]) AS m(request_id, reply_to, correlation_id)
+            FROM unnest($41::text[], $42::text[], $43::text[]) AS m(request_id, reply_to, correlation_id)
             CROSS JOIN LATERAL (SELECT ctid AS row_id FROM baton_waiters WHERE partition = $1 AND request_id = m.request_id OFFSET 0) found
             WHERE (SELECT epoch FROM fence) = $20 AND w.ctid = found.row_id AND w.request_id = m.request_id
             RETURNING 1
@@ -1299,7 +1299,7 @@ enum SQL {
     // Uses baton_outbox_position.
     static let outboxAfter = PreparedStatement(name: "baton_outbox_after", sql: """
         SELECT id, kind, buffer, holder_user, holder_connection, token,
-               (extract(epoch FROM at) * 1000)::int8, (extract(epoch FROM expires_at) * 1000)::int8, forced
+               (extract(epoch FROM at) * 1000)::int8, (extract(epoch FROM expires_at) * 1000)::int8, forced, replica_id
         FROM baton_outbox
         WHERE partition = $1 AND id > $2::int8
         ORDER BY id LIMIT $3
@@ -1375,7 +1375,7 @@ enum SQL {
     // Uses baton_outbox_position, within the window.
     static let eventsAfter = PreparedStatement(name: "baton_events_after", sql: """
         SELECT id, kind, buffer, holder_user, holder_connection, token,
-               (extract(epoch FROM at) * 1000)::int8, (extract(epoch FROM expires_at) * 1000)::int8, forced
+               (extract(epoch FROM at) * 1000)::int8, (extract(epoch FROM expires_at) * 1000)::int8, forced, replica_id
         FROM baton_outbox
         WHERE partition = $1 AND id > $2::int8 AND id <= $5::int8 AND ($3::text IS NULL OR buffer = $3::text)
         ORDER BY id LIMIT $4::int8

@@ -122,7 +122,8 @@ extension OwnershipChange {
             kind: try row.decode(offset, "kind"), buffer: try row.decode(offset + 1, "buffer"),
             holder: Holder(user: try row.decode(offset + 2, "holder_user"), connection: try row.decode(offset + 3, "holder_connection")),
             token: try row.decode(offset + 4, "token"), at: try row.timestamp(offset + 5, "at"), expiresAt: try row.timestamp(offset + 6, "expires_at"),
-            forced: try row.flag(offset + 7, "forced"), principal: principal ? try row.optional(offset + 8, "principal") : nil
+            forced: try row.flag(offset + 7, "forced"), principal: principal ? try row.optional(offset + 9, "principal") : nil,
+            replicaID: try row.optional(offset + 8, "replica_id").map { _ in try row.decode(offset + 8, "replica_id", as: Int.self) }
         )
     }
 }
@@ -167,13 +168,13 @@ struct BatchWrite {
         }
     }
 
-    /// Whether a line changes: then the write is ``SQL/writeWithLines`` ($1 to $42), else ``SQL/write`` ($1 to $28).
+    /// Whether a line changes: then the write is ``SQL/writeWithLines`` ($1 to $43), else ``SQL/write`` ($1 to $29).
     var changesLines: Bool { !(waitersRemoved.isEmpty && waitersAdded.isEmpty && waitersMoved.isEmpty) }
 
     /// The statement that writes this.
     var statement: PreparedStatement { changesLines ? SQL.writeWithLines : SQL.write }
 
-    /// The parameters of ``statement``, in its numbering ($1 to $28; with lines, $1 to $42).
+    /// The parameters of ``statement``, in its numbering ($1 to $29; with lines, $1 to $43).
     var parameters: [String?] {
         changesLines ? baseParameters + lineParameters : baseParameters
     }
@@ -210,13 +211,14 @@ struct BatchWrite {
             /* $26 */ PostgresArray.text(list.map(\.principal)),
             /* $27 */ PostgresArray.integers(states.map { Optional($0.issued) }),
             /* $28 */ PostgresArray.text(states.map(\.roster.storedText)),
+            /* $29 */ PostgresArray.integers(list.map { $0.replicaID.map(Int64.init) }),
         ]
     }
 
     private var lineParameters: [String?] {
         [
-            /* $29 */ PostgresArray.text(waitersRemoved),
-            /* $30-$39: waiters that joined */
+            /* $30 */ PostgresArray.text(waitersRemoved),
+            /* $31-$40: waiters that joined */
             PostgresArray.text(waitersAdded.map(\.buffer)),
             PostgresArray.text(waitersAdded.map(\.waiter.requestID)),
             PostgresArray.text(waitersAdded.map(\.waiter.holder.user)),
@@ -227,7 +229,7 @@ struct BatchWrite {
             PostgresArray.text(waitersAdded.map(\.waiter.replyTo)),
             PostgresArray.text(waitersAdded.map(\.waiter.correlationID)),
             PostgresArray.text(waitersAdded.map(\.waiter.fingerprint)),
-            /* $40-$42: waiters that moved their reply address */
+            /* $41-$43: waiters that moved their reply address */
             PostgresArray.text(waitersMoved.map(\.requestID)),
             PostgresArray.text(waitersMoved.map(\.replyTo)),
             PostgresArray.text(waitersMoved.map(\.correlationID)),

@@ -131,6 +131,7 @@ struct Step: Sendable, CustomStringConvertible {
             var issuedMax: [String: Int64] = [:]
             var leaseToken: [String: [Int: Int64]] = [:]
             var memberToken: [String: [Int: Int64]] = [:]
+            var events: [OwnershipChange] = []  // the history, in decision order, memberships included
             for (index, code) in codes.enumerated() {
                 var rest = code
                 func take(_ n: Int) -> Int { defer { rest /= n }; return rest % n }
@@ -152,12 +153,15 @@ struct Step: Sendable, CustomStringConvertible {
                     command = .renew(buffer: buffer, connection: connection, token: token, leaseMilliseconds: lease)
                 case 6: command = .releaseConnection(connection: connection)
                 default:
-                    history += state.sweep(at: now)
+                    let swept = state.sweepWithLines(at: now)
+                    history += swept.changes
+                    events += swept.attributedChanges(to: nil).map(\.change)
                     continue
                 }
                 let before = state.state(of: buffer)
                 let outcome = state.decide(Request(requestID: "r\(index)", command: command, principal: "p"), at: now)
                 history += outcome.changes
+                events += outcome.attributedChanges(to: "r\(index)").map(\.change)
                 let after = state.state(of: buffer)
                 guard let reply = outcome.reply else {
                     Issue.record("every step here is answered")
@@ -205,6 +209,10 @@ struct Step: Sendable, CustomStringConvertible {
             }
             let report = HistoryChecker.check(history, finalTokens: state.buffers.mapValues(\.token))
             #expect(report.passed, "\(report.violations)")
+            // The same invariants judged from the history alone, as the chaos run judges a live one.
+            #expect(HistoryChecker.check(events, finalTokens: state.buffers.mapValues(\.token)).passed)
+            let members = HistoryChecker.checkMemberships(events, graceMilliseconds: 2_000)
+            #expect(members.isEmpty, "\(members)")
         }
     }
 }

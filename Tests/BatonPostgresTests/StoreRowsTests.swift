@@ -6,20 +6,23 @@ import Testing
 /// decoding as a default.
 @Suite struct StoreRowsTests {
     @Test func anAuditRowWithAnUnknownKindIsRefusedNotReadAsGranted() {
-        let row = PostgresRow(["stolen", "a.txt", "u", "c", "3", "1000", "2000", "f"], source: "baton_outbox")
+        let row = PostgresRow(["stolen", "a.txt", "u", "c", "3", "1000", "2000", "f", nil], source: "baton_outbox")
         #expect(throws: PostgresError.self) { try OwnershipChange(row: row, from: 0, principal: false) }
         do {
             _ = try OwnershipChange(row: row, from: 0, principal: false)
         } catch {
             #expect("\(error)".contains("unknown kind 'stolen'"))
         }
-        let good = PostgresRow(["released", "a.txt", "u", "c", "3", "1000", "2000", "t", "alice"], source: "baton_outbox")
+        let good = PostgresRow(["released", "a.txt", "u", "c", "3", "1000", "2000", "t", nil, "alice"], source: "baton_outbox")
         let change = try? OwnershipChange(row: good, from: 0, principal: true)
-        #expect(change?.kind == .released && change?.token == 3 && change?.forced == true && change?.principal == "alice")
+        #expect(change?.kind == .released && change?.token == 3 && change?.forced == true && change?.principal == "alice" && change?.replicaID == nil)
+        let member = PostgresRow(["member_joined", "a.txt", "u", "c", "4", "1000", "31000", "f", "2"], source: "baton_outbox")
+        let joined = try? OwnershipChange(row: member, from: 0, principal: false)
+        #expect(joined?.kind == .memberJoined && joined?.replicaID == 2 && !(joined?.kind.isOwnership ?? true))
     }
 
     @Test func malformedAndMissingColumnsAreNamed() throws {
-        let noToken = PostgresRow(["granted", "a.txt", "u", "c", nil, "1000", "2000", "f"], source: "baton_outbox")
+        let noToken = PostgresRow(["granted", "a.txt", "u", "c", nil, "1000", "2000", "f", nil], source: "baton_outbox")
         #expect(throws: PostgresError.self) { try OwnershipChange(row: noToken, from: 0, principal: false) }
         do {
             _ = try BatchReadRow(PostgresRow(["b", "a.txt", "u", "c", "x7", "1000", "1", nil], source: "the batch read"))
@@ -70,15 +73,15 @@ import Testing
     @Test func theWriteNumbersItsParametersAsTheStatementDoes() {
         let write = BatchWrite(partition: 3, epoch: 7, now: Timestamp(milliseconds: 1000))
         #expect(write.isEmpty)
-        #expect(write.parameters.count == 28, "SQL.write takes $1 to $28")
+        #expect(write.parameters.count == 29, "SQL.write takes $1 to $29")
         // The statements' own numbering: the highest parameter each names is the count the write sends.
         func highest(_ sql: String) -> Int {
             sql.matches(of: /\$(\d+)/).compactMap { Int($0.output.1) }.max() ?? 0
         }
-        #expect(highest(SQL.write.sql) == 28 && highest(SQL.writeWithLines.sql) == 42)
+        #expect(highest(SQL.write.sql) == 29 && highest(SQL.writeWithLines.sql) == 43)
         var lined = BatchWrite(partition: 3, epoch: 7, now: Timestamp(milliseconds: 1000))
         lined.waitersRemoved = ["w"]
-        #expect(lined.statement == SQL.writeWithLines && lined.parameters.count == 42)
+        #expect(lined.statement == SQL.writeWithLines && lined.parameters.count == 43)
         #expect(write.parameters[0] == "3" && write.parameters[19] == "7" && write.parameters[20] == "0" && write.parameters[21] == "0")
     }
 }

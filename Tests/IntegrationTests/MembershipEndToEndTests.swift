@@ -1,6 +1,7 @@
 import BatonAMQP
 import BatonClient
 import BatonCore
+import BatonLab
 import Foundation
 import Testing
 
@@ -75,6 +76,14 @@ import Testing
         #expect(status.members?.count == 4 && status.members?.listed.map(\.replicaID) == [1, 2, 3, 4] && status.holder == nil)
         #expect(status.members?.listed.map(\.user) == ["ann", "bob", "cat", "dan"] && status.members?.listed.allSatisfy { $0.principal == nil } == true)
         #expect(try await client.describe().memberGraceMilliseconds == 60_000)
+        // Every change of the members is in the partition's history, in decision order, with its id.
+        let history = try await client.events(partition: deployment.partitioner.partition(of: buffer), after: 0)
+        let members = history.events.filter { $0.change.buffer == buffer }.map { "\($0.change.kind) \($0.change.holder.user) \($0.change.replicaID ?? 0)" }
+        #expect(members == [
+            "member_joined ann 1", "member_joined bob 2", "member_expired ann 1", "member_joined cat 3", "member_reclaimed ann 1",
+            "member_released bob 2", "member_joined dan 4", "member_reclaimed bob 2",
+        ], "\(members)")
+        #expect(HistoryChecker.checkMemberships(history.events.map(\.change), graceMilliseconds: 60_000).isEmpty)
         await client.close()
         await worker.stop()
     }

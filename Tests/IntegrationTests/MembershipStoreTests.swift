@@ -52,7 +52,11 @@ import Testing
         ], partition: 3, epoch: nextEpoch)
         #expect(renewed.decided.first?.status == .renewed && renewed.decided.first?.token == 1)
         let audit = try await TestDatabase.audit(url)
-        #expect(audit.changes.map(\.kind) == [.granted] && audit.finalTokens[ExactString(b)] == 1)
+        #expect(audit.changes.filter(\.kind.isOwnership).map(\.kind) == [.granted] && audit.finalTokens[ExactString(b)] == 1)
+        // The memberships' changes are in the same history, in decision order, with their ids.
+        #expect(audit.changes.filter { !$0.kind.isOwnership }.map { "\($0.kind) \($0.replicaID ?? 0) \($0.token)" } == [
+            "member_joined 1 2", "member_joined 2 3", "member_joined 3 4", "member_left 2 3", "member_joined 2 5",
+        ])
         await store.connection.close()
         await next.connection.close()
     }

@@ -265,7 +265,7 @@ struct SQLSystem: BenchSystem {
     func doubleGrants() async throws -> Int? {
         let table = self.table
         let changes = try await pool[0].withSession { session in
-            try session.query("SELECT kind, buffer, owner, owner, token, at_ms, expires_ms, false FROM \(table)_audit ORDER BY id")
+            try session.query("SELECT kind, buffer, owner, owner, token, at_ms, expires_ms, false, NULL::int FROM \(table)_audit ORDER BY id")
                 .decode(from: "\(table)_audit") { try OwnershipChange(row: $0, from: 0, principal: false) }
         }
         return HistoryChecker.check(changes).doubleGrants

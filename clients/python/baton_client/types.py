@@ -165,8 +165,9 @@ class Membership(Reply):
 
 @dataclass(frozen=True)
 class Event:
-    """An ownership change (section 7). ``seq`` and ``partition`` are ``None`` from workers of
-    revision < 3. ``kind`` may be a kind this client does not know (ignore it)."""
+    """An ownership change (section 7), or from revision 6 a change of a buffer's members (a
+    ``member_`` kind, with ``replica_id``; section 20). ``seq`` and ``partition`` are ``None`` from
+    workers of revision < 3. ``kind`` may be a kind this client does not know (ignore it)."""
 
     kind: str
     buffer: str
@@ -177,6 +178,8 @@ class Event:
     seq: Optional[int]
     forced: bool = False
     raw: Dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    #: The member's replica id, for the ``member_`` kinds (revision 6, section 20); else ``None``.
+    replica_id: Optional[int] = None
 
 
 @dataclass(frozen=True)
@@ -218,6 +221,7 @@ def parse_event(obj: Dict[str, Any]) -> Event:
         seq=_int_or_none(obj.get("seq")),
         forced=obj.get("forced") is True,
         raw=obj,
+        replica_id=_int_or_none(obj.get("replica_id")),
     )
 
 

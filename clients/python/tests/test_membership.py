@@ -60,3 +60,16 @@ def test_join_and_leave_requests_are_built_in_nfc_and_checked_offline():
     assert req.body()["buffer"] == "caf\u00e9.md" and req.body()["op"] == "join"
     with pytest.raises(ValueError):
         Request.leave("b", "c1", 0)
+
+
+def test_membership_changes_are_events_of_the_history(client, buf, conn):
+    from baton_client import partition as partition_of
+
+    p = partition_of(buf, client.partitions)
+    start = client.events(p).position
+    m = client.join(buf, "ann", conn)
+    client.leave(buf, conn, m.token)
+    page = client.events(p, buffer=buf, after=start)
+    assert [(e.kind, e.replica_id, e.token) for e in page.events] == [
+        ("member_joined", 1, m.token), ("member_left", 1, m.token)]
+    assert page.events[0].holder.user == "ann" and page.events[0].holder.connection == conn
