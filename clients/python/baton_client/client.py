@@ -10,7 +10,7 @@ import unicodedata
 import weakref
 from concurrent.futures import CancelledError
 from concurrent.futures import TimeoutError as FuturesTimeout
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Union
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import pika
@@ -32,6 +32,8 @@ from .requests import (
     deadline_after,
     waiting_claim_times,
 )
+from .lease import Lease, LeaseChange
+from .watch import Watch
 from .types import (
     Description,
     EventsPage,
@@ -42,9 +44,6 @@ from .types import (
 )
 
 
-if TYPE_CHECKING:  # imported at run time inside the methods (they import this module)
-    from .lease import Lease, LeaseChange
-    from .watch import Watch
 
 log = logging.getLogger("baton_client")
 
@@ -726,7 +725,6 @@ class Client:
         another holder has it), renews it in a background thread and releases it on exit.
         ``wait_ms=`` (revision 4) waits in the buffer's line instead (section 19); the grant is
         then confirmed with an immediate renewal and the lease counts from that renewal."""
-        from .lease import Lease
 
         lease = Lease(self, buffer, user=user, connection=connection, lease_ms=lease_ms, margin_ms=margin_ms,
                       renew_fraction=renew_fraction, on_change=on_change, claim_timeout=claim_timeout, wait_ms=wait_ms)
@@ -741,7 +739,6 @@ class Client:
         :class:`~baton_client.lease.Lease` (call ``lease.release()`` when done), or raises
         :class:`~baton_client.errors.LeaseDeniedError`. Takes the keyword arguments of
         :class:`~baton_client.lease.Lease`, among them ``wait_ms``."""
-        from .lease import Lease
 
         lease = Lease(self, buffer, user=user, connection=connection, lease_ms=lease_ms, margin_ms=margin_ms,
                       renew_fraction=renew_fraction, on_change=on_change, claim_timeout=claim_timeout, wait_ms=wait_ms)
@@ -758,7 +755,6 @@ class Client:
         :class:`~baton_client.types.Event` (and :class:`~baton_client.types.Missed` markers).
         ``positions`` resumes from saved positions (``watch.positions``); without them a watch
         starts from now."""
-        from .watch import Watch
 
         self._require_revision(3, "watch")
         w = Watch(self, buffer=buffer, partition=partition, partitions=partitions,

@@ -6,10 +6,8 @@ No message of these exceptions contains the broker password: URLs are always sho
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .types import Reply
 
 __all__ = [
     "BatonError",
@@ -95,7 +93,7 @@ class RejectedError(BatonError):
     ``reply`` is the whole typed reply. A code this client does not know is kept as sent, and
     ``effective_code`` is then ``internal_error`` (compatibility rules)."""
 
-    def __init__(self, code: str, message: str, reply: "Optional[Reply]" = None):
+    def __init__(self, code: str, message: str, reply: Optional[Any] = None):  # reply: a types.Reply
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
@@ -120,7 +118,7 @@ class LeaseDeniedError(BatonError):
 
     ``reply`` is the ``denied`` reply (``reply.holder``, ``reply.token``, ``reply.expires_at``)."""
 
-    def __init__(self, reply: "Reply"):
+    def __init__(self, reply: Any):
         h = reply.holder
         if h is not None:
             msg = (f"buffer {reply.buffer!r} is held by {h.user!r} on connection "

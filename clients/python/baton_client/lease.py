@@ -28,8 +28,9 @@ import threading
 import time
 from concurrent.futures import TimeoutError as FuturesTimeout
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, List, Optional
+from typing import Any, Callable, List, Optional
 
+from ._calls import CallSite
 from .errors import (
     BatonError,
     BatonTimeoutError,
@@ -41,8 +42,6 @@ from .errors import (
 from .requests import Request, check_wait_ms
 from .types import Reply, parse_reply
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .client import Client
 
 log = logging.getLogger("baton_client")
 
@@ -88,7 +87,7 @@ class Lease:
         immediate renewal, and the lease is measured from that renewal's first send.
     """
 
-    def __init__(self, client: "Client", buffer: str, *, user: str, connection: str,
+    def __init__(self, client: CallSite, buffer: str, *, user: str, connection: str,
                  lease_ms: int = 30000, margin_ms: Optional[int] = None,
                  renew_fraction: float = 1 / 3,
                  on_change: Optional[Callable[[LeaseChange], None]] = None,

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple, TypedDict
 
+from .errors import ProtocolError, RejectedError
+
 __all__ = [
     "Holder",
     "ErrorInfo",
@@ -95,8 +97,6 @@ class Reply:
     def raise_for_error(self) -> "Reply":
         """Raise :class:`~baton_client.errors.RejectedError` if this is an ``error`` reply."""
         if self.status == "error":
-            from .errors import RejectedError
-
             info = self.error or ErrorInfo("internal_error", "error reply without an error object")
             raise RejectedError(info.code, info.message, self)
         return self
@@ -257,8 +257,6 @@ def _list(v: Any) -> List[Any]:
 def parse_reply(obj: Any) -> Reply:
     """Turn a reply object into the typed reply of its status."""
     if not isinstance(obj, dict):
-        from .errors import ProtocolError
-
         raise ProtocolError(f"a reply must be a JSON object, got {type(obj).__name__}")
     status = obj.get("status")
     common = _Common(

@@ -24,15 +24,14 @@ import unicodedata
 import weakref
 from collections import deque
 from concurrent.futures import TimeoutError as FuturesTimeout
-from typing import (TYPE_CHECKING, Any, Deque, Dict, Iterable, List, Mapping, Optional, Set,
+from typing import (Any, Deque, Dict, Iterable, List, Mapping, Optional, Set,
                     Tuple, Union)
 
+from ._calls import CallSite
 from ._io import Subscription
 from .errors import BatonError, BatonTimeoutError, ClientClosedError, RejectedError
 from .types import Event, EventsPage, Missed, events_of_message, parse_reply
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .client import Client
 
 log = logging.getLogger("baton_client")
 
@@ -45,7 +44,7 @@ class Watch:
     """An iterator of :class:`Event` (and :class:`Missed`) items. Iterate it from one thread;
     ``close()`` may be called from any thread and ends the iteration."""
 
-    def __init__(self, client: "Client", *, buffer: Optional[str] = None,
+    def __init__(self, client: CallSite, *, buffer: Optional[str] = None,
                  partition: Optional[int] = None, partitions: Optional[Iterable[int]] = None,
                  positions: Optional[Mapping[int, int]] = None, limit: Optional[int] = None,
                  read_timeout: Optional[float] = None):
