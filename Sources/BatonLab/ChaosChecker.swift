@@ -42,12 +42,20 @@ public enum ChaosChecker {
         /// property, ``HistoryChecker/checkLines(_:sightings:waitingHolders:)``).
         public var sightings: [HistoryChecker.LineSighting]
         public var waitingHolders: Set<Holder>
+        /// Memberships clients were told they have (`joined`; holder and token), each of which the audit
+        /// trail must show as joined or reclaimed (a lost join counts as a lost grant).
+        public var observedMemberships: [ObservedGrant]
+        /// The deployment's grace of replica ids (``HistoryChecker/checkMemberships(_:graceMilliseconds:)``).
+        public var memberGraceMilliseconds: Int64
 
         public init(
             changes: [OwnershipChange], finalTokens: [ExactString: Int64], observedGrants: [ObservedGrant], operations: Int,
             unanswered: Int, faults: Int, crashes: Int = 0, unansweredMalformed: Int = 0,
-            sightings: [HistoryChecker.LineSighting] = [], waitingHolders: Set<Holder> = []
+            sightings: [HistoryChecker.LineSighting] = [], waitingHolders: Set<Holder> = [],
+            observedMemberships: [ObservedGrant] = [], memberGraceMilliseconds: Int64 = Roster.defaultGraceMilliseconds
         ) {
+            self.observedMemberships = observedMemberships
+            self.memberGraceMilliseconds = memberGraceMilliseconds
             self.sightings = sightings
             self.waitingHolders = waitingHolders
             self.changes = changes
@@ -71,12 +79,14 @@ public enum ChaosChecker {
         public var unanswered: Int
         /// Grants that skipped a waiter ahead in the buffer's line.
         public var lineJumps: Int = 0
+        /// Replica ids joined while a live member of the buffer held them (protocol section 20).
+        public var duplicateReplicaIDs: Int = 0
         /// Invariant violations found in the audit trail (and the lines), for the report.
         public var violations: [HistoryChecker.Violation]
 
         /// The machine-readable last line.
         public var description: String {
-            "verdict=\(passed ? "PASS" : "FAIL") operations=\(operations) faults=\(faults) double_grants=\(doubleGrants) lost_grants=\(lostGrants) unanswered=\(unanswered) line_jumps=\(lineJumps)"
+            "verdict=\(passed ? "PASS" : "FAIL") operations=\(operations) faults=\(faults) double_grants=\(doubleGrants) lost_grants=\(lostGrants) unanswered=\(unanswered) line_jumps=\(lineJumps) duplicate_replica_ids=\(duplicateReplicaIDs)"
         }
     }
 
@@ -88,7 +98,14 @@ public enum ChaosChecker {
             audited.insert(ObservedGrant(buffer: change.buffer, holder: change.holder, token: change.token))
         }
         // A client may see the same grant twice (a re-claim extends with the same token): count distinct ones.
-        let lost = Set(history.observedGrants).filter { !audited.contains($0) }.count
+        var lost = Set(history.observedGrants).filter { !audited.contains($0) }.count
+        // A membership a client was told it has must be in the history too.
+        let joined = Set(history.changes.filter { $0.kind == .memberJoined || $0.kind == .memberReclaimed }.map {
+            ObservedGrant(buffer: $0.buffer, holder: $0.holder, token: $0.token)
+        })
+        lost += Set(history.observedMemberships).filter { !joined.contains($0) }.count
+        let members = HistoryChecker.checkMemberships(history.changes, graceMilliseconds: history.memberGraceMilliseconds)
+        let duplicates = members.filter { $0.kind == .duplicateReplicaID }.count
         // Two different holders told they hold the same token of a buffer is a double grant too.
         var holdersByToken: [String: Set<Holder>] = [:]
         for grant in history.observedGrants {
@@ -98,10 +115,11 @@ public enum ChaosChecker {
         let doubleGrants = report.doubleGrants + observedDoubles
         let lineJumps = HistoryChecker.checkLines(history.changes, sightings: history.sightings, waitingHolders: history.waitingHolders)
         let passed = report.passed && doubleGrants == 0 && lost == 0 && history.unanswered == 0
-            && history.crashes == 0 && history.unansweredMalformed == 0 && lineJumps.isEmpty
+            && history.crashes == 0 && history.unansweredMalformed == 0 && lineJumps.isEmpty && members.isEmpty
         return Verdict(
             passed: passed, operations: history.operations, faults: history.faults, doubleGrants: doubleGrants,
-            lostGrants: lost, unanswered: history.unanswered, lineJumps: lineJumps.count, violations: report.violations + lineJumps
+            lostGrants: lost, unanswered: history.unanswered, lineJumps: lineJumps.count, duplicateReplicaIDs: duplicates,
+            violations: report.violations + lineJumps + members
         )
     }
 }

@@ -24,6 +24,10 @@ public struct ChaosSettings: Sendable {
     public var waitingClients: Int?
     /// Hot buffers the clients contend for.
     public var buffers = 20
+    /// Clients that join and leave the collaborators of two buffers meanwhile (protocol section 20): each
+    /// joins from a new connection, then leaves, or every third round drops its connection
+    /// (`release_connection`, so that its next join reclaims its id within the grace).
+    public var members = 4
     /// Seconds of load before the first fault and after each one.
     public var settle = 5
     /// Seconds the active worker stays SIGSTOPped.
@@ -59,6 +63,7 @@ public struct ChaosSettings: Sendable {
         try SettingsError.check(failovers, "--failovers", 1...50)
         try SettingsError.check(nodePause, "--node-pause-seconds", 15...300)
         try SettingsError.check(clients, "--clients", 1...256)
+        try SettingsError.check(members, "--members", 0...64)
         try SettingsError.check(settle, "--settle-seconds", 1...600)
         try SettingsError.check(pause, "--pause-seconds", 5...600)
         if let waitingClients, !(0...clients).contains(waitingClients) {
@@ -109,6 +114,8 @@ public struct ChaosRun: Sendable {
 
     final class Recorder: Sendable {
         let calls = Mutex<[Call]>([])
+        /// The memberships clients were told they have (`joined` replies).
+        let joins = Mutex<[ChaosChecker.ObservedGrant]>([])
         let stop = Atomic<Bool>(false)
         let waitingGrants = Atomic<Int>(0)
         let waitingDenials = Atomic<Int>(0)
@@ -194,9 +201,13 @@ public struct ChaosRun: Sendable {
                 }
             }
         }
+        let grace = try await clientPool[0].describe().memberGraceMilliseconds ?? Roster.defaultGraceMilliseconds
+        let joining = (0..<settings.members).map { index in
+            Task { await Self.memberLoop(client: clientPool[index % clientPool.count], index: index, partitioner: partitioner, recorder: recorder) }
+        }
         let lines = LineWatcher(scratch: scratch, logger: logger)
         let watching = Task { await lines.run(until: recorder) }
-        say("chaos: \(clients) clients over \(buffers) hot buffers (\(waiting) of them waiting in line for the first \(lined)), \(partitioner.count) partitions, faults: \(faults.joined(separator: ", "))")
+        say("chaos: \(clients) clients over \(buffers) hot buffers (\(waiting) of them waiting in line for the first \(lined)), \(settings.members) joining and leaving 2 buffers' collaborators, \(partitioner.count) partitions, faults: \(faults.joined(separator: ", "))")
         try await Task.sleep(for: .seconds(settle))
 
         var injected: [(String, ContinuousClock.Instant)] = []
@@ -258,7 +269,7 @@ public struct ChaosRun: Sendable {
         }
 
         recorder.stop.store(true, ordering: .relaxed)
-        for task in load { await task.value }
+        for task in load + joining { await task.value }
         await watching.value
         for client in clientPool { await client.close() }
         let crashes = await workers.stopAll()
@@ -271,7 +282,8 @@ public struct ChaosRun: Sendable {
             changes: audit.changes, finalTokens: audit.finalTokens, observedGrants: calls.compactMap(\.granted),
             operations: calls.count, unanswered: calls.filter { $0.failed != nil }.count, faults: injected.count,
             crashes: crashes, unansweredMalformed: unansweredMalformed,
-            sightings: sightings, waitingHolders: Set((0..<waiting).map(Self.holder))
+            sightings: sightings, waitingHolders: Set((0..<waiting).map(Self.holder)),
+            observedMemberships: recorder.joins.withLock { $0 }, memberGraceMilliseconds: grace
         ))
         say("")
         for ((name, at), end) in zip(injected, faultEnds) {
@@ -282,6 +294,8 @@ public struct ChaosRun: Sendable {
         }
         say("  fenced out: \(fenced) late batch or sweep writes of a worker that had lost its partition (worker logs: \(workers.logs.map(\.path).joined(separator: ", ")))")
         say("  audit: \(audit.changes.count) changes, \(verdict.violations.count) invariant violations; grants seen by clients: \(calls.compactMap(\.granted).count); worker crashes: \(crashes); malformed without a reply: \(unansweredMalformed)")
+        let memberChanges = audit.changes.filter { !$0.kind.isOwnership }
+        say("  members: \(recorder.joins.withLock { $0.count }) joins answered, \(memberChanges.count) membership changes in the history (\(memberChanges.filter { $0.kind == .memberReclaimed }.count) reclaimed within the grace of \(grace) ms); duplicate replica ids: \(verdict.duplicateReplicaIDs)")
         let waiters = Set(sightings.map { "\($0.buffer)#\($0.position)" }).count
         say("  lines: \(waiters) waiting claims seen in line (\(sightings.count) sightings, \(lines.failures.load(ordering: .relaxed)) failed looks), \(recorder.waitingGrants.load(ordering: .relaxed)) waiting claims granted, \(recorder.waitingDenials.load(ordering: .relaxed)) denied when their wait ran out; line jumps: \(verdict.lineJumps)")
         for violation in verdict.violations.prefix(5) { say("    \(violation)") }
@@ -371,6 +385,42 @@ public struct ChaosRun: Sendable {
                 }
             } catch {
                 recorder.calls.withLock { $0.append(Call(partition: partition, started: started, finished: .now, failed: "\(error)", waits: wait != nil)) }
+            }
+        }
+    }
+
+    /// Join one of two buffers' collaborators from a new connection, stay 10 ms, then leave, or every
+    /// third round drop the connection (`release_connection`: the id waits for this user through the
+    /// grace, and the next join reclaims it); record every call and every membership told.
+    static func memberLoop(client: BatonClient, index: Int, partitioner: Partitioner, recorder: Recorder) async {
+        let user = "member-\(index)"
+        var round = 0
+        while !recorder.stop.load(ordering: .relaxed) {
+            round += 1
+            let buffer = "chaos/room-\(index % 2)"
+            let connection = "member-\(index)-\(round)"
+            let partition = partitioner.partition(of: buffer)
+            let started = ContinuousClock.now
+            do {
+                let membership = try await client.join(buffer, user: user, connection: connection, lease: .seconds(30))
+                recorder.calls.withLock { $0.append(Call(partition: partition, started: started, finished: .now)) }
+                recorder.joins.withLock {
+                    $0.append(ChaosChecker.ObservedGrant(buffer: buffer, holder: Holder(user: user, connection: connection), token: membership.token))
+                }
+                try? await Task.sleep(for: .milliseconds(10))
+                let endStarted = ContinuousClock.now
+                do {
+                    if round % 3 == 0 {
+                        _ = try await client.releaseConnection(connection)
+                    } else {
+                        _ = try await client.leave(buffer, connection: connection, token: membership.token)
+                    }
+                    recorder.calls.withLock { $0.append(Call(partition: partition, started: endStarted, finished: .now)) }
+                } catch {
+                    recorder.calls.withLock { $0.append(Call(partition: partition, started: endStarted, finished: .now, failed: "\(error)")) }
+                }
+            } catch {
+                recorder.calls.withLock { $0.append(Call(partition: partition, started: started, finished: .now, failed: "\(error)")) }
             }
         }
     }

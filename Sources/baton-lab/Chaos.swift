@@ -42,6 +42,7 @@ struct Chaos: AsyncParsableCommand {
 
     @Option(help: "Partitions of the scratch deployment, 1-1024.") var partitions = 4
     @Option(help: "Concurrent clients, 1-256.") var clients = 8
+    @Option(help: "Clients that join and leave two buffers' collaborators meanwhile (protocol section 20), 0-64; the verdict counts duplicate replica ids.") var members = 4
     @Option(name: .customLong("waiting-clients"), help: "How many of the clients wait in line (wait_ms, up to 3 s, on the first fifth of the buffers), 0 to --clients (default: half).") var waitingClients: Int?
     @Option(help: "Hot buffers the clients contend for.") var buffers = 20
     @Option(name: .customLong("settle-seconds"), help: "Load before the first fault and after each one, 1-600.") var settle = 5
@@ -63,6 +64,7 @@ struct Chaos: AsyncParsableCommand {
         settings.partitions = partitions
         settings.clients = clients
         settings.waitingClients = waitingClients
+        settings.members = members
         settings.buffers = buffers
         settings.settle = settle
         settings.pause = pause
