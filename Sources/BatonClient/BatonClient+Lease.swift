@@ -78,11 +78,18 @@ public final class KeptLease: Sendable {
     private let shared: Mutex<Shared>
     private let client: BatonClient
     private let settings: LeaseKeeping
+    /// True when what is kept is a replica membership (``KeptMembership``): ended by `leave`, not `release`.
+    private let membership: Bool
 
     /// A lease confirmed by a call first sent at `sent`, kept from then on; or, with `lost`, a grant that
-    /// was already lost when it was learnt (nothing is renewed).
-    fileprivate init(client: BatonClient, grant: Lease, holder: Holder, sent: ContinuousClock.Instant, settings: LeaseKeeping, lost: LeaseLoss? = nil) {
+    /// was already lost when it was learnt (nothing is renewed). A `membership` is kept the same way (its
+    /// token renews it) and ended by a leave.
+    init(
+        client: BatonClient, grant: Lease, holder: Holder, sent: ContinuousClock.Instant, settings: LeaseKeeping, lost: LeaseLoss? = nil,
+        membership: Bool = false
+    ) {
         self.client = client
+        self.membership = membership
         buffer = grant.buffer
         self.holder = holder
         token = grant.token
@@ -138,7 +145,11 @@ public final class KeptLease: Sendable {
         default: break  // held, late, or unconfirmed: it may still be ours
         }
         set(.lost(.released))
-        _ = try await client.release(buffer, connection: holder.connection, token: token)
+        if membership {
+            _ = try await client.leave(buffer, connection: holder.connection, token: token)
+        } else {
+            _ = try await client.release(buffer, connection: holder.connection, token: token)
+        }
     }
 
     private func set(_ new: LeaseState) {

@@ -52,7 +52,44 @@ public enum LeaveResult: Sendable, Hashable {
     case notMember
 }
 
+/// A membership that a ``BatonClient`` keeps alive until it leaves or is lost, renewed exactly as a
+/// ``KeptLease`` is (with its token, on this machine's clock from the first send of each call): its
+/// ``state`` turns `renewingLate` at half the lease and `lost` at the safe end or when a renewal is
+/// answered that the connection is no member any more (`lost(.notOwner(current: nil))`: it expired, or
+/// `release_connection` ended it). The replica id is the membership's for as long as it is held.
+public final class KeptMembership: Sendable {
+    /// The membership as joined.
+    public let membership: Membership
+    private let kept: KeptLease
+
+    init(membership: Membership, kept: KeptLease) {
+        self.membership = membership
+        self.kept = kept
+    }
+
+    /// The replica id.
+    public var replicaID: Int { membership.replicaID }
+    /// The state now (a `held` state whose `safeUntil` has passed reads as lost).
+    public var state: LeaseState { kept.state }
+    /// The state now, then every change of it; ends after `lost`.
+    public func states() -> AsyncStream<LeaseState> { kept.states() }
+    /// Stops renewing and leaves (the id is free at once). Safe to call more than once.
+    public func leave() async throws { try await kept.release() }
+}
+
 extension BatonClient {
+    /// Joins `buffer`'s collaborators and keeps the membership alive (``KeptMembership``) until
+    /// ``KeptMembership/leave()`` or its loss.
+    public func keepMembership(
+        _ buffer: String, user: String, connection: String, keeping: LeaseKeeping = LeaseKeeping(), requestID: String = BatonClient.newRequestID()
+    ) async throws -> KeptMembership {
+        let sent = ContinuousClock.now
+        let joined = try await join(buffer, user: user, connection: connection, lease: keeping.lease, requestID: requestID)
+        let grant = Lease(buffer: joined.buffer, token: joined.token, expiresAt: joined.expiresAt, at: joined.at, partition: joined.partition)
+        let kept = KeptLease(client: self, grant: grant, holder: Holder(user: user, connection: connection), sent: sent, settings: keeping, membership: true)
+        return KeptMembership(membership: joined, kept: kept)
+    }
+
     /// Joins `buffer`'s collaborators as `user` on `connection` (or extends the membership `connection`
     /// already has: same id and token) until `lease` from now.
     ///

@@ -87,4 +87,35 @@ import Testing
         await client.close()
         await worker.stop()
     }
+
+    /// A kept membership renews with its token (past several lease lengths it is still a member with the same
+    /// id), is lost when its connection is released, and a kept one leaves when done.
+    @Test func aKeptMembershipRenewsIsLostWithItsConnectionAndLeaves() async throws {
+        let deployment = try await Deployment.make(partitions: 1)
+        let worker = deployment.startWorker()
+        let client = deployment.client()
+        let buffer = "project/\(UUID().uuidString)/kept.rs"
+        let keeping = LeaseKeeping(lease: .seconds(1))
+        let ann = try await client.keepMembership(buffer, user: "ann", connection: "ann-1", keeping: keeping)
+        let bob = try await client.keepMembership(buffer, user: "bob", connection: "bob-1", keeping: keeping)
+        #expect(ann.replicaID == 1 && bob.replicaID == 2)
+        try await Task.sleep(for: .milliseconds(2_500))  // two and a half lease lengths
+        #expect(ann.state.isHeld && bob.state.isHeld)
+        let status = try await client.inspect(buffer)
+        #expect(status.members?.listed.map(\.replicaID) == [1, 2], "still members, renewed by their keepers")
+        // bob's connection goes away: his keeper learns it at its next renewal.
+        _ = try await client.releaseConnection("bob-1")
+        var lost: LeaseState?
+        for await state in bob.states() where !state.isHeld {
+            lost = state
+            break
+        }
+        #expect(lost == .lost(.notOwner(current: nil)), "\(String(describing: lost))")
+        try await ann.leave()
+        #expect(ann.state == .lost(.released))
+        let after = try await client.inspect(buffer)
+        #expect(after.members?.count == 0)
+        await client.close()
+        await worker.stop()
+    }
 }
