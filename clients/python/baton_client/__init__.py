@@ -17,7 +17,7 @@ from .errors import (
     RejectedError,
     UnroutableError,
 )
-from .lease import Lease, LeaseChange, LeaseState
+from .lease import KeptMembership, Lease, LeaseChange, LeaseState
 from .requests import Request, deadline_after, format_timestamp
 from .types import (
     Description,
@@ -59,6 +59,7 @@ __all__ = [
     "ErrorInfo",
     "ReleasedConnection",
     "Description",
+    "KeptMembership",
     "Member",
     "Membership",
     "State",

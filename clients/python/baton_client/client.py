@@ -32,7 +32,7 @@ from .requests import (
     deadline_after,
     waiting_claim_times,
 )
-from .lease import Lease, LeaseChange
+from .lease import KeptMembership, Lease, LeaseChange
 from .watch import Watch
 from .types import (
     Description,
@@ -730,6 +730,23 @@ class Client:
                       renew_fraction=renew_fraction, on_change=on_change, claim_timeout=claim_timeout, wait_ms=wait_ms)
         self._leases.add(lease)
         return lease
+
+    def membership(self, buffer: str, user: str, connection: str, lease_ms: int = 30000, *,
+                   margin_ms: Optional[int] = None, renew_fraction: float = 1 / 3,
+                   on_change: "Optional[Callable[[LeaseChange], None]]" = None,
+                   claim_timeout: Optional[float] = None) -> KeptMembership:
+        """A kept replica membership as a context manager (section 20, revision 6)::
+
+            with client.membership("doc:1", user="ann", connection=conn) as member:
+                ...  # member.replica_id is yours while member.state is LeaseState.HELD
+
+        Entering joins the buffer's collaborators, renews the membership in a background thread
+        and leaves on exit."""
+        kept = KeptMembership(self, buffer, user=user, connection=connection, lease_ms=lease_ms,
+                              margin_ms=margin_ms, renew_fraction=renew_fraction, on_change=on_change,
+                              claim_timeout=claim_timeout)
+        self._leases.add(kept)
+        return kept
 
     def keep(self, buffer: str, user: str, connection: str, lease_ms: int = 30000, *,
              margin_ms: Optional[int] = None, renew_fraction: float = 1 / 3,

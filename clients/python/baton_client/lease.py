@@ -45,7 +45,7 @@ from .types import Reply, parse_reply
 
 log = logging.getLogger("baton_client")
 
-__all__ = ["Lease", "LeaseState", "LeaseChange"]
+__all__ = ["Lease", "LeaseState", "LeaseChange", "KeptMembership"]
 
 
 class LeaseState(str, enum.Enum):
@@ -209,20 +209,31 @@ class Lease:
         self._token = reply.token
         if self.wait_ms is not None:
             self._confirm_waiting_grant(reply)
+            self._start_keeper()
         else:
-            self._confirmed_send = call.first_sent
-            self._expiry = call.first_sent + self.lease_ms / 1000.0
-            if time.monotonic() >= self._expiry - self.margin:
-                self._owner_lost = False
-                self._set(LeaseState.LOST, "the claim was answered after the lease had run out on "
-                                           "the local clock")
-            else:
-                self._set(LeaseState.HELD, f"granted token {reply.token}")
+            self._keep_from(call.first_sent, f"granted token {reply.token}")
+        return self
+
+    def _keep_from(self, first_sent: float, reason: str) -> None:
+        """Count the grant (or membership) from ``first_sent`` on the local clock, then renew it."""
+        self._confirmed_send = first_sent
+        self._expiry = first_sent + self.lease_ms / 1000.0
+        if time.monotonic() >= self._expiry - self.margin:
+            self._owner_lost = False
+            self._set(LeaseState.LOST, "the answer came after the lease had run out on the local clock")
+        else:
+            self._set(LeaseState.HELD, reason)
+        self._start_keeper()
+
+    def _start_keeper(self) -> None:
         if self.state is not LeaseState.LOST:  # (a lost lease keeps its reason; nothing to renew)
             self._thread = threading.Thread(target=self._run, name=f"baton-lease:{self.buffer}",
                                             daemon=True)
             self._thread.start()
-        return self
+
+    def _end(self, token: int, timeout: Optional[float]) -> Reply:
+        """What ``release()`` sends: a lease's release."""
+        return self.client.release(self.buffer, self.connection, token, timeout=timeout)
 
     def _confirm_waiting_grant(self, grant: Reply) -> None:
         """A waiting claim was granted at some moment between its first send and its answer
@@ -287,15 +298,14 @@ class Lease:
         reply: Optional[Reply] = None
         if not self._owner_lost and self._token is not None:
             try:
-                reply = self.client.release(self.buffer, self.connection, self._token,
-                                            timeout=timeout)
+                reply = self._end(self._token, timeout)
             except ClientClosedError:
                 pass
             except BatonError as exc:
                 log.warning("release of %r (token %s) failed: %s; the lease expires on its own",
                             self.buffer, self._token, exc)
         self._set(LeaseState.RELEASED, "released" if reply is None or
-                  reply.status == "released" else f"release answered {reply.status}")
+                  reply.status in ("released", "left") else f"release answered {reply.status}")
         return reply
 
     # ------------------------------------------------------------------ keeper thread
@@ -382,3 +392,46 @@ class Lease:
         self._set(LeaseState.LOST, f"renewal answered {reply.status}"
                                    + (f" ({err})" if err else ""))
         return False
+
+
+class KeptMembership(Lease):
+    """A replica membership kept as a lease is kept (section 20, revision 6): entering joins the
+    buffer's collaborators, a background thread renews the membership with its token on the local clock
+    (``RENEWING_LATE`` at half the lease, ``LOST`` at the safe end or when a renewal finds no membership,
+    for example after ``release_connection``), and ``release()`` (leaving the ``with`` block) sends
+    ``leave``. ``replica_id`` is the membership's id; ``grant`` the ``joined`` reply."""
+
+    def __init__(self, client: CallSite, buffer: str, *, user: str, connection: str,
+                 lease_ms: int = 30000, margin_ms: Optional[int] = None,
+                 renew_fraction: float = 1 / 3,
+                 on_change: Optional[Callable[[LeaseChange], None]] = None,
+                 claim_timeout: Optional[float] = None):
+        super().__init__(client, buffer, user=user, connection=connection, lease_ms=lease_ms,
+                         margin_ms=margin_ms, renew_fraction=renew_fraction, on_change=on_change,
+                         claim_timeout=claim_timeout)
+        self.replica_id: Optional[int] = None
+
+    def acquire(self) -> "KeptMembership":
+        """Join and start renewing. Raises :class:`~baton_client.errors.RejectedError` for
+        ``members_full`` or a connection that is a member under another user."""
+        if self._state is not LeaseState.PENDING:
+            raise BatonError(f"this membership is already {self._state.value}")
+        req = Request.join(self.buffer, self.user, self.connection, self.lease_ms)
+        partition = self.client._route(req)
+        self.client._require_partition_revision(partition, 6, "join")
+        call = self.client._submit(self.client._make_call(
+            req, partition, self.client._timeout(self.claim_timeout), self.renew_resend, "join"))
+        reply = parse_reply(self.client._wait(call)).raise_for_error()
+        replica_id = reply.raw.get("replica_id")
+        if reply.status != "joined" or reply.token is None or not isinstance(replica_id, int):
+            raise ProtocolError(f"join was answered {reply.status!r}: {reply.raw!r}")
+        assert call.first_sent is not None
+        self.grant = reply
+        self._token = reply.token
+        self.replica_id = replica_id
+        self._keep_from(call.first_sent, f"joined as replica {replica_id} (token {reply.token})")
+        return self
+
+    def _end(self, token: int, timeout: Optional[float]) -> Reply:
+        """What ``release()`` sends: a leave (the id is free at once)."""
+        return self.client.leave(self.buffer, self.connection, token, timeout=timeout)

@@ -3,6 +3,7 @@ members, one token sequence with leases, leave frees at once, release_connection
 
 from __future__ import annotations
 
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
@@ -73,3 +74,20 @@ def test_membership_changes_are_events_of_the_history(client, buf, conn):
     assert [(e.kind, e.replica_id, e.token) for e in page.events] == [
         ("member_joined", 1, m.token), ("member_left", 1, m.token)]
     assert page.events[0].holder.user == "ann" and page.events[0].holder.connection == conn
+
+
+def test_a_kept_membership_renews_is_lost_with_its_connection_and_leaves(client, buf, conn):
+    from baton_client import LeaseState
+
+    with client.membership(buf, "ann", conn, lease_ms=1000) as ann:
+        bob = client.membership(buf, "bob", f"{conn}-bob", lease_ms=1000).acquire()
+        assert (ann.replica_id, bob.replica_id) == (1, 2)
+        time.sleep(2.5)  # two and a half lease lengths: only renewals keep them
+        assert ann.held and bob.held and ann.renewals >= 2
+        state = client.inspect(buf)
+        assert isinstance(state, State) and [m.replica_id for m in state.roster] == [1, 2]
+        client.release_connection(f"{conn}-bob")
+        assert bob.wait_for(LeaseState.LOST, timeout=5), bob.reason
+    assert ann.state is LeaseState.RELEASED
+    after = client.inspect(buf)
+    assert isinstance(after, State) and after.members == 0
