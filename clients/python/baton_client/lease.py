@@ -411,6 +411,9 @@ class KeptMembership(Lease):
                          claim_timeout=claim_timeout)
         self.replica_id: Optional[int] = None
 
+    def __enter__(self) -> "KeptMembership":
+        return self.acquire()
+
     def acquire(self) -> "KeptMembership":
         """Join and start renewing. Raises :class:`~baton_client.errors.RejectedError` for
         ``members_full`` or a connection that is a member under another user."""
