@@ -97,14 +97,13 @@ public enum OwnershipRules {
             }
 
         case .leave(_, let connection, let token):
-            let members = { (roster: Roster) in roster.live(at: now).count }
             guard let left = next.roster.leave(connection: connection, token: token, principal: request.principal, now: now) else {
                 let reply = Reply(requestID: request.requestID, status: .notMember, buffer: buffer, at: now, partition: partition)
                 return Decision(state: state, reply: reply, changes: [])
             }
             let reply = Reply(
                 requestID: request.requestID, status: .left, buffer: buffer, token: token, at: now, partition: partition,
-                membership: MembershipReply(replicaID: left.member.replicaID, members: members(next.roster))
+                membership: MembershipReply(replicaID: left.member.replicaID, members: next.roster.live(at: now).count)
             )
             return Decision(state: next, reply: reply, changes: [], memberships: [left.on(buffer)])
 

@@ -213,7 +213,9 @@ public struct Roster: Sendable, Hashable {
 public struct RosterView: Sendable, Hashable {
     /// How many members are live.
     public var count: Int
-    /// The first ``ProtocolV1/maxListedMembers`` of them by replica id (the principal is not shown).
+    /// The first of them by replica id, at most ``ProtocolV1/maxListedMembers`` and at most
+    /// ``ProtocolV1/maxReleasedListBytes`` of names, so that a reply stays far below the broker's message
+    /// size limit however long the names (the principal is not shown).
     public var listed: [Roster.Member]
 
     public init(count: Int, listed: [Roster.Member]) {
@@ -224,11 +226,17 @@ public struct RosterView: Sendable, Hashable {
     /// The live members of `roster` at `now`.
     public init(_ roster: Roster, at now: Timestamp) {
         let live = roster.live(at: now)
-        self.init(count: live.count, listed: Array(live.prefix(ProtocolV1.maxListedMembers)).map { member in
+        var listed: [Roster.Member] = []
+        var bytes = 0
+        for member in live.prefix(ProtocolV1.maxListedMembers) {
+            // Names as JSON may grow (escapes): count each byte up to six times, as the encoder may write it.
+            bytes += 6 * (member.user.utf8.count + member.connection.utf8.count) + 96
+            if bytes > ProtocolV1.maxReleasedListBytes { break }
             var shown = member
             shown.principal = nil
-            return shown
-        })
+            listed.append(shown)
+        }
+        self.init(count: live.count, listed: listed)
     }
 }
 

@@ -104,6 +104,25 @@ import Testing
         #expect(refused.reply?.error?.message.contains("1024 live members") == true)
     }
 
+    /// A `state` reply lists members only up to a byte budget, so that long names cannot make it larger
+    /// than the broker takes (131,072 bytes): the count stays complete.
+    @Test func inspectListsMembersWithinAByteBudget() {
+        var state = PartitionState(partition: 0, partitioner: partitioner)
+        let long = String(repeating: "\u{1F600}", count: 256)  // 1 KiB of UTF-8
+        for index in 0..<64 {
+            let reply = state.decide(request("j\(index)", join("\(long)-\(index)", "\(long)-c\(index)")), at: t0).reply
+            #expect(reply?.status == .joined)
+        }
+        let inspected = state.decide(request("i", .inspect(buffer: "b")), at: t0).reply!
+        #expect(inspected.roster?.count == 64 && (inspected.roster?.listed.count ?? 0) < 64 && (inspected.roster?.listed.count ?? 0) >= 1)
+        #expect(inspected.roster?.listed.first?.replicaID == 1, "the first by id")
+        #expect(ProtocolCodec.encode(inspected).count < 32 * 1024)
+        var short = PartitionState(partition: 0, partitioner: partitioner)
+        for index in 0..<70 { _ = short.decide(request("s\(index)", join("u\(index)", "c\(index)")), at: t0) }
+        let listed = short.decide(request("i", .inspect(buffer: "b")), at: t0).reply?.roster
+        #expect(listed?.count == 70 && listed?.listed.count == 64)
+    }
+
     /// `join` and `leave` on the wire (revision 6): parsed with their fields, refused with anything else,
     /// listed by `describe`; a membership's reply written and read back.
     @Test func joinAndLeaveAreOnTheWire() throws {
