@@ -18,19 +18,19 @@ struct Bench: AsyncParsableCommand {
     @OptionGroup var broker: BrokerOptions
     @OptionGroup var scratchOptions: ScratchOptions
 
-    @Option(name: .customLong("workload"), help: "open-storm, hot, renew-heavy, incident, one-buffer-wait or one-buffer-poll; repeat for several (default: all).")
+    @Option(name: .customLong("workload"), help: "open-storm, hot, renew-heavy, incident, one-buffer-wait, one-buffer-poll or join-storm; repeat for several (default: all).")
     var workloadNames: [String] = []
 
-    @Option(name: .customLong("system"), help: "baton, postgres, postgres-recorded (direct PostgreSQL with an idempotency record per request, as Baton writes), naive or echo; repeat for several (default: all).")
+    @Option(name: .customLong("system"), help: "baton, postgres, postgres-recorded (direct PostgreSQL with an idempotency record per request, as Baton writes), naive, echo, postgres-serializable or postgres-read-committed (replica ids in PostgreSQL as a collab server allocates them, at SERIALIZABLE with up to 10 retries, or at READ COMMITTED without: join-storm only); repeat for several (default: all).")
     var systemNames: [String] = []
 
     @Option(help: "Seconds each system runs each workload, 1-3600.")
     var duration: Double = 10
 
-    @Option(name: .customLong("clients"), help: "Concurrent clients (closed loop), 1-4096 (default: 64; incident 1024, 256 users on each of 4 frontends).")
+    @Option(name: .customLong("clients"), help: "Concurrent clients (closed loop), 1-4096 (default: 64; incident and join-storm 1024, 256 users on each of 4 frontends).")
     var clientsFlag: Int?
 
-    @Option(help: "Distinct buffers (default: open-storm 100000, hot 8; renew-heavy uses one per client).")
+    @Option(help: "Distinct buffers (default: open-storm 100000, hot 8, join-storm 16 projects; renew-heavy uses one per client).")
     var buffers: Int?
 
     @Option(help: "Partitions of the scratch deployment, 1-1024.")

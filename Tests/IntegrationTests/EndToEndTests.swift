@@ -447,6 +447,40 @@ import Testing
         await client.close()
     }
 
+    /// `join-storm`: Baton hands no replica id to two live members; PostgreSQL at READ COMMITTED (the
+    /// control: read the collaborators, insert the smallest free id) does, and at SERIALIZABLE retries.
+    @Test func benchJoinStormCountsDuplicateReplicaIDsOfTheControlOnly() async throws {
+        let deployment = try await Deployment.make(partitions: 4)
+        let output = FileManager.default.temporaryDirectory.appendingPathComponent("baton-bench-joins-\(UUID().uuidString)")
+        let log = output.appendingPathExtension("log")
+        let process = try deployment.launchBaton(
+            ["bench", "--duration", "2", "--workload", "join-storm", "--clients", "64", "--buffers", "1", "--partitions", "4", "--pool-size", "16",
+             "--no-half-peak", "--output", output.path],
+            log: log
+        )
+        let status = await process.wait(timeout: .seconds(150))
+        #expect(status == 0, "baton bench failed: \((try? String(contentsOf: log, encoding: .utf8)) ?? "")")
+
+        let data = try Data(contentsOf: output.appendingPathComponent("results.json"))
+        let json = try #require(try JSONSerialization.jsonObject(with: data) as? [String: Any])
+        let joins = try #require((json["workloads"] as? [String: Any])?["join-storm"] as? [String: Any])
+        let systems = try #require(joins["systems"] as? [String: [String: Any]])
+        #expect(Set(systems.keys) == ["baton", "postgres-serializable", "postgres-read-committed"])
+        for system in systems.keys {
+            #expect((systems[system]?["operations"] as? Int ?? 0) > 0, "\(system): \(systems[system] ?? [:])")
+        }
+        #expect(systems["baton"]?["duplicate_replica_ids"] as? Int == 0)
+        #expect(systems["baton"]?["membership_violations"] as? Int == 0)
+        #expect(systems["baton"]?["errors"] as? Int == 0)
+        #expect(systems["postgres-serializable"]?["duplicate_replica_ids"] as? Int == 0)
+        #expect(systems["postgres-serializable"]?["serialization_retries"] is Int)
+        #expect(systems["postgres-read-committed"]?["serialization_retries"] == nil)
+        // 64 users of one project joining within 100 ms of each other: the control's joins read the same
+        // collaborators and insert the same smallest id.
+        #expect((systems["postgres-read-committed"]?["duplicate_replica_ids"] as? Int ?? 0) > 0, "\(systems["postgres-read-committed"] ?? [:])")
+        #expect((joins["ratios"] as? [String: Any])?["baton_vs_postgres_serializable"] is Double)
+    }
+
     @Test func benchSmokeRunCompletesWithoutDoubleGrants() async throws {
         let deployment = try await Deployment.make(partitions: 4)
         let output = FileManager.default.temporaryDirectory.appendingPathComponent("baton-bench-smoke-\(UUID().uuidString)")

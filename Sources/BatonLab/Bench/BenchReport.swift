@@ -65,6 +65,13 @@ struct SystemResult: Sendable {
         var text = String(format: "%9.0f ops/s  p50 %6.2f ms  p99 %6.2f ms  p99.9 %7.2f ms  errors %d",
                           measurement.perSecond, measurement.percentile(0.5), measurement.percentile(0.99), measurement.percentile(0.999), measurement.errors)
         text += "  double grants \(measurement.doubleGrants.map(String.init) ?? "-")"
+        if let duplicates = measurement.duplicateReplicaIDs {
+            text += "  duplicate replica ids \(duplicates)"
+            if let violations = measurement.membershipViolations { text += " (history checker: \(violations) violations)" }
+        }
+        if let retries = measurement.serializationRetries {
+            text += String(format: "  serialization retries %d (%.2f per op)", retries, Double(retries) / Double(max(1, measurement.operations)))
+        }
         if let claims = measurement.claimsPerOperation {
             text += String(format: "  | %.2f claims/grant, release→grant p50 %.2f ms p99 %.2f ms", claims, measurement.handoffPercentile(0.5), measurement.handoffPercentile(0.99))
         }
@@ -114,6 +121,12 @@ struct SystemResult: Sendable {
             "latency_cdf": measurement.cdf().map { [round3($0.0), round3($0.1)] },
         ]
         if let halfPeak { object["half_peak"] = halfPeak.json }
+        if let duplicates = measurement.duplicateReplicaIDs { object["duplicate_replica_ids"] = duplicates }
+        if let violations = measurement.membershipViolations { object["membership_violations"] = violations }
+        if let retries = measurement.serializationRetries {
+            object["serialization_retries"] = retries
+            object["serialization_retries_per_op"] = round3(Double(retries) / Double(max(1, measurement.operations)))
+        }
         if let overload { object["overload"] = overload.json }
         if let claims = measurement.claimsPerOperation {
             object["claims_per_grant"] = round3(claims)
@@ -225,8 +238,11 @@ public struct BenchReport: Sendable {
         return text
     }
 
-    static let order = ["baton", "postgres", "postgres-recorded", "naive", "echo"]
-    static let colors = ["baton": "#2b6cb0", "postgres": "#2f855a", "postgres-recorded": "#b7791f", "naive": "#c53030", "echo": "#805ad5"]
+    static let order = ["baton", "postgres", "postgres-recorded", "naive", "echo", "postgres-serializable", "postgres-read-committed"]
+    static let colors = [
+        "baton": "#2b6cb0", "postgres": "#2f855a", "postgres-recorded": "#b7791f", "naive": "#c53030", "echo": "#805ad5",
+        "postgres-serializable": "#319795", "postgres-read-committed": "#d53f8c",
+    ]
 
     static func machine(serverURL: PostgresURL, logger: Logger) async throws -> [String: String] {
         var info: [String: String] = [
@@ -254,6 +270,9 @@ public struct BenchReport: Sendable {
             ratios["baton_vs_postgres"] = result.ratio("baton", "postgres").map { round3($0) as Any } ?? NSNull()
             ratios["baton_vs_postgres_recorded"] = result.ratio("baton", "postgres-recorded").map { round3($0) as Any } ?? NSNull()
             ratios["baton_vs_echo"] = result.ratio("baton", "echo").map { round3($0) as Any } ?? NSNull()
+            if result.systems["postgres-serializable"] != nil {
+                ratios["baton_vs_postgres_serializable"] = result.ratio("baton", "postgres-serializable").map { round3($0) as Any } ?? NSNull()
+            }
             ratios["echo_vs_rpc_ceiling_w64"] = echoVersusCeiling(result).map { round3($0) as Any } ?? NSNull()
             workloadsObject[name] = ["systems": result.systems.mapValues { $0.json() }, "ratios": ratios]
         }
@@ -288,24 +307,32 @@ public struct BenchReport: Sendable {
         for name in workloads.keys.sorted() {
             let result = workloads[name]!
             lines.append("\(name)")
-            lines.append("  system                claims/s   p50 ms   p99 ms  p99.9 ms  errors  double grants  machine CPU µs/op (broker, PostgreSQL, worker, bench)")
+            let joins = name == Workload.joinStorm.rawValue
+            lines.append("  system                     \(joins ? "joins/s " : "claims/s")   p50 ms   p99 ms  p99.9 ms  errors  \(joins ? "dup. ids     " : "double grants")  machine CPU µs/op (broker, PostgreSQL, worker, bench)\(joins ? "  retries/join" : "")")
             for system in Self.order {
                 guard let value = result.systems[system] else { continue }
                 let m = value.measurement
                 let numbers = String(format: "%11.0f %8.2f %8.2f %9.2f %7d", m.perSecond, m.percentile(0.5), m.percentile(0.99), m.percentile(0.999), m.errors)
-                let grants = (m.doubleGrants.map(String.init) ?? "-").padding(toLength: 13, withPad: " ", startingAt: 0)
+                let grants = ((joins ? m.duplicateReplicaIDs : m.doubleGrants).map(String.init) ?? "-").padding(toLength: 13, withPad: " ", startingAt: 0)
                 var cpu = ""
                 if !value.machineCPU.isEmpty {
                     cpu = String(format: "%.0f (", value.machineCPU.values.reduce(0, +))
                         + MachineCPU.Part.allCases.map { part in value.machineCPU[part].map { String(format: "%.0f", $0) } ?? "-" }.joined(separator: ", ") + ")"
                 }
-                lines.append("  \(system.padding(toLength: 18, withPad: " ", startingAt: 0))\(numbers)  \(grants)  \(cpu)")
+                let retries = m.serializationRetries.map { String(format: "  %.2f", Double($0) / Double(max(1, m.operations))) } ?? ""
+                lines.append("  \(system.padding(toLength: 23, withPad: " ", startingAt: 0))\(numbers)  \(grants)  \(cpu)\(retries)")
             }
             let ab = result.ratio("baton", "postgres").map { String(format: "%.2fx", $0) } ?? "-"
             let ad = result.ratio("baton", "echo").map { String(format: "%.0f%%", $0 * 100) } ?? "-"
             let ac = echoVersusCeiling(result).map { String(format: "   echo/rpc-ceiling(64 in flight) %.0f%%", $0 * 100) } ?? ""
             let recorded = result.ratio("baton", "postgres-recorded").map { String(format: "   baton/postgres-recorded %.2fx", $0) } ?? ""
-            lines.append("  baton/postgres \(ab)\(recorded)   baton/echo \(ad)\(ac)")
+            if joins {
+                let serializable = result.ratio("baton", "postgres-serializable").map { String(format: "%.2fx", $0) } ?? "-"
+                let control = result.ratio("baton", "postgres-read-committed").map { String(format: "%.2fx", $0) } ?? "-"
+                lines.append("  baton/postgres-serializable \(serializable)   baton/postgres-read-committed \(control)")
+            } else {
+                lines.append("  baton/postgres \(ab)\(recorded)   baton/echo \(ad)\(ac)")
+            }
             for system in Self.order {
                 guard let value = result.systems[system], let claims = value.measurement.claimsPerOperation else { continue }
                 let messages = value.brokerMessagesPerOperation.map { String(format: "%.1f", $0) } ?? "-"
@@ -329,7 +356,7 @@ public struct BenchReport: Sendable {
         let height = barHeight + Double(names.count) * (cdfHeight + 30) + 60
         var out = ##"<svg xmlns="http://www.w3.org/2000/svg" width="\##(Int(width))" height="\##(Int(height))" font-family="sans-serif" font-size="12">"##
         out += ##"<rect width="100%" height="100%" fill="white"/>"##
-        out += ##"<text x="20" y="24" font-size="16" font-weight="bold">Claims per second by system and workload</text>"##
+        out += ##"<text x="20" y="24" font-size="16" font-weight="bold">Claims (join-storm: joins) per second by system and workload</text>"##
         // Bars.
         let maxRate = workloads.values.flatMap { $0.systems.values.map(\.measurement.perSecond) }.max() ?? 1
         let groupWidth = (width - 120) / Double(max(1, names.count))
@@ -353,13 +380,14 @@ public struct BenchReport: Sendable {
             out += ##"<text x="\##(x0 + groupWidth / 2 - barWidth / 2)" y="\##(baseY + 16)" text-anchor="middle">\##(name)</text>"##
         }
         for (index, system) in Self.order.enumerated() {
-            out += ##"<rect x="\##(width - 420 + Double(index) * 100)" y="12" width="12" height="12" fill="\##(Self.colors[system]!)"/><text x="\##(width - 404 + Double(index) * 100)" y="22">\##(system)</text>"##
+            let x = width - 20 - Double(Self.order.count - index) * 118
+            out += ##"<rect x="\##(x)" y="32" width="12" height="12" fill="\##(Self.colors[system]!)"/><text x="\##(x + 16)" y="42" font-size="10">\##(system)</text>"##
         }
         // CDFs.
         for (panel, name) in names.enumerated() {
             let top = barHeight + 30 + Double(panel) * (cdfHeight + 30)
             let left = 80.0, right = width - 20, bottom = top + cdfHeight - 30
-            out += ##"<text x="20" y="\##(top)" font-size="14" font-weight="bold">\##(name): claim latency CDF (ms, log scale)</text>"##
+            out += ##"<text x="20" y="\##(top)" font-size="14" font-weight="bold">\##(name): \##(name == Workload.joinStorm.rawValue ? "join" : "claim") latency CDF (ms, log scale)</text>"##
             out += ##"<rect x="\##(left)" y="\##(top + 10)" width="\##(right - left)" height="\##(bottom - top - 10)" fill="none" stroke="black"/>"##
             let all = workloads[name]!.systems.values.flatMap(\.measurement.latencies)
             let lo = max(0.05, all.min() ?? 0.1), hi = max(lo * 10, all.max() ?? 1)

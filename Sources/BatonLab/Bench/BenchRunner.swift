@@ -18,6 +18,11 @@ public enum Workload: String, CaseIterable, Sendable {
     case oneBufferWait = "one-buffer-wait"
     /// The same, polling: a denied client sleeps the poll interval (jittered ±50 %) and claims again.
     case oneBufferPoll = "one-buffer-poll"
+    /// Collaborators, in the incident's shape: 1,024 users on 4 frontends join shared projects (64 users
+    /// each) in bursts, each within 100 ms of its last, stay 1-20 ms and leave; every join takes the
+    /// smallest free replica id. Baton against PostgreSQL at SERIALIZABLE with retries and at READ
+    /// COMMITTED (the control); the load counts ids handed to a second live member.
+    case joinStorm = "join-storm"
 
     /// Distinct buffers when none are given.
     public var defaultBuffers: Int {
@@ -25,27 +30,41 @@ public enum Workload: String, CaseIterable, Sendable {
         case .openStorm: 100_000
         case .hot: 8
         case .oneBufferWait, .oneBufferPoll: 1
+        case .joinStorm: 16  // projects
         case .renewHeavy, .incident: 0  // one buffer per client, or a fresh file per pair and step
         }
     }
 
     /// Concurrent clients when none are given.
-    public var defaultClients: Int { self == .incident ? 1024 : 64 }
+    public var defaultClients: Int { self == .incident || self == .joinStorm ? 1024 : 64 }
 
     /// Frontend processes when none are given, each with one `BatonClient` its callers share (a collab
     /// server runs one per process): the incident's users are on 4 frontends, every other load is one.
-    public var defaultFrontends: Int { self == .incident ? 4 : 1 }
+    public var defaultFrontends: Int { self == .incident || self == .joinStorm ? 4 : 1 }
 
     /// Whether every client contends for one buffer, one grant after another.
     public var isLine: Bool { self == .oneBufferWait || self == .oneBufferPoll }
 
     /// Whether `system` can run this workload (waiting claims are Baton's; the echo worker grants
-    /// everything, and naive check-then-act is no lock to wait for).
+    /// everything, and naive check-then-act is no lock to wait for; replica ids are Baton's and the two
+    /// membership systems', which have nothing else).
     public func runs(on system: String) -> Bool {
+        if BenchSettings.membershipSystems.contains(system) { return self == .joinStorm }
         switch self {
-        case .oneBufferWait: system == "baton"
-        case .oneBufferPoll: system == "baton" || system == "postgres"
-        default: true
+        case .oneBufferWait: return system == "baton"
+        case .oneBufferPoll: return system == "baton" || system == "postgres"
+        case .joinStorm: return system == "baton"
+        default: return true
+        }
+    }
+
+    /// Why `system` does not run this workload (when ``runs(on:)`` is false).
+    public func notRun(on system: String) -> String {
+        if BenchSettings.membershipSystems.contains(system) { return "replica ids only (join-storm)" }
+        switch self {
+        case .oneBufferWait: return "only Baton has a line to wait in"
+        case .joinStorm: return "no replica ids"
+        default: return "no lock to poll"
         }
     }
 }
@@ -63,6 +82,13 @@ struct Measurement: Sendable {
     var claimsPerOperation: Double?
     /// One-buffer workloads: from each release's send to the next grant's answer, milliseconds, sorted.
     var handoffs: [Double] = []
+    /// `join-storm`: joins answered with a replica id that another member still held (from its join's
+    /// answer until its leave was sent), as the load saw them.
+    var duplicateReplicaIDs: Int?
+    /// `join-storm`: the membership violations the history checker finds in the audit trail (Baton).
+    var membershipViolations: Int?
+    /// Transactions tried again after a serialization failure or a deadlock (PostgreSQL at SERIALIZABLE).
+    var serializationRetries: Int?
 
     var perSecond: Double { seconds > 0 ? Double(operations) / seconds : 0 }
 
@@ -111,6 +137,27 @@ struct BenchRunner: Sendable {
         let claims = Atomic<Int>(0)
         let lastRelease = Mutex<ContinuousClock.Instant?>(nil)
         let handoffs = Mutex<[Double]>([])
+        /// `join-storm`: the live member of each project's replica ids (the client), and the joins that
+        /// were given an id another member held.
+        let members = Mutex<[String: [Int: Int]]>([:])
+        let duplicateReplicaIDs = Atomic<Int>(0)
+
+        /// `client` was told it holds `id` of `project`: a duplicate when another client still holds it.
+        func joined(_ project: String, id: Int, client: Int) {
+            let taken = members.withLock { members in
+                if let holder = members[project, default: [:]][id], holder != client { return true }
+                members[project, default: [:]][id] = client
+                return false
+            }
+            if taken { duplicateReplicaIDs.add(1, ordering: .relaxed) }
+        }
+
+        /// `client` is about to leave: from now on its id may go to another.
+        func leaving(_ project: String, id: Int, client: Int) {
+            members.withLock { members in
+                if members[project]?[id] == client { members[project]?[id] = nil }
+            }
+        }
     }
 
     /// Claims each client's own buffer before a renew-heavy run; returns the tokens.
@@ -186,6 +233,20 @@ struct BenchRunner: Sendable {
             counters.lastRelease.withLock { $0 = .now }
             try await system.release(client: client, buffer: buffer, token: token!)
             return latency
+        case .joinStorm:
+            // Each user's project is one of `buffers` (users in blocks, so that one project's users are on
+            // every frontend and every pooled connection); it joins within 100 ms of its last leave, holds
+            // its replica id 1-20 ms and leaves.
+            let project = "project/\(runID)/\(client * max(1, buffers) / max(1, clients))"
+            try await Task.sleep(for: .milliseconds(Int.random(in: 0...100)))
+            let begin = ContinuousClock.now
+            let membership = try await system.join(client: client, buffer: project)
+            let latency = (ContinuousClock.now - begin).milliseconds
+            counters.joined(project, id: membership.replicaID, client: client)
+            try await Task.sleep(for: .milliseconds(Int.random(in: 1...20)))
+            counters.leaving(project, id: membership.replicaID, client: client)
+            try await system.leave(client: client, buffer: project, token: membership.token)
+            return latency
         }
     }
 
@@ -250,6 +311,7 @@ struct BenchRunner: Sendable {
         result.errors = counters.errors.load(ordering: .relaxed)
         result.seconds = seconds
         result.latencies = counters.latencies.withLock { $0 }.sorted()
+        if workload == .joinStorm { result.duplicateReplicaIDs = counters.duplicateReplicaIDs.load(ordering: .relaxed) }
         if workload.isLine {
             result.handoffs = counters.handoffs.withLock { $0 }.sorted()
             if result.operations > 0 { result.claimsPerOperation = Double(counters.claims.load(ordering: .relaxed)) / Double(result.operations) }

@@ -8,7 +8,12 @@ import Logging
 /// What `baton bench` runs: which workloads against which systems, for how long, on what.
 public struct BenchSettings: Sendable {
     /// The systems a bench can measure.
-    public static let systems = ["baton", "postgres", "postgres-recorded", "naive", "echo"]
+    public static let systems = ["baton", "postgres", "postgres-recorded", "naive", "echo"] + membershipSystems
+    /// Replica ids in PostgreSQL without Baton (`join-storm` only): SERIALIZABLE with retries, as a collab
+    /// server does it, and READ COMMITTED without, the control.
+    public static let membershipSystems = ["postgres-serializable", "postgres-read-committed"]
+    /// The direct PostgreSQL systems measured at their best pool (the others run at 16).
+    static let pooledSystems = ["postgres", "postgres-recorded"] + membershipSystems
     /// Pool sizes direct PostgreSQL is tried at when no pool size is given.
     public static let poolSizes = [8, 16, 32, 64]
     /// The systems the callers sweep measures.
@@ -119,6 +124,7 @@ public struct BenchSession: Sendable {
             case .incident: "\(clients) users opening files in pairs within 100 ms"
             case .oneBufferWait: "\(clients) clients wanting one buffer, waiting in its line"
             case .oneBufferPoll: "\(clients) clients wanting one buffer, polling every \(settings.pollInterval) ±50 %"
+            case .joinStorm: "\(clients) users joining and leaving \(buffers) shared projects in bursts"
             default: "\(buffers) buffers"
             }
             say("\n\(workload.rawValue): \(shape)")
@@ -126,7 +132,7 @@ public struct BenchSession: Sendable {
             var results: [String: SystemResult] = [:]
             for system in systems {
                 guard workload.runs(on: system) else {
-                    say("  \(system.padding(toLength: 18, withPad: " ", startingAt: 0)) not run: \(workload == .oneBufferWait ? "only Baton has a line to wait in" : "no lock to poll")")
+                    say("  \(system.padding(toLength: 23, withPad: " ", startingAt: 0)) not run: \(workload.notRun(on: system))")
                     continue
                 }
                 results[system] = try await measure(
@@ -134,7 +140,7 @@ public struct BenchSession: Sendable {
                     partitioner: partitioner, runID: runID
                 )
                 FileHandle.standardError.write(Data("\r\u{1B}[K".utf8))
-                say("  \(system.padding(toLength: 18, withPad: " ", startingAt: 0)) \(results[system]!.summary)")
+                say("  \(system.padding(toLength: 23, withPad: " ", startingAt: 0)) \(results[system]!.summary)")
             }
             report.workloads[workload.rawValue] = WorkloadResult(systems: results)
         }
@@ -167,7 +173,7 @@ public struct BenchSession: Sendable {
                     clientURL: clientURL, partitioner: partitioner, runID: runID
                 )
                 FileHandle.standardError.write(Data("\r\u{1B}[K".utf8))
-                say("  \(system.padding(toLength: 18, withPad: " ", startingAt: 0)) \(results[system]!.summary)")
+                say("  \(system.padding(toLength: 23, withPad: " ", startingAt: 0)) \(results[system]!.summary)")
             }
             report.workloads[name] = WorkloadResult(systems: results)
             report.sweep.append(callers)
@@ -182,32 +188,29 @@ public struct BenchSession: Sendable {
         let clients = settings.clients(workload)
         let duration = settings.duration
         switch system {
-        case "postgres", "postgres-recorded", "naive":
+        case "postgres", "postgres-recorded", "naive", "postgres-serializable", "postgres-read-committed":
             // Direct PostgreSQL at its own best: unless a pool size is given, a short run at each pool size
             // picks the best one, and that one is measured (so a ratio is never bought with a weak baseline).
             var size = settings.poolSize ?? 16
             var sweep: [Int: Double] = [:]
-            if settings.poolSize == nil, system == "postgres" || system == "postgres-recorded" {
+            if settings.poolSize == nil, BenchSettings.pooledSystems.contains(system) {
                 for candidate in BenchSettings.poolSizes {
-                    sweep[candidate] = try await SQLSystem.with(style: system == "postgres" ? .conditional : .recorded, url: scratch, poolSize: candidate, logger: logger) { sql in
+                    sweep[candidate] = try await withSQLSystem(system, url: scratch, poolSize: candidate) { sql in
                         let runner = BenchRunner(workload: workload, system: sql, clients: clients, buffers: buffers, label: "\(label) pool \(candidate)", runID: runID + "s\(candidate)", pollInterval: settings.pollInterval)
                         return await runner.closedLoop(duration: .seconds(max(2, duration / 3)), tokens: try await runner.prepare()).perSecond
                     }
                 }
                 size = sweep.max { $0.value < $1.value }?.key ?? size
             }
-            let style: SQLSystem.Style = switch system {
-            case "postgres": .conditional
-            case "postgres-recorded": .recorded
-            default: .naive
-            }
-            let (measurement, cpu, transactions, halfPeak) = try await SQLSystem.with(style: style, url: scratch, poolSize: size, logger: logger) { sql in
+            let (measurement, cpu, transactions, halfPeak) = try await withSQLSystem(system, url: scratch, poolSize: size) { sql in
                 let runner = BenchRunner(workload: workload, system: sql, clients: clients, buffers: buffers, label: label, runID: runID, pollInterval: settings.pollInterval)
                 let tokens = try await runner.prepare()
                 let transactionsBefore = try? await Self.transactions(scratch, logger: logger)
                 let cpuBefore = MachineCPU.read(worker: nil)
+                let retriesBefore = sql.serializationRetries
                 var measurement = await runner.closedLoop(duration: .seconds(duration), tokens: tokens)
                 let cpu = MachineCPU.read(worker: nil).perOperation(since: cpuBefore, operations: measurement.operations)
+                measurement.serializationRetries = retriesBefore.flatMap { before in sql.serializationRetries.map { $0 - before } }
                 // The statistics of a backend's transactions reach pg_stat_database within a second.
                 try await Task.sleep(for: .milliseconds(1_500))
                 let transactions = try? await Self.transactions(scratch, logger: logger)
@@ -215,7 +218,7 @@ public struct BenchSession: Sendable {
                 let perOperation = transactionsBefore.flatMap { before in transactions.map { Double($0 - before) / Double(max(1, measurement.operations)) } }
                 // Direct PostgreSQL at half its own peak too, so that Baton's latency there has its baseline.
                 var halfPeak: OpenLoopRun?
-                if settings.halfPeak, style != .naive, measurement.perSecond > 0, !workload.isLine {
+                if settings.halfPeak, system != "naive", measurement.perSecond > 0, !workload.isLine {
                     let rate = measurement.perSecond / 2
                     let half = await BenchRunner(workload: workload, system: sql, clients: clients, buffers: buffers, label: "\(label) at half peak", runID: runID + "h")
                         .openLoop(rate: rate, duration: .seconds(max(1, duration / 2)), tokens: tokens)
@@ -333,7 +336,18 @@ public struct BenchSession: Sendable {
         sampler.cancel()
         result.workerMemory = await sampler.value
         result.measurement.doubleGrants = try await baton.doubleGrants()
+        if workload == .joinStorm { result.measurement.membershipViolations = try await baton.membershipViolations() }
         return result
+    }
+
+    /// Runs `body` with the direct PostgreSQL system named `system`, `poolSize` connections, closed afterwards.
+    private func withSQLSystem<T: Sendable>(_ system: String, url: PostgresURL, poolSize: Int, _ body: (any BenchSystem) async throws -> T) async throws -> T {
+        switch system {
+        case "postgres-serializable", "postgres-read-committed":
+            try await SQLMembershipSystem.with(isolation: system == "postgres-serializable" ? .serializable : .readCommitted, url: url, poolSize: poolSize, logger: logger, body)
+        default:
+            try await SQLSystem.with(style: system == "postgres" ? .conditional : system == "postgres-recorded" ? .recorded : .naive, url: url, poolSize: poolSize, logger: logger, body)
+        }
     }
 
     /// Samples the worker's resident memory every second until cancelled.

@@ -17,6 +17,14 @@ protocol BenchSystem: Sendable {
     func renew(client: Int, buffer: String, token: Int64) async throws -> Bool
     /// Double grants in this system's audit trail, judged by `HistoryChecker` (nil when the system keeps none).
     func doubleGrants() async throws -> Int?
+    /// Joins `buffer`'s collaborators as client `client` (`join-storm`); the systems without replica ids throw.
+    func join(client: Int, buffer: String) async throws -> BenchMembership
+    /// Ends the membership `join` gave.
+    func leave(client: Int, buffer: String, token: Int64) async throws
+    /// Transactions tried again after a serialization failure or a deadlock so far (nil: never retries).
+    var serializationRetries: Int? { get }
+    /// Membership violations the history checker finds in the audit trail (nil when the system keeps none).
+    func membershipViolations() async throws -> Int?
     func close() async
 }
 
@@ -53,12 +61,31 @@ struct BatonSystem: BenchSystem {
         return false
     }
 
+    func join(client index: Int, buffer: String) async throws -> BenchMembership {
+        let membership = try await client(index).join(buffer, user: "user-\(index)", connection: "bench-\(index)", lease: benchLease)
+        return BenchMembership(replicaID: membership.replicaID, token: membership.token)
+    }
+
+    func leave(client index: Int, buffer: String, token: Int64) async throws {
+        _ = try await client(index).leave(buffer, connection: "bench-\(index)", token: token)
+    }
+
     func doubleGrants() async throws -> Int? {
+        try await auditTrail().map { HistoryChecker.check($0).doubleGrants }
+    }
+
+    /// What the history checker finds wrong with the memberships of the audit trail (two live members
+    /// with one id, an id given away in its grace, ...), judged with the worker's default grace.
+    func membershipViolations() async throws -> Int? {
+        try await auditTrail().map { HistoryChecker.checkMemberships($0, graceMilliseconds: Roster.defaultGraceMilliseconds).count }
+    }
+
+    private func auditTrail() async throws -> [OwnershipChange]? {
         guard let databaseURL else { return nil }
         let partitioner = clients[0].configuration.partitioner
         return try await PostgresConnection.withConnection(to: databaseURL, logger: logger) { connection in
             let store = try await OwnershipStore.open(connection: connection, partitioner: partitioner, logger: logger)
-            return HistoryChecker.check(try await store.auditTrail().changes).doubleGrants
+            return try await store.auditTrail().changes
         }
     }
 
