@@ -1,3 +1,4 @@
+import BatonCore
 import CRabbitMQ
 import Foundation
 import Logging
@@ -247,6 +248,8 @@ final class IOThread: @unchecked Sendable {
 
     private func loop() {
         threadID.store(UInt(pthread_self()), ordering: .relaxed)
+        // The name `top -H` and /proc show (Foundation's `Thread.name` does not set it on Linux).
+        nameThisThread("amqp " + (name.split(separator: " ").last.map(String.init) ?? ""))  // the connection's role: "consume", "reply", ...
         while true {
             let (batch, stop) = lock.withLock { () -> ([(IOThread) -> Void], Bool) in
                 defer { jobs.removeAll() }

@@ -1,3 +1,4 @@
+import BatonCore
 import Foundation
 
 /// A dedicated thread that runs the blocking calls of one C connection, one job at a time.
@@ -12,7 +13,11 @@ final class ConnectionThread: @unchecked Sendable {
     private var stopping = false
 
     init(name: String) {
-        let thread = Thread { [self] in loop() }
+        let thread = Thread { [self] in
+            // The name `top -H` and /proc show (Foundation's `Thread.name` does not set it on Linux).
+            nameThisThread("libpq")
+            loop()
+        }
         thread.name = name
         thread.start()
     }
