@@ -23,7 +23,7 @@ extension ProtocolCodec {
         json.integer("v", ProtocolV1.version)
         json.string("op", request.operation.rawValue)
         json.string("request_id", request.requestID)
-        if deadline, let value = request.deadline { json.string("deadline", value.rfc3339) }
+        if deadline, let value = request.deadline { json.timestamp("deadline", value) }
         if principal { json.string("principal", request.principal) }
         switch request.command {
         case .claim(let buffer, let holder, let lease):
@@ -80,8 +80,8 @@ extension ProtocolCodec {
             json.null("holder")
         }
         json.integer("token", reply.token)
-        json.string("expires_at", reply.expiresAt?.rfc3339)
-        json.string("at", reply.at?.rfc3339)
+        json.timestamp("expires_at", reply.expiresAt)
+        json.timestamp("at", reply.at)
         json.integer("partition", reply.partition)
         if reply.status == .releasedConnection {
             json.strings("buffers", reply.buffers ?? [])
@@ -95,7 +95,7 @@ extension ProtocolCodec {
                 item.integer("replica_id", member.replicaID)
                 item.string("user", member.user)
                 item.string("connection", member.connection)
-                item.string("expires_at", member.expiresAt.rfc3339)
+                item.timestamp("expires_at", member.expiresAt)
                 return item.finish()
             }))
         }
@@ -347,7 +347,7 @@ extension ProtocolCodec {
         json.string("buffer", change.buffer)
         json.object("holder") { $0.string("user", change.holder.user); $0.string("connection", change.holder.connection) }
         json.integer("token", change.token)
-        json.string("at", change.at.rfc3339)
+        json.timestamp("at", change.at)
         if change.forced { json.bool("forced", true) }
         if let replicaID = change.replicaID { json.integer("replica_id", replicaID) }
         json.integer("partition", event.partition)

@@ -22,6 +22,8 @@ public enum ProtocolCodec {
         .join: ["buffer", "user", "connection", "lease_ms"],
         .leave: ["buffer", "connection", "token"],
     ]
+    /// Each op's fields with the common ones, made once.
+    private static let allowedFields: [Operation: Set<String>] = opFields.mapValues { $0.union(commonFields) }
 
     /// Decodes and validates one request body.
     public static func decodeRequest(_ body: some Collection<UInt8>) throws(ProtocolError) -> Request {
@@ -37,7 +39,8 @@ public enum ProtocolCodec {
             )
         }
         let bytes = Array(body)
-        guard String(validating: bytes, as: UTF8.self) != nil else {
+        // ASCII (most bodies) is valid UTF-8 without building a String to find out.
+        guard !bytes.contains(where: { $0 >= 0x80 }) || String(validating: bytes, as: UTF8.self) != nil else {
             throw ProtocolError(code: .invalidRequest, message: "request body is not valid UTF-8: it must be one UTF-8 JSON object")
         }
         let value: JSONValue
@@ -79,8 +82,8 @@ public enum ProtocolCodec {
             throw reader.error(.unknownOp, "op '\(opName.replacingControlCharacters())' is unknown: use one of \(known)")
         }
 
-        let allowed = commonFields.union(opFields[op]!)
-        if let extra = fields.keys.sorted().first(where: { !allowed.contains($0) }) {
+        let allowed = allowedFields[op]!
+        if fields.keys.contains(where: { !allowed.contains($0) }), let extra = fields.keys.sorted().first(where: { !allowed.contains($0) }) {
             throw reader.error(
                 .invalidRequest,
                 "field '\(extra.replacingControlCharacters())' is not allowed for op '\(op)': allowed fields are \(allowed.sorted().joined(separator: ", "))"

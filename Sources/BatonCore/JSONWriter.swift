@@ -37,6 +37,15 @@ struct JSONWriter {
         appendString(value)
     }
 
+    /// Writes `value` in its RFC 3339 form (``Timestamp/rfc3339``), or null.
+    mutating func timestamp(_ name: StaticString, _ value: Timestamp?) {
+        key(name)
+        guard let value else { return bytes += "null".utf8 }
+        bytes.append(UInt8(ascii: "\""))
+        value.appendRFC3339(to: &bytes)
+        bytes.append(UInt8(ascii: "\""))
+    }
+
     mutating func integer(_ name: StaticString, _ value: (some BinaryInteger)?) {
         key(name)
         guard let value else { return bytes += "null".utf8 }
@@ -64,16 +73,27 @@ struct JSONWriter {
         bytes += json
     }
 
-    /// Writes a nested object under `name`.
+    /// Writes a nested object under `name` (in place: `body` writes its fields into the same bytes).
     mutating func object(_ name: StaticString, _ body: (inout JSONWriter) -> Void) {
         key(name)
-        var inner = JSONWriter(capacity: 64)
-        body(&inner)
-        bytes += inner.finish()
+        bytes.append(UInt8(ascii: "{"))
+        needsComma = false
+        body(&self)
+        bytes.append(UInt8(ascii: "}"))
+        needsComma = true
     }
 
     private mutating func appendString(_ value: String) {
         bytes.append(UInt8(ascii: "\""))
+        // Most names need no escape: copied whole.
+        if let copied = value.utf8.withContiguousStorageIfAvailable({ utf8 -> Bool in
+            guard !utf8.contains(where: { $0 < 0x20 || $0 == UInt8(ascii: "\"") || $0 == UInt8(ascii: "\\") }) else { return false }
+            bytes.append(contentsOf: utf8)
+            return true
+        }), copied {
+            bytes.append(UInt8(ascii: "\""))
+            return
+        }
         for byte in value.utf8 {
             switch byte {
             case UInt8(ascii: "\""): bytes += "\\\"".utf8

@@ -26,6 +26,56 @@ public struct Timestamp: Sendable, Hashable, Comparable, CustomStringConvertible
 
     /// The RFC 3339 form, `YYYY-MM-DDTHH:MM:SS.mmmZ`.
     public var rfc3339: String {
+        guard (0...Self.lastFourDigitYear).contains(milliseconds) else { return slowRFC3339 }
+        return String(unsafeUninitializedCapacity: 24) { buffer in
+            writeRFC3339(into: buffer)
+            return 24
+        }
+    }
+
+    /// Appends ``rfc3339``'s bytes to `bytes`, without making a String (replies and events carry one or two
+    /// timestamps each, written on the worker's hot path).
+    func appendRFC3339(to bytes: inout [UInt8]) {
+        guard (0...Self.lastFourDigitYear).contains(milliseconds) else { return bytes += slowRFC3339.utf8 }
+        let start = bytes.count
+        bytes += repeatElement(0, count: 24)
+        bytes.withUnsafeMutableBufferPointer { buffer in
+            writeRFC3339(into: UnsafeMutableBufferPointer(rebasing: buffer[start..<start + 24]))
+        }
+    }
+
+    /// The last millisecond of 9999-12-31: the fast path writes four-digit years after 1970 only.
+    private static let lastFourDigitYear: Int64 = 253_402_300_799_999
+
+    /// Writes the 24 bytes of ``rfc3339`` (a year from 1970 to 9999) into `buffer`.
+    private func writeRFC3339(into buffer: UnsafeMutableBufferPointer<UInt8>) {
+        let (daysSinceEpoch, msOfDay) = milliseconds.floorDivided(by: 86_400_000)
+        let (year, month, day) = Self.civil(fromDays: daysSinceEpoch)
+        func put(_ value: Int64, at offset: Int, width: Int) {
+            var value = value
+            for index in stride(from: offset + width - 1, through: offset, by: -1) {
+                buffer[index] = UInt8(ascii: "0") + UInt8(value % 10)
+                value /= 10
+            }
+        }
+        put(year, at: 0, width: 4)
+        buffer[4] = UInt8(ascii: "-")
+        put(month, at: 5, width: 2)
+        buffer[7] = UInt8(ascii: "-")
+        put(day, at: 8, width: 2)
+        buffer[10] = UInt8(ascii: "T")
+        put(msOfDay / 3_600_000, at: 11, width: 2)
+        buffer[13] = UInt8(ascii: ":")
+        put(msOfDay / 60_000 % 60, at: 14, width: 2)
+        buffer[16] = UInt8(ascii: ":")
+        put(msOfDay / 1000 % 60, at: 17, width: 2)
+        buffer[19] = UInt8(ascii: ".")
+        put(msOfDay % 1000, at: 20, width: 3)
+        buffer[23] = UInt8(ascii: "Z")
+    }
+
+    /// ``rfc3339`` for any year (before 1970 or after 9999), by string interpolation.
+    private var slowRFC3339: String {
         let (daysSinceEpoch, msOfDay) = milliseconds.floorDivided(by: 86_400_000)
         let (year, month, day) = Self.civil(fromDays: daysSinceEpoch)
         let hour = msOfDay / 3_600_000

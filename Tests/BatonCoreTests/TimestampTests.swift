@@ -39,3 +39,21 @@ import Testing
         #expect(Timestamp(rfc3339: text) == nil)
     }
 }
+
+@Suite struct TimestampEncodingTests {
+    /// Replies and events write timestamps straight into their bytes; they must read as `rfc3339` does,
+    /// on both sides of the fast path's range (1970 to 9999).
+    @Test(arguments: [Int64(0), 1_795_822_544_123, -1, 253_402_300_799_999, 253_402_300_800_000, -62_135_596_800_000])
+    func repliesCarryTheRFC3339Form(milliseconds: Int64) throws {
+        let at = Timestamp(milliseconds: milliseconds)
+        let reply = Reply(requestID: "r\"1\\", status: .granted, buffer: "a\u{1}b/ü", holder: Holder(user: "u", connection: "c"), token: 3, expiresAt: at, at: at, partition: 2)
+        let text = String(decoding: ProtocolCodec.encode(reply), as: UTF8.self)
+        #expect(text.contains(#""expires_at":"\#(at.rfc3339)","at":"\#(at.rfc3339)""#), "\(text)")
+        #expect(text.contains(#""holder":{"user":"u","connection":"c"},"token":3"#), "\(text)")
+        // A reader takes four-digit years only (as it always has).
+        guard milliseconds <= 253_402_300_799_999 else { return }
+        let decoded = try ProtocolCodec.decodeReply(ProtocolCodec.encode(reply))
+        #expect(decoded.requestID == "r\"1\\" && decoded.buffer == "a\u{1}b/ü" && decoded.holder == reply.holder)
+        #expect(decoded.at == at && decoded.expiresAt == at)
+    }
+}
