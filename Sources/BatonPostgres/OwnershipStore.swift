@@ -299,7 +299,7 @@ public final class OwnershipStore: Sendable {
     /// in failed), so nothing is remembered; the next group loads it again.
     private func applyOnce(_ session: PostgresSession, _ batch: WaitingBatch, attempt: Int) throws -> BatchResult {
         forget([batch.partition])
-        let (read, parameters) = Self.readStatement(batch.requests, partition: batch.partition)
+        let (read, parameters) = BatchRead.statement(for: batch.requests, partition: batch.partition)
         let plan = try BatchPlan(read: session.query(read, parameters), requests: batch.requests, partition: batch.partition, epoch: batch.epoch, partitioner: partitioner, grace: memberGraceMilliseconds)
         noteInserted(plan.write, epoch: batch.epoch)
         noteLeases(plan.write, epoch: batch.epoch)
@@ -323,7 +323,7 @@ public final class OwnershipStore: Sendable {
             let loadsNames = !knowsNames(batch.partition, epoch: batch.epoch)
             if loads { statements.append((SQL.loadLines, [String(batch.partition)])) }
             if loadsNames { statements.append((SQL.loadNames, [String(batch.partition), String(Self.maxFilterNames + 1)])) }
-            statements.append(Self.readStatement(batch.requests, partition: batch.partition))
+            statements.append(BatchRead.statement(for: batch.requests, partition: batch.partition))
             reading.append((index, loads, loadsNames))
         }
         if !statements.isEmpty {
@@ -521,23 +521,6 @@ public final class OwnershipStore: Sendable {
     /// The batch read: one statement that locks nothing and reads the partition's epoch, the replies
     /// already given to these request ids (redeliveries, client retries), the rows the batch touches,
     /// and the clock.
-    private static func readStatement(_ requests: [Request], partition: Int) -> (PreparedStatement, [String?]) {
-        let buffers = Set(requests.compactMap { request in request.buffer.map { ExactString($0) } })
-        // release_connection concerns only the requester's own holdings and waiters: read those, not every
-        // buffer of a connection id that any frontend can name.
-        struct Owned: Hashable {
-            let connection: ExactString
-            let principal: ExactString?
-        }
-        let owned = Array(Set(requests.compactMap { request -> Owned? in
-            guard case .releaseConnection(let connection) = request.command else { return nil }
-            return Owned(connection: ExactString(connection), principal: request.principal.map { ExactString($0) })
-        }))
-        return (SQL.readBatch, [
-            String(partition), PostgresArray.text(Set(requests.map { ExactString($0.requestID) }).map(\.string)),
-            PostgresArray.text(buffers.map(\.string)), PostgresArray.text(owned.map { $0.connection.string }), PostgresArray.text(owned.map { $0.principal?.string }),
-        ])
-    }
 
     /// A batch decided (from a read or from memory, by BatonCore's ``PartitionState/decideBatch(_:at:recorded:waiting:)``),
     /// and what to write (buffers by compare-and-set, idempotency records, outbox rows) in one fenced statement.
@@ -1018,92 +1001,6 @@ enum SQL {
         WHERE partition = $1 RETURNING epoch
         """)
 
-    // Everything a batch reads, in one statement (one round trip, one execution):
-    // - `f`: the partition's epoch (to stop early when it was taken; the write re-checks it under a
-    //   FOR SHARE lock), and the clock, read after the statement's snapshot, so a decision's time is
-    //   never earlier than the commit of any change it saw;
-    // - `r`: replies already given to the batch's request ids (baton_requests primary key);
-    // - `b`: the rows of the batch's buffers (baton_buffers primary key) and of the buffers held by
-    //   release_connection's connections and principals (baton_buffers_connection, filtered by holder_principal: only the requester's own).
-    // Lookups are unnest + LATERAL probes behind `OFFSET 0`, which keeps the planner from pulling a probe
-    // up into a join: a worker plans each statement once, maybe on an empty table, and without statistics
-    // the planner joined the keys to a scan of the whole partition (hash join, or the partition's rows as
-    // the outer side); an `= ANY($n)` filter did the same. Behind the fence each key is one index probe,
-    // whatever the statistics (PartitionMemoryTests, "a write planned on an empty table").
-    static let readBatch = PreparedStatement(name: "baton_read_batch", sql: """
-        WITH fence AS (SELECT epoch FROM baton_partitions WHERE partition = $1),
-        stored AS (
-            SELECT r.request_id, r.reply, r.fingerprint FROM unnest($2::text[]) AS wanted(request_id)
-            CROSS JOIN LATERAL (
-                SELECT request_id, reply, fingerprint FROM baton_requests WHERE partition = $1 AND request_id = wanted.request_id OFFSET 0
-            ) r
-        ),
-        found AS (
-            SELECT b.* FROM unnest($3::text[]) AS wanted(buffer)
-            CROSS JOIN LATERAL (SELECT * FROM baton_buffers WHERE partition = $1 AND buffer = wanted.buffer OFFSET 0) b
-            UNION
-            SELECT b.* FROM unnest($4::text[], $5::text[]) AS wanted(connection, principal)
-            CROSS JOIN LATERAL (
-                SELECT * FROM baton_buffers WHERE partition = $1 AND holder_connection IS NOT NULL AND holder_connection = wanted.connection
-                    AND holder_principal IS NOT DISTINCT FROM wanted.principal OFFSET 0
-            ) b
-            UNION
-            -- The buffers of the connection's waiters: a key probe per waiter (a semi-join planned on an empty
-            -- table scans the partition's buffers).
-            SELECT b.* FROM unnest($4::text[], $5::text[]) AS wanted(connection, principal)
-            CROSS JOIN LATERAL (
-                SELECT buffer FROM baton_waiters WHERE partition = $1 AND holder_connection = wanted.connection
-                    AND principal IS NOT DISTINCT FROM wanted.principal OFFSET 0
-            ) waiting
-            CROSS JOIN LATERAL (SELECT * FROM baton_buffers WHERE partition = $1 AND buffer = waiting.buffer OFFSET 0) b
-            UNION
-            -- The connection's memberships, through baton_buffers_roster (partition + 0: the primary key is no
-            -- way to them, so a plan made on an empty table cannot scan the partition instead).
-            SELECT b.* FROM unnest($4::text[]) AS wanted(connection)
-            CROSS JOIN LATERAL (
-                SELECT * FROM baton_buffers WHERE roster IS NOT NULL
-                    AND roster @> jsonb_build_object('m', jsonb_build_array(jsonb_build_object('c', wanted.connection)))
-                    AND partition + 0 = $1 OFFSET 0
-            ) b
-        ),
-        -- Not joined to found: a CTE referenced twice is materialized, and every batch would pay for it.
-        -- One arm per index (an OR of them scans every waiter of the partition); UNION, not UNION ALL,
-        -- so that a waiter found twice is read once.
-        lines AS (
-            SELECT w.* FROM unnest($3::text[]) AS wanted(buffer)
-            CROSS JOIN LATERAL (SELECT * FROM baton_waiters WHERE partition = $1 AND buffer = wanted.buffer ORDER BY position OFFSET 0) w
-            UNION
-            SELECT w.* FROM unnest($4::text[], $5::text[]) AS wanted(connection, principal)
-            CROSS JOIN LATERAL (
-                SELECT * FROM baton_waiters WHERE partition = $1 AND holder_connection = wanted.connection AND principal IS NOT DISTINCT FROM wanted.principal OFFSET 0
-            ) w
-            UNION
-            -- The lines of the connection's buffers: a probe per buffer (as above).
-            SELECT w.* FROM unnest($4::text[], $5::text[]) AS wanted(connection, principal)
-            CROSS JOIN LATERAL (
-                SELECT buffer FROM baton_buffers WHERE partition = $1 AND holder_connection IS NOT NULL AND holder_connection = wanted.connection
-                    AND holder_principal IS NOT DISTINCT FROM wanted.principal OFFSET 0
-            ) held
-            CROSS JOIN LATERAL (SELECT * FROM baton_waiters WHERE partition = $1 AND buffer = held.buffer ORDER BY position OFFSET 0) w
-            UNION
-            -- A waiting claim's request id, whatever buffer the request names: it may not be reused.
-            SELECT w.* FROM unnest($2::text[]) AS wanted(request_id)
-            CROSS JOIN LATERAL (SELECT * FROM baton_waiters WHERE partition = $1 AND request_id = wanted.request_id ORDER BY request_id OFFSET 0) w
-        )
-        SELECT 'f', (SELECT epoch FROM fence)::text, floor(extract(epoch FROM clock_timestamp()) * 1000)::int8::text,
-               NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL
-        UNION ALL
-        SELECT 'r', request_id, reply, fingerprint, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL FROM stored
-        UNION ALL
-        SELECT 'b', buffer, holder_user, holder_connection, token::text,
-               ((extract(epoch FROM expires_at) * 1000)::int8)::text, version::text, holder_principal, greatest(issued, token)::text, roster::text, NULL, NULL
-        FROM found
-        UNION ALL
-        SELECT 'w', buffer, request_id, holder_user, holder_connection, principal, lease_ms::text,
-               ((extract(epoch FROM wait_until) * 1000)::int8)::text, reply_to, correlation_id, fingerprint, position::text
-        FROM lines
-        """)
-
     // A partition's memory when it is loaded (after taking the partition, or after a failed write): every
     // line of the partition, the rows of their buffers, and the epoch and clock, in the rows of the batch
     // read (`f`, `b`, `w`). Uses the primary keys of baton_waiters and baton_buffers.
@@ -1182,119 +1079,6 @@ enum SQL {
         FROM unnest($2::text[]) AS wanted(buffer)
         CROSS JOIN LATERAL (SELECT * FROM baton_waiters WHERE partition = $1 AND buffer = wanted.buffer OFFSET 0) w
         """)
-
-    // One statement for every write of a batch, atomic on its own. It is fenced: it locks the
-    // partition row FOR SHARE (an epoch bump waits for it; under READ COMMITTED a bump committed
-    // meanwhile is seen) and writes nothing unless the epoch is still $20. Updates and inserts are
-    // compare-and-set: an update needs the token and version the decision read, an insert needs the
-    // buffer to be still absent, an idempotency record needs its request id to be still free. The
-    // caller compares the counts with what it expected and decides again from a fresh read on a miss.
-    static let write = PreparedStatement(name: "baton_write", sql: writeCTEs + "\n" + writeResult)
-
-    // The batch write with the lines' changes too (claims that joined, left or moved their reply address):
-    // only batches that change a line pay for the three more statements.
-    static let writeWithLines = PreparedStatement(name: "baton_write_lines", sql: writeCTEs + ",\n" + waiterCTEs + "\n" + writeResult)
-
-    private static let writeCTEs = """
-        WITH fence AS (
-            SELECT epoch FROM baton_partitions WHERE partition = $1 FOR SHARE
-        ),
-        input AS (
-            SELECT * FROM unnest($3::text[], $4::text[], $5::text[], $6::int8[], $7::int8[], $8::int8[], $9::int8[], $24::text[], $27::int8[], $28::text[])
-                AS i(buffer, holder_user, holder_connection, token, expires_ms, expected_token, expected_version, holder_principal, issued, roster)
-            WHERE (SELECT epoch FROM fence) = $20
-        ),
-        -- The rows to update, found by one key probe each (see readBatch), and updated by their row id. The
-        -- compare-and-set is the version and token checked again in the UPDATE: under READ COMMITTED a row
-        -- another writer changed since is followed to its newest version and the WHERE clause rechecked,
-        -- and every write moves the version, so such a row is not updated and the counts miss.
-        targets AS (
-            SELECT i.*, r.row_id FROM input i
-            CROSS JOIN LATERAL (
-                SELECT ctid AS row_id FROM baton_buffers
-                WHERE partition = $1 AND buffer = i.buffer AND version = i.expected_version AND token = i.expected_token OFFSET 0
-            ) r
-            WHERE i.expected_version > 0
-        ),
-        updated AS (
-            UPDATE baton_buffers b
-            SET holder_user = t.holder_user, holder_connection = t.holder_connection, token = t.token,
-                holder_principal = t.holder_principal, issued = t.issued, roster = t.roster::jsonb,
-                expires_at = timestamptz 'epoch' + t.expires_ms * interval '1 millisecond',
-                version = b.version + 1,
-                updated_at = timestamptz 'epoch' + $2::int8 * interval '1 millisecond'
-            FROM targets t
-            WHERE b.ctid = t.row_id AND b.buffer = t.buffer AND b.version = t.expected_version AND b.token = t.expected_token
-            RETURNING 1
-        ),
-        inserted AS (
-            INSERT INTO baton_buffers (partition, buffer, holder_user, holder_connection, token, expires_at, version, updated_at, holder_principal, issued, roster)
-            SELECT $1, i.buffer, i.holder_user, i.holder_connection, i.token,
-                   timestamptz 'epoch' + i.expires_ms * interval '1 millisecond', 1,
-                   timestamptz 'epoch' + $2::int8 * interval '1 millisecond', i.holder_principal, i.issued, i.roster::jsonb
-            FROM input i WHERE i.expected_version = 0
-            ON CONFLICT (partition, buffer) DO NOTHING
-            RETURNING 1
-        ),
-        recorded AS (
-            INSERT INTO baton_requests (partition, request_id, reply, fingerprint)
-            SELECT $1, r.request_id, r.reply, r.fingerprint FROM unnest($10::text[], $11::text[], $25::text[]) AS r(request_id, reply, fingerprint)
-            WHERE (SELECT epoch FROM fence) = $20
-            ON CONFLICT (partition, request_id) DO NOTHING
-            RETURNING 1
-        ),
-        outbox AS (
-            INSERT INTO baton_outbox (partition, kind, buffer, holder_user, holder_connection, token, at, expires_at, request_id, forced, principal, replica_id)
-            SELECT $1, o.kind, o.buffer, o.holder_user, o.holder_connection, o.token,
-                   timestamptz 'epoch' + o.at_ms * interval '1 millisecond',
-                   timestamptz 'epoch' + o.expires_ms * interval '1 millisecond', o.request_id, o.forced, o.principal, o.replica_id
-            FROM unnest($12::text[], $13::text[], $14::text[], $15::text[], $16::int8[], $17::int8[], $18::int8[], $19::text[], $23::bool[], $26::text[], $29::int4[])
-                WITH ORDINALITY AS o(kind, buffer, holder_user, holder_connection, token, at_ms, expires_ms, request_id, forced, principal, replica_id, n)
-            WHERE (SELECT epoch FROM fence) = $20
-            ORDER BY o.n
-            RETURNING id
-        )
-        """
-
-    private static let waiterCTEs = """
-        waiters_removed AS (
-            DELETE FROM baton_waiters w
-            USING unnest($30::text[]) AS r(request_id)
-            CROSS JOIN LATERAL (SELECT ctid AS row_id FROM baton_waiters WHERE partition = $1 AND request_id = r.request_id OFFSET 0) found
-            WHERE (SELECT epoch FROM fence) = $20 AND w.ctid = found.row_id AND w.request_id = r.request_id
-            RETURNING 1
-        ),
-        waiters_added AS (
-            INSERT INTO baton_waiters (partition, buffer, request_id, holder_user, holder_connection, principal, lease_ms, wait_until, reply_to, correlation_id, fingerprint)
-            SELECT $1, a.buffer, a.request_id, a.holder_user, a.holder_connection, a.principal, a.lease_ms,
-                   timestamptz 'epoch' + a.until_ms * interval '1 millisecond', a.reply_to, a.correlation_id, a.fingerprint
-            FROM unnest($31::text[], $32::text[], $33::text[], $34::text[], $35::text[], $36::int8[], $37::int8[], $38::text[], $39::text[], $40::text[])
-                WITH ORDINALITY AS a(buffer, request_id, holder_user, holder_connection, principal, lease_ms, until_ms, reply_to, correlation_id, fingerprint, n)
-            WHERE (SELECT epoch FROM fence) = $20
-            ORDER BY a.n
-            RETURNING 1
-        ),
-        waiters_moved AS (
-            UPDATE baton_waiters w SET reply_to = m.reply_to, correlation_id = m.correlation_id
-            FROM unnest($41::text[], $42::text[], $43::text[]) AS m(request_id, reply_to, correlation_id)
-            CROSS JOIN LATERAL (SELECT ctid AS row_id FROM baton_waiters WHERE partition = $1 AND request_id = m.request_id OFFSET 0) found
-            WHERE (SELECT epoch FROM fence) = $20 AND w.ctid = found.row_id AND w.request_id = m.request_id
-            RETURNING 1
-        )
-        """
-
-    private static let writeResult = """
-        SELECT (SELECT count(*) FROM updated) + (SELECT count(*) FROM inserted),
-               (SELECT count(*) FROM recorded),
-               (SELECT array_agg(id ORDER BY id) FROM outbox),
-               (SELECT epoch FROM fence),
-               CASE WHEN (SELECT epoch FROM fence) = $20
-                     AND ((SELECT count(*) FROM updated) + (SELECT count(*) FROM inserted) <> $21
-                          OR (SELECT count(*) FROM recorded) <> $22)
-                    THEN baton_abort_batch('compare-and-set miss: another writer changed a buffer or recorded a request id first')
-               END,
-               floor(extract(epoch FROM clock_timestamp()) * 1000)::int8
-        """
 
     // Uses baton_outbox_position.
     static let outboxAfter = PreparedStatement(name: "baton_outbox_after", sql: """

@@ -16,7 +16,7 @@ public struct PostgresConnectionOptions: Sendable {
     /// (`enable_seqscan = off`). On a young, fast-growing table the statistics lag behind and the
     /// planner picked whole-partition scans (measured: 5.8 ms instead of 0.2 ms per batch read); the
     /// store's statements are written so that they cannot (key probes behind `OFFSET 0`, updates by row
-    /// id: see `SQL.readBatch`).
+    /// id: see `BatchRead.sql`).
     public var planForKeyLookups: Bool = false
     /// How long a lock may be waited for (`lock_timeout`); nil leaves the server's setting.
     public var lockTimeout: Duration?

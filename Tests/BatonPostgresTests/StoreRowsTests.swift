@@ -73,15 +73,18 @@ import Testing
     @Test func theWriteNumbersItsParametersAsTheStatementDoes() {
         let write = BatchWrite(partition: 3, epoch: 7, now: Timestamp(milliseconds: 1000))
         #expect(write.isEmpty)
-        #expect(write.parameters.count == 29, "SQL.write takes $1 to $29")
+        #expect(write.parameters.count == 29, "BatchWrite.statement takes $1 to $29")
         // The statements' own numbering: the highest parameter each names is the count the write sends.
         func highest(_ sql: String) -> Int {
             sql.matches(of: /\$(\d+)/).compactMap { Int($0.output.1) }.max() ?? 0
         }
-        #expect(highest(SQL.write.sql) == 29 && highest(SQL.writeWithLines.sql) == 43)
+        #expect(highest(BatchWrite.statement.sql) == 29 && highest(BatchWrite.statementWithLines.sql) == 43)
         var lined = BatchWrite(partition: 3, epoch: 7, now: Timestamp(milliseconds: 1000))
         lined.waitersRemoved = ["w"]
-        #expect(lined.statement == SQL.writeWithLines && lined.parameters.count == 43)
+        #expect(lined.statement == BatchWrite.statementWithLines && lined.parameters.count == 43)
         #expect(write.parameters[0] == "3" && write.parameters[19] == "7" && write.parameters[20] == "0" && write.parameters[21] == "0")
+        // The read likewise: $1 to $5.
+        let (read, parameters) = BatchRead.statement(for: [Request(requestID: "r", command: .inspect(buffer: "b"))], partition: 3)
+        #expect(highest(read.sql) == 5 && parameters.count == 5 && parameters[0] == "3")
     }
 }
