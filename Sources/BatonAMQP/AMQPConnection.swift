@@ -3,36 +3,6 @@ import CRabbitMQ
 import Foundation
 import Logging
 
-/// A message to publish.
-public struct OutgoingMessage: Sendable {
-    /// The exchange (`""` is the default exchange).
-    public var exchange: String
-    /// The routing key (for the default exchange: the queue name).
-    public var routingKey: String
-    /// The body.
-    public var body: [UInt8]
-    /// The properties.
-    public var properties: AMQPProperties
-    /// Ask the broker to return the message (basic.return) when no queue takes it.
-    public var mandatory: Bool
-
-    /// Creates a message.
-    public init(exchange: String, routingKey: String, body: [UInt8], properties: AMQPProperties = AMQPProperties(), mandatory: Bool = false) {
-        self.exchange = exchange
-        self.routingKey = routingKey
-        self.body = body
-        self.properties = properties
-        self.mandatory = mandatory
-    }
-}
-
-/// One step of ``AMQPChannel/perform(_:)``: several publishes, acks and rejects in one hop to the I/O thread.
-public enum ChannelAction: Sendable {
-    case publish(OutgoingMessage)
-    case ack(deliveryTag: UInt64, multiple: Bool)
-    case reject(deliveryTag: UInt64, requeue: Bool)
-}
-
 /// A connection to RabbitMQ, owned by one dedicated I/O thread.
 ///
 /// rabbitmq-c is not thread-safe and services heartbeats only inside its calls, so

@@ -1,3 +1,4 @@
+import BatonCore
 import Synchronization
 
 /// Where a consumer's deliveries go: pushed by the connection's I/O thread, in order.

@@ -82,10 +82,10 @@ final class PartitionDriver: Sendable {
             configuration: Machine.Configuration(
                 partition: partition, batchSize: configuration.batchSize, ackLimit: Int(configuration.prefetch) / 4,
                 sweepInterval: configuration.sweepInterval, tickInterval: max(.seconds(1), configuration.sweepInterval * 3),
-                deciding: store != nil, linger: configuration.linger, ackDelay: configuration.ackDelay, wallClock: { Timestamp(milliseconds: Int64(Date().timeIntervalSince1970 * 1000)) },
+                linger: configuration.linger, ackDelay: configuration.ackDelay,
                 partitions: configuration.partitioner.count, memberGraceMilliseconds: configuration.memberGrace.wholeMilliseconds
             ),
-            logger: logger, now: .now
+            now: .now
         )
         state = Mutex(State(machine: machine))
         self.partition = partition
@@ -105,14 +105,17 @@ final class PartitionDriver: Sendable {
         // The one place the machine learns of the broker's alarm: before every event, so that no batch
         // starts while replies cannot leave.
         let blocked = publisher.blockedReason
+        var logs: [Machine.LogLine] = []
         var actions = state.withLock { state -> [Machine.Action]? in
             state.machine.setBlocked(blocked)
             state.queued += event(&state.machine, now)
+            logs = state.machine.takeLogs()
             guard !state.performing, !state.queued.isEmpty else { return nil }
             state.performing = true
             defer { state.queued.removeAll() }
             return state.queued
         }
+        for line in logs { write(line) }
         while let next = actions {
             for action in next { perform(action) }
             actions = state.withLock { state in
@@ -124,6 +127,18 @@ final class PartitionDriver: Sendable {
                 return state.queued
             }
         }
+    }
+
+    /// Writes a line the machine said.
+    private func write(_ line: Machine.LogLine) {
+        let level: Logger.Level = switch line.level {
+        case .debug: .debug
+        case .info: .info
+        case .notice: .notice
+        case .warning: .warning
+        case .error: .error
+        }
+        logger.log(level: level, "\(line.message)", metadata: line.metadata.mapValues { .string($0) })
     }
 
     /// Deliveries from the consumer (on its connection's I/O thread).
@@ -159,7 +174,10 @@ final class PartitionDriver: Sendable {
                 properties: AMQPProperties(messageID: Machine.tickPrefix + worker.configuration.workerID)
             ))])
         case .takePartition:
-            guard let store else { return }
+            guard let store else {
+                // The broker echo (no store) stands in for the database: epoch 1, at once.
+                return handle { $0.partitionTaken(.success(1), now: $1) }
+            }
             let owner = worker.configuration.workerID
             Task {
                 let result: Result<Int64, Machine.Failure>
@@ -171,7 +189,10 @@ final class PartitionDriver: Sendable {
                 handle { $0.partitionTaken(result, now: $1) }
             }
         case .apply(let requests, let epoch):
-            guard let store else { return }
+            guard let store else {
+                let result = EchoResponder.apply(requests, partition: partition, partitions: worker.configuration.partitioner.count)
+                return handle { $0.applied(.success(result), now: $1) }
+            }
             let afterCommit = worker.configuration.afterCommit
             store.apply(requests, partition: partition, epoch: epoch) { [self] result in
                 let outcome = result.mapError(Self.classify)
@@ -185,7 +206,10 @@ final class PartitionDriver: Sendable {
                 }
             }
         case .read(let requests, let messages):
-            guard let store else { return }
+            guard let store else {
+                let replies = EchoResponder.read(requests, partition: partition)
+                return handle { $0.read(.success(replies), now: $1) }
+            }
             Task {
                 let result: Result<[Reply], Machine.Failure>
                 do {
@@ -300,11 +324,11 @@ final class PartitionDriver: Sendable {
             // writes the partition: retrying the same batch cannot succeed. Splitting it isolates the
             // request that causes it (answered internal_error and dead-lettered) instead of holding the
             // partition forever.
-            .data(PostgresError(code: .unexpectedResult, message: error.message))
+            .data(Machine.Refusal(sqlState: nil, message: error.message))
         case let error as SchemaError:
             .fatal("\(error)")
         case let error as PostgresError where error.isCausedByData || error.code == .unexpectedResult:
-            .data(error)
+            .data(Machine.Refusal(sqlState: error.sqlState, message: error.message))
         default:
             .transient("\(error)")
         }

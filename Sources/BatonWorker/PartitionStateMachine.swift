@@ -1,11 +1,10 @@
-import BatonAMQP
 import BatonCore
-import BatonPostgres
-import Logging
 
 /// One partition's worker, as a state machine with no I/O: events in (deliveries, store results, ticks,
 /// the consumer's end, stop), actions out (take the partition, apply a batch, send replies and settle,
-/// publish events, sweep, publish a tick, wait and retry, finish). In the style of postgres-nio's
+/// publish events, sweep, publish a tick, wait and retry, finish), and lines for the log out
+/// (``takeLogs()``). It imports BatonCore only: deliveries, publishes and settles are the broker's plain
+/// values, store results BatonCore's; the driver moves them and writes the log. In the style of postgres-nio's
 /// `ConnectionStateMachine`: whoever drives it (``PartitionDriver``) performs the actions and reports
 /// their outcomes back as events, in the order it got them.
 ///
@@ -24,15 +23,10 @@ struct PartitionStateMachine {
         /// How often a standby publishes a tick through the queue (so that the active consumer takes the
         /// partition and sweeps it even when no request arrives).
         var tickInterval: Duration
-        /// False for the benchmark's broker echo: every valid request is answered at once, as granted,
-        /// without the store.
-        var deciding = true
         /// How long a batch waits for more deliveries after its first (zero: it starts at once).
         var linger: Duration = .zero
         /// How long the closing ack may wait for later batches' (``DeferredAck``; zero: at once).
         var ackDelay: Duration = .zero
-        /// The wall clock, for echo replies.
-        var wallClock: () -> Timestamp = { Timestamp(milliseconds: 0) }
         /// N, the deployment's partition count (for `describe` and for checking the buffer of `events`).
         var partitions = 1
         /// The deployment's reconnect grace of replica ids, for `describe`.
@@ -56,11 +50,27 @@ struct PartitionStateMachine {
         /// The epoch is stale: nothing was written.
         case ownershipLost
         /// The database refused what the write contains: retrying the same write cannot succeed.
-        case data(PostgresError)
+        case data(Refusal)
         /// Unavailable or broken for now: hold the batch unacked and retry with backoff.
         case transient(String)
         /// Cannot go on (schema mismatch).
         case fatal(String)
+    }
+
+    /// What the database said when it refused a write (the driver reads it off the store's error).
+    struct Refusal: Equatable, CustomStringConvertible {
+        /// The SQLSTATE, when the server refused it.
+        var sqlState: String?
+        var message: String
+        var description: String { "\(sqlState.map { "SQLSTATE \($0): " } ?? "")\(message)" }
+    }
+
+    /// A line for the log: the machine decides what to say, the driver writes it.
+    struct LogLine: Equatable {
+        enum Level: Equatable { case debug, info, notice, warning, error }
+        var level: Level
+        var message: String
+        var metadata: [String: String]
     }
 
     enum Action {
@@ -141,7 +151,8 @@ struct PartitionStateMachine {
     }
 
     let configuration: Configuration
-    private var logger: Logger
+    /// Lines for the log since ``takeLogs()`` last took them.
+    private var logs: [LogLine] = []
     private(set) var epoch: Int64?
     private var operation: Operation?
     private var batch: Batch?
@@ -160,17 +171,28 @@ struct PartitionStateMachine {
     private var lingerEnds: ContinuousClock.Instant?
     private var acks: DeferredAck
 
-    init(configuration: Configuration, logger: Logger, now: ContinuousClock.Instant) {
+    init(configuration: Configuration, now: ContinuousClock.Instant) {
         self.configuration = configuration
-        var logger = logger
-        logger[metadataKey: "baton.partition"] = "\(configuration.partition)"
-        self.logger = logger
         nextSweep = now + configuration.sweepInterval
         acks = DeferredAck(limit: max(1, configuration.ackLimit), delay: configuration.ackDelay)
     }
 
     /// Deliveries waiting for a batch (not yet taken into one).
     var waiting: Int { pending.count }
+
+    /// The log lines since the last call, in order (the driver writes them after each event).
+    mutating func takeLogs() -> [LogLine] {
+        defer { logs.removeAll() }
+        return logs
+    }
+
+    /// Says `message` in the log, with the partition and (once taken) its epoch.
+    private mutating func log(_ level: LogLine.Level, _ message: String, _ metadata: [String: String] = [:]) {
+        var metadata = metadata
+        metadata["baton.partition"] = String(configuration.partition)
+        if let epoch { metadata["baton.epoch"] = String(epoch) }
+        logs.append(LogLine(level: level, message: message, metadata: metadata))
+    }
 
     // MARK: - Events
 
@@ -185,7 +207,7 @@ struct PartitionStateMachine {
     mutating func tick(now: ContinuousClock.Instant) -> [Action] {
         guard exit == nil else { return [] }
         var actions: [Action] = []
-        if configuration.deciding, epoch == nil, !stopping, lastTick.map({ now - $0 >= configuration.tickInterval }) ?? true {
+        if epoch == nil, !stopping, lastTick.map({ now - $0 >= configuration.tickInterval }) ?? true {
             lastTick = now
             actions.append(.publishTick)
         }
@@ -197,7 +219,7 @@ struct PartitionStateMachine {
         if now >= nextSweep {
             // Advance even while standing by.
             nextSweep = now + configuration.sweepInterval
-            if configuration.deciding, epoch != nil { sweepDue = true }
+            if epoch != nil { sweepDue = true }
         }
         return actions + advance(now: now)
     }
@@ -215,8 +237,7 @@ struct PartitionStateMachine {
         switch result {
         case .success(let taken):
             epoch = taken
-            logger[metadataKey: "baton.epoch"] = "\(taken)"
-            logger.info("took partition")
+            log(.info, "took partition")
             return recovered() + [.active(epoch: taken)] + advance(now: now)
         case .failure(let failure):
             return failed(failure)
@@ -247,13 +268,13 @@ struct PartitionStateMachine {
                 batch.work.insert(contentsOf: [range.lowerBound..<middle, middle..<range.upperBound], at: 0)
             } else {
                 let request = batch.requests[range.lowerBound]
-                logger.error("the database refused a request; answering it with an error and dead-lettering it", metadata: [
-                    "baton.request_id": "\(LogValue.escape(request.requestID))", "baton.buffer": "\(LogValue.escape(request.buffer ?? "-"))",
+                log(.error, "the database refused a request; answering it with an error and dead-lettering it", [
+                    "baton.request_id": LogValue.escape(request.requestID), "baton.buffer": LogValue.escape(request.buffer ?? "-"),
                     "baton.error": "\(error)",
                 ])
                 let refusal = ProtocolError(
                     code: .internalError,
-                    message: "the database refused to record this request (\(error.sqlState.map { "SQLSTATE \($0): " } ?? "")\(error.message)); nothing changed and the request was dead-lettered for an operator",
+                    message: "the database refused to record this request (\(error)); nothing changed and the request was dead-lettered for an operator",
                     requestID: request.requestID, buffer: request.buffer
                 )
                 batch.replies.append(Reply.rejection(refusal, partition: configuration.partition, at: nil))
@@ -342,9 +363,7 @@ struct PartitionStateMachine {
             return finish(stopping ? .stopped : .consumerEnded)
         }
         let delay = backoff.next()
-        logger.warning("database call failed; holding the batch unacked and retrying", metadata: [
-            "baton.error": "\(reason)", "baton.retry_in": "\(delay)",
-        ])
+        log(.warning, "database call failed; holding the batch unacked and retrying", ["baton.error": reason, "baton.retry_in": "\(delay)"])
         operation = .waitingToRetry
         stalled = true
         return [.stalled(reason), .retry(after: delay, error: reason)]
@@ -404,11 +423,11 @@ struct PartitionStateMachine {
                 // is never blocked and keeps its heartbeats.
                 if !warnedBlocked {
                     warnedBlocked = true
-                    logger.warning("the broker blocks publishing (resource alarm): holding the batch until it unblocks", metadata: ["baton.reason": "\(blockedReason)"])
+                    log(.warning, "the broker blocks publishing (resource alarm): holding the batch until it unblocks", ["baton.reason": blockedReason])
                 }
                 return actions
             }
-            if configuration.deciding, epoch == nil {
+            if epoch == nil {
                 // We are the active consumer: take the partition, fencing out any previous owner.
                 operation = .taking
                 actions.append(.takePartition)
@@ -425,11 +444,7 @@ struct PartitionStateMachine {
             lingerEnds = nil
             let taken = Array(pending.prefix(configuration.batchSize))
             pending.removeFirst(taken.count)
-            if configuration.deciding {
-                batch = admit(taken, now: now)
-            } else {
-                actions += echo(taken, now: now)
-            }
+            batch = admit(taken, now: now)
         }
         return actions
     }
@@ -538,15 +553,14 @@ struct PartitionStateMachine {
     /// A delivery carries one request or a coalesced batch of them. A single request that is refused is
     /// answered and dead-lettered, as always; in a batch, each element is answered in its place (in one
     /// reply message, in order) and the message is acked, since its other elements were decided.
-    private func admit(_ messages: [AMQPMessage], now: ContinuousClock.Instant) -> Batch {
+    private mutating func admit(_ messages: [AMQPMessage], now: ContinuousClock.Instant) -> Batch {
         let partition = configuration.partition
         var batch = Batch(started: now)
         batch.report.messages = messages.count
         batch.lastAck = messages.filter(Self.isTick).map(\.deliveryTag).max()
         func refuse(_ error: ProtocolError) {
-            logger.notice("rejected a malformed request", metadata: [
-                "baton.error_code": "\(error.code)", "baton.request_id": "\(LogValue.escape(error.requestID ?? "-"))",
-                "baton.reason": "\(LogValue.escape(error.message))",
+            log(.notice, "rejected a malformed request", [
+                "baton.error_code": "\(error.code)", "baton.request_id": LogValue.escape(error.requestID ?? "-"), "baton.reason": LogValue.escape(error.message),
             ])
         }
         /// Malformed or not allowed: answered if it can be, then dead-lettered. It never reaches the database.
@@ -561,9 +575,9 @@ struct PartitionStateMachine {
         }
         func accept(_ request: Request, _ message: AMQPMessage, element: Int?) {
             if case .forceRelease(let buffer, let reason) = request.command {
-                logger.notice("force release", metadata: [
-                    "baton.buffer": "\(LogValue.escape(buffer))", "baton.reason": "\(LogValue.escape(reason ?? "-"))",
-                    "baton.request_id": "\(LogValue.escape(request.requestID))", "baton.principal": "\(LogValue.escape(request.principal ?? "-"))",
+                log(.notice, "force release", [
+                    "baton.buffer": LogValue.escape(buffer), "baton.reason": LogValue.escape(reason ?? "-"),
+                    "baton.request_id": LogValue.escape(request.requestID), "baton.principal": LogValue.escape(request.principal ?? "-"),
                 ])
             }
             batch.requests.append(request)
@@ -605,9 +619,9 @@ struct PartitionStateMachine {
                 }
                 batch.batchReplies[message.deliveryTag] = (message, replies)
             case .unanswerable(let replyTo):
-                logger.warning("refused a request whose reply_to is not a reply queue of its sender; dead-lettered without an answer", metadata: [
-                    "baton.reply_to": "\(LogValue.escape(replyTo))", "baton.correlation_id": "\(LogValue.escape(message.properties.correlationID ?? "-"))",
-                    "baton.principal": "\(LogValue.escape(message.properties.userID ?? "-"))",
+                log(.warning, "refused a request whose reply_to is not a reply queue of its sender; dead-lettered without an answer", [
+                    "baton.reply_to": LogValue.escape(replyTo), "baton.correlation_id": LogValue.escape(message.properties.correlationID ?? "-"),
+                    "baton.principal": LogValue.escape(message.properties.userID ?? "-"),
                 ])
                 batch.settles.append(.reject(deliveryTag: message.deliveryTag, requeue: false))
                 batch.report.deadLetters.append("reply_to_refused")
@@ -663,8 +677,8 @@ struct PartitionStateMachine {
             }
             batch.report.counts["\(request.operation.rawValue)|\(reply.error?.code.rawValue ?? reply.status.rawValue)", default: 0] += 1
             if reply.status == .error, reply.error?.code != .deadlineExceeded {
-                logger.notice("rejected a request", metadata: [
-                    "baton.request_id": "\(LogValue.escape(reply.requestID ?? "-"))", "baton.reason": "\(LogValue.escape(reply.error?.message ?? ""))",
+                log(.notice, "rejected a request", [
+                    "baton.request_id": LogValue.escape(reply.requestID ?? "-"), "baton.reason": LogValue.escape(reply.error?.message ?? ""),
                 ])
             }
             if let element = origin.element {
@@ -705,61 +719,6 @@ struct PartitionStateMachine {
         var actions: [Action] = [.send(publishes: batch.publishes, settles: batch.settles, report: batch.report)]
         if !batch.changes.isEmpty { actions.append(.publishEvents(batch.changes)) }
         return actions
-    }
-
-    /// The benchmark's broker ceiling: the same admission, reply and ack path, with no database.
-    private mutating func echo(_ messages: [AMQPMessage], now instant: ContinuousClock.Instant) -> [Action] {
-        let partition = configuration.partition
-        let now = configuration.wallClock()
-        func answer(_ element: Result<Request, ProtocolError>) -> Reply {
-            switch element {
-            case .success(let request):
-                let status: ReplyStatus = switch request.operation {
-                case .claim: .granted
-                case .renew: .renewed
-                case .release: .released
-                case .inspect: .state
-                case .releaseConnection: .releasedConnection
-                case .forceRelease: .released
-                case .describe: .description
-                case .events: .events
-                case .join: .joined
-                case .leave: .left
-                }
-                if request.operation.isRead {
-                    return Reply(
-                        requestID: request.requestID, status: status, buffer: request.buffer, at: now, partition: partition,
-                        deployment: status == .description ? DeploymentDescription(partitions: configuration.partitions) : nil,
-                        events: status == .events ? EventPage(events: [], position: 0, more: false, missed: false) : nil
-                    )
-                }
-                return Reply(
-                    requestID: request.requestID, status: status, buffer: request.buffer, holder: nil, token: 1,
-                    expiresAt: now.adding(milliseconds: 30_000), at: now, partition: partition, buffers: status == .releasedConnection ? [] : nil
-                )
-            case .failure(let error):
-                return Reply.rejection(error, partition: partition, at: nil)
-            }
-        }
-        var publishes: [ChannelAction] = []
-        var report = BatchReport()
-        report.messages = messages.count
-        for message in messages where !Self.isTick(message) {
-            switch Self.admit(message) {
-            case .single(let element):
-                report.requests += 1
-                if let reply = Self.replyMessage(ProtocolCodec.encode(answer(element)), to: message) { publishes.append(.publish(reply)) }
-            case .batch(let elements):
-                report.requests += elements.count
-                for part in ProtocolCodec.encodeBatchReply(elements.map(answer)) {
-                    if let reply = Self.replyMessage(part, to: message) { publishes.append(.publish(reply)) }
-                }
-            case .unanswerable:
-                continue
-            }
-        }
-        let settle = acks.settle(messages.last?.deliveryTag, count: messages.count, moreWaiting: !pending.isEmpty, now: instant)
-        return [.send(publishes: publishes, settles: settle.map { [$0] } ?? [], report: report)]
     }
 
     /// The answers to waiters that left their lines, each to the reply address of the delivery that asked

@@ -1,8 +1,5 @@
-import BatonAMQP
 import BatonCore
-@testable import BatonPostgres
 @testable import BatonWorker
-import Logging
 import Testing
 
 /// The partition worker's decisions about what to do next, with no broker and no database: the tests
@@ -27,13 +24,13 @@ import Testing
         private(set) var ticks = 0
         private(set) var events: [OutboxEntry] = []
 
-        init(deciding: Bool = true, batchSize: Int = 256, ackLimit: Int = 64, linger: Duration = .zero, ackDelay: Duration = .zero) {
+        init(batchSize: Int = 256, ackLimit: Int = 64, linger: Duration = .zero, ackDelay: Duration = .zero) {
             machine = Machine(
                 configuration: Machine.Configuration(
-                    partition: 3, batchSize: batchSize, ackLimit: ackLimit, sweepInterval: .seconds(1), tickInterval: .seconds(3), deciding: deciding,
-                    linger: linger, ackDelay: ackDelay, wallClock: { Timestamp(milliseconds: 1_000) }, partitions: 4
+                    partition: 3, batchSize: batchSize, ackLimit: ackLimit, sweepInterval: .seconds(1), tickInterval: .seconds(3),
+                    linger: linger, ackDelay: ackDelay, partitions: 4
                 ),
-                logger: Logger(label: "test", factory: { _ in SwiftLogNoOpLogHandler() }), now: now
+                now: now
             )
         }
 
@@ -275,7 +272,7 @@ import Testing
         _ = harness.commit(Harness.applied(harness.taken())!)
         let messages = (1...4).map { harness.message(Harness.claim("r\($0)", "b\($0)")) }
         var actions = harness.deliver(messages)
-        let refusal = PostgresError(code: .server, sqlState: "22001", message: "value too long")
+        let refusal = Machine.Refusal(sqlState: "22001", message: "value too long")
         var attempts: [[String]] = []
         while let requests = Harness.applied(actions) {
             attempts.append(requests.map(\.requestID))
@@ -284,6 +281,9 @@ import Testing
         #expect(attempts == [["r1", "r2", "r3", "r4"], ["r1", "r2"], ["r3", "r4"], ["r3"], ["r4"]])
         #expect(harness.replies.map(\.requestID) == ["warm", "r1", "r2", "r3", "r4"], "replies keep the queue's order")
         #expect(harness.replies[3].error?.code == .internalError)
+        #expect(harness.replies[3].error?.message.contains("SQLSTATE 22001: value too long") == true)
+        let logged = harness.machine.takeLogs()
+        #expect(logged.contains { $0.level == .error && $0.metadata["baton.request_id"] == "r3" && $0.metadata["baton.epoch"] == "7" }, "\(logged)")
         #expect(harness.unsettled.isEmpty, "the refused one is dead-lettered, the others acked")
         let rejected = harness.actions.flatMap { action -> [UInt64] in
             guard case .send(_, let settles, _) = action else { return [] }
@@ -425,14 +425,31 @@ import Testing
         #expect(Harness.applied(full)?.count == 3, "a full batch does not linger")
     }
 
-    @Test func theEchoAnswersWithoutTheStore() {
-        var harness = Harness(deciding: false)
-        harness.tick()
-        #expect(harness.ticks == 0, "the echo has no partition to take")
-        let actions = harness.deliver([harness.message(Harness.claim("r1")), harness.message(Harness.claim("r2"))])
-        #expect(!actions.contains { if case .takePartition = $0 { true } else { false } })
-        #expect(harness.replies.map(\.status) == [.granted, .granted])
+    /// The broker echo is the store's stand-in, not a mode of the machine: the machine runs its whole path
+    /// and the driver answers its applies with ``EchoResponder``.
+    @Test func theEchoAnswersTheMachinesAppliesAsIfEachSucceeded() throws {
+        var harness = Harness()
+        let actions = harness.deliver([harness.message(Harness.claim("r1")), harness.message(Request(requestID: "r2", command: .inspect(buffer: "b")))])
+        #expect(actions.contains { if case .takePartition = $0 { true } else { false } })
+        let requests = try #require(Harness.applied(harness.taken(1)))
+        let result = EchoResponder.apply(requests, partition: 3, partitions: 4)
+        harness.take(harness.machine.applied(.success(result), now: harness.now))
+        #expect(harness.replies.map(\.status) == [.granted, .state])
         #expect(harness.unsettled.isEmpty)
+    }
+
+    /// The machine writes no log itself: it says what happened in lines the driver writes, with the
+    /// partition and the epoch.
+    @Test func theMachineSaysWhatHappenedInLogLines() {
+        var harness = Harness()
+        harness.deliver([harness.message(Harness.claim("warm"))])
+        _ = harness.commit(Harness.applied(harness.taken())!)
+        let took = harness.machine.takeLogs()
+        #expect(took.map(\.message) == ["took partition"] && took[0].metadata == ["baton.partition": "3", "baton.epoch": "7"] && took[0].level == .info)
+        harness.deliver([harness.message(body: Array("{not json".utf8))])
+        let refused = harness.machine.takeLogs()
+        #expect(refused.count == 1 && refused[0].level == .notice && refused[0].message == "rejected a malformed request", "\(refused)")
+        #expect(harness.machine.takeLogs().isEmpty, "each line is taken once")
     }
 
     @Test func aDeferredAckGoesAtTheFirstTickAfterItsDelayAndCoversEveryBatchSinceAfterTheirReplies() {

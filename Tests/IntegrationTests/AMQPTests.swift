@@ -1,3 +1,4 @@
+import BatonCore
 import BatonAMQP
 import BatonLab
 import Foundation

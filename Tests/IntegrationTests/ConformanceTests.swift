@@ -1,3 +1,4 @@
+import BatonCore
 import BatonAMQP
 @testable import BatonCore
 import Foundation
