@@ -379,9 +379,11 @@ public struct BenchReport: Sendable {
             }
             out += ##"<text x="\##(x0 + groupWidth / 2 - barWidth / 2)" y="\##(baseY + 16)" text-anchor="middle">\##(name)</text>"##
         }
-        for (index, system) in Self.order.enumerated() {
-            let x = width - 20 - Double(Self.order.count - index) * 118
-            out += ##"<rect x="\##(x)" y="32" width="12" height="12" fill="\##(Self.colors[system]!)"/><text x="\##(x + 16)" y="42" font-size="10">\##(system)</text>"##
+        // The legend, right-aligned, each entry as wide as its name (about 6 px a character at 10 px).
+        var legendX = width - 20 - Self.order.reduce(0) { $0 + 28 + 6 * Double($1.count) }
+        for system in Self.order {
+            out += ##"<rect x="\##(legendX)" y="32" width="12" height="12" fill="\##(Self.colors[system]!)"/><text x="\##(legendX + 16)" y="42" font-size="10">\##(system)</text>"##
+            legendX += 28 + 6 * Double(system.count)
         }
         // CDFs.
         for (panel, name) in names.enumerated() {
