@@ -450,19 +450,9 @@ import Testing
     /// `join-storm`: Baton hands no replica id to two live members; PostgreSQL at READ COMMITTED (the
     /// control: read the collaborators, insert the smallest free id) does, and at SERIALIZABLE retries.
     @Test func benchJoinStormCountsDuplicateReplicaIDsOfTheControlOnly() async throws {
-        let deployment = try await Deployment.make(partitions: 4)
-        let output = FileManager.default.temporaryDirectory.appendingPathComponent("baton-bench-joins-\(UUID().uuidString)")
-        let log = output.appendingPathExtension("log")
-        let process = try deployment.launchBaton(
-            ["bench", "--duration", "2", "--workload", "join-storm", "--clients", "64", "--buffers", "1", "--partitions", "4", "--pool-size", "16",
-             "--no-half-peak", "--output", output.path],
-            log: log
-        )
-        let status = await process.wait(timeout: .seconds(150))
-        #expect(status == 0, "baton bench failed: \((try? String(contentsOf: log, encoding: .utf8)) ?? "")")
-
-        let data = try Data(contentsOf: output.appendingPathComponent("results.json"))
-        let json = try #require(try JSONSerialization.jsonObject(with: data) as? [String: Any])
+        let (json, _) = try await runBench([
+            "--duration", "2", "--workload", "join-storm", "--clients", "64", "--buffers", "1", "--partitions", "4", "--pool-size", "16", "--no-half-peak",
+        ])
         let joins = try #require((json["workloads"] as? [String: Any])?["join-storm"] as? [String: Any])
         let systems = try #require(joins["systems"] as? [String: [String: Any]])
         #expect(Set(systems.keys) == ["baton", "postgres-serializable", "postgres-read-committed"])
@@ -481,19 +471,23 @@ import Testing
         #expect((joins["ratios"] as? [String: Any])?["baton_vs_postgres_serializable"] is Double)
     }
 
-    @Test func benchSmokeRunCompletesWithoutDoubleGrants() async throws {
+    /// Runs `baton bench` with `arguments` in a scratch deployment of 4 partitions; returns its
+    /// results.json and its output.
+    private func runBench(_ arguments: [String]) async throws -> (json: [String: Any], log: String) {
         let deployment = try await Deployment.make(partitions: 4)
-        let output = FileManager.default.temporaryDirectory.appendingPathComponent("baton-bench-smoke-\(UUID().uuidString)")
+        let output = FileManager.default.temporaryDirectory.appendingPathComponent("baton-bench-\(UUID().uuidString)")
         let log = output.appendingPathExtension("log")
-        let process = try deployment.launchBaton(
-            ["bench", "--duration", "2", "--workload", "hot", "--clients", "8", "--partitions", "4", "--no-half-peak", "--output", output.path],
-            log: log
-        )
+        let process = try deployment.launchBaton(["bench"] + arguments + ["--output", output.path], log: log)
         let status = await process.wait(timeout: .seconds(150))
-        #expect(status == 0, "baton bench failed: \((try? String(contentsOf: log, encoding: .utf8)) ?? "")")
-
+        let text = (try? String(contentsOf: log, encoding: .utf8)) ?? ""
+        #expect(status == 0, "baton bench failed: \(text)")
         let data = try Data(contentsOf: output.appendingPathComponent("results.json"))
-        let json = try #require(try JSONSerialization.jsonObject(with: data) as? [String: Any])
+        #expect(FileManager.default.fileExists(atPath: output.appendingPathComponent("results.svg").path))
+        return (try #require(try JSONSerialization.jsonObject(with: data) as? [String: Any]), text)
+    }
+
+    @Test func benchSmokeRunCompletesWithoutDoubleGrants() async throws {
+        let (json, _) = try await runBench(["--duration", "2", "--workload", "hot", "--clients", "8", "--partitions", "4", "--no-half-peak"])
         let hot = try #require((json["workloads"] as? [String: Any])?["hot"] as? [String: Any])
         let systems = try #require(hot["systems"] as? [String: [String: Any]])
         #expect(Set(systems.keys) == ["baton", "postgres", "postgres-recorded", "naive", "echo"])
@@ -510,24 +504,14 @@ import Testing
         #expect((systems["baton"]?["claims_per_s"] as? Double ?? 0) > 0)
         #expect(systems["postgres"]?["double_grants"] as? Int == 0)
         #expect(hot["ratios"] is [String: Any])
-        #expect(FileManager.default.fileExists(atPath: output.appendingPathComponent("results.svg").path))
     }
 
     @Test func benchOneBufferWorkloadsCompareWaitingWithPolling() async throws {
-        let deployment = try await Deployment.make(partitions: 4)
-        let output = FileManager.default.temporaryDirectory.appendingPathComponent("baton-bench-line-\(UUID().uuidString)")
-        let log = output.appendingPathExtension("log")
-        let process = try deployment.launchBaton(
-            ["bench", "--duration", "2", "--workload", "one-buffer-wait", "--workload", "one-buffer-poll", "--system", "baton", "--system", "echo",
-             "--clients", "8", "--partitions", "4", "--output", output.path],
-            log: log
-        )
-        let status = await process.wait(timeout: .seconds(150))
-        let text = (try? String(contentsOf: log, encoding: .utf8)) ?? ""
-        #expect(status == 0, "baton bench failed: \(text)")
+        let (json, text) = try await runBench([
+            "--duration", "2", "--workload", "one-buffer-wait", "--workload", "one-buffer-poll", "--system", "baton", "--system", "echo",
+            "--clients", "8", "--partitions", "4",
+        ])
         #expect(text.contains(/echo +not run: only Baton has a line to wait in/), "the echo worker has no line: \(text)")
-        let data = try Data(contentsOf: output.appendingPathComponent("results.json"))
-        let json = try #require(try JSONSerialization.jsonObject(with: data) as? [String: Any])
         let workloads = try #require(json["workloads"] as? [String: [String: Any]])
         for name in ["one-buffer-wait", "one-buffer-poll"] {
             let baton = try #require((workloads[name]?["systems"] as? [String: [String: Any]])?["baton"], "\(name)")
