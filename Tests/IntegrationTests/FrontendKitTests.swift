@@ -283,15 +283,15 @@ import Testing
         let worker = deployment.startWorker()
         let client = deployment.client()
         let buffer = "kept/\(UUID().uuidString)"
-        guard case .kept(let lease) = try await client.keep(buffer, user: "u", connection: "c", keeping: LeaseKeeping(lease: .seconds(1))) else {
+        guard case .kept(let lease) = try await client.keep(buffer, user: "u", connection: "c", keeping: LeaseKeeping(lease: .seconds(2))) else {
             throw TestFailure("not granted")
         }
         let states = Shared<[LeaseState]>([])
         let watching = Task { for await state in lease.states() { states.update { $0.append(state) } } }
-        try await Task.sleep(for: .milliseconds(3500))
+        try await Task.sleep(for: .milliseconds(5000))
         #expect(lease.state.isHeld, "\(lease.state)")
         let status = try await client.inspect(buffer)
-        #expect(status.holder?.holder.connection == "c" && status.holder?.token == lease.token, "the same grant, 3.5 lease lengths later")
+        #expect(status.holder?.holder.connection == "c" && status.holder?.token == lease.token, "the same grant, 2.5 lease lengths later")
         #expect(client.statistics.requests >= 1 + 6, "renewed about every third of the lease (\(client.statistics.requests) requests)")
         try await lease.release()
         #expect(lease.state == .lost(.released))

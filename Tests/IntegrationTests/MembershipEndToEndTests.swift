@@ -95,11 +95,14 @@ import Testing
         let worker = deployment.startWorker()
         let client = deployment.client()
         let buffer = "project/\(UUID().uuidString)/kept.rs"
-        let keeping = LeaseKeeping(lease: .seconds(1))
+        // 3 s leases: a renewal has 1.7 s to be answered (renewed at 1 s, safe until 2.7 s). With 1 s leases
+        // (0.57 s each) a renewal under the whole suite's load in CI came back too late and the keeper,
+        // rightly, reported the lease lost.
+        let keeping = LeaseKeeping(lease: .seconds(3))
         let ann = try await client.keepMembership(buffer, user: "ann", connection: "ann-1", keeping: keeping)
         let bob = try await client.keepMembership(buffer, user: "bob", connection: "bob-1", keeping: keeping)
         #expect(ann.replicaID == 1 && bob.replicaID == 2)
-        try await Task.sleep(for: .milliseconds(2_500))  // two and a half lease lengths
+        try await Task.sleep(for: .milliseconds(7_000))  // past two lease lengths
         #expect(ann.state.isHeld && bob.state.isHeld)
         let status = try await client.inspect(buffer)
         #expect(status.members?.listed.map(\.replicaID) == [1, 2], "still members, renewed by their keepers")

@@ -82,7 +82,7 @@ import Testing
         let client = deployment.client()
         let buffer = "line/\(UUID().uuidString)"
         guard case .granted(let first) = try await client.claim(buffer, user: "holder", connection: "h") else { throw TestFailure("not granted") }
-        let keeping = Task { try await client.keep(buffer, user: "w", connection: "w", keeping: LeaseKeeping(lease: .seconds(1)), wait: .seconds(30)) }
+        let keeping = Task { try await client.keep(buffer, user: "w", connection: "w", keeping: LeaseKeeping(lease: .seconds(2)), wait: .seconds(30)) }
         #expect(try await Deployment.eventually { try await self.lineLength(deployment, buffer) == 1 })
         // Released after more than the lease's renewal time: the grant's lease is older than its answer on
         // the client's clock, so the keeper renews before it hands the lease over.
@@ -91,8 +91,8 @@ import Testing
         guard case .kept(let lease) = try await keeping.value else { throw TestFailure("the waiter was not granted") }
         #expect(lease.token == first.token + 1)
         guard case .held(_, let safeUntil) = lease.state else { throw TestFailure("not held: \(lease.state)") }
-        #expect(safeUntil > .now + .milliseconds(500), "kept from the renewal just sent, not from the claim sent 1.5 s earlier")
-        try await Task.sleep(for: .milliseconds(3500))  // several lease lengths
+        #expect(safeUntil > .now + .milliseconds(1000), "kept from the renewal just sent, not from the claim sent 1.5 s earlier")
+        try await Task.sleep(for: .milliseconds(5000))  // two and a half lease lengths
         #expect(lease.state.isHeld)
         let status = try await client.inspect(buffer)
         #expect(status.holder?.token == lease.token && status.holder?.holder.user == "w")
