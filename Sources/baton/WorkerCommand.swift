@@ -25,7 +25,7 @@ struct WorkerCommand: AsyncParsableCommand {
     @Option(name: .customLong("batch-size"), help: "Requests per transaction, 1-10000 (env BATON_BATCH_SIZE; default 256).")
     var batchSizeFlag: Int?
 
-    @Option(name: .customLong("database-connections"), help: "PostgreSQL connections the partitions share, 1-64 (env BATON_DATABASE_CONNECTIONS; default 4).")
+    @Option(name: .customLong("database-connections"), help: "PostgreSQL connections the partitions share, 1-64 (env BATON_DATABASE_CONNECTIONS; default one per 16 partitions served, at most 4).")
     var databaseConnectionsFlag: Int?
 
     @Option(name: .customLong("prefetch"), help: "Unacknowledged deliveries per partition, 1-65535 (env BATON_PREFETCH; default 256).")
@@ -84,7 +84,8 @@ struct WorkerCommand: AsyncParsableCommand {
         configuration.amqpAlternates = Array(nodes.dropFirst())
         configuration.batchSize = try Setting.integer(batchSizeFlag, "BATON_BATCH_SIZE", default: 256, range: 1...10_000, name: "batch size")
         configuration.databaseConnections = try Setting.integer(
-            databaseConnectionsFlag, "BATON_DATABASE_CONNECTIONS", default: 4, range: 1...64, name: "database connections"
+            databaseConnectionsFlag, "BATON_DATABASE_CONNECTIONS",
+            default: Worker.automaticDatabaseConnections(serving: partitions.partitions.count), range: 1...64, name: "database connections"
         )
         configuration.prefetch = UInt16(try Setting.integer(prefetchFlag, "BATON_PREFETCH", default: 256, range: 1...65_535, name: "prefetch"))
         configuration.echo = echo
