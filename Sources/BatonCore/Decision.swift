@@ -94,6 +94,13 @@ public enum OwnershipRules {
                     requestID: request.requestID, buffer: buffer
                 )
                 return Decision(state: state, reply: Reply.rejection(error, partition: partition, at: now), changes: [])
+            case .fullForPrincipal:
+                let error = ProtocolError(
+                    code: .membersFull,
+                    message: "principal '\(LogValue.escape(request.principal ?? "-"))' has joined \(Roster.maxMembersPerPrincipal) live members of buffer '\(LogValue.escape(buffer))', the most one principal holds of one buffer (half of its \(Roster.maxMembers), so that other frontends' users always find places); nothing changed",
+                    requestID: request.requestID, buffer: buffer
+                )
+                return Decision(state: state, reply: Reply.rejection(error, partition: partition, at: now), changes: [])
             }
 
         case .leave(_, let connection, let token):

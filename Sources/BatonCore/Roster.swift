@@ -57,6 +57,10 @@ public struct Roster: Sendable, Hashable {
 
     /// The most live members of one buffer.
     public static let maxMembers = 1024
+    /// The most live members of one buffer that one principal (the broker user of the frontend that joined
+    /// them) may hold: half of ``maxMembers``, so that no single frontend can fill a buffer's roster and
+    /// refuse every other frontend's users (as a line keeps places for other principals).
+    public static let maxMembersPerPrincipal = maxMembers / 2
     /// How long an id stays reserved for a member that expired or whose connection was released, unless
     /// the deployment sets another grace.
     public static let defaultGraceMilliseconds: Int64 = 30_000
@@ -99,6 +103,8 @@ public struct Roster: Sendable, Hashable {
         case connectionInUse(Member)
         /// ``maxMembers`` members are live.
         case full
+        /// ``maxMembersPerPrincipal`` live members were joined by the same principal.
+        case fullForPrincipal
     }
 
     /// Joins `connection` for `user` until `now + leaseMilliseconds`; `nextToken` issues a token from the
@@ -119,6 +125,9 @@ public struct Roster: Sendable, Hashable {
             return (.joined(members[index], extended: true, reclaimed: false), changes)
         }
         guard members.count < Self.maxMembers else { return (.full, changes) }
+        guard members.count < Self.maxMembersPerPrincipal
+            || members.lazy.filter({ OwnershipRules.samePrincipal($0.principal, principal) }).count < Self.maxMembersPerPrincipal
+        else { return (.fullForPrincipal, changes) }
         let replicaID: Int
         let reclaimed: Bool
         if let index = reservations.firstIndex(where: { $0.user.exactlyEquals(user) }) {

@@ -90,7 +90,7 @@ import Testing
         var roster = Roster()
         var token: Int64 = 0
         for index in 0..<Roster.maxMembers {
-            _ = roster.join(user: "u\(index)", connection: "c\(index)", principal: "p", leaseMilliseconds: 60_000, now: t0, graceMilliseconds: 0, nextToken: {
+            _ = roster.join(user: "u\(index)", connection: "c\(index)", principal: "p\(index % 2)", leaseMilliseconds: 60_000, now: t0, graceMilliseconds: 0, nextToken: {
                 token += 1
                 return token
             })
@@ -102,6 +102,21 @@ import Testing
         let refused = state.decide(request("j", join("late", "c-late")), at: t0)
         #expect(refused.reply?.error?.code == .membersFull && state.state(of: "b") == full)
         #expect(refused.reply?.error?.message.contains("1024 live members") == true)
+    }
+
+    /// A frontend that joins half of a buffer's places is refused its next join, naming its principal and
+    /// the limit, while another frontend's user joins the same buffer.
+    @Test func onePrincipalsHalfOfTheRosterRefusesItsNextJoinAndNotAnothers() {
+        var state = PartitionState(partition: 0, partitioner: partitioner)
+        for index in 0..<Roster.maxMembersPerPrincipal {
+            _ = state.decide(request("h\(index)", join("u\(index)", "c\(index)"), principal: "hog"), at: t0)
+        }
+        let before = state.state(of: "b")
+        let refused = state.decide(request("h-more", join("more", "c-more"), principal: "hog"), at: t0)
+        #expect(refused.reply?.error?.code == .membersFull && state.state(of: "b") == before)
+        #expect(refused.reply?.error?.message.contains("principal 'hog' has joined 512 live members") == true, "\(refused.reply?.error?.message ?? "")")
+        let other = state.decide(request("o", join("olga", "c-olga"), principal: "honest"), at: t0)
+        #expect(other.reply?.membership?.replicaID == Roster.maxMembersPerPrincipal + 1)
     }
 
     /// A `state` reply lists members only up to a byte budget, so that long names cannot make it larger

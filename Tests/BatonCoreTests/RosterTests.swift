@@ -112,17 +112,49 @@ import Testing
         #expect(roster.isEmpty(at: Self.t0), "a leave keeps no reservation")
     }
 
+    static func join(_ roster: inout Roster, _ user: String, _ connection: String, as principal: String, at now: Timestamp, tokens: Tokens) -> Roster.JoinOutcome {
+        roster.join(user: user, connection: connection, principal: principal, leaseMilliseconds: 10_000, now: now, graceMilliseconds: grace, nextToken: tokens.next).outcome
+    }
+
     @Test func atMostMaxMembersAreLive() {
         var roster = Roster()
         let tokens = Tokens()
+        // Two frontends (principals) fill the roster between them.
         for index in 0..<Roster.maxMembers {
-            _ = Self.join(&roster, "u\(index)", "c\(index)", at: Self.t0, tokens: tokens)
+            _ = Self.join(&roster, "u\(index)", "c\(index)", as: "p\(index % 2)", at: Self.t0, tokens: tokens)
         }
         #expect(roster.live(at: Self.t0).count == Roster.maxMembers)
-        #expect(Self.join(&roster, "late", "late", at: Self.t0, tokens: tokens) == .full)
+        #expect(Self.join(&roster, "late", "late", as: "p2", at: Self.t0, tokens: tokens) == .full)
         // One leaves: the next join is taken again, with the freed id.
-        _ = roster.leave(connection: "c7", token: 8, principal: "p", now: Self.t0)
-        #expect(Self.member(Self.join(&roster, "late", "late", at: Self.t0, tokens: tokens))?.replicaID == 8)
+        _ = roster.leave(connection: "c7", token: 8, principal: "p1", now: Self.t0)
+        #expect(Self.member(Self.join(&roster, "late", "late", as: "p2", at: Self.t0, tokens: tokens))?.replicaID == 8)
+    }
+
+    /// One principal (one frontend's broker user) holds at most half of a buffer's places: the other half
+    /// stays open to other frontends' users however many this one joins; its own next join is refused
+    /// until one of its members leaves or expires.
+    @Test func onePrincipalHoldsAtMostHalfOfTheRoster() {
+        var roster = Roster()
+        let tokens = Tokens()
+        for index in 0..<Roster.maxMembersPerPrincipal {
+            #expect(Self.member(Self.join(&roster, "u\(index)", "c\(index)", as: "hog", at: Self.t0, tokens: tokens)) != nil)
+        }
+        #expect(Self.join(&roster, "one-more", "c-more", as: "hog", at: Self.t0, tokens: tokens) == .fullForPrincipal)
+        #expect(roster.live(at: Self.t0).count == Roster.maxMembersPerPrincipal, "nothing changed")
+        // A repeat by a member's connection extends: not a new place.
+        if case .joined(_, let extended, _) = Self.join(&roster, "u0", "c0", as: "hog", at: Self.t0, tokens: tokens) {
+            #expect(extended)
+        } else {
+            Issue.record("a member's repeat was refused")
+        }
+        // Another frontend still gets every remaining place.
+        for index in 0..<(Roster.maxMembers - Roster.maxMembersPerPrincipal) {
+            #expect(Self.member(Self.join(&roster, "v\(index)", "d\(index)", as: "honest", at: Self.t0, tokens: tokens)) != nil)
+        }
+        #expect(Self.join(&roster, "w", "e", as: "honest", at: Self.t0, tokens: tokens) == .full)
+        // The hog's member leaves: the hog may join one again.
+        #expect(roster.leave(connection: "c3", token: 4, principal: "hog", now: Self.t0) != nil)
+        #expect(Self.member(Self.join(&roster, "one-more", "c-more", as: "hog", at: Self.t0, tokens: tokens))?.replicaID == 4)
     }
 
     /// Random joins, leaves, renewals, released connections and sweeps by a few users on a few
