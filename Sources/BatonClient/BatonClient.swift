@@ -677,30 +677,23 @@ public final class BatonClient: Sendable {
         }
 
         var backoff = Backoff(initial: .milliseconds(50), maximum: .seconds(1))
-        // Resends back off. A waiting claim's answer comes when it leaves the line; a lost request or reply
-        // shows as the connection ending (which wakes every call at once), so its resends only back that up.
-        var resendInterval = resendAfter
-        var attempts = 0
+        // When to publish (BatonCore's CallSchedule, which the Python client follows too): at once, then
+        // after `resendAfter`, doubling with jitter up to twice that (15 s for a waiting claim, whose
+        // answer comes when it leaves the line), never past the deadline, and at once on a new channel (a
+        // reconnect, or a channel that had stopped reaching its queue), since the last attempts may have
+        // been lost with the old one. Times are milliseconds since the call began.
+        let began = deadline - timeout
+        func elapsed(_ instant: ContinuousClock.Instant) -> Int64 { (instant - began).wholeMilliseconds }
+        var schedule = CallSchedule<ObjectIdentifier>(
+            resendAfter: max(1, resendAfter.wholeMilliseconds), deadline: max(1, timeout.wholeMilliseconds), waiting: request.waiting != nil
+        )
         var blocked: String?
         var connectFailure: (any Error)?
-        // The channel the last attempt went on: on a new one (a reconnect, or a channel that had stopped
-        // reaching its queue), the resend schedule starts over, since the last attempts may have been lost.
-        var lastChannel: AMQPChannel?
-        while ContinuousClock.now < deadline {
+        calling: while true {
+            let link: Link
             do {
                 let existing = state.withLock { $0.link }
-                let link = if let existing { existing } else { try await Self.before(deadline) { try await self.currentLink() } }
-                if let last = lastChannel, last !== link.channel { resendInterval = resendAfter }
-                lastChannel = link.channel
-                if let reason = link.connection.blockedReason {
-                    // Publishing now would only queue the request in a socket the broker does not read.
-                    blocked = reason
-                    _ = await pending.wait(until: min(deadline, .now + .milliseconds(50)))
-                    continue
-                }
-                blocked = nil
-                attempts += 1
-                send(Queued(key: key, body: body, deadline: deadline, alone: request.waiting != nil), partition: partition, on: link)
+                link = if let existing { existing } else { try await Self.before(deadline) { try await self.currentLink() } }
             } catch is DeadlinePassed {
                 break
             } catch let error as BatonClientError {
@@ -712,21 +705,32 @@ public final class BatonClient: Sendable {
                 _ = await pending.wait(until: min(deadline, .now + backoff.next()))
                 continue
             }
-            let waitedUntil = min(deadline, .now + resendInterval)
+            let now = ContinuousClock.now
+            let reason = link.connection.blockedReason
+            if let reason { blocked = reason }
+            let waitUntil: ContinuousClock.Instant
+            switch schedule.step(at: elapsed(now), channel: ObjectIdentifier(link.channel), blocked: reason != nil) {
+            case .timedOut:
+                break calling
+            case .send:
+                send(Queued(key: key, body: body, deadline: deadline, alone: request.waiting != nil), partition: partition, on: link)
+                schedule.sent(at: elapsed(now), on: ObjectIdentifier(link.channel), jitter: Double.random(in: CallSchedule<ObjectIdentifier>.jitter))
+                continue
+            case .waitForChannel:
+                // Publishing now would only queue the request in a socket the broker does not read; a reply
+                // to an earlier attempt still answers the call.
+                waitUntil = min(deadline, now + .milliseconds(50))
+            case .wait(let until):
+                waitUntil = min(deadline, began + .milliseconds(until))
+            }
             let answer: Result<Reply, BatonClientError>?
-            // The next resend comes later (doubled, with ±20 % jitter, never past the deadline): at most
-            // twice `resendAfter` for a call, so a request lost in a failover is asked for again within 3 s
-            // of the fault clearing, while an overloaded worker gets each call again half as often; at
-            // most 15 s for a waiting claim, whose answer may take minutes anyway.
-            let cap = request.waiting != nil ? max(resendAfter, .seconds(15)) : resendAfter * 2
-            resendInterval = min(resendInterval * 2, cap) * Double.random(in: 0.8...1.2)
             if request.waiting != nil {
                 // A waiting claim may wait minutes: a cancelled caller stops waiting at once.
                 if Task.isCancelled { throw CancellationError() }
-                answer = await withTaskCancellationHandler { await pending.wait(until: waitedUntil) } onCancel: { pending.wake() }
+                answer = await withTaskCancellationHandler { await pending.wait(until: waitUntil) } onCancel: { pending.wake() }
                 if answer == nil, Task.isCancelled { throw CancellationError() }
             } else {
-                answer = await pending.wait(until: waitedUntil)
+                answer = await pending.wait(until: waitUntil)
             }
             switch answer {
             case .success(let reply)?:
@@ -741,9 +745,12 @@ public final class BatonClient: Sendable {
             case .failure(let error)?:
                 throw BatonClientError(code: error.code, message: error.message, requestID: request.requestID, errorCode: error.errorCode)
             case nil:
-                continue  // no reply yet: publish again with the same request id
+                continue  // no reply yet: ask the schedule again (a resend with the same request id when due)
             }
         }
+        let attempts = schedule.attempts
+        // The broker's reason only when it blocked publishing since the last attempt (or the whole call).
+        if !schedule.lastBlocked { blocked = nil }
         if let blocked, attempts == 0 {
             throw BatonClientError(
                 code: .blocked,

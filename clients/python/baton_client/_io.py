@@ -6,7 +6,9 @@ entry point of pika) and ``concurrent.futures.Future`` objects. It
 * publishes requests (section 3.1) with ``mandatory=true``, ``delivery_mode=2``, ``user_id``,
   ``correlation_id``, ``reply_to=amq.rabbitmq.reply-to`` and ``expiration`` = the call's remaining
   milliseconds, optionally in publisher-confirm mode;
-* resends each unanswered call's unchanged body every resend interval until its timeout;
+* resends each unanswered call's unchanged body as ``_schedule.CallSchedule`` says (the Swift
+  client's schedule: intervals doubling with jitter up to twice the resend interval, at once on a new
+  channel, never past the call's publishing deadline);
 * fails a call whose message the broker returned (``basic.return``) as unroutable, and a call
   whose publish the broker refused (channel closed with 403/406) as forbidden, without resending;
 * keeps calls across a dropped channel or connection: it reconnects (with backoff), consumes
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import re
 import threading
 import time
@@ -50,6 +53,7 @@ from .errors import (
     ProtocolError,
     UnroutableError,
 )
+from ._schedule import SEND, CallSchedule
 from .requests import EVENTS_EXCHANGE
 
 log = logging.getLogger("baton_client")
@@ -65,7 +69,8 @@ class Call:
     def __init__(self, *, exchange: str, routing_key: str, body: bytes, timeout: float,
                  resend_after: Optional[float], with_user_id: bool = True, expected: int = 0,
                  label: str = "request", request_id: Optional[str] = None,
-                 first_message_only: bool = False, publish_for: Optional[float] = None):
+                 first_message_only: bool = False, publish_for: Optional[float] = None,
+                 waiting: bool = False, max_resend_interval: Optional[float] = None):
         self.correlation_id = str(uuid.uuid4())
         self.exchange = exchange
         self.routing_key = routing_key
@@ -89,6 +94,11 @@ class Call:
         self.first_sent: Optional[float] = None
         self.last_sent: Optional[float] = None
         self.sends = 0
+        # When to publish, in milliseconds since ``created`` (a waiting claim backs off further).
+        self.schedule = CallSchedule(
+            None if resend_after is None else max(1, int(resend_after * 1000)),
+            max(1, int((self.publish_until - self.created) * 1000)), waiting,
+            None if max_resend_interval is None else max(1, int(max_resend_interval * 1000)))
         self.channel_gen = -1
         self.parts: Dict[int, Any] = {}
         self.messages = 0  # reply messages received (a batch reply may be split)
@@ -97,6 +107,10 @@ class Call:
     @property
     def done(self) -> bool:
         return self.future.done()
+
+    def ms(self, now: float) -> int:
+        """``now`` (``time.monotonic()``) as the schedule's milliseconds since the call began."""
+        return int((now - self.created) * 1000)
 
     def _complete(self, value: Any) -> None:
         if not self.future.done():
@@ -465,6 +479,7 @@ class IOThread:
         call.last_sent = now
         call.sends += 1
         call.channel_gen = self._channel_gen
+        call.schedule.sent(call.ms(now), self._channel_gen, random.uniform(0.8, 1.2))
         if self._confirms:
             self._next_tag += 1
             self._unconfirmed[self._next_tag] = (call.correlation_id, now)
@@ -545,9 +560,7 @@ class IOThread:
                 continue
             if not self._ready or self._blocked:
                 continue
-            if call.last_sent is None or (call.channel_gen != self._channel_gen):
-                self._publish(call)
-            elif call.resend_after is not None and now - call.last_sent >= call.resend_after:
+            if call.schedule.step(call.ms(now), self._channel_gen) == SEND:
                 self._publish(call)
         self._refresh_if_stale(now)
         if not self._closing:

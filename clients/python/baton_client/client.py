@@ -275,7 +275,8 @@ class Client:
 
     def _make_call(self, requests: Union[Request, Sequence[Request]], routing_key: int,
                    timeout: float, resend_after: Optional[float], label: str,
-                   publish_for: Optional[float] = None) -> Call:
+                   publish_for: Optional[float] = None, waiting: bool = False,
+                   max_resend_interval: Optional[float] = None) -> Call:
         """A call that waits ``timeout`` seconds for its reply; its ``deadline`` and
         ``expiration`` end ``publish_for`` seconds from now (default: ``timeout``)."""
         publish = timeout if publish_for is None else min(publish_for, timeout)
@@ -297,7 +298,7 @@ class Client:
                              f"are allowed (section 3.2)")
         return Call(exchange=exchange, routing_key=str(routing_key), body=data, timeout=timeout,
                     resend_after=resend_after, expected=expected, label=label, request_id=rid,
-                    publish_for=publish)
+                    publish_for=publish, waiting=waiting, max_resend_interval=max_resend_interval)
 
     def _wait(self, call: Call) -> Any:
         try:
@@ -375,7 +376,7 @@ class Client:
             wait_ms = req.fields["wait_ms"]
             local, publish = waiting_claim_times(wait_ms, t)
             call = self._make_call(req, p, local, ra, f"claim (waiting up to {wait_ms} ms)",
-                                   publish_for=publish)
+                                   publish_for=publish, waiting=True)
         else:
             call = self._make_call(req, p, t, ra, "claim")
         self._submit(call)

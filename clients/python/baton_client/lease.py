@@ -246,7 +246,7 @@ class Lease:
         req = Request.renew(self.buffer, self.connection, token, self.lease_ms)
         call = self.client._submit(self.client._make_call(
             req, self.client._route(req), timeout, self.renew_resend,
-            "renew (confirming a waiting grant)"))
+            "renew (confirming a waiting grant)", max_resend_interval=self.renew_resend))
         # Until the renewal is answered the lease is confirmed by nothing; start the clocks now so
         # that remaining() and the keeper have a value (replaced below when it is answered).
         self._confirmed_send = self._expiry = time.monotonic()
@@ -342,7 +342,8 @@ class Lease:
         late_at = self._expiry - self.lease_ms / 2000.0
         timeout = min(max(0.05, lost_at - time.monotonic()), 300.0)
         call = self.client._submit(self.client._make_call(
-            req, self.client._route(req), timeout, self.renew_resend, "renew"))
+            req, self.client._route(req), timeout, self.renew_resend, "renew",
+            max_resend_interval=self.renew_resend))
         while True:
             now = time.monotonic()
             if self._stop.is_set():
@@ -423,7 +424,8 @@ class KeptMembership(Lease):
         partition = self.client._route(req)
         self.client._require_partition_revision(partition, 6, "join")
         call = self.client._submit(self.client._make_call(
-            req, partition, self.client._timeout(self.claim_timeout), self.renew_resend, "join"))
+            req, partition, self.client._timeout(self.claim_timeout), self.renew_resend, "join",
+            max_resend_interval=self.renew_resend))
         reply = parse_reply(self.client._wait(call)).raise_for_error()
         replica_id = reply.raw.get("replica_id")
         if reply.status != "joined" or reply.token is None or not isinstance(replica_id, int):
