@@ -196,18 +196,36 @@ extension PartitionMemoryTests {
         let knownEpochs = epochs
 
         // Hold the connection so that the three batches wait for it together; partition 0's is a repeat,
-        // which memory decides as a new claim and whose record is taken: the group's write aborts.
-        let holding = Task { try await store.connection.withSession { session in try session.query("SELECT pg_sleep(0.3)") } }
-        try await Task.sleep(for: .milliseconds(50))
-        let results = try await withThrowingTaskGroup(of: (Int, BatchResult).self) { group in
-            for partition in 0..<3 {
-                group.addTask {
-                    let request = partition == 0 ? claims[0] : Request.release(buffer(in: partition, prefix: "g"), connection: "c1", token: 1)
-                    return (partition, try await store.apply([request], partition: partition, epoch: knownEpochs[partition]!))
-                }
+        // which memory decides as a new claim and whose record is taken: the group's write aborts. The
+        // store's connection waits for an advisory lock the rival holds until the batches are queued (a
+        // 0.3 s pg_sleep started 50 ms before them was not always running yet under CI's load).
+        let lock = "SELECT pg_advisory_lock(884211)"
+        _ = try await rival.connection.withSession { session in try session.query(lock) }
+        let holding = Task {
+            try await store.connection.withSession { session in
+                _ = try session.query(lock)
+                _ = try session.query("SELECT pg_advisory_unlock(884211)")
             }
-            return try await group.reduce(into: [Int: BatchResult]()) { $0[$1.0] = $1.1 }
         }
+        #expect(try await Deployment.eventually {
+            try await rival.connection.withSession { session in
+                try session.query("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = 884211 AND NOT granted").first()
+            } == "1"
+        }, "the store's connection waits for the lock")
+        let applying = Task {
+            try await withThrowingTaskGroup(of: (Int, BatchResult).self) { group in
+                for partition in 0..<3 {
+                    group.addTask {
+                        let request = partition == 0 ? claims[0] : Request.release(buffer(in: partition, prefix: "g"), connection: "c1", token: 1)
+                        return (partition, try await store.apply([request], partition: partition, epoch: knownEpochs[partition]!))
+                    }
+                }
+                return try await group.reduce(into: [Int: BatchResult]()) { $0[$1.0] = $1.1 }
+            }
+        }
+        try await Task.sleep(for: .milliseconds(500))  // the three batches queue behind the held connection
+        _ = try await rival.connection.withSession { session in try session.query("SELECT pg_advisory_unlock(884211)") }
+        let results = try await applying.value
         try await holding.value
         #expect(results[0]?.replayed == 1 && results[0]?.decided[0].token == 1, "the repeat is answered from its record")
         #expect(results[1]?.decided[0].status == .released && results[2]?.decided[0].status == .released)
