@@ -166,6 +166,11 @@ let package = Package(
             name: "BatonLabTests",
             dependencies: ["BatonLab", "BatonCore"]
         ),
+        // The client's coalescing lanes: pure, no broker.
+        .testTarget(
+            name: "BatonClientTests",
+            dependencies: ["BatonClient", "BatonCore"]
+        ),
         // The worker's partition state machine and deferred ack: pure, no broker or database.
         .testTarget(
             name: "BatonWorkerTests",

@@ -227,7 +227,7 @@ public final class BatonClient: Sendable {
         /// share a key share the wait.
         var pending: [String: (call: PendingCall, users: Int)] = [:]
         /// Per partition: messages in flight and requests waiting to go with the next one.
-        var lanes: [Int: Lane] = [:]
+        var lanes: [Int: Lane<Queued>] = [:]
         /// Messages sent and not yet answered, by correlation (and message) id.
         var sent: [String: SentMessage] = [:]
         var statistics = Statistics()
@@ -258,28 +258,19 @@ public final class BatonClient: Sendable {
     /// wakes it then).
     private typealias PendingCall = Waiter<Result<Reply, BatonClientError>>
 
-    /// A request ready to go, as part of the next message for its partition.
-    private struct Queued {
+    /// A request ready to go, as part of the next message for its partition (``Lane``).
+    struct Queued: LaneItem {
         let key: String
         let body: [UInt8]
         let deadline: ContinuousClock.Instant
         /// A claim that waits in line: sent alone (the worker refuses it in a coalesced message), and not
         /// counted as in flight for its partition (its answer may take until its wait ends).
         var alone = false
+        var bodyBytes: Int { body.count }
     }
 
-    /// One partition's traffic: messages in flight (until answered, or until they count as lost at
-    /// `resendAfter`) and the requests waiting for them.
-    private struct Lane {
-        var inFlight: [String: ContinuousClock.Instant] = [:]
-        var queued: [Queued] = []
-        /// When the oldest of ``queued`` was queued.
-        var queuedSince: ContinuousClock.Instant?
-        /// When the last reply freed the lane.
-        var freedAt: ContinuousClock.Instant?
-        /// A flush is scheduled for the end of a linger.
-        var lingering = false
-    }
+    /// How the partitions' lanes coalesce (from ``configuration``).
+    private let laneSettings: Lane<Queued>.Settings
 
     /// A message in flight: which calls it carries (in the order of its batch), and how many of their
     /// replies came (a batch reply may come in several parts).
@@ -296,9 +287,7 @@ public final class BatonClient: Sendable {
         let now = ContinuousClock.now
         let (closed, pending, stalled, stale) = state.withLock { state in
             state.sent = state.sent.filter { $0.value.expires > now }
-            let stalled = state.lanes.compactMap { partition, lane in
-                !lane.queued.isEmpty && (lane.inFlight.isEmpty || lane.inFlight.values.contains { $0 <= now }) ? partition : nil
-            }
+            let stalled = state.lanes.compactMap { partition, lane in lane.stalled(at: now) ? partition : nil }
             return (state.closed, state.pending.values.map(\.call), stalled, staleLink(&state, now: now))
         }
         if let (link, reason) = stale { Task { await self.refreshChannel(of: link, reason: reason) } }
@@ -358,7 +347,7 @@ public final class BatonClient: Sendable {
                 state.link = Link(connection: link.connection, channel: channel, node: link.node)
                 state.statistics.freshChannels += 1
                 // What was in flight on the old channel is resent: its lanes are free again.
-                for partition in state.lanes.keys { state.lanes[partition]?.inFlight.removeAll() }
+                for partition in state.lanes.keys { state.lanes[partition]?.lostAll() }
                 return state.pending.values.map(\.call)
             }
             guard let calls else {
@@ -389,6 +378,10 @@ public final class BatonClient: Sendable {
     public init(configuration: BatonClientConfiguration, logger: Logger = Logger(label: "baton.client")) {
         self.configuration = configuration
         self.logger = logger
+        laneSettings = Lane<Queued>.Settings(
+            coalesce: configuration.coalesce, maxCoalesced: configuration.maxCoalesced, linger: configuration.linger,
+            lingerTarget: configuration.lingerTarget, resendAfter: configuration.resendAfter
+        )
         // One reaper per client instead of a timer per call; it ends with the client.
         Task { [weak self] in
             while true {
@@ -834,8 +827,7 @@ public final class BatonClient: Sendable {
     private func send(_ request: Queued, partition: Int, on link: Link) {
         let message = state.withLock { state -> (String, [Queued])? in
             var lane = state.lanes[partition] ?? Lane()
-            if lane.queued.isEmpty { lane.queuedSince = .now }
-            lane.queued.append(request)
+            lane.enqueue(request, now: .now)
             defer { state.lanes[partition] = lane }
             return nextMessage(&lane, partition: partition, state: &state)
         }
@@ -848,7 +840,7 @@ public final class BatonClient: Sendable {
 
     /// A linger ended: sends what waited.
     private func endLinger(_ partition: Int) {
-        state.withLock { $0.lanes[partition]?.lingering = false }
+        state.withLock { $0.lanes[partition]?.lingerEnded() }
         flush(partition)
     }
 
@@ -868,54 +860,29 @@ public final class BatonClient: Sendable {
         }
     }
 
-    /// Takes the next message's requests off `lane` when it may send (nothing in flight that still
-    /// counts, or coalescing off), and records the message as in flight.
-    private func nextMessage(_ lane: inout Lane, partition: Int, state: inout ClientState) -> (String, [Queued])? {
+    /// Takes the next message's requests off `lane` when it may send (``Lane/next(now:busy:settings:)``)
+    /// and records the message as in flight; schedules the end of a linger.
+    private func nextMessage(_ lane: inout Lane<Queued>, partition: Int, state: inout ClientState) -> (String, [Queued])? {
         let now = ContinuousClock.now
-        lane.inFlight = lane.inFlight.filter { $0.value > now }
-        guard !lane.queued.isEmpty else { return nil }
-        if let index = lane.queued.firstIndex(where: \.alone) {
-            // A waiting claim goes at once, alone, whatever is in flight.
-            let item = lane.queued.remove(at: index)
-            state.nextMessage += 1
-            let id = "\(messagePrefix)-\(state.nextMessage)"
-            state.sent[id] = SentMessage(partition: partition, keys: [item.key], expires: item.deadline + .seconds(1))
-            state.statistics.messages += 1
-            state.statistics.requests += 1
-            return (id, [item])
-        }
-        guard lane.inFlight.isEmpty || !configuration.coalesce else { return nil }
-        if configuration.coalesce, configuration.linger > .zero, lane.queued.count < configuration.lingerTarget,
-           state.pending.count >= configuration.busyCalls, let since = [lane.freedAt, lane.queuedSince].compactMap({ $0 }).max(),
-           now < since + configuration.linger {
-            if !lane.lingering {
-                lane.lingering = true
-                let until = since + configuration.linger
-                Task { [weak self] in
-                    try? await Task.sleep(until: until, tolerance: .microseconds(100))
-                    self?.endLinger(partition)
-                }
+        switch lane.next(now: now, busy: state.pending.count >= configuration.busyCalls, settings: laneSettings) {
+        case .nothing:
+            return nil
+        case .linger(let until):
+            Task { [weak self] in
+                try? await Task.sleep(until: until, tolerance: .microseconds(100))
+                self?.endLinger(partition)
             }
             return nil
+        case .send(let items, let alone):
+            // Unique per client run without a random source per message: a prefix drawn once, and a counter.
+            state.nextMessage += 1
+            let id = "\(messagePrefix)-\(state.nextMessage)"
+            if !alone { lane.sent(id, at: now, settings: laneSettings) }
+            state.sent[id] = SentMessage(partition: partition, keys: items.map(\.key), expires: (items.map(\.deadline).max() ?? now) + .seconds(1))
+            state.statistics.messages += 1
+            state.statistics.requests += items.count
+            return (id, items)
         }
-        var count = 0
-        var bytes = 32
-        let limit = configuration.coalesce ? max(1, min(configuration.maxCoalesced, ProtocolV1.maxBatchCount)) : 1
-        while count < lane.queued.count, count < limit, count == 0 || bytes + lane.queued[count].body.count + 1 <= 60 * 1024 {
-            bytes += lane.queued[count].body.count + 1
-            count += 1
-        }
-        let items = Array(lane.queued.prefix(count))
-        lane.queued.removeFirst(count)
-        lane.queuedSince = lane.queued.isEmpty ? nil : now
-        // Unique per client run without a random source per message: a prefix drawn once, and a counter.
-        state.nextMessage += 1
-        let id = "\(messagePrefix)-\(state.nextMessage)"
-        lane.inFlight[id] = now + configuration.resendAfter
-        state.sent[id] = SentMessage(partition: partition, keys: items.map(\.key), expires: (items.map(\.deadline).max() ?? now) + .seconds(1))
-        state.statistics.messages += 1
-        state.statistics.requests += items.count
-        return (id, items)
     }
 
     /// Publishes one message (a single request, or a coalesced batch) without waiting.
@@ -935,7 +902,7 @@ public final class BatonClient: Sendable {
             // The connection failed: let the calls resend on a new one.
             self.logger.debug("publishing failed; reconnecting", metadata: ["baton.error": "\(error)"])
             self.state.withLock { state in
-                state.lanes[partition]?.inFlight.removeValue(forKey: id)
+                state.lanes[partition]?.lost(id)
                 state.sent.removeValue(forKey: id)
             }
             self.dropLink()
@@ -1041,7 +1008,7 @@ public final class BatonClient: Sendable {
                         state.brokerNode = (node + 1) % urls.count
                     }
                     // What was in flight went with the connection: its lanes are free for the resends.
-                    for partition in state.lanes.keys { state.lanes[partition]?.inFlight.removeAll() }
+                    for partition in state.lanes.keys { state.lanes[partition]?.lostAll() }
                     return state.pending.values.map(\.call)
                 }
                 for call in calls ?? [] { call.wake() }
@@ -1051,7 +1018,7 @@ public final class BatonClient: Sendable {
             guard let self, let messageID else { return }
             let calls = self.state.withLock { state -> [PendingCall] in
                 guard let message = state.sent.removeValue(forKey: messageID) else { return [] }
-                state.lanes[message.partition]?.inFlight.removeValue(forKey: messageID)
+                state.lanes[message.partition]?.lost(messageID)
                 return message.keys.compactMap { state.pending[$0]?.call }
             }
             for call in calls {
@@ -1083,11 +1050,9 @@ public final class BatonClient: Sendable {
             // comes in parts, and an element refused without a request id is matched by its place.
             let record = state.withLock { state -> SentMessage? in
                 guard var record = state.sent[correlationID] else { return nil }
-                if state.lanes[record.partition]?.inFlight.removeValue(forKey: correlationID) != nil {
-                    // The calls answered now come back soon with their next requests: under load, the
-                    // lane lingers for them (``BatonClientConfiguration/linger``).
-                    state.lanes[record.partition]?.freedAt = .now
-                }
+                // The calls answered now come back soon with their next requests: under load, the lane
+                // lingers for them (``BatonClientConfiguration/linger``).
+                state.lanes[record.partition]?.answered(correlationID, at: .now)
                 record.answered += decoded?.replies.count ?? record.keys.count
                 if decoded?.first == nil || record.answered >= record.keys.count {
                     state.sent.removeValue(forKey: correlationID)
