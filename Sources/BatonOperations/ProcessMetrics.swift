@@ -17,15 +17,15 @@ final class ProcessMetrics: Sendable {
     private let startTime: Gauge
 
     init(registry: PrometheusCollectorRegistry, build: BuildLabels) {
-        residentMemory = registry.makeGauge(name: "process_resident_memory_bytes", help: "Resident memory size in bytes.")
-        virtualMemory = registry.makeGauge(name: "process_virtual_memory_bytes", help: "Virtual memory size in bytes.")
+        residentMemory = registry.gauge("process_resident_memory_bytes", help: "Resident memory size in bytes.")
+        virtualMemory = registry.gauge("process_virtual_memory_bytes", help: "Virtual memory size in bytes.")
         // A gauge set to the total at each scrape: a counter could only be incremented by deltas.
-        cpuSeconds = registry.makeGauge(name: "process_cpu_seconds_total", help: "Total user and system CPU time spent in seconds.")
-        openDescriptors = registry.makeGauge(name: "process_open_fds", help: "Number of open file descriptors.")
-        maxDescriptors = registry.makeGauge(name: "process_max_fds", help: "Maximum number of open file descriptors.")
-        startTime = registry.makeGauge(name: "process_start_time_seconds", help: "Start time of the process since unix epoch in seconds.")
-        registry.makeGauge(
-            name: "baton_build_info", labels: [("version", build.version), ("commit", build.commit), ("built", build.date)],
+        cpuSeconds = registry.gauge("process_cpu_seconds_total", help: "Total user and system CPU time spent in seconds.")
+        openDescriptors = registry.gauge("process_open_fds", help: "Number of open file descriptors.")
+        maxDescriptors = registry.gauge("process_max_fds", help: "Maximum number of open file descriptors.")
+        startTime = registry.gauge("process_start_time_seconds", help: "Start time of the process since unix epoch in seconds.")
+        registry.gauge(
+            "baton_build_info", labels: [("version", build.version), ("commit", build.commit), ("built", build.date)],
             help: "Always 1: the worker's release, the git commit it was built from and its build date."
         ).set(to: 1.0)
         update()
@@ -105,11 +105,11 @@ final class ReadinessMetrics: Sendable {
     private let replyConnected: Gauge
 
     init(registry: PrometheusCollectorRegistry) {
-        ready = registry.makeGauge(name: "baton_ready", help: "1 when /health/ready answers 200.")
-        stalled = registry.makeGauge(name: "baton_partitions_stalled", help: "Served partitions whose database calls keep failing.")
-        notConsumed = registry.makeGauge(name: "baton_partitions_not_consumed", help: "Served partitions without a live consumer.")
-        blocked = registry.makeGauge(name: "baton_publishing_blocked", help: "1 while the broker blocks the worker's publishing (resource alarm).")
-        replyConnected = registry.makeGauge(name: "baton_reply_connected", help: "1 while the connection that carries replies is open.")
+        ready = registry.gauge("baton_ready", help: "1 when /health/ready answers 200.")
+        stalled = registry.gauge("baton_partitions_stalled", help: "Served partitions whose database calls keep failing.")
+        notConsumed = registry.gauge("baton_partitions_not_consumed", help: "Served partitions without a live consumer.")
+        blocked = registry.gauge("baton_publishing_blocked", help: "1 while the broker blocks the worker's publishing (resource alarm).")
+        replyConnected = registry.gauge("baton_reply_connected", help: "1 while the connection that carries replies is open.")
     }
 
     func update(_ state: WorkerReadiness) {
@@ -118,5 +118,13 @@ final class ReadinessMetrics: Sendable {
         notConsumed.set(to: Double(Set(state.partitions).subtracting(state.consuming).count))
         blocked.set(to: state.publishingBlocked == nil ? 0 : 1)
         replyConnected.set(to: state.replyConnected ? 1 : 0)
+    }
+}
+
+extension PrometheusCollectorRegistry {
+    /// A gauge named `name` (already fully qualified: no unit is appended), through the descriptor API
+    /// that replaced `makeGauge(name:help:)`.
+    fileprivate func gauge(_ name: String, labels: [(String, String)] = [], help: String) -> Gauge {
+        makeGauge(descriptor: MetricNameDescriptor(metricName: name, unitName: "", helpText: help), labels: labels)
     }
 }

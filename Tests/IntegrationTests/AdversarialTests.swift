@@ -474,6 +474,7 @@ final class CapturedLogs: LogHandler, Sendable {
         try await marker.publish(OutgoingMessage(exchange: "", routingKey: ProtocolV1.requestQueue(1), body: Array("marker".utf8)))
 
         let log = FileManager.default.temporaryDirectory.appendingPathComponent("baton-bench-killed-\(UUID().uuidString).log")
+        defer { try? FileManager.default.removeItem(at: log) }
         let bench = try deployment.launchBaton(
             ["bench", "--duration", "60", "--workload", "hot", "--system", "baton", "--clients", "4", "--partitions", "2", "--no-half-peak",
              "--output", FileManager.default.temporaryDirectory.appendingPathComponent("baton-bench-killed").path],

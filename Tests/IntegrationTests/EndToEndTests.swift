@@ -477,6 +477,10 @@ import Testing
         let deployment = try await Deployment.make(partitions: 4)
         let output = FileManager.default.temporaryDirectory.appendingPathComponent("baton-bench-\(UUID().uuidString)")
         let log = output.appendingPathExtension("log")
+        defer {
+            try? FileManager.default.removeItem(at: output)
+            try? FileManager.default.removeItem(at: log)
+        }
         let process = try deployment.launchBaton(["bench"] + arguments + ["--output", output.path], log: log)
         let status = await process.wait(timeout: .seconds(150))
         let text = (try? String(contentsOf: log, encoding: .utf8)) ?? ""
