@@ -19,6 +19,16 @@ import Testing
         return nil
     }
 
+    /// A lane whose message "m1" (request "a") went at `t0` and is in flight, with "b" queued behind it.
+    func laneWithAMessageInFlight() -> Lane<Item> {
+        var lane = Lane<Item>()
+        lane.enqueue(Item(name: "a"), now: t0)
+        _ = lane.next(now: t0, busy: false, settings: settings)
+        lane.sent("m1", at: t0, settings: settings)
+        lane.enqueue(Item(name: "b"), now: t0)
+        return lane
+    }
+
     @Test func aLoneCallGoesAtOnceAndWhatComesMeanwhileWaitsForItsAnswer() {
         var lane = Lane<Item>()
         lane.enqueue(Item(name: "a"), now: t0)
@@ -36,22 +46,14 @@ import Testing
     }
 
     @Test func aMessageUnansweredForTheResendIntervalNoLongerHoldsTheLane() {
-        var lane = Lane<Item>()
-        lane.enqueue(Item(name: "a"), now: t0)
-        _ = lane.next(now: t0, busy: false, settings: settings)
-        lane.sent("m1", at: t0, settings: settings)
-        lane.enqueue(Item(name: "b"), now: t0)
+        var lane = laneWithAMessageInFlight()
         #expect(!lane.stalled(at: t0 + .milliseconds(1499)))
         #expect(lane.stalled(at: t0 + .milliseconds(1500)), "the reaper sends what waits")
         #expect(names(lane.next(now: t0 + .milliseconds(1500), busy: false, settings: settings)) == ["b"])
     }
 
     @Test func aWaitingClaimGoesAloneAndAtOnceAndHoldsNothing() {
-        var lane = Lane<Item>()
-        lane.enqueue(Item(name: "a"), now: t0)
-        _ = lane.next(now: t0, busy: false, settings: settings)
-        lane.sent("m1", at: t0, settings: settings)
-        lane.enqueue(Item(name: "b"), now: t0)
+        var lane = laneWithAMessageInFlight()
         lane.enqueue(Item(name: "w", alone: true), now: t0)
         guard case .send(let items, alone: true) = lane.next(now: t0, busy: false, settings: settings) else {
             Issue.record("the waiting claim did not go at once")
@@ -113,11 +115,7 @@ import Testing
     }
 
     @Test func aLostConnectionFreesTheLaneForTheResends() {
-        var lane = Lane<Item>()
-        lane.enqueue(Item(name: "a"), now: t0)
-        _ = lane.next(now: t0, busy: false, settings: settings)
-        lane.sent("m1", at: t0, settings: settings)
-        lane.enqueue(Item(name: "b"), now: t0)
+        var lane = laneWithAMessageInFlight()
         lane.lostAll()
         #expect(names(lane.next(now: t0, busy: false, settings: settings)) == ["b"])
     }

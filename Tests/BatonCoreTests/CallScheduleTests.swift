@@ -58,7 +58,7 @@ import Testing
     /// interval (resend_after times the smallest jitter, or resend_after itself the first time).
     @Test func resendsStayWithinTheirBoundsForAnyJitter() {
         for seed in 0..<200 {
-            var random = SplitMix(seed: UInt64(seed))
+            var random = SplitMix(seed: UInt64(seed))  // WaitingTests.swift
             let resendAfter = Int64(random.next() % 3_000 + 100)
             let deadline = Int64(random.next() % 60_000 + 1)
             let waiting = random.next() % 2 == 0
@@ -88,19 +88,6 @@ import Testing
                 }
                 break
             }
-        }
-    }
-
-    /// A small deterministic generator for the property above.
-    struct SplitMix {
-        var state: UInt64
-        init(seed: UInt64) { state = seed }
-        mutating func next() -> UInt64 {
-            state &+= 0x9E37_79B9_7F4A_7C15
-            var z = state
-            z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-            z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-            return z ^ (z >> 31)
         }
     }
 }
