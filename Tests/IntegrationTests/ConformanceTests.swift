@@ -42,7 +42,7 @@ import Testing
             let names = Placeholders(prefix: "conformance/\(run)/\(index)", connectionPrefix: "conn-\(run)-\(index)")
             var failures: [String] = []
             var waiting: [String: (correlationID: String, route: Int)] = [:]  // `later` steps by name
-            for (number, stepValue) in steps.enumerated() {
+            for (number, stepValue) in Self.expanded(steps).enumerated() {
                 guard case .object(let step) = stepValue else { failures.append("step \(number) is not an object"); break }
                 if case .string(let name)? = step["answer"] {
                     // The answer to an earlier `later` step.
@@ -119,6 +119,25 @@ import Testing
     }
 
     /// The buffer a step routes by: the request's, or the first batch element's that has one.
+    /// The steps with each `repeat: N` step as N steps, `{n}` in its strings the 0-based repetition
+    /// (docs/conformance/README.md).
+    static func expanded(_ steps: [JSONValue]) -> [JSONValue] {
+        steps.flatMap { step -> [JSONValue] in
+            guard case .object(var fields) = step, case .integer(let times)? = fields.removeValue(forKey: "repeat") else { return [step] }
+            return (0..<Int(times)).map { withIndex(.object(fields), $0) }
+        }
+    }
+
+    /// `value` with `{n}` replaced by `index` in every string.
+    static func withIndex(_ value: JSONValue, _ index: Int) -> JSONValue {
+        switch value {
+        case .string(let text): .string(text.replacingOccurrences(of: "{n}", with: String(index)))
+        case .array(let items): .array(items.map { withIndex($0, index) })
+        case .object(let fields): .object(Dictionary(uniqueKeysWithValues: fields.map { (withIndex(.string($0.key), index).stringValue ?? $0.key, withIndex($0.value, index)) }))
+        default: value
+        }
+    }
+
     static func buffer(of value: JSONValue?) -> String? {
         guard case .object(let object)? = value else { return nil }
         if case .string(let buffer)? = object["buffer"] { return buffer }

@@ -49,6 +49,30 @@ def substitute(value, names):
     return value
 
 
+def with_index(value, index):
+    """``value`` with ``{n}`` replaced by ``index`` in every string (a step's ``repeat``)."""
+    if isinstance(value, str):
+        return value.replace("{n}", str(index))
+    if isinstance(value, list):
+        return [with_index(v, index) for v in value]
+    if isinstance(value, dict):
+        return {with_index(k, index): with_index(v, index) for k, v in value.items()}
+    return value
+
+
+def expanded(steps):
+    """The steps with each ``repeat: N`` step as N steps, ``{n}`` the 0-based repetition."""
+    out = []
+    for step in steps:
+        times = step.get("repeat")
+        if times is None:
+            out.append(step)
+            continue
+        body = {k: v for k, v in step.items() if k != "repeat"}
+        out.extend(with_index(body, i) for i in range(times))
+    return out
+
+
 def is_int(v):
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -127,7 +151,7 @@ def test_case(index, client, schema_validator):
     pending = {}
     pool = ThreadPoolExecutor(max_workers=4)
     try:
-        for i, step in enumerate(case["steps"]):
+        for i, step in enumerate(expanded(case["steps"])):
             _run_step(client, schema_validator, case, names, n, i, step, pool, pending)
     finally:
         # A `later` step whose answer moved to a repeat never gets one: its call times out on its own.

@@ -208,7 +208,10 @@ def test_vectors_file_shape():
                 assert set(s) <= {"answer", "expect"} and s["answer"] in later
                 continue
             assert ("send" in s) != ("send_raw" in s)
-            assert set(s) <= {"send", "send_raw", "route", "user_id", "expect", "later"}
+            assert set(s) <= {"send", "send_raw", "route", "user_id", "expect", "later", "repeat"}
+            if "repeat" in s:
+                # N steps in one, {n} their index; a repeated step is answered at once.
+                assert isinstance(s["repeat"], int) and 1 <= s["repeat"] <= 1024 and "later" not in s
             assert ("later" in s) != ("expect" in s)
             if "later" in s:
                 later.add(s["later"])
