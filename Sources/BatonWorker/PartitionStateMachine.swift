@@ -117,12 +117,37 @@ struct PartitionStateMachine {
         var duration: Duration = .zero
     }
 
-    private enum Operation: Equatable {
+    /// Where the partition is, as one value whose cases carry what each needs (in the style of
+    /// postgres-nio's `ConnectionStateMachine.State`): who owns the partition, what is in flight, and the
+    /// batch that waits for it. Only what cuts across every state (deliveries waiting, the sweep's clock,
+    /// the broker's alarm, the retry backoff, the deferred ack, stopping) is kept beside it.
+    private enum State {
+        /// Not the partition's owner: ticks go through the queue so that the active consumer takes it.
+        case standingBy(Standby)
+        /// The owner at `epoch`, doing `work`.
+        case owner(epoch: Int64, Work)
+        /// Done: nothing more is decided.
+        case finished(Exit)
+    }
+
+    private enum Standby {
+        case idle
+        /// The store is fencing out any previous owner (``Action/takePartition``).
         case taking
-        case applying(since: ContinuousClock.Instant)
-        case reading
-        case sweeping
+        /// Taking failed for now: retried after ``Action/retry(after:error:)``.
         case waitingToRetry
+    }
+
+    /// What the owner has in flight (each case with the batch it is for).
+    private enum Work {
+        case idle
+        /// A chunk of the batch is being applied by the store, since `since`.
+        case applying(Batch, since: ContinuousClock.Instant)
+        /// The batch's `events` reads are being read, after its decisions.
+        case reading(Batch)
+        case sweeping
+        /// A store call failed for now: the batch (if any) is decided again after the backoff.
+        case waitingToRetry(Batch?)
     }
 
     /// The batch being decided.
@@ -153,13 +178,10 @@ struct PartitionStateMachine {
     let configuration: Configuration
     /// Lines for the log since ``takeLogs()`` last took them.
     private var logs: [LogLine] = []
-    private(set) var epoch: Int64?
-    private var operation: Operation?
-    private var batch: Batch?
+    private var state = State.standingBy(.idle)
     private var pending: [AMQPMessage] = []
     private var stopping = false
     private var consumerEnded = false
-    private(set) var exit: Exit?
     private var lastTick: ContinuousClock.Instant?
     private var nextSweep: ContinuousClock.Instant
     private var sweepDue = false
@@ -179,6 +201,18 @@ struct PartitionStateMachine {
 
     /// Deliveries waiting for a batch (not yet taken into one).
     var waiting: Int { pending.count }
+
+    /// The epoch the partition is owned at, nil while standing by (or finished).
+    var epoch: Int64? {
+        if case .owner(let epoch, _) = state { return epoch }
+        return nil
+    }
+
+    /// Why the machine finished, nil while it runs.
+    var exit: Exit? {
+        if case .finished(let exit) = state { return exit }
+        return nil
+    }
 
     /// The log lines since the last call, in order (the driver writes them after each event).
     mutating func takeLogs() -> [LogLine] {
@@ -207,7 +241,7 @@ struct PartitionStateMachine {
     mutating func tick(now: ContinuousClock.Instant) -> [Action] {
         guard exit == nil else { return [] }
         var actions: [Action] = []
-        if epoch == nil, !stopping, lastTick.map({ now - $0 >= configuration.tickInterval }) ?? true {
+        if case .standingBy = state, !stopping, lastTick.map({ now - $0 >= configuration.tickInterval }) ?? true {
             lastTick = now
             actions.append(.publishTick)
         }
@@ -232,22 +266,22 @@ struct PartitionStateMachine {
 
     /// The partition was taken at `epoch`, or taking it failed.
     mutating func partitionTaken(_ result: Result<Int64, Failure>, now: ContinuousClock.Instant) -> [Action] {
-        guard exit == nil, operation == .taking else { return [] }
-        operation = nil
+        guard case .standingBy(.taking) = state else { return [] }
+        state = .standingBy(.idle)
         switch result {
         case .success(let taken):
-            epoch = taken
+            state = .owner(epoch: taken, .idle)
             log(.info, "took partition")
             return recovered() + [.active(epoch: taken)] + advance(now: now)
         case .failure(let failure):
-            return failed(failure)
+            return failed(failure, batch: nil)
         }
     }
 
     /// The store applied the chunk handed out by the last ``Action/apply(requests:epoch:)``, or failed.
     mutating func applied(_ result: Result<BatchResult, Failure>, now: ContinuousClock.Instant) -> [Action] {
-        guard exit == nil, case .applying(let since) = operation, var batch, let range = batch.work.first else { return [] }
-        operation = nil
+        guard case .owner(let epoch, .applying(var batch, let since)) = state, let range = batch.work.first else { return [] }
+        state = .owner(epoch: epoch, .idle)
         batch.report.commitTime += now - since
         switch result {
         case .success(let result):
@@ -258,8 +292,7 @@ struct PartitionStateMachine {
             batch.report.replayed += result.replayed
             batch.report.transactions += 1
             if result.fromMemory { batch.report.fromMemory += 1 }
-            self.batch = batch
-            return recovered() + advance(now: now)
+            return recovered() + advance(now: now, with: batch)
         case .failure(.data(let error)):
             batch.work.removeFirst()
             if range.count > 1 {
@@ -280,41 +313,45 @@ struct PartitionStateMachine {
                 batch.replies.append(Reply.rejection(refusal, partition: configuration.partition, at: nil))
                 batch.report.failed += 1
             }
-            self.batch = batch
-            return advance(now: now)
+            return advance(now: now, with: batch)
         case .failure(let failure):
-            self.batch = batch
-            return failed(failure)
+            return failed(failure, batch: batch)
         }
     }
 
     /// The store read what the batch's `events` requests asked for (one reply each, in order), or failed.
     mutating func read(_ result: Result<[Reply], Failure>, now: ContinuousClock.Instant) -> [Action] {
-        guard exit == nil, operation == .reading, var batch else { return [] }
-        operation = nil
+        guard case .owner(let epoch, .reading(var batch)) = state else { return [] }
+        state = .owner(epoch: epoch, .idle)
         switch result {
         case .success(let replies):
             batch.readReplies = replies
-            self.batch = batch
-            return recovered() + advance(now: now)
+            return recovered() + advance(now: now, with: batch)
         case .failure(let failure):
-            return failed(failure)
+            return failed(failure, batch: batch)
         }
     }
 
     /// The sweep finished (or the partition was lost meanwhile).
     mutating func swept(lost: Bool, now: ContinuousClock.Instant) -> [Action] {
-        guard exit == nil, operation == .sweeping else { return [] }
-        operation = nil
+        guard case .owner(let epoch, .sweeping) = state else { return [] }
+        state = .owner(epoch: epoch, .idle)
         if lost { return finish(.ownershipLost) }
         return advance(now: now)
     }
 
     /// The wait asked for by ``Action/retry(after:error:)`` is over.
     mutating func retryDue(now: ContinuousClock.Instant) -> [Action] {
-        guard exit == nil, operation == .waitingToRetry else { return [] }
-        operation = nil
-        return advance(now: now)
+        switch state {
+        case .standingBy(.waitingToRetry):
+            state = .standingBy(.idle)
+            return advance(now: now)
+        case .owner(let epoch, .waitingToRetry(let batch)):
+            state = .owner(epoch: epoch, .idle)
+            return advance(now: now, with: batch)
+        default:
+            return []
+        }
     }
 
     /// The linger asked for by ``Action/wake(after:)`` may be over.
@@ -335,16 +372,21 @@ struct PartitionStateMachine {
     mutating func stop(now: ContinuousClock.Instant) -> [Action] {
         guard exit == nil else { return [] }
         stopping = true
-        if operation == .waitingToRetry || operation == .taking {
-            operation = nil
-            batch = nil
+        switch state {
+        case .standingBy(.taking), .standingBy(.waitingToRetry):
+            state = .standingBy(.idle)
+        case .owner(let epoch, .waitingToRetry):
+            state = .owner(epoch: epoch, .idle)
+        default:
+            break
         }
         return advance(now: now)
     }
 
     // MARK: - Transitions
 
-    private mutating func failed(_ failure: Failure) -> [Action] {
+    /// A store call failed; `batch` is the batch it was for (decided again after the backoff).
+    private mutating func failed(_ failure: Failure, batch: Batch?) -> [Action] {
         let reason: String
         switch failure {
         case .ownershipLost:
@@ -359,12 +401,15 @@ struct PartitionStateMachine {
         }
         if stopping || consumerEnded {
             // Its deliveries return to the queue unanswered; the next consumer decides them.
-            batch = nil
             return finish(stopping ? .stopped : .consumerEnded)
         }
         let delay = backoff.next()
         log(.warning, "database call failed; holding the batch unacked and retrying", ["baton.error": reason, "baton.retry_in": "\(delay)"])
-        operation = .waitingToRetry
+        if case .owner(let epoch, _) = state {
+            state = .owner(epoch: epoch, .waitingToRetry(batch))
+        } else {
+            state = .standingBy(.waitingToRetry)
+        }
         stalled = true
         return [.stalled(reason), .retry(after: delay, error: reason)]
     }
@@ -377,8 +422,7 @@ struct PartitionStateMachine {
     }
 
     private mutating func finish(_ exit: Exit) -> [Action] {
-        self.exit = exit
-        operation = nil
+        state = .finished(exit)
         var actions: [Action] = []
         // A deferred ack goes out before the channels close (else its deliveries come back and are
         // answered again from their records).
@@ -387,32 +431,38 @@ struct PartitionStateMachine {
         return actions + [.finish(exit)]
     }
 
-    /// Starts whatever can start now: the next chunk of the batch in hand, its replies, a sweep, taking
-    /// the partition, the next batch.
-    private mutating func advance(now: ContinuousClock.Instant) -> [Action] {
+    /// Starts whatever can start now: the next chunk of the batch in hand (`batch`, whose last store call
+    /// just returned), its reads, its replies, a sweep, taking the partition, the next batch.
+    private mutating func advance(now: ContinuousClock.Instant, with batch: Batch? = nil) -> [Action] {
         var actions: [Action] = []
-        while exit == nil, operation == nil {
-            if var batch {
-                if let range = batch.work.first, let epoch {
-                    operation = .applying(since: now)
+        var inHand = batch
+        while true {
+            // Only an idle machine starts something; a store call in flight reports back first.
+            switch state {
+            case .standingBy(.idle), .owner(_, .idle): break
+            default: return actions
+            }
+            if var batch = inHand, case .owner(let epoch, _) = state {
+                if let range = batch.work.first {
+                    state = .owner(epoch: epoch, .applying(batch, since: now))
                     actions.append(.apply(requests: Array(batch.requests[range]), epoch: epoch))
                     return actions
                 }
                 if !batch.reads.isEmpty, batch.readReplies == nil {
-                    operation = .reading
+                    state = .owner(epoch: epoch, .reading(batch))
                     actions.append(.read(requests: batch.reads.map(\.request), messages: batch.reads.map(\.message.deliveryTag)))
                     return actions
                 }
                 batch.report.duration = now - batch.started
-                self.batch = nil
+                inHand = nil
                 actions += complete(batch, now: now)
                 continue
             }
             if stopping { return actions + finish(.stopped) }
             if consumerEnded { return actions + finish(.consumerEnded) }
-            if sweepDue, let epoch {
+            if sweepDue, case .owner(let epoch, _) = state {
                 sweepDue = false
-                operation = .sweeping
+                state = .owner(epoch: epoch, .sweeping)
                 actions.append(.sweep(epoch: epoch))
                 return actions
             }
@@ -427,9 +477,9 @@ struct PartitionStateMachine {
                 }
                 return actions
             }
-            if epoch == nil {
+            guard case .owner = state else {
                 // We are the active consumer: take the partition, fencing out any previous owner.
-                operation = .taking
+                state = .standingBy(.taking)
                 actions.append(.takePartition)
                 return actions
             }
@@ -444,9 +494,8 @@ struct PartitionStateMachine {
             lingerEnds = nil
             let taken = Array(pending.prefix(configuration.batchSize))
             pending.removeFirst(taken.count)
-            batch = admit(taken, now: now)
+            inHand = admit(taken, now: now)
         }
-        return actions
     }
 
     // MARK: - Batches

@@ -350,6 +350,33 @@ import Testing
         #expect(harness.take(harness.machine.retryDue(now: harness.now)).isEmpty, "a late retry does nothing")
     }
 
+    /// Taking the partition fails for now: the machine stands by, says it is stalled, takes it again after
+    /// the backoff (and only then), and decides the deliveries that waited at the epoch it got.
+    @Test func takingThePartitionFailsThenIsTakenAgainAfterTheBackoff() {
+        var harness = Harness()
+        harness.deliver([harness.message(Harness.claim("r1"))])
+        let failed = harness.take(harness.machine.partitionTaken(.failure(.transient("no database")), now: harness.now))
+        #expect(failed.contains { if case .retry = $0 { true } else { false } } && harness.machine.epoch == nil)
+        #expect(harness.deliver([harness.message(Harness.claim("r2"))]).isEmpty, "nothing starts while waiting to retry")
+        #expect(harness.take(harness.machine.partitionTaken(.success(9), now: harness.now)).isEmpty, "a result nobody asked for is ignored")
+        let again = harness.take(harness.machine.retryDue(now: harness.now))
+        guard case .takePartition? = again.last else { Issue.record("expected takePartition, got \(again)"); return }
+        let applying = harness.taken(8)
+        #expect(applying.contains { if case .stalled(nil) = $0 { true } else { false } }, "no longer reported stalled")
+        #expect(Harness.applied(applying)?.map(\.requestID) == ["r1", "r2"] && harness.machine.epoch == 8)
+    }
+
+    /// Stop while the store takes the partition: the machine finishes at once without an epoch, and the
+    /// late answer changes nothing.
+    @Test func stopWhileTakingThePartitionFinishesWithoutDecidingAnything() {
+        var harness = Harness()
+        harness.deliver([harness.message(Harness.claim("r1"))])
+        let end = harness.take(harness.machine.stop(now: harness.now))
+        #expect(Self.finished(end) == .stopped && harness.machine.exit == .stopped)
+        #expect(harness.take(harness.machine.partitionTaken(.success(7), now: harness.now)).isEmpty)
+        #expect(harness.machine.epoch == nil && harness.unsettled == [1], "the delivery goes back to the queue")
+    }
+
     @Test func theConsumerEndingLetsTheApplyInFlightFinishFirst() {
         var harness = Harness()
         harness.deliver([harness.message(Harness.claim("r1"))])
