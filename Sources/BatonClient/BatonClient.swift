@@ -269,6 +269,14 @@ public final class BatonClient: Sendable {
         var bodyBytes: Int { body.count }
     }
 
+    /// A channel as the call schedule compares it: by identity, held strongly so that a new channel can
+    /// never reuse the address of the one the last attempt went on.
+    private struct SameChannel: Equatable, Sendable {
+        let channel: AMQPChannel
+        init(_ channel: AMQPChannel) { self.channel = channel }
+        static func == (a: SameChannel, b: SameChannel) -> Bool { a.channel === b.channel }
+    }
+
     /// How the partitions' lanes coalesce (from ``configuration``).
     private let laneSettings: Lane<Queued>.Settings
 
@@ -677,7 +685,7 @@ public final class BatonClient: Sendable {
         // been lost with the old one. Times are milliseconds since the call began.
         let began = deadline - timeout
         func elapsed(_ instant: ContinuousClock.Instant) -> Int64 { (instant - began).wholeMilliseconds }
-        var schedule = CallSchedule<ObjectIdentifier>(
+        var schedule = CallSchedule<SameChannel>(
             resendAfter: max(1, resendAfter.wholeMilliseconds), deadline: max(1, timeout.wholeMilliseconds), waiting: request.waiting != nil
         )
         var blocked: String?
@@ -702,12 +710,12 @@ public final class BatonClient: Sendable {
             let reason = link.connection.blockedReason
             if let reason { blocked = reason }
             let waitUntil: ContinuousClock.Instant
-            switch schedule.step(at: elapsed(now), channel: ObjectIdentifier(link.channel), blocked: reason != nil) {
+            switch schedule.step(at: elapsed(now), channel: SameChannel(link.channel), blocked: reason != nil) {
             case .timedOut:
                 break calling
             case .send:
                 send(Queued(key: key, body: body, deadline: deadline, alone: request.waiting != nil), partition: partition, on: link)
-                schedule.sent(at: elapsed(now), on: ObjectIdentifier(link.channel), jitter: Double.random(in: CallSchedule<ObjectIdentifier>.jitter))
+                schedule.sent(at: elapsed(now), on: SameChannel(link.channel), jitter: Double.random(in: CallSchedule<SameChannel>.jitter))
                 continue
             case .waitForChannel:
                 // Publishing now would only queue the request in a socket the broker does not read; a reply
