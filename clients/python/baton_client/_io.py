@@ -53,7 +53,7 @@ from .errors import (
     ProtocolError,
     UnroutableError,
 )
-from ._schedule import SEND, CallSchedule
+from ._schedule import JITTER, SEND, CallSchedule
 from .requests import EVENTS_EXCHANGE
 
 log = logging.getLogger("baton_client")
@@ -76,7 +76,6 @@ class Call:
         self.routing_key = routing_key
         self.body = body
         self.timeout = timeout
-        self.resend_after = resend_after
         self.with_user_id = with_user_id
         # expected == 0: a single reply object completes the call; expected > 0: a batch of that
         # many elements, completed when every element's reply arrived (section 15).
@@ -92,7 +91,6 @@ class Call:
         self.publish_until = self.created + (timeout if publish_for is None
                                              else min(publish_for, timeout))
         self.first_sent: Optional[float] = None
-        self.last_sent: Optional[float] = None
         self.sends = 0
         # When to publish, in milliseconds since ``created`` (a waiting claim backs off further).
         self.schedule = CallSchedule(
@@ -476,10 +474,9 @@ class IOThread:
             return
         if call.first_sent is None:
             call.first_sent = now
-        call.last_sent = now
         call.sends += 1
         call.channel_gen = self._channel_gen
-        call.schedule.sent(call.ms(now), self._channel_gen, random.uniform(0.8, 1.2))
+        call.schedule.sent(call.ms(now), self._channel_gen, random.uniform(*JITTER))
         if self._confirms:
             self._next_tag += 1
             self._unconfirmed[self._next_tag] = (call.correlation_id, now)
