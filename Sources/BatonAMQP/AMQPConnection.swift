@@ -56,6 +56,7 @@ public final class AMQPConnection: Sendable {
             } catch {
                 if urls.count == 1 { throw error }
                 failures.append("\(urls[index]): \(error)")
+                logger.notice("broker node did not answer; trying the next", metadata: ["baton.amqp": "\(urls[index])", "baton.error": "\(error)"])
             }
         }
         throw AMQPError(code: .connectionFailed, message: "no broker node answered: \(failures.joined(separator: "; "))")
@@ -149,7 +150,7 @@ public final class AMQPChannel: Sendable {
     }
 
     /// Declares (or with `passive`, checks) a queue without holding the connection while the broker
-    /// answers (see ``request(doing:_:)``).
+    /// answers (see ``request(doing:within:_:)``).
     private func queueDeclare(_ name: String, passive: Bool, durable: Bool, arguments: [String: AMQPValue]) async throws -> (messages: Int, consumers: Int) {
         let channel = number
         let counts = try await request(doing: "declare queue '\(name)'") { (io, wait: ReplyWait<QueueCounts>) throws(AMQPError) in
@@ -160,15 +161,15 @@ public final class AMQPChannel: Sendable {
 
     /// Sends a request with `send` on the I/O thread and waits for its answer off it: a quorum queue
     /// answers consumes and declares from its leader, which may be stalled. When no answer comes within
-    /// the connection's timeout, this channel is closed and the call fails with
+    /// the connection's timeout (or `within`, if shorter), this channel is closed and the call fails with
     /// ``AMQPError/Code/timeout``; the connection and its other channels go on.
     private func request<T: Sendable>(
-        doing what: String, _ send: @escaping @Sendable (IOThread, ReplyWait<T>) throws(AMQPError) -> Void
+        doing what: String, within: Duration? = nil, _ send: @escaping @Sendable (IOThread, ReplyWait<T>) throws(AMQPError) -> Void
     ) async throws -> T {
         let channel = number
         let wait = ReplyWait<T>()
         try await io.run { io throws(AMQPError) in try send(io, wait) }
-        let milliseconds = io.url.connectionTimeoutMilliseconds
+        let milliseconds = min(io.url.connectionTimeoutMilliseconds, within.map { Int(clamping: max(1, $0.wholeMilliseconds)) } ?? .max)
         do {
             return try await wait.value(
                 timeout: .milliseconds(milliseconds),
@@ -254,17 +255,25 @@ public final class AMQPChannel: Sendable {
     /// on channels of this connection, which then runs at once. `onEnd` runs once when the consumer ends:
     /// nil when the application closed the channel, else why (connection lost, channel closed, cancelled
     /// by the broker).
+    ///
+    /// `answerWithin` bounds the wait for the broker's consume-ok below the connection's timeout (see
+    /// ``request(doing:within:_:)``).
     public func consume(
-        queue: String, noAck: Bool = false, exclusive: Bool = false, arguments: [String: AMQPValue] = [:],
+        queue: String, noAck: Bool = false, exclusive: Bool = false, arguments: [String: AMQPValue] = [:], answerWithin: Duration? = nil,
         onDeliveries: @escaping @Sendable ([AMQPMessage]) -> Void, onEnd: @escaping @Sendable (AMQPError?) -> Void
     ) async throws -> String {
-        try await consume(queue: queue, noAck: noAck, exclusive: exclusive, arguments: arguments, into: DeliveryHandler(onDeliveries: onDeliveries, onEnd: onEnd))
+        try await consume(
+            queue: queue, noAck: noAck, exclusive: exclusive, arguments: arguments, within: answerWithin,
+            into: DeliveryHandler(onDeliveries: onDeliveries, onEnd: onEnd)
+        )
     }
 
-    /// Starts a consumer without holding the connection while the broker answers (see ``request(doing:_:)``).
-    private func consume(queue: String, noAck: Bool, exclusive: Bool, arguments: [String: AMQPValue], into sink: any DeliverySink) async throws -> String {
+    /// Starts a consumer without holding the connection while the broker answers (see ``request(doing:within:_:)``).
+    private func consume(
+        queue: String, noAck: Bool, exclusive: Bool, arguments: [String: AMQPValue], within: Duration? = nil, into sink: any DeliverySink
+    ) async throws -> String {
         let channel = number
-        return try await request(doing: "consume from '\(queue)'") { (io, wait: ReplyWait<String>) throws(AMQPError) in
+        return try await request(doing: "consume from '\(queue)'", within: within) { (io, wait: ReplyWait<String>) throws(AMQPError) in
             try io.startConsume(queue: queue, noAck: noAck, exclusive: exclusive, arguments: arguments, channel: channel, sink: sink, wait: wait)
         }
     }

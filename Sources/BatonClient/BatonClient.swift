@@ -31,7 +31,8 @@ public struct BatonClientConfiguration: Sendable {
     public var staleChannelAfter: Duration = .seconds(1)
     /// The least time between two new channels opened because the broker nacked requests (default 250 ms):
     /// a channel opened before the queue's record names its new leader is nacked too, and is replaced
-    /// after this long.
+    /// after this long. Within ``staleChannelAfter`` of a channel opened over nacks, a request unconfirmed
+    /// for this long also has its channel replaced (such a channel may be stuck without nacks).
     public var nackedChannelSpacing: Duration = .milliseconds(250)
     /// A name for the connection in the broker's list.
     public var name: String = "baton client"
@@ -306,7 +307,8 @@ public final class BatonClient: Sendable {
 
     /// Why a channel is replaced.
     private enum StaleReason {
-        case unconfirmed
+        /// A publish had no confirm for this long.
+        case unconfirmed(Duration)
         case nacked(Int)
     }
 
@@ -315,11 +317,17 @@ public final class BatonClient: Sendable {
     /// nacked (at most every ``BatonClientConfiguration/nackedChannelSpacing``); marks it as being
     /// refreshed.
     private func staleLink(_ state: inout ClientState, now: ContinuousClock.Instant) -> (Link, StaleReason)? {
-        let after = configuration.staleChannelAfter
+        var after = configuration.staleChannelAfter
+        // Right after the broker nacked requests, the queue's record may still name the old leader: a
+        // channel opened then is stuck like the one before it, without nacks. It gets the nack spacing
+        // to prove itself instead of the whole threshold.
+        if configuration.nackedChannelSpacing > .zero, let nacked = state.nackRefreshAt, now - nacked < after {
+            after = min(after, configuration.nackedChannelSpacing)
+        }
         guard after > .zero, !state.refreshing, !state.closed, let link = state.link, link.connection.blockedReason == nil else { return nil }
         if let oldest = link.channel.oldestUnconfirmedPublish, now - oldest >= after {
             state.refreshing = true
-            return (link, .unconfirmed)
+            return (link, .unconfirmed(after))
         }
         // Nacks wait (counted) until the spacing allows the next channel.
         if state.nackRefreshAt.map({ now - $0 >= configuration.nackedChannelSpacing }) ?? true {
@@ -339,7 +347,7 @@ public final class BatonClient: Sendable {
     /// would tell only later), the connection goes and the next call connects to the next node.
     private func refreshChannel(of link: Link, reason: StaleReason) async {
         let why = switch reason {
-        case .unconfirmed: "a request had no broker confirm for \(configuration.staleChannelAfter)"
+        case .unconfirmed(let after): "a request had no broker confirm for \(after)"
         case .nacked(let count): "the broker nacked \(count) request message\(count == 1 ? "" : "s") (it did not store them)"
         }
         logger.warning("\(why): sending the waiting calls again on a new channel", metadata: [

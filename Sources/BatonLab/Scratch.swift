@@ -26,7 +26,7 @@ public enum ScratchDeployment {
         let deadline = ContinuousClock.now + .seconds(15)
         while true {
             do {
-                try await PostgresConnection.withConnection(to: scratch, logger: logger) { connection in
+                _ = try await PostgresConnection.withConnection(to: scratch, logger: logger) { connection in
                     try await Migrator.migrate(connection, partitionCount: partitionCount, logger: logger)
                 }
                 return

@@ -57,6 +57,10 @@ final class ReplyLink: Sendable {
 
     private let link: Mutex<Link?>
     private let probe = Mutex<Link?>(nil)
+    /// Set by ``closeSoon()`` and ``close()``: a connection that ``maintain(url:name:logger:while:refused:)``
+    /// opens afterwards (its attempt may outlast the worker's connections: a frozen node holds it for the
+    /// connect timeout) is closed at once instead of kept.
+    private let ended = Atomic(false)
     private let senders = Mutex(Senders())
     private let wake: AsyncStream<Void>.Continuation
     private let signals: AsyncStream<Void>
@@ -148,10 +152,16 @@ final class ReplyLink: Sendable {
             }
             do {
                 let fresh = try await Self.connect(url: url, name: name, confirms: false, logger: logger)
-                let old = link.withLock { link in
+                let kept = link.withLock { link -> (kept: Bool, old: Link?) in
+                    guard !ended.load(ordering: .relaxed) else { return (false, nil) }
                     defer { link = fresh }
-                    return link
+                    return (true, link)
                 }
+                guard kept.kept else {
+                    fresh.connection.closeSoon()
+                    return
+                }
+                let old = kept.old
                 // Which sender's reply killed it is unknown: every sender is probed again.
                 senders.withLock { $0.trusted.removeAll() }
                 if let old { await old.connection.close() }
@@ -185,10 +195,16 @@ final class ReplyLink: Sendable {
             } else {
                 do {
                     let fresh = try await Self.connect(url: url, name: name, confirms: true, logger: logger)
-                    let old = probe.withLock { probe in
+                    let kept = probe.withLock { probe -> (kept: Bool, old: Link?) in
+                        guard !ended.load(ordering: .relaxed) else { return (false, nil) }
                         defer { probe = fresh }
-                        return probe
+                        return (true, probe)
                     }
+                    guard kept.kept else {
+                        fresh.connection.closeSoon()
+                        break
+                    }
+                    let old = kept.old
                     if let old { await old.connection.close() }
                     channel = fresh.channel
                     backoff.reset()
@@ -255,12 +271,16 @@ final class ReplyLink: Sendable {
 
     /// Ends both connections at once, without the closing handshake.
     func closeSoon() {
-        link.withLock { $0 }?.connection.closeSoon()
+        link.withLock { link in
+            ended.store(true, ordering: .relaxed)
+            return link
+        }?.connection.closeSoon()
         probe.withLock { $0 }?.connection.closeSoon()
     }
 
     func close() async {
         let old = link.withLock { link in
+            ended.store(true, ordering: .relaxed)
             defer { link = nil }
             return link
         }

@@ -132,10 +132,18 @@ public final class Worker: Service, Sendable {
         let pruner = configuration.echo ? nil : configuration.prune.map { prune in Task { await self.pruneEvery(prune.interval, retention: prune.retention) } }
         defer { pruner?.cancel() }
         var backoff = Backoff()
+        // The topology is declared on the first connection only: it is durable, and declaring a quorum
+        // queue asks its leader, which after a node froze may be a node the cluster has not yet declared
+        // down (the declaration then waits until it has). A queue found missing later is declared again
+        // by its partition's runner.
+        var declared = false
         while !isStopping {
             let connections: BrokerConnections
             do {
-                connections = try await BrokerConnections.open(configuration: configuration, from: brokerNode.load(ordering: .relaxed), logger: logger)
+                connections = try await BrokerConnections.open(
+                    configuration: configuration, from: brokerNode.load(ordering: .relaxed), declaringTopology: !declared, logger: logger
+                )
+                declared = true
                 brokerNode.store(connections.node, ordering: .relaxed)
             } catch {
                 let delay = backoff.next()
@@ -153,19 +161,28 @@ public final class Worker: Service, Sendable {
             logger.info("worker connected", metadata: [
                 "baton.amqp": "\(connections.url)", "baton.partitions": "\(PartitionSetDescription(configuration.partitions))",
             ])
+            // A reply connection the broker closed (an address it could not resolve) is replaced while the
+            // consumers go on; the queue depths are read on a connection of their own. Neither is waited
+            // for when the connections end: each may then be connecting to a node that froze, which holds
+            // the attempt for the whole connect timeout, and the worker reconnects to the next node at
+            // once. Both end on their own (`while` turns false, the probe is stopped), and a connection
+            // either opens after that is closed at once.
+            let replyUpkeep = Task {
+                await connections.replies.maintain(
+                    url: connections.url, name: BrokerConnections.replyConnectionName(self.configuration), logger: self.logger,
+                    while: { !self.isStopping && connections.isOpen }, refused: { self.statistics.withLock { $0.replySendersRefused += 1 } }
+                )
+            }
+            let depthProbe = Task { await connections.depths.run() }
+            defer {
+                // Not waited for (above); cancelled only so that a sleep between attempts ends early.
+                replyUpkeep.cancel()
+                depthProbe.cancel()
+            }
             await withTaskGroup(of: Void.self) { group in
                 for partition in configuration.partitions {
                     group.addTask { await self.runPartition(partition, store: stores[partition], connections: connections) }
                 }
-                // A reply connection the broker closed (an address it could not resolve) is replaced
-                // while the consumers go on.
-                group.addTask {
-                    await connections.replies.maintain(
-                        url: connections.url, name: BrokerConnections.replyConnectionName(self.configuration), logger: self.logger,
-                        while: { !self.isStopping && connections.isOpen }, refused: { self.statistics.withLock { $0.replySendersRefused += 1 } }
-                    )
-                }
-                group.addTask { await connections.depths.run() }
                 // Stop every runner promptly on shutdown: they finish their batch in hand and close their channel.
                 group.addTask {
                     while !self.isStopping, connections.isOpen {
@@ -212,6 +229,12 @@ public final class Worker: Service, Sendable {
             "baton.mean_commit_ms": "\(stats.batches > 0 ? Double(stats.commitTime.components.attoseconds / 1_000_000_000_000 + stats.commitTime.components.seconds * 1_000_000) / 1000 / Double(stats.batches) : 0)",
         ])
     }
+
+    /// How long a partition's consume waits for the broker's answer before its channel is dropped and
+    /// the consume tried again (after 500 ms) on a new one. A quorum queue answers a consume from its
+    /// leader, and a channel opened before the cluster declared a frozen node down still asks the old
+    /// leader (docs/operations.md, "A frozen broker node"): a new channel asks the new one.
+    static let consumeAnswerTimeout = Duration.seconds(2)
 
     /// The PostgreSQL connections a worker serving `partitions` opens unless told: one per 16 partitions,
     /// at most 4 (1 at the default N = 16, 4 at 64). Partitions that share a connection commit together,
@@ -287,6 +310,15 @@ public final class Worker: Service, Sendable {
                 if connections.isOpen, !isStopping {
                     logger.warning("partition runner failed; restarting it", metadata: ["baton.error": "\(error)"])
                     await sleep(.milliseconds(500))
+                    if (error as? AMQPError)?.replyCode == 404 {
+                        // The queue (or an exchange) is gone, deleted since the worker declared them.
+                        do {
+                            try await Topology.declare(on: connections.consumer, partitionCount: configuration.partitioner.count, logger: logger)
+                            logger.notice("declared the topology again: the partition's queue was missing")
+                        } catch {
+                            logger.warning("declaring the topology again failed", metadata: ["baton.error": "\(error)"])
+                        }
+                    }
                 }
             }
         }
@@ -370,7 +402,7 @@ public final class Worker: Service, Sendable {
                 )
                 do {
                     _ = try await consume.consume(
-                        queue: configuration.queueName(partition),
+                        queue: configuration.queueName(partition), answerWithin: Worker.consumeAnswerTimeout,
                         onDeliveries: { driver.deliver($0) },
                         onEnd: { driver.consumerEnded($0) }
                     )
@@ -553,13 +585,13 @@ struct BrokerConnections: Sendable {
     let url: AMQPURL
 
     /// Connects both to the first node that answers, from `first` on.
-    static func open(configuration: WorkerConfiguration, from first: Int, logger: Logger) async throws -> BrokerConnections {
+    static func open(configuration: WorkerConfiguration, from first: Int, declaringTopology: Bool, logger: Logger) async throws -> BrokerConnections {
         let urls = [configuration.amqpURL] + configuration.amqpAlternates
         let (consumer, node) = try await AMQPConnection.connect(
             toFirstOf: urls, from: first, name: "baton worker \(configuration.workerID) consume", maxBodyBytes: ProtocolV1.maxBodyBytes, logger: logger
         )
         do {
-            try await Topology.declare(on: consumer, partitionCount: configuration.partitioner.count, logger: logger)
+            if declaringTopology { try await Topology.declare(on: consumer, partitionCount: configuration.partitioner.count, logger: logger) }
             let publisher = try await AMQPConnection.connect(to: urls[node], name: "baton worker \(configuration.workerID) publish", logger: logger)
             do {
                 let replies = try await ReplyLink.open(url: urls[node], name: replyConnectionName(configuration), logger: logger)

@@ -373,6 +373,29 @@ import Testing
         await setup.close()
     }
 
+    /// The worker declares the topology on its first connection only (a reconnect after a node froze
+    /// would wait on the frozen leaders); a partition queue deleted under it is declared again by the
+    /// partition's runner when its consume finds the queue missing.
+    @Test func aPartitionQueueDeletedUnderARunningWorkerIsDeclaredAgain() async throws {
+        let deployment = try await Deployment.make(partitions: 2)
+        let running = deployment.startWorker()
+        let client = deployment.client()
+        let buffer = (0..<64).map { "deleted-queue-\($0).txt" }.first { deployment.partitioner.partition(of: $0) == 0 }!
+        #expect(try await client.inspect(buffer).holder == nil)
+        let setup = try await deployment.connect("delete a partition queue")
+        try await setup.openChannel().deleteQueue(ProtocolV1.requestQueue(0))
+        // Until it is declared again, the broker returns the request as unroutable (mandatory).
+        #expect(await Deployment.eventually(.seconds(15)) { (try? await client.inspect(buffer)) != nil }, "partition 0 answers again")
+        guard case .granted = try await client.claim(buffer, user: "ann", connection: "c1") else {
+            Issue.record("the claim after the queue came back was not granted")
+            return
+        }
+        #expect(running.worker.stats.connections == 1, "the worker kept its connection")
+        await setup.close()
+        await client.close()
+        await running.stop()
+    }
+
     @Test func failoverAfterKillingTheActiveWorker() async throws {
         let deployment = try await Deployment.make(partitions: 4)
         let active = try deployment.spawnWorker(id: "active")

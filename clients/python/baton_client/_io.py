@@ -20,7 +20,8 @@ entry point of pika) and ``concurrent.futures.Future`` objects. It
   confirm is never a slow worker); the old channel stays open a while for late replies; a nack gets
   the same at once, at most every ``NACK_SPACING`` seconds (a RabbitMQ 3.10 channel that could not
   register with a quorum queue's new leader nacks everything it sends to it, and a channel whose queue
-  rejected publishes keeps that status, while a new channel starts afresh);
+  rejected publishes keeps that status, while a new channel starts afresh); within ``stale_after``
+  of a channel opened over nacks, a request unconfirmed for ``NACK_SPACING`` gets a new one too;
 * runs the event subscriptions of watches (section 18), each on a channel of its own, and
   re-declares them after a reconnect.
 """
@@ -571,9 +572,14 @@ class IOThread:
                 or self._conn is None or self._closing):
             return
         if self._stale_after > 0 and self._unconfirmed:
+            after = self._stale_after
+            # Right after nacks the queue's record may still name the old leader: a channel opened then
+            # is stuck like the one before it, without nacks, and gets NACK_SPACING to prove itself.
+            if self._nack_refresh_at is not None and now - self._nack_refresh_at < after:
+                after = min(after, NACK_SPACING)
             _corr, sent = next(iter(self._unconfirmed.values()))
-            if now - sent >= self._stale_after:
-                self._refresh_channel(f"a request had no broker confirm for {self._stale_after:g} s")
+            if now - sent >= after:
+                self._refresh_channel(f"a request had no broker confirm for {after:g} s")
                 return
         if self._nacks and (self._nack_refresh_at is None or now - self._nack_refresh_at >= NACK_SPACING):
             count, self._nacks = self._nacks, 0
