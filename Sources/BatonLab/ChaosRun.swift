@@ -342,13 +342,23 @@ public struct ChaosRun: Sendable {
         }
         let recovered = firstAnswer.count == partitions ? firstAnswer.max { $0.value < $1.value } : nil
         let around = calls.filter { $0.finished > at && $0.started < end }
-        let slowest = around.map { $0.finished - $0.started }.max()
+        let slowestCall = around.max { $0.finished - $0.started < $1.finished - $1.started }
+        let slowest = slowestCall.map { $0.finished - $0.started }
         // A claim that waits in line is answered when it leaves the line (up to its wait_ms after the
         // worker first saw it): its time is not all the fault's.
         let slowestNotWaiting = around.filter { !$0.waits }.map { $0.finished - $0.started }.max()
         let recovery = recovered.map { "recovery \(format($0.value - at)) (every partition answered a call made after the fault; partition \($0.key) last)" }
             ?? "recovery never: \(partitions - firstAnswer.count) of \(partitions) partitions answered no call made after the fault"
-        return "\(recovery), slowest call around it \(slowest.map(format) ?? "-") (\(slowestNotWaiting.map(format) ?? "-") not counting claims that wait in line)"
+        // Where the slowest call sat, from the fault's start T: what to read the logs around.
+        let which = slowestCall.map { call in
+            "; partition \(call.partition), made at T\(offset(call.started - at)), \(call.failed == nil ? "answered" : "failed") at T\(offset(call.finished - at))"
+        } ?? ""
+        return "\(recovery), slowest call around it \(slowest.map(format) ?? "-") (\(slowestNotWaiting.map(format) ?? "-") not counting claims that wait in line\(which))"
+    }
+
+    /// `+1.234 s` or `-0.120 s`.
+    static func offset(_ duration: Duration) -> String {
+        duration < .zero ? "-" + format(.zero - duration) : "+" + format(duration)
     }
 
     static func format(_ duration: Duration) -> String {
