@@ -40,7 +40,7 @@ final class EventPump: Sendable {
 
     init(
         partition: Int, store: OwnershipStore, channel: AMQPChannel, perCommit: Bool, logger: Logger, markInterval: Duration = .milliseconds(200),
-        retryDelay: Duration = .seconds(1), delivered: @escaping @Sendable (Int) -> Void
+        retryDelay: Duration = .seconds(1), linger: Duration = .zero, delivered: @escaping @Sendable (Int) -> Void
     ) {
         let (signals, wake) = AsyncStream.makeStream(of: Void.self, bufferingPolicy: .bufferingNewest(1))
         self.wake = wake
@@ -50,6 +50,8 @@ final class EventPump: Sendable {
             var catchingUp = true
             // When the wake-up armed for the next record is due (a wake-up in the past has fired).
             var armedUntil: ContinuousClock.Instant?
+            // When the pump last published what commits handed over (for the linger).
+            var lastPublished: ContinuousClock.Instant?
             for await _ in signals {
                 while true {
                     let (started, finishing) = shared.state.withLock { ($0.started, $0.finishing) }
@@ -71,6 +73,12 @@ final class EventPump: Sendable {
                             if confirmed < rows.count { throw PumpRetry() }
                             if rows.count < Self.readLimit { catchingUp = false }
                         } else {
+                            // A busy partition publishes what its commits handed over at most once per
+                            // `linger`, in one message per commit or fewer; a change after a quiet spell
+                            // goes at once.
+                            if linger > .zero, !finishing, let last = lastPublished, ContinuousClock.now < last + linger {
+                                try? await Task.sleep(until: last + linger)
+                            }
                             let taken = shared.state.withLock { state -> [OutboxEntry]? in
                                 guard state.complete else { return nil }
                                 defer { state.live.removeAll() }
@@ -83,6 +91,7 @@ final class EventPump: Sendable {
                             // Already published by a history read when they committed before it.
                             let entries = taken.filter { $0.id > cursor.through }
                             if entries.isEmpty { break }
+                            lastPublished = .now
                             let confirmed = await Self.publish(entries, partition: partition, channel: channel, perCommit: perCommit, logger: logger)
                             cursor.advance(through: entries.prefix(confirmed))
                             delivered(confirmed)

@@ -40,6 +40,9 @@ struct WorkerCommand: AsyncParsableCommand {
     ))
     var eventsFlag: String?
 
+    @Option(name: .customLong("event-linger-ms"), help: "How long a busy partition gathers committed changes before publishing them as events: at most one event publish per partition this often; a change after a quiet spell goes at once. 0-1000 ms (env BATON_EVENT_LINGER_MS; default 50).")
+    var eventLingerFlag: Int?
+
     @Option(name: .customLong("metrics-port"), help: "Port of /metrics, /health/live and /health/ready; 0 turns them off (env BATON_METRICS_PORT; default 9464).")
     var metricsPortFlag: Int?
 
@@ -99,6 +102,9 @@ struct WorkerCommand: AsyncParsableCommand {
             throw ValidationError("events '\(events)' is not allowed: use per-commit or per-change")
         }
         configuration.eventsPerCommit = events == "per-commit"
+        configuration.eventLinger = .milliseconds(try Setting.integer(
+            eventLingerFlag, "BATON_EVENT_LINGER_MS", default: 50, range: 0...1000, name: "event linger"
+        ))
         let pruneEvery = try Setting.integer(pruneEveryFlag, "BATON_PRUNE_EVERY_MINUTES", default: 0, range: 0...10_080, name: "prune interval")
         let retention = try Setting.integer(retentionFlag, "BATON_RETENTION_MINUTES", default: 1440, range: 10...525_600, name: "retention")
         if pruneEvery > 0 { configuration.prune = (interval: .seconds(pruneEvery * 60), retention: .seconds(retention * 60)) }

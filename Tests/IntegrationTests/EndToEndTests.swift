@@ -73,6 +73,38 @@ import Testing
         return (subscriber, try await channel.consume(queue: queue, noAck: true).deliveries)
     }
 
+    /// With an event linger, a busy partition's commits share event messages: the first change goes at
+    /// once, the changes committed within the linger after it go together, and none is lost or reordered.
+    @Test(arguments: [Duration.zero, .seconds(1)])
+    func aBusyPartitionsEventsShareMessagesWithinTheLinger(linger: Duration) async throws {
+        let deployment = try await Deployment.make(partitions: 1)
+        let (subscriber, events) = try await subscribeToEveryEvent(deployment)
+        let worker = deployment.startWorker { $0.eventLinger = linger }
+        let client = deployment.client()
+        let names = (0..<10).map { "linger-\($0).txt" }
+        // Ten commits one after the other (each claim waits for its reply), well within a second.
+        for name in names { _ = try await client.claim(name, user: "ann", connection: "c1") }
+        var messages = 0
+        var buffers: [String] = []
+        let deadline = ContinuousClock.now + .seconds(10)
+        while buffers.count < names.count, ContinuousClock.now < deadline {
+            for message in try await events.next(max: 16, timeout: .milliseconds(500)) {
+                messages += 1
+                let object = try #require(try JSONSerialization.jsonObject(with: Data(message.body)) as? [String: Any])
+                buffers += try #require(object["events"] as? [[String: Any]]).compactMap { $0["buffer"] as? String }
+            }
+        }
+        #expect(buffers == names, "every change, in commit order")
+        if linger > .zero {
+            #expect(messages <= 4, "the first change at once, the rest gathered: \(messages) messages")
+        } else {
+            #expect(messages >= 6, "without a linger, about one message per commit: \(messages) messages")
+        }
+        await subscriber.close()
+        await client.close()
+        await worker.stop()
+    }
+
     @Test(arguments: [true, false])
     func ownershipChangesArePublishedAsEventsAndMarkedDelivered(perCommit: Bool) async throws {
         let deployment = try await Deployment.make(partitions: 4)

@@ -390,13 +390,14 @@ class IOThread:
         self._refreshing = False
         self._ready = True
         self._backoff = 0.2
-        self.connects += 1
-        self._ever_connected.set()
-        self._first_outcome.set()
         # Section 9: publish every request still waiting for a reply again, same body.
         for call in list(self._calls.values()):
             if not call.done:
                 self._publish(call)
+        # Counted once the waiting calls are out: a thread that sees the count see them sent.
+        self.connects += 1
+        self._ever_connected.set()
+        self._first_outcome.set()
         for sub in list(self._subs.values()):
             if sub.channel is None and not sub.setting_up:
                 self._setup_sub(sub)
