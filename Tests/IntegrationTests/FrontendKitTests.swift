@@ -138,7 +138,8 @@ import Testing
 
     @Test func aWatchYieldsABuffersChangesInOrderAndResumesWithoutGaps() async throws {
         let deployment = try await Deployment.make(partitions: 2)
-        let worker = deployment.startWorker()
+        // One event message per commit (no linger), so that the count of messages below is known.
+        let worker = deployment.startWorker { $0.eventLinger = .zero }
         let client = deployment.client()
         let buffer = "watched/\(UUID().uuidString)"
         let partition = deployment.partitioner.partition(of: buffer)
