@@ -314,8 +314,9 @@ import Testing
         }
         await raw.close()
         let elapsed = try #require(took, "no answer within 15 s")
-        // Its wait (1 s), plus at most one sweep interval (1 s), plus slack; 7 s was measured before.
-        #expect(elapsed < .milliseconds(2500), "a 1 s wait was answered after \(elapsed)")
+        // Its wait (1 s), plus at most one sweep interval (1 s), plus 1 s for the worker to take the 257
+        // waits on a loaded machine (a CI run answered after 2.53 s); 7-8.9 s was measured before the fix.
+        #expect(elapsed < .seconds(3), "a 1 s wait was answered after \(elapsed)")
         await holder.close()
         await running.stop()
     }
