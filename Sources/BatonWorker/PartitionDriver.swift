@@ -42,9 +42,10 @@ struct PartitionChannels: Sendable {
 
 /// Runs one partition's ``PartitionStateMachine`` without a task of its own on the decision path:
 /// deliveries are fed to it on the consumer connection's I/O thread, store results on the PostgreSQL
-/// connection's thread, ticks and stop from a timer task; whichever thread reports an event performs the
-/// actions the machine returns, in the order the machine returned them (a thread that reports an event
-/// while another performs leaves its actions to that one).
+/// connection's thread, ticks on the worker's ``DeadlineTimer`` thread when the machine's next deadline
+/// comes, stop from whoever stops the worker; whichever thread reports an event performs the actions the
+/// machine returns, in the order the machine returned them (a thread that reports an event while another
+/// performs leaves its actions to that one).
 ///
 /// The hot path (delivery → apply → reply and ack) thus crosses one thread per service and never the
 /// cooperative pool. The rare operations (taking the partition, sweeping, waiting to retry) run in tasks
@@ -59,6 +60,9 @@ final class PartitionDriver: Sendable {
         var exit: Machine.Exit?
         var waiter: CheckedContinuation<Machine.Exit, Never>?
         var consumerError: AMQPError?
+        /// This driver's client of the timer, and the deadline last given to it.
+        var timerID: Int?
+        var deadline: ContinuousClock.Instant?
     }
 
     private let state: Mutex<State>
@@ -71,11 +75,12 @@ final class PartitionDriver: Sendable {
     private let publisher: AMQPConnection
     /// The connection the partition consumes and acks on (for ``WorkerConfiguration/afterCommit``).
     private let consumer: AMQPConnection
+    private let timer: DeadlineTimer
     private let logger: Logger
 
     init(
         partition: Int, store: OwnershipStore?, worker: Worker, channels: PartitionChannels, pump: EventPump?, metrics: PartitionMetrics,
-        publisher: AMQPConnection, consumer: AMQPConnection, logger: Logger
+        publisher: AMQPConnection, consumer: AMQPConnection, timer: DeadlineTimer, logger: Logger
     ) {
         let configuration = worker.configuration
         let machine = Machine(
@@ -96,7 +101,21 @@ final class PartitionDriver: Sendable {
         self.metrics = metrics
         self.publisher = publisher
         self.consumer = consumer
+        self.timer = timer
         self.logger = logger
+        let id = timer.add { [weak self] in self?.deadlineCame() }
+        state.withLock { $0.timerID = id }
+    }
+
+    /// Ends the driver's timer (after ``finished()``).
+    func detach() {
+        if let id = state.withLock({ $0.timerID }) { timer.remove(id) }
+    }
+
+    /// The machine's deadline came (on the timer's thread, which cleared it).
+    private func deadlineCame() {
+        state.withLock { $0.deadline = nil }
+        handle { $0.tick(now: $1) }
     }
 
     /// Feeds one event to the machine and performs what it asks, in order.
@@ -110,6 +129,12 @@ final class PartitionDriver: Sendable {
             state.machine.setBlocked(blocked)
             state.queued += event(&state.machine, now)
             logs = state.machine.takeLogs()
+            // Set under the lock, so that two threads reporting events cannot leave the earlier one's.
+            let deadline = state.machine.nextDeadline(now: now)
+            if deadline != state.deadline, let id = state.timerID {
+                state.deadline = deadline
+                timer.set(id, to: deadline)
+            }
             guard !state.performing, !state.queued.isEmpty else { return nil }
             state.performing = true
             defer { state.queued.removeAll() }
@@ -225,11 +250,6 @@ final class PartitionDriver: Sendable {
             Task {
                 await worker.sleep(delay)
                 handle { $0.retryDue(now: $1) }
-            }
-        case .wake(let delay):
-            Task {
-                try? await Task.sleep(for: delay)
-                handle { $0.wake(now: $1) }
             }
         case .send(let publishes, let settles, let report):
             channels.send(publishes, settle: settles)

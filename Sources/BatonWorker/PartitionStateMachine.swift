@@ -82,8 +82,6 @@ struct PartitionStateMachine {
         case read(requests: [Request], messages: [UInt64])
         /// Call ``retryDue()`` after `delay` (a store call failed for now).
         case retry(after: Duration, error: String)
-        /// Call ``wake(now:)`` after `delay` (the linger of a batch).
-        case wake(after: Duration)
         /// Publish the replies, then (once they are written) settle the deliveries.
         case send(publishes: [ChannelAction], settles: [ChannelAction], report: BatchReport)
         /// Publish committed ownership changes as events (off the decision path).
@@ -258,6 +256,46 @@ struct PartitionStateMachine {
         return actions + advance(now: now)
     }
 
+    /// How often a machine holding deliveries while the broker blocks its publisher looks again (the
+    /// alarm is read before every event; its end is not an event of its own).
+    static let blockedRecheck = Duration.milliseconds(50)
+
+    /// When the machine next wants ``tick(now:)``, if it waits for nothing but events: a standby's next
+    /// tick through the queue, the owner's next sweep, a deferred ack's end (while nothing else is in
+    /// flight, whose end settles it anyway), a batch's linger, a look at the broker's alarm while
+    /// deliveries wait for it to clear. The driver asks after every event and keeps one timer, so that
+    /// an idle partition never wakes between them. Ticking earlier (or more often) is harmless.
+    func nextDeadline(now: ContinuousClock.Instant) -> ContinuousClock.Instant? {
+        var next: ContinuousClock.Instant?
+        func consider(_ at: ContinuousClock.Instant?) {
+            guard let at else { return }
+            if next.map({ at < $0 }) ?? true { next = at }
+        }
+        let idle: Bool
+        switch state {
+        case .finished:
+            return nil
+        case .standingBy(let phase):
+            if !stopping { consider(lastTick.map { $0 + configuration.tickInterval } ?? now) }
+            idle = if case .idle = phase { true } else { false }
+            if case .waitingToRetry = phase { consider(acks.dueAt) }
+        case .owner(_, let work):
+            if !sweepDue { consider(nextSweep) }
+            idle = if case .idle = work { true } else { false }
+            if case .waitingToRetry = work { consider(acks.dueAt) }
+        }
+        guard idle else { return next }
+        consider(acks.dueAt)
+        if !pending.isEmpty {
+            if blockedReason != nil {
+                consider(now + Self.blockedRecheck)
+            } else {
+                consider(lingerEnds)
+            }
+        }
+        return next
+    }
+
     /// Whether the broker blocks the publisher connection now (checked before a batch starts).
     mutating func setBlocked(_ reason: String?) {
         blockedReason = reason
@@ -352,12 +390,6 @@ struct PartitionStateMachine {
         default:
             return []
         }
-    }
-
-    /// The linger asked for by ``Action/wake(after:)`` may be over.
-    mutating func wake(now: ContinuousClock.Instant) -> [Action] {
-        guard exit == nil else { return [] }
-        return advance(now: now)
     }
 
     /// The consumer ended: no more deliveries. What is in flight completes; then the machine finishes.
@@ -486,8 +518,9 @@ struct PartitionStateMachine {
             if configuration.linger > .zero, pending.count < configuration.batchSize {
                 // Wait a little for more, once per batch, from its first delivery.
                 guard let ends = lingerEnds else {
+                    // ``nextDeadline(now:)`` now says when it ends.
                     lingerEnds = now + configuration.linger
-                    return actions + [.wake(after: configuration.linger)]
+                    return actions
                 }
                 if now < ends { return actions }
             }

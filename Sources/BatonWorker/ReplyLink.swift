@@ -131,8 +131,10 @@ final class ReplyLink: Sendable {
         await link.withLock { $0 }?.channel.barrier()
     }
 
-    /// Replaces the main connection whenever it has died, with backoff, as long as `alive()` holds; and
-    /// probes the senders of the replies that wait, calling `refused` for each sender refused.
+    /// Replaces the main connection whenever it has died, with backoff, as long as `alive()` holds and the
+    /// link is not closed; and probes the senders of the replies that wait, calling `refused` for each
+    /// sender refused. Whatever makes `alive()` false must close the link (``close()``, ``closeSoon()``):
+    /// both loops wait for something to happen, not for a time.
     func maintain(
         url: AMQPURL, name: String, logger: Logger, while alive: @escaping @Sendable () -> Bool, refused: @escaping @Sendable () -> Void = {}
     ) async {
@@ -145,9 +147,9 @@ final class ReplyLink: Sendable {
 
     private func replaceWhenDead(url: AMQPURL, name: String, logger: Logger, while alive: @escaping @Sendable () -> Bool) async {
         var backoff = Backoff(initial: .milliseconds(20), maximum: .seconds(2))
-        while alive() {
-            if link.withLock({ $0?.connection.isOpen ?? false }) {
-                try? await Task.sleep(for: .milliseconds(20))
+        while alive(), !ended.load(ordering: .relaxed) {
+            if let current = link.withLock({ $0 }), current.connection.isOpen {
+                _ = await current.connection.closed()
                 continue
             }
             do {
@@ -177,14 +179,8 @@ final class ReplyLink: Sendable {
     /// Publishes waiting replies one sender at a time with confirms on the probe connection.
     private func probe(url: AMQPURL, name: String, logger: Logger, while alive: @escaping @Sendable () -> Bool, refused: @Sendable () -> Void) async {
         var backoff = Backoff(initial: .milliseconds(20), maximum: .seconds(2))
-        let ticker = Task {
-            // Wakes the loop to notice `alive()` turning false.
-            while !Task.isCancelled, alive() { try? await Task.sleep(for: .milliseconds(100)); wake.yield() }
-            wake.yield()
-        }
-        defer { ticker.cancel() }
         var iterator = signals.makeAsyncIterator()
-        while alive() {
+        while alive(), !ended.load(ordering: .relaxed) {
             guard let (sender, messages) = nextProbe() else {
                 _ = await iterator.next()
                 continue
@@ -276,6 +272,7 @@ final class ReplyLink: Sendable {
             return link
         }?.connection.closeSoon()
         probe.withLock { $0 }?.connection.closeSoon()
+        wake.yield()
     }
 
     func close() async {
@@ -284,6 +281,7 @@ final class ReplyLink: Sendable {
             defer { link = nil }
             return link
         }
+        wake.yield()
         if let old { await old.connection.close() }
         let probe = probe.withLock { probe in
             defer { probe = nil }

@@ -29,7 +29,8 @@ public struct WorkerConfiguration: Sendable {
     /// How long to wait for more requests after the first of a batch.
     public var linger: Duration = .zero
     /// How long a partition's ack may wait for later batches to share it when nothing else waits (see
-    /// ``DeferredAck``); the ack goes at the first tick after it (ticks come every 50 ms).
+    /// ``DeferredAck``); the partition's timer sends it when that time is up, unless a batch's ack took it
+    /// along first.
     public var ackDelay: Duration = .milliseconds(20)
     /// How long a replica id stays reserved for its user after the membership expired or its connection
     /// was released (docs/design/replica-slots.md, "reconnect grace").
@@ -83,8 +84,12 @@ public final class Worker: Service, Sendable {
     public let configuration: WorkerConfiguration
     private let logger: Logger
     private let stopping = Atomic<Bool>(false)
+    /// What runs when the worker is asked to stop (``whenStopping(_:)``), by id.
+    private let stopHandlers = Mutex<(next: Int, handlers: [Int: @Sendable () -> Void])>((0, [:]))
     let statistics = Mutex(WorkerStatistics())
     let health = Mutex(WorkerReadiness())
+    /// The broker connections in use, for what readiness reads off them when asked.
+    private let current = Mutex<BrokerConnections?>(nil)
     /// The index, in ``WorkerConfiguration/amqpURL`` and its alternates, of the node to try first: the
     /// one reached last, or the next one once its connection has died.
     private let brokerNode = Atomic<Int>(0)
@@ -109,6 +114,10 @@ public final class Worker: Service, Sendable {
     public var readiness: WorkerReadiness {
         var readiness = health.withLock { $0 }
         readiness.partitions = configuration.partitions
+        if let connections = current.withLock({ $0 }) {
+            readiness.publishingBlocked = connections.publisher.blockedReason
+            readiness.replyConnected = connections.replies.isOpen
+        }
         return readiness
     }
 
@@ -116,16 +125,41 @@ public final class Worker: Service, Sendable {
         try await withGracefulShutdownHandler {
             try await serve()
         } onGracefulShutdown: {
-            self.stopping.store(true, ordering: .relaxed)
+            self.requestStop()
         }
     }
 
     /// Asks the worker to stop as on SIGTERM (for embedding without a ServiceGroup).
     public func requestStop() {
-        stopping.store(true, ordering: .relaxed)
+        let handlers = stopHandlers.withLock { state -> [@Sendable () -> Void] in
+            stopping.store(true, ordering: .relaxed)
+            defer { state.handlers.removeAll() }
+            return Array(state.handlers.values)
+        }
+        for handler in handlers { handler() }
     }
 
     var isStopping: Bool { stopping.load(ordering: .relaxed) }
+
+    /// Runs `handler` once when the worker is asked to stop (at once when it already was); the id is for
+    /// ``forgetStopHandler(_:)``.
+    @discardableResult
+    func whenStopping(_ handler: @escaping @Sendable () -> Void) -> Int? {
+        let id = stopHandlers.withLock { state -> Int? in
+            guard !stopping.load(ordering: .relaxed) else { return nil }
+            state.next += 1
+            state.handlers[state.next] = handler
+            return state.next
+        }
+        if id == nil { handler() }
+        return id
+    }
+
+    /// Removes a handler of ``whenStopping(_:)`` that is no longer wanted.
+    func forgetStopHandler(_ id: Int?) {
+        guard let id else { return }
+        _ = stopHandlers.withLock { $0.handlers.removeValue(forKey: id) }
+    }
 
     private func serve() async throws {
         WorkerMetrics.register()
@@ -137,6 +171,9 @@ public final class Worker: Service, Sendable {
         let pruner = configuration.echo ? nil : configuration.prune.map { prune in Task { await self.pruneEvery(prune.interval, retention: prune.retention) } }
         defer { pruner?.cancel() }
         var backoff = Backoff()
+        // The partitions' deadlines (ticks, sweeps, deferred acks), on one thread.
+        let timer = DeadlineTimer()
+        defer { timer.stop() }
         // The topology is declared on the first connection only: it is durable, and declaring a quorum
         // queue asks its leader, which after a node froze may be a node the cluster has not yet declared
         // down (the declaration then waits until it has). A queue found missing later is declared again
@@ -163,6 +200,7 @@ public final class Worker: Service, Sendable {
             }
             if reconnect { WorkerMetrics.reconnects.increment() }
             health.withLock { $0.brokerConnected = true }
+            current.withLock { $0 = connections }
             logger.info("worker connected", metadata: [
                 "baton.amqp": "\(connections.url)", "baton.partitions": "\(PartitionSetDescription(configuration.partitions))",
             ])
@@ -186,19 +224,12 @@ public final class Worker: Service, Sendable {
             }
             await withTaskGroup(of: Void.self) { group in
                 for partition in configuration.partitions {
-                    group.addTask { await self.runPartition(partition, store: stores[partition], connections: connections) }
+                    group.addTask { await self.runPartition(partition, store: stores[partition], connections: connections, timer: timer) }
                 }
-                // Stop every runner promptly on shutdown: they finish their batch in hand and close their channel.
+                // Runners stop on their own when the worker stops (they finish their batch in hand and close
+                // their channels); this one waits for that or for either connection to end.
                 group.addTask {
-                    while !self.isStopping, connections.isOpen {
-                        let blocked = connections.publisher.blockedReason
-                        let replying = connections.replies.isOpen
-                        self.health.withLock {
-                            $0.publishingBlocked = blocked
-                            $0.replyConnected = replying
-                        }
-                        await self.sleep(.milliseconds(50))
-                    }
+                    await self.untilStoppingOrEnded(connections)
                     // One of the two connections died: end the others too, so that every runner stops
                     // (their unacked deliveries go back to the queues) and the worker reconnects them all,
                     // trying the next node first: a node that froze (a stopped VM) still accepts TCP
@@ -215,10 +246,9 @@ public final class Worker: Service, Sendable {
             }
             health.withLock {
                 $0.brokerConnected = false
-                $0.replyConnected = false
-                $0.publishingBlocked = nil
                 $0.consuming.removeAll()
             }
+            current.withLock { $0 = nil }
             await connections.close()
         }
         var shared: [ObjectIdentifier: OwnershipStore] = [:]
@@ -233,6 +263,22 @@ public final class Worker: Service, Sendable {
             "baton.from_memory": "\(stats.transactions > 0 ? Double(stats.fromMemory) / Double(stats.transactions) : 0)",
             "baton.mean_commit_ms": "\(stats.batches > 0 ? Double(stats.commitTime.components.attoseconds / 1_000_000_000_000 + stats.commitTime.components.seconds * 1_000_000) / 1000 / Double(stats.batches) : 0)",
         ])
+    }
+
+    /// Returns when the worker is asked to stop or either of `connections`' two ends, whichever comes
+    /// first (no look every few milliseconds: each of them reports).
+    private func untilStoppingOrEnded(_ connections: BrokerConnections) async {
+        let latch = Latch()
+        let stop = whenStopping { latch.open() }
+        defer { forgetStopHandler(stop) }
+        for connection in [connections.consumer, connections.publisher] {
+            // Each ends when its connection does (at the latest when the worker closes it after this cycle).
+            Task {
+                _ = await connection.closed()
+                latch.open()
+            }
+        }
+        await latch.wait()
     }
 
     /// How long a partition's consume waits for the broker's answer before its channel is dropped and
@@ -293,12 +339,15 @@ public final class Worker: Service, Sendable {
         var description: String { reason }
     }
 
-    private func runPartition(_ partition: Int, store: OwnershipStore?, connections: BrokerConnections) async {
+    private func runPartition(_ partition: Int, store: OwnershipStore?, connections: BrokerConnections, timer: DeadlineTimer) async {
         var logger = self.logger
         logger[metadataKey: "baton.partition"] = "\(partition)"
         let metrics = PartitionMetrics(partition: partition)
         while !isStopping, connections.isOpen {
-            let runner = PartitionRunner(partition: partition, store: store, configuration: configuration, logger: logger, worker: self, connections: connections, metrics: metrics)
+            let runner = PartitionRunner(
+                partition: partition, store: store, configuration: configuration, logger: logger, worker: self, connections: connections, metrics: metrics,
+                timer: timer
+            )
             defer {
                 metrics.active.record(0)
                 metrics.epoch.record(0)
@@ -358,12 +407,17 @@ public final class Worker: Service, Sendable {
         }
     }
 
-    /// Sleeps, returning early when the worker stops.
+    /// Sleeps, returning early when the worker stops or the calling task is cancelled (one timer, not a
+    /// wake-up every 50 ms to look).
     func sleep(_ duration: Duration) async {
-        let deadline = ContinuousClock.now + duration
-        while !isStopping, ContinuousClock.now < deadline {
-            try? await Task.sleep(for: min(.milliseconds(50), deadline - ContinuousClock.now))
+        let sleeper = Task { try? await Task.sleep(for: duration) }
+        let id = whenStopping { sleeper.cancel() }
+        await withTaskCancellationHandler {
+            await sleeper.value
+        } onCancel: {
+            sleeper.cancel()
         }
+        forgetStopHandler(id)
     }
 
     /// Consumes one partition until the worker stops, the channel dies, or the partition is taken by
@@ -377,6 +431,7 @@ public final class Worker: Service, Sendable {
         let worker: Worker
         let connections: BrokerConnections
         let metrics: PartitionMetrics
+        let timer: DeadlineTimer
 
         func run() async throws {
             let consume = try await connections.consumer.openChannel()
@@ -406,7 +461,7 @@ public final class Worker: Service, Sendable {
                 }
                 driver = PartitionDriver(
                     partition: partition, store: store, worker: worker, channels: channels, pump: pump, metrics: metrics,
-                    publisher: connections.publisher, consumer: connections.consumer, logger: logger
+                    publisher: connections.publisher, consumer: connections.consumer, timer: timer, logger: logger
                 )
                 do {
                     _ = try await consume.consume(
@@ -415,24 +470,18 @@ public final class Worker: Service, Sendable {
                         onEnd: { driver.consumerEnded($0) }
                     )
                 } catch {
+                    driver.detach()
                     await pump?.finish()
                     throw error
                 }
                 _ = worker.health.withLock { $0.consuming.insert(partition) }
-                // Ticks (a standby's tick through the queue, sweeps, the publisher's alarm) and stop.
-                let ticker = Task {
-                    while !Task.isCancelled {
-                        if worker.isStopping {
-                            driver.handle { $0.stop(now: $1) }
-                        } else {
-                            driver.handle { $0.tick(now: $1) }
-                        }
-                        try? await Task.sleep(for: .milliseconds(50))
-                    }
-                }
+                // The first tick (a standby's tick through the queue); the driver then keeps the machine's
+                // next deadline on the timer. Stop comes from whoever stops the worker.
+                driver.handle { $0.tick(now: $1) }
+                let stop = worker.whenStopping { driver.handle { $0.stop(now: $1) } }
                 exit = await driver.finished()
-                ticker.cancel()
-                await ticker.value
+                worker.forgetStopHandler(stop)
+                driver.detach()
                 await channels.drain()
                 await pump?.finish()
             } catch {
@@ -491,6 +540,9 @@ struct DeferredAck {
         guard let since, now - since >= delay else { return nil }
         return flush()
     }
+
+    /// When the deferred ack is due, if one is deferred.
+    var dueAt: ContinuousClock.Instant? { tag == nil ? nil : since.map { $0 + delay } }
 
     /// The ack of everything deferred, if anything is.
     mutating func flush() -> ChannelAction? {
@@ -575,6 +627,30 @@ extension Duration {
     var nanoseconds: Int64 {
         let (seconds, attoseconds) = components
         return seconds * 1_000_000_000 + attoseconds / 1_000_000_000
+    }
+}
+
+/// Opened once, by whoever comes first; waited for by one task at a time.
+final class Latch: Sendable {
+    private let state = Mutex<(opened: Bool, waiter: CheckedContinuation<Void, Never>?)>((false, nil))
+
+    func open() {
+        let waiter = state.withLock { state -> CheckedContinuation<Void, Never>? in
+            state.opened = true
+            defer { state.waiter = nil }
+            return state.waiter
+        }
+        waiter?.resume()
+    }
+
+    func wait() async {
+        await withCheckedContinuation { continuation in
+            let opened = state.withLock { state -> Bool in
+                if !state.opened { state.waiter = continuation }
+                return state.opened
+            }
+            if opened { continuation.resume() }
+        }
     }
 }
 

@@ -437,14 +437,11 @@ import Testing
         var harness = Harness(batchSize: 3, linger: .milliseconds(2))
         harness.deliver([harness.message(Harness.claim("warm"))])
         let warm = harness.taken()
-        guard case .wake(let delay)? = warm.last else {
-            Issue.record("expected a wake-up for the linger, got \(warm)")
-            return
-        }
-        #expect(delay == .milliseconds(2))
+        #expect(Harness.applied(warm) == nil, "lingering")
+        #expect(harness.machine.nextDeadline(now: harness.now) == harness.now + .milliseconds(2), "the linger's end is the next deadline")
         #expect(Harness.applied(harness.deliver([harness.message(Harness.claim("r1", "b"))])) == nil, "still lingering")
         harness.now += .milliseconds(2)
-        let started = harness.take(harness.machine.wake(now: harness.now))
+        let started = harness.take(harness.machine.tick(now: harness.now))
         #expect(Harness.applied(started)?.map(\.requestID) == ["warm", "r1"], "after the linger, everything that came")
         let next = harness.commit(Harness.applied(started)!)
         #expect(Harness.applied(next) == nil)
@@ -477,6 +474,37 @@ import Testing
         let refused = harness.machine.takeLogs()
         #expect(refused.count == 1 && refused[0].level == .notice && refused[0].message == "rejected a malformed request", "\(refused)")
         #expect(harness.machine.takeLogs().isEmpty, "each line is taken once")
+    }
+
+    /// The driver sleeps until the machine's next deadline and ticks it then: a standby's tick through the
+    /// queue, the owner's sweep, a deferred ack while nothing is in flight, a look at the broker's alarm
+    /// while deliveries wait; nothing once finished.
+    @Test func theNextDeadlineIsWhatTheMachineWaitsFor() {
+        var harness = Harness(ackDelay: .milliseconds(20))
+        let start = harness.now
+        #expect(harness.machine.nextDeadline(now: harness.now) == harness.now, "a new standby ticks at once")
+        harness.tick(after: .zero)
+        #expect(harness.ticks == 1)
+        #expect(harness.machine.nextDeadline(now: harness.now) == harness.now + .seconds(3), "then every tick interval")
+
+        harness.deliver([harness.message(Harness.claim("r1"))])
+        let requests = Harness.applied(harness.taken())
+        #expect(harness.machine.nextDeadline(now: harness.now) == start + .seconds(1), "while applying: the sweep only")
+        _ = harness.commit(requests ?? [])
+        #expect(harness.unsettled.count == 1)
+        let ackDue = harness.now + .milliseconds(20)
+        #expect(harness.machine.nextDeadline(now: harness.now) == ackDue, "idle with a deferred ack: its end")
+        #expect(harness.tick(after: .milliseconds(20)).isEmpty == false && harness.unsettled.isEmpty, "the tick at the deadline acks")
+        #expect(harness.machine.nextDeadline(now: harness.now) == start + .seconds(1), "then the sweep")
+
+        harness.machine.setBlocked("memory alarm")
+        harness.deliver([harness.message(Harness.claim("r2", "b"))])
+        #expect(harness.machine.nextDeadline(now: harness.now) == harness.now + Machine.blockedRecheck, "held for the alarm: looked at again soon")
+        harness.machine.setBlocked(nil)
+
+        harness.take(harness.machine.stop(now: harness.now))
+        #expect(harness.machine.exit == .stopped)
+        #expect(harness.machine.nextDeadline(now: harness.now) == nil, "finished: no deadline")
     }
 
     @Test func aDeferredAckGoesAtTheFirstTickAfterItsDelayAndCoversEveryBatchSinceAfterTheirReplies() {
