@@ -67,6 +67,20 @@ public struct WorkerProcess: Sendable {
         return (user + system) * 1_000_000 / max(1, ticks)
     }
 
+    /// Its CPU time so far, in nanoseconds: the sum of its threads' time on a CPU (`/proc/PID/task/*/schedstat`,
+    /// finer than the clock ticks of `stat`; threads that ended are not counted, so read it over a window
+    /// in which none ends).
+    public var cpuNanoseconds: Int64? {
+        guard let threads = try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(process.pid)/task") else { return nil }
+        var total: Int64 = 0
+        for thread in threads {
+            guard let line = try? String(contentsOfFile: "/proc/\(process.pid)/task/\(thread)/schedstat", encoding: .utf8),
+                  let onCPU = line.split(separator: " ").first.flatMap({ Int64($0) }) else { continue }
+            total += onCPU
+        }
+        return total
+    }
+
     /// Its resident memory now, in MiB (`/proc/PID/status`).
     public var residentMiB: Double? {
         guard let status = try? String(contentsOfFile: "/proc/\(process.pid)/status", encoding: .utf8),

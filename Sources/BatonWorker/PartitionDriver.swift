@@ -115,6 +115,7 @@ final class PartitionDriver: Sendable {
     /// The machine's deadline came (on the timer's thread, which cleared it).
     private func deadlineCame() {
         state.withLock { $0.deadline = nil }
+        worker.statistics.withLock { $0.deadlines += 1 }
         handle { $0.tick(now: $1) }
     }
 

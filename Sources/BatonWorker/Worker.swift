@@ -587,6 +587,9 @@ public struct WorkerStatistics: Sendable {
     public var replySendersRefused = 0
     /// Time spent in the store's batch transactions.
     public var commitTime: Duration = .zero
+    /// Times a partition's deadline came (``DeadlineTimer``): an idle partition's standby ticks, sweeps
+    /// and deferred acks, not a wake-up every few milliseconds.
+    public var deadlines = 0
     /// Batch transactions decided from a partition's memory, without reading first.
     public var fromMemory = 0
 }

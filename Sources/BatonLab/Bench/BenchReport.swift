@@ -41,6 +41,9 @@ struct SystemResult: Sendable {
     var workerMemory: WorkerMemory?
     /// The worker's CPU time per operation, in microseconds (from /proc, over the closed-loop run).
     var workerCPUPerOperation: Double?
+    /// The worker's CPU time per second while it serves its partitions and nothing is sent, in
+    /// milliseconds (a few seconds before the run, from /proc's per-thread scheduler times).
+    var workerIdleCPU: Double?
     /// The whole machine's CPU time per operation by part (broker, PostgreSQL, worker, load generator), in
     /// microseconds, over the closed-loop run (from /proc).
     var machineCPU: [MachineCPU.Part: Double] = [:]
@@ -89,6 +92,7 @@ struct SystemResult: Sendable {
             text += String(format: "  | worker RSS %.0f→%.0f MiB (max %.0f)", memory.samples.first ?? 0, memory.samples.last ?? 0, max)
         }
         if let cpu = workerCPUPerOperation { text += String(format: "  | worker CPU %.0f µs/op", cpu) }
+        if let idle = workerIdleCPU { text += String(format: "  | worker idle %.1f ms/s", idle) }
         if !machineCPU.isEmpty {
             let parts = MachineCPU.Part.allCases.compactMap { part in machineCPU[part].map { "\(part.label) " + String(format: "%.0f", $0) } }
             text += String(format: "  | machine CPU %.0f µs/op (", machineCPU.values.reduce(0, +)) + parts.joined(separator: ", ") + ")"
@@ -135,6 +139,7 @@ struct SystemResult: Sendable {
             ]
         }
         if let cpu = workerCPUPerOperation { object["worker_cpu_us_per_op"] = round1(cpu) }
+        if let idle = workerIdleCPU { object["worker_idle_cpu_ms_per_s"] = round3(idle) }
         if !machineCPU.isEmpty {
             var parts: [String: Any] = ["total": round1(machineCPU.values.reduce(0, +))]
             for (part, value) in machineCPU { parts[part.rawValue] = round1(value) }

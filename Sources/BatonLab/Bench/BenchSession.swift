@@ -256,6 +256,9 @@ public struct BenchSession: Sendable {
         }
     }
 
+    /// How long the worker's idle CPU is read before each Baton run.
+    static let idleWindow = Duration.seconds(3)
+
     private func measureBaton(
         worker: WorkerProcess, echo: Bool, workload: Workload, buffers: Int, scratch: PostgresURL, clientURL: AMQPURL,
         partitioner: Partitioner, label: String, runID: String
@@ -277,6 +280,12 @@ public struct BenchSession: Sendable {
         let batonClients = baton.clients
         try await worker.waitUntilServing(batonClients[0])
         for client in batonClients { _ = try await client.inspect("bench/warm-up") }
+        // The worker's CPU while it serves its partitions and nothing is sent (an idle deployment's cost).
+        let idleStart = (worker.cpuNanoseconds, ContinuousClock.now)
+        try await Task.sleep(for: Self.idleWindow)
+        let workerIdleCPU = idleStart.0.flatMap { before in
+            worker.cpuNanoseconds.map { Double($0 - before) / 1e6 / (ContinuousClock.now - idleStart.1).seconds }
+        }
         let runner = BenchRunner(workload: workload, system: baton, clients: clients, buffers: buffers, label: label, runID: runID, pollInterval: settings.pollInterval)
         let tokens = try await runner.prepare()
         let sampler = sampleMemory(worker)
@@ -288,6 +297,7 @@ public struct BenchSession: Sendable {
         let machineBefore = MachineCPU.read(worker: worker.process.pid)
         let measurement = await runner.closedLoop(duration: .seconds(duration), tokens: tokens)
         var result = SystemResult(measurement: measurement)
+        result.workerIdleCPU = workerIdleCPU
         result.machineCPU = MachineCPU.read(worker: worker.process.pid).perOperation(since: machineBefore, operations: measurement.operations)
         if let before = cpuBefore, let after = worker.cpuMicroseconds, measurement.operations > 0 {
             result.workerCPUPerOperation = Double(after - before) / Double(measurement.operations)
