@@ -68,6 +68,8 @@ final class PartitionDriver: Sendable {
     private let state: Mutex<State>
     private let partition: Int
     private let store: OwnershipStore?
+    /// The bench's broker echo: answers in the store's place when there is none (unused otherwise).
+    private let echo: EchoResponder
     private let worker: Worker
     private let channels: PartitionChannels
     private let pump: EventPump?
@@ -79,7 +81,7 @@ final class PartitionDriver: Sendable {
     private let logger: Logger
 
     init(
-        partition: Int, store: OwnershipStore?, worker: Worker, channels: PartitionChannels, pump: EventPump?, metrics: PartitionMetrics,
+        partition: Int, store: OwnershipStore?, echo: EchoResponder?, worker: Worker, channels: PartitionChannels, pump: EventPump?, metrics: PartitionMetrics,
         publisher: AMQPConnection, consumer: AMQPConnection, timer: DeadlineTimer, logger: Logger
     ) {
         let configuration = worker.configuration
@@ -95,6 +97,8 @@ final class PartitionDriver: Sendable {
         state = Mutex(State(machine: machine))
         self.partition = partition
         self.store = store
+        // The worker's echo (one per process, so that a partition's memory outlives its runner).
+        self.echo = echo ?? EchoResponder(partitioner: worker.configuration.partitioner)
         self.worker = worker
         self.channels = channels
         self.pump = pump
@@ -216,7 +220,7 @@ final class PartitionDriver: Sendable {
             }
         case .apply(let requests, let epoch):
             guard let store else {
-                let result = EchoResponder.apply(requests, partition: partition, partitions: worker.configuration.partitioner.count)
+                let result = echo.apply(requests, partition: partition)
                 return handle { $0.applied(.success(result), now: $1) }
             }
             let afterCommit = worker.configuration.afterCommit

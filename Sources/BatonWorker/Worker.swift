@@ -55,9 +55,10 @@ public struct WorkerConfiguration: Sendable {
     public var workerID: String
     /// The queue consumed for a partition (`baton.requests.<p>`); tests point it elsewhere to run duplicate consumers.
     public var queueName: @Sendable (Int) -> String = { ProtocolV1.requestQueue($0) }
-    /// Benchmark ceiling: answer every valid request at once, as granted, without PostgreSQL
-    /// (`baton bench`'s "broker echo"). It runs only in a scratch virtual host (`baton-scratch-...`, as
-    /// `baton bench` makes), so it can never answer a deployment's claims.
+    /// Benchmark ceiling: decide every request from the worker's memory at once, without PostgreSQL
+    /// (`baton bench`'s "broker echo", ``EchoResponder``: no records, no events). It runs only in a scratch
+    /// virtual host (`baton-scratch-...`, as `baton bench` makes), so it can never answer a deployment's
+    /// claims.
     public var echo = false
     /// Fault injection for tests: called after a batch commits and before its replies and acks are sent,
     /// with the connection the partition consumes and acks on.
@@ -167,6 +168,7 @@ public final class Worker: Service, Sendable {
             throw EchoRefused(virtualHost: configuration.amqpURL.virtualHost)
         }
         let stores = configuration.echo ? [:] : try await openStores()
+        let echo = configuration.echo ? EchoResponder(partitioner: configuration.partitioner, graceMilliseconds: configuration.memberGrace.wholeMilliseconds) : nil
         health.withLock { $0.databaseConnected = true }
         let pruner = configuration.echo ? nil : configuration.prune.map { prune in Task { await self.pruneEvery(prune.interval, retention: prune.retention) } }
         defer { pruner?.cancel() }
@@ -224,7 +226,7 @@ public final class Worker: Service, Sendable {
             }
             await withTaskGroup(of: Void.self) { group in
                 for partition in configuration.partitions {
-                    group.addTask { await self.runPartition(partition, store: stores[partition], connections: connections, timer: timer) }
+                    group.addTask { await self.runPartition(partition, store: stores[partition], echo: echo, connections: connections, timer: timer) }
                 }
                 // Runners stop on their own when the worker stops (they finish their batch in hand and close
                 // their channels); this one waits for that or for either connection to end.
@@ -339,14 +341,14 @@ public final class Worker: Service, Sendable {
         var description: String { reason }
     }
 
-    private func runPartition(_ partition: Int, store: OwnershipStore?, connections: BrokerConnections, timer: DeadlineTimer) async {
+    private func runPartition(_ partition: Int, store: OwnershipStore?, echo: EchoResponder?, connections: BrokerConnections, timer: DeadlineTimer) async {
         var logger = self.logger
         logger[metadataKey: "baton.partition"] = "\(partition)"
         let metrics = PartitionMetrics(partition: partition)
         while !isStopping, connections.isOpen {
             let runner = PartitionRunner(
-                partition: partition, store: store, configuration: configuration, logger: logger, worker: self, connections: connections, metrics: metrics,
-                timer: timer
+                partition: partition, store: store, echo: echo, configuration: configuration, logger: logger, worker: self, connections: connections,
+                metrics: metrics, timer: timer
             )
             defer {
                 metrics.active.record(0)
@@ -426,6 +428,7 @@ public final class Worker: Service, Sendable {
     private struct PartitionRunner {
         let partition: Int
         let store: OwnershipStore?
+        let echo: EchoResponder?
         let configuration: WorkerConfiguration
         var logger: Logger
         let worker: Worker
@@ -460,7 +463,7 @@ public final class Worker: Service, Sendable {
                     }
                 }
                 driver = PartitionDriver(
-                    partition: partition, store: store, worker: worker, channels: channels, pump: pump, metrics: metrics,
+                    partition: partition, store: store, echo: echo, worker: worker, channels: channels, pump: pump, metrics: metrics,
                     publisher: connections.publisher, consumer: connections.consumer, timer: timer, logger: logger
                 )
                 do {

@@ -450,16 +450,29 @@ import Testing
     }
 
     /// The broker echo is the store's stand-in, not a mode of the machine: the machine runs its whole path
-    /// and the driver answers its applies with ``EchoResponder``.
-    @Test func theEchoAnswersTheMachinesAppliesAsIfEachSucceeded() throws {
+    /// and the driver answers its applies with ``EchoResponder``, which decides from memory as the worker
+    /// would (a held buffer is denied to another holder), so that a bench load makes the same calls
+    /// against it as against Baton.
+    @Test func theEchoDecidesTheMachinesAppliesFromMemory() throws {
         var harness = Harness()
-        let actions = harness.deliver([harness.message(Harness.claim("r1")), harness.message(Request(requestID: "r2", command: .inspect(buffer: "b")))])
+        let partitioner = try Partitioner(count: 4)
+        let buffer = try #require((0..<100).map { "echo-\($0).txt" }.first { partitioner.partition(of: $0) == 3 })
+        let other = Request(requestID: "r2", command: .claim(buffer: buffer, holder: Holder(user: "bob", connection: "c2"), leaseMilliseconds: 30_000))
+        let actions = harness.deliver([
+            harness.message(Harness.claim("r1", buffer)), harness.message(other, user: "bob"), harness.message(Request(requestID: "r3", command: .inspect(buffer: buffer))),
+        ])
         #expect(actions.contains { if case .takePartition = $0 { true } else { false } })
         let requests = try #require(Harness.applied(harness.taken(1)))
-        let result = EchoResponder.apply(requests, partition: 3, partitions: 4)
-        harness.take(harness.machine.applied(.success(result), now: harness.now))
-        #expect(harness.replies.map(\.status) == [.granted, .state])
+        let echo = EchoResponder(partitioner: partitioner)
+        harness.take(harness.machine.applied(.success(echo.apply(requests, partition: 3)), now: harness.now))
+        #expect(harness.replies.map(\.status) == [.granted, .denied, .state])
+        #expect(harness.replies.last?.holder?.user == "alice")
         #expect(harness.unsettled.isEmpty)
+        // Its memory outlives the batch: the holder releases, and then bob's claim is granted.
+        let release = Request(requestID: "r4", command: .release(buffer: buffer, connection: "c", token: harness.replies[0].token ?? 0))
+        let next = try #require(Harness.applied(harness.deliver([harness.message(release), harness.message(Request(requestID: "r5", command: other.command), user: "bob")])))
+        harness.take(harness.machine.applied(.success(echo.apply(next, partition: 3)), now: harness.now))
+        #expect(harness.replies.suffix(2).map(\.status) == [.released, .granted])
     }
 
     /// The machine writes no log itself: it says what happened in lines the driver writes, with the
