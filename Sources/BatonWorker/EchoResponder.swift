@@ -13,9 +13,10 @@ final class EchoResponder: Sendable {
     private let partitioner: Partitioner
     private let graceMilliseconds: Int64
     private let states = Mutex<[Int: PartitionState]>([:])
-    /// Buffers a partition's memory may hold; past it, the echo forgets the partition (a bench run's
-    /// distinct buffers stay far below it).
-    static let bufferLimit = 1_000_000
+    /// Buffers a partition's memory may hold (a few hundred bytes each); past it, the echo forgets the
+    /// partition and starts it empty (a bench run's distinct buffers, 100,000 by default over all
+    /// partitions, stay below it; the echo's answers are a ceiling's, not a record of ownership).
+    static let bufferLimit = 100_000
 
     init(partitioner: Partitioner, graceMilliseconds: Int64 = Roster.defaultGraceMilliseconds) {
         self.partitioner = partitioner
