@@ -40,6 +40,18 @@ struct PartitionChannels: Sendable {
     }
 }
 
+/// What decides a partition's batches: its PostgreSQL store, or in the bench's echo mode the worker's
+/// ``EchoResponder`` (no store at all).
+enum PartitionBackend: Sendable {
+    case store(OwnershipStore)
+    case echo(EchoResponder)
+
+    var store: OwnershipStore? {
+        if case .store(let store) = self { return store }
+        return nil
+    }
+}
+
 /// Runs one partition's ``PartitionStateMachine`` without a task of its own on the decision path:
 /// deliveries are fed to it on the consumer connection's I/O thread, store results on the PostgreSQL
 /// connection's thread, ticks on the worker's ``DeadlineTimer`` thread when the machine's next deadline
@@ -67,9 +79,8 @@ final class PartitionDriver: Sendable {
 
     private let state: Mutex<State>
     private let partition: Int
-    private let store: OwnershipStore?
-    /// The bench's broker echo: answers in the store's place when there is none (unused otherwise).
-    private let echo: EchoResponder
+    private let backend: PartitionBackend
+    private var store: OwnershipStore? { backend.store }
     private let worker: Worker
     private let channels: PartitionChannels
     private let pump: EventPump?
@@ -81,7 +92,7 @@ final class PartitionDriver: Sendable {
     private let logger: Logger
 
     init(
-        partition: Int, store: OwnershipStore?, echo: EchoResponder?, worker: Worker, channels: PartitionChannels, pump: EventPump?, metrics: PartitionMetrics,
+        partition: Int, backend: PartitionBackend, worker: Worker, channels: PartitionChannels, pump: EventPump?, metrics: PartitionMetrics,
         publisher: AMQPConnection, consumer: AMQPConnection, timer: DeadlineTimer, logger: Logger
     ) {
         let configuration = worker.configuration
@@ -96,9 +107,7 @@ final class PartitionDriver: Sendable {
         )
         state = Mutex(State(machine: machine))
         self.partition = partition
-        self.store = store
-        // The worker's echo (one per process, so that a partition's memory outlives its runner).
-        self.echo = echo ?? EchoResponder(partitioner: worker.configuration.partitioner)
+        self.backend = backend
         self.worker = worker
         self.channels = channels
         self.pump = pump
@@ -219,9 +228,13 @@ final class PartitionDriver: Sendable {
                 handle { $0.partitionTaken(result, now: $1) }
             }
         case .apply(let requests, let epoch):
-            guard let store else {
+            let store: OwnershipStore
+            switch backend {
+            case .echo(let echo):
                 let result = echo.apply(requests, partition: partition)
                 return handle { $0.applied(.success(result), now: $1) }
+            case .store(let backing):
+                store = backing
             }
             let afterCommit = worker.configuration.afterCommit
             store.apply(requests, partition: partition, epoch: epoch) { [self] result in

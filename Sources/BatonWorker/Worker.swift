@@ -168,7 +168,13 @@ public final class Worker: Service, Sendable {
             throw EchoRefused(virtualHost: configuration.amqpURL.virtualHost)
         }
         let stores = configuration.echo ? [:] : try await openStores()
-        let echo = configuration.echo ? EchoResponder(partitioner: configuration.partitioner, graceMilliseconds: configuration.memberGrace.wholeMilliseconds) : nil
+        // Each partition's store, or in echo mode the one echo of the process (so that a partition's memory
+        // outlives its runner).
+        let backends: [Int: PartitionBackend] = if configuration.echo {
+            Self.echoBackends(configuration)
+        } else {
+            stores.mapValues { .store($0) }
+        }
         health.withLock { $0.databaseConnected = true }
         let pruner = configuration.echo ? nil : configuration.prune.map { prune in Task { await self.pruneEvery(prune.interval, retention: prune.retention) } }
         defer { pruner?.cancel() }
@@ -226,7 +232,8 @@ public final class Worker: Service, Sendable {
             }
             await withTaskGroup(of: Void.self) { group in
                 for partition in configuration.partitions {
-                    group.addTask { await self.runPartition(partition, store: stores[partition], echo: echo, connections: connections, timer: timer) }
+                    guard let backend = backends[partition] else { continue }
+                    group.addTask { await self.runPartition(partition, backend: backend, connections: connections, timer: timer) }
                 }
                 // Runners stop on their own when the worker stops (they finish their batch in hand and close
                 // their channels); this one waits for that or for either connection to end.
@@ -341,13 +348,19 @@ public final class Worker: Service, Sendable {
         var description: String { reason }
     }
 
-    private func runPartition(_ partition: Int, store: OwnershipStore?, echo: EchoResponder?, connections: BrokerConnections, timer: DeadlineTimer) async {
+    /// Every served partition answered by one ``EchoResponder``.
+    private static func echoBackends(_ configuration: WorkerConfiguration) -> [Int: PartitionBackend] {
+        let echo = EchoResponder(partitioner: configuration.partitioner, graceMilliseconds: configuration.memberGrace.wholeMilliseconds)
+        return Dictionary(configuration.partitions.map { ($0, .echo(echo)) }, uniquingKeysWith: { first, _ in first })
+    }
+
+    private func runPartition(_ partition: Int, backend: PartitionBackend, connections: BrokerConnections, timer: DeadlineTimer) async {
         var logger = self.logger
         logger[metadataKey: "baton.partition"] = "\(partition)"
         let metrics = PartitionMetrics(partition: partition)
         while !isStopping, connections.isOpen {
             let runner = PartitionRunner(
-                partition: partition, store: store, echo: echo, configuration: configuration, logger: logger, worker: self, connections: connections,
+                partition: partition, backend: backend, configuration: configuration, logger: logger, worker: self, connections: connections,
                 metrics: metrics, timer: timer
             )
             defer {
@@ -427,8 +440,7 @@ public final class Worker: Service, Sendable {
     /// ``PartitionDriver``, then closes the channels once every reply and ack handed out is written.
     private struct PartitionRunner {
         let partition: Int
-        let store: OwnershipStore?
-        let echo: EchoResponder?
+        let backend: PartitionBackend
         let configuration: WorkerConfiguration
         var logger: Logger
         let worker: Worker
@@ -453,7 +465,7 @@ public final class Worker: Service, Sendable {
                 try await consume.qos(prefetch: configuration.prefetch)
                 let metrics = self.metrics
                 let worker = self.worker
-                let pump = store.map { store in
+                let pump = backend.store.map { store in
                     EventPump(
                         partition: partition, store: store, channel: publish, perCommit: configuration.eventsPerCommit, logger: logger,
                         linger: configuration.eventLinger
@@ -463,7 +475,7 @@ public final class Worker: Service, Sendable {
                     }
                 }
                 driver = PartitionDriver(
-                    partition: partition, store: store, echo: echo, worker: worker, channels: channels, pump: pump, metrics: metrics,
+                    partition: partition, backend: backend, worker: worker, channels: channels, pump: pump, metrics: metrics,
                     publisher: connections.publisher, consumer: connections.consumer, timer: timer, logger: logger
                 )
                 do {
@@ -727,6 +739,6 @@ public struct EchoRefused: Error, CustomStringConvertible {
     public let virtualHost: String
 
     public var description: String {
-        "echo mode answers every claim as granted without deciding it, so it runs only in a scratch virtual host named baton-scratch-... (baton bench makes one), not in '\(LogValue.escape(virtualHost))'"
+        "echo mode decides claims in the worker's memory without recording them, so it runs only in a scratch virtual host named baton-scratch-... (baton bench makes one), not in '\(LogValue.escape(virtualHost))'"
     }
 }
